@@ -1,0 +1,154 @@
+"""The `mlsd` command line: one command per stage, plus `pipeline`.
+
+Exit codes: 0 success, 1 the work failed, 2 bad usage or bad input. With `--json` a stage prints
+exactly one JSON object on stdout; everything else (progress, logs) goes to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from contextlib import nullcontext, redirect_stdout
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mlsd_ray import __version__
+from mlsd_ray.config import load_config
+from mlsd_ray.errors import MlsdError
+
+app = typer.Typer(
+    help="mlsd-ray: data preparation, distributed training and serving on Ray.\n\n"
+         "Every stage writes under $MLSD_HOME (default ./mlsd-home) and prints where.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+ConfigOption = Annotated[Path | None, typer.Option(
+    "--config", "-c", help="YAML config file (sections: data, ...).", dir_okay=False)]
+SetOption = Annotated[list[str] | None, typer.Option(
+    "--set", "-s", help="Override one config key, KEY=VALUE (e.g. data.image_size=16); "
+                        "repeatable, applied after --config.")]
+SourceOption = Annotated[str | None, typer.Option(
+    "--source", help="digits | folder:PATH | parquet:PATH | torchvision:NAME[:ROOT] | "
+                     "synthetic[:N]  (same as --set data.source=...)")]
+HomeOption = Annotated[str | None, typer.Option(
+    "--home", help="Where outputs go; overrides $MLSD_HOME (default ./mlsd-home). Path or URI.")]
+ForceOption = Annotated[bool, typer.Option(
+    "--force", help="Rebuild even when an identical earlier output exists.")]
+JsonOption = Annotated[bool, typer.Option(
+    "--json", help="Print one JSON object with the outputs on stdout; logs go to stderr.")]
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"mlsd-ray {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option(
+        "--version", help="Show the version and exit.", callback=_version,
+        is_eager=True)] = False) -> None:
+    """mlsd-ray command line."""
+
+
+def _run(as_json: bool, work: Callable[[], dict], render: Callable[[dict], None]) -> None:
+    """Run a stage with the CLI's contract: exit codes, JSON on stdout, no tracebacks for users."""
+    from mlsd_ray import runtime
+
+    runtime.configure(quiet=as_json)
+    try:
+        with redirect_stdout(sys.stderr) if as_json else nullcontext():
+            result = work()
+    except MlsdError as exc:
+        _log(f"error: {exc}")
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        _log("interrupted")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # a failure of the work itself: say what, keep the trace for --debug
+        if os.environ.get("MLSD_DEBUG"):
+            traceback.print_exc()
+        _log(f"error: the work failed: {type(exc).__name__}: {exc}\n"
+             "(set MLSD_DEBUG=1 for the full traceback)")
+        raise typer.Exit(1) from None
+    if as_json:
+        print(json.dumps(result, default=str))
+    else:
+        render(result)
+
+
+def _config(config: Path | None, overrides: list[str] | None, source: str | None):
+    extra = [f"data.source={source}"] if source else []
+    return load_config(config, list(overrides or []) + extra)
+
+
+def _render_dataset(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    counts = summary["counts"]
+    table = Table(title=f"dataset {summary['name']} ({summary['fingerprint']})"
+                        + (" — reused" if summary["reused"] else ""))
+    for column in ("input", "kept", "quarantined", "train", "val", "test"):
+        table.add_column(column, justify="right")
+    table.add_row(*(str(v) for v in (counts["input"], counts["kept"], counts["quarantined"],
+                                     *counts["splits"].values())))
+    console = Console()
+    console.print(table)
+    for reason, count in summary["quarantine_by_reason"].items():
+        console.print(f"  quarantined {count} × {reason}")
+    console.print(f"classes: {len(summary['class_names'])}, images stored as "
+                  f"{'×'.join(map(str, summary['image_shape']))} uint8")
+    console.print(f"quality report: {summary['quality_report']}")
+    console.print(f"output: {summary['path']}", soft_wrap=True)
+
+
+@app.command()
+def data(source: SourceOption = None, config: ConfigOption = None, set_: SetOption = None,
+         home: HomeOption = None, force: ForceOption = False, as_json: JsonOption = False) -> None:
+    """Prepare a dataset with Ray Data: validate, quarantine, de-duplicate, resize, split.
+
+    Writes parquet splits, manifest.json, quality.json/quality.md and quarantine/ under
+    $MLSD_HOME/datasets/<name>/<fingerprint>/. Identical inputs and config reuse the earlier
+    output unless --force.
+    """
+    from mlsd_ray.data.prepare import prepare_dataset
+
+    def work() -> dict:
+        cfg = _config(config, set_, source)
+        return prepare_dataset(cfg, home=home, force=force, log=_log).summary()
+
+    _run(as_json, work, _render_dataset)
+
+
+@app.command()
+def pipeline(source: SourceOption = None, config: ConfigOption = None, set_: SetOption = None,
+             home: HomeOption = None, force: ForceOption = False,
+             as_json: JsonOption = False) -> None:
+    """Run every stage end to end on the configured source (default: the embedded digits)."""
+    from mlsd_ray.pipeline import run_pipeline
+
+    def work() -> dict:
+        return run_pipeline(_config(config, set_, source), home=home, force=force, log=_log)
+
+    def render(result: dict) -> None:
+        _render_dataset(result["stages"]["data"])
+
+    _run(as_json, work, render)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Typed configuration: one pydantic model per stage, YAML file first, then `--set a.b=c` overrides.
+
+Unknown keys are errors that name the key (`data.bogus`), so a typo never silently falls back to
+a default. The resolved config is written beside every output by the stage that produced it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mlsd_ray.errors import InputError
+
+
+class StrictModel(BaseModel):
+    """Base for config sections: unknown keys are rejected, assignments re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(StrictModel):
+    """Training-time augmentation, applied per sample by `transforms.Augmenter` (not at data prep)."""
+
+    random_shift: int = Field(1, ge=0, description="Pad by this many pixels, then random-crop back.")
+    hflip: bool = Field(False, description="Random horizontal flip; keep off for digits and text.")
+    rotation_deg: float = Field(10.0, ge=0, le=180, description="Random rotation in [-deg, deg].")
+    brightness: float = Field(0.1, ge=0, description="Colour jitter: brightness factor spread.")
+    contrast: float = Field(0.1, ge=0, description="Colour jitter: contrast factor spread.")
+
+
+class SyntheticConfig(StrictModel):
+    """Shape of the `synthetic[:N]` source: class-specific patterns plus noise (learnable)."""
+
+    num_classes: int = Field(10, ge=2)
+    image_size: int = Field(32, ge=4)
+    channels: Literal[1, 3] = 3
+    noise: float = Field(0.25, ge=0, le=1)
+
+
+class DataConfig(StrictModel):
+    """The data stage: where images come from and how they are validated, resized and split."""
+
+    source: str = Field("digits", description="digits | folder:PATH | parquet:PATH | "
+                        "torchvision:NAME[:ROOT] | synthetic[:N]")
+    name: str | None = Field(None, description="Dataset name under $MLSD_HOME/datasets/ "
+                             "(default: derived from the source).")
+    image_size: int | None = Field(None, ge=2, le=4096, description="Output side in pixels "
+                                   "(default: the source's natural size; 32 for folder/parquet).")
+    channels: Literal[1, 3] | None = Field(None, description="1 (grayscale) or 3 (RGB); "
+                                           "default: the source's.")
+    val_fraction: float = Field(0.15, ge=0, lt=1)
+    test_fraction: float = Field(0.15, ge=0, lt=1)
+    seed: int = 0
+    class_names: list[str] | None = Field(None, description="Known classes; labels outside "
+                                          "them are quarantined as unknown_label.")
+    image_column: str = Field("image", description="parquet: column with encoded bytes or arrays.")
+    label_column: str = Field("label", description="parquet: column with the label.")
+    pixel_range: Literal["auto", "unit", "byte"] = Field(
+        "auto", description="Float arrays: unit=[0,1], byte=[0,255], auto=decide per image.")
+    min_side: int = Field(2, ge=1, description="Images with a side below this are quarantined.")
+    rows_per_task: int = Field(512, ge=1, description="Files or rows handled by one Ray Data task.")
+    torchvision_split: Literal["train", "test"] = "train"
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must be below 0.9")
+        return self
+
+
+class Config(StrictModel):
+    """The whole configuration; later stages add their sections here."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (["a", "b"], value); the value is read as YAML (`1`, `true`, `[1, 2]`)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise InputError(f"--set expects KEY=VALUE (e.g. data.seed=1), got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set `tree[path[0]]...[path[-1]] = value`, creating sections; validation comes later."""
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise InputError(f"config key {'.'.join(path)!r}: {part!r} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def describe_errors(error: ValidationError) -> str:
+    """Pydantic's errors as one line per problem, each naming the dotted key."""
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown config key '{key}'")
+        else:
+            lines.append(f"config key '{key}': {item['msg']}")
+    return "; ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (if given), apply `--set` overrides in order, validate; InputError on any problem."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise InputError(f"config file not found: {path}") from exc
+        except yaml.YAMLError as exc:
+            raise InputError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise InputError(f"config file {path} must hold a mapping of sections")
+        tree = loaded or {}
+    for text in overrides or []:
+        apply_override(tree, *parse_override(text))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise InputError(describe_errors(exc)) from exc
+
+
+def dump_yaml(config: Config) -> str:
+    """The resolved config as YAML, ready for `--config`."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

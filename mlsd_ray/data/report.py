@@ -1,0 +1,104 @@
+"""The data-quality report: per-class counts, imbalance, quarantine reasons, sizes, pixel stats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from mlsd_ray.data.split import SPLITS
+
+
+def _summary(values: pd.Series) -> dict:
+    if values.empty:
+        return {"min": None, "max": None, "mean": None}
+    return {"min": int(values.min()), "max": int(values.max()), "mean": round(float(values.mean()),
+                                                                                 2)}
+
+
+def build_quality(rows: pd.DataFrame, class_names: list[str], pixel_stats: dict,
+                  duplicates: dict, output_shape: list[int]) -> dict:
+    """The quality report as a dict.
+
+    `rows` holds every input row after all decisions: id, label (index or -1), split (or None),
+    status, detail, orig_height, orig_width.
+    """
+    kept = rows[rows["status"] == "ok"]
+    per_class = {}
+    for index, name in enumerate(class_names):
+        of_class = kept[kept["label"] == index]
+        per_class[name] = {s: int((of_class["split"] == s).sum()) for s in SPLITS}
+        per_class[name]["total"] = int(len(of_class))
+    totals = [c["total"] for c in per_class.values()]
+    quarantined = rows[rows["status"] != "ok"]
+    sizes = kept.groupby(["orig_height", "orig_width"]).size().sort_values(ascending=False)
+    return {
+        "classes": per_class,
+        "imbalance_ratio": round(max(totals) / min(totals), 3) if totals and min(totals) else None,
+        "empty_classes": [n for n, c in per_class.items() if c["total"] == 0],
+        "quarantine": {
+            "total": int(len(quarantined)),
+            "by_reason": {k: int(v) for k, v in quarantined["status"].value_counts().items()},
+            "examples": quarantined.head(20)[["id", "status", "detail"]]
+            .rename(columns={"status": "reason"}).to_dict("records"),
+        },
+        "duplicates": duplicates,
+        "image_size": {
+            "original_height": _summary(kept["orig_height"]),
+            "original_width": _summary(kept["orig_width"]),
+            "most_common_original": [{"height": int(h), "width": int(w), "count": int(n)}
+                                     for (h, w), n in sizes.head(5).items()],
+            "output": output_shape,
+        },
+        "pixels": pixel_stats,
+    }
+
+
+def pixel_statistics(moments: pd.DataFrame) -> dict:
+    """Per-channel mean/std in [0, 1] per split and overall, from per-batch moments."""
+    stats = {}
+    for split, group in list(moments.groupby("split")) + [("all", moments)]:
+        count = float(group["count"].sum())
+        total = np.sum(np.stack(group["sum"].to_numpy()), axis=0)
+        sumsq = np.sum(np.stack(group["sumsq"].to_numpy()), axis=0)
+        mean = total / count
+        std = np.sqrt(np.maximum(sumsq / count - mean**2, 0))
+        stats[split] = {"mean": np.round(mean, 5).tolist(), "std": np.round(std, 5).tolist(),
+                        "pixels": int(count)}
+    return stats
+
+
+def render_markdown(manifest: dict, quality: dict) -> str:
+    """A short human-readable summary of a prepared dataset."""
+    counts = manifest["counts"]
+    lines = [f"# Dataset `{manifest['name']}` ({manifest['fingerprint']})", "",
+             f"Source: `{manifest['source']}`  ", f"Prepared: {manifest['created_at']}", "",
+             "| input | kept | quarantined | train | val | test |", "|---|---|---|---|---|---|",
+             f"| {counts['input']} | {counts['kept']} | {counts['quarantined']} | "
+             + " | ".join(str(counts["splits"][s]) for s in SPLITS) + " |", "",
+             "## Classes", "", "| class | train | val | test | total |", "|---|---|---|---|---|"]
+    for name, c in quality["classes"].items():
+        lines.append(f"| {name} | {c['train']} | {c['val']} | {c['test']} | {c['total']} |")
+    lines += ["", f"Imbalance ratio (largest / smallest class): {quality['imbalance_ratio']}", "",
+              "## Quarantine", ""]
+    by_reason = quality["quarantine"]["by_reason"]
+    if by_reason:
+        lines += ["| reason | rows |", "|---|---|"] + [f"| {r} | {n} |" for r, n in
+                                                      by_reason.items()]
+        lines += ["", "Every quarantined row, with its reason, is listed in "
+                  "`quarantine/index.csv`; the rows themselves are in `quarantine/rows/`."]
+    else:
+        lines.append("Nothing was quarantined.")
+    dup = quality["duplicates"]
+    lines += ["", f"Exact duplicates removed: {dup['removed']} ({dup['cross_split']} would have "
+              f"crossed splits, {dup['conflicting_labels']} with a different label).", "",
+              "## Images", ""]
+    size = quality["image_size"]
+    height, width = size["original_height"], size["original_width"]
+    lines.append(f"Original height {height['min']}–{height['max']} px (mean {height['mean']}), "
+                 f"width {width['min']}–{width['max']} px (mean {width['mean']}); "
+                 f"stored as {'×'.join(map(str, size['output']))} uint8.")
+    pix = quality["pixels"].get("all", {})
+    lines.append(f"Pixel mean {pix.get('mean')} and std {pix.get('std')} (0-1 scale); "
+                 f"normalisation uses the train split only: mean {manifest['preprocessing']['mean']}"
+                 f", std {manifest['preprocessing']['std']}.")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,47 @@
+"""Connecting to Ray once per process: a local instance on a laptop, `RAY_ADDRESS` on a cluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+_settings = {"quiet": False}
+
+
+def configure(quiet: bool = False) -> None:
+    """Set how the next `ensure_ray` starts Ray. `quiet` keeps worker output off stdout (--json)."""
+    _settings["quiet"] = quiet
+
+
+def ensure_ray() -> None:
+    """Start or join Ray unless this process already did.
+
+    The dashboard is on because Tune's early stopping, Ray jobs and `serve deploy` need it
+    (DESIGN.md §5). Ray Data's per-dataset INFO logs are lowered to warnings: our stages print
+    their own steps, and the progress bars stay on.
+    """
+    import ray
+
+    _quiet_ray_data_console()
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=True,
+             log_to_driver=not _settings["quiet"], logging_level=logging.WARNING)
+
+
+def _quiet_ray_data_console() -> None:
+    """Ray Data logs every dataset's plan at INFO on the console; keep those in its log file."""
+    import ray.data  # noqa: F401  (importing it installs Ray Data's handlers)
+    from ray._private.log import PlainRayHandler
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, PlainRayHandler):
+            handler.setLevel(logging.WARNING)
+
+
+def set_progress_bars(enabled: bool) -> None:
+    """Ray Data progress bars on stderr: on for people, off for tests and logs."""
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = enabled

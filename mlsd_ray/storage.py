@@ -1,0 +1,106 @@
+"""Where outputs live: `MLSD_HOME` and path-or-URI file helpers built on pyarrow.fs.
+
+Every location in mlsd-ray is a string that is either a local path or a URI (`s3://`, `gs://`,
+`file://`, ...). These helpers hide the difference so that a stage never cares which it got.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from typing import Any
+
+import pyarrow.fs as pafs
+
+DEFAULT_HOME = "./mlsd-home"
+
+
+def is_uri(location: str) -> bool:
+    """True for `scheme://...` locations (a Windows drive letter is not a scheme)."""
+    head, sep, _ = location.partition("://")
+    return bool(sep) and len(head) > 1
+
+
+def home(override: str | None = None) -> str:
+    """The root for everything the stages write: `override`, else `$MLSD_HOME`, else ./mlsd-home."""
+    location = override or os.environ.get("MLSD_HOME") or DEFAULT_HOME
+    return location if is_uri(location) else os.path.abspath(os.path.expanduser(location))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts under a path or URI."""
+    if is_uri(base):
+        return posixpath.join(base, *parts)
+    return os.path.join(base, *parts)
+
+
+def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and the filesystem-relative path for a location."""
+    if is_uri(location):
+        return pafs.FileSystem.from_uri(location)
+    return pafs.LocalFileSystem(), os.path.abspath(location)
+
+
+def exists(location: str) -> bool:
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(location: str) -> bool:
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def makedirs(location: str) -> None:
+    fs, path = filesystem(location)
+    fs.create_dir(path, recursive=True)
+
+
+def delete_dir(location: str) -> None:
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def read_bytes(location: str) -> bytes:
+    fs, path = filesystem(location)
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    fs, path = filesystem(location)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(data)
+
+
+def read_text(location: str) -> str:
+    return read_bytes(location).decode("utf-8")
+
+
+def write_text(location: str, text: str) -> None:
+    write_bytes(location, text.encode("utf-8"))
+
+
+def read_json(location: str) -> Any:
+    return json.loads(read_text(location))
+
+
+def write_json(location: str, obj: Any) -> None:
+    write_text(location, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def list_files(location: str) -> list[pafs.FileInfo]:
+    """All files below a directory, recursively, sorted by path."""
+    fs, path = filesystem(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
+
+
+def rebase(fs_path: str, root_fs_path: str, root_location: str) -> str:
+    """Turn a filesystem path found under `root_fs_path` back into a location like `root_location`."""
+    relative = posixpath.relpath(fs_path, root_fs_path) if is_uri(root_location) else (
+        os.path.relpath(fs_path, root_fs_path))
+    return join(root_location, relative)
