@@ -61,7 +61,7 @@ class DataConfig(StrictModel):
     pixel_range: Literal["auto", "unit", "byte"] = Field(
         "auto", description="Float arrays: unit=[0,1], byte=[0,255], auto=decide per image.")
     min_side: int = Field(2, ge=1, description="Images with a side below this are quarantined.")
-    rows_per_task: int = Field(512, ge=1, description="Files or rows handled by one Ray Data task.")
+    rows_per_task: int = Field(1024, ge=1, description="Files or rows handled by one Ray Data task.")
     torchvision_split: Literal["train", "test"] = "train"
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)

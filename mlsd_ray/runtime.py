@@ -23,11 +23,24 @@ def ensure_ray() -> None:
     import ray
 
     _quiet_ray_data_console()
+    _tune_data_context()
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=True,
              log_to_driver=not _settings["quiet"], logging_level=logging.WARNING)
+
+
+def _tune_data_context() -> None:
+    """Let one Ray Data operator use every CPU.
+
+    With operator resource reservation on (the default), a 2-CPU machine ran our fused
+    read-validate-transform operator with about 1.3 tasks at a time; with it off, 1.8
+    (measured with bench/data_throughput.py: 20,000 PNGs took 5.1 s -> 3.1 s).
+    """
+    from ray.data import DataContext
+
+    DataContext.get_current().op_resource_reservation_enabled = False
 
 
 def _quiet_ray_data_console() -> None:

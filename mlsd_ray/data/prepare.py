@@ -14,6 +14,7 @@ Output layout, under `$MLSD_HOME/datasets/<name>/<fingerprint>/`:
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import io
 import json
@@ -30,7 +31,7 @@ from mlsd_ray.data.report import build_quality, pixel_statistics, render_markdow
 from mlsd_ray.data.sources import Source, parse_source
 from mlsd_ray.data.split import SPLITS, resolve
 from mlsd_ray.data.transforms import Preprocessor, channel_moments
-from mlsd_ray.data.validate import OK, ValidationSpec, validate_batch
+from mlsd_ray.data.validate import DUPLICATE, OK, ValidationSpec, validate_batch
 from mlsd_ray.errors import InputError, WorkError
 from mlsd_ray.runtime import ensure_ray
 
@@ -128,6 +129,7 @@ def _decide(meta: pd.DataFrame, cfg: Config) -> tuple[pd.DataFrame, dict]:
     invalid = rows["status"].isna()
     rows.loc[invalid, "status"] = meta.set_index("id").loc[rows.loc[invalid, "id"], "status"].values
     rows.loc[invalid, "detail"] = meta.set_index("id").loc[rows.loc[invalid, "id"], "detail"].values
+    rows["split"] = rows["split"].fillna("").astype(str)
     return rows, duplicates
 
 
@@ -170,8 +172,7 @@ def prepare_dataset(cfg: Config, home: str | None = None, force: bool = False,
                           min_side=cfg.data.min_side)
     log(f"[1/4] reading and validating {cfg.data.source} with Ray Data "
         f"({len(class_names)} classes, output {spec.image_size}×{spec.image_size}×{spec.channels})")
-    validated = source.read().map_batches(validate_batch, fn_kwargs={"spec": spec},
-                                          batch_size=None, batch_format="numpy").materialize()
+    validated = source.read(then=functools.partial(validate_batch, spec=spec)).materialize()
     meta = validated.select_columns(META_COLUMNS).to_pandas()
     if meta.empty:
         raise InputError(f"source {cfg.data.source} has no rows")
@@ -180,8 +181,8 @@ def prepare_dataset(cfg: Config, home: str | None = None, force: bool = False,
     log(f"[2/4] splitting {len(meta)} rows (stratified, seed {cfg.data.seed}) and removing "
         "exact duplicates")
     rows, duplicates = _decide(meta, cfg)
-    decisions = {r.id: (r.split or "", r.status, r.detail) for r in rows.itertuples()
-                 if r.status == OK or r.status == "duplicate"}
+    decisions = {r.id: (r.split, r.status, r.detail) for r in rows.itertuples()
+                 if r.status == OK or r.status == DUPLICATE}
     tagged = validated.map_batches(apply_decisions, fn_kwargs={"decisions": decisions},
                                    batch_size=None, batch_format="numpy").materialize()
 

@@ -62,9 +62,13 @@ def pixel_statistics(moments: pd.DataFrame) -> dict:
         sumsq = np.sum(np.stack(group["sumsq"].to_numpy()), axis=0)
         mean = total / count
         std = np.sqrt(np.maximum(sumsq / count - mean**2, 0))
-        stats[split] = {"mean": np.round(mean, 5).tolist(), "std": np.round(std, 5).tolist(),
+        stats[split] = {"mean": mean.tolist(), "std": std.tolist(),
                         "pixels": int(count)}
     return stats
+
+
+def _fmt(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.4f}" for v in values) + "]"
 
 
 def render_markdown(manifest: dict, quality: dict) -> str:
@@ -97,8 +101,8 @@ def render_markdown(manifest: dict, quality: dict) -> str:
     lines.append(f"Original height {height['min']}–{height['max']} px (mean {height['mean']}), "
                  f"width {width['min']}–{width['max']} px (mean {width['mean']}); "
                  f"stored as {'×'.join(map(str, size['output']))} uint8.")
-    pix = quality["pixels"].get("all", {})
-    lines.append(f"Pixel mean {pix.get('mean')} and std {pix.get('std')} (0-1 scale); "
-                 f"normalisation uses the train split only: mean {manifest['preprocessing']['mean']}"
-                 f", std {manifest['preprocessing']['std']}.")
+    pix, pre = quality["pixels"]["all"], manifest["preprocessing"]
+    lines.append(f"Pixel mean {_fmt(pix['mean'])} and std {_fmt(pix['std'])} (0-1 scale); "
+                 f"normalisation uses the train split only: mean {_fmt(pre['mean'])}, "
+                 f"std {_fmt(pre['std'])}.")
     return "\n".join(lines) + "\n"

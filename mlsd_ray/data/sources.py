@@ -24,6 +24,7 @@ from mlsd_ray.config import DataConfig
 from mlsd_ray.errors import InputError
 
 SOURCES: dict[str, Callable[..., Source]] = {}
+RowFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 def register(kind: str):
@@ -60,8 +61,15 @@ class Source(ABC):
         """The ordered class names; a label's index in this list is its integer label."""
 
     @abstractmethod
-    def read(self):
-        """A Ray Dataset of raw rows (see the module docstring)."""
+    def read(self, then: RowFn | None = None):
+        """A Ray Dataset of raw rows (see the module docstring), or of `then(raw rows)`.
+
+        `then` runs inside the same batch function that reads the rows: measured faster than a
+        second `map_batches`, which costs a block conversion of every image in between.
+        """
+
+    def __post_init__(self) -> None:
+        """Parse `arg`; subclasses that need more than the raw string override this."""
 
     def check(self) -> None:
         """Raise InputError for inputs that are missing or unusable (no Ray needed)."""
@@ -97,6 +105,17 @@ def _blocks_from_columns(columns: dict[str, np.ndarray], rows_per_block: int):
     return ray.data.from_blocks(blocks)
 
 
+def _map_columns(dataset, then: RowFn | None):
+    """For sources whose raw rows already sit in blocks: apply `then` as one map."""
+    if then is None:
+        return dataset
+    return dataset.map_batches(then, batch_size=None, batch_format="numpy")
+
+
+def _then(rows: dict[str, np.ndarray], then: RowFn | None) -> dict[str, np.ndarray]:
+    return rows if then is None else then(rows)
+
+
 def _from_work_items(items: list[dict], rows_per_task: int):
     """A Ray Dataset of small work items, one block per `rows_per_task` items."""
     import ray.data
@@ -129,7 +148,7 @@ class DigitsSource(Source):
     def class_names(self) -> list[str]:
         return [str(d) for d in range(10)]
 
-    def read(self):
+    def read(self, then: RowFn | None = None):
         from sklearn.datasets import load_digits
 
         digits = load_digits()
@@ -138,15 +157,16 @@ class DigitsSource(Source):
         rows = _array_source_rows([f"digits-{i:04d}" for i in range(count)],
                                   [f"sklearn.datasets.load_digits()[{i}]" for i in range(count)],
                                   [str(t) for t in digits.target], images)
-        return _blocks_from_columns(rows, self.cfg.rows_per_task)
+        return _map_columns(_blocks_from_columns(rows, self.cfg.rows_per_task), then)
 
 
 def _is_hidden(relative: str) -> bool:
     return any(part.startswith(".") for part in relative.split("/"))
 
 
-def read_files(batch: dict[str, np.ndarray], root: str) -> dict[str, np.ndarray]:
-    """Ray Data batch function: add each file's bytes (None when it cannot be read)."""
+def read_files(batch: dict[str, np.ndarray], root: str,
+               then: RowFn | None = None) -> dict[str, np.ndarray]:
+    """Ray Data batch function: each file's bytes (None when it cannot be read), then `then`."""
     fs, _ = storage.filesystem(root)
     contents = []
     for path in batch["path"]:
@@ -155,8 +175,8 @@ def read_files(batch: dict[str, np.ndarray], root: str) -> dict[str, np.ndarray]
                 contents.append(stream.read())
         except OSError:
             contents.append(None)
-    return {"id": batch["id"], "source": batch["source"], "label": batch["label"],
-            "bytes": np.array(contents, dtype=object)}
+    return _then({"id": batch["id"], "source": batch["source"], "label": batch["label"],
+                  "bytes": _object_array(contents)}, then)
 
 
 @register("folder")
@@ -200,16 +220,18 @@ class FolderSource(Source):
             return list(self.cfg.class_names)
         return sorted({c for rel, _ in self._files if (c := self._label_of(rel)) is not None})
 
-    def read(self):
+    def read(self, then: RowFn | None = None):
         items = [{"id": rel, "source": storage.join(self.arg, rel), "label": self._label_of(rel),
                   "path": info.path} for rel, info in self._files]
         return _from_work_items(items, self.cfg.rows_per_task).map_batches(
-            read_files, fn_kwargs={"root": self.arg}, batch_size=None, batch_format="numpy")
+            read_files, fn_kwargs={"root": self.arg, "then": then}, batch_size=None,
+            batch_format="numpy")
 
 
 def read_row_groups(batch: dict[str, np.ndarray], root: str, image_column: str,
-                    label_column: str, class_names: list[str] | None) -> dict[str, np.ndarray]:
-    """Ray Data batch function: expand (file, row group) items into raw rows."""
+                    label_column: str, class_names: list[str] | None,
+                    then: RowFn | None = None) -> dict[str, np.ndarray]:
+    """Ray Data batch function: expand (file, row group) items into raw rows, then `then`."""
     import pyarrow.parquet as pq
 
     fs, _ = storage.filesystem(root)
@@ -227,8 +249,8 @@ def read_row_groups(batch: dict[str, np.ndarray], root: str, image_column: str,
             labels.append(_label_name(label, class_names))
             payloads.append(value)
     column = "bytes" if is_bytes else "array"
-    return {"id": np.array(ids, dtype=object), "source": np.array(sources, dtype=object),
-            "label": np.array(labels, dtype=object), column: _object_array(payloads)}
+    return _then({"id": np.array(ids, dtype=object), "source": np.array(sources, dtype=object),
+                  "label": np.array(labels, dtype=object), column: _object_array(payloads)}, then)
 
 
 def _object_array(values: list) -> np.ndarray:
@@ -316,7 +338,7 @@ class ParquetSource(Source):
             isinstance(v, float) and math.isnan(v))}
         return [str(v) for v in sorted(present)]  # numeric labels sort numerically
 
-    def read(self):
+    def read(self, then: RowFn | None = None):
         items = []
         for info, meta in zip(self._files, self._metadata):
             offset = 0
@@ -330,7 +352,7 @@ class ParquetSource(Source):
             read_row_groups, batch_size=None, batch_format="numpy",
             fn_kwargs={"root": self.arg, "image_column": self.cfg.image_column,
                        "label_column": self.cfg.label_column,
-                       "class_names": self.cfg.class_names})
+                       "class_names": self.cfg.class_names, "then": then})
 
 
 TORCHVISION_DATASETS = {"cifar10": ("CIFAR10", 32, 3, "cifar-10-batches-py/ (from "
@@ -392,7 +414,7 @@ class TorchvisionSource(Source):
             self._loaded = self._dataset()
         return list(self._loaded.classes)
 
-    def read(self):
+    def read(self, then: RowFn | None = None):
         dataset = self._loaded if hasattr(self, "_loaded") else self._dataset()
         images = np.asarray(dataset.data)  # uint8: N×H×W (MNIST) or N×H×W×C (CIFAR)
         targets = np.asarray(dataset.targets)
@@ -402,16 +424,16 @@ class TorchvisionSource(Source):
             [f"{self._key}-{split}-{i:06d}" for i in range(len(images))],
             [f"torchvision.datasets.{type(dataset).__name__}({split})[{i}]"
              for i in range(len(images))], [classes[t] for t in targets], images)
-        return _blocks_from_columns(rows, max(self.cfg.rows_per_task, 2048))
+        return _map_columns(_blocks_from_columns(rows, self.cfg.rows_per_task), then)
 
 
 def synthetic_batch(batch: dict[str, np.ndarray], size: int, channels: int, num_classes: int,
-                    noise: float, seed: int) -> dict[str, np.ndarray]:
+                    noise: float, seed: int, then: RowFn | None = None) -> dict[str, np.ndarray]:
     """Ray Data batch function: one generated image per index, deterministic in (seed, index).
 
-    Class c is a sinusoidal grating with its own orientation and frequency (and tint in RGB),
-    with a random phase and Gaussian noise: different enough to learn, noisy enough not to be
-    trivial.
+    Class c is a sinusoidal grating with its own orientation, frequency and phase (and tint in
+    RGB); each image gets a random contrast, a shift of up to 2 pixels and Gaussian noise:
+    different enough to learn, noisy enough not to be trivial.
     """
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     images, labels = [], []
@@ -419,19 +441,22 @@ def synthetic_batch(batch: dict[str, np.ndarray], size: int, channels: int, num_
         rng = np.random.default_rng([seed, int(index)])
         label = int(index) % num_classes
         angle = np.pi * label / num_classes
-        frequency = 2.0 + 3.0 * (label % 3)
-        wave = np.sin(2 * np.pi * frequency * (xx * np.cos(angle) + yy * np.sin(angle))
-                      + rng.uniform(0, 2 * np.pi))
-        image = 0.5 + 0.5 * wave[:, :, None] * np.ones(channels, np.float32)
+        frequency = 1.0 + (label % 3)
+        phase = 2 * np.pi * label / num_classes
+        wave = np.sin(2 * np.pi * frequency * (xx * np.cos(angle) + yy * np.sin(angle)) + phase)
+        wave = np.roll(wave, rng.integers(-2, 3, size=2), axis=(0, 1))
+        image = 0.5 + rng.uniform(0.25, 0.5) * wave[:, :, None] * np.ones(channels, np.float32)
         if channels == 3:
             image = image * (0.6 + 0.4 * np.roll([1.0, 0.5, 0.2], label))
         image = image + rng.normal(0, noise, image.shape)
         images.append(np.clip(np.rint(image * 255), 0, 255).astype(np.uint8))
         labels.append(str(label))
-    return {"id": np.array([f"synthetic-{int(i):07d}" for i in batch["index"]], dtype=object),
-            "source": np.array([f"synthetic[{int(i)}]" for i in batch["index"]], dtype=object),
-            "label": np.array(labels, dtype=object),
-            "array": np.stack(images) if images else np.zeros((0, size, size, channels), np.uint8)}
+    return _then({
+        "id": np.array([f"synthetic-{int(i):07d}" for i in batch["index"]], dtype=object),
+        "source": np.array([f"synthetic[{int(i)}]" for i in batch["index"]], dtype=object),
+        "label": np.array(labels, dtype=object),
+        "array": np.stack(images) if images else np.zeros((0, size, size, channels), np.uint8)},
+        then)
 
 
 @register("synthetic")
@@ -461,7 +486,7 @@ class SyntheticSource(Source):
     def class_names(self) -> list[str]:
         return [str(c) for c in range(self.cfg.synthetic.num_classes)]
 
-    def read(self):
+    def read(self, then: RowFn | None = None):
         import ray.data
 
         synth = self.cfg.synthetic
@@ -471,4 +496,4 @@ class SyntheticSource(Source):
             synthetic_batch, batch_size=None, batch_format="numpy",
             fn_kwargs={"size": synth.image_size, "channels": synth.channels,
                        "num_classes": synth.num_classes, "noise": synth.noise,
-                       "seed": self.cfg.seed})
+                       "seed": self.cfg.seed, "then": then})

@@ -1,0 +1,72 @@
+import pytest
+
+from mlsd_ray.config import Config, dump_yaml, load_config
+from mlsd_ray.errors import InputError
+
+
+def test_defaults_work_without_a_file():
+    cfg = load_config()
+    assert cfg.data.source == "digits"
+    assert cfg.data.val_fraction + cfg.data.test_fraction < 0.9
+
+
+def test_yaml_then_overrides_in_order(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  seed: 3\n  image_size: 16\n  augment:\n    hflip: true\n")
+    cfg = load_config(path, ["data.seed=7", "data.augment.rotation_deg=0", "data.channels=3"])
+    assert cfg.data.seed == 7
+    assert cfg.data.image_size == 16
+    assert cfg.data.augment.hflip is True
+    assert cfg.data.augment.rotation_deg == 0
+    assert cfg.data.channels == 3
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(InputError, match=r"unknown config key 'data\.bogus'"):
+        load_config(None, ["data.bogus=1"])
+
+
+def test_unknown_section_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("trian:\n  epochs: 2\n")
+    with pytest.raises(InputError, match="unknown config key 'trian'"):
+        load_config(path)
+
+
+def test_bad_value_names_the_key():
+    with pytest.raises(InputError, match=r"data\.val_fraction"):
+        load_config(None, ["data.val_fraction=1.5"])
+    with pytest.raises(InputError, match=r"data\.channels"):
+        load_config(None, ["data.channels=2"])
+
+
+def test_fractions_must_leave_training_data():
+    with pytest.raises(InputError, match="val_fraction \\+ test_fraction"):
+        load_config(None, ["data.val_fraction=0.5", "data.test_fraction=0.45"])
+
+
+@pytest.mark.parametrize("bad", ["data.seed", "=3", "data"])
+def test_malformed_override(bad):
+    with pytest.raises(InputError, match="KEY=VALUE"):
+        load_config(None, [bad])
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("data: [unclosed\n")
+    with pytest.raises(InputError, match="not valid YAML"):
+        load_config(broken)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("3\n")
+    with pytest.raises(InputError, match="mapping"):
+        load_config(scalar)
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    cfg = load_config(None, ["data.seed=5", "data.class_names=[a, b]"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_yaml(cfg))
+    assert load_config(path) == cfg
+    assert isinstance(cfg, Config)
