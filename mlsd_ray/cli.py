@@ -107,7 +107,8 @@ def _render_dataset(summary: dict) -> None:
         console.print(f"  quarantined {count} × {reason}")
     console.print(f"classes: {len(summary['class_names'])}, images stored as "
                   f"{'×'.join(map(str, summary['image_shape']))} uint8")
-    console.print(f"quality report: {summary['quality_report']}")
+    console.print(f"quality report: {summary['quality_report']}", soft_wrap=True)
+    console.print(f"examples: {summary['samples']}", soft_wrap=True)
     console.print(f"output: {summary['path']}", soft_wrap=True)
 
 

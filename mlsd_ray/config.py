@@ -22,9 +22,9 @@ class StrictModel(BaseModel):
 
 
 class AugmentConfig(StrictModel):
-    """Training-time augmentation, applied per sample by `transforms.Augmenter` (not at data prep)."""
+    """Training-time augmentation, drawn per sample by `transforms.Augmenter` (not at data prep)."""
 
-    random_shift: int = Field(1, ge=0, description="Pad by this many pixels, then random-crop back.")
+    random_shift: int = Field(1, ge=0, description="Pad by N pixels, then random-crop back.")
     hflip: bool = Field(False, description="Random horizontal flip; keep off for digits and text.")
     rotation_deg: float = Field(10.0, ge=0, le=180, description="Random rotation in [-deg, deg].")
     brightness: float = Field(0.1, ge=0, description="Colour jitter: brightness factor spread.")
@@ -61,7 +61,7 @@ class DataConfig(StrictModel):
     pixel_range: Literal["auto", "unit", "byte"] = Field(
         "auto", description="Float arrays: unit=[0,1], byte=[0,255], auto=decide per image.")
     min_side: int = Field(2, ge=1, description="Images with a side below this are quarantined.")
-    rows_per_task: int = Field(1024, ge=1, description="Files or rows handled by one Ray Data task.")
+    rows_per_task: int = Field(1024, ge=1, description="Files or rows per Ray Data task.")
     torchvision_split: Literal["train", "test"] = "train"
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
@@ -118,7 +118,7 @@ def describe_errors(error: ValidationError) -> str:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read YAML (if given), apply `--set` overrides in order, validate; InputError on any problem."""
+    """Read YAML (if given), apply `--set` overrides in order, validate; InputError if bad."""
     tree: dict[str, Any] = {}
     if path is not None:
         try:

@@ -98,9 +98,3 @@ def list_files(location: str) -> list[pafs.FileInfo]:
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
 
-
-def rebase(fs_path: str, root_fs_path: str, root_location: str) -> str:
-    """Turn a filesystem path found under `root_fs_path` back into a location like `root_location`."""
-    relative = posixpath.relpath(fs_path, root_fs_path) if is_uri(root_location) else (
-        os.path.relpath(fs_path, root_fs_path))
-    return join(root_location, relative)

@@ -6,6 +6,7 @@ Output layout, under `$MLSD_HOME/datasets/<name>/<fingerprint>/`:
     quarantine/rows/         parquet: every rejected row with its reason and original payload
     quarantine/index.csv     one line per rejected row: id, source, label, reason, detail
     quality.json quality.md  the quality report
+    samples.png              a few training images per class
     config.yaml              the resolved config
     manifest.json            counts, classes, schema, preprocessing state; written last, so
                              its presence marks a complete dataset
@@ -27,7 +28,12 @@ import pandas as pd
 
 from mlsd_ray import storage
 from mlsd_ray.config import Config, dump_yaml
-from mlsd_ray.data.report import build_quality, pixel_statistics, render_markdown
+from mlsd_ray.data.report import (
+    build_quality,
+    pixel_statistics,
+    render_markdown,
+    sample_grid_png,
+)
 from mlsd_ray.data.sources import Source, parse_source
 from mlsd_ray.data.split import SPLITS, resolve
 from mlsd_ray.data.transforms import Preprocessor, channel_moments
@@ -71,7 +77,8 @@ class PreparedDataset:
                 "quarantine_by_reason": self.manifest["quarantine_by_reason"],
                 "class_names": self.manifest["class_names"],
                 "image_shape": self.manifest["schema"]["image"]["shape"],
-                "quality_report": storage.join(self.path, "quality.md")}
+                "quality_report": storage.join(self.path, "quality.md"),
+                "samples": storage.join(self.path, "samples.png")}
 
 
 def fingerprint(source: Source, cfg: Config) -> str:
@@ -165,8 +172,8 @@ def prepare_dataset(cfg: Config, home: str | None = None, force: bool = False,
         return PreparedDataset(out, storage.read_json(manifest_path), reused=True)
     storage.delete_dir(out)  # a half-written earlier attempt, or --force
 
+    class_names = source.class_names()  # may load or download data: fail before Ray starts
     ensure_ray()
-    class_names = source.class_names()
     spec = ValidationSpec(image_size=source.image_size(), channels=source.channels(),
                           class_names=tuple(class_names), pixel_range=cfg.data.pixel_range,
                           min_side=cfg.data.min_side)
@@ -195,6 +202,10 @@ def prepare_dataset(cfg: Config, home: str | None = None, force: bool = False,
     log("[4/4] computing statistics and the quality report")
     moments = tagged.filter(expr=f"status == '{OK}'").map_batches(
         split_moments, batch_size=None, batch_format="numpy").to_pandas()
+    examples = tagged.filter(expr="split == 'train'").select_columns(["image", "label"])
+    sample = examples.take_batch(min(4096, rows["split"].eq("train").sum()), batch_format="numpy")
+    storage.write_bytes(storage.join(out, "samples.png"), sample_grid_png(
+        sample["image"], sample["label"], class_names))
     manifest = _finish(cfg, source, name, fp, out, rows, class_names, spec, moments, duplicates)
     return PreparedDataset(out, manifest)
 

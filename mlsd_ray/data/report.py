@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pandas as pd
 
@@ -93,6 +95,7 @@ def render_markdown(manifest: dict, quality: dict) -> str:
     else:
         lines.append("Nothing was quarantined.")
     dup = quality["duplicates"]
+    lines += ["", "Examples of each class: `samples.png`."]
     lines += ["", f"Exact duplicates removed: {dup['removed']} ({dup['cross_split']} would have "
               f"crossed splits, {dup['conflicting_labels']} with a different label).", "",
               "## Images", ""]
@@ -106,3 +109,33 @@ def render_markdown(manifest: dict, quality: dict) -> str:
                  f"normalisation uses the train split only: mean {_fmt(pre['mean'])}, "
                  f"std {_fmt(pre['std'])}.")
     return "\n".join(lines) + "\n"
+
+
+def sample_grid_png(images: np.ndarray, labels: np.ndarray, class_names: list[str],
+                    per_class: int = 8) -> bytes:
+    """A PNG with up to `per_class` example images per class, one row per class (20 at most)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    class_names = class_names[:20]
+    rows = len(class_names)
+    fig, axes = plt.subplots(rows, per_class, figsize=(per_class * 0.9, rows * 0.9 + 0.4),
+                             squeeze=False)
+    for row, name in enumerate(class_names):
+        members = images[labels == row][:per_class]
+        for col in range(per_class):
+            ax = axes[row][col]
+            ax.axis("off")
+            if col < len(members):
+                image = members[col]
+                ax.imshow(image[:, :, 0] if image.shape[2] == 1 else image, cmap="gray",
+                          vmin=0, vmax=255, interpolation="nearest")
+        axes[row][0].set_title(name, fontsize=7, loc="left")
+    fig.suptitle("training examples per class", fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    return buffer.getvalue()

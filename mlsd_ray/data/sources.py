@@ -87,7 +87,8 @@ def parse_source(spec: str, cfg: DataConfig) -> Source:
     factory = SOURCES.get(kind.strip().lower())
     if factory is None:
         raise InputError(f"unknown source {spec!r}; choose one of: {', '.join(sorted(SOURCES))} "
-                         "(e.g. digits, folder:PATH, parquet:PATH, torchvision:MNIST, synthetic:1000)")
+                         "(e.g. digits, folder:PATH, parquet:PATH, torchvision:MNIST, "
+                         "synthetic:1000)")
     source = factory(arg or None, cfg)
     source.check()
     return source
@@ -364,7 +365,7 @@ TORCHVISION_DATASETS = {"cifar10": ("CIFAR10", 32, 3, "cifar-10-batches-py/ (fro
 
 @register("torchvision")
 class TorchvisionSource(Source):
-    """torchvision's CIFAR10, MNIST or FashionMNIST under ROOT (downloaded when the network allows)."""
+    """torchvision's CIFAR10, MNIST or FashionMNIST under ROOT (downloaded if the network allows)."""
 
     def __post_init__(self):
         name, _, root = (self.arg or "").partition(":")
@@ -397,6 +398,11 @@ class TorchvisionSource(Source):
             return cls(self._root, train=train, download=False)
         except RuntimeError:
             pass
+        if os.environ.get("MLSD_OFFLINE"):
+            raise InputError(f"{cls_name} is not in {self._root} and MLSD_OFFLINE is set, so it "
+                             f"is not downloaded. Put the files at "
+                             f"{os.path.join(self._root, layout)} or pass "
+                             f"--source torchvision:{cls_name}:ROOT")
         previous = socket.getdefaulttimeout()
         socket.setdefaulttimeout(20)
         try:

@@ -36,7 +36,7 @@ def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize a uint8 H×W×C image to size×size (antialiased bilinear); a no-op when already there."""
+    """Resize a uint8 H×W×C image to size×size (antialiased bilinear); no-op when already there."""
     if image.shape[0] == size and image.shape[1] == size:
         return image
     channels = image.shape[2]

@@ -39,8 +39,9 @@ def test_digits_end_to_end(home):
     assert counts["input"] == counts["kept"] + counts["quarantined"]
     assert sum(counts["splits"].values()) == counts["kept"]
     assert m["class_names"] == [str(d) for d in range(10)]
-    for name in ("manifest.json", "quality.json", "quality.md", "config.yaml"):
+    for name in ("manifest.json", "quality.json", "quality.md", "config.yaml", "samples.png"):
         assert (Path(dataset.path) / name).is_file()
+    assert Image.open(Path(dataset.path) / "samples.png").size[0] > 100
     assert Path(dataset.path).parent.parent == Path(home) / "datasets"
 
     train = read_split(dataset, "train")

@@ -70,3 +70,10 @@ def test_resolved_yaml_round_trips(tmp_path):
     path.write_text(dump_yaml(cfg))
     assert load_config(path) == cfg
     assert isinstance(cfg, Config)
+
+
+def test_shipped_default_config_matches_the_code():
+    from pathlib import Path
+
+    shipped = Path(__file__).parents[2] / "configs" / "default.yaml"
+    assert load_config(shipped) == Config()

@@ -1,0 +1,104 @@
+"""The `mlsd` command as a user runs it, in a subprocess.
+
+Commands that need Ray join the test session's instance through RAY_ADDRESS (the way a user's
+command joins a cluster) instead of starting one of their own each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import make_image_folder, write_png
+
+
+def mlsd(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mlsd_ray.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def cluster_env(ray_session) -> dict:
+    return {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+
+
+def test_version_and_help():
+    assert mlsd("--version").stdout.startswith("mlsd-ray ")
+    for command in ("data", "pipeline"):
+        result = mlsd(command, "--help")
+        assert result.returncode == 0 and "--source" in result.stdout and "--json" in result.stdout
+
+
+def test_unknown_config_key_exits_2_and_names_it():
+    result = mlsd("data", "--set", "data.bogus=1")
+    assert result.returncode == 2
+    assert "data.bogus" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--source", "nope"], "unknown source 'nope'"),
+    (["--source", "folder:/definitely/not/here"], "folder not found"),
+    (["--config", "/no/such.yaml"], "config file not found"),
+    (["--set", "data.seed"], "KEY=VALUE"),
+    (["--bogus-flag"], "No such option"),
+])
+def test_bad_usage_exits_2(args, message):
+    result = mlsd("data", *args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+
+
+def test_folder_with_bad_files_json(tmp_path, cluster_env):
+    root = make_image_folder(tmp_path / "imgs", per_class=34)  # 102 images in 3 classes
+    for name in ("cat/aaa-broken.png", "dog/aaa-broken.png"):
+        os.remove(root / name.replace("aaa-broken", "cat000" if "cat" in name else "dog000"))
+        (root / name).write_bytes(b"\x89PNG broken")
+    (root / "fox" / "truncated.png").write_bytes((root / "fox" / "fox001.png").read_bytes()[:60])
+    write_png(root / "stray1.png", np.zeros((8, 8, 3), np.uint8))
+    (root / "stray2.png").write_bytes((root / "fox" / "fox002.png").read_bytes())
+    home = tmp_path / "home"
+
+    result = mlsd("data", "--source", f"folder:{root}", "--json", "--home", str(home),
+                  env=cluster_env)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)  # exactly one JSON object on stdout
+    assert summary["counts"]["input"] == 105
+    assert summary["counts"]["kept"] == 100
+    assert summary["counts"]["quarantined"] == 5
+    assert summary["quarantine_by_reason"] == {"corrupt_image": 3, "missing_label": 2}
+    assert summary["class_names"] == ["cat", "dog", "fox"]
+    assert os.path.isfile(os.path.join(summary["path"], "manifest.json"))
+
+    again = mlsd("data", "--source", f"folder:{root}", "--home", str(home), env=cluster_env)
+    assert again.returncode == 0
+    assert "reused" in again.stdout and summary["path"] in again.stdout.replace("\n", "")
+
+
+def test_pipeline_on_digits(tmp_path, cluster_env):
+    result = mlsd("pipeline", "--json", "--home", str(tmp_path / "home"), env=cluster_env)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)["stages"]["data"]
+    assert data["counts"]["input"] == 1797
+    assert sum(data["counts"]["splits"].values()) == data["counts"]["kept"]
+    assert data["path"].startswith(str(tmp_path / "home" / "datasets" / "digits"))
+
+
+def test_no_valid_image_exits_2(tmp_path, cluster_env):
+    (tmp_path / "bad" / "x").mkdir(parents=True)
+    (tmp_path / "bad" / "x" / "a.png").write_bytes(b"junk")
+    result = mlsd("data", "--source", f"folder:{tmp_path / 'bad'}", "--home",
+                  str(tmp_path / "home"), env=cluster_env)
+    assert result.returncode == 2
+    assert "no valid image" in result.stderr
+
+
+def test_torchvision_offline_names_where_files_go(tmp_path):
+    result = mlsd("data", "--source", f"torchvision:CIFAR10:{tmp_path / 'tv'}",
+                  "--home", str(tmp_path / "home"), env={"MLSD_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert "cifar-10-batches-py" in result.stderr and str(tmp_path / "tv") in result.stderr
