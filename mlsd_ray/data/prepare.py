@@ -203,7 +203,8 @@ def prepare_dataset(cfg: Config, home: str | None = None, force: bool = False,
     moments = tagged.filter(expr=f"status == '{OK}'").map_batches(
         split_moments, batch_size=None, batch_format="numpy").to_pandas()
     examples = tagged.filter(expr="split == 'train'").select_columns(["image", "label"])
-    sample = examples.take_batch(min(4096, rows["split"].eq("train").sum()), batch_format="numpy")
+    sample = examples.take_batch(int(min(4096, (rows["split"] == "train").sum())),
+                                 batch_format="numpy")
     storage.write_bytes(storage.join(out, "samples.png"), sample_grid_png(
         sample["image"], sample["label"], class_names))
     manifest = _finish(cfg, source, name, fp, out, rows, class_names, spec, moments, duplicates)

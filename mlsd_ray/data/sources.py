@@ -365,7 +365,7 @@ TORCHVISION_DATASETS = {"cifar10": ("CIFAR10", 32, 3, "cifar-10-batches-py/ (fro
 
 @register("torchvision")
 class TorchvisionSource(Source):
-    """torchvision's CIFAR10, MNIST or FashionMNIST under ROOT (downloaded if the network allows)."""
+    """torchvision's CIFAR10, MNIST or FashionMNIST under ROOT (downloaded if there is network)."""
 
     def __post_init__(self):
         name, _, root = (self.arg or "").partition(":")
