@@ -57,10 +57,12 @@ def validate_and_normalize(batch: dict, spec: ValidationSpec, preprocessor: Prep
     return {"image": preprocessor(valid["image"]).numpy(), "label": valid["label"]}
 
 
-def run_ray(folder: Path, spec: ValidationSpec, preprocessor: Preprocessor) -> tuple[int, float]:
+def run_ray(folder: Path, spec: ValidationSpec, preprocessor: Preprocessor,
+            rows_per_task: int) -> tuple[int, float]:
     """The reader `mlsd data` uses (FolderSource), then validation and normalisation."""
     start = time.perf_counter()
-    source = FolderSource(str(folder), DataConfig(source=f"folder:{folder}"))
+    source = FolderSource(str(folder), DataConfig(source=f"folder:{folder}",
+                                                  rows_per_task=rows_per_task))
     source.check()
     dataset = source.read(then=functools.partial(validate_and_normalize, spec=spec,
                                                  preprocessor=preprocessor))
@@ -94,6 +96,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="side of the generated PNGs")
     parser.add_argument("--out-size", type=int, default=32, help="side after resizing")
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--rows-per-task", type=int, default=DataConfig().rows_per_task,
+                        help="files per Ray Data task (data.rows_per_task)")
     parser.add_argument("--cache", default=str(Path(__file__).parent / ".cache"))
     args = parser.parse_args()
 
@@ -114,15 +118,15 @@ def main() -> None:
     _tune_data_context()  # the same DataContext settings `mlsd data` runs with
     # The first run also pays for starting worker processes and their imports (torch, PIL):
     # reported as "cold". The ratio is taken on the second, warm run: a running cluster.
-    cold_rows, cold_s = run_ray(folder, spec, preprocessor)
-    ray_rows, ray_s = run_ray(folder, spec, preprocessor)
+    cold_rows, cold_s = run_ray(folder, spec, preprocessor, args.rows_per_task)
+    ray_rows, ray_s = run_ray(folder, spec, preprocessor, args.rows_per_task)
     ray.shutdown()
     # The loop runs after Ray has shut down, so neither run shares the CPUs with the other.
     loop_rows, loop_s = run_loop(folder, spec, preprocessor)
 
     assert ray_rows == cold_rows == loop_rows == args.images, (ray_rows, cold_rows, loop_rows)
     result = {"benchmark": "data_throughput", "images": args.images, "size": args.size,
-              "out_size": args.out_size, "cpus": args.cpus, "cores_on_machine": os.cpu_count(),
+              "out_size": args.out_size, "cpus": args.cpus, "rows_per_task": args.rows_per_task, "cores_on_machine": os.cpu_count(),
               "single_process_images_per_s": round(loop_rows / loop_s, 1),
               "ray_data_images_per_s": round(ray_rows / ray_s, 1),
               "ratio_ray_over_single": round((ray_rows / ray_s) / (loop_rows / loop_s), 3),

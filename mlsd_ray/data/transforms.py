@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from mlsd_ray.config import AugmentConfig
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: data-stage workers never need it
+    import torch
 
 # ITU-R 601-2 luma, the same weights PIL uses for RGB -> L.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -84,6 +87,8 @@ class Preprocessor:
 
     def to_tensor(self, images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
         """uint8 images (any size/channels) -> float N×C×H×W in [0, 1] at the fitted size."""
+        import torch
+
         if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[1:] != (
                 self.image_size, self.image_size, self.channels):
             images = np.stack([standardize(np.asarray(i), self.image_size, self.channels)
@@ -93,6 +98,8 @@ class Preprocessor:
 
     def normalize(self, tensor: torch.Tensor) -> torch.Tensor:
         """Subtract the training mean and divide by the training std, per channel."""
+        import torch
+
         mean = torch.tensor(self.mean, dtype=tensor.dtype, device=tensor.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=tensor.dtype, device=tensor.device).view(1, -1, 1, 1)
         return (tensor - mean) / std
@@ -128,6 +135,8 @@ class Augmenter:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """Augment float [0, 1] N×C×H×W images; returns a new tensor of the same shape."""
+        import torch
+
         if self.transform is None:
             return batch
         return torch.stack([self.transform(image) for image in batch]).clamp_(0.0, 1.0)
