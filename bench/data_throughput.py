@@ -4,8 +4,9 @@ Generates (once, cached) a folder of PNGs, then runs the data stage's per-image 
 decode, validate, content hash, resize, normalise -- twice: through Ray Data on the local CPUs
 (the reader `mlsd data` uses) and in a plain single-process loop calling the same functions.
 Prints one JSON line with images/s for each and the ratio. `ray.init` is excluded; the first
-Ray run (which also starts worker processes) is reported apart as "cold", and the ratio is taken
-on a second, warm run. The file listing is timed in both.
+Ray run (which also starts worker processes) is reported apart as "cold", and the ratio is the
+median of warm runs over the median of loop runs (with the extremes beside it). The file
+listing is timed in both.
 
     python bench/data_throughput.py [--images 20000] [--size 64] [--out-size 32] [--cpus 2]
 """
@@ -16,6 +17,7 @@ import argparse
 import functools
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -90,6 +92,12 @@ def run_loop(folder: Path, spec: ValidationSpec, preprocessor: Preprocessor,
     return rows, time.perf_counter() - start
 
 
+def rate(rows: int, seconds: float, expected: int) -> float:
+    """Images per second, after checking that every image came through."""
+    assert rows == expected, f"{rows} rows processed, expected {expected}"
+    return rows / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=20000)
@@ -98,6 +106,7 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--rows-per-task", type=int, default=DataConfig().rows_per_task,
                         help="files per Ray Data task (data.rows_per_task)")
+    parser.add_argument("--repeats", type=int, default=3, help="warm runs of each; median")
     parser.add_argument("--cache", default=str(Path(__file__).parent / ".cache"))
     args = parser.parse_args()
 
@@ -116,23 +125,27 @@ def main() -> None:
     init_s = time.perf_counter() - init_start
     set_progress_bars(False)
     _tune_data_context()  # the same DataContext settings `mlsd data` runs with
-    # The first run also pays for starting worker processes and their imports (torch, PIL):
-    # reported as "cold". The ratio is taken on the second, warm run: a running cluster.
+    # The first run also pays for starting worker processes and their imports: reported as
+    # "cold". The ratio is taken on the warm runs (a running cluster), median of --repeats.
     cold_rows, cold_s = run_ray(folder, spec, preprocessor, args.rows_per_task)
-    ray_rows, ray_s = run_ray(folder, spec, preprocessor, args.rows_per_task)
+    ray_rates = [rate(*run_ray(folder, spec, preprocessor, args.rows_per_task), args.images)
+                 for _ in range(args.repeats)]
     ray.shutdown()
     # The loop runs after Ray has shut down, so neither run shares the CPUs with the other.
-    loop_rows, loop_s = run_loop(folder, spec, preprocessor)
-
-    assert ray_rows == cold_rows == loop_rows == args.images, (ray_rows, cold_rows, loop_rows)
+    loop_rates = [rate(*run_loop(folder, spec, preprocessor), args.images)
+                  for _ in range(args.repeats)]
+    ray_rate, loop_rate = statistics.median(ray_rates), statistics.median(loop_rates)
     result = {"benchmark": "data_throughput", "images": args.images, "size": args.size,
-              "out_size": args.out_size, "cpus": args.cpus, "rows_per_task": args.rows_per_task, "cores_on_machine": os.cpu_count(),
-              "single_process_images_per_s": round(loop_rows / loop_s, 1),
-              "ray_data_images_per_s": round(ray_rows / ray_s, 1),
-              "ratio_ray_over_single": round((ray_rows / ray_s) / (loop_rows / loop_s), 3),
-              "ray_data_cold_images_per_s": round(cold_rows / cold_s, 1),
-              "cold_ratio_ray_over_single": round((cold_rows / cold_s) / (loop_rows / loop_s),
-                                                  3),
+              "out_size": args.out_size, "cpus": args.cpus, "rows_per_task": args.rows_per_task,
+              "cores_on_machine": os.cpu_count(), "repeats": args.repeats,
+              "single_process_images_per_s": round(loop_rate, 1),
+              "ray_data_images_per_s": round(ray_rate, 1),
+              "ratio_ray_over_single": round(ray_rate / loop_rate, 3),
+              "ratio_min_max": [round(min(ray_rates) / max(loop_rates), 3),
+                                round(max(ray_rates) / min(loop_rates), 3)],
+              "ray_data_cold_images_per_s": round(rate(cold_rows, cold_s, args.images), 1),
+              "cold_ratio_ray_over_single": round(rate(cold_rows, cold_s, args.images)
+                                                  / loop_rate, 3),
               "ray_init_s": round(init_s, 2), "target_ratio": 1.5}
     print(json.dumps(result))
 
