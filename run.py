@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""Set up the project's virtual environment when needed, then run one task in it.
+
+    python3 run.py pipeline [ARGS]   `mlsd pipeline` on the embedded digits data
+    python3 run.py test [ARGS]       the test suite (pytest ARGS)
+    python3 run.py setup             only create/refresh .venv
+    python3 run.py lint              ruff
+    python3 run.py bench [ARGS]      bench/data_throughput.py
+
+Needs nothing but Python >= 3.10 (with its venv module). `.venv/` is created on first use and
+reinstalled whenever pyproject.toml changes; the first install downloads PyTorch (about 5 GB).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+STAMP = VENV / ".mlsd-installed"
+TASKS = {
+    "pipeline": lambda args: [str(BIN / "mlsd"), "pipeline", *args],
+    "test": lambda args: [str(BIN / "python"), "-m", "pytest", *args],
+    "lint": lambda args: [str(BIN / "ruff"), "check", "mlsd_ray", "tests", "bench", *args],
+    "bench": lambda args: [str(BIN / "python"), "bench/data_throughput.py", *args],
+    "setup": None,
+}
+
+
+def requirements_digest() -> str:
+    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+
+
+def ensure_environment() -> None:
+    """Create .venv and install the project with its dev extra, unless already current."""
+    if STAMP.exists() and STAMP.read_text() == requirements_digest():
+        return
+    if not (BIN / "python").exists():
+        print(f"creating {VENV} ...", file=sys.stderr, flush=True)
+        try:
+            venv.create(VENV, with_pip=True)
+        except Exception as exc:  # Debian/Ubuntu ship venv's pip support separately
+            sys.exit(f"could not create {VENV}: {exc}\n"
+                     "On Debian/Ubuntu: apt-get install python3-venv, then run this again.")
+    pip = [str(BIN / "python"), "-m", "pip"]
+    print("installing mlsd-ray and its dependencies (the first time takes several minutes)",
+          file=sys.stderr, flush=True)
+    subprocess.run([*pip, "install", "--quiet", "--upgrade", "pip"], check=True, cwd=ROOT)
+    subprocess.run([*pip, "install", "-e", ".[dev]"], check=True, cwd=ROOT)
+    STAMP.write_text(requirements_digest())
+
+
+def main(argv: list[str]) -> None:
+    if sys.version_info < (3, 10):
+        sys.exit(f"mlsd-ray needs Python >= 3.10; this is {sys.version.split()[0]}")
+    if not argv or argv[0] not in TASKS:
+        sys.exit(__doc__)
+    try:
+        ensure_environment()
+    except subprocess.CalledProcessError as exc:
+        sys.exit(f"set-up failed: {' '.join(exc.cmd)} exited with {exc.returncode}")
+    command = TASKS[argv[0]]
+    if command is None:
+        return
+    os.chdir(ROOT)
+    args = command(argv[1:])
+    os.execv(args[0], args)  # hand over: exit code and signals are the task's own
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
