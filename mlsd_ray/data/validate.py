@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mlsd_ray.data.transforms import standardize
 
@@ -60,6 +60,7 @@ def decode_bytes(data: bytes | None) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
+            ImageOps.exif_transpose(img, in_place=True)  # camera photos: upright, as people see
             target = _MODE_TO.get(img.mode)
             if target is None:
                 raise Rejected(UNSUPPORTED_MODE, f"image mode {img.mode!r} is not supported")

@@ -187,9 +187,10 @@ def test_torchvision_mnist_from_local_files(tmp_path, home):
     assert dataset.manifest["schema"]["image"]["shape"] == [28, 28, 1]
 
 
-def test_outputs_to_a_uri(tmp_path, image_folder):
-    dataset = prepare_dataset(load_config(None, [f"data.source=folder:{image_folder}"]),
+def test_inputs_and_outputs_as_uris(tmp_path, image_folder):
+    dataset = prepare_dataset(load_config(None, [f"data.source=folder:file://{image_folder}"]),
                               home=f"file://{tmp_path}/remote-home")
+    assert dataset.manifest["counts"]["kept"] == 30
     assert dataset.path.startswith("file://")
     local = Path(dataset.path.removeprefix("file://"))
     assert (local / "manifest.json").is_file()

@@ -125,3 +125,12 @@ def test_small_images_are_rejected():
     batch = {"id": np.array(["x"], dtype=object), "source": np.array([""], dtype=object),
              "label": np.array(["a"], dtype=object), "array": np.zeros((1, 2, 5), np.uint8)}
     assert v.validate_batch(batch, spec)["status"][0] == v.BAD_SHAPE
+
+
+def test_exif_orientation_is_applied():
+    wide = np.zeros((4, 10, 3), np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    buffer = io.BytesIO()
+    Image.fromarray(wide).save(buffer, format="JPEG", exif=exif)
+    assert v.decode_bytes(buffer.getvalue()).shape == (10, 4, 3)
