@@ -68,21 +68,29 @@ def _run(as_json: bool, work: Callable[[], dict], render: Callable[[dict], None]
         with redirect_stdout(sys.stderr) if as_json else nullcontext():
             result = work()
     except MlsdError as exc:
-        _log(f"error: {exc}")
-        raise typer.Exit(exc.exit_code) from None
+        _fail(as_json, exc.exit_code, str(exc))
     except KeyboardInterrupt:
-        _log("interrupted")
-        raise typer.Exit(130) from None
+        _fail(as_json, 130, "interrupted")
     except Exception as exc:  # a failure of the work itself: say what, keep the trace for --debug
         if os.environ.get("MLSD_DEBUG"):
             traceback.print_exc()
-        _log(f"error: the work failed: {type(exc).__name__}: {exc}\n"
-             "(set MLSD_DEBUG=1 for the full traceback)")
-        raise typer.Exit(1) from None
+        _fail(as_json, 1, f"the work failed: {type(exc).__name__}: {exc}",
+              "(set MLSD_DEBUG=1 for the full traceback)")
     if as_json:
         print(json.dumps(result, default=str))
     else:
         render(result)
+
+
+ERROR_CODES = {1: "failed", 2: "bad_input", 130: "interrupted"}
+
+
+def _fail(as_json: bool, exit_code: int, message: str, hint: str = "") -> None:
+    """Report an error on stderr (and as the one JSON object with --json), then exit."""
+    _log(f"error: {message}" + (f"\n{hint}" if hint else ""))
+    if as_json:
+        print(json.dumps({"error": {"code": ERROR_CODES[exit_code], "message": message}}))
+    raise typer.Exit(exit_code)
 
 
 def _config(config: Path | None, overrides: list[str] | None, source: str | None):

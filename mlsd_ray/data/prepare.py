@@ -131,13 +131,10 @@ def _decide(meta: pd.DataFrame, cfg: Config) -> tuple[pd.DataFrame, dict]:
                          f"quarantined ({_reasons(meta)})")
     decided, duplicates = resolve(valid[["id", "label", "hash"]].copy(), cfg.data.val_fraction,
                                   cfg.data.test_fraction, cfg.data.seed)
-    rows = meta.drop(columns=["status", "detail"]).merge(
-        decided[["id", "split", "status", "detail"]], on="id", how="left")
-    invalid = rows["status"].isna()
-    rows.loc[invalid, "status"] = meta.set_index("id").loc[rows.loc[invalid, "id"], "status"].values
-    rows.loc[invalid, "detail"] = meta.set_index("id").loc[rows.loc[invalid, "id"], "detail"].values
-    rows["split"] = rows["split"].fillna("").astype(str)
-    return rows, duplicates
+    decided = decided.set_index("id")[["split", "status", "detail"]].fillna("")
+    rows = meta.set_index("id").assign(split="")
+    rows.loc[decided.index, decided.columns] = decided
+    return rows.reset_index(), duplicates
 
 
 def _write_quarantine(tagged, rows: pd.DataFrame, out: str) -> None:
@@ -189,9 +186,11 @@ def prepare_dataset(cfg: Config, home: str | None = None, force: bool = False,
         "exact duplicates")
     rows, duplicates = _decide(meta, cfg)
     decisions = {r.id: (r.split, r.status, r.detail) for r in rows.itertuples()
-                 if r.status == OK or r.status == DUPLICATE}
+                 if r.status in (OK, DUPLICATE)}
+    # Not materialised: each write below re-applies these cheap lookups to `validated` rather
+    # than holding a second copy of every image in the object store.
     tagged = validated.map_batches(apply_decisions, fn_kwargs={"decisions": decisions},
-                                   batch_size=None, batch_format="numpy").materialize()
+                                   batch_size=None, batch_format="numpy")
 
     log(f"[3/4] writing splits and quarantine to {out}")
     for split in SPLITS:

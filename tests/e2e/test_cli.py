@@ -38,6 +38,10 @@ def test_unknown_config_key_exits_2_and_names_it():
     result = mlsd("data", "--set", "data.bogus=1")
     assert result.returncode == 2
     assert "data.bogus" in result.stderr and "Traceback" not in result.stderr
+    as_json = mlsd("data", "--set", "data.bogus=1", "--json")
+    assert as_json.returncode == 2
+    error = json.loads(as_json.stdout)["error"]
+    assert error["code"] == "bad_input" and "data.bogus" in error["message"]
 
 
 @pytest.mark.parametrize("args, message", [
