@@ -24,7 +24,8 @@ from mlsd_ray.errors import MlsdError
 app = typer.Typer(
     help="mlsd-ray: data preparation, distributed training and serving on Ray.\n\n"
          "Every stage writes under $MLSD_HOME (default ./mlsd-home) and prints where.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    rich_markup_mode="markdown")
 
 ConfigOption = Annotated[Path | None, typer.Option(
     "--config", "-c", help="YAML config file (sections: data, ...).", dir_okay=False)]
@@ -126,7 +127,7 @@ def data(source: SourceOption = None, config: ConfigOption = None, set_: SetOpti
     """Prepare a dataset with Ray Data: validate, quarantine, de-duplicate, resize, split.
 
     Writes parquet splits, manifest.json, quality.json/quality.md and quarantine/ under
-    $MLSD_HOME/datasets/<name>/<fingerprint>/. Identical inputs and config reuse the earlier
+    $MLSD_HOME/datasets/NAME/FINGERPRINT/. Identical inputs and config reuse the earlier
     output unless --force.
     """
     from mlsd_ray.data.prepare import prepare_dataset
