@@ -95,8 +95,10 @@ def _fail(as_json: bool, exit_code: int, message: str, hint: str = "") -> None:
 
 
 def _config(config: Path | None, overrides: list[str] | None, source: str | None):
-    extra = [f"data.source={source}"] if source else []
-    return load_config(config, list(overrides or []) + extra)
+    cfg = load_config(config, overrides)
+    if source is not None:  # taken as typed: a path may hold '#' or ': ' that YAML would eat
+        cfg.data.source = source
+    return cfg
 
 
 def _render_dataset(summary: dict) -> None:
@@ -114,6 +116,8 @@ def _render_dataset(summary: dict) -> None:
     console.print(table)
     for reason, count in summary["quarantine_by_reason"].items():
         console.print(f"  quarantined {count} × {reason}")
+    for warning in summary["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
     console.print(f"classes: {len(summary['class_names'])}, images stored as "
                   f"{'×'.join(map(str, summary['image_shape']))} uint8")
     console.print(f"quality report: {summary['quality_report']}", soft_wrap=True)

@@ -50,6 +50,10 @@ META_COLUMNS = ["id", "source", "label_name", "label", "hash", "status", "detail
 _NOT_IN_FINGERPRINT = {"augment", "name", "rows_per_task"}
 
 
+def _plural(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
+
+
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -75,6 +79,7 @@ class PreparedDataset:
                 "fingerprint": self.manifest["fingerprint"], "reused": self.reused,
                 "counts": self.manifest["counts"],
                 "quarantine_by_reason": self.manifest["quarantine_by_reason"],
+                "warnings": self.manifest["warnings"],
                 "class_names": self.manifest["class_names"],
                 "image_shape": self.manifest["schema"]["image"]["shape"],
                 "quality_report": storage.join(self.path, "quality.md"),
@@ -123,14 +128,14 @@ def _reasons(meta: pd.DataFrame) -> str:
     return ", ".join(f"{n} {r}" for r, n in counts.items())
 
 
-def _decide(meta: pd.DataFrame, cfg: Config) -> tuple[pd.DataFrame, dict]:
+def _decide(meta: pd.DataFrame, cfg: Config, class_names: list[str]) -> tuple[pd.DataFrame, dict]:
     """Splits for valid rows, quarantine for duplicates; returns every row with its decision."""
     valid = meta[meta["status"] == OK]
     if valid.empty:
         raise InputError(f"no valid image in {cfg.data.source}: all {len(meta)} rows were "
                          f"quarantined ({_reasons(meta)})")
     decided, duplicates = resolve(valid[["id", "label", "hash"]].copy(), cfg.data.val_fraction,
-                                  cfg.data.test_fraction, cfg.data.seed)
+                                  cfg.data.test_fraction, cfg.data.seed, class_names)
     decided = decided.set_index("id")[["split", "status", "detail"]].fillna("")
     rows = meta.set_index("id").assign(split="")
     rows.loc[decided.index, decided.columns] = decided
@@ -148,6 +153,14 @@ def _write_quarantine(tagged, rows: pd.DataFrame, out: str) -> None:
     storage.write_text(storage.join(out, "quarantine", "index.csv"), buffer.getvalue())
     tagged.filter(expr=f"status != '{OK}'").select_columns(QUARANTINE_COLUMNS).write_parquet(
         storage.join(out, "quarantine", "rows"))
+
+
+def _check_writable(out: str) -> None:
+    """Fail before any work when the output location cannot be written."""
+    try:
+        storage.makedirs(out)
+    except OSError as exc:
+        raise InputError(f"cannot write to {out}: {exc} (set --home or MLSD_HOME)") from exc
 
 
 def _check_ids_unique(meta: pd.DataFrame) -> None:
@@ -168,14 +181,16 @@ def prepare_dataset(cfg: Config, home: str | None = None, force: bool = False,
         log(f"reusing the prepared dataset at {out} (same inputs and config; --force rebuilds)")
         return PreparedDataset(out, storage.read_json(manifest_path), reused=True)
     storage.delete_dir(out)  # a half-written earlier attempt, or --force
+    _check_writable(out)
 
     class_names = source.class_names()  # may load or download data: fail before Ray starts
     ensure_ray()
     spec = ValidationSpec(image_size=source.image_size(), channels=source.channels(),
                           class_names=tuple(class_names), pixel_range=cfg.data.pixel_range,
                           min_side=cfg.data.min_side)
+    size = f"{spec.image_size}×{spec.image_size}×{spec.channels}"
     log(f"[1/4] reading and validating {cfg.data.source} with Ray Data "
-        f"({len(class_names)} classes, output {spec.image_size}×{spec.image_size}×{spec.channels})")
+        f"({_plural(len(class_names), 'class', 'classes')}, output {size})")
     validated = source.read(then=functools.partial(validate_batch, spec=spec)).materialize()
     meta = validated.select_columns(META_COLUMNS).to_pandas()
     if meta.empty:
@@ -184,7 +199,7 @@ def prepare_dataset(cfg: Config, home: str | None = None, force: bool = False,
 
     log(f"[2/4] splitting {len(meta)} rows (stratified, seed {cfg.data.seed}) and removing "
         "exact duplicates")
-    rows, duplicates = _decide(meta, cfg)
+    rows, duplicates = _decide(meta, cfg, class_names)
     decisions = {r.id: (r.split, r.status, r.detail) for r in rows.itertuples()
                  if r.status in (OK, DUPLICATE)}
     # Not materialised: each write below re-applies these cheap lookups to `validated` rather
@@ -229,6 +244,7 @@ def _finish(cfg, source, name, fp, out, rows, class_names, spec, moments, duplic
         "source": cfg.data.source, "source_identity": _short_identity(source.identity()),
         "counts": counts, "class_names": class_names,
         "quarantine_by_reason": quality["quarantine"]["by_reason"],
+        "warnings": quality["warnings"],
         "duplicates": duplicates,
         "schema": {"id": "string", "source": "string", "label": "int64", "hash": "string",
                    "image": {"dtype": "uint8", "shape": shape, "layout": "HWC"}},

@@ -17,6 +17,30 @@ def _summary(values: pd.Series) -> dict:
                                                                                  2)}
 
 
+def _warnings(per_class: dict, kept: int) -> list[str]:
+    """Things a person should know before training on this dataset."""
+    notes = []
+    present = [n for n, c in per_class.items() if c["total"]]
+    if len(present) < 2:
+        notes.append(f"only {len(present)} class has images: a classifier needs two or more")
+    for split in SPLITS[1:]:
+        if kept and not any(c[split] for c in per_class.values()):
+            notes.append(f"the {split} split is empty")
+            continue
+        lacking = [n for n in present if not per_class[n][split]]
+        if lacking:
+            shown = ", ".join(lacking[:5]) + (", ..." if len(lacking) > 5 else "")
+            notes.append(f"{len(lacking)} of {len(present)} classes have no {split} rows "
+                         f"({shown}): too few images to split")
+    empty = [n for n, c in per_class.items() if not c["total"]]
+    if empty:
+        notes.append(f"{len(empty)} declared classes have no images: {', '.join(empty[:5])}")
+    totals = [per_class[n]["total"] for n in present]
+    if len(totals) > 1 and max(totals) / min(totals) > 10:
+        notes.append(f"classes are imbalanced: largest/smallest = {max(totals) / min(totals):.1f}")
+    return notes
+
+
 def build_quality(rows: pd.DataFrame, class_names: list[str], pixel_stats: dict,
                   duplicates: dict, output_shape: list[int]) -> dict:
     """The quality report as a dict.
@@ -34,6 +58,7 @@ def build_quality(rows: pd.DataFrame, class_names: list[str], pixel_stats: dict,
     quarantined = rows[rows["status"] != "ok"]
     sizes = kept.groupby(["orig_height", "orig_width"]).size().sort_values(ascending=False)
     return {
+        "warnings": _warnings(per_class, len(kept)),
         "classes": per_class,
         "imbalance_ratio": round(max(totals) / min(totals), 3) if totals and min(totals) else None,
         "empty_classes": [n for n, c in per_class.items() if c["total"] == 0],
@@ -81,7 +106,9 @@ def render_markdown(manifest: dict, quality: dict) -> str:
              "| input | kept | quarantined | train | val | test |", "|---|---|---|---|---|---|",
              f"| {counts['input']} | {counts['kept']} | {counts['quarantined']} | "
              + " | ".join(str(counts["splits"][s]) for s in SPLITS) + " |", "",
-             "## Classes", "", "| class | train | val | test | total |", "|---|---|---|---|---|"]
+             *(f"**Warning:** {w}  " for w in quality["warnings"]),
+             "", "## Classes", "", "| class | train | val | test | total |",
+             "|---|---|---|---|---|"]
     for name, c in quality["classes"].items():
         lines.append(f"| {name} | {c['train']} | {c['val']} | {c['test']} | {c['total']} |")
     lines += ["", f"Imbalance ratio (largest / smallest class): {quality['imbalance_ratio']}", "",

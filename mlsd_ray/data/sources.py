@@ -21,6 +21,7 @@ import pyarrow.fs as pafs
 
 from mlsd_ray import storage
 from mlsd_ray.config import DataConfig
+from mlsd_ray.data.validate import is_missing
 from mlsd_ray.errors import InputError
 
 SOURCES: dict[str, Callable[..., Source]] = {}
@@ -81,6 +82,13 @@ class Source(ABC):
         return self.cfg.channels or self.default_channels
 
 
+def _expand(location: str | None) -> str | None:
+    """`~/x` -> `/home/me/x` for local paths (no shell expands it after `folder:`); URIs as is."""
+    if not location or storage.is_uri(location):
+        return location
+    return os.path.expanduser(location)
+
+
 def parse_source(spec: str, cfg: DataConfig) -> Source:
     """`kind[:arg]` -> a Source, checking what can be checked without Ray; InputError otherwise."""
     kind, _, arg = spec.partition(":")
@@ -89,7 +97,7 @@ def parse_source(spec: str, cfg: DataConfig) -> Source:
         raise InputError(f"unknown source {spec!r}; choose one of: {', '.join(sorted(SOURCES))} "
                          "(e.g. digits, folder:PATH, parquet:PATH, torchvision:MNIST, "
                          "synthetic:1000)")
-    source = factory(arg or None, cfg)
+    source = factory(_expand(arg) or None, cfg)
     source.check()
     return source
 
@@ -167,17 +175,20 @@ def _is_hidden(relative: str) -> bool:
 
 def read_files(batch: dict[str, np.ndarray], root: str,
                then: RowFn | None = None) -> dict[str, np.ndarray]:
-    """Ray Data batch function: each file's bytes (None when it cannot be read), then `then`."""
+    """Ray Data batch function: each file's bytes (and why, when it cannot be read), then `then`."""
     fs, _ = storage.filesystem(root)
-    contents = []
+    contents, errors = [], []
     for path in batch["path"]:
         try:
             with fs.open_input_stream(path) as stream:
                 contents.append(stream.read())
-        except OSError:
-            contents.append(None)
+            errors.append("")
+        except OSError as exc:
+            contents.append(b"")
+            errors.append(f"cannot read file: {exc}")
     return _then({"id": batch["id"], "source": batch["source"], "label": batch["label"],
-                  "bytes": _object_array(contents)}, then)
+                  "bytes": _object_array(contents),
+                  "read_error": np.array(errors, dtype=object)}, then)
 
 
 @register("folder")
@@ -268,7 +279,7 @@ def _is_binary(arrow_type) -> bool:
 
 def _label_name(label, class_names: list[str] | None) -> str | None:
     """Integer labels index `class_names` when given; otherwise every label is its own name."""
-    if label is None or (isinstance(label, float) and math.isnan(label)):
+    if is_missing(label):
         return None
     if class_names is not None and isinstance(label, (int, np.integer)) and not isinstance(
             label, bool):
@@ -335,8 +346,7 @@ class ParquetSource(Source):
     def class_names(self) -> list[str]:
         if self.cfg.class_names:
             return list(self.cfg.class_names)
-        present = {v for v in self._labels() if v is not None and not (
-            isinstance(v, float) and math.isnan(v))}
+        present = {v for v in self._labels() if not is_missing(v)}
         return [str(v) for v in sorted(present)]  # numeric labels sort numerically
 
     def read(self, then: RowFn | None = None):
@@ -370,7 +380,7 @@ class TorchvisionSource(Source):
     def __post_init__(self):
         name, _, root = (self.arg or "").partition(":")
         self._key = name.lower().replace("-", "").replace("_", "")
-        self._root = root or storage.join(storage.home(), "downloads", "torchvision")
+        self._root = _expand(root) or storage.join(storage.home(), "downloads", "torchvision")
 
     def check(self) -> None:
         if self._key not in TORCHVISION_DATASETS:

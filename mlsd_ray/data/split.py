@@ -32,15 +32,17 @@ def stratified_splits(labels: np.ndarray, val_fraction: float, test_fraction: fl
     return assignment
 
 
-def resolve(meta: pd.DataFrame, val_fraction: float, test_fraction: float,
-            seed: int) -> tuple[pd.DataFrame, dict]:
+def resolve(meta: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int,
+            class_names: list[str] | None = None) -> tuple[pd.DataFrame, dict]:
     """Split valid rows and quarantine exact duplicates.
 
     `meta` has columns id, label, hash (valid rows only). Splits are drawn over all valid rows;
     then every row whose pixels equal an earlier row's (by id order) is marked `duplicate`.
     Those that would have landed in another split than their twin (train/test leakage) are
     counted separately. Returns meta with `split` (or None), `status`, `detail`, and a summary.
+    `class_names` only makes the details readable.
     """
+    name = (lambda i: class_names[i]) if class_names else str
     meta = meta.sort_values("id", kind="stable").reset_index(drop=True)
     meta["split"] = stratified_splits(meta["label"].to_numpy(), val_fraction, test_fraction, seed)
     is_duplicate = meta.duplicated("hash", keep="first").to_numpy()
@@ -53,7 +55,8 @@ def resolve(meta: pd.DataFrame, val_fraction: float, test_fraction: float,
 
     meta["status"] = np.where(is_duplicate, "duplicate", "ok")
     meta["detail"] = [
-        (f"same pixels as {k}" + (f"; labels differ ({lab} vs {klab})" if conflict else "")
+        (f"same pixels as {k}"
+         + (f"; labels differ ({name(lab)} vs {name(klab)})" if conflict else "")
          + (f"; would have leaked {s} vs {ks}" if cross else "")) if dup else ""
         for dup, k, lab, klab, conflict, s, ks, cross in zip(
             is_duplicate, keeper, meta["label"], keeper_label, conflicts, meta["split"],

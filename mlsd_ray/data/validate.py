@@ -19,6 +19,7 @@ from mlsd_ray.data.transforms import standardize
 
 OK = "ok"
 UNREADABLE_FILE = "unreadable_file"
+MISSING_IMAGE = "missing_image"
 CORRUPT_IMAGE = "corrupt_image"
 UNSUPPORTED_MODE = "unsupported_mode"
 BAD_SHAPE = "bad_shape"
@@ -53,10 +54,15 @@ class ValidationSpec:
     min_side: int = 2
 
 
+def is_missing(value) -> bool:
+    """None or NaN (Ray Data turns an all-None column into float NaN)."""
+    return value is None or (isinstance(value, (float, np.floating)) and math.isnan(value))
+
+
 def decode_bytes(data: bytes | None) -> np.ndarray:
     """Decode PNG/JPEG/... bytes to a uint8 H×W×C array, or raise Rejected."""
-    if data is None:
-        raise Rejected(UNREADABLE_FILE, "no bytes could be read")
+    if is_missing(data):
+        raise Rejected(MISSING_IMAGE, "no image data (a null value)")
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
@@ -122,7 +128,7 @@ def coerce_array(value, pixel_range: str = "auto") -> np.ndarray:
 
 def check_label(label, class_names: tuple[str, ...]) -> int:
     """The class index of a label name, or raise Rejected (missing or unknown)."""
-    if label is None or (isinstance(label, float) and math.isnan(label)) or str(label) == "":
+    if is_missing(label) or str(label) == "":
         raise Rejected(MISSING_LABEL, "row has no label")
     try:
         return class_names.index(str(label))
@@ -138,7 +144,10 @@ def content_hash(image: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _validate_row(payload, is_bytes: bool, label, spec: ValidationSpec) -> dict:
+def _validate_row(payload, is_bytes: bool, label, spec: ValidationSpec,
+                  read_error: str = "") -> dict:
+    if read_error:
+        raise Rejected(UNREADABLE_FILE, read_error)
     raw = decode_bytes(payload) if is_bytes else coerce_array(payload, spec.pixel_range)
     height, width = raw.shape[:2]
     if min(height, width) < spec.min_side:
@@ -152,7 +161,7 @@ def _validate_row(payload, is_bytes: bool, label, spec: ValidationSpec) -> dict:
 def _payload_bytes(payload, is_bytes: bool) -> bytes:
     """What quarantine keeps of a bad row: the original bytes, or the array saved as .npy."""
     if is_bytes:
-        return payload or b""
+        return b"" if is_missing(payload) else payload
     buffer = io.BytesIO()
     try:
         np.save(buffer, np.asarray(payload), allow_pickle=False)
@@ -168,9 +177,10 @@ def validate_batch(batch: dict[str, np.ndarray], spec: ValidationSpec) -> dict[s
     size, channels = spec.image_size, spec.channels
     out: dict[str, list] = {k: [] for k in ("image", "label", "hash", "orig_height", "orig_width",
                                             "orig_channels", "status", "detail", "payload")}
-    for payload, label in zip(payloads, batch["label"]):
+    read_errors = batch.get("read_error", [""] * len(payloads))
+    for payload, label, read_error in zip(payloads, batch["label"], read_errors):
         try:
-            row = _validate_row(payload, is_bytes, label, spec)
+            row = _validate_row(payload, is_bytes, label, spec, read_error)
             row.update(status=OK, detail="", payload=b"")
         except Rejected as rejected:
             row = {"image": np.zeros((size, size, channels), np.uint8), "label": -1, "hash": "",
@@ -180,7 +190,7 @@ def validate_batch(batch: dict[str, np.ndarray], spec: ValidationSpec) -> dict[s
         for key, value in row.items():
             out[key].append(value)
     result = {"id": batch["id"], "source": batch["source"],
-              "label_name": np.array(["" if v is None else str(v) for v in batch["label"]],
+              "label_name": np.array(["" if is_missing(v) else str(v) for v in batch["label"]],
                                      dtype=object)}
     result.update({k: np.array(v, dtype=object) for k, v in out.items()
                    if k in ("hash", "status", "detail", "payload")})

@@ -106,3 +106,19 @@ def test_torchvision_offline_names_where_files_go(tmp_path):
                   "--home", str(tmp_path / "home"), env={"MLSD_OFFLINE": "1"})
     assert result.returncode == 2
     assert "cifar-10-batches-py" in result.stderr and str(tmp_path / "tv") in result.stderr
+
+
+def test_source_paths_are_taken_as_typed(tmp_path, cluster_env):
+    root = make_image_folder(tmp_path / "shots #1: final", per_class=3, classes=("a", "b"))
+    result = mlsd("data", "--source", f"folder:{root}", "--json", "--home",
+                  str(tmp_path / "home"), env=cluster_env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["counts"]["kept"] == 6
+
+
+def test_unwritable_home_fails_before_any_work(tmp_path, image_folder):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = mlsd("data", "--source", f"folder:{image_folder}", "--home", str(blocker / "home"))
+    assert result.returncode == 2
+    assert "cannot write to" in result.stderr and "[1/4]" not in result.stderr

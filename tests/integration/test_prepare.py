@@ -116,6 +116,16 @@ def test_folder_without_a_valid_image_is_bad_input(tmp_path, home):
         prepare_dataset(load_config(None, [f"data.source=folder:{tmp_path / 'bad'}"]), home=home)
 
 
+def test_files_outside_class_folders_have_no_label(tmp_path, home):
+    from tests.conftest import write_png
+
+    for i in range(2):
+        write_png(tmp_path / "flat" / f"{i}.png", np.full((6, 6, 3), i, np.uint8))
+    with pytest.raises(InputError, match="no valid image.*2 missing_label"):
+        prepare_dataset(load_config(None, [f"data.source=folder:{tmp_path / 'flat'}"]),
+                        home=home)
+
+
 def test_parquet_bytes_and_arrays(tmp_path, home):
     rng = np.random.default_rng(0)
     encoded = []

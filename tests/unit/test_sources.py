@@ -26,6 +26,12 @@ def test_folder_problems(tmp_path):
         parse_source(f"folder:{tmp_path / 'x.txt'}", DataConfig())
 
 
+def test_home_directory_is_expanded(monkeypatch, image_folder):
+    monkeypatch.setenv("HOME", str(image_folder.parent))
+    source = parse_source(f"folder:~/{image_folder.name}", DataConfig())
+    assert source.arg == str(image_folder)
+
+
 def test_folder_classes_and_hidden_files(image_folder):
     (image_folder / ".DS_Store").write_bytes(b"junk")
     (image_folder / "loose.png").write_bytes(b"junk")

@@ -56,3 +56,19 @@ def test_decisions_do_not_depend_on_row_order():
     a, _ = resolve(_meta(rows), 0.2, 0.2, seed=0)
     b, _ = resolve(_meta(rows[::-1]), 0.2, 0.2, seed=0)
     assert a.equals(b)
+
+
+def test_quality_warnings_name_the_problems():
+    from mlsd_ray.data.report import _warnings
+
+    def counts(train, val, test):
+        return {"train": train, "val": val, "test": test, "total": train + val + test}
+
+    assert _warnings({"a": counts(10, 2, 2), "b": counts(9, 2, 2)}, 27) == []
+    single = _warnings({"a": counts(2, 0, 0)}, 2)
+    assert any("only 1 class" in w for w in single)
+    assert any("val split is empty" in w for w in single)
+    notes = _warnings({"a": counts(200, 20, 20), "b": counts(3, 0, 1), "c": counts(0, 0, 0)}, 244)
+    assert any("1 of 2 classes have no val rows (b)" in w for w in notes)
+    assert any("declared classes have no images: c" in w for w in notes)
+    assert any("imbalanced" in w for w in notes)

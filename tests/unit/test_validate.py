@@ -23,11 +23,22 @@ def test_decodes_png_to_hwc():
     assert v.decode_bytes(png_bytes(gray)).shape == (10, 12, 1)
 
 
-@pytest.mark.parametrize("data", [b"", b"not an image", None])
-def test_garbage_is_rejected(data):
+@pytest.mark.parametrize("data, reason", [(b"", v.CORRUPT_IMAGE), (b"not an image", v.CORRUPT_IMAGE),
+                                          (None, v.MISSING_IMAGE), (float("nan"), v.MISSING_IMAGE)])
+def test_garbage_is_rejected(data, reason):
     with pytest.raises(v.Rejected) as info:
         v.decode_bytes(data)
-    assert info.value.reason in (v.CORRUPT_IMAGE, v.UNREADABLE_FILE)
+    assert info.value.reason == reason
+
+
+def test_read_errors_and_nan_labels_from_ray():
+    batch = {"id": np.array(["1", "2"], dtype=object), "source": np.array(["", ""], dtype=object),
+             "label": np.array([np.float32("nan"), "a"], dtype=object),  # Ray: all-None -> NaN
+             "bytes": np.array([png_bytes(np.zeros((4, 4), np.uint8)), b""], dtype=object),
+             "read_error": np.array(["", "cannot read file: permission denied"], dtype=object)}
+    out = v.validate_batch(batch, SPEC)
+    assert list(out["status"]) == [v.MISSING_LABEL, v.UNREADABLE_FILE]
+    assert "permission denied" in out["detail"][1]
 
 
 def test_truncated_png_is_corrupt():
