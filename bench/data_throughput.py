@@ -3,7 +3,9 @@
 Generates (once, cached) a folder of PNGs, then runs the data stage's per-image work -- read,
 decode, validate, content hash, resize, normalise -- twice: through Ray Data on the local CPUs
 (the reader `mlsd data` uses) and in a plain single-process loop calling the same functions.
-Prints one JSON line with images/s for each and the ratio. `ray.init` is excluded; the first
+A third run splits the loop over --cpus plain processes (no Ray): the ceiling this machine
+gives to any parallel version of the work. Prints one JSON line with images/s for each and the
+ratios. `ray.init` is excluded; the first
 Ray run (which also starts worker processes) is reported apart as "cold", and the ratio is the
 median of warm runs over the median of loop runs (with the extremes beside it). The file
 listing is timed in both.
@@ -73,13 +75,16 @@ def run_ray(folder: Path, spec: ValidationSpec, preprocessor: Preprocessor,
 
 
 def run_loop(folder: Path, spec: ValidationSpec, preprocessor: Preprocessor,
-             batch_size: int = 512) -> tuple[int, float]:
-    """The same functions, one process: list, then read, validate, normalise in batches."""
+             batch_size: int = 512, part: int = 0, parts: int = 1) -> tuple[int, float]:
+    """The same functions, one process: list, then read, validate, normalise in batches.
+
+    With `parts` > 1 this process takes every `parts`-th file starting at `part`.
+    """
     start = time.perf_counter()
     source = FolderSource(str(folder), DataConfig(source=f"folder:{folder}"))
     source.check()
     rows = 0
-    files = source._files
+    files = source._files[part::parts]
     for begin in range(0, len(files), batch_size):
         chunk = files[begin:begin + batch_size]
         batch = {"id": np.array([rel for rel, _ in chunk], dtype=object),
@@ -90,6 +95,25 @@ def run_loop(folder: Path, spec: ValidationSpec, preprocessor: Preprocessor,
             validate_and_normalize, spec=spec, preprocessor=preprocessor))
         rows += len(out["label"])
     return rows, time.perf_counter() - start
+
+
+def _loop_part(args) -> tuple[int, float]:
+    return run_loop(*args)
+
+
+def run_processes(folder: Path, spec: ValidationSpec, preprocessor: Preprocessor,
+                  processes: int) -> tuple[int, float]:
+    """The hardware's ceiling for this work: the loop split over N plain processes, no Ray."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # fork after torch threads can hang
+    with context.Pool(processes) as pool:
+        one_file = (folder, spec, preprocessor, 512, 0, 10**9)
+        pool.map(_loop_part, [one_file] * processes)  # warm-up: imports in every process
+        start = time.perf_counter()
+        parts = pool.map(_loop_part, [(folder, spec, preprocessor, 512, p, processes)
+                                      for p in range(processes)])
+        return sum(rows for rows, _ in parts), time.perf_counter() - start
 
 
 def rate(rows: int, seconds: float, expected: int) -> float:
@@ -134,7 +158,10 @@ def main() -> None:
     # The loop runs after Ray has shut down, so neither run shares the CPUs with the other.
     loop_rates = [rate(*run_loop(folder, spec, preprocessor), args.images)
                   for _ in range(args.repeats)]
+    ceiling_rates = [rate(*run_processes(folder, spec, preprocessor, args.cpus), args.images)
+                     for _ in range(args.repeats)]
     ray_rate, loop_rate = statistics.median(ray_rates), statistics.median(loop_rates)
+    ceiling = statistics.median(ceiling_rates)
     result = {"benchmark": "data_throughput", "images": args.images, "size": args.size,
               "out_size": args.out_size, "cpus": args.cpus, "rows_per_task": args.rows_per_task,
               "cores_on_machine": os.cpu_count(), "repeats": args.repeats,
@@ -143,6 +170,9 @@ def main() -> None:
               "ratio_ray_over_single": round(ray_rate / loop_rate, 3),
               "ratio_min_max": [round(min(ray_rates) / max(loop_rates), 3),
                                 round(max(ray_rates) / min(loop_rates), 3)],
+              "processes_images_per_s": round(ceiling, 1),
+              "ratio_processes_over_single": round(ceiling / loop_rate, 3),
+              "ray_share_of_process_ceiling": round(ray_rate / ceiling, 3),
               "ray_data_cold_images_per_s": round(rate(cold_rows, cold_s, args.images), 1),
               "cold_ratio_ray_over_single": round(rate(cold_rows, cold_s, args.images)
                                                   / loop_rate, 3),

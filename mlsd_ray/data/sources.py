@@ -126,11 +126,13 @@ def _then(rows: dict[str, np.ndarray], then: RowFn | None) -> dict[str, np.ndarr
 
 
 def _from_work_items(items: list[dict], rows_per_task: int):
-    """A Ray Dataset of small work items, one block per `rows_per_task` items."""
-    import ray.data
+    """A Ray Dataset of small work items, one block per `rows_per_task` items.
 
-    return ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) /
-                                                                          rows_per_task)))
+    Built from columns rather than `ray.data.from_items`: 45 ms instead of 120 ms for 20,000
+    items, which is 2-3 % of preparing them.
+    """
+    columns = {key: _object_array([item[key] for item in items]) for key in items[0]}
+    return _blocks_from_columns(columns, rows_per_task)
 
 
 def _array_source_rows(ids, sources, labels, arrays) -> dict[str, np.ndarray]:
