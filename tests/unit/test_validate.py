@@ -23,8 +23,9 @@ def test_decodes_png_to_hwc():
     assert v.decode_bytes(png_bytes(gray)).shape == (10, 12, 1)
 
 
-@pytest.mark.parametrize("data, reason", [(b"", v.CORRUPT_IMAGE), (b"not an image", v.CORRUPT_IMAGE),
-                                          (None, v.MISSING_IMAGE), (float("nan"), v.MISSING_IMAGE)])
+@pytest.mark.parametrize("data, reason", [
+    (b"", v.CORRUPT_IMAGE), (b"not an image", v.CORRUPT_IMAGE),
+    (None, v.MISSING_IMAGE), (float("nan"), v.MISSING_IMAGE)])
 def test_garbage_is_rejected(data, reason):
     with pytest.raises(v.Rejected) as info:
         v.decode_bytes(data)
