@@ -229,8 +229,8 @@ def _finish(cfg, source, name, fp, out, rows, class_names, spec, moments, duplic
     """Write the report, config and (last) the manifest; check the row accounting."""
     pixels = pixel_statistics(moments)
     train = pixels["train"]
-    preprocessing = Preprocessor(spec.image_size, spec.channels, train["mean"],
-                                 [max(s, 1e-6) for s in train["std"]], class_names).to_dict()
+    preprocessing = Preprocessor(spec.image_size, spec.channels, train["mean"], train["std"],
+                                 class_names).to_dict()
     split_counts = {s: int((rows["split"] == s).sum()) for s in SPLITS}
     counts = {"input": int(len(rows)), "kept": sum(split_counts.values()),
               "quarantined": int((rows["status"] != OK).sum()), "splits": split_counts}

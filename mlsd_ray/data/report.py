@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from mlsd_ray.data.split import SPLITS
+from mlsd_ray.data.transforms import moments_to_mean_std
 
 
 def _summary(values: pd.Series) -> dict:
@@ -87,10 +88,8 @@ def pixel_statistics(moments: pd.DataFrame) -> dict:
         count = float(group["count"].sum())
         total = np.sum(np.stack(group["sum"].to_numpy()), axis=0)
         sumsq = np.sum(np.stack(group["sumsq"].to_numpy()), axis=0)
-        mean = total / count
-        std = np.sqrt(np.maximum(sumsq / count - mean**2, 0))
-        stats[split] = {"mean": mean.tolist(), "std": std.tolist(),
-                        "pixels": int(count)}
+        mean, std = moments_to_mean_std(count, total, sumsq)
+        stats[split] = {"mean": mean, "std": std, "pixels": int(count)}
     return stats
 
 

@@ -53,6 +53,9 @@ def test_digits_end_to_end(home):
     pre = m["preprocessing"]
     assert pre["mean"][0] == pytest.approx(images.mean() / 255, abs=1e-6)
     assert pre["std"][0] == pytest.approx((images / 255).std(), abs=1e-6)
+    normalized = dataset.preprocessor(images)  # what training will feed the model
+    assert normalized.shape == (len(images), 1, 8, 8)
+    assert abs(normalized.mean().item()) < 1e-4 and abs(normalized.std().item() - 1) < 1e-3
     # stratified: every class is in every split
     for split in ("train", "val", "test"):
         labels = read_split(dataset, split).column("label").to_numpy()
