@@ -144,6 +144,44 @@ def data(source: SourceOption = None, config: ConfigOption = None, set_: SetOpti
 
 
 @app.command()
+def train(source: SourceOption = None, config: ConfigOption = None, set_: SetOption = None,
+          home: HomeOption = None, as_json: JsonOption = False,
+          num_workers: Annotated[int | None, typer.Option(
+              "--num-workers", help="Data-parallel workers (train.num_workers).")] = None,
+          use_gpu: Annotated[bool, typer.Option(
+              "--use-gpu", help="One GPU per worker; NCCL (train.use_gpu).")] = False,
+          cpus_per_worker: Annotated[float | None, typer.Option(
+              "--cpus-per-worker", help="train.cpus_per_worker")] = None,
+          epochs: Annotated[int | None, typer.Option("--epochs", help="train.epochs")] = None,
+          run_name: Annotated[str | None, typer.Option(
+              "--run-name", help="Name of the run; an existing name resumes it.")] = None,
+          ) -> None:
+    """Train a CNN data-parallel with Ray Train on the prepared dataset.
+
+    Runs the data stage first when its output is missing. Checkpoints every epoch under
+    $MLSD_HOME/runs/RUN_NAME/, keeps the best by val accuracy, survives worker failures, and
+    reports the best checkpoint's accuracy on the test split.
+    """
+    from mlsd_ray.train import run_train
+
+    flags = {"train.num_workers": num_workers, "train.cpus_per_worker": cpus_per_worker,
+             "train.epochs": epochs, "train.use_gpu": True if use_gpu else None}
+    overrides = list(set_ or []) + [f"{k}={v}" for k, v in flags.items() if v is not None]
+
+    def work() -> dict:
+        return run_train(_config(config, overrides, source), home=home, log=_log,
+                         run_name=run_name).summary()
+
+    def render(summary: dict) -> None:
+        print(f"run {summary['run_name']}: best epoch {summary['best_epoch']} of "
+              f"{summary['epochs_run']}, val accuracy {summary['val_accuracy']:.4f}, "
+              f"test accuracy {summary['test_accuracy']:.4f}, {summary['wall_seconds']} s")
+        print(f"checkpoint: {summary['checkpoint']}")
+
+    _run(as_json, work, render)
+
+
+@app.command()
 def pipeline(source: SourceOption = None, config: ConfigOption = None, set_: SetOption = None,
              home: HomeOption = None, force: ForceOption = False,
              as_json: JsonOption = False) -> None:

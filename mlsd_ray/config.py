@@ -73,10 +73,46 @@ class DataConfig(StrictModel):
         return self
 
 
+class ModelConfig(StrictModel):
+    """Which network to train (see mlsd_ray.models)."""
+
+    name: str = Field("seed_cnn", description="seed_cnn | resnet18")
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class TrainConfig(StrictModel):
+    """Distributed training with Ray Train."""
+
+    num_workers: int = Field(2, ge=1, description="Data-parallel workers (DDP replicas).")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1, description="Global batch, split across workers.")
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD only.")
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["onecycle", "cosine", "none"] = "onecycle"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    seed: int = 0
+    patience: int = Field(0, ge=0, description="Stop after this many epochs without a better "
+                          "val accuracy; 0 = never.")
+    keep_checkpoints: int = Field(2, ge=1, description="Best checkpoints kept, by val accuracy.")
+    max_failures: int = Field(2, ge=0, description="Worker failures survived by restarting "
+                              "from the last checkpoint.")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(
+        "auto", description="Mixed precision on GPU (auto = bf16 where supported); off on CPU.")
+    channels_last: bool = Field(True, description="GPU only.")
+    compile: bool = Field(False, description="torch.compile the model (opt-in).")
+    run_name: str | None = Field(None, description="Re-using a name resumes that run.")
+
+
 class Config(StrictModel):
     """The whole configuration; later stages add their sections here."""
 
     data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -47,7 +47,7 @@ class Step:
         x = x.to(self.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        y = torch.as_tensor(np.asarray(batch["label"]), dtype=torch.long, device=self.device)
+        y = torch.tensor(np.asarray(batch["label"]), dtype=torch.long, device=self.device)
         return x, y
 
     def autocast(self):

@@ -1,0 +1,325 @@
+"""Data-parallel CNN training with Ray Train: `train_loop_per_worker`, `build_trainer`, `run_train`.
+
+Each worker trains a DDP replica on its shard of the prepared train split (gloo on CPU, NCCL on
+GPU), evaluates on its shard of val, and the epoch's metrics are summed across workers. Rank 0
+writes a checkpoint every epoch (see checkpoint.py); Ray keeps the best `keep_checkpoints` by
+val accuracy, restarts failed workers from the latest one, and resumes a run of the same name.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mlsd_ray import storage
+from mlsd_ray.checkpoint import load_train_state, save_checkpoint, unwrap
+from mlsd_ray.config import AugmentConfig, Config, TrainConfig
+from mlsd_ray.data.prepare import PreparedDataset, _stderr, prepare_dataset
+from mlsd_ray.data.transforms import Augmenter, Preprocessor
+from mlsd_ray.engine import NonFiniteLossError, PassResult, Step, evaluate, train_one_epoch
+from mlsd_ray.errors import InputError, WorkError
+from mlsd_ray.models import build_model
+from mlsd_ray.runtime import ensure_ray
+
+VAL_METRIC = "val_accuracy"
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, nesterov=True)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """Per-step schedules, so a resumed run continues the same curve."""
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    return None
+
+
+def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or cfg.amp == "off":
+        return None
+    if cfg.amp == "fp16" or (cfg.amp == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def _all_reduce_sums(values: list[float]) -> list[float]:
+    """Sum per-worker totals across the DDP group (a no-op with one worker)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _global(result: PassResult) -> tuple[float, float]:
+    """Mean loss and accuracy over every worker's shard."""
+    loss_sum, correct, seen = _all_reduce_sums(
+        [result.loss * result.samples, result.accuracy * result.samples, result.samples])
+    return loss_sum / max(seen, 1), correct / max(seen, 1)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The Ray Train loop: one DDP replica per worker (see the module docstring)."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig(**config["train"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(cfg.seed)  # identical initial weights on every replica
+    device = ray.train.torch.get_device()
+    preprocessor = Preprocessor.from_dict(config["preprocessing"])
+    model = build_model(**config["model"])
+    if device.type == "cuda" and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    if cfg.compile:
+        model = torch.compile(model)
+    per_worker_batch = max(1, cfg.batch_size // world)
+    steps = math.ceil(config["train_rows"] / world / per_worker_batch)
+    optimizer = _optimizer(model, cfg)
+    scheduler = _scheduler(optimizer, cfg, steps)
+    autocast = _autocast_dtype(cfg, device)
+    scaler = torch.amp.GradScaler("cuda") if autocast == torch.float16 else None
+    start_epoch, history = _restore(ray.train.get_checkpoint(), model, optimizer)
+    _fast_forward(scheduler, start_epoch * steps)
+    torch.manual_seed(cfg.seed * 1000 + rank + start_epoch)  # different augmentation per worker
+    augmenter = Augmenter(AugmentConfig(**config["augment"]), preprocessor.image_size)
+    step = Step(preprocessor, device, augmenter,
+                channels_last=device.type == "cuda" and cfg.channels_last, autocast_dtype=autocast)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        started = time.perf_counter()
+        batches = train_shard.iter_batches(batch_size=per_worker_batch, batch_format="numpy",
+                                           local_shuffle_buffer_size=4 * per_worker_batch,
+                                           local_shuffle_seed=cfg.seed + epoch * world + rank)
+        try:
+            trained = train_one_epoch(model, batches, optimizer, step, scheduler,
+                                      cfg.label_smoothing, scaler)
+        except NonFiniteLossError as exc:
+            raise NonFiniteLossError(f"{exc} in epoch {epoch + 1}: lower train.lr "
+                                     f"(now {cfg.lr:g}) or use train.amp=off") from None
+        validated = evaluate(model, val_shard.iter_batches(batch_size=per_worker_batch,
+                                                           batch_format="numpy"), step)
+        train_loss, train_acc = _global(trained)
+        val_loss, val_acc = _global(validated)
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
+                        "val_loss": val_loss, VAL_METRIC: val_acc,
+                        "epoch_seconds": time.perf_counter() - started,
+                        "images_per_second": trained.samples * world
+                        / (time.perf_counter() - started)})
+        _report(history, model, optimizer, scheduler, config, rank)
+        if _should_stop(history, cfg.patience):
+            break
+
+
+def _should_stop(history: list[dict], patience: int) -> bool:
+    """Early stopping: no better val accuracy for `patience` epochs."""
+    if not patience or len(history) <= patience:
+        return False
+    best_before = max(h[VAL_METRIC] for h in history[:-patience])
+    return all(h[VAL_METRIC] <= best_before for h in history[-patience:])
+
+
+def _report(history, model, optimizer, scheduler, config, rank) -> None:
+    """Every worker reports (a barrier); only rank 0 attaches a checkpoint."""
+    import ray.train
+
+    metrics = dict(history[-1])
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if rank == 0:
+            state = {"epoch": metrics["epoch"], "optimizer": optimizer.state_dict(),
+                     "history": history}
+            save_checkpoint(directory, model, config["model"], config["preprocessing"],
+                            config["reference"], state)
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _fast_forward(scheduler, steps_done: int) -> None:
+    """Put a fresh schedule at the step a resumed run had reached.
+
+    Rebuilt rather than restored, so that resuming with more epochs stretches the schedule to
+    the new length instead of running past its saved end.
+    """
+    if scheduler is None or not steps_done:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
+        for _ in range(steps_done):
+            scheduler.step()
+
+
+def _restore(checkpoint, model, optimizer) -> tuple[int, list[dict]]:
+    """Continue from Ray's latest checkpoint (after a failure, or a re-run of the same name)."""
+    if checkpoint is None:
+        return 0, []
+    with checkpoint.as_directory() as directory:
+        state = load_train_state(directory)
+        weights = torch.load(f"{directory}/model.pt", map_location="cpu", weights_only=True)
+    unwrap(model).load_state_dict(weights)
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["epoch"]), list(state["history"])
+
+
+@dataclass
+class TrainResult:
+    """What `mlsd train` produced: the run, its best checkpoint and the test-split score."""
+
+    run_name: str
+    run_path: str
+    checkpoint_path: str
+    best_epoch: int
+    epochs_run: int
+    metrics: dict
+    test_accuracy: float
+    wall_seconds: float
+    dataset_path: str
+
+    def summary(self) -> dict:
+        return {"run_name": self.run_name, "run_path": self.run_path,
+                "checkpoint": self.checkpoint_path, "best_epoch": self.best_epoch,
+                "epochs_run": self.epochs_run, "val_accuracy": self.metrics[VAL_METRIC],
+                "test_accuracy": self.test_accuracy, "wall_seconds": round(self.wall_seconds, 1),
+                "dataset": self.dataset_path}
+
+
+def check_resources(cfg: TrainConfig) -> None:
+    """Fail in seconds, not hang on pending resources, when the cluster cannot fit the workers."""
+    import ray
+
+    total = ray.cluster_resources()
+    if cfg.use_gpu and total.get("GPU", 0) < cfg.num_workers:
+        raise InputError(f"--use-gpu asks for {cfg.num_workers} GPU(s); the Ray cluster has "
+                         f"{total.get('GPU', 0):g}")
+    need = cfg.num_workers * cfg.cpus_per_worker
+    if total.get("CPU", 0) < need:
+        raise InputError(f"{cfg.num_workers} workers × {cfg.cpus_per_worker:g} CPU need {need:g} "
+                         f"CPUs; the Ray cluster has {total.get('CPU', 0):g}. Lower "
+                         "--num-workers or --cpus-per-worker")
+
+
+def _reference(dataset: PreparedDataset) -> dict:
+    """Training-input statistics a later drift check compares served traffic against."""
+    quality = storage.read_json(storage.join(dataset.path, "quality.json"))
+    return {"class_names": dataset.manifest["class_names"],
+            "train_class_counts": {n: c["train"] for n, c in quality["classes"].items()},
+            "pixel_mean": quality["pixels"]["train"]["mean"],
+            "pixel_std": quality["pixels"]["train"]["std"],
+            "image_shape": dataset.manifest["schema"]["image"]["shape"]}
+
+
+def loop_config(cfg: Config, dataset: PreparedDataset) -> dict:
+    """Everything a worker needs, as plain data (it travels to every worker)."""
+    pre = dataset.manifest["preprocessing"]
+    return {"train": cfg.train.model_dump(), "augment": cfg.data.augment.model_dump(),
+            "preprocessing": pre, "reference": _reference(dataset),
+            "train_rows": dataset.manifest["counts"]["splits"]["train"],
+            "model": {"name": cfg.model.name, "in_channels": pre["channels"],
+                      "image_size": pre["image_size"], "num_classes": len(pre["class_names"]),
+                      "dropout": cfg.model.dropout}}
+
+
+def build_trainer(cfg: Config, dataset: PreparedDataset, run_name: str, storage_path: str):
+    """A TorchTrainer over the prepared splits (materialised first: see below)."""
+    import ray.data
+    from ray.data import DataContext
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    # Read before the workers take their CPUs: on a small machine, Ray Data tasks still to
+    # run while training workers hold every CPU deadlock (DESIGN.md §5).
+    context = DataContext.get_current()
+    bars, context.enable_progress_bars = context.enable_progress_bars, False
+    try:  # a dataset keeps the context it was made with: no per-epoch bars from the workers
+        datasets = {split: ray.data.read_parquet(dataset.split_path(split)).materialize()
+                    for split in ("train", "val")}
+    finally:
+        context.enable_progress_bars = bars
+    resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config(cfg, dataset),
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers,
+                                     use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+                                               checkpoint_score_attribute=VAL_METRIC,
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING")),
+        datasets=datasets)
+
+
+def _test_accuracy(checkpoint_dir: str, dataset: PreparedDataset) -> float:
+    """Accuracy of the best checkpoint on the held-out test split (on the driver)."""
+    import pyarrow.parquet as pq
+
+    from mlsd_ray.checkpoint import load_model
+
+    loaded = load_model(checkpoint_dir)
+    table = pq.read_table(dataset.split_path("test"))
+    if table.num_rows == 0:
+        return float("nan")
+    images = np.stack([np.asarray(i, dtype=np.uint8).reshape(
+        loaded.preprocessor.image_size, loaded.preprocessor.image_size,
+        loaded.preprocessor.channels) for i in table.column("image").to_pylist()])
+    step = Step(loaded.preprocessor, torch.device("cpu"))
+    batches = [{"image": images[i:i + 512], "label": table.column("label").to_numpy()[i:i + 512]}
+               for i in range(0, len(images), 512)]
+    return evaluate(loaded.model, batches, step).accuracy
+
+
+def _failure_message(error: Exception) -> str:
+    text = str(error)
+    for line in text.splitlines():
+        if "NonFiniteLossError" in line:
+            return line.split("NonFiniteLossError:", 1)[-1].strip()
+    return text.splitlines()[-1] if text else type(error).__name__
+
+
+def run_train(cfg: Config, home: str | None = None, log: Callable[[str], None] = _stderr,
+              run_name: str | None = None) -> TrainResult:
+    """Prepare the data if needed, train, pick the best checkpoint, score it on test."""
+    from ray.train import TrainingFailedError
+
+    started = time.perf_counter()
+    dataset = prepare_dataset(cfg, home=home, log=log)
+    ensure_ray()
+    check_resources(cfg.train)
+    name = run_name or cfg.train.run_name or (
+        f"{dataset.manifest['name']}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    runs = storage.join(storage.home(home), "runs")
+    log(f"training {cfg.model.name} on {dataset.manifest['counts']['splits']['train']} images "
+        f"with {cfg.train.num_workers} worker(s), {cfg.train.epochs} epochs; run {name} "
+        f"under {runs}")
+    trainer = build_trainer(cfg, dataset, name, runs)
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as exc:
+        raise WorkError(f"training failed: {_failure_message(exc)}") from exc
+    checkpoint, metrics = max(result.best_checkpoints, key=lambda cm: cm[1][VAL_METRIC])
+    with checkpoint.as_directory() as directory:
+        test_accuracy = _test_accuracy(directory, dataset)
+    return TrainResult(name, storage.join(runs, name), checkpoint.path, int(metrics["epoch"]),
+                       int(result.metrics["epoch"]), metrics, test_accuracy,
+                       time.perf_counter() - started, dataset.path)

@@ -1,0 +1,60 @@
+"""Ray Train end to end on the prepared digits: DDP workers, checkpoints, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlsd_ray.checkpoint import load_model, load_train_state
+from mlsd_ray.config import load_config
+from mlsd_ray.errors import InputError
+from mlsd_ray.train import check_resources, run_train
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+FAST = ["train.batch_size=64", "train.lr=0.005", "data.augment.rotation_deg=0"]
+
+
+def test_two_workers_learn_digits_and_resume(home):
+    cfg = load_config(None, FAST + ["train.epochs=2", "train.num_workers=2",
+                                    "train.cpus_per_worker=0.5"])
+    first = run_train(cfg, home=home, run_name="digits-resume")
+    assert first.epochs_run == 2
+    assert first.metrics["val_accuracy"] > 0.5 and first.test_accuracy > 0.5  # chance: 0.1
+    checkpoint = Path(first.checkpoint_path)
+    for name in ("model.pt", "model.json", "preprocessing.json", "reference.json",
+                 "checksums.json", "train_state.pt"):
+        assert (checkpoint / name).is_file()
+    loaded = load_model(checkpoint)
+    assert loaded.model_config["num_classes"] == 10
+    assert loaded.preprocessor.class_names == [str(d) for d in range(10)]
+    assert sum(loaded.reference["train_class_counts"].values()) == 1259
+
+    # the same run name with more epochs continues after epoch 2, not from scratch
+    longer = load_config(None, FAST + ["train.epochs=3", "train.num_workers=2",
+                                       "train.cpus_per_worker=0.5"])
+    resumed = run_train(longer, home=home, run_name="digits-resume")
+    assert resumed.epochs_run == 3
+    history = load_train_state(resumed.checkpoint_path)["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+def test_tampered_checkpoint_is_refused(home, tmp_path):
+    cfg = load_config(None, FAST + ["train.epochs=1", "train.num_workers=1"])
+    result = run_train(cfg, home=home)
+    weights = Path(result.checkpoint_path) / "model.pt"
+    state = torch.load(weights, weights_only=True)
+    next(iter(state.values())).add_(1.0)
+    torch.save(state, weights)
+    with pytest.raises(InputError, match="does not match its checksum"):
+        load_model(result.checkpoint_path)
+
+
+def test_more_workers_than_cpus_fails_fast():
+    cfg = load_config(None, ["train.num_workers=8"]).train
+    with pytest.raises(InputError, match="need 8 CPUs; the Ray cluster has 2"):
+        check_resources(cfg)
+    with pytest.raises(InputError, match="GPU"):
+        check_resources(load_config(None, ["train.use_gpu=true"]).train)
