@@ -292,7 +292,7 @@ def _test_accuracy(checkpoint_dir: str, dataset: PreparedDataset) -> float:
 def _failure_message(error: Exception) -> str:
     text = str(error)
     for line in text.splitlines():
-        if "NonFiniteLossError" in line:
+        if "NonFiniteLossError:" in line:
             return line.split("NonFiniteLossError:", 1)[-1].strip()
     return text.splitlines()[-1] if text else type(error).__name__
 

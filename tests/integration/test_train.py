@@ -9,7 +9,7 @@ import torch
 
 from mlsd_ray.checkpoint import load_model, load_train_state
 from mlsd_ray.config import load_config
-from mlsd_ray.errors import InputError
+from mlsd_ray.errors import InputError, WorkError
 from mlsd_ray.train import check_resources, run_train
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -50,6 +50,13 @@ def test_tampered_checkpoint_is_refused(home, tmp_path):
     torch.save(state, weights)
     with pytest.raises(InputError, match="does not match its checksum"):
         load_model(result.checkpoint_path)
+
+
+def test_nan_loss_names_the_epoch_and_the_fix(home):
+    cfg = load_config(None, ["train.epochs=2", "train.num_workers=1", "train.optimizer=sgd",
+                             "train.lr=1e6", "train.max_failures=0"])
+    with pytest.raises(WorkError, match=r"loss became nan in epoch 1: lower train\.lr"):
+        run_train(cfg, home=home)
 
 
 def test_more_workers_than_cpus_fails_fast():
