@@ -20,6 +20,7 @@ import typer
 from mlsd_ray import __version__
 from mlsd_ray.config import load_config
 from mlsd_ray.errors import MlsdError
+from mlsd_ray.runtime import log_stderr
 
 app = typer.Typer(
     help="mlsd-ray: data preparation, distributed training and serving on Ray.\n\n"
@@ -41,10 +42,6 @@ ForceOption = Annotated[bool, typer.Option(
     "--force", help="Rebuild even when an identical earlier output exists.")]
 JsonOption = Annotated[bool, typer.Option(
     "--json", help="Print one JSON object with the outputs on stdout; logs go to stderr.")]
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _version(value: bool) -> None:
@@ -88,7 +85,7 @@ ERROR_CODES = {1: "failed", 2: "bad_input", 130: "interrupted"}
 
 def _fail(as_json: bool, exit_code: int, message: str, hint: str = "") -> None:
     """Report an error on stderr (and as the one JSON object with --json), then exit."""
-    _log(f"error: {message}" + (f"\n{hint}" if hint else ""))
+    log_stderr(f"error: {message}" + (f"\n{hint}" if hint else ""))
     if as_json:
         print(json.dumps({"error": {"code": ERROR_CODES[exit_code], "message": message}}))
     raise typer.Exit(exit_code)
@@ -138,7 +135,7 @@ def data(source: SourceOption = None, config: ConfigOption = None, set_: SetOpti
 
     def work() -> dict:
         cfg = _config(config, set_, source)
-        return prepare_dataset(cfg, home=home, force=force, log=_log).summary()
+        return prepare_dataset(cfg, home=home, force=force, log=log_stderr).summary()
 
     _run(as_json, work, _render_dataset)
 
@@ -169,7 +166,7 @@ def train(source: SourceOption = None, config: ConfigOption = None, set_: SetOpt
     overrides = list(set_ or []) + [f"{k}={v}" for k, v in flags.items() if v is not None]
 
     def work() -> dict:
-        return run_train(_config(config, overrides, source), home=home, log=_log,
+        return run_train(_config(config, overrides, source), home=home, log=log_stderr,
                          run_name=run_name).summary()
 
     def render(summary: dict) -> None:
@@ -189,7 +186,7 @@ def pipeline(source: SourceOption = None, config: ConfigOption = None, set_: Set
     from mlsd_ray.pipeline import run_pipeline
 
     def work() -> dict:
-        return run_pipeline(_config(config, set_, source), home=home, force=force, log=_log)
+        return run_pipeline(_config(config, set_, source), home=home, force=force, log=log_stderr)
 
     def render(result: dict) -> None:
         _render_dataset(result["stages"]["data"])

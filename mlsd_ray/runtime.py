@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 _settings = {"quiet": False}
+
+
+def log_stderr(message: str) -> None:
+    """The stages' default progress log: a line on stderr (stdout stays for results)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def configure(quiet: bool = False) -> None:

@@ -21,12 +21,12 @@ import torch
 from mlsd_ray import storage
 from mlsd_ray.checkpoint import load_train_state, save_checkpoint, unwrap
 from mlsd_ray.config import AugmentConfig, Config, TrainConfig
-from mlsd_ray.data.prepare import PreparedDataset, _stderr, prepare_dataset
+from mlsd_ray.data.prepare import PreparedDataset, prepare_dataset
 from mlsd_ray.data.transforms import Augmenter, Preprocessor
 from mlsd_ray.engine import NonFiniteLossError, PassResult, Step, evaluate, train_one_epoch
 from mlsd_ray.errors import InputError, WorkError
 from mlsd_ray.models import build_model
-from mlsd_ray.runtime import ensure_ray
+from mlsd_ray.runtime import ensure_ray, log_stderr
 
 VAL_METRIC = "val_accuracy"
 
@@ -297,7 +297,7 @@ def _failure_message(error: Exception) -> str:
     return text.splitlines()[-1] if text else type(error).__name__
 
 
-def run_train(cfg: Config, home: str | None = None, log: Callable[[str], None] = _stderr,
+def run_train(cfg: Config, home: str | None = None, log: Callable[[str], None] = log_stderr,
               run_name: str | None = None) -> TrainResult:
     """Prepare the data if needed, train, pick the best checkpoint, score it on test."""
     from ray.train import TrainingFailedError

@@ -19,7 +19,6 @@ import functools
 import hashlib
 import io
 import json
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,7 +38,7 @@ from mlsd_ray.data.split import SPLITS, resolve
 from mlsd_ray.data.transforms import Preprocessor, channel_moments
 from mlsd_ray.data.validate import DUPLICATE, OK, ValidationSpec, validate_batch
 from mlsd_ray.errors import InputError, WorkError
-from mlsd_ray.runtime import ensure_ray
+from mlsd_ray.runtime import ensure_ray, log_stderr
 
 FORMAT_VERSION = 1
 SPLIT_COLUMNS = ["id", "source", "image", "label", "hash"]
@@ -52,10 +51,6 @@ _NOT_IN_FINGERPRINT = {"augment", "name", "rows_per_task"}
 
 def _plural(count: int, one: str, many: str) -> str:
     return f"{count} {one if count == 1 else many}"
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -170,7 +165,7 @@ def _check_ids_unique(meta: pd.DataFrame) -> None:
 
 
 def prepare_dataset(cfg: Config, home: str | None = None, force: bool = False,
-                    log: Callable[[str], None] = _stderr) -> PreparedDataset:
+                    log: Callable[[str], None] = log_stderr) -> PreparedDataset:
     """Run the data stage (or reuse its earlier output for the same inputs and config)."""
     source = parse_source(cfg.data.source, cfg.data)
     name = cfg.data.name or source.name
