@@ -4,6 +4,7 @@
     model.json          model name and the shape it was built for
     preprocessing.json  image size, channels, train mean/std, class names
     reference.json      statistics of the training inputs (for drift checks)
+    metadata.json       run name, dataset path and fingerprint, the resolved config
     train_state.pt      optimizer/scheduler state, epoch, history (for resuming)
     checksums.json      sha256 of every file above; loading refuses a mismatch
 """
@@ -22,7 +23,8 @@ from mlsd_ray.data.transforms import Preprocessor
 from mlsd_ray.errors import InputError
 from mlsd_ray.models import build_model
 
-MODEL_FILES = ("model.pt", "model.json", "preprocessing.json", "reference.json")
+MODEL_FILES = ("model.pt", "model.json", "preprocessing.json", "reference.json",
+               "metadata.json")
 
 
 def _sha256(path: Path) -> str:
@@ -36,7 +38,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def save_checkpoint(directory: str | Path, model: nn.Module, model_config: dict,
-                    preprocessing: dict, reference: dict, train_state: dict) -> None:
+                    preprocessing: dict, reference: dict, metadata: dict,
+                    train_state: dict) -> None:
     """Write a checkpoint directory (see the module docstring)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -44,6 +47,7 @@ def save_checkpoint(directory: str | Path, model: nn.Module, model_config: dict,
     (directory / "model.json").write_text(json.dumps(model_config, indent=2))
     (directory / "preprocessing.json").write_text(json.dumps(preprocessing, indent=2))
     (directory / "reference.json").write_text(json.dumps(reference, indent=2))
+    (directory / "metadata.json").write_text(json.dumps(metadata, indent=2))
     torch.save(train_state, directory / "train_state.pt")
     names = [*MODEL_FILES, "train_state.pt"]
     (directory / "checksums.json").write_text(
@@ -74,6 +78,7 @@ class LoadedModel:
     preprocessor: Preprocessor
     model_config: dict
     reference: dict
+    metadata: dict
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
@@ -88,7 +93,8 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Loa
     model.load_state_dict(state)
     model.to(device).eval()
     reference = json.loads((directory / "reference.json").read_text())
-    return LoadedModel(model, preprocessor, model_config, reference)
+    metadata = json.loads((directory / "metadata.json").read_text())
+    return LoadedModel(model, preprocessor, model_config, reference, metadata)
 
 
 def load_train_state(directory: str | Path) -> dict:

@@ -179,6 +179,31 @@ def train(source: SourceOption = None, config: ConfigOption = None, set_: SetOpt
 
 
 @app.command()
+def evaluate(model: Annotated[str, typer.Option(
+                 "--model", help="Checkpoint directory (as `mlsd train` printed it).")],
+             split: Annotated[str, typer.Option("--split", help="train | val | test")] = "test",
+             dataset: Annotated[str | None, typer.Option(
+                 "--dataset", help="Prepared dataset folder (default: the model's own).")] = None,
+             home: HomeOption = None, as_json: JsonOption = False) -> None:
+    """Report a trained model's accuracy, macro precision/recall/F1 and per-class table.
+
+    Writes report.json, report.md, confusion_matrix.png and learning_curves.png under
+    $MLSD_HOME/reports/RUN_NAME/SPLIT/, with an SVC on flattened pixels, fitted in the same run,
+    as a reference row.
+    """
+    from mlsd_ray.evaluate import evaluate_checkpoint
+
+    def render(summary: dict) -> None:
+        print(f"{summary['split']}: {summary['samples']} images, accuracy "
+              f"{summary['accuracy']:.4f}, macro F1 {summary['macro_f1']:.4f} "
+              f"(SVC reference {summary['baseline_accuracy']:.4f})")
+        print(f"report: {summary['report']}")
+        print(f"plots: {summary['confusion_matrix_png']}, {summary['learning_curves_png']}")
+
+    _run(as_json, lambda: evaluate_checkpoint(model, split, home, dataset), render)
+
+
+@app.command()
 def pipeline(source: SourceOption = None, config: ConfigOption = None, set_: SetOption = None,
              home: HomeOption = None, force: ForceOption = False,
              as_json: JsonOption = False) -> None:

@@ -26,9 +26,9 @@ class AugmentConfig(StrictModel):
 
     random_shift: int = Field(1, ge=0, description="Pad by N pixels, then random-crop back.")
     hflip: bool = Field(False, description="Random horizontal flip; keep off for digits and text.")
-    rotation_deg: float = Field(10.0, ge=0, le=180, description="Random rotation in [-deg, deg].")
-    brightness: float = Field(0.1, ge=0, description="Colour jitter: brightness factor spread.")
-    contrast: float = Field(0.1, ge=0, description="Colour jitter: contrast factor spread.")
+    rotation_deg: float = Field(0.0, ge=0, le=180, description="Random rotation in [-deg, deg].")
+    brightness: float = Field(0.0, ge=0, description="Colour jitter: brightness factor spread.")
+    contrast: float = Field(0.0, ge=0, description="Colour jitter: contrast factor spread.")
 
 
 class SyntheticConfig(StrictModel):
@@ -86,14 +86,14 @@ class TrainConfig(StrictModel):
     num_workers: int = Field(2, ge=1, description="Data-parallel workers (DDP replicas).")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(128, ge=1, description="Global batch, split across workers.")
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1, description="Global batch, split across workers.")
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD only.")
     weight_decay: float = Field(5e-4, ge=0)
     schedule: Literal["onecycle", "cosine", "none"] = "onecycle"
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
     seed: int = 0
     patience: int = Field(0, ge=0, description="Stop after this many epochs without a better "
                           "val accuracy; 0 = never.")

@@ -15,7 +15,6 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from mlsd_ray import storage
@@ -148,7 +147,7 @@ def _report(history, model, optimizer, scheduler, config, rank) -> None:
             state = {"epoch": metrics["epoch"], "optimizer": optimizer.state_dict(),
                      "history": history}
             save_checkpoint(directory, model, config["model"], config["preprocessing"],
-                            config["reference"], state)
+                            config["reference"], config["metadata"], state)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -226,10 +225,15 @@ def _reference(dataset: PreparedDataset) -> dict:
             "image_shape": dataset.manifest["schema"]["image"]["shape"]}
 
 
-def loop_config(cfg: Config, dataset: PreparedDataset) -> dict:
+def loop_config(cfg: Config, dataset: PreparedDataset, run_name: str) -> dict:
     """Everything a worker needs, as plain data (it travels to every worker)."""
     pre = dataset.manifest["preprocessing"]
-    return {"train": cfg.train.model_dump(), "augment": cfg.data.augment.model_dump(),
+    manifest = dataset.manifest
+    metadata = {"run_name": run_name, "config": cfg.to_dict(),
+                "dataset": {"path": dataset.path, "name": manifest["name"],
+                            "fingerprint": manifest["fingerprint"]}}
+    return {"metadata": metadata, "train": cfg.train.model_dump(),
+            "augment": cfg.data.augment.model_dump(),
             "preprocessing": pre, "reference": _reference(dataset),
             "train_rows": dataset.manifest["counts"]["splits"]["train"],
             "model": {"name": cfg.model.name, "in_channels": pre["channels"],
@@ -256,7 +260,7 @@ def build_trainer(cfg: Config, dataset: PreparedDataset, run_name: str, storage_
     resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(cfg, dataset),
+        train_loop_config=loop_config(cfg, dataset, run_name),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers,
                                      use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=resources),
@@ -270,23 +274,16 @@ def build_trainer(cfg: Config, dataset: PreparedDataset, run_name: str, storage_
         datasets=datasets)
 
 
-def _test_accuracy(checkpoint_dir: str, dataset: PreparedDataset) -> float:
-    """Accuracy of the best checkpoint on the held-out test split (on the driver)."""
-    import pyarrow.parquet as pq
-
+def predict_split(checkpoint_dir: str, dataset: PreparedDataset, split: str) -> PassResult:
+    """The checkpoint's predictions on one split of a prepared dataset, on the driver's CPU."""
     from mlsd_ray.checkpoint import load_model
 
     loaded = load_model(checkpoint_dir)
-    table = pq.read_table(dataset.split_path("test"))
-    if table.num_rows == 0:
-        return float("nan")
-    images = np.stack([np.asarray(i, dtype=np.uint8).reshape(
-        loaded.preprocessor.image_size, loaded.preprocessor.image_size,
-        loaded.preprocessor.channels) for i in table.column("image").to_pylist()])
-    step = Step(loaded.preprocessor, torch.device("cpu"))
-    batches = [{"image": images[i:i + 512], "label": table.column("label").to_numpy()[i:i + 512]}
+    images, labels = dataset.load_split(split)
+    batches = [{"image": images[i:i + 512], "label": labels[i:i + 512]}
                for i in range(0, len(images), 512)]
-    return evaluate(loaded.model, batches, step).accuracy
+    return evaluate(loaded.model, batches, Step(loaded.preprocessor, torch.device("cpu")),
+                    keep_predictions=True)
 
 
 def _failure_message(error: Exception) -> str:
@@ -319,7 +316,7 @@ def run_train(cfg: Config, home: str | None = None, log: Callable[[str], None] =
         raise WorkError(f"training failed: {_failure_message(exc)}") from exc
     checkpoint, metrics = max(result.best_checkpoints, key=lambda cm: cm[1][VAL_METRIC])
     with checkpoint.as_directory() as directory:
-        test_accuracy = _test_accuracy(directory, dataset)
+        test_accuracy = predict_split(directory, dataset, "test").accuracy
     return TrainResult(name, storage.join(runs, name), checkpoint.path, int(metrics["epoch"]),
                        int(result.metrics["epoch"]), metrics, test_accuracy,
                        time.perf_counter() - started, dataset.path)

@@ -68,6 +68,28 @@ class PreparedDataset:
     def preprocessor(self) -> Preprocessor:
         return Preprocessor.from_dict(self.manifest["preprocessing"])
 
+    @classmethod
+    def open(cls, path: str) -> PreparedDataset:
+        """A dataset written earlier; InputError when `path` holds no complete dataset."""
+        manifest = storage.join(path, "manifest.json")
+        if not storage.exists(manifest):
+            raise InputError(f"no prepared dataset at {path} (manifest.json missing): "
+                             "run `mlsd data` first")
+        return cls(path, storage.read_json(manifest), reused=True)
+
+    def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """One split in memory on the driver: uint8 N×H×W×C images and int labels."""
+        import pyarrow.parquet as pq
+
+        fs, path = storage.filesystem(self.split_path(split))
+        table = pq.read_table(path, filesystem=fs, columns=["image", "label"])
+        shape = self.manifest["schema"]["image"]["shape"]
+        column = table.column("image").combine_chunks()
+        # Ray's tensor extension type when Ray is imported, its fixed-size-list storage if not
+        values = getattr(column, "storage", column).flatten()
+        images = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.uint8)
+        return images.reshape(table.num_rows, *shape), table.column("label").to_numpy()
+
     def summary(self) -> dict:
         """What `mlsd data --json` prints."""
         return {"path": self.path, "name": self.manifest["name"],

@@ -122,3 +122,8 @@ def test_unwritable_home_fails_before_any_work(tmp_path, image_folder):
     result = mlsd("data", "--source", f"folder:{image_folder}", "--home", str(blocker / "home"))
     assert result.returncode == 2
     assert "cannot write to" in result.stderr and "[1/4]" not in result.stderr
+
+
+def test_evaluate_without_a_checkpoint_exits_2(tmp_path):
+    result = mlsd("evaluate", "--model", str(tmp_path / "nope"))
+    assert result.returncode == 2 and "no checkpoint at" in result.stderr

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from mlsd_ray.checkpoint import load_model, load_train_state
 from mlsd_ray.config import load_config
 from mlsd_ray.errors import InputError, WorkError
+from mlsd_ray.evaluate import evaluate_checkpoint
 from mlsd_ray.train import check_resources, run_train
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -39,6 +42,19 @@ def test_two_workers_learn_digits_and_resume(home):
     assert resumed.epochs_run == 3
     history = load_train_state(resumed.checkpoint_path)["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
+
+    summary = evaluate_checkpoint(resumed.checkpoint_path, "test", home=home)
+    assert summary["samples"] == 269
+    assert summary["accuracy"] == pytest.approx(resumed.test_accuracy)
+    assert 0 < summary["macro_f1"] <= 1
+    assert summary["baseline_accuracy"] > 0.9  # the SVC reference row, fitted in the same run
+    report = json.loads((Path(summary["path"]) / "report.json").read_text())
+    assert len(report["metrics"]["per_class"]) == 10
+    assert sum(map(sum, report["metrics"]["confusion_matrix"])) == 269
+    for png in ("confusion_matrix.png", "learning_curves.png"):
+        assert Image.open(Path(summary["path"]) / png).size[0] > 300
+    with pytest.raises(InputError, match="unknown split"):
+        evaluate_checkpoint(resumed.checkpoint_path, "holdout", home=home)
 
 
 def test_tampered_checkpoint_is_refused(home, tmp_path):
