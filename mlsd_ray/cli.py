@@ -159,28 +159,31 @@ def train(source: SourceOption = None, config: ConfigOption = None, set_: SetOpt
     $MLSD_HOME/runs/RUN_NAME/, keeps the best by val accuracy, survives worker failures, and
     reports the best checkpoint's accuracy on the test split.
     """
-    from mlsd_ray.train import run_train
+    from mlsd_ray.train import train_and_register
 
     flags = {"train.num_workers": num_workers, "train.cpus_per_worker": cpus_per_worker,
              "train.epochs": epochs, "train.use_gpu": True if use_gpu else None}
     overrides = list(set_ or []) + [f"{k}={v}" for k, v in flags.items() if v is not None]
 
     def work() -> dict:
-        return run_train(_config(config, overrides, source), home=home, log=log_stderr,
-                         run_name=run_name).summary()
+        return train_and_register(_config(config, overrides, source), home=home,
+                                  log=log_stderr, run_name=run_name)
 
     def render(summary: dict) -> None:
         print(f"run {summary['run_name']}: best epoch {summary['best_epoch']} of "
               f"{summary['epochs_run']}, val accuracy {summary['val_accuracy']:.4f}, "
               f"test accuracy {summary['test_accuracy']:.4f}, {summary['wall_seconds']} s")
         print(f"checkpoint: {summary['checkpoint']}")
+        if "registered" in summary:
+            print(f"registered: {summary['registered']['uri']}")
 
     _run(as_json, work, render)
 
 
 @app.command()
 def evaluate(model: Annotated[str, typer.Option(
-                 "--model", help="Checkpoint directory (as `mlsd train` printed it).")],
+                 "--model", help="models:/NAME/VERSION, models:/NAME@ALIAS or a checkpoint "
+                                 "directory.")],
              split: Annotated[str, typer.Option("--split", help="train | val | test")] = "test",
              dataset: Annotated[str | None, typer.Option(
                  "--dataset", help="Prepared dataset folder (default: the model's own).")] = None,
@@ -200,23 +203,91 @@ def evaluate(model: Annotated[str, typer.Option(
         print(f"report: {summary['report']}")
         print(f"plots: {summary['confusion_matrix_png']}, {summary['learning_curves_png']}")
 
-    _run(as_json, lambda: evaluate_checkpoint(model, split, home, dataset), render)
+    def work() -> dict:
+        from mlsd_ray.registry import resolve
+
+        return evaluate_checkpoint(resolve(model, home), split, home, dataset)
+
+    _run(as_json, work, render)
 
 
 @app.command()
 def pipeline(source: SourceOption = None, config: ConfigOption = None, set_: SetOption = None,
              home: HomeOption = None, force: ForceOption = False,
              as_json: JsonOption = False) -> None:
-    """Run every stage end to end on the configured source (default: the embedded digits)."""
+    """Run every stage end to end on the configured source (default: the embedded digits).
+
+    data -> train -> register -> evaluate -> promote the first version to production.
+    """
     from mlsd_ray.pipeline import run_pipeline
 
     def work() -> dict:
         return run_pipeline(_config(config, set_, source), home=home, force=force, log=log_stderr)
 
     def render(result: dict) -> None:
-        _render_dataset(result["stages"]["data"])
+        stages = result["stages"]
+        _render_dataset(stages["data"])
+        train = stages["train"]
+        print(f"\ntrained {train['run_name']}: val accuracy {train['val_accuracy']:.4f}, "
+              f"test accuracy {train['test_accuracy']:.4f} in {train['wall_seconds']} s")
+        if "registered" in train:
+            print(f"registered: {train['registered']['uri']}")
+        evaluation = stages["evaluate"]
+        print(f"evaluation: accuracy {evaluation['accuracy']:.4f}, macro F1 "
+              f"{evaluation['macro_f1']:.4f}, SVC reference "
+              f"{evaluation['baseline_accuracy']:.4f}; report {evaluation['report']}")
+        promoted = stages.get("promote", {})
+        if "version" in promoted:
+            print(f"production: models:/{promoted['name']}@production "
+                  f"(version {promoted['version']})")
+        elif promoted:
+            print(promoted["skipped"])
 
     _run(as_json, work, render)
+
+
+models_app = typer.Typer(help="The model registry (MLflow): list, show, promote.",
+                         no_args_is_help=True, rich_markup_mode="markdown")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list(home: HomeOption = None, as_json: JsonOption = False) -> None:
+    """Registered models, their versions (newest first), metrics and aliases."""
+    from mlsd_ray.registry import list_models
+
+    def render(result: dict) -> None:
+        if not result["models"]:
+            print("no registered models yet: run `mlsd train`")
+        for model in result["models"]:
+            print(model["name"])
+            for v in model["versions"]:
+                aliases = f"  @{', @'.join(v['aliases'])}" if v["aliases"] else ""
+                print(f"  v{v['version']}: val {v['val_accuracy']}, test {v['test_accuracy']}, "
+                      f"data {v['data_fingerprint']}{aliases}")
+
+    _run(as_json, lambda: {"models": list_models(home)}, render)
+
+
+@models_app.command("show")
+def models_show(ref: Annotated[str, typer.Argument(help="NAME, NAME/VERSION or NAME@ALIAS")],
+                home: HomeOption = None, as_json: JsonOption = False) -> None:
+    """One registered version with its tags (metrics, data fingerprint, git commit, schema)."""
+    from mlsd_ray.registry import show
+
+    _run(as_json, lambda: show(ref, home), lambda r: print(json.dumps(r, indent=2)))
+
+
+@models_app.command("promote")
+def models_promote(name: Annotated[str, typer.Argument(help="Registered model name")],
+                   version: Annotated[int, typer.Argument(help="Version to point the alias at")],
+                   alias: Annotated[str, typer.Option("--alias")] = "production",
+                   home: HomeOption = None, as_json: JsonOption = False) -> None:
+    """Move an alias (default `production`) to a version."""
+    from mlsd_ray.registry import promote
+
+    _run(as_json, lambda: promote(name, version, alias, home),
+         lambda r: print(f"{r['name']}@{alias} -> version {r['version']}"))
 
 
 def main() -> None:

@@ -107,12 +107,21 @@ class TrainConfig(StrictModel):
     run_name: str | None = Field(None, description="Re-using a name resumes that run.")
 
 
+class RegistryConfig(StrictModel):
+    """Where trained models are registered (MLflow)."""
+
+    auto_register: bool = Field(True, description="Register every `mlsd train` result.")
+    model_name: str | None = Field(None, description="Registered name (default: "
+                                   "<dataset>-cnn, e.g. digits-cnn).")
+
+
 class Config(StrictModel):
     """The whole configuration; later stages add their sections here."""
 
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

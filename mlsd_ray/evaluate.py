@@ -94,8 +94,11 @@ def curves_png(history: list[dict]) -> bytes:
         loss_ax.plot(epochs, [h[key] for h in history], marker="o", label=label)
     for key, label in (("train_accuracy", "train"), ("val_accuracy", "val")):
         acc_ax.plot(epochs, [h[key] for h in history], marker="o", label=label)
-    loss_ax.set(title="loss", xlabel="epoch")
-    acc_ax.set(title="accuracy", xlabel="epoch")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+        ax.set(title=title, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     loss_ax.legend()
     acc_ax.legend()
     data = _png(fig)

@@ -294,6 +294,22 @@ def _failure_message(error: Exception) -> str:
     return text.splitlines()[-1] if text else type(error).__name__
 
 
+def train_and_register(cfg: Config, home: str | None = None,
+                       log: Callable[[str], None] = log_stderr,
+                       run_name: str | None = None) -> dict:
+    """`mlsd train`: train, then log the run and register the best checkpoint (if configured)."""
+    from mlsd_ray.registry import log_and_register
+
+    result = run_train(cfg, home=home, log=log, run_name=run_name)
+    summary = result.summary()
+    if cfg.registry.auto_register:
+        dataset = PreparedDataset.open(result.dataset_path)
+        name = cfg.registry.model_name or f"{dataset.manifest['name']}-cnn"
+        summary["registered"] = log_and_register(result, cfg, dataset, name, home)
+        log(f"registered {summary['registered']['uri']}")
+    return summary
+
+
 def run_train(cfg: Config, home: str | None = None, log: Callable[[str], None] = log_stderr,
               run_name: str | None = None) -> TrainResult:
     """Prepare the data if needed, train, pick the best checkpoint, score it on test."""

@@ -84,12 +84,32 @@ def test_folder_with_bad_files_json(tmp_path, cluster_env):
 
 
 def test_pipeline_on_digits(tmp_path, cluster_env):
-    result = mlsd("pipeline", "--json", "--home", str(tmp_path / "home"), env=cluster_env)
+    home = str(tmp_path / "home")
+    result = mlsd("pipeline", "--json", "--home", home, "--set", "train.epochs=2",
+                  "--set", "train.cpus_per_worker=0.5", env=cluster_env)
     assert result.returncode == 0, result.stderr
-    data = json.loads(result.stdout)["stages"]["data"]
+    stages = json.loads(result.stdout)["stages"]
+    data = stages["data"]
     assert data["counts"]["input"] == 1797
     assert sum(data["counts"]["splits"].values()) == data["counts"]["kept"]
     assert data["path"].startswith(str(tmp_path / "home" / "datasets" / "digits"))
+    assert stages["train"]["epochs_run"] == 2 and stages["train"]["test_accuracy"] > 0.3
+    assert stages["train"]["registered"]["uri"] == "models:/digits-cnn/1"
+    assert stages["evaluate"]["accuracy"] == pytest.approx(stages["train"]["test_accuracy"])
+    assert os.path.isfile(stages["evaluate"]["confusion_matrix_png"])
+    assert stages["promote"]["aliases"] == ["production"]
+
+    listed = mlsd("models", "list", "--json", "--home", home)
+    assert listed.returncode == 0, listed.stderr
+    model = json.loads(listed.stdout)["models"][0]
+    assert model["name"] == "digits-cnn" and model["aliases"] == {"production": 1}
+    evaluated = mlsd("evaluate", "--model", "models:/digits-cnn@production", "--json",
+                     "--home", home)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["accuracy"] == pytest.approx(
+        stages["evaluate"]["accuracy"])
+    missing = mlsd("models", "show", "digits-cnn@staging", "--home", home)
+    assert missing.returncode == 2 and "no registered model version" in missing.stderr
 
 
 def test_no_valid_image_exits_2(tmp_path, cluster_env):

@@ -1,0 +1,196 @@
+"""The model registry, on MLflow: runs with params, per-epoch metrics and the checkpoint as
+artifacts; registered versions with their metrics, data fingerprint, git commit and schema;
+aliases (`production`, `staging`) that move in one call.
+
+The store is `sqlite:///$MLSD_HOME/mlflow.db` with artifacts in `$MLSD_HOME/mlflow-artifacts`
+unless `MLFLOW_TRACKING_URI` names a server (what a multi-node cluster needs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from mlsd_ray import storage
+from mlsd_ray.errors import InputError
+
+EXPERIMENT = "mlsd"
+ARTIFACT_DIR = "checkpoint"
+
+
+def tracking_uri(home: str | None = None) -> str:
+    """`MLFLOW_TRACKING_URI`, else a sqlite file under MLSD_HOME (which must be local then)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = storage.home(home)
+    if storage.is_uri(root):
+        raise InputError(f"MLSD_HOME is {root}: an embedded sqlite registry needs a local "
+                         "folder; set MLFLOW_TRACKING_URI to an MLflow server")
+    os.makedirs(root, exist_ok=True)
+    return f"sqlite:///{os.path.join(root, 'mlflow.db')}"
+
+
+def client(home: str | None = None):
+    """An MlflowClient on our store, with the `mlsd` experiment created (artifacts in home)."""
+    import logging
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # schema migrations log at INFO
+    mlflow.set_tracking_uri(tracking_uri(home))
+    mlflow_client = MlflowClient()
+    if mlflow_client.get_experiment_by_name(EXPERIMENT) is None:
+        artifacts = None
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            artifacts = Path(storage.home(home), "mlflow-artifacts").as_uri()
+        mlflow_client.create_experiment(EXPERIMENT, artifact_location=artifacts)
+    mlflow.set_experiment(EXPERIMENT)
+    return mlflow_client
+
+
+def git_commit() -> str:
+    """The commit of the code that trained, when run from a git checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _flat(prefix: str, values: dict) -> dict:
+    return {f"{prefix}.{k}": v for k, v in values.items() if not isinstance(v, dict)}
+
+
+def log_and_register(result, cfg, dataset, model_name: str, home: str | None = None) -> dict:
+    """Log a finished training run to MLflow and register its best checkpoint as a new version."""
+    import mlflow
+
+    mlflow_client = client(home)
+    from mlsd_ray.checkpoint import load_train_state
+
+    history = load_train_state(result.checkpoint_path)["history"]
+    manifest = dataset.manifest
+    schema = {"input": {"image": manifest["schema"]["image"], "accepts": "uint8 H×W×C or "
+                        "encoded PNG/JPEG; resized and normalised as in preprocessing.json"},
+              "output": {"class_index": "int", "class_name": manifest["class_names"],
+                         "probabilities": f"float[{len(manifest['class_names'])}]"}}
+    tags = {"data_fingerprint": manifest["fingerprint"], "dataset": dataset.path,
+            "git_commit": git_commit(), "run_name": result.run_name,
+            "val_accuracy": f"{result.metrics['val_accuracy']:.6f}",
+            "test_accuracy": f"{result.test_accuracy:.6f}", "best_epoch": str(result.best_epoch),
+            "model": cfg.model.name, "schema": json.dumps(schema)}
+    with mlflow.start_run(run_name=result.run_name) as run:
+        mlflow.log_params({**_flat("model", cfg.model.model_dump()),
+                           **_flat("train", cfg.train.model_dump()),
+                           "data.source": cfg.data.source,
+                           "data.fingerprint": manifest["fingerprint"]})
+        for entry in history:
+            mlflow.log_metrics({k: v for k, v in entry.items() if k != "epoch"},
+                               step=int(entry["epoch"]))
+        mlflow.log_metrics({"test_accuracy": result.test_accuracy,
+                            "best_val_accuracy": result.metrics["val_accuracy"]})
+        mlflow.set_tags(tags)
+        mlflow.log_artifacts(result.checkpoint_path, artifact_path=ARTIFACT_DIR)
+        run_id = run.info.run_id
+    try:
+        mlflow_client.get_registered_model(model_name)
+    except Exception:  # MlflowException RESOURCE_DOES_NOT_EXIST
+        mlflow_client.create_registered_model(
+            model_name, description=f"{cfg.model.name} on {manifest['name']} (mlsd-ray)")
+    version = mlflow_client.create_model_version(
+        model_name, source=f"runs:/{run_id}/{ARTIFACT_DIR}", run_id=run_id, tags=tags)
+    return {"name": model_name, "version": int(version.version), "run_id": run_id,
+            "uri": f"models:/{model_name}/{version.version}"}
+
+
+def _version_info(mlflow_client, version, aliases: dict) -> dict:
+    return {"version": int(version.version),
+            "aliases": sorted(a for a, v in aliases.items() if int(v) == int(version.version)),
+            "val_accuracy": _number(version.tags.get("val_accuracy")),
+            "test_accuracy": _number(version.tags.get("test_accuracy")),
+            "data_fingerprint": version.tags.get("data_fingerprint"),
+            "git_commit": version.tags.get("git_commit"), "run_id": version.run_id,
+            "created": version.creation_timestamp, "source": version.source}
+
+
+def _number(text):
+    return float(text) if text not in (None, "") else None
+
+
+def list_models(home: str | None = None) -> list[dict]:
+    """Every registered model with its versions (newest first) and aliases."""
+    mlflow_client = client(home)
+    models = []
+    for model in mlflow_client.search_registered_models():
+        aliases = dict(model.aliases or {})
+        versions = mlflow_client.search_model_versions(f"name='{model.name}'")
+        models.append({"name": model.name, "aliases": aliases,
+                       "versions": sorted((_version_info(mlflow_client, v, aliases)
+                                           for v in versions), key=lambda v: -v["version"])})
+    return models
+
+
+def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """`NAME`, `NAME/VERSION`, `NAME@ALIAS` or the same behind `models:/`."""
+    ref = ref.removeprefix("models:/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return name, None, alias
+    name, _, version = ref.partition("/")
+    return name, version or None, None
+
+
+def show(ref: str, home: str | None = None) -> dict:
+    """One version (by number or alias; the newest when neither is given), with its tags."""
+    mlflow_client = client(home)
+    name, version, alias = parse_model_ref(ref)
+    try:
+        model = mlflow_client.get_registered_model(name)
+        if alias:
+            found = mlflow_client.get_model_version_by_alias(name, alias)
+        elif version:
+            found = mlflow_client.get_model_version(name, version)
+        else:
+            found = max(mlflow_client.search_model_versions(f"name='{name}'"),
+                        key=lambda v: int(v.version))
+    except Exception as exc:  # MlflowException: no such model, version or alias
+        raise InputError(f"no registered model version {ref!r} in {tracking_uri(home)}") from exc
+    info = _version_info(mlflow_client, found, dict(model.aliases or {}))
+    info.update(name=name, tags=dict(found.tags), uri=f"models:/{name}/{found.version}")
+    return info
+
+
+def promote(name: str, version: int, alias: str = "production", home: str | None = None) -> dict:
+    """Point `alias` at `version` (one atomic update in the store)."""
+    mlflow_client = client(home)
+    show(f"{name}/{version}", home)  # a clear error for a missing model or version
+    mlflow_client.set_registered_model_alias(name, alias, str(version))
+    return show(f"{name}@{alias}", home)
+
+
+def resolve(ref: str, home: str | None = None) -> str:
+    """A local checkpoint directory for a path or a `models:/NAME/VERSION|@ALIAS` URI.
+
+    Registry artifacts are downloaded once into $MLSD_HOME/registry-cache/NAME/VERSION and
+    verified against their checksums on every load (checkpoint.load_model).
+    """
+    if not ref.startswith("models:/"):
+        if not Path(ref).is_dir():
+            raise InputError(f"no checkpoint at {ref}")
+        return ref
+    import mlflow
+
+    info = show(ref, home)
+    target = Path(storage.home(home), "registry-cache", info["name"], str(info["version"]))
+    if not (target / "checksums.json").is_file():
+        target.mkdir(parents=True, exist_ok=True)
+        mlflow.artifacts.download_artifacts(artifact_uri=info["source"], dst_path=str(target))
+        nested = target / ARTIFACT_DIR
+        if nested.is_dir():  # download keeps the artifact folder's name
+            for child in nested.iterdir():
+                child.rename(target / child.name)
+            nested.rmdir()
+    return str(target)
