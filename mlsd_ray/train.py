@@ -55,19 +55,40 @@ def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16
 
 
-def _all_reduce_sums(values: list[float]) -> list[float]:
-    """Sum per-worker totals across the DDP group (a no-op with one worker)."""
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
+    """Sum per-worker totals across the DDP group (a no-op with one worker).
+
+    Tensors live on the training device: NCCL only reduces CUDA tensors, gloo CPU ones.
+    """
+    if not _distributed():
         return values
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(tensor)
-    return tensor.tolist()
+    return tensor.cpu().tolist()
 
 
-def _global(result: PassResult) -> tuple[float, float]:
+def _replicas_in_sync(model: torch.nn.Module, device: torch.device) -> bool:
+    """Do all DDP replicas hold bit-identical weights? (Gathers one number per worker.)"""
+    if not _distributed():
+        return True
+    with torch.no_grad():
+        weights = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+        positions = torch.arange(1, len(weights) + 1, dtype=torch.float64, device=weights.device)
+        digest = (weights * positions).sum().to(device)
+    gathered = [torch.zeros((), dtype=torch.float64, device=device)
+                for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, digest)
+    return all(bool(g == gathered[0]) for g in gathered)
+
+
+def _global(result: PassResult, device: torch.device) -> tuple[float, float]:
     """Mean loss and accuracy over every worker's shard."""
     loss_sum, correct, seen = _all_reduce_sums(
-        [result.loss * result.samples, result.accuracy * result.samples, result.samples])
+        [result.loss * result.samples, result.accuracy * result.samples, result.samples], device)
     return loss_sum / max(seen, 1), correct / max(seen, 1)
 
 
@@ -116,10 +137,11 @@ def train_loop_per_worker(config: dict) -> None:
                                      f"(now {cfg.lr:g}) or use train.amp=off") from None
         validated = evaluate(model, val_shard.iter_batches(batch_size=per_worker_batch,
                                                            batch_format="numpy"), step)
-        train_loss, train_acc = _global(trained)
-        val_loss, val_acc = _global(validated)
+        train_loss, train_acc = _global(trained, device)
+        val_loss, val_acc = _global(validated, device)
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
                         "val_loss": val_loss, VAL_METRIC: val_acc,
+                        "replicas_in_sync": float(_replicas_in_sync(model, device)),
                         "epoch_seconds": time.perf_counter() - started,
                         "images_per_second": trained.samples * world
                         / (time.perf_counter() - started)})

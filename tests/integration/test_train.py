@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +46,8 @@ def test_two_workers_learn_digits_and_resume(home):
     assert resumed.epochs_run == 3
     history = load_train_state(resumed.checkpoint_path)["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
+    # the two DDP replicas hold bit-identical weights after every epoch's steps
+    assert [h["replicas_in_sync"] for h in history] == [1.0, 1.0, 1.0]
 
     summary = evaluate_checkpoint(resumed.checkpoint_path, "test", home=home)
     assert summary["samples"] == 269
@@ -55,6 +61,41 @@ def test_two_workers_learn_digits_and_resume(home):
         assert Image.open(Path(summary["path"]) / png).size[0] > 300
     with pytest.raises(InputError, match="unknown split"):
         evaluate_checkpoint(resumed.checkpoint_path, "holdout", home=home)
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint(home):
+    """SIGKILL one training worker mid-run: the run restarts it and still finishes."""
+    import ray
+    from ray.util.state import list_actors
+
+    cfg = load_config(None, FAST + ["train.epochs=8", "train.num_workers=2",
+                                    "train.cpus_per_worker=0.5", "train.max_failures=1"])
+    run_dir = Path(home) / "runs" / "digits-killed"
+    killed = []
+
+    def checkpoints():
+        return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+
+    def kill_after_first_checkpoint():
+        deadline = time.time() + 120
+        while time.time() < deadline and not checkpoints():
+            time.sleep(0.2)
+        workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+                   if a.class_name.endswith("RayTrainWorker")]
+        if workers:
+            os.kill(workers[-1].pid, signal.SIGKILL)
+            killed.append(workers[-1].pid)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    result = run_train(cfg, home=home, run_name="digits-killed")
+    killer.join(timeout=5)
+    assert killed, "no training worker was found to kill"
+    assert ray.is_initialized()
+    assert result.epochs_run == 8
+    latest = checkpoints()[-1]  # Ray keeps the latest checkpoint beside the best ones
+    history = load_train_state(latest)["history"]
+    assert [h["epoch"] for h in history] == list(range(1, 9))  # resumed, not restarted at 1
 
 
 def test_tampered_checkpoint_is_refused(home, tmp_path):
