@@ -8,7 +8,9 @@ val accuracy, restarts failed workers from the latest one, and resumes a run of 
 
 from __future__ import annotations
 
+import logging
 import math
+import sys
 import tempfile
 import time
 import warnings
@@ -55,6 +57,14 @@ def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16
 
 
+def _quiet_train_reports() -> None:
+    """Ray Train logs every report at INFO under a logger named by its file path, which
+    LoggingConfig's level does not reach; our own per-epoch line says the same, shorter."""
+    import ray.train.v2._internal.execution.context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -98,6 +108,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     cfg = TrainConfig(**config["train"])
+    _quiet_train_reports()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(cfg.seed)  # identical initial weights on every replica
@@ -148,6 +159,24 @@ def train_loop_per_worker(config: dict) -> None:
         _report(history, model, optimizer, scheduler, config, rank)
         if _should_stop(history, cfg.patience):
             break
+
+
+def epoch_line(metrics: dict, epochs: int) -> str:
+    """One line of progress per epoch."""
+    return (f"epoch {metrics['epoch']}/{epochs}: train loss {metrics['train_loss']:.4f} "
+            f"acc {metrics['train_accuracy']:.4f} | val loss {metrics['val_loss']:.4f} "
+            f"acc {metrics[VAL_METRIC]:.4f} | {metrics['images_per_second']:.0f} img/s")
+
+
+def _progress_callback(epochs: int):
+    """A Ray Train callback (it runs in the train controller) printing each epoch's line."""
+    from ray.train import UserCallback
+
+    class EpochProgress(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            print(epoch_line(metrics[0], epochs), file=sys.stderr, flush=True)
+
+    return EpochProgress()
 
 
 def _should_stop(history: list[dict], patience: int) -> bool:
@@ -292,7 +321,8 @@ def build_trainer(cfg: Config, dataset: PreparedDataset, run_name: str, storage_
                                                checkpoint_score_attribute=VAL_METRIC,
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            logging_config=LoggingConfig(log_level="WARNING")),
+            logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=[_progress_callback(cfg.train.epochs)]),
         datasets=datasets)
 
 

@@ -93,7 +93,10 @@ class Preprocessor:
                 self.image_size, self.image_size, self.channels):
             images = np.stack([standardize(np.asarray(i), self.image_size, self.channels)
                                for i in images])
-        tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        array = np.ascontiguousarray(images)
+        if not array.flags.writeable:  # Arrow-backed batches are read-only; torch wants to own
+            array = array.copy()
+        tensor = torch.from_numpy(array).permute(0, 3, 1, 2)
         return tensor.float().div_(255.0)
 
     def normalize(self, tensor: torch.Tensor) -> torch.Tensor:
