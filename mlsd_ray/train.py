@@ -106,6 +106,18 @@ def _global(result: PassResult, device: torch.device) -> tuple[float, float]:
     return loss_sum / max(seen, 1), correct / max(seen, 1)
 
 
+def _replica(config: dict, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """This worker's model: same seed on every worker (identical start), on device, in DDP."""
+    import ray.train.torch
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(**config["model"])
+    if device.type == "cuda" and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    return torch.compile(model) if cfg.compile else model
+
+
 def train_loop_per_worker(config: dict) -> None:
     """The Ray Train loop: one DDP replica per worker (see the module docstring)."""
     import ray.train
@@ -115,15 +127,9 @@ def train_loop_per_worker(config: dict) -> None:
     _quiet_train_reports()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.manual_seed(cfg.seed)  # identical initial weights on every replica
     device = ray.train.torch.get_device()
     preprocessor = Preprocessor.from_dict(config["preprocessing"])
-    model = build_model(**config["model"])
-    if device.type == "cuda" and cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
-    if cfg.compile:
-        model = torch.compile(model)
+    model = _replica(config, cfg, device)
     per_worker_batch = max(1, cfg.batch_size // world)
     steps = math.ceil(config["train_rows"] / world / per_worker_batch)
     optimizer = _optimizer(model, cfg)
@@ -161,7 +167,7 @@ def train_loop_per_worker(config: dict) -> None:
                         "epoch_seconds": time.perf_counter() - started,
                         "images_per_second": trained.samples * world
                         / (time.perf_counter() - started)})
-        _report(history, model, optimizer, scheduler, config, rank)
+        _report(history, model, optimizer, config, rank)
         if _should_stop(history, cfg.patience):
             break
 
@@ -192,7 +198,7 @@ def _should_stop(history: list[dict], patience: int) -> bool:
     return all(h[VAL_METRIC] <= best_before for h in history[-patience:])
 
 
-def _report(history, model, optimizer, scheduler, config, rank) -> None:
+def _report(history, model, optimizer, config, rank) -> None:
     """Every worker reports (a barrier); only rank 0 attaches a checkpoint."""
     import ray.train
 
