@@ -106,7 +106,7 @@ def log_and_register(result, cfg, dataset, model_name: str, home: str | None = N
             "uri": f"models:/{model_name}/{version.version}"}
 
 
-def _version_info(mlflow_client, version, aliases: dict) -> dict:
+def _version_info(version, aliases: dict) -> dict:
     return {"version": int(version.version),
             "aliases": sorted(a for a, v in aliases.items() if int(v) == int(version.version)),
             "val_accuracy": _number(version.tags.get("val_accuracy")),
@@ -128,7 +128,7 @@ def list_models(home: str | None = None) -> list[dict]:
         aliases = dict(model.aliases or {})
         versions = mlflow_client.search_model_versions(f"name='{model.name}'")
         models.append({"name": model.name, "aliases": aliases,
-                       "versions": sorted((_version_info(mlflow_client, v, aliases)
+                       "versions": sorted((_version_info(v, aliases)
                                            for v in versions), key=lambda v: -v["version"])})
     return models
 
@@ -158,7 +158,7 @@ def show(ref: str, home: str | None = None) -> dict:
                         key=lambda v: int(v.version))
     except Exception as exc:  # MlflowException: no such model, version or alias
         raise InputError(f"no registered model version {ref!r} in {tracking_uri(home)}") from exc
-    info = _version_info(mlflow_client, found, dict(model.aliases or {}))
+    info = _version_info(found, dict(model.aliases or {}))
     info.update(name=name, tags=dict(found.tags), uri=f"models:/{name}/{found.version}")
     return info
 
