@@ -18,12 +18,16 @@ from mlsd_ray.errors import InputError
 
 EXPERIMENT = "mlsd"
 ARTIFACT_DIR = "checkpoint"
+# Read once, at import: mlflow.set_tracking_uri() writes the variable back into os.environ,
+# which would otherwise make a later call (another MLSD_HOME) or a child process see our
+# sqlite file as "the user's server".
+_USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def tracking_uri(home: str | None = None) -> str:
     """`MLFLOW_TRACKING_URI`, else a sqlite file under MLSD_HOME (which must be local then)."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    if _USER_TRACKING_URI:
+        return _USER_TRACKING_URI
     root = storage.home(home)
     if storage.is_uri(root):
         raise InputError(f"MLSD_HOME is {root}: an embedded sqlite registry needs a local "
@@ -41,10 +45,12 @@ def client(home: str | None = None):
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # schema migrations log at INFO
     mlflow.set_tracking_uri(tracking_uri(home))
+    if _USER_TRACKING_URI is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)  # see _USER_TRACKING_URI
     mlflow_client = MlflowClient()
     if mlflow_client.get_experiment_by_name(EXPERIMENT) is None:
-        artifacts = None
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
+        artifacts = None  # a server decides where its artifacts go
+        if not _USER_TRACKING_URI:
             artifacts = Path(storage.home(home), "mlflow-artifacts").as_uri()
         mlflow_client.create_experiment(EXPERIMENT, artifact_location=artifacts)
     mlflow.set_experiment(EXPERIMENT)

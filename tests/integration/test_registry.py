@@ -21,6 +21,9 @@ def test_two_trainings_make_two_versions_and_promote_moves_the_alias(home):
     second = train_and_register(cfg, home=home)
     assert (first["registered"]["version"], second["registered"]["version"]) == (1, 2)
     assert (Path(home) / "mlflow.db").is_file()
+    # artifacts live under MLSD_HOME, not in whatever folder the command ran from
+    artifacts = list((Path(home) / "mlflow-artifacts").rglob("checksums.json"))
+    assert len(artifacts) == 2 and not Path("mlruns").exists()
 
     [model] = registry.list_models(home)
     assert model["name"] == "digits-cnn"
