@@ -136,7 +136,7 @@ def evaluate_checkpoint(checkpoint_dir: str, split: str = "test", home: str | No
     dataset = PreparedDataset.open(dataset_path or loaded.metadata["dataset"]["path"])
     if split not in dataset.manifest["counts"]["splits"]:
         raise InputError(f"unknown split {split!r}; choose train, val or test")
-    result = predict_split(checkpoint_dir, dataset, split)
+    result = predict_split(loaded, dataset, split)  # the model is loaded (and verified) once
     class_names = dataset.manifest["class_names"]
     run = loaded.metadata["run_name"]
     out = storage.join(storage.home(home), "reports", run, split)

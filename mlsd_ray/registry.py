@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 from mlsd_ray import storage
+from mlsd_ray.checkpoint import load_train_state
 from mlsd_ray.errors import InputError
 
 EXPERIMENT = "mlsd"
@@ -75,8 +76,6 @@ def log_and_register(result, cfg, dataset, model_name: str, home: str | None = N
     import mlflow
 
     mlflow_client = client(home)
-    from mlsd_ray.checkpoint import load_train_state
-
     history = load_train_state(result.checkpoint_path)["history"]
     manifest = dataset.manifest
     schema = {"input": {"image": manifest["schema"]["image"], "accepts": "uint8 H×W×C or "

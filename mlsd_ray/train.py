@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from mlsd_ray import storage
-from mlsd_ray.checkpoint import load_train_state, save_checkpoint, unwrap
+from mlsd_ray.checkpoint import load_model, load_train_state, save_checkpoint, unwrap
 from mlsd_ray.config import AugmentConfig, Config, TrainConfig
 from mlsd_ray.data.prepare import PreparedDataset, prepare_dataset
 from mlsd_ray.data.transforms import Augmenter, Preprocessor
@@ -337,11 +337,8 @@ def build_trainer(cfg: Config, dataset: PreparedDataset, run_name: str, storage_
         datasets=datasets)
 
 
-def predict_split(checkpoint_dir: str, dataset: PreparedDataset, split: str) -> PassResult:
-    """The checkpoint's predictions on one split of a prepared dataset, on the driver's CPU."""
-    from mlsd_ray.checkpoint import load_model
-
-    loaded = load_model(checkpoint_dir)
+def predict_split(loaded, dataset: PreparedDataset, split: str) -> PassResult:
+    """A loaded checkpoint's predictions on one split of a prepared dataset, on the CPU."""
     images, labels = dataset.load_split(split)
     batches = [{"image": images[i:i + 512], "label": labels[i:i + 512]}
                for i in range(0, len(images), 512)]
@@ -395,7 +392,7 @@ def run_train(cfg: Config, home: str | None = None, log: Callable[[str], None] =
         raise WorkError(f"training failed: {_failure_message(exc)}") from exc
     checkpoint, metrics = max(result.best_checkpoints, key=lambda cm: cm[1][RANK_METRIC])
     with checkpoint.as_directory() as directory:
-        test_accuracy = predict_split(directory, dataset, "test").accuracy
+        test_accuracy = predict_split(load_model(directory), dataset, "test").accuracy
     return TrainResult(name, storage.join(runs, name), checkpoint.path, int(metrics["epoch"]),
                        int(result.metrics["epoch"]), metrics, test_accuracy,
                        time.perf_counter() - started, dataset.path)
