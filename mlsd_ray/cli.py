@@ -212,6 +212,92 @@ def evaluate(model: Annotated[str, typer.Option(
 
 
 @app.command()
+def tune(source: SourceOption = None, config: ConfigOption = None, set_: SetOption = None,
+         home: HomeOption = None, as_json: JsonOption = False,
+         search: Annotated[str | None, typer.Option(
+             "--search", help="grid | random (tune.search).")] = None,
+         param: Annotated[list[str] | None, typer.Option(
+             "--param", "-p", help="A searched key, replacing tune.space when given: "
+                                   "KEY=V1,V2 (values) or KEY=loguniform|uniform|randint:LOW:HIGH; "
+                                   "repeatable, e.g. -p train.lr=loguniform:1e-4:1e-2.")] = None,
+         num_samples: Annotated[int | None, typer.Option(
+             "--num-samples", help="random: trials (default 8); grid: repeats (default 1).")
+         ] = None,
+         scheduler: Annotated[str | None, typer.Option(
+             "--scheduler", help="asha | median | none | auto (asha, or none with --cv).")
+         ] = None,
+         cv: Annotated[int | None, typer.Option(
+             "--cv", help="K-fold cross-validation per configuration (tune.cv).")] = None,
+         max_concurrent: Annotated[int | None, typer.Option(
+             "--max-concurrent", help="Trials at once (default: what the cluster fits).")] = None,
+         max_epochs: Annotated[int | None, typer.Option(
+             "--max-epochs", help="Epochs per trial (default train.epochs).")] = None,
+         grace_period: Annotated[int | None, typer.Option(
+             "--grace-period", help="Epochs before a trial may be stopped.")] = None,
+         reduction_factor: Annotated[float | None, typer.Option(
+             "--reduction-factor", help="ASHA keeps 1/this at each rung.")] = None,
+         name: Annotated[str | None, typer.Option(
+             "--name", help="Name of the search (default DATASET-tune-TIME).")] = None,
+         resume: Annotated[str | None, typer.Option(
+             "--resume", help="Continue an interrupted search by name, with its own config.")
+         ] = None) -> None:
+    """Search hyperparameters with Ray Tune; every trial runs the training stage's trainer.
+
+    Grid or random search over a space from tune.space or --param, with ASHA or median early
+    stopping or K-fold cross-validation. Writes results.csv, curves.png, best.yaml (train it with
+    `mlsd train --config best.yaml`) and summary.json under $MLSD_HOME/tune/NAME/, logs a parent
+    MLflow run with a child per trial, and registers the best trial's model.
+    """
+    from mlsd_ray.tune import parse_param, run_tune
+
+    flags = {"tune.search": search, "tune.num_samples": num_samples, "tune.scheduler": scheduler,
+             "tune.cv": cv, "tune.max_concurrent": max_concurrent,
+             "tune.max_epochs": max_epochs, "tune.grace_period": grace_period,
+             "tune.reduction_factor": reduction_factor}
+    overrides = list(set_ or []) + [f"{k}={v}" for k, v in flags.items() if v is not None]
+
+    def work() -> dict:
+        from mlsd_ray import runtime
+
+        runtime.configure(quiet=True)  # trials' worker logs stay in Ray's files; we print a
+        cfg = _config(config, overrides, source)  # line per trial and summarise any errors
+        if param:
+            cfg.tune.space = dict(parse_param(p) for p in param)
+        return run_tune(cfg, home=home, log=log_stderr, name=name, resume=resume)
+
+    _run(as_json, work, _render_tune)
+
+
+def _render_tune(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    cv = summary["cv"] > 1
+    table = Table(title=f"tune {summary['name']}: {summary['search']} search, scheduler "
+                        f"{summary['scheduler']}")
+    for column in ("trial", "parameters", "epochs", "stopped early",
+                   "val acc (mean ± std)" if cv else "best val acc"):
+        table.add_column(column)
+    for line in summary["configurations"]:
+        score = "failed" if line["status"] != "ok" else (
+            f"{line['cv_mean']:.4f} ± {line['cv_std']:.4f}" if cv
+            else f"{line['val_accuracy']:.4f}")
+        table.add_row(line["trial"], line["params"], str(line["epochs_run"]),
+                      "yes" if line["stopped_early"] else "", score)
+    console = Console()
+    console.print(table)
+    console.print(f"{summary['trials']} trials, {summary['stopped_early']} stopped early, "
+                  f"{summary['failed']} failed, {summary['trial_epochs']} trial-epochs in "
+                  f"{summary['wall_seconds']} s")
+    if "registered" in summary:
+        console.print(f"best: trial {summary['best']['trial']}, test accuracy "
+                      f"{summary['test_accuracy']:.4f}, registered "
+                      f"{summary['registered']['uri']}", soft_wrap=True)
+    for key in ("results", "curves", "best_config"):
+        console.print(f"{key.replace('_', ' ')}: {summary[key]}", soft_wrap=True)
+
+
+@app.command()
 def pipeline(source: SourceOption = None, config: ConfigOption = None, set_: SetOption = None,
              home: HomeOption = None, force: ForceOption = False,
              as_json: JsonOption = False) -> None:

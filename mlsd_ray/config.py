@@ -115,6 +115,34 @@ class RegistryConfig(StrictModel):
                                    "<dataset>-cnn, e.g. digits-cnn).")
 
 
+def _default_space() -> dict[str, Any]:
+    return {"train.lr": [0.001, 0.003, 0.01], "train.batch_size": [32, 64]}
+
+
+class TuneConfig(StrictModel):
+    """Hyperparameter search with Ray Tune; each trial runs the training stage's trainer."""
+
+    search: Literal["grid", "random"] = Field("random", description="grid: every combination "
+                                              "of the listed values; random: num_samples draws.")
+    num_samples: int | None = Field(None, ge=1, description="random: trials (default 8); grid: "
+                                    "repeats of the grid (default 1).")
+    scheduler: Literal["auto", "asha", "median", "none"] = Field(
+        "auto", description="Early stopping of weak trials; auto = asha, or none with cv.")
+    grace_period: int = Field(3, ge=1, description="Epochs every trial runs before it can stop.")
+    reduction_factor: float = Field(3.0, ge=2, description="ASHA keeps 1/reduction_factor "
+                                    "of the trials at each rung.")
+    max_epochs: int | None = Field(None, ge=1, description="Epochs per trial (default: "
+                                   "train.epochs).")
+    max_concurrent: int | None = Field(None, ge=1, description="Trials at once (default: as "
+                                       "many as the cluster's CPUs/GPUs fit).")
+    workers_per_trial: int = Field(1, ge=1, description="Ray Train workers in each trial.")
+    cv: int = Field(1, ge=1, le=20, description="K>1: K stratified folds of train+val per "
+                    "configuration, ranked by the mean val accuracy.")
+    space: dict[str, Any] = Field(default_factory=_default_space, description="Dotted config "
+                                  "key -> list of values, or {loguniform|uniform|randint: "
+                                  "[low, high]}.")
+
+
 class Config(StrictModel):
     """The whole configuration; later stages add their sections here."""
 
@@ -122,6 +150,7 @@ class Config(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

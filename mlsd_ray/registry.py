@@ -71,8 +71,12 @@ def _flat(prefix: str, values: dict) -> dict:
     return {f"{prefix}.{k}": v for k, v in values.items() if not isinstance(v, dict)}
 
 
-def log_and_register(result, cfg, dataset, model_name: str, home: str | None = None) -> dict:
-    """Log a finished training run to MLflow and register its best checkpoint as a new version."""
+def log_and_register(result, cfg, dataset, model_name: str, home: str | None = None,
+                     nested: bool = False) -> dict:
+    """Log a finished training run to MLflow and register its best checkpoint as a new version.
+
+    `nested`: log the run as a child of the active run (a tune search's best trial).
+    """
     import mlflow
 
     mlflow_client = client(home)
@@ -87,7 +91,7 @@ def log_and_register(result, cfg, dataset, model_name: str, home: str | None = N
             "val_accuracy": f"{result.metrics['val_accuracy']:.6f}",
             "test_accuracy": f"{result.test_accuracy:.6f}", "best_epoch": str(result.best_epoch),
             "model": cfg.model.name, "schema": json.dumps(schema)}
-    with mlflow.start_run(run_name=result.run_name) as run:
+    with mlflow.start_run(run_name=result.run_name, nested=nested) as run:
         mlflow.log_params({**_flat("model", cfg.model.model_dump()),
                            **_flat("train", cfg.train.model_dump()),
                            "data.source": cfg.data.source,

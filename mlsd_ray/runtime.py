@@ -59,20 +59,23 @@ def _quiet_ray_data_console() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, PlainRayHandler):
             handler.setLevel(logging.WARNING)
-            if not any(isinstance(f, _NoCpuRaceFilter) for f in handler.filters):
-                handler.addFilter(_NoCpuRaceFilter())
+            if not any(isinstance(f, _ExpectedWarningsFilter) for f in handler.filters):
+                handler.addFilter(_ExpectedWarningsFilter())
 
 
-class _NoCpuRaceFilter(logging.Filter):
-    """Drop Ray Data's "no available CPUs, the job will hang" warning.
+class _ExpectedWarningsFilter(logging.Filter):
+    """Drop two Ray Data warnings that are wrong or expected for us.
 
-    Ray Data checks free CPUs when a dataset starts; right after the previous dataset's tasks
-    end, their CPUs can still read as taken, so the warning fires although nothing will hang.
-    The data stage holds no actors, so on our datasets it is always this race.
+    "No available CPUs, the job will hang": Ray Data checks free CPUs when a dataset starts;
+    right after the previous dataset's tasks end, their CPUs can still read as taken, so the
+    warning fires although nothing will hang (the data stage holds no actors).
+    "Progress bars disabled": we turn them off on purpose for datasets read before training.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "does not have any available CPUs" not in record.getMessage()
+        message = record.getMessage()
+        return ("does not have any available CPUs" not in message
+                and "Progress bars disabled" not in message)
 
 
 def set_progress_bars(enabled: bool) -> None:

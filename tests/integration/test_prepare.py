@@ -47,14 +47,14 @@ def test_digits_end_to_end(home):
     train = read_split(dataset, "train")
     assert train.num_rows == counts["splits"]["train"]
     assert set(train.column_names) == {"id", "source", "image", "label", "hash"}
-    images = images_of(train, (8, 8, 1))
-    assert images.shape[1:] == (8, 8, 1) and images.dtype == np.uint8
+    images = images_of(train, (16, 16, 1))  # digits: 8×8 upsampled
+    assert images.shape[1:] == (16, 16, 1) and images.dtype == np.uint8
     # normalisation is fitted on the train split only
     pre = m["preprocessing"]
     assert pre["mean"][0] == pytest.approx(images.mean() / 255, abs=1e-6)
     assert pre["std"][0] == pytest.approx((images / 255).std(), abs=1e-6)
     normalized = dataset.preprocessor(images)  # what training will feed the model
-    assert normalized.shape == (len(images), 1, 8, 8)
+    assert normalized.shape == (len(images), 1, 16, 16)
     assert abs(normalized.mean().item()) < 1e-4 and abs(normalized.std().item() - 1) < 1e-3
     # stratified: every class is in every split
     for split in ("train", "val", "test"):

@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from mlsd_ray.config import Config, dump_yaml, load_config
 from mlsd_ray.errors import InputError
@@ -77,3 +78,5 @@ def test_shipped_default_config_matches_the_code():
 
     shipped = Path(__file__).parents[2] / "configs" / "default.yaml"
     assert load_config(shipped) == Config()
+    # and it lists every key, not only the ones that differ from an empty file
+    assert yaml.safe_load(shipped.read_text()) == Config().to_dict()

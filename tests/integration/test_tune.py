@@ -1,0 +1,71 @@
+"""Ray Tune over the training stage's trainer: grid + ASHA, a failing trial, cross-validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from mlsd_ray.config import load_config
+from mlsd_ray.registry import client, list_models
+from mlsd_ray.train import run_train
+from mlsd_ray.tune import run_tune
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+TINY = ["data.image_size=8", "train.max_failures=0", "tune.max_epochs=2"]
+
+
+def test_grid_search_keeps_good_trials_when_one_fails(home):
+    cfg = load_config(None, TINY + ["tune.search=grid", "tune.space={train.lr: [0.005, 1.0e6]}",
+                                    "train.optimizer=sgd"])
+    summary = run_tune(cfg, home=home, name="grid", log=lambda _: None)
+    assert (summary["trials"], summary["finished"], summary["failed"]) == (2, 1, 1)
+    assert summary["best"]["params"] == {"train.lr": 0.005}
+    assert summary["best"]["val_accuracy"] > 0.3  # chance: 0.1
+    table = pd.read_csv(summary["results"])
+    failed = table[table["status"] == "error"].iloc[0]
+    assert "loss became nan" in failed["error"]
+    assert set(table["param.train.lr"]) == {0.005, 1e6}
+    assert Image.open(summary["curves"]).size[0] > 300
+
+    # the best configuration trains with `mlsd train --config` to the trial's own accuracy
+    best = load_config(summary["best_config"])
+    assert (best.train.lr, best.train.epochs, best.train.num_workers) == (0.005, 2, 1)
+    again = run_train(best, home=home, run_name="from-best-yaml", log=lambda _: None)
+    assert again.metrics["val_accuracy"] == pytest.approx(summary["best"]["val_accuracy"])
+
+    # MLflow: one parent run with a child per trial; the best trial registered
+    assert summary["registered"]["uri"] == "models:/digits-cnn/1"
+    assert [v["version"] for v in list_models(home)[0]["versions"]] == [1]
+    runs = client(home).search_runs([client(home).get_experiment_by_name("mlsd").experiment_id])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") ==
+                summary["mlflow_run_id"]]
+    assert len(children) == 2
+
+
+def test_asha_stops_weak_trials_early(home):
+    cfg = load_config(None, ["data.image_size=8", "tune.max_epochs=3", "tune.num_samples=4",
+                             "tune.space={train.lr: {loguniform: [1.0e-4, 3.0e-2]}}",
+                             "tune.scheduler=asha", "tune.grace_period=1",
+                             "tune.reduction_factor=2", "registry.auto_register=false"])
+    summary = run_tune(cfg, home=home, name="asha", log=lambda _: None, register=False)
+    assert summary["trials"] == 4 and summary["failed"] == 0
+    assert summary["stopped_early"] >= 1
+    assert summary["trial_epochs"] < 4 * 3
+    assert "registered" not in summary
+
+
+def test_cross_validation_reports_mean_and_spread(home):
+    cfg = load_config(None, TINY + ["tune.cv=2", "tune.space={train.lr: [0.005]}"])
+    summary = run_tune(cfg, home=home, name="cv", log=lambda _: None)
+    assert summary["scheduler"] == "none"
+    line = summary["configurations"][0]
+    assert len(line["fold_scores"]) == 2 and all(0.3 < s <= 1 for s in line["fold_scores"])
+    assert line["cv_mean"] == pytest.approx(sum(line["fold_scores"]) / 2)
+    assert line["cv_std"] >= 0
+    # the best configuration is refitted on the whole train split and registered
+    assert summary["registered"]["version"] == 1
+    assert Path(summary["path"], "summary.json").is_file()
