@@ -300,19 +300,28 @@ def _render_tune(summary: dict) -> None:
 @app.command()
 def pipeline(source: SourceOption = None, config: ConfigOption = None, set_: SetOption = None,
              home: HomeOption = None, force: ForceOption = False,
-             as_json: JsonOption = False) -> None:
+             as_json: JsonOption = False,
+             tune: Annotated[bool, typer.Option(
+                 "--tune", help="Search hyperparameters (the tune section) before the final "
+                                "training, which then uses the best ones.")] = False) -> None:
     """Run every stage end to end on the configured source (default: the embedded digits).
 
-    data -> train -> register -> evaluate -> promote the first version to production.
+    data -> [tune] -> train -> register -> evaluate -> promote the first version to production.
     """
     from mlsd_ray.pipeline import run_pipeline
 
     def work() -> dict:
-        return run_pipeline(_config(config, set_, source), home=home, force=force, log=log_stderr)
+        return run_pipeline(_config(config, set_, source), home=home, force=force, log=log_stderr,
+                            tune=tune)
 
     def render(result: dict) -> None:
         stages = result["stages"]
         _render_dataset(stages["data"])
+        if "tune" in stages:
+            searched = stages["tune"]
+            print(f"\ntuned {searched['trials']} trials ({searched['stopped_early']} stopped "
+                  f"early): best {searched['best']['params']}, val accuracy "
+                  f"{searched['best']['val_accuracy']:.4f}; results {searched['results']}")
         train = stages["train"]
         print(f"\ntrained {train['run_name']}: val accuracy {train['val_accuracy']:.4f}, "
               f"test accuracy {train['test_accuracy']:.4f} in {train['wall_seconds']} s")

@@ -17,3 +17,9 @@ class WorkError(MlsdError):
     """The inputs were fine but the work failed. Exit 1."""
 
     exit_code = 1
+
+
+class Interrupted(MlsdError):
+    """The user stopped the work (Ctrl-C); what was done is saved. Exit 130."""
+
+    exit_code = 130

@@ -326,6 +326,7 @@ def build_trainer(cfg: Config, dataset: PreparedDataset, run_name: str, storage_
     training workers hold every CPU deadlock (DESIGN.md §5). Tune passes its own `datasets`
     (read once for every trial, or cross-validation folds) and `callbacks`.
     """
+    from ray.data import ExecutionOptions
     from ray.train import (
         CheckpointConfig,
         DataConfig,
@@ -340,8 +341,7 @@ def build_trainer(cfg: Config, dataset: PreparedDataset, run_name: str, storage_
     # Blocks in a fixed order, dealt to the workers in a fixed way (Ray Data's splitter drops
     # its locality-first dispatch when order is preserved): the same config and seed train the
     # same model, so a tune trial's best.yaml reproduces the trial's accuracy.
-    ingest = DataConfig.default_ingest_options()
-    ingest.preserve_order = True
+    ingest = ExecutionOptions(preserve_order=True)
     config = loop_config(cfg, dataset, run_name)
     config["train_rows"] = datasets["train"].count()  # cheap: materialised
     resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}

@@ -23,7 +23,7 @@ import numpy as np
 
 from mlsd_ray import storage
 from mlsd_ray.config import Config, apply_override, describe_errors, dump_yaml, parse_override
-from mlsd_ray.errors import InputError
+from mlsd_ray.errors import InputError, Interrupted
 from mlsd_ray.runtime import ensure_ray, log_stderr
 from mlsd_ray.train import RANK_METRIC, VAL_METRIC
 
@@ -381,6 +381,10 @@ def run_tune(cfg: Config, home: str | None = None, log: Callable[[str], None] = 
             run_config=tune.RunConfig(name=name, storage_path=root, verbose=0,
                                       callbacks=[_progress(plan["trials"], log)]))
     grid = tuner.fit()
+    unfinished = len(grid) - grid.num_terminated - grid.num_errors
+    if unfinished:  # Tune turns Ctrl-C into a saved, stopped experiment
+        raise Interrupted(f"tune run {name} stopped with {unfinished} of {len(grid)} trial(s) "
+                          f"unfinished; continue it with: mlsd tune --resume {name}")
     from mlsd_ray.tune_report import write_outputs
 
     return write_outputs(run, grid, base, plan, home, log, register,

@@ -147,3 +147,18 @@ def test_unwritable_home_fails_before_any_work(tmp_path, image_folder):
 def test_evaluate_without_a_checkpoint_exits_2(tmp_path):
     result = mlsd("evaluate", "--model", str(tmp_path / "nope"))
     assert result.returncode == 2 and "no checkpoint at" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-p", "train.lr=-0.1,0.01"], "train.lr=-0.1"),
+    (["-p", "train.bogus=1,2"], "unknown config key 'train.bogus'"),
+    (["-p", "train.batch_size=loguniform:1:64", "--search", "grid"], "grid search needs a list"),
+    (["--set", "tune.space={train.lr: []}"], "empty list"),
+    (["--cv", "3", "--scheduler", "asha"], "--scheduler none"),
+    (["--resume", "never-ran"], "no tune run to resume"),
+])
+def test_tune_bad_space_exits_2_before_any_trial(tmp_path, args, message):
+    result = mlsd("tune", "--home", str(tmp_path), *args, "--json", timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert message in json.loads(result.stdout)["error"]["message"]
+    assert not (tmp_path / "tune").exists() or not any((tmp_path / "tune").iterdir())
