@@ -14,6 +14,9 @@ summary.json; Ray Tune's own experiment state (what `--resume` reads) sits besid
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -380,11 +383,17 @@ def run_tune(cfg: Config, home: str | None = None, log: Callable[[str], None] = 
                                         max_concurrent_trials=concurrent),
             run_config=tune.RunConfig(name=name, storage_path=root, verbose=0,
                                       callbacks=[_progress(plan["trials"], log)]))
+    handler = signal.getsignal(signal.SIGINT)
     grid = tuner.fit()
-    unfinished = len(grid) - grid.num_terminated - grid.num_errors
-    if unfinished:  # Tune turns Ctrl-C into a saved, stopped experiment
-        raise Interrupted(f"tune run {name} stopped with {unfinished} of {len(grid)} trial(s) "
-                          f"unfinished; continue it with: mlsd tune --resume {name}")
+    # Tune turns Ctrl-C into a saved, stopped experiment and returns normally; its handler
+    # puts ours back only when it fired. A trial that ran reports at least one epoch.
+    never_ran = sum(r.metrics_dataframe is None or not len(r.metrics_dataframe)
+                    for r in grid if not r.error)
+    if never_ran or (signal.getsignal(signal.SIGINT) is handler
+                     and threading.current_thread() is threading.main_thread()
+                     and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0"):
+        raise Interrupted(f"tune run {name} was interrupted; its state is saved: continue "
+                          f"with `mlsd tune --resume {name}`")
     from mlsd_ray.tune_report import write_outputs
 
     return write_outputs(run, grid, base, plan, home, log, register,
