@@ -91,6 +91,11 @@ def _fail(as_json: bool, exit_code: int, message: str, hint: str = "") -> None:
     raise typer.Exit(exit_code)
 
 
+def _with_flags(overrides: list[str] | None, flags: dict) -> list[str]:
+    """`--set` overrides followed by the command's own flags that were given, as KEY=VALUE."""
+    return list(overrides or []) + [f"{k}={v}" for k, v in flags.items() if v is not None]
+
+
 def _config(config: Path | None, overrides: list[str] | None, source: str | None):
     cfg = load_config(config, overrides)
     if source is not None:  # taken as typed: a path may hold '#' or ': ' that YAML would eat
@@ -163,7 +168,7 @@ def train(source: SourceOption = None, config: ConfigOption = None, set_: SetOpt
 
     flags = {"train.num_workers": num_workers, "train.cpus_per_worker": cpus_per_worker,
              "train.epochs": epochs, "train.use_gpu": True if use_gpu else None}
-    overrides = list(set_ or []) + [f"{k}={v}" for k, v in flags.items() if v is not None]
+    overrides = _with_flags(set_, flags)
 
     def work() -> dict:
         return train_and_register(_config(config, overrides, source), home=home,
@@ -254,7 +259,7 @@ def tune(source: SourceOption = None, config: ConfigOption = None, set_: SetOpti
              "tune.cv": cv, "tune.max_concurrent": max_concurrent,
              "tune.max_epochs": max_epochs, "tune.grace_period": grace_period,
              "tune.reduction_factor": reduction_factor}
-    overrides = list(set_ or []) + [f"{k}={v}" for k, v in flags.items() if v is not None]
+    overrides = _with_flags(set_, flags)
 
     def work() -> dict:
         from mlsd_ray import runtime

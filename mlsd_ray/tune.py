@@ -263,24 +263,25 @@ def _progress(total: int, log: Callable[[str], None]):
             self.done = 0
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            log(f"trial started: {_describe(trial.config)}")
+            log(f"trial started: {describe(trial.config)}")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.done += 1
             result = trial.last_result or {}
-            log(f"trial {self.done}/{total} {_describe(trial.config)}: "
+            log(f"trial {self.done}/{total} {describe(trial.config)}: "
                 f"{int(result.get('epoch', 0))} epoch(s), "
                 f"val acc {result.get(VAL_METRIC, float('nan')):.4f}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.done += 1
-            log(f"trial {self.done}/{total} {_describe(trial.config)}: failed")
+            log(f"trial {self.done}/{total} {describe(trial.config)}: failed")
 
     return TrialProgress()
 
 
-def _describe(params: dict) -> str:
-    return ", ".join(f"{k.split('.')[-1]}={v:.4g}" if isinstance(v, float)
+def describe(params: dict, digits: int = 4) -> str:
+    """`lr=0.003, batch_size=64`: a trial's parameters by their last key part."""
+    return ", ".join(f"{k.split('.')[-1]}={v:.{digits}g}" if isinstance(v, float)
                      else f"{k.split('.')[-1]}={v}" for k, v in params.items())
 
 

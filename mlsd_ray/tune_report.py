@@ -105,18 +105,22 @@ def curves_png(rows: list[dict], cv: bool) -> bytes:
     return buffer.getvalue()
 
 
+def _params(row: dict) -> dict:
+    """A results row's searched parameters, by their dotted config keys."""
+    return {k.removeprefix("param."): v for k, v in row.items() if k.startswith("param.")}
+
+
 def _label(row: dict) -> str:
-    params = {k.removeprefix("param."): v for k, v in row.items() if k.startswith("param.")}
-    return ", ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float)
-                     else f"{k.split('.')[-1]}={v}" for k, v in params.items())
+    from mlsd_ray.tune import describe
+
+    return describe(_params(row), digits=3)
 
 
 def best_config(base: Config, row: dict, user: Config) -> Config:
     """The winning trial's configuration, ready for `mlsd train --config`."""
     from mlsd_ray.tune import trial_config
 
-    params = {k.removeprefix("param."): v for k, v in row.items() if k.startswith("param.")}
-    cfg = trial_config(base, params)
+    cfg = trial_config(base, _params(row))
     cfg.train.cpus_per_worker = user.train.cpus_per_worker  # the trial's share of a busy node
     return cfg
 
@@ -154,8 +158,7 @@ def write_outputs(run, grid, base: Config, plan: dict, home: str | None,
                "max_epochs": plan["epochs"],
                "best": {k: best.get(k) for k in ("trial", VAL_METRIC, "best_epoch", "epochs_run",
                                                  "cv_mean", "cv_std") if k in best}
-               | {"params": {k.removeprefix("param."): v for k, v in best.items()
-                             if k.startswith("param.")}},
+               | {"params": _params(best)},
                "configurations": [_config_line(r, cv) for r in _table(rows).to_dict("records")],
                "wall_seconds": round(wall_seconds, 1), **outputs}
     summary.update(_track(run, rows, best, best_cfg, home, log, register))
@@ -199,8 +202,7 @@ def _log_trial(row: dict) -> None:
     import mlflow
 
     with mlflow.start_run(run_name=f"trial-{row['trial']}", nested=True):
-        mlflow.log_params({k.removeprefix("param."): v for k, v in row.items()
-                           if k.startswith("param.")})
+        mlflow.log_params(_params(row))
         for epoch, value in row["curve"]:
             mlflow.log_metric(VAL_METRIC, value, step=int(epoch))
         mlflow.set_tags({"status": row["status"], "stopped_early": str(row["stopped_early"]),
