@@ -377,11 +377,15 @@ def run_tune(cfg: Config, home: str | None = None, log: Callable[[str], None] = 
             trainable, param_space=ray_space(cfg.tune.space, plan["search"]),
             tune_config=tune.TuneConfig(metric=RANK_METRIC, mode="max",
                                         num_samples=plan["num_samples"],
-                                        # seeded: the same space draws the same trials
+                                        # seeded: the same space draws the same trials.
+                                        # The limit must sit here: Tune ignores
+                                        # max_concurrent_trials with a SearchGenerator, and
+                                        # extra trial drivers starve the running trials'
+                                        # workers of CPU (measured: one trial at a time).
                                         search_alg=BasicVariantGenerator(
-                                            random_state=cfg.train.seed),
-                                        scheduler=_scheduler(cfg, plan),
-                                        max_concurrent_trials=concurrent),
+                                            random_state=cfg.train.seed,
+                                            max_concurrent=concurrent),
+                                        scheduler=_scheduler(cfg, plan)),
             run_config=tune.RunConfig(name=name, storage_path=root, verbose=0,
                                       callbacks=[_progress(plan["trials"], log)]))
     handler = signal.getsignal(signal.SIGINT)
