@@ -5,7 +5,7 @@
     python3 run.py test [ARGS]       the test suite (pytest ARGS)
     python3 run.py setup             only create/refresh .venv
     python3 run.py lint              ruff
-    python3 run.py bench [ARGS]      bench/data_throughput.py
+    python3 run.py bench [NAME] [ARGS]   bench/NAME.py (default data_throughput), e.g. serve_load
 
 Needs nothing but Python >= 3.10 (with its venv module). `.venv/` is created on first use and
 reinstalled whenever pyproject.toml changes; the first install downloads PyTorch (about 5 GB).
@@ -29,9 +29,16 @@ TASKS = {
     "test": lambda args: [str(BIN / "python"), "-m", "pytest", *args],
     "lint": lambda args: [str(BIN / "ruff"), "check", "mlsd_ray", "tests", "bench", "run.py",
                           *args],
-    "bench": lambda args: [str(BIN / "python"), "bench/data_throughput.py", *args],
+    "bench": lambda args: [str(BIN / "python"), *bench_script(args)],
     "setup": None,
 }
+
+
+def bench_script(args: list[str]) -> list[str]:
+    """`bench NAME ARGS` -> bench/NAME.py ARGS; without a known NAME, the data benchmark."""
+    if args and (ROOT / "bench" / f"{args[0]}.py").is_file():
+        return [f"bench/{args[0]}.py", *args[1:]]
+    return ["bench/data_throughput.py", *args]
 
 
 def requirements_digest() -> str:

@@ -65,6 +65,8 @@ def _run(as_json: bool, work: Callable[[], dict], render: Callable[[dict], None]
     try:
         with redirect_stdout(sys.stderr) if as_json else nullcontext():
             result = work()
+            if as_json:  # Ray's background threads print (e.g. raylet warnings) until shutdown
+                _disconnect_ray()
     except MlsdError as exc:
         _fail(as_json, exc.exit_code, str(exc))
     except KeyboardInterrupt:
@@ -81,6 +83,12 @@ def _run(as_json: bool, work: Callable[[], dict], render: Callable[[dict], None]
 
 
 ERROR_CODES = {1: "failed", 2: "bad_input", 130: "interrupted"}
+
+
+def _disconnect_ray() -> None:
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def _fail(as_json: bool, exit_code: int, message: str, hint: str = "") -> None:
@@ -308,16 +316,24 @@ def pipeline(source: SourceOption = None, config: ConfigOption = None, set_: Set
              as_json: JsonOption = False,
              tune: Annotated[bool, typer.Option(
                  "--tune", help="Search hyperparameters (the tune section) before the final "
-                                "training, which then uses the best ones.")] = False) -> None:
+                                "training, which then uses the best ones.")] = False,
+             serve: Annotated[bool, typer.Option(
+                 "--serve/--no-serve", help="End with a serving check: start the Serve app, "
+                                            "classify test images over HTTP, stop.")] = True,
+             keep_serving: Annotated[bool, typer.Option(
+                 "--keep-serving", help="Leave the app serving (on serve.port) until Ctrl-C.")
+             ] = False) -> None:
     """Run every stage end to end on the configured source (default: the embedded digits).
 
-    data -> [tune] -> train -> register -> evaluate -> promote the first version to production.
+    data -> [tune] -> train -> register -> evaluate -> promote the first version to production
+    -> serve check (HTTP predictions on test images).
     """
     from mlsd_ray.pipeline import run_pipeline
 
     def work() -> dict:
         return run_pipeline(_config(config, set_, source), home=home, force=force, log=log_stderr,
-                            tune=tune)
+                            tune=tune, serve_check=serve or keep_serving,
+                            keep_serving=keep_serving)
 
     def render(result: dict) -> None:
         stages = result["stages"]
@@ -342,6 +358,12 @@ def pipeline(source: SourceOption = None, config: ConfigOption = None, set_: Set
                   f"(version {promoted['version']})")
         elif promoted:
             print(promoted["skipped"])
+        if "serve" in stages:
+            served = stages["serve"]
+            print(f"serve check: {served['correct']}/{served['images']} test images right over "
+                  f"HTTP from version {served['model_version']} at {served['url']}"
+                  + ("" if served["kept_serving"] else " (stopped; `mlsd serve --detach` to "
+                                                        "run it)"))
 
     _run(as_json, work, render)
 
@@ -388,6 +410,14 @@ def models_promote(name: Annotated[str, typer.Argument(help="Registered model na
 
     _run(as_json, lambda: promote(name, version, alias, home),
          lambda r: print(f"{r['name']}@{alias} -> version {r['version']}"))
+
+
+# The serving commands live beside the Serve app; they use the helpers above.
+from mlsd_ray.serve.commands import deploy, predict, serve_app  # noqa: E402
+
+app.add_typer(serve_app, name="serve")
+app.command()(deploy)
+app.command()(predict)
 
 
 def main() -> None:

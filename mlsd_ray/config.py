@@ -24,7 +24,8 @@ class StrictModel(BaseModel):
 class AugmentConfig(StrictModel):
     """Training-time augmentation, drawn per sample by `transforms.Augmenter` (not at data prep)."""
 
-    random_shift: int = Field(1, ge=0, description="Pad by N pixels, then random-crop back.")
+    random_shift: int = Field(2, ge=0, description="Pad by N pixels, then random-crop back "
+                              "(2 on the 16×16 digits = 1 pixel of the 8×8 originals).")
     hflip: bool = Field(False, description="Random horizontal flip; keep off for digits and text.")
     rotation_deg: float = Field(0.0, ge=0, le=180, description="Random rotation in [-deg, deg].")
     brightness: float = Field(0.0, ge=0, description="Colour jitter: brightness factor spread.")
@@ -143,6 +144,62 @@ class TuneConfig(StrictModel):
                                   "[low, high]}.")
 
 
+class AutoscalingConfig(StrictModel):
+    """Replica autoscaling of the model deployment (Serve's autoscaling_config)."""
+
+    min_replicas: int = Field(1, ge=0, description="0 allows scale-to-zero (the first request "
+                              "then waits for a cold start).")
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0, description="Requests in flight per "
+                                           "replica that autoscaling aims for.")
+    upscale_delay_s: float = Field(3.0, ge=0, description="Load must stay high this long "
+                                   "before a replica is added (Serve's default is 30).")
+    downscale_delay_s: float = Field(30.0, ge=0, description="Load must stay low this long "
+                                     "before a replica is removed (Serve's default is 600).")
+    look_back_period_s: float = Field(15.0, gt=10, description="Window the load is averaged "
+                                      "over (Serve's default is 30; must exceed its 10 s "
+                                      "metrics interval).")
+
+    @model_validator(mode="after")
+    def _bounds_in_order(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class ServeConfig(StrictModel):
+    """Serving with Ray Serve: the HTTP app, batching, autoscaling and request routing."""
+
+    model: str = Field("models:/digits-cnn@production", description="models:/NAME@ALIAS, "
+                       "models:/NAME/VERSION or a checkpoint directory.")
+    app_name: str = "mlsd"
+    host: str = Field("127.0.0.1", description="HTTP host (fixed when Serve first starts).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port (fixed when Serve first "
+                      "starts).")
+    max_batch_size: int = Field(32, ge=1, description="Dynamic batching: requests per forward.")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="How long a batch waits to "
+                                        "fill.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Per model replica; must be >= "
+                                      "max_batch_size for batches to fill.")
+    num_cpus: float = Field(0.5, ge=0, description="CPUs per model replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica.")
+    ingress_num_cpus: float = Field(0.25, ge=0, description="CPUs of the HTTP ingress replica.")
+    router: Literal["pow2", "round_robin", "least_connections", "consistent_hash"] = Field(
+        "pow2", description="How the ingress picks a model replica.")
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    max_instances: int = Field(256, ge=1, description="Instances per request, at most.")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Request bodies above "
+                                "this get 413.")
+    top_k: int = Field(3, ge=1, description="Probabilities returned per instance.")
+
+    @model_validator(mode="after")
+    def _batches_can_fill(self) -> ServeConfig:
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError("max_ongoing_requests must be >= max_batch_size, or batches "
+                             "never fill")
+        return self
+
+
 class Config(StrictModel):
     """The whole configuration; later stages add their sections here."""
 
@@ -151,6 +208,7 @@ class Config(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -1,7 +1,8 @@
 """`mlsd pipeline`: every stage in order, each reading the previous stage's output by path.
 
 data -> [tune (Ray Tune), with --tune] -> train (Ray Train) -> register (MLflow) -> evaluate on
-test -> promote the first version to `production`. Serving and monitoring join as they land.
+test -> promote the first version to `production` -> serve check (Ray Serve: start the app,
+classify test digits over HTTP, stop it; with `keep_serving` it stays up until Ctrl-C).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from mlsd_ray.runtime import log_stderr
 
 
 def run_pipeline(cfg: Config, home: str | None = None, force: bool = False,
-                 log: Callable[[str], None] = log_stderr, tune: bool = False) -> dict:
+                 log: Callable[[str], None] = log_stderr, tune: bool = False,
+                 serve_check: bool = True, keep_serving: bool = False) -> dict:
     """Run the stages end to end; returns one summary per stage.
 
     With `tune`, a search (cfg.tune) runs first and the final training uses its best
@@ -24,22 +26,22 @@ def run_pipeline(cfg: Config, home: str | None = None, force: bool = False,
     from mlsd_ray.registry import promote, show
     from mlsd_ray.train import train_and_register
 
-    log("== stage 1/4: data ==")
+    log("== stage 1/5: data ==")
     stages = {"data": prepare_dataset(cfg, home=home, force=force, log=log).summary()}
     if tune:
         from mlsd_ray.tune import run_tune, trial_config
 
-        log("== stage 1b/4: tune ==")
+        log("== stage 1b/5: tune ==")
         stages["tune"] = run_tune(cfg, home=home, log=log, register=False)
         cfg = trial_config(cfg, stages["tune"]["best"]["params"])
         log(f"training with the best parameters: {stages['tune']['best']['params']}")
-    log("== stage 2/4: train and register ==")
+    log("== stage 2/5: train and register ==")
     stages["train"] = train_and_register(cfg, home=home, log=log)
-    log("== stage 3/4: evaluate ==")
+    log("== stage 3/5: evaluate ==")
     stages["evaluate"] = evaluate_checkpoint(stages["train"]["checkpoint"], "test", home)
     registered = stages["train"].get("registered")
     if registered:
-        log("== stage 4/4: promote ==")
+        log("== stage 4/5: promote ==")
         name = registered["name"]
         if not show(name, home)["aliases"] and registered["version"] == 1:
             stages["promote"] = promote(name, 1, "production", home)
@@ -47,4 +49,11 @@ def run_pipeline(cfg: Config, home: str | None = None, force: bool = False,
         else:
             stages["promote"] = {"skipped": f"{name} already has versions; promote one with "
                                             "`mlsd models promote`"}
+    if serve_check:
+        from mlsd_ray.serve.smoke import serve_smoke_check
+
+        log("== stage 5/5: serve ==")
+        model = registered["uri"] if registered else stages["train"]["checkpoint"]
+        stages["serve"] = serve_smoke_check(cfg.serve, model, stages["train"]["dataset"], home,
+                                            keep_serving, log)
     return {"stages": stages}

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 from mlsd_ray import storage
@@ -194,12 +196,23 @@ def resolve(ref: str, home: str | None = None) -> str:
 
     info = show(ref, home)
     target = Path(storage.home(home), "registry-cache", info["name"], str(info["version"]))
-    if not (target / "checksums.json").is_file():
-        target.mkdir(parents=True, exist_ok=True)
-        mlflow.artifacts.download_artifacts(artifact_uri=info["source"], dst_path=str(target))
-        nested = target / ARTIFACT_DIR
-        if nested.is_dir():  # download keeps the artifact folder's name
-            for child in nested.iterdir():
-                child.rename(target / child.name)
-            nested.rmdir()
+    if (target / "checksums.json").is_file():
+        return str(target)
+    # Download beside the target and rename into place: several Serve replicas may resolve
+    # the same version at once, and none may see a half-written folder.
+    staging = Path(tempfile.mkdtemp(prefix=f"{info['version']}.", dir=_made(target.parent)))
+    try:
+        mlflow.artifacts.download_artifacts(artifact_uri=info["source"], dst_path=str(staging))
+        downloaded = staging / ARTIFACT_DIR  # download keeps the artifact folder's name
+        os.rename(downloaded if downloaded.is_dir() else staging, target)
+    except OSError:
+        if not (target / "checksums.json").is_file():  # not a lost race: a real failure
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return str(target)
+
+
+def _made(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory

@@ -6,8 +6,10 @@ command joins a cluster) instead of starting one of their own each.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -110,6 +112,55 @@ def test_pipeline_on_digits(tmp_path, cluster_env):
         stages["evaluate"]["accuracy"])
     missing = mlsd("models", "show", "digits-cnn@staging", "--home", home)
     assert missing.returncode == 2 and "no registered model version" in missing.stderr
+
+    served = stages["serve"]  # the pipeline's own check: HTTP answers from the new version
+    assert served["images"] == 32 and served["accuracy"] > 0.3
+    assert served["model_version"] == "1" and not served["kept_serving"]
+    check_serve_commands(home, cluster_env, tmp_path)
+
+
+def check_serve_commands(home: str, cluster_env: dict, tmp_path) -> None:
+    """`mlsd serve --detach`, a PNG over HTTP, status, predict --url, stop; bad model -> 2."""
+    import requests
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    image = (digits.images[-1] * 255 / 16).round().astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "digit.png")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+
+    nope = mlsd("serve", "--detach", "--model", "models:/digits-cnn@nope", "--home", home,
+                "--port", port, env=cluster_env)
+    assert nope.returncode == 2 and "no registered model version" in nope.stderr
+
+    started = mlsd("serve", "--detach", "--json", "--home", home, "--port", port,
+                   env=cluster_env)
+    assert started.returncode == 0, started.stderr
+    url = json.loads(started.stdout)["url"]
+    try:
+        body = {"instances": [{"b64": base64.b64encode((tmp_path / "digit.png").read_bytes())
+                               .decode()}]}
+        answer = requests.post(f"{url}/v1/predict", json=body, timeout=60).json()
+        assert answer["model_version"] == "1" and answer["model_name"] == "digits-cnn"
+        assert answer["predictions"][0]["class_index"] in range(10)
+
+        status = mlsd("serve", "status", "--json", "--home", home, env=cluster_env)
+        assert status.returncode == 0, status.stderr
+        status = json.loads(status.stdout)
+        assert status["status"] == "RUNNING" and status["model_version"] == "1"
+        assert status["deployments"]["Model"]["replicas"] == {"RUNNING": 1}
+
+        sent = mlsd("predict", "--url", url, str(tmp_path / "digit.png"), "--json")
+        assert sent.returncode == 0, sent.stderr
+        assert json.loads(sent.stdout)["predictions"] == answer["predictions"]
+    finally:
+        stopped = mlsd("serve", "stop", "--json", "--home", home, env=cluster_env)
+    assert stopped.returncode == 0, stopped.stderr
+    gone = mlsd("serve", "status", "--home", home, env=cluster_env)
+    assert gone.returncode == 2 and "mlsd serve --detach" in gone.stderr
 
 
 def test_no_valid_image_exits_2(tmp_path, cluster_env):

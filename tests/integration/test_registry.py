@@ -16,8 +16,8 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 def test_two_trainings_make_two_versions_and_promote_moves_the_alias(home):
-    cfg = load_config(None, ["data.image_size=8", "train.epochs=1", "train.num_workers=1",
-                                 "train.batch_size=64"])
+    cfg = load_config(None, ["data.image_size=8", "data.augment.random_shift=1", "train.epochs=1",
+                             "train.num_workers=1", "train.batch_size=64"])
     first = train_and_register(cfg, home=home)
     second = train_and_register(cfg, home=home)
     assert (first["registered"]["version"], second["registered"]["version"]) == (1, 2)

@@ -15,7 +15,8 @@ from mlsd_ray.tune import run_tune
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
-TINY = ["data.image_size=8", "train.max_failures=0", "tune.max_epochs=2"]
+TINY = ["data.image_size=8", "data.augment.random_shift=1", "train.max_failures=0",
+        "tune.max_epochs=2"]
 
 
 def test_grid_search_keeps_good_trials_when_one_fails(home):
@@ -47,7 +48,8 @@ def test_grid_search_keeps_good_trials_when_one_fails(home):
 
 
 def test_asha_stops_weak_trials_early(home):
-    cfg = load_config(None, ["data.image_size=8", "tune.max_epochs=3", "tune.num_samples=4",
+    cfg = load_config(None, ["data.image_size=8", "data.augment.random_shift=1",
+                             "tune.max_epochs=3", "tune.num_samples=4",
                              "tune.space={train.lr: {loguniform: [1.0e-4, 3.0e-2]}}",
                              "tune.scheduler=asha", "tune.grace_period=1",
                              "tune.reduction_factor=2", "registry.auto_register=false"])

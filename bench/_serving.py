@@ -1,0 +1,70 @@
+"""Shared by the serving benchmarks: the model to serve, a request body, locust runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def model_checkpoint(ref: str, home: str | None) -> dict:
+    """The registered model to serve and its local checkpoint; exits 2 with the fix if none."""
+    from mlsd_ray import registry
+    from mlsd_ray.errors import InputError
+    from mlsd_ray.serve.control import resolve_model_ref
+
+    try:
+        model = resolve_model_ref(ref, home)
+        return {**model, "checkpoint": registry.resolve(model["uri"], home)}
+    except InputError as exc:
+        sys.exit(f"{exc}\nrun `mlsd pipeline` first (or pass --model / --home)")
+
+
+def digit_body(count: int = 1) -> bytes:
+    """A JSON request with `count` real test digits (scikit-learn's, as 0-255 integers)."""
+    from sklearn.datasets import load_digits
+
+    images = (load_digits().images[-count:] * 255 / 16).round().astype(np.uint8)
+    return json.dumps({"instances": [image.tolist() for image in images]}).encode()
+
+
+def wait_for(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+def locust(host: str, users: int, seconds: int, body: bytes) -> dict:
+    """Run locust headless against `host`; requests/s, latency percentiles (ms), failures."""
+    with tempfile.TemporaryDirectory() as tmp:
+        payload = Path(tmp, "body.json")
+        payload.write_bytes(body)
+        prefix = str(Path(tmp, "run"))
+        command = [str(Path(sys.executable).with_name("locust")), "-f",
+                   str(ROOT / "bench" / "locustfile.py"), "--headless", "--host", host,
+                   "-u", str(users), "-r", str(users), "-t", f"{seconds}s", "--csv", prefix,
+                   "--only-summary", "--loglevel", "WARNING"]
+        subprocess.run(command, check=False, env={**os.environ, "BENCH_PAYLOAD": str(payload)},
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(f"{prefix}_stats.csv") as handle:
+            total = next(row for row in csv.DictReader(handle) if row["Name"] == "Aggregated")
+    return {"requests": int(total["Request Count"]), "failures": int(total["Failure Count"]),
+            "requests_per_s": round(float(total["Requests/s"]), 1),
+            "p50_ms": float(total["50%"]), "p95_ms": float(total["95%"]),
+            "p99_ms": float(total["99%"])}

@@ -1,0 +1,292 @@
+"""The Serve application: an HTTP ingress (FastAPI) in front of a model deployment.
+
+    client --HTTP--> Ingress (validate, decode, auth, errors) --handle--> Model (batching,
+                                                                           autoscaling, router)
+
+`build_app(args)` is the application builder behind `mlsd serve`, `serve run` and the Serve config
+in cluster/ (`import_path: mlsd_ray.serve.app:build_app`); its args are the `serve` config section
+plus `home`. Each model replica resolves its registry URI itself (through MLflow), so the same
+app runs on a laptop and on a cluster with a shared registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+from starlette.exceptions import HTTPException
+
+from mlsd_ray import __version__
+from mlsd_ray.config import ServeConfig
+from mlsd_ray.serve import schemas
+from mlsd_ray.serve.routers import ROUTER_CLASSES
+from mlsd_ray.serve.schemas import ClientError
+
+TOKEN_ENV = "MLSD_API_TOKEN"
+SESSION_HEADER = "x-session-id"
+
+api = FastAPI(title="mlsd-ray", version=__version__,
+              description="Image classification served by Ray Serve. Errors are JSON "
+                          '`{"error": {"code", "message"}}`; 4xx means the request was wrong.')
+
+
+# ----------------------------------------------------------------------------- model deployment
+
+
+def load_served_model(model_uri: str, home: str | None) -> tuple[Any, dict]:
+    """Load a checkpoint by registry URI or path; returns it and its public description."""
+    from mlsd_ray import registry
+    from mlsd_ray.checkpoint import load_model
+
+    if model_uri.startswith("models:/"):
+        version = registry.show(model_uri, home)
+        path = registry.resolve(version["uri"], home)
+        name, number = version["name"], str(version["version"])
+        metrics = {"val_accuracy": version["val_accuracy"],
+                   "test_accuracy": version["test_accuracy"]}
+        uri = version["uri"]
+    else:
+        path, uri = registry.resolve(model_uri, home), model_uri
+        number, metrics = "local", {}
+    loaded = load_model(path)
+    if number == "local":  # a checkpoint folder: named after the run that wrote it
+        name = loaded.metadata.get("run_name") or os.path.basename(os.path.normpath(path))
+    pre = loaded.preprocessor
+    info = {"model_name": name, "model_version": number, "uri": uri, "architecture":
+            loaded.model_config["name"], "classes": pre.class_names, "metrics": metrics,
+            "input": {"image_size": pre.image_size, "channels": pre.channels,
+                      "accepts": "numeric H×W or H×W×C arrays (integers 0-255 or floats in "
+                                 "[0, 1]), base64 PNG/JPEG, or multipart image files; any "
+                                 "size is resized to the trained size"},
+            "trained_run": loaded.metadata.get("run_name")}
+    return loaded, info
+
+
+@serve.deployment(name="Model")
+class ModelServer:
+    """The network behind dynamic batching: one forward pass for many requests."""
+
+    def __init__(self, model_uri: str, home: str | None, max_batch_size: int,
+                 batch_wait_timeout_s: float, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)  # replicas share the machine: no thread oversubscription
+        self.loaded, self.info = load_served_model(model_uri, home)
+        self.predict.set_max_batch_size(max_batch_size)
+        self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+
+    def describe(self) -> dict:
+        return {**self.info, "replica": self.replica}
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def predict(self, requests: list[list[np.ndarray]]) -> list[dict]:
+        """Each request is a list of uint8 images; answers are class probabilities per image."""
+        sizes = [len(images) for images in requests]
+        flat = [image for images in requests for image in images]
+        # Off the event loop, so the next batch fills while this one runs.
+        probabilities = await asyncio.to_thread(self._forward, flat)
+        answers, start = [], 0
+        for size in sizes:
+            answers.append({"probabilities": probabilities[start:start + size],
+                            "model_name": self.info["model_name"],
+                            "model_version": self.info["model_version"],
+                            "classes": self.info["classes"], "replica": self.replica,
+                            "batch_images": len(flat)})
+            start += size
+        return answers
+
+    def _forward(self, images: list[np.ndarray]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            logits = self.loaded.model(self.loaded.preprocessor(images))
+            return torch.softmax(logits.float(), dim=1).numpy()
+
+
+# ----------------------------------------------------------------------------- HTTP ingress
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"code": code,
+                                                               "message": message}})
+
+
+@api.exception_handler(ClientError)
+async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
+    return _error(exc.status, exc.code, exc.message)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    return _error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return _error(422, "invalid_request", str(exc.errors()))
+
+
+_PREDICT_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": schemas.PredictRequest.model_json_schema()},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {
+        "type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
+_ERRORS = {status: {"model": schemas.ErrorResponse} for status in (400, 401, 413, 415, 422, 503)}
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(api)
+class Ingress:
+    """Validates and decodes requests, calls the model deployment, shapes answers and errors."""
+
+    def __init__(self, model, settings: dict):
+        self.model = model
+        self.max_instances = settings["max_instances"]
+        self.max_body_bytes = settings["max_body_bytes"]
+        self.top_k = settings["top_k"]
+        self.token_sha256 = settings.get("token_sha256")
+        self.sticky = settings["router"] == "consistent_hash"
+
+    @api.post("/v1/predict", response_model=schemas.PredictResponse, responses=_ERRORS,
+              openapi_extra=_PREDICT_BODY, summary="Classify images")
+    async def predict(self, request: Request) -> dict:
+        """JSON `{"instances": [...]}` or a multipart upload of image files."""
+        started = time.perf_counter()
+        self._authorize(request)
+        images = await self._instances(request)
+        answer = await self._call_model(request, images)
+        return {"predictions": schemas.top_k(answer["probabilities"], answer["classes"],
+                                             self.top_k),
+                "model_name": answer["model_name"], "model_version": answer["model_version"],
+                "latency_ms": round(1000 * (time.perf_counter() - started), 3),
+                "replica": answer["replica"]}
+
+    @api.get("/v1/health", summary="200 once the model is loaded")
+    async def health(self) -> JSONResponse:
+        try:
+            info = await asyncio.wait_for(self.model.describe.remote(), timeout=30)
+        except Exception as exc:  # no replica yet, or it died: not ready
+            return _error(503, "not_ready", f"model not ready: {type(exc).__name__}")
+        return JSONResponse({"status": "ok", "model_name": info["model_name"],
+                             "model_version": info["model_version"]})
+
+    @api.get("/v1/model", responses=_ERRORS, summary="The served model version and its schema")
+    async def model_info(self, request: Request) -> dict:
+        self._authorize(request)
+        return await self.model.describe.remote()
+
+    def _authorize(self, request: Request) -> None:
+        if not self.token_sha256:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self.token_sha256):
+            raise ClientError(401, "unauthorized", f"send 'Authorization: Bearer <token>' "
+                                                   f"with the server's {TOKEN_ENV}")
+
+    async def _instances(self, request: Request) -> list[np.ndarray]:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type not in ("application/json", "multipart/form-data"):
+            raise ClientError(415, "unsupported_media_type",
+                              f"content type {content_type or '(none)'!r}; send "
+                              "application/json or multipart/form-data")
+        body = await self._body(request)
+        if content_type == "application/json":
+            return schemas.instances_from_json(schemas.parse_json(body), self.max_instances)
+        return await self._uploads(request, body)
+
+    async def _body(self, request: Request) -> bytes:
+        """The body, refused with 413 as soon as it passes the limit (declared or streamed)."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise self._too_large(int(declared))
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise self._too_large(size)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_large(self, size: int) -> ClientError:
+        return ClientError(413, "body_too_large", f"request body of {size} bytes or more; the "
+                                                  f"limit is {self.max_body_bytes}")
+
+    async def _uploads(self, request: Request, body: bytes) -> list[np.ndarray]:
+        async def replay() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(max_files=self.max_instances + 1)
+        except Exception as exc:  # starlette's MultiPartException and parser errors
+            raise ClientError(400, "malformed_multipart", f"cannot parse the form: {exc}") from exc
+        files = [value for _, value in form.multi_items() if hasattr(value, "read")]
+        if not files:
+            raise ClientError(422, "empty_instances", "the form has no image files")
+        if len(files) > self.max_instances:
+            raise ClientError(413, "too_many_instances", f"more than {self.max_instances} files")
+        return [schemas.decode_upload(await f.read(), f.filename or "upload") for f in files]
+
+    async def _call_model(self, request: Request, images: list[np.ndarray]) -> dict:
+        """One retry when the replica died under us: predictions are idempotent."""
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        handle = self.model
+        if self.sticky:  # consistent hashing keys on the session: header, else client address
+            key = request.headers.get(SESSION_HEADER) or (request.client.host
+                                                          if request.client else "")
+            handle = handle.options(session_id=key)
+        for attempt in range(2):
+            try:
+                return await handle.predict.remote(images)
+            except (RayActorError, ActorUnavailableError) as exc:
+                if attempt:
+                    raise ClientError(503, "model_unavailable",
+                                      f"model replica unavailable: {exc}") from exc
+        raise AssertionError("unreachable")
+
+
+# ----------------------------------------------------------------------------- builder
+
+
+def build_app(args: dict) -> serve.Application:
+    """Application builder: args = the `serve` config keys plus optional `home`."""
+    args = dict(args)
+    home = args.pop("home", None)
+    return app_from_config(ServeConfig.model_validate(args), home)
+
+
+def app_from_config(settings: ServeConfig, home: str | None = None) -> serve.Application:
+    """Bind the two deployments with the configured batching, autoscaling and router."""
+    from mlsd_ray import storage
+
+    options = {"autoscaling_config": settings.autoscaling.model_dump(),
+               "max_ongoing_requests": settings.max_ongoing_requests,
+               "ray_actor_options": {"num_cpus": settings.num_cpus,
+                                     "num_gpus": settings.num_gpus}}
+    router = ROUTER_CLASSES[settings.router]
+    if router:
+        options["request_router_config"] = RequestRouterConfig(request_router_class=router)
+    model = ModelServer.options(**options).bind(
+        settings.model, storage.home(home), settings.max_batch_size,
+        settings.batch_wait_timeout_s, max(1, round(settings.num_cpus)))
+    token = os.environ.get(TOKEN_ENV)
+    ingress_settings = {"max_instances": settings.max_instances,
+                        "max_body_bytes": settings.max_body_bytes, "top_k": settings.top_k,
+                        "router": settings.router,
+                        "token_sha256": hashlib.sha256(token.encode()).hexdigest()
+                        if token else None}
+    return Ingress.options(ray_actor_options={"num_cpus": settings.ingress_num_cpus},
+                           max_ongoing_requests=max(256, 4 * settings.max_ongoing_requests),
+                           ).bind(model, ingress_settings)

@@ -1,0 +1,175 @@
+"""`mlsd serve [status|stop]`, `mlsd deploy` and `mlsd predict`: the serving commands.
+
+Registered on the main app by mlsd_ray.cli (imported at the end of it, so the shared options and
+`_run` exist by then).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mlsd_ray.cli import (
+    ConfigOption,
+    HomeOption,
+    JsonOption,
+    SetOption,
+    SourceOption,
+    _config,
+    _run,
+    _with_flags,
+)
+from mlsd_ray.runtime import log_stderr
+
+AppOption = Annotated[str, typer.Option("--app", help="Serve application name.")]
+
+serve_app = typer.Typer(help="Serve a registered model over HTTP with Ray Serve.",
+                        invoke_without_command=True, rich_markup_mode="markdown")
+
+
+@serve_app.callback()
+def serve(ctx: typer.Context, config: ConfigOption = None, set_: SetOption = None,
+          home: HomeOption = None, as_json: JsonOption = False,
+          model: Annotated[str | None, typer.Option(
+              "--model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint "
+                              "directory (default models:/digits-cnn@production).")] = None,
+          port: Annotated[int | None, typer.Option("--port", help="HTTP port (serve.port).")
+                          ] = None,
+          host: Annotated[str | None, typer.Option("--host", help="HTTP host (serve.host).")
+                          ] = None,
+          router: Annotated[str | None, typer.Option(
+              "--router", help="pow2 | round_robin | least_connections | consistent_hash.")
+          ] = None,
+          min_replicas: Annotated[int | None, typer.Option(
+              "--min-replicas", help="serve.autoscaling.min_replicas (0 = scale to zero).")
+          ] = None,
+          max_replicas: Annotated[int | None, typer.Option(
+              "--max-replicas", help="serve.autoscaling.max_replicas")] = None,
+          detach: Annotated[bool, typer.Option(
+              "--detach", help="Return once healthy and leave the app running (stop it with "
+                               "`mlsd serve stop`).")] = False) -> None:
+    """Serve a model: POST /v1/predict, GET /v1/health, GET /v1/model, OpenAPI at /docs.
+
+    Runs until Ctrl-C, or with --detach returns once the app answers /v1/health. The alias is
+    pinned to its version at start; move versions with `mlsd deploy`. Set MLSD_API_TOKEN to
+    require `Authorization: Bearer <token>`. Subcommands: `status`, `stop`.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from mlsd_ray.serve import control
+
+    flags = {"serve.model": model, "serve.port": port, "serve.host": host,
+             "serve.router": router, "serve.autoscaling.min_replicas": min_replicas,
+             "serve.autoscaling.max_replicas": max_replicas}
+    overrides = _with_flags(set_, flags)
+
+    def work() -> dict:
+        summary = control.start(_config(config, overrides, None).serve, home, detach,
+                                log_stderr)
+        if not detach:
+            control.serve_until_interrupted(summary, log_stderr)
+        return summary
+
+    def render(summary: dict) -> None:
+        model_info = summary["model"]
+        print(f"serving {model_info['name']} version {model_info['version']} at "
+              f"{summary['url']} (healthy after {summary['seconds_to_healthy']} s)")
+        print(f"try: curl {summary['url']}/v1/model    API docs: {summary['docs']}")
+        if detach:
+            print("running in the background: `mlsd serve status`, `mlsd serve stop`")
+
+    _run(as_json, work, render)
+
+
+@serve_app.command("status")
+def serve_status(home: HomeOption = None, app_name: AppOption = "mlsd",
+                 as_json: JsonOption = False) -> None:
+    """The running app: its state, replicas per deployment and the served model version."""
+    from mlsd_ray.serve import control
+
+    def render(result: dict) -> None:
+        print(f"{result['app_name']} at {result['url']}: {result['status']}, model version "
+              f"{result['model_version']} ({result['model']})")
+        for name, deployment in result["deployments"].items():
+            print(f"  {name}: {deployment['status']}, replicas {deployment['replicas']}")
+
+    _run(as_json, lambda: control.status(home, app_name), render)
+
+
+@serve_app.command("stop")
+def serve_stop(home: HomeOption = None, app_name: AppOption = "mlsd",
+               as_json: JsonOption = False) -> None:
+    """Stop the app (and the local Ray head that `mlsd serve --detach` started, if any)."""
+    from mlsd_ray.serve import control
+
+    def render(result: dict) -> None:
+        extra = " and the Ray head it started" if result["stopped_ray_head"] else ""
+        print(f"stopped {result['app_name']}{extra}")
+
+    _run(as_json, lambda: control.stop(home, app_name), render)
+
+
+def deploy(model: Annotated[str, typer.Option(
+               "--model", help="models:/NAME/VERSION (or @ALIAS, or a checkpoint directory).")],
+           home: HomeOption = None, app_name: AppOption = "mlsd",
+           as_json: JsonOption = False) -> None:
+    """Move the running app to another model version with a rolling update (no failed requests).
+
+    Serve starts replicas of the new version and retires the old ones as the new become healthy;
+    every answer carries the version that produced it.
+    """
+    from mlsd_ray.serve import control
+
+    def render(result: dict) -> None:
+        print(f"{result['app_name']}: {result['from']['uri']} -> {result['to']['uri']} in "
+              f"{result['seconds']} s; now serving version {result['served_version']}")
+
+    _run(as_json, lambda: control.deploy(model, home, app_name, log_stderr), render)
+
+
+def predict(files: Annotated[list[Path] | None, typer.Argument(
+                help="Image files to send to --url.")] = None,
+            url: Annotated[str | None, typer.Option(
+                "--url", help="A running app, e.g. http://127.0.0.1:8000.")] = None,
+            model: Annotated[str | None, typer.Option(
+                "--model", help="Offline: models:/NAME/VERSION|@ALIAS or a checkpoint.")] = None,
+            source: SourceOption = None, config: ConfigOption = None, set_: SetOption = None,
+            out: Annotated[Path | None, typer.Option(
+                "--out", help="Offline: parquet folder for the predictions (default "
+                              "$MLSD_HOME/predictions/batch-TIME).")] = None,
+            home: HomeOption = None, as_json: JsonOption = False) -> None:
+    """Predict offline over a dataset with Ray Data, or send image files to a running app.
+
+    Offline: `mlsd predict --model URI --source SPEC --out PATH` reads the source like the data
+    stage (invalid rows are counted, not fatal), runs the model on an actor pool and writes
+    parquet (row id, label if known, class, confidence). Online: `mlsd predict --url URL FILE...`.
+    """
+    from mlsd_ray.errors import InputError
+
+    def work() -> dict:
+        if url:
+            if not files:
+                raise InputError("--url needs image FILEs to send")
+            from mlsd_ray.serve.client import predict_files
+
+            return predict_files(url, files)
+        if not model:
+            raise InputError("give --model (offline over --source) or --url with FILEs")
+        from mlsd_ray.serve.batch import predict_dataset
+
+        cfg = _config(config, _with_flags(set_, {}), source)
+        return predict_dataset(model, cfg, out, home, log_stderr)
+
+    def render(result: dict) -> None:
+        if "predictions" in result and "url" in result:
+            for path, answer in zip(result["files"], result["predictions"]):
+                print(f"{path}: {answer['class_name']} "
+                      f"({max(answer['probabilities'].values()):.3f})")
+            print(f"model {result['model_name']} version {result['model_version']}")
+        else:
+            print(json.dumps(result, indent=2))
+
+    _run(as_json, work, render)

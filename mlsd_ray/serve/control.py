@@ -1,0 +1,311 @@
+"""Running the Serve app: start (foreground or detached), status, rolling deploy, stop.
+
+A detached app needs a Ray instance that outlives the command, so `mlsd serve --detach` starts a
+local head with `ray start --head --block` in its own process group (or uses `RAY_ADDRESS`), and
+`mlsd serve stop` stops only that process group. What is running is recorded in
+`$MLSD_HOME/serve/APP.json` (URL, model, settings, Ray address), which status/deploy/stop read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from mlsd_ray import storage
+from mlsd_ray.config import ServeConfig
+from mlsd_ray.errors import InputError, WorkError
+from mlsd_ray.runtime import log_stderr
+
+HEALTH_TIMEOUT_S = 120.0
+
+
+def resolve_model_ref(ref: str, home: str | None) -> dict:
+    """Pin a model reference to one version before deploying (an alias may move later).
+
+    Returns {"uri", "name", "version"}; InputError (exit 2) when it does not resolve.
+    """
+    from mlsd_ray import registry
+    from mlsd_ray.checkpoint import verify
+
+    if ref.startswith("models:/"):
+        info = registry.show(ref, home)
+        registry.resolve(info["uri"], home)  # download now: a broken artifact fails here
+        return {"uri": info["uri"], "name": info["name"], "version": str(info["version"])}
+    path = os.path.abspath(ref)
+    if not os.path.isdir(path):
+        raise InputError(f"model {ref!r} is neither models:/NAME[/VERSION|@ALIAS] nor a "
+                         "checkpoint directory")
+    verify(path)
+    return {"uri": path, "name": os.path.basename(path), "version": "local"}
+
+
+def state_file(home: str | None, app_name: str) -> Path:
+    return Path(storage.home(home), "serve", f"{app_name}.json")
+
+
+def read_state(home: str | None, app_name: str) -> dict:
+    path = state_file(home, app_name)
+    if not path.is_file():
+        raise InputError(f"no running app {app_name!r} recorded in {path}; start one with "
+                         "`mlsd serve --detach`")
+    return json.loads(path.read_text())
+
+
+def url_of(settings: ServeConfig) -> str:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    return f"http://{host}:{settings.port}"
+
+
+def start(settings: ServeConfig, home: str | None = None, detach: bool = False,
+          log: Callable[[str], None] = log_stderr) -> dict:
+    """Deploy the app and wait until it answers /v1/health; returns where and what is served."""
+    from ray import serve
+
+    from mlsd_ray.serve.app import app_from_config
+
+    model = resolve_model_ref(settings.model, home)
+    settings = settings.model_copy(update={"model": model["uri"]})
+    cluster = _connect_for(home, settings, detach, log)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    log(f"deploying {model['uri']} as app {settings.app_name!r} ({settings.router} routing, "
+        f"{settings.autoscaling.min_replicas}-{settings.autoscaling.max_replicas} replicas)")
+    started = time.perf_counter()
+    serve.run(app_from_config(settings, home), name=settings.app_name, route_prefix="/")
+    url = url_of(settings)
+    health = wait_healthy(url)
+    summary = {"url": url, "docs": f"{url}/docs", "app_name": settings.app_name,
+               "model": model, "seconds_to_healthy": round(time.perf_counter() - started, 2),
+               "detached": detach, **cluster, "serve": settings.model_dump(mode="json"),
+               "home": storage.home(home), "served_version": health["model_version"]}
+    path = state_file(home, settings.app_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2))
+    summary["state_file"] = str(path)
+    return summary
+
+
+def serve_until_interrupted(summary: dict, log: Callable[[str], None] = log_stderr) -> None:
+    """Foreground mode: keep this driver (and so a local Ray) alive until Ctrl-C, then stop."""
+    import ray
+    from ray import serve
+
+    log(f"serving at {summary['url']} (docs {summary['docs']}); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        log("stopping")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        state_file(summary["home"], summary["app_name"]).unlink(missing_ok=True)
+
+
+def _connect_for(home: str | None, settings: ServeConfig, detach: bool,
+                 log: Callable[[str], None]) -> dict:
+    """Join Ray: RAY_ADDRESS, else (detached) a head we start, else a local in-process one."""
+    import ray
+
+    from mlsd_ray import runtime
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS") or not detach:
+        _check_port_free(settings, serve_running=ray.is_initialized())
+        runtime.ensure_ray()
+        return {"ray_address": ray.get_runtime_context().gcs_address, "cluster_pid": None}
+    _check_port_free(settings, serve_running=False)
+    head = start_head(home, log)
+    _join(head["ray_address"])
+    return head
+
+
+def _check_port_free(settings: ServeConfig, serve_running: bool) -> None:
+    if serve_running:
+        return  # an in-process Serve keeps its port across apps
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((settings.host, settings.port))
+        except OSError as exc:
+            raise InputError(f"cannot serve on {settings.host}:{settings.port}: {exc.strerror}; "
+                             "pick another with --port (or stop what uses it, e.g. "
+                             "`mlsd serve stop`)") from exc
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_head(home: str | None, log: Callable[[str], None]) -> dict:
+    """`ray start --head --block` in a new process group; returns its address and pid."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    port, dashboard = _free_port(), _free_port()
+    log_path = Path(storage.home(home), "serve", "ray-head.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    command = [str(ray_bin), "start", "--head", "--block", f"--port={port}",
+               "--node-ip-address=127.0.0.1", f"--dashboard-port={dashboard}",
+               "--include-dashboard=true", "--disable-usage-stats"]
+    log(f"starting a local Ray head for the detached app (log: {log_path})")
+    with open(log_path, "ab") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise WorkError(f"`ray start --head` exited with {process.returncode}; see "
+                            f"{log_path}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", dashboard)) == 0:
+                return {"ray_address": address, "cluster_pid": process.pid,
+                        "dashboard": f"http://127.0.0.1:{dashboard}"}
+        time.sleep(0.5)
+    _kill_group(process.pid)
+    raise WorkError(f"the Ray head did not come up within 90 s; see {log_path}")
+
+
+def _join(address: str) -> None:
+    import logging
+
+    import ray
+
+    from mlsd_ray import runtime
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    runtime.ensure_ray()
+
+
+def wait_healthy(url: str, timeout: float = HEALTH_TIMEOUT_S) -> dict:
+    """Poll GET /v1/health until 200; WorkError with the last answer after `timeout`."""
+    deadline, last = time.monotonic() + timeout, "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/v1/health", timeout=5) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}"
+        except (OSError, ValueError) as exc:
+            last = str(exc)
+        time.sleep(0.5)
+    raise WorkError(f"{url} was not healthy within {timeout:.0f} s (last: {last})")
+
+
+def get_json(url: str, timeout: float = 10) -> dict:
+    """GET a JSON document from the running app (the token from MLSD_API_TOKEN if set)."""
+    from mlsd_ray.serve.app import TOKEN_ENV
+
+    request = urllib.request.Request(url)
+    if os.environ.get(TOKEN_ENV):
+        request.add_header("Authorization", f"Bearer {os.environ[TOKEN_ENV]}")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def status(home: str | None = None, app_name: str = "mlsd") -> dict:
+    """What runs: app and deployment states, replica counts, the served version."""
+    from ray import serve
+
+    state = read_state(home, app_name)
+    _join_recorded(state)
+    apps = serve.status().applications
+    if app_name not in apps:
+        raise InputError(f"app {app_name!r} is not running in the Ray cluster at "
+                         f"{state['ray_address']}")
+    app = apps[app_name]
+    deployments = {name: {"status": str(d.status.value if hasattr(d.status, "value")
+                                        else d.status),
+                          "replicas": {str(k.value if hasattr(k, "value") else k): v
+                                       for k, v in d.replica_states.items()}}
+                   for name, d in app.deployments.items()}
+    try:
+        served = get_json(f"{state['url']}/v1/model")
+    except (OSError, ValueError) as exc:
+        served = {"error": str(exc)}
+    return {"app_name": app_name, "url": state["url"], "status": str(app.status.value if hasattr(
+        app.status, "value") else app.status), "deployments": deployments,
+        "model_version": served.get("model_version"), "model": served.get("uri"),
+        "ray_address": state["ray_address"], "detached": state["detached"]}
+
+
+def _join_recorded(state: dict) -> None:
+    try:
+        _join(state["ray_address"])
+    except ConnectionError as exc:
+        raise InputError(f"the Ray instance at {state['ray_address']} that served "
+                         f"{state['app_name']!r} is gone (stale {state.get('state_file')}); "
+                         "start again with `mlsd serve --detach`") from exc
+
+
+def deploy(model_ref: str, home: str | None = None, app_name: str = "mlsd",
+           log: Callable[[str], None] = log_stderr) -> dict:
+    """Move the running app to another model version with a rolling update."""
+    from ray import serve
+
+    from mlsd_ray.serve.app import app_from_config
+
+    state = read_state(home, app_name)
+    model = resolve_model_ref(model_ref, home)
+    settings = ServeConfig.model_validate({**state["serve"], "model": model["uri"]})
+    _join_recorded(state)
+    before = state["model"]
+    log(f"rolling update of {app_name!r}: {before['uri']} -> {model['uri']}")
+    started = time.perf_counter()
+    serve.run(app_from_config(settings, state["home"]), name=app_name, route_prefix="/")
+    served = get_json(f"{state['url']}/v1/model")
+    state.update(model=model, serve=settings.model_dump(mode="json"),
+                 served_version=served["model_version"])
+    state_file(home, app_name).write_text(json.dumps(state, indent=2))
+    return {"app_name": app_name, "url": state["url"], "from": before, "to": model,
+            "served_version": served["model_version"],
+            "seconds": round(time.perf_counter() - started, 2)}
+
+
+def stop(home: str | None = None, app_name: str = "mlsd") -> dict:
+    """Delete the app; stop the Ray head too if `mlsd serve --detach` started it."""
+    import ray
+    from ray import serve
+
+    state = read_state(home, app_name)
+    stopped_cluster = False
+    try:
+        _join_recorded(state)
+        serve.delete(app_name)
+        if not serve.status().applications:
+            serve.shutdown()
+    except InputError:
+        pass  # its Ray is gone already: only the record is left to clean
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    if state.get("cluster_pid"):
+        stopped_cluster = _kill_group(state["cluster_pid"])
+    state_file(home, app_name).unlink(missing_ok=True)
+    return {"app_name": app_name, "stopped": True, "stopped_ray_head": stopped_cluster}
+
+
+def _kill_group(pid: int, timeout: float = 30) -> bool:
+    """SIGTERM the `ray start --block` group (it stops the processes it started)."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.5)
+    os.killpg(pid, signal.SIGKILL)
+    return True

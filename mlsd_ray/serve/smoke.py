@@ -1,0 +1,58 @@
+"""The pipeline's last stage: serve the new model, classify test images over HTTP, stop.
+
+Checks the whole path a user's request takes (HTTP -> ingress -> batching -> model) with the
+preprocessing read from the checkpoint, not the training code's copy of it.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+
+from mlsd_ray.config import ServeConfig
+from mlsd_ray.data.prepare import PreparedDataset
+
+SMOKE_IMAGES = 32
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def serve_smoke_check(settings: ServeConfig, model: str, dataset_path: str, home: str | None,
+                      keep_serving: bool, log: Callable[[str], None]) -> dict:
+    """Start the app on `model`, send SMOKE_IMAGES test images, report accuracy; then stop."""
+    from ray import serve
+
+    from mlsd_ray.serve import control
+    from mlsd_ray.serve.client import post_json
+
+    updates = {"model": model}
+    if not keep_serving and not _port_free(settings.host, settings.port):
+        with socket.socket() as probe:  # a check only: any free port will do
+            probe.bind((settings.host, 0))
+            updates["port"] = probe.getsockname()[1]
+    summary = control.start(settings.model_copy(update=updates), home, log=log)
+    images, labels = PreparedDataset.open(dataset_path).load_split("test")
+    images, labels = images[:SMOKE_IMAGES], labels[:SMOKE_IMAGES]
+    answer = post_json(f"{summary['url']}/v1/predict",
+                       {"instances": [image.tolist() for image in images]})
+    predicted = [p["class_index"] for p in answer["predictions"]]
+    correct = sum(int(p == y) for p, y in zip(predicted, labels))
+    result = {"url": summary["url"], "model_version": answer["model_version"],
+              "images": len(predicted), "correct": correct,
+              "accuracy": round(correct / len(predicted), 4),
+              "seconds_to_healthy": summary["seconds_to_healthy"], "kept_serving": keep_serving}
+    log(f"served {answer['model_name']} version {answer['model_version']} at {summary['url']}: "
+        f"{correct}/{len(predicted)} test images right over HTTP")
+    if keep_serving:
+        control.serve_until_interrupted(summary, log)
+    else:
+        serve.shutdown()
+        control.state_file(home, settings.app_name).unlink(missing_ok=True)
+    return result

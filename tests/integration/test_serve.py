@@ -1,0 +1,240 @@
+"""Ray Serve app over real HTTP: predictions, bad input, auth, rolling deploy, routers, batch.
+
+One small model is trained with the real training stage and registered twice (versions 1 and 2
+hold the same weights, which is all a rolling update needs); Serve starts once for the module.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from mlsd_ray.config import ServeConfig, load_config
+from mlsd_ray.data.prepare import PreparedDataset
+from mlsd_ray.errors import InputError
+from mlsd_ray.registry import log_and_register
+from mlsd_ray.serve import control
+from mlsd_ray.serve.app import TOKEN_ENV
+from mlsd_ray.train import run_train
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, ray_session):
+    """A registered digits model (v1 and v2), its test split, and a Serve HTTP port."""
+    from ray import serve
+
+    home = str(tmp_path_factory.mktemp("serve") / "mlsd-home")
+    cfg = load_config(None, ["data.image_size=8", "data.augment.random_shift=1", "train.epochs=4",
+                             "train.num_workers=1", "train.lr=0.005", "train.max_failures=0"])
+    result = run_train(cfg, home=home, log=lambda _: None)
+    dataset = PreparedDataset.open(result.dataset_path)
+    for _ in range(2):
+        log_and_register(result, cfg, dataset, "digits-cnn", home)
+    images, labels = dataset.load_split("test")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    yield {"home": home, "images": images, "labels": labels, "port": port,
+           "url": f"http://127.0.0.1:{port}"}
+    serve.shutdown()
+
+
+def deploy(served, model="models:/digits-cnn/1", **settings) -> dict:
+    """(Re)deploy the app; small CPU shares so two model replicas fit beside the test driver."""
+    scaling = settings.pop("autoscaling", {"min_replicas": 1, "max_replicas": 1})
+    config = ServeConfig(model=model, port=served["port"], num_cpus=0.25, ingress_num_cpus=0.1,
+                         autoscaling=scaling, **settings)
+    return control.start(config, home=served["home"], log=lambda _: None)
+
+
+def predict(served, payload, **kwargs) -> requests.Response:
+    return requests.post(f"{served['url']}/v1/predict", json=payload, timeout=60, **kwargs)
+
+
+def png_b64(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image[:, :, 0]).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_predicts_arrays_pngs_and_uploads_with_the_model_version(served):
+    summary = deploy(served)
+    assert summary["served_version"] == "1" and summary["model"]["uri"] == "models:/digits-cnn/1"
+    images, labels = served["images"][:40], served["labels"][:40]
+
+    answer = predict(served, {"instances": [image.tolist() for image in images]})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert (body["model_name"], body["model_version"]) == ("digits-cnn", "1")
+    predicted = [p["class_index"] for p in body["predictions"]]
+    assert np.mean(np.array(predicted) == labels) > 0.7  # chance is 0.1
+    first = body["predictions"][0]
+    assert len(first["probabilities"]) == 3 and first["class_name"] == str(first["class_index"])
+    assert body["latency_ms"] > 0 and body["replica"]
+
+    as_png = predict(served, {"instances": [{"b64": png_b64(images[0])}]}).json()
+    assert as_png["predictions"][0] == first  # same preprocessing whatever the encoding
+
+    buffer = io.BytesIO()
+    Image.fromarray(images[0][:, :, 0]).save(buffer, format="PNG")
+    upload = requests.post(f"{served['url']}/v1/predict", timeout=60,
+                           files={"file": ("digit.png", buffer.getvalue(), "image/png")})
+    assert upload.status_code == 200 and upload.json()["predictions"][0] == first
+
+    assert requests.get(f"{served['url']}/v1/health", timeout=30).json()["status"] == "ok"
+    info = requests.get(f"{served['url']}/v1/model", timeout=30).json()
+    assert info["classes"] == [str(d) for d in range(10)] and info["input"]["image_size"] == 8
+    assert info["metrics"]["test_accuracy"] > 0.5
+    assert "/v1/predict" in requests.get(f"{served['url']}/openapi.json", timeout=30).json()[
+        "paths"]
+
+
+def test_bad_requests_get_4xx_json_errors_and_serving_continues(served):
+    deploy(served, max_instances=4, max_body_bytes=4096)
+    url = f"{served['url']}/v1/predict"
+    good = served["images"][0].tolist()
+    cases = {
+        "malformed_json": (400, dict(data=b'{"instances": [', headers=JSON)),
+        "missing_instances": (422, dict(json={"inputs": [good]})),
+        "empty_instances": (422, dict(json={"instances": []})),
+        "too_many_instances": (413, dict(json={"instances": [[[0]]] * 5})),
+        "bad_shape": (422, dict(json={"instances": [[[[0] * 3] * 2] * 2, [1, 2, 3]]})),
+        "non_finite": (422, dict(data=b'{"instances": [[[NaN, 0], [0, 0]]]}', headers=JSON)),
+        "out_of_range": (422, dict(json={"instances": [[[300, 0], [0, 0]]]})),
+        "corrupt_image": (422, dict(json={"instances": [{"b64": base64.b64encode(
+            b"not an image at all").decode()}]})),
+        "bad_base64": (422, dict(json={"instances": [{"b64": "@@@"}]})),
+        "body_too_large": (413, dict(data=b" " * 5000, headers=JSON)),
+        "unsupported_media_type": (415, dict(data=b"1,2,3", headers={"content-type":
+                                                                       "text/csv"})),
+    }
+    for code, (status, kwargs) in cases.items():
+        answer = requests.post(url, timeout=60, **kwargs)
+        assert answer.status_code == status, (code, answer.text)
+        assert answer.json()["error"]["code"] == code, answer.text
+        assert answer.json()["error"]["message"]
+    assert predict(served, {"instances": [good]}).status_code == 200
+    missing = requests.get(f"{served['url']}/v2/predict", timeout=30)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+JSON = {"content-type": "application/json"}
+
+
+def test_a_token_is_required_when_configured(served, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, "s3cret")
+    deploy(served)
+    payload = {"instances": [served["images"][0].tolist()]}
+    assert predict(served, payload).status_code == 401
+    assert predict(served, payload, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert predict(served, payload, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert requests.get(f"{served['url']}/v1/health", timeout=30).status_code == 200
+    monkeypatch.delenv(TOKEN_ENV)
+    deploy(served)
+    assert predict(served, payload).status_code == 200
+
+
+def test_rolling_deploy_to_version_2_fails_no_request(served):
+    deploy(served)
+    payload = {"instances": [served["images"][0].tolist()]}
+    statuses, versions, stop = Counter(), [], threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            answer = predict(served, payload)
+            statuses[answer.status_code] += 1
+            if answer.ok:
+                versions.append(answer.json()["model_version"])
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    try:
+        moved = control.deploy("models:/digits-cnn/2", served["home"], "mlsd", lambda _: None)
+        after, deadline = len(versions), time.monotonic() + 60
+        while len(versions) < after + 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+    assert moved["served_version"] == "2"
+    assert set(statuses) == {200}, statuses
+    assert versions[0] == "1" and versions[-1] == "2"
+
+
+def replicas_hit(served, count: int, headers_for=lambda i: {}, concurrency: int = 1):
+    payload = {"instances": [served["images"][0].tolist()]}
+
+    def one(i: int) -> str:
+        answer = predict(served, payload, headers=headers_for(i))
+        assert answer.status_code == 200, answer.text
+        return answer.json()["replica"]
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(one, range(count)))
+
+
+TWO = {"min_replicas": 2, "max_replicas": 2}
+
+
+def test_round_robin_spreads_evenly(served):
+    deploy(served, router="round_robin", autoscaling=TWO)
+    counts = Counter(replicas_hit(served, 40))
+    assert len(counts) == 2 and min(counts.values()) >= 15, counts
+
+
+def test_consistent_hash_keeps_a_session_on_one_replica(served):
+    deploy(served, router="consistent_hash", autoscaling=TWO)
+    sticky = replicas_hit(served, 12, lambda i: {"x-session-id": "user-42"})
+    assert len(set(sticky)) == 1
+    spread = replicas_hit(served, 40, lambda i: {"x-session-id": f"user-{i}"})
+    assert len(set(spread)) == 2
+    # without the header the client address is the key: one client, one replica
+    assert len(set(replicas_hit(served, 8))) == 1
+
+
+def test_least_connections_prefers_the_idle_replica(served):
+    # Each batch waits 0.4 s to fill, so requests stay in flight long enough to be counted.
+    deploy(served, router="least_connections", autoscaling=TWO, batch_wait_timeout_s=0.4,
+           max_batch_size=64)
+    for _ in range(5):
+        counts = Counter(replicas_hit(served, 4, concurrency=4))
+        assert sorted(counts.values()) == [2, 2], counts
+
+
+def test_unresolvable_model_is_an_input_error(served):
+    with pytest.raises(InputError, match="no registered model version"):
+        control.resolve_model_ref("models:/digits-cnn@nope", served["home"])
+    with pytest.raises(InputError, match="neither"):
+        control.resolve_model_ref("/no/such/checkpoint", served["home"])
+
+
+def test_batch_predict_over_a_folder_keeps_bad_files(served, tmp_path):
+    from mlsd_ray.serve.batch import predict_dataset
+
+    for index, (image, label) in enumerate(zip(served["images"][:30], served["labels"][:30])):
+        folder = tmp_path / "digits" / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[:, :, 0]).save(folder / f"{index}.png")
+    (tmp_path / "digits" / "3" / "broken.png").write_bytes(b"\x89PNG truncated")
+    cfg = load_config(None, [f"data.source=folder:{tmp_path / 'digits'}"])
+    out = str(tmp_path / "predictions")
+    summary = predict_dataset("models:/digits-cnn/1", cfg, out, served["home"], lambda _: None)
+    assert summary["rows"] == 31 and summary["predicted"] == 30
+    assert summary["rejected"] == {"corrupt_image": 1}
+    assert summary["accuracy"] > 0.7
+    assert json.loads(json.dumps(summary))  # plain data: the CLI prints it as JSON
