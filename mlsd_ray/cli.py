@@ -7,41 +7,30 @@ exactly one JSON object on stdout; everything else (progress, logs) goes to stde
 from __future__ import annotations
 
 import json
-import os
-import sys
-import traceback
-from collections.abc import Callable
-from contextlib import nullcontext, redirect_stdout
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from mlsd_ray import __version__
-from mlsd_ray.config import load_config
-from mlsd_ray.errors import MlsdError
+from mlsd_ray.cli_support import (
+    ConfigOption,
+    ForceOption,
+    HomeOption,
+    JsonOption,
+    SetOption,
+    SourceOption,
+    config_from,
+    run,
+    with_flags,
+)
 from mlsd_ray.runtime import log_stderr
+from mlsd_ray.serve.commands import deploy, predict, serve_app
 
 app = typer.Typer(
     help="mlsd-ray: data preparation, distributed training and serving on Ray.\n\n"
          "Every stage writes under $MLSD_HOME (default ./mlsd-home) and prints where.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     rich_markup_mode="markdown")
-
-ConfigOption = Annotated[Path | None, typer.Option(
-    "--config", "-c", help="YAML config file (sections: data, ...).", dir_okay=False)]
-SetOption = Annotated[list[str] | None, typer.Option(
-    "--set", "-s", help="Override one config key, KEY=VALUE (e.g. data.image_size=16); "
-                        "repeatable, applied after --config.")]
-SourceOption = Annotated[str | None, typer.Option(
-    "--source", help="digits | folder:PATH | parquet:PATH | torchvision:NAME[:ROOT] | "
-                     "synthetic[:N]  (same as --set data.source=...)")]
-HomeOption = Annotated[str | None, typer.Option(
-    "--home", help="Where outputs go; overrides $MLSD_HOME (default ./mlsd-home). Path or URI.")]
-ForceOption = Annotated[bool, typer.Option(
-    "--force", help="Rebuild even when an identical earlier output exists.")]
-JsonOption = Annotated[bool, typer.Option(
-    "--json", help="Print one JSON object with the outputs on stdout; logs go to stderr.")]
 
 
 def _version(value: bool) -> None:
@@ -55,60 +44,6 @@ def _root(version: Annotated[bool, typer.Option(
         "--version", help="Show the version and exit.", callback=_version,
         is_eager=True)] = False) -> None:
     """mlsd-ray command line."""
-
-
-def _run(as_json: bool, work: Callable[[], dict], render: Callable[[dict], None]) -> None:
-    """Run a stage with the CLI's contract: exit codes, JSON on stdout, no tracebacks for users."""
-    from mlsd_ray import runtime
-
-    runtime.configure(quiet=as_json)
-    try:
-        with redirect_stdout(sys.stderr) if as_json else nullcontext():
-            result = work()
-            if as_json:  # Ray's background threads print (e.g. raylet warnings) until shutdown
-                _disconnect_ray()
-    except MlsdError as exc:
-        _fail(as_json, exc.exit_code, str(exc))
-    except KeyboardInterrupt:
-        _fail(as_json, 130, "interrupted")
-    except Exception as exc:  # a failure of the work itself: say what, keep the trace for --debug
-        if os.environ.get("MLSD_DEBUG"):
-            traceback.print_exc()
-        _fail(as_json, 1, f"the work failed: {type(exc).__name__}: {exc}",
-              "(set MLSD_DEBUG=1 for the full traceback)")
-    if as_json:
-        print(json.dumps(result, default=str))
-    else:
-        render(result)
-
-
-ERROR_CODES = {1: "failed", 2: "bad_input", 130: "interrupted"}
-
-
-def _disconnect_ray() -> None:
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
-
-
-def _fail(as_json: bool, exit_code: int, message: str, hint: str = "") -> None:
-    """Report an error on stderr (and as the one JSON object with --json), then exit."""
-    log_stderr(f"error: {message}" + (f"\n{hint}" if hint else ""))
-    if as_json:
-        print(json.dumps({"error": {"code": ERROR_CODES[exit_code], "message": message}}))
-    raise typer.Exit(exit_code)
-
-
-def _with_flags(overrides: list[str] | None, flags: dict) -> list[str]:
-    """`--set` overrides followed by the command's own flags that were given, as KEY=VALUE."""
-    return list(overrides or []) + [f"{k}={v}" for k, v in flags.items() if v is not None]
-
-
-def _config(config: Path | None, overrides: list[str] | None, source: str | None):
-    cfg = load_config(config, overrides)
-    if source is not None:  # taken as typed: a path may hold '#' or ': ' that YAML would eat
-        cfg.data.source = source
-    return cfg
 
 
 def _render_dataset(summary: dict) -> None:
@@ -147,10 +82,10 @@ def data(source: SourceOption = None, config: ConfigOption = None, set_: SetOpti
     from mlsd_ray.data.prepare import prepare_dataset
 
     def work() -> dict:
-        cfg = _config(config, set_, source)
+        cfg = config_from(config, set_, source)
         return prepare_dataset(cfg, home=home, force=force, log=log_stderr).summary()
 
-    _run(as_json, work, _render_dataset)
+    run(as_json, work, _render_dataset)
 
 
 @app.command()
@@ -176,10 +111,10 @@ def train(source: SourceOption = None, config: ConfigOption = None, set_: SetOpt
 
     flags = {"train.num_workers": num_workers, "train.cpus_per_worker": cpus_per_worker,
              "train.epochs": epochs, "train.use_gpu": True if use_gpu else None}
-    overrides = _with_flags(set_, flags)
+    overrides = with_flags(set_, flags)
 
     def work() -> dict:
-        return train_and_register(_config(config, overrides, source), home=home,
+        return train_and_register(config_from(config, overrides, source), home=home,
                                   log=log_stderr, run_name=run_name)
 
     def render(summary: dict) -> None:
@@ -190,7 +125,7 @@ def train(source: SourceOption = None, config: ConfigOption = None, set_: SetOpt
         if "registered" in summary:
             print(f"registered: {summary['registered']['uri']}")
 
-    _run(as_json, work, render)
+    run(as_json, work, render)
 
 
 @app.command()
@@ -221,7 +156,7 @@ def evaluate(model: Annotated[str, typer.Option(
 
         return evaluate_checkpoint(resolve(model, home), split, home, dataset)
 
-    _run(as_json, work, render)
+    run(as_json, work, render)
 
 
 @app.command()
@@ -267,18 +202,18 @@ def tune(source: SourceOption = None, config: ConfigOption = None, set_: SetOpti
              "tune.cv": cv, "tune.max_concurrent": max_concurrent,
              "tune.max_epochs": max_epochs, "tune.grace_period": grace_period,
              "tune.reduction_factor": reduction_factor}
-    overrides = _with_flags(set_, flags)
+    overrides = with_flags(set_, flags)
 
     def work() -> dict:
         from mlsd_ray import runtime
 
         runtime.configure(quiet=True)  # trials' worker logs stay in Ray's files; we print a
-        cfg = _config(config, overrides, source)  # line per trial and summarise any errors
+        cfg = config_from(config, overrides, source)  # line per trial and summarise any errors
         if param:
             cfg.tune.space = dict(parse_param(p) for p in param)
         return run_tune(cfg, home=home, log=log_stderr, name=name, resume=resume)
 
-    _run(as_json, work, _render_tune)
+    run(as_json, work, _render_tune)
 
 
 def _render_tune(summary: dict) -> None:
@@ -331,8 +266,8 @@ def pipeline(source: SourceOption = None, config: ConfigOption = None, set_: Set
     from mlsd_ray.pipeline import run_pipeline
 
     def work() -> dict:
-        return run_pipeline(_config(config, set_, source), home=home, force=force, log=log_stderr,
-                            tune=tune, serve_check=serve or keep_serving,
+        return run_pipeline(config_from(config, set_, source), home=home, force=force,
+                            log=log_stderr, tune=tune, serve_check=serve or keep_serving,
                             keep_serving=keep_serving)
 
     def render(result: dict) -> None:
@@ -365,7 +300,7 @@ def pipeline(source: SourceOption = None, config: ConfigOption = None, set_: Set
                   + ("" if served["kept_serving"] else " (stopped; `mlsd serve --detach` to "
                                                         "run it)"))
 
-    _run(as_json, work, render)
+    run(as_json, work, render)
 
 
 models_app = typer.Typer(help="The model registry (MLflow): list, show, promote.",
@@ -388,7 +323,7 @@ def models_list(home: HomeOption = None, as_json: JsonOption = False) -> None:
                 print(f"  v{v['version']}: val {v['val_accuracy']}, test {v['test_accuracy']}, "
                       f"data {v['data_fingerprint']}{aliases}")
 
-    _run(as_json, lambda: {"models": list_models(home)}, render)
+    run(as_json, lambda: {"models": list_models(home)}, render)
 
 
 @models_app.command("show")
@@ -397,7 +332,7 @@ def models_show(ref: Annotated[str, typer.Argument(help="NAME, NAME/VERSION or N
     """One registered version with its tags (metrics, data fingerprint, git commit, schema)."""
     from mlsd_ray.registry import show
 
-    _run(as_json, lambda: show(ref, home), lambda r: print(json.dumps(r, indent=2)))
+    run(as_json, lambda: show(ref, home), lambda r: print(json.dumps(r, indent=2)))
 
 
 @models_app.command("promote")
@@ -408,13 +343,11 @@ def models_promote(name: Annotated[str, typer.Argument(help="Registered model na
     """Move an alias (default `production`) to a version."""
     from mlsd_ray.registry import promote
 
-    _run(as_json, lambda: promote(name, version, alias, home),
+    run(as_json, lambda: promote(name, version, alias, home),
          lambda r: print(f"{r['name']}@{alias} -> version {r['version']}"))
 
 
-# The serving commands live beside the Serve app; they use the helpers above.
-from mlsd_ray.serve.commands import deploy, predict, serve_app  # noqa: E402
-
+# The serving commands live beside the Serve app (mlsd_ray/serve/commands.py).
 app.add_typer(serve_app, name="serve")
 app.command()(deploy)
 app.command()(predict)

@@ -1,7 +1,6 @@
 """`mlsd serve [status|stop]`, `mlsd deploy` and `mlsd predict`: the serving commands.
 
-Registered on the main app by mlsd_ray.cli (imported at the end of it, so the shared options and
-`_run` exist by then).
+Registered on the main app by mlsd_ray.cli.
 """
 
 from __future__ import annotations
@@ -12,15 +11,15 @@ from typing import Annotated
 
 import typer
 
-from mlsd_ray.cli import (
+from mlsd_ray.cli_support import (
     ConfigOption,
     HomeOption,
     JsonOption,
     SetOption,
     SourceOption,
-    _config,
-    _run,
-    _with_flags,
+    config_from,
+    run,
+    with_flags,
 )
 from mlsd_ray.runtime import log_stderr
 
@@ -64,10 +63,10 @@ def serve(ctx: typer.Context, config: ConfigOption = None, set_: SetOption = Non
     flags = {"serve.model": model, "serve.port": port, "serve.host": host,
              "serve.router": router, "serve.autoscaling.min_replicas": min_replicas,
              "serve.autoscaling.max_replicas": max_replicas}
-    overrides = _with_flags(set_, flags)
+    overrides = with_flags(set_, flags)
 
     def work() -> dict:
-        summary = control.start(_config(config, overrides, None).serve, home, detach,
+        summary = control.start(config_from(config, overrides, None).serve, home, detach,
                                 log_stderr)
         if not detach:
             control.serve_until_interrupted(summary, log_stderr)
@@ -81,7 +80,7 @@ def serve(ctx: typer.Context, config: ConfigOption = None, set_: SetOption = Non
         if detach:
             print("running in the background: `mlsd serve status`, `mlsd serve stop`")
 
-    _run(as_json, work, render)
+    run(as_json, work, render)
 
 
 @serve_app.command("status")
@@ -96,7 +95,7 @@ def serve_status(home: HomeOption = None, app_name: AppOption = "mlsd",
         for name, deployment in result["deployments"].items():
             print(f"  {name}: {deployment['status']}, replicas {deployment['replicas']}")
 
-    _run(as_json, lambda: control.status(home, app_name), render)
+    run(as_json, lambda: control.status(home, app_name), render)
 
 
 @serve_app.command("stop")
@@ -109,7 +108,7 @@ def serve_stop(home: HomeOption = None, app_name: AppOption = "mlsd",
         extra = " and the Ray head it started" if result["stopped_ray_head"] else ""
         print(f"stopped {result['app_name']}{extra}")
 
-    _run(as_json, lambda: control.stop(home, app_name), render)
+    run(as_json, lambda: control.stop(home, app_name), render)
 
 
 def deploy(model: Annotated[str, typer.Option(
@@ -127,7 +126,7 @@ def deploy(model: Annotated[str, typer.Option(
         print(f"{result['app_name']}: {result['from']['uri']} -> {result['to']['uri']} in "
               f"{result['seconds']} s; now serving version {result['served_version']}")
 
-    _run(as_json, lambda: control.deploy(model, home, app_name, log_stderr), render)
+    run(as_json, lambda: control.deploy(model, home, app_name, log_stderr), render)
 
 
 def predict(files: Annotated[list[Path] | None, typer.Argument(
@@ -160,7 +159,7 @@ def predict(files: Annotated[list[Path] | None, typer.Argument(
             raise InputError("give --model (offline over --source) or --url with FILEs")
         from mlsd_ray.serve.batch import predict_dataset
 
-        cfg = _config(config, _with_flags(set_, {}), source)
+        cfg = config_from(config, with_flags(set_, {}), source)
         return predict_dataset(model, cfg, out, home, log_stderr)
 
     def render(result: dict) -> None:
@@ -172,4 +171,4 @@ def predict(files: Annotated[list[Path] | None, typer.Argument(
         else:
             print(json.dumps(result, indent=2))
 
-    _run(as_json, work, render)
+    run(as_json, work, render)

@@ -1,0 +1,92 @@
+"""What every `mlsd` command shares: the common options and the run contract.
+
+`run` gives a command its exit codes (0 / 1 work failed / 2 bad input / 130 interrupted), one
+JSON object on stdout with --json, and errors without tracebacks. Kept apart from cli.py so that
+command modules (mlsd_ray.serve.commands) can use it without importing the CLI itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from contextlib import nullcontext, redirect_stdout
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mlsd_ray.config import load_config
+from mlsd_ray.errors import MlsdError
+from mlsd_ray.runtime import log_stderr
+
+ConfigOption = Annotated[Path | None, typer.Option(
+    "--config", "-c", help="YAML config file (sections: data, ...).", dir_okay=False)]
+SetOption = Annotated[list[str] | None, typer.Option(
+    "--set", "-s", help="Override one config key, KEY=VALUE (e.g. data.image_size=16); "
+                        "repeatable, applied after --config.")]
+SourceOption = Annotated[str | None, typer.Option(
+    "--source", help="digits | folder:PATH | parquet:PATH | torchvision:NAME[:ROOT] | "
+                     "synthetic[:N]  (same as --set data.source=...)")]
+HomeOption = Annotated[str | None, typer.Option(
+    "--home", help="Where outputs go; overrides $MLSD_HOME (default ./mlsd-home). Path or URI.")]
+ForceOption = Annotated[bool, typer.Option(
+    "--force", help="Rebuild even when an identical earlier output exists.")]
+JsonOption = Annotated[bool, typer.Option(
+    "--json", help="Print one JSON object with the outputs on stdout; logs go to stderr.")]
+
+
+def run(as_json: bool, work: Callable[[], dict], render: Callable[[dict], None]) -> None:
+    """Run a stage with the CLI's contract: exit codes, JSON on stdout, no tracebacks for users."""
+    from mlsd_ray import runtime
+
+    runtime.configure(quiet=as_json)
+    try:
+        with redirect_stdout(sys.stderr) if as_json else nullcontext():
+            result = work()
+            if as_json:  # Ray's background threads print (e.g. raylet warnings) until shutdown
+                _disconnect_ray()
+    except MlsdError as exc:
+        fail(as_json, exc.exit_code, str(exc))
+    except KeyboardInterrupt:
+        fail(as_json, 130, "interrupted")
+    except Exception as exc:  # a failure of the work itself: say what, keep the trace for --debug
+        if os.environ.get("MLSD_DEBUG"):
+            traceback.print_exc()
+        fail(as_json, 1, f"the work failed: {type(exc).__name__}: {exc}",
+              "(set MLSD_DEBUG=1 for the full traceback)")
+    if as_json:
+        print(json.dumps(result, default=str))
+    else:
+        render(result)
+
+
+ERROR_CODES = {1: "failed", 2: "bad_input", 130: "interrupted"}
+
+
+def _disconnect_ray() -> None:
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+def fail(as_json: bool, exit_code: int, message: str, hint: str = "") -> None:
+    """Report an error on stderr (and as the one JSON object with --json), then exit."""
+    log_stderr(f"error: {message}" + (f"\n{hint}" if hint else ""))
+    if as_json:
+        print(json.dumps({"error": {"code": ERROR_CODES[exit_code], "message": message}}))
+    raise typer.Exit(exit_code)
+
+
+def with_flags(overrides: list[str] | None, flags: dict) -> list[str]:
+    """`--set` overrides followed by the command's own flags that were given, as KEY=VALUE."""
+    return list(overrides or []) + [f"{k}={v}" for k, v in flags.items() if v is not None]
+
+
+def config_from(config: Path | None, overrides: list[str] | None, source: str | None):
+    cfg = load_config(config, overrides)
+    if source is not None:  # taken as typed: a path may hold '#' or ': ' that YAML would eat
+        cfg.data.source = source
+    return cfg
