@@ -72,8 +72,8 @@ def cold_start(settings, args) -> dict:
     from mlsd_ray.serve import control
 
     scaling = {**settings.autoscaling.model_dump(), "min_replicas": 0, "downscale_delay_s": 5.0}
-    control.start(settings.model_copy(update={"autoscaling": scaling}), home=args.home,
-                  log=lambda _: None)
+    control.start(type(settings).model_validate({**settings.model_dump(), "autoscaling": scaling}),
+                  home=args.home, log=lambda _: None)
     deadline = time.monotonic() + 120
     while running_replicas() > 0 and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -110,7 +110,8 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, logging_level="ERROR")
     scaling = {"min_replicas": 1, "max_replicas": args.max_replicas,
                "target_ongoing_requests": 8, "upscale_delay_s": 3.0,
-               "downscale_delay_s": args.downscale_delay, "look_back_period_s": 11.0}
+               "downscale_delay_s": args.downscale_delay, "metrics_interval_s": 2.0,
+               "look_back_period_s": 6.0}
     settings = ServeConfig(model=model["uri"], port=args.port, num_cpus=0.5,
                            autoscaling=scaling)
     try:
@@ -121,7 +122,9 @@ def main() -> None:
         step = timeline.now()
         loaded = locust(url, args.users, args.seconds, digit_body())
         quiet = timeline.now()
-        while running_replicas() > 1 and timeline.now() - quiet < 180:
+        # a replica still starting when the load ends counts: wait for it, then for the way down
+        while timeline.now() - quiet < 180 and (running_replicas() > 1 or (
+                timeline.first(step, lambda n: n >= 2) is None and timeline.now() - quiet < 30)):
             time.sleep(0.5)
         time.sleep(1)
         timeline.stop()

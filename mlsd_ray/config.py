@@ -156,14 +156,18 @@ class AutoscalingConfig(StrictModel):
                                    "before a replica is added (Serve's default is 30).")
     downscale_delay_s: float = Field(30.0, ge=0, description="Load must stay low this long "
                                      "before a replica is removed (Serve's default is 600).")
-    look_back_period_s: float = Field(15.0, gt=10, description="Window the load is averaged "
-                                      "over (Serve's default is 30; must exceed its 10 s "
-                                      "metrics interval).")
+    metrics_interval_s: float = Field(2.0, gt=0, description="How often replicas and handles "
+                                      "report their load (Serve's default is 10).")
+    look_back_period_s: float = Field(6.0, gt=0, description="Window the load is averaged "
+                                      "over; longer than metrics_interval_s (Serve's default "
+                                      "is 30).")
 
     @model_validator(mode="after")
     def _bounds_in_order(self) -> AutoscalingConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must not exceed max_replicas")
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError("look_back_period_s must be longer than metrics_interval_s")
         return self
 
 
