@@ -123,7 +123,11 @@ def _connect_for(home: str | None, settings: ServeConfig, detach: bool,
         return {"ray_address": ray.get_runtime_context().gcs_address, "cluster_pid": None}
     _check_port_free(settings, serve_running=False)
     head = start_head(home, log)
-    _join(head["ray_address"])
+    try:
+        _join(head["ray_address"])
+    except BaseException:
+        _kill_group(head["cluster_pid"], timeout=10)  # do not leave a head nobody can reach
+        raise
     return head
 
 
@@ -295,7 +299,8 @@ def stop(home: str | None = None, app_name: str = "mlsd") -> dict:
 
 
 def _kill_group(pid: int, timeout: float = 30) -> bool:
-    """SIGTERM the `ray start --block` group (it stops the processes it started)."""
+    """SIGTERM the `ray start --block` group (it stops the processes it started), then SIGKILL
+    whatever is left after `timeout` (measured: a gcs_server can outlive the SIGTERM)."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
