@@ -96,7 +96,6 @@ def start(settings: ServeConfig, home: str | None = None, detach: bool = False,
 def serve_until_interrupted(summary: dict, log: Callable[[str], None] = log_stderr) -> None:
     """Foreground mode: keep this driver (and so a local Ray) alive until Ctrl-C, then stop."""
     import ray
-    from ray import serve
 
     log(f"serving at {summary['url']} (docs {summary['docs']}); Ctrl-C stops")
     try:
@@ -105,9 +104,18 @@ def serve_until_interrupted(summary: dict, log: Callable[[str], None] = log_stde
     except KeyboardInterrupt:
         log("stopping")
     finally:
-        serve.shutdown()
+        remove_app(summary["app_name"])
         ray.shutdown()
         state_file(summary["home"], summary["app_name"]).unlink(missing_ok=True)
+
+
+def remove_app(app_name: str) -> None:
+    """Delete our app; shut Serve down only when no other app is left (a shared cluster)."""
+    from ray import serve
+
+    serve.delete(app_name)
+    if not serve.status().applications:
+        serve.shutdown()
 
 
 def _connect_for(home: str | None, settings: ServeConfig, detach: bool,
@@ -179,12 +187,22 @@ def start_head(home: str | None, log: Callable[[str], None]) -> dict:
 
 
 def _join(address: str) -> None:
+    """Connect to a head on this machine by its recorded address.
+
+    Ray turns token authentication on for a local head when a token exists (~/.ray/auth_token),
+    but a driver given an explicit address only uses it with RAY_AUTH_MODE=token: set it the
+    same way `ray start` decided, or the head refuses us (InvalidAuthToken).
+    """
     import logging
 
     import ray
 
     from mlsd_ray import runtime
 
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN")
+                                              or token_file.is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     runtime.ensure_ray()
@@ -278,15 +296,12 @@ def deploy(model_ref: str, home: str | None = None, app_name: str = "mlsd",
 def stop(home: str | None = None, app_name: str = "mlsd") -> dict:
     """Delete the app; stop the Ray head too if `mlsd serve --detach` started it."""
     import ray
-    from ray import serve
 
     state = read_state(home, app_name)
     stopped_cluster = False
     try:
         _join_recorded(state)
-        serve.delete(app_name)
-        if not serve.status().applications:
-            serve.shutdown()
+        remove_app(app_name)
     except InputError:
         pass  # its Ray is gone already: only the record is left to clean
     finally:

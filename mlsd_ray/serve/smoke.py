@@ -27,8 +27,6 @@ def _port_free(host: str, port: int) -> bool:
 def serve_smoke_check(settings: ServeConfig, model: str, dataset_path: str, home: str | None,
                       keep_serving: bool, log: Callable[[str], None]) -> dict:
     """Start the app on `model`, send SMOKE_IMAGES test images, report accuracy; then stop."""
-    from ray import serve
-
     from mlsd_ray.serve import control
     from mlsd_ray.serve.client import post_json
 
@@ -53,6 +51,6 @@ def serve_smoke_check(settings: ServeConfig, model: str, dataset_path: str, home
     if keep_serving:
         control.serve_until_interrupted(summary, log)
     else:
-        serve.shutdown()
+        control.remove_app(settings.app_name)
         control.state_file(home, settings.app_name).unlink(missing_ok=True)
     return result
