@@ -197,12 +197,15 @@ def _join(address: str) -> None:
 
     import ray
 
+    # Ray's own rule for a local head (private API, pinned Ray 2.60): it also refreshes the
+    # already-loaded C++ config, which setting the environment variable alone does not.
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
+
     from mlsd_ray import runtime
 
-    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN")
-                                              or token_file.is_file()):
-        os.environ["RAY_AUTH_MODE"] = "token"
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     runtime.ensure_ray()
