@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -16,6 +17,23 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def load_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every serving benchmark takes: which model, where, and the load."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--model", default="models:/digits-cnn@production")
+    parser.add_argument("--home", default=None, help="MLSD_HOME holding the registry")
+    parser.add_argument("--users", type=int, default=32, help="concurrent locust clients")
+    parser.add_argument("--seconds", type=int, default=30, help="length of the load")
+    return parser
+
+
+def start_local_ray() -> None:
+    """A local 2-CPU Ray with the dashboard (Serve needs it), quiet."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, logging_level="ERROR")
 
 
 def model_checkpoint(ref: str, home: str | None) -> dict:

@@ -14,13 +14,12 @@ counts, and the cold start.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import threading
 import time
 
-from _serving import digit_body, locust, model_checkpoint
+from _serving import digit_body, load_parser, locust, model_checkpoint, start_local_ray
 
 
 def running_replicas(app: str = "mlsd", deployment: str = "Model") -> int:
@@ -89,11 +88,7 @@ def cold_start(settings, args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="models:/digits-cnn@production")
-    parser.add_argument("--home", default=None)
-    parser.add_argument("--users", type=int, default=32)
-    parser.add_argument("--seconds", type=int, default=30)
+    parser = load_parser(__doc__)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--max-replicas", type=int, default=2)
     parser.add_argument("--downscale-delay", type=float, default=10.0)
@@ -107,7 +102,7 @@ def main() -> None:
     from mlsd_ray.config import ServeConfig
     from mlsd_ray.serve import control
 
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, logging_level="ERROR")
+    start_local_ray()
     scaling = {"min_replicas": 1, "max_replicas": args.max_replicas,
                "target_ongoing_requests": 8, "upscale_delay_s": 3.0,
                "downscale_delay_s": args.downscale_delay, "metrics_interval_s": 2.0,

@@ -10,14 +10,13 @@ success ratio and the replacement time. Target: >= 99.9% of requests succeed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
 import threading
 import time
 
-from _serving import digit_body, locust, model_checkpoint
+from _serving import digit_body, load_parser, locust, model_checkpoint, start_local_ray
 from autoscale import running_replicas
 
 
@@ -29,11 +28,7 @@ def model_replica_pids() -> list[int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="models:/digits-cnn@production")
-    parser.add_argument("--home", default=None)
-    parser.add_argument("--users", type=int, default=32)
-    parser.add_argument("--seconds", type=int, default=30)
+    parser = load_parser(__doc__)
     parser.add_argument("--kill-after", type=float, default=10.0)
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
@@ -45,7 +40,7 @@ def main() -> None:
     from mlsd_ray.config import ServeConfig
     from mlsd_ray.serve import control
 
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, logging_level="ERROR")
+    start_local_ray()
     settings = ServeConfig(model=model["uri"], port=args.port, num_cpus=0.5,
                            autoscaling={"min_replicas": 2, "max_replicas": 2})
     result: dict = {}

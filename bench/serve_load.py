@@ -12,7 +12,6 @@ Targets on 2 cores: Serve >= 1.0x plain FastAPI's requests/s at equal or better 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -20,7 +19,15 @@ import subprocess
 import sys
 import time
 
-from _serving import ROOT, digit_body, locust, model_checkpoint, wait_for
+from _serving import (
+    ROOT,
+    digit_body,
+    load_parser,
+    locust,
+    model_checkpoint,
+    start_local_ray,
+    wait_for,
+)
 
 
 def free_port() -> int:
@@ -55,7 +62,7 @@ def ray_serve(model_uri: str, home: str | None, args) -> dict:
     from mlsd_ray.config import ServeConfig
     from mlsd_ray.serve import control
 
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, logging_level="ERROR")
+    start_local_ray()
     port = free_port()
     settings = ServeConfig(model=model_uri, port=port, num_cpus=1, max_batch_size=32,
                            max_ongoing_requests=64, batch_wait_timeout_s=args.batch_wait,
@@ -83,11 +90,7 @@ def plain_fastapi(checkpoint: str, args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="models:/digits-cnn@production")
-    parser.add_argument("--home", default=None)
-    parser.add_argument("--users", type=int, default=32)
-    parser.add_argument("--seconds", type=int, default=30)
+    parser = load_parser(__doc__)
     parser.add_argument("--batch-wait", type=float, default=0.005)
     args = parser.parse_args()
     model = model_checkpoint(args.model, args.home)
