@@ -126,10 +126,11 @@ def _connect_for(home: str | None, settings: ServeConfig, detach: bool,
     from mlsd_ray import runtime
 
     if ray.is_initialized() or os.environ.get("RAY_ADDRESS") or not detach:
-        _check_port_free(settings, serve_running=ray.is_initialized())
+        if not ray.is_initialized():  # an in-process Serve keeps its port across apps
+            _check_port_free(settings)
         runtime.ensure_ray()
         return {"ray_address": ray.get_runtime_context().gcs_address, "cluster_pid": None}
-    _check_port_free(settings, serve_running=False)
+    _check_port_free(settings)
     head = start_head(home, log)
     try:
         _join(head["ray_address"])
@@ -139,29 +140,35 @@ def _connect_for(home: str | None, settings: ServeConfig, detach: bool,
     return head
 
 
-def _check_port_free(settings: ServeConfig, serve_running: bool) -> None:
-    if serve_running:
-        return  # an in-process Serve keeps its port across apps
+def port_in_use(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be bound, or None when it is free."""
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind((settings.host, settings.port))
+            probe.bind((host, port))
         except OSError as exc:
-            raise InputError(f"cannot serve on {settings.host}:{settings.port}: {exc.strerror}; "
-                             "pick another with --port (or stop what uses it, e.g. "
-                             "`mlsd serve stop`)") from exc
+            return exc.strerror or str(exc)
+    return None
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now."""
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
+        probe.bind((host, 0))
         return probe.getsockname()[1]
+
+
+def _check_port_free(settings: ServeConfig) -> None:
+    reason = port_in_use(settings.host, settings.port)
+    if reason:
+        raise InputError(f"cannot serve on {settings.host}:{settings.port}: {reason}; pick "
+                         "another with --port (or stop what uses it, e.g. `mlsd serve stop`)")
 
 
 def start_head(home: str | None, log: Callable[[str], None]) -> dict:
     """`ray start --head --block` in a new process group; returns its address and pid."""
     ray_bin = Path(sys.executable).with_name("ray")
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     log_path = Path(storage.home(home), "serve", "ray-head.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = [str(ray_bin), "start", "--head", "--block", f"--port={port}",
@@ -268,8 +275,9 @@ def _join_recorded(state: dict) -> None:
         _join(state["ray_address"])
     except ConnectionError as exc:
         raise InputError(f"the Ray instance at {state['ray_address']} that served "
-                         f"{state['app_name']!r} is gone (stale {state.get('state_file')}); "
-                         "start again with `mlsd serve --detach`") from exc
+                         f"{state['app_name']!r} is gone (stale record "
+                         f"{state_file(state['home'], state['app_name'])}); start again with "
+                         "`mlsd serve --detach`") from exc
 
 
 def deploy(model_ref: str, home: str | None = None, app_name: str = "mlsd",

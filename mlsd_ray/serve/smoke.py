@@ -6,22 +6,12 @@ preprocessing read from the checkpoint, not the training code's copy of it.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 
 from mlsd_ray.config import ServeConfig
 from mlsd_ray.data.prepare import PreparedDataset
 
 SMOKE_IMAGES = 32
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind((host, port))
-            return True
-        except OSError:
-            return False
 
 
 def serve_smoke_check(settings: ServeConfig, model: str, dataset_path: str, home: str | None,
@@ -31,10 +21,8 @@ def serve_smoke_check(settings: ServeConfig, model: str, dataset_path: str, home
     from mlsd_ray.serve.client import post_json
 
     updates = {"model": model}
-    if not keep_serving and not _port_free(settings.host, settings.port):
-        with socket.socket() as probe:  # a check only: any free port will do
-            probe.bind((settings.host, 0))
-            updates["port"] = probe.getsockname()[1]
+    if not keep_serving and control.port_in_use(settings.host, settings.port):
+        updates["port"] = control.free_port(settings.host)  # a check only: any port will do
     summary = control.start(settings.model_copy(update=updates), home, log=log)
     images, labels = PreparedDataset.open(dataset_path).load_split("test")
     images, labels = images[:SMOKE_IMAGES], labels[:SMOKE_IMAGES]
