@@ -15,12 +15,17 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole session (starting one costs ~5 s): 2 CPUs, dashboard on."""
+    """One local Ray for the whole session (starting one costs ~5 s): 2 CPUs, dashboard on.
+
+    address="local" starts a fresh instance even when another Ray runs on this machine (a
+    user's `ray start`, a left-over head): without it ray.init joins that cluster and refuses
+    num_cpus, and every test errors at set-up.
+    """
     import ray
 
     from mlsd_ray import runtime
 
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False,
              object_store_memory=512 * 1024**2, logging_level="WARNING")
     runtime.ensure_ray()  # applies our DataContext settings to the running instance
     runtime.set_progress_bars(False)
