@@ -23,6 +23,7 @@ from mlsd_ray.cli_support import (
     run,
     with_flags,
 )
+from mlsd_ray.monitor.commands import monitor, retrain, simulate_traffic
 from mlsd_ray.runtime import log_stderr
 from mlsd_ray.serve.commands import deploy, predict, serve_app
 
@@ -351,6 +352,10 @@ def models_promote(name: Annotated[str, typer.Argument(help="Registered model na
 app.add_typer(serve_app, name="serve")
 app.command()(deploy)
 app.command()(predict)
+# Monitoring and retraining (mlsd_ray/monitor/commands.py).
+app.command()(monitor)
+app.command(name="simulate-traffic")(simulate_traffic)
+app.command()(retrain)
 
 
 def main() -> None:

@@ -171,6 +171,18 @@ class AutoscalingConfig(StrictModel):
         return self
 
 
+class PredictionLogConfig(StrictModel):
+    """What each model replica records per request, for `mlsd monitor` (see monitor/predlog.py)."""
+
+    enabled: bool = True
+    uri: str | None = Field(None, description="Folder or URI for the parquet files (default "
+                            "$MLSD_HOME/predictions).")
+    flush_rows: int = Field(256, ge=1, description="Write a file once this many rows wait.")
+    flush_seconds: float = Field(5.0, gt=0, description="... or once the oldest waited this long.")
+    max_buffered_rows: int = Field(20000, ge=1, description="Rows beyond this are dropped (and "
+                                   "counted), so logging can never exhaust a replica's memory.")
+
+
 class ServeConfig(StrictModel):
     """Serving with Ray Serve: the HTTP app, batching, autoscaling and request routing."""
 
@@ -195,6 +207,7 @@ class ServeConfig(StrictModel):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Request bodies above "
                                 "this get 413.")
     top_k: int = Field(3, ge=1, description="Probabilities returned per instance.")
+    prediction_log: PredictionLogConfig = Field(default_factory=PredictionLogConfig)
 
     @model_validator(mode="after")
     def _batches_can_fill(self) -> ServeConfig:
@@ -202,6 +215,43 @@ class ServeConfig(StrictModel):
             raise ValueError("max_ongoing_requests must be >= max_batch_size, or batches "
                              "never fill")
         return self
+
+
+class MonitorConfig(StrictModel):
+    """`mlsd monitor`: drift and skew thresholds. A feature drifts when the effect is large
+    (PSI) and unlikely to be chance (KS p-value); both, so big samples of a tiny shift and
+    small samples of noise do not raise alarms."""
+
+    psi_threshold: float = Field(0.2, gt=0, description="Population stability index above "
+                                 "which a feature's shift counts as large (0.1 moderate, "
+                                 "0.2 major by the usual rule of thumb).")
+    ks_alpha: float = Field(0.01, gt=0, lt=1, description="Kolmogorov-Smirnov p-value below "
+                            "which a feature's shift counts as real.")
+    chi2_alpha: float = Field(0.01, gt=0, lt=1, description="Chi-squared p-value for the "
+                              "predicted-class distribution against the training labels.")
+    min_class_shift: float = Field(0.1, gt=0, le=1, description="... and the total variation "
+                                   "distance between the two distributions must reach this.")
+    confidence_drop: float = Field(0.05, gt=0, le=1, description="Mean confidence this much "
+                                   "below the reference (with KS p < ks_alpha) is a shift.")
+    min_samples: int = Field(30, ge=1, description="Fewer logged predictions: verdict "
+                             "'too few' rather than a test on noise.")
+    bins: int = Field(10, ge=2, description="Quantile bins of the reference for PSI.")
+
+
+class RetrainConfig(StrictModel):
+    """`mlsd retrain`: how a challenger is trained and when it replaces the champion."""
+
+    mode: Literal["finetune", "scratch"] = Field("finetune", description="finetune starts "
+                                                 "from the champion's weights.")
+    epochs: int | None = Field(10, ge=1, description="Epochs of the challenger (None: "
+                               "train.epochs).")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate (None: train.lr "
+                             "for scratch, train.lr / 3 for finetune).")
+    keep_old_data: bool = Field(True, description="Train on the champion's training data "
+                                "plus the new data (else the new data only).")
+    margin: float = Field(0.005, ge=0, description="Promote only if the challenger's holdout "
+                          "accuracy beats the champion's by more than this.")
+    alias: str = Field("production", description="Alias the challenger takes when promoted.")
 
 
 class Config(StrictModel):
@@ -213,6 +263,8 @@ class Config(StrictModel):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

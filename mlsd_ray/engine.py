@@ -23,13 +23,14 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class PassResult:
-    """Mean loss and accuracy of one pass, plus predictions when asked for."""
+    """Mean loss and accuracy of one pass, plus predictions (and their confidence) when asked."""
 
     loss: float
     accuracy: float
     samples: int
     predictions: list[int] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
+    confidences: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -90,7 +91,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict], step: Step,
     """Loss and accuracy over `batches` without gradients (and the predictions if asked)."""
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
-    predictions, labels = [], []
+    predictions, labels, confidences = [], [], []
     for batch in batches:
         x, y = step.inputs(batch, train=False)
         with step.autocast():
@@ -102,5 +103,6 @@ def evaluate(model: nn.Module, batches: Iterable[dict], step: Step,
         if keep_predictions:
             predictions.extend(predicted.tolist())
             labels.extend(y.tolist())
+            confidences.extend(torch.softmax(logits, dim=1).amax(dim=1).tolist())
     return PassResult(total_loss / max(seen, 1), correct / max(seen, 1), seen, predictions,
-                      labels)
+                      labels, confidences)

@@ -112,6 +112,10 @@ def _replica(config: dict, cfg: TrainConfig, device: torch.device) -> torch.nn.M
 
     torch.manual_seed(cfg.seed)
     model = build_model(**config["model"])
+    if config.get("init_from"):  # fine-tuning: start from these weights (a checkpoint folder)
+        state = torch.load(f"{config['init_from']}/model.pt", map_location="cpu",
+                           weights_only=True)
+        model.load_state_dict(state)
     if device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
@@ -156,8 +160,10 @@ def train_loop_per_worker(config: dict) -> None:
         except NonFiniteLossError as exc:
             raise NonFiniteLossError(f"{exc} in epoch {epoch + 1}: lower train.lr "
                                      f"(now {cfg.lr:g}) or use train.amp=off") from None
+        # Rank 0 keeps its validation confidences: the reference a drift check compares with.
         validated = evaluate(model, val_shard.iter_batches(batch_size=per_worker_batch,
-                                                           batch_format="numpy"), step)
+                                                           batch_format="numpy"), step,
+                             keep_predictions=rank == 0)
         train_loss, train_acc = _global(trained, device)
         val_loss, val_acc = _global(validated, device)
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
@@ -167,7 +173,7 @@ def train_loop_per_worker(config: dict) -> None:
                         "epoch_seconds": time.perf_counter() - started,
                         "images_per_second": trained.samples * world
                         / (time.perf_counter() - started)})
-        _report(history, model, optimizer, config, rank)
+        _report(history, model, optimizer, config, rank, validated.confidences)
         if _should_stop(history, cfg.patience):
             break
 
@@ -198,7 +204,7 @@ def _should_stop(history: list[dict], patience: int) -> bool:
     return all(h[VAL_METRIC] <= best_before for h in history[-patience:])
 
 
-def _report(history, model, optimizer, config, rank) -> None:
+def _report(history, model, optimizer, config, rank, confidences: list[float]) -> None:
     """Every worker reports (a barrier); only rank 0 attaches a checkpoint."""
     import ray.train
 
@@ -208,8 +214,10 @@ def _report(history, model, optimizer, config, rank) -> None:
         if rank == 0:
             state = {"epoch": metrics["epoch"], "optimizer": optimizer.state_dict(),
                      "history": history}
+            reference = {**config["reference"],
+                         "confidence": [round(c, 5) for c in confidences]}
             save_checkpoint(directory, model, config["model"], config["preprocessing"],
-                            config["reference"], config["metadata"], state)
+                            reference, config["metadata"], state)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -277,17 +285,42 @@ def check_resources(cfg: TrainConfig) -> None:
                          "--num-workers or --cpus-per-worker")
 
 
-def _reference(dataset: PreparedDataset) -> dict:
-    """Training-input statistics a later drift check compares served traffic against."""
-    quality = storage.read_json(storage.join(dataset.path, "quality.json"))
-    return {"class_names": dataset.manifest["class_names"],
-            "train_class_counts": {n: c["train"] for n, c in quality["classes"].items()},
-            "pixel_mean": quality["pixels"]["train"]["mean"],
-            "pixel_std": quality["pixels"]["train"]["std"],
+def fit_to_free_cpus(cfg: TrainConfig, log: Callable[[str], None] = log_stderr) -> None:
+    """Shrink `cpus_per_worker` (in quarter CPUs) so the workers fit the CPUs that other work,
+    such as a running Serve app, leaves free; retraining beside serving on a laptop needs it.
+    Without this, Ray Train waits 60 s per attempt for CPUs that never come."""
+    import ray
+
+    free = ray.available_resources().get("CPU", 0.0)
+    if cfg.use_gpu or free >= cfg.num_workers * cfg.cpus_per_worker:
+        return
+    share = math.floor(4 * free / cfg.num_workers) / 4
+    if share < 0.25:
+        raise InputError(f"only {free:g} CPUs are free on the Ray cluster: too few for "
+                         f"{cfg.num_workers} training workers; stop other work or lower "
+                         "train.num_workers")
+    log(f"{free:g} CPUs are free (other work holds the rest): {cfg.num_workers} workers "
+        f"× {share:g} CPU")
+    cfg.cpus_per_worker = share
+
+
+def _reference(dataset: PreparedDataset, seed: int = 0) -> dict:
+    """Training-input statistics a later drift check compares served traffic against: the
+    summary features and label counts of the train split (monitor/features.py), pixel moments.
+    The validation confidences are added per checkpoint (they depend on the weights)."""
+    from mlsd_ray.monitor.features import reference_profile
+
+    images, labels = dataset.load_split("train")
+    pixels = images.reshape(-1, images.shape[-1]) / 255.0
+    return {**reference_profile(images, labels, dataset.manifest["class_names"], seed),
+            "class_names": dataset.manifest["class_names"],
+            "pixel_mean": pixels.mean(axis=0).round(5).tolist(),
+            "pixel_std": pixels.std(axis=0).round(5).tolist(),
             "image_shape": dataset.manifest["schema"]["image"]["shape"]}
 
 
-def loop_config(cfg: Config, dataset: PreparedDataset, run_name: str) -> dict:
+def loop_config(cfg: Config, dataset: PreparedDataset, run_name: str,
+                init_from: str | None = None) -> dict:
     """Everything a worker needs, as plain data (it travels to every worker)."""
     pre = dataset.manifest["preprocessing"]
     manifest = dataset.manifest
@@ -296,7 +329,8 @@ def loop_config(cfg: Config, dataset: PreparedDataset, run_name: str) -> dict:
                             "fingerprint": manifest["fingerprint"]}}
     return {"metadata": metadata, "train": cfg.train.model_dump(),
             "augment": cfg.data.augment.model_dump(),
-            "preprocessing": pre, "reference": _reference(dataset),
+            "preprocessing": pre, "reference": _reference(dataset, cfg.train.seed),
+            "init_from": init_from,
             "model": {"name": cfg.model.name, "in_channels": pre["channels"],
                       "image_size": pre["image_size"], "num_classes": len(pre["class_names"]),
                       "dropout": cfg.model.dropout}}
@@ -319,7 +353,8 @@ def materialize_splits(dataset: PreparedDataset, splits=("train", "val")) -> dic
 
 
 def build_trainer(cfg: Config, dataset: PreparedDataset, run_name: str, storage_path: str,
-                  datasets: dict | None = None, callbacks: list | None = None):
+                  datasets: dict | None = None, callbacks: list | None = None,
+                  init_from: str | None = None):
     """A TorchTrainer over materialised splits (the prepared ones unless `datasets` is given).
 
     Materialised first because on a small machine, Ray Data tasks still to run while the
@@ -342,7 +377,7 @@ def build_trainer(cfg: Config, dataset: PreparedDataset, run_name: str, storage_
     # its locality-first dispatch when order is preserved): the same config and seed train the
     # same model, so a tune trial's best.yaml reproduces the trial's accuracy.
     ingest = ExecutionOptions(preserve_order=True)
-    config = loop_config(cfg, dataset, run_name)
+    config = loop_config(cfg, dataset, run_name, init_from)
     config["train_rows"] = datasets["train"].count()  # cheap: materialised
     resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
     return TorchTrainer(
@@ -382,11 +417,16 @@ def failure_message(error: BaseException) -> str:
 
 def train_and_register(cfg: Config, home: str | None = None,
                        log: Callable[[str], None] = log_stderr,
-                       run_name: str | None = None) -> dict:
-    """`mlsd train`: train, then log the run and register the best checkpoint (if configured)."""
+                       run_name: str | None = None, dataset: PreparedDataset | None = None,
+                       init_from: str | None = None) -> dict:
+    """`mlsd train`: train, then log the run and register the best checkpoint (if configured).
+
+    `dataset` replaces preparing `cfg.data.source` (retraining passes a combined dataset);
+    `init_from`, a checkpoint folder, starts from its weights (fine-tuning)."""
     from mlsd_ray.registry import log_and_register
 
-    result = run_train(cfg, home=home, log=log, run_name=run_name)
+    result = run_train(cfg, home=home, log=log, run_name=run_name, dataset=dataset,
+                       init_from=init_from)
     summary = result.summary()
     if cfg.registry.auto_register:
         dataset = PreparedDataset.open(result.dataset_path)
@@ -397,12 +437,13 @@ def train_and_register(cfg: Config, home: str | None = None,
 
 
 def run_train(cfg: Config, home: str | None = None, log: Callable[[str], None] = log_stderr,
-              run_name: str | None = None) -> TrainResult:
+              run_name: str | None = None, dataset: PreparedDataset | None = None,
+              init_from: str | None = None) -> TrainResult:
     """Prepare the data if needed, train, pick the best checkpoint, score it on test."""
     from ray.train import TrainingFailedError
 
     started = time.perf_counter()
-    dataset = prepare_dataset(cfg, home=home, log=log)
+    dataset = dataset or prepare_dataset(cfg, home=home, log=log)
     ensure_ray()
     check_resources(cfg.train)
     name = run_name or cfg.train.run_name or (
@@ -411,7 +452,7 @@ def run_train(cfg: Config, home: str | None = None, log: Callable[[str], None] =
     log(f"training {cfg.model.name} on {dataset.manifest['counts']['splits']['train']} images "
         f"with {cfg.train.num_workers} worker(s), {cfg.train.epochs} epochs; run {name} "
         f"under {runs}")
-    trainer = build_trainer(cfg, dataset, name, runs)
+    trainer = build_trainer(cfg, dataset, name, runs, init_from=init_from)
     try:
         result = trainer.fit()
     except TrainingFailedError as exc:

@@ -12,10 +12,14 @@ app runs on a laptop and on a cluster with a shared registry.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import hmac
+import json
 import os
 import time
+import uuid
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -27,13 +31,17 @@ from ray.serve.config import RequestRouterConfig
 from starlette.exceptions import HTTPException
 
 from mlsd_ray import __version__
-from mlsd_ray.config import ServeConfig
+from mlsd_ray.config import PredictionLogConfig, ServeConfig
 from mlsd_ray.serve import schemas
+from mlsd_ray.serve.metrics import ingress_metrics, model_metrics
 from mlsd_ray.serve.routers import ROUTER_CLASSES
 from mlsd_ray.serve.schemas import ClientError
 
 TOKEN_ENV = "MLSD_API_TOKEN"
 SESSION_HEADER = "x-session-id"
+REQUEST_ID_HEADER = "x-request-id"  # Serve's proxy sets it when the client did not
+ROUTES = ("/v1/predict", "/v1/health", "/v1/model")  # metric tags: other paths count as "other"
+DRIFT_REFRESH_S = 10.0
 
 api = FastAPI(title="mlsd-ray", version=__version__,
               description="Image classification served by Ray Serve. Errors are JSON "
@@ -74,28 +82,47 @@ def load_served_model(model_uri: str, home: str | None) -> tuple[Any, dict]:
 
 @serve.deployment(name="Model")
 class ModelServer:
-    """The network behind dynamic batching: one forward pass for many requests."""
+    """The network behind dynamic batching: one forward pass for many requests. Each batch is
+    also counted (metrics) and recorded in the prediction log for `mlsd monitor`."""
 
     def __init__(self, model_uri: str, home: str | None, max_batch_size: int,
-                 batch_wait_timeout_s: float, threads: int):
+                 batch_wait_timeout_s: float, threads: int, log_settings: dict | None = None):
         import torch
+
+        from mlsd_ray.monitor.predlog import PredictionLog, log_location
 
         torch.set_num_threads(threads)  # replicas share the machine: no thread oversubscription
         self.loaded, self.info = load_served_model(model_uri, home)
         self.predict.set_max_batch_size(max_batch_size)
         self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self.metrics = model_metrics()
+        self.metrics["version"].set(1, tags={"model_name": self.info["model_name"],
+                                             "model_version": self.info["model_version"]})
+        settings = PredictionLogConfig(**(log_settings or {}))
+        self.log = (PredictionLog(log_location(settings, home), settings, self.replica)
+                    if settings.enabled else None)
+        self.dropped_reported = 0
 
     def describe(self) -> dict:
-        return {**self.info, "replica": self.replica}
+        log = self.log.stats() if self.log else None
+        return {**self.info, "replica": self.replica, "prediction_log": log}
+
+    async def __del__(self):
+        """Serve calls this on shutdown: write what the log still buffers."""
+        log = getattr(self, "log", None)
+        if log is not None:
+            await asyncio.to_thread(log.close)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def predict(self, requests: list[list[np.ndarray]]) -> list[dict]:
-        """Each request is a list of uint8 images; answers are class probabilities per image."""
-        sizes = [len(images) for images in requests]
-        flat = [image for images in requests for image in images]
+    async def predict(self, requests: list[dict]) -> list[dict]:
+        """Each request: {"images": [uint8 arrays], "request_id", "received" (epoch s)};
+        answers are class probabilities per image."""
+        sizes = [len(r["images"]) for r in requests]
+        flat = [image for r in requests for image in r["images"]]
         # Off the event loop, so the next batch fills while this one runs.
-        probabilities = await asyncio.to_thread(self._forward, flat)
+        probabilities, features = await asyncio.to_thread(self._forward, flat)
+        self._observe(requests, probabilities, features)
         answers, start = [], 0
         for size in sizes:
             answers.append({"probabilities": probabilities[start:start + size],
@@ -106,12 +133,45 @@ class ModelServer:
             start += size
         return answers
 
-    def _forward(self, images: list[np.ndarray]) -> np.ndarray:
+    def _forward(self, images: list[np.ndarray]) -> tuple[np.ndarray, dict]:
         import torch
 
+        from mlsd_ray.monitor.features import image_features
+
+        pre = self.loaded.preprocessor
         with torch.inference_mode():
-            logits = self.loaded.model(self.loaded.preprocessor(images))
-            return torch.softmax(logits.float(), dim=1).numpy()
+            pixels = pre.to_tensor(images)  # [0, 1] at the trained size: what features measure
+            logits = self.loaded.model(pre.normalize(pixels))
+            features = image_features(pixels.permute(0, 2, 3, 1).numpy())
+            return torch.softmax(logits.float(), dim=1).numpy(), features
+
+    def _observe(self, requests: list[dict], probabilities: np.ndarray, features: dict) -> None:
+        """Metrics and prediction-log rows for one batch (no I/O: the log writes elsewhere)."""
+        classes, version = self.info["classes"], self.info["model_version"]
+        predicted = probabilities.argmax(axis=1)
+        self.metrics["batch"].observe(len(predicted))
+        for index, count in Counter(predicted.tolist()).items():
+            self.metrics["predictions"].inc(count, tags={"model_version": version,
+                                                         "predicted_class": classes[index]})
+        if self.log is None:
+            return
+        now = dt.datetime.now(dt.timezone.utc)
+        rows, position = [], 0
+        for request in requests:
+            latency = round(1000 * (now.timestamp() - request["received"]), 3)
+            for _ in request["images"]:
+                rows.append({"time": now, "request_id": request["request_id"],
+                             "model_name": self.info["model_name"], "model_version": version,
+                             "model_uri": self.info["uri"],
+                             "predicted_class": classes[predicted[position]],
+                             "confidence": float(probabilities[position].max()),
+                             "latency_ms": latency,
+                             **{k: float(v[position]) for k, v in features.items()}})
+                position += 1
+        self.log.record(rows)
+        if self.log.dropped > self.dropped_reported:
+            self.metrics["dropped"].inc(self.log.dropped - self.dropped_reported)
+            self.dropped_reported = self.log.dropped
 
 
 # ----------------------------------------------------------------------------- HTTP ingress
@@ -138,6 +198,29 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return _error(422, "invalid_request", str(exc.errors()))
 
 
+def _read_text(location: str) -> str:
+    from mlsd_ray import storage
+
+    return storage.read_text(location)
+
+
+@api.middleware("http")
+async def _count_requests(request: Request, call_next):
+    """Requests by route and status, and their latency, for Prometheus."""
+    started = time.perf_counter()
+    route = request.url.path if request.url.path in ROUTES else "other"
+    status = 500
+    try:
+        response = await call_next(request)
+        status = response.status_code
+        return response
+    finally:
+        metrics = ingress_metrics()
+        metrics["requests"].inc(tags={"route": route, "status": str(status)})
+        metrics["latency"].observe(1000 * (time.perf_counter() - started),
+                                   tags={"route": route})
+
+
 _PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": schemas.PredictRequest.model_json_schema()},
     "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {
@@ -157,20 +240,25 @@ class Ingress:
         self.top_k = settings["top_k"]
         self.token_sha256 = settings.get("token_sha256")
         self.sticky = settings["router"] == "consistent_hash"
+        self.drift_file = settings.get("drift_file")
+        self.drift_read_at = -DRIFT_REFRESH_S
 
     @api.post("/v1/predict", response_model=schemas.PredictResponse, responses=_ERRORS,
               openapi_extra=_PREDICT_BODY, summary="Classify images")
     async def predict(self, request: Request) -> dict:
         """JSON `{"instances": [...]}` or a multipart upload of image files."""
-        started = time.perf_counter()
+        started, received = time.perf_counter(), time.time()
         self._authorize(request)
         images = await self._instances(request)
-        answer = await self._call_model(request, images)
+        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        answer = await self._call_model(request, {"images": images, "request_id": request_id,
+                                                  "received": received})
+        await self._refresh_drift_gauge()
         return {"predictions": schemas.top_k(answer["probabilities"], answer["classes"],
                                              self.top_k),
                 "model_name": answer["model_name"], "model_version": answer["model_version"],
                 "latency_ms": round(1000 * (time.perf_counter() - started), 3),
-                "replica": answer["replica"]}
+                "replica": answer["replica"], "request_id": request_id}
 
     @api.get("/v1/health", summary="200 once the model is loaded")
     async def health(self) -> JSONResponse:
@@ -185,6 +273,18 @@ class Ingress:
     async def model_info(self, request: Request) -> dict:
         self._authorize(request)
         return await self.model.describe.remote()
+
+    async def _refresh_drift_gauge(self) -> None:
+        """Publish the latest `mlsd monitor` score (read at most every DRIFT_REFRESH_S)."""
+        if not self.drift_file or time.monotonic() - self.drift_read_at < DRIFT_REFRESH_S:
+            return
+        self.drift_read_at = time.monotonic()
+        try:
+            latest = json.loads(await asyncio.to_thread(_read_text, self.drift_file))
+        except (OSError, ValueError):
+            return  # no monitor run yet
+        for version, score in latest.get("drift_score_by_version", {}).items():
+            ingress_metrics()["drift"].set(score, tags={"model_version": str(version)})
 
     def _authorize(self, request: Request) -> None:
         if not self.token_sha256:
@@ -238,7 +338,7 @@ class Ingress:
             raise ClientError(413, "too_many_instances", f"more than {self.max_instances} files")
         return [schemas.decode_upload(await f.read(), f.filename or "upload") for f in files]
 
-    async def _call_model(self, request: Request, images: list[np.ndarray]) -> dict:
+    async def _call_model(self, request: Request, payload: dict) -> dict:
         """One retry when the replica died under us: predictions are idempotent."""
         from ray.exceptions import ActorUnavailableError, RayActorError
 
@@ -249,7 +349,7 @@ class Ingress:
             handle = handle.options(session_id=key)
         for attempt in range(2):
             try:
-                return await handle.predict.remote(images)
+                return await handle.predict.remote(payload)
             except (RayActorError, ActorUnavailableError) as exc:
                 if attempt:
                     raise ClientError(503, "model_unavailable",
@@ -280,11 +380,13 @@ def app_from_config(settings: ServeConfig, home: str | None = None) -> serve.App
         options["request_router_config"] = RequestRouterConfig(request_router_class=router)
     model = ModelServer.options(**options).bind(
         settings.model, storage.home(home), settings.max_batch_size,
-        settings.batch_wait_timeout_s, max(1, round(settings.num_cpus)))
+        settings.batch_wait_timeout_s, max(1, round(settings.num_cpus)),
+        settings.prediction_log.model_dump())
     token = os.environ.get(TOKEN_ENV)
     ingress_settings = {"max_instances": settings.max_instances,
                         "max_body_bytes": settings.max_body_bytes, "top_k": settings.top_k,
                         "router": settings.router,
+                        "drift_file": storage.join(storage.home(home), "monitor", "latest.json"),
                         "token_sha256": hashlib.sha256(token.encode()).hexdigest()
                         if token else None}
     return Ingress.options(ray_actor_options={"num_cpus": settings.ingress_num_cpus},

@@ -49,30 +49,42 @@ def decode_rows(batch: dict[str, np.ndarray], size: int, channels: int,
 class Predictor:
     """An actor holding the model; one call per batch of decoded rows."""
 
-    def __init__(self, checkpoint: str):
+    def __init__(self, checkpoint: str, model: dict):
         import torch
 
         from mlsd_ray.checkpoint import load_model
 
         torch.set_num_threads(1)  # one actor per CPU: parallelism comes from the pool
         self.loaded = load_model(checkpoint)
+        self.model = model  # {"uri", "name", "version"}: pinned, for `mlsd monitor --inputs`
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
+
+        from mlsd_ray.monitor.features import FEATURES, image_features
 
         ok = batch["status"] == OK
         rows = len(ok)
         predicted = np.full(rows, -1, dtype=np.int64)
         confidence = np.zeros(rows, dtype=np.float32)
+        features = {name: np.full(rows, np.nan, dtype=np.float32) for name in FEATURES}
         if ok.any():
+            pre = self.loaded.preprocessor
             with torch.inference_mode():
-                logits = self.loaded.model(self.loaded.preprocessor(batch["image"][ok]))
+                pixels = pre.to_tensor(batch["image"][ok])
+                logits = self.loaded.model(pre.normalize(pixels))
                 probabilities = torch.softmax(logits.float(), dim=1)
             best = probabilities.max(dim=1)
             predicted[ok] = best.indices.numpy()
             confidence[ok] = best.values.numpy()
+            for name, values in image_features(pixels.permute(0, 2, 3, 1).numpy()).items():
+                features[name][ok] = values
         names = self.loaded.preprocessor.class_names
         return {"id": batch["id"], "source": batch["source"], "label": batch["label_name"],
+                "model_uri": np.full(rows, self.model["uri"], dtype=object),
+                "model_name": np.full(rows, self.model["name"], dtype=object),
+                "model_version": np.full(rows, self.model["version"], dtype=object),
+                **features,
                 "predicted_index": predicted,
                 "predicted_class": np.array([names[i] if i >= 0 else "" for i in predicted],
                                             dtype=object),
@@ -89,13 +101,15 @@ def predict_dataset(model_ref: str, cfg: Config, out: str | None, home: str | No
     from mlsd_ray.checkpoint import load_model
     from mlsd_ray.data.sources import parse_source
     from mlsd_ray.runtime import ensure_ray
+    from mlsd_ray.serve.control import resolve_model_ref
 
-    checkpoint = registry.resolve(model_ref, home)
+    model = resolve_model_ref(model_ref, home)
+    checkpoint = registry.resolve(model["uri"], home)
     pre = load_model(checkpoint).preprocessor
     source = parse_source(cfg.data.source, cfg.data)
     source.class_names()  # lists the inputs: a missing path fails here, before Ray
-    out = out or storage.join(storage.home(home), "predictions",
-                              f"batch-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = out or storage.join(storage.home(home), "batch-predictions",
+                              time.strftime("%Y%m%d-%H%M%S"))
     ensure_ray()
     actors = max(1, int(ray.available_resources().get("CPU", 1)))
     log(f"predicting {cfg.data.source} with {model_ref} on {actors} actor(s) -> {out}")
@@ -103,7 +117,8 @@ def predict_dataset(model_ref: str, cfg: Config, out: str | None, home: str | No
     decode = functools.partial(decode_rows, size=pre.image_size, channels=pre.channels,
                                pixel_range=cfg.data.pixel_range)
     predictions = source.read(then=decode).map_batches(
-        Predictor, fn_constructor_kwargs={"checkpoint": checkpoint}, batch_size=256,
+        Predictor, fn_constructor_kwargs={"checkpoint": checkpoint, "model": model},
+        batch_size=256,
         batch_format="numpy", num_cpus=1,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors))
     storage.delete_dir(str(out))

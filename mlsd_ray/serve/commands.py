@@ -138,7 +138,7 @@ def predict(files: Annotated[list[Path] | None, typer.Argument(
             source: SourceOption = None, config: ConfigOption = None, set_: SetOption = None,
             out: Annotated[Path | None, typer.Option(
                 "--out", help="Offline: parquet folder for the predictions (default "
-                              "$MLSD_HOME/predictions/batch-TIME).")] = None,
+                              "$MLSD_HOME/batch-predictions/TIME).")] = None,
             home: HomeOption = None, as_json: JsonOption = False) -> None:
     """Predict offline over a dataset with Ray Data, or send image files to a running app.
 

@@ -51,6 +51,8 @@ class PredictResponse(BaseModel):
     model_version: str
     latency_ms: float = Field(..., description="Server-side time for this request.")
     replica: str = Field(..., description="The model replica that answered.")
+    request_id: str = Field(..., description="Also the x-request-id header; the prediction "
+                            "log's key for this request.")
 
 
 class ErrorBody(BaseModel):

@@ -1,0 +1,181 @@
+"""`mlsd monitor`, `mlsd simulate-traffic` and `mlsd retrain`: watching and renewing a model.
+
+Registered on the main app by mlsd_ray.cli.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mlsd_ray.cli_support import (
+    ConfigOption,
+    HomeOption,
+    JsonOption,
+    SetOption,
+    SourceOption,
+    config_from,
+    run,
+    with_flags,
+)
+from mlsd_ray.runtime import log_stderr
+
+DRIFT_EXIT_CODE = 3
+ModelOption = Annotated[str | None, typer.Option(
+    "--model", help="models:/NAME@ALIAS or models:/NAME/VERSION (default serve.model).")]
+
+
+def monitor(since: Annotated[str, typer.Option(
+                "--since", help="Window start: a duration back from now (90s, 15m, 1h, 2d) or "
+                                "an ISO time.")] = "1h",
+            until: Annotated[str | None, typer.Option(
+                "--until", help="Window end (same forms; default now).")] = None,
+            inputs: Annotated[str | None, typer.Option(
+                "--inputs", help="Test a set of inputs instead of the log: a source SPEC "
+                                 "(folder:PATH, parquet:PATH, ...) predicted offline with "
+                                 "--model.")] = None,
+            model: ModelOption = None,
+            fail_on_drift: Annotated[bool, typer.Option(
+                "--fail-on-drift", help=f"Exit {DRIFT_EXIT_CODE} when drift is found "
+                                        "(for cron jobs and CI).")] = False,
+            config: ConfigOption = None, set_: SetOption = None, home: HomeOption = None,
+            as_json: JsonOption = False) -> None:
+    """Drift and skew of served traffic against the training data of the model that served it.
+
+    Per input feature (brightness, contrast, edges, ink, orientation, centre): PSI and a
+    Kolmogorov-Smirnov test; predicted classes against the training labels (chi-squared);
+    confidence against validation. Writes report.json, report.md and histograms.png under
+    $MLSD_HOME/monitor/ and prints the verdict. Thresholds: the `monitor` config section.
+    """
+    outcome: dict = {}
+
+    def work() -> dict:
+        from mlsd_ray.monitor.run import monitor as run_monitor
+
+        cfg = config_from(config, set_, None)
+        frame = None
+        if inputs:
+            frame = _predict_inputs(cfg, inputs, model, home)
+        outcome.update(run_monitor(cfg, home, None if inputs else since, until, frame))
+        return outcome
+
+    def render(report: dict) -> None:
+        print(f"verdict: {report['verdict']} ({report['rows']} predictions)")
+        for uri, result in report.get("models", {}).items():
+            print(f"  {uri}: {result['summary']}")
+        if report.get("outputs"):
+            print(f"report: {report['outputs']['report.md']}")
+        elif report.get("summary"):
+            print(report["summary"])
+
+    run(as_json, work, render)
+    if fail_on_drift and outcome.get("verdict") == "drift":
+        raise typer.Exit(DRIFT_EXIT_CODE)
+
+
+def _predict_inputs(cfg, inputs: str, model: str | None, home: str | None):
+    """Offline predictions (with features) for a source, shaped like prediction-log rows."""
+    import pandas as pd
+
+    from mlsd_ray.serve.batch import OK, predict_dataset
+
+    cfg.data.source = inputs
+    summary = predict_dataset(model or cfg.serve.model, cfg, None, home, log_stderr)
+    frame = pd.read_parquet(summary["out"])
+    return frame[frame["status"] == OK].reset_index(drop=True)
+
+
+def simulate_traffic(
+        url: Annotated[str | None, typer.Option(
+            "--url", help="The running app, e.g. http://127.0.0.1:8000.")] = None,
+        shift: Annotated[str, typer.Option(
+            "--shift", help="none | rotate | noise | invert | imbalance.")] = "none",
+        amount: Annotated[float | None, typer.Option(
+            "--amount", help="Shift strength: degrees (rotate, default 30), noise std in grey "
+                             "levels (40), share of one class (imbalance, 0.7).")] = None,
+        count: Annotated[int, typer.Option(
+            "--count", help="Images to send (0 = the whole split).")] = 200,
+        split: Annotated[str, typer.Option(
+            "--split", help="Split of the prepared dataset to sample.")] = "test",
+        seed: Annotated[int, typer.Option("--seed", help="Sampling and noise seed.")] = 0,
+        batch: Annotated[int, typer.Option("--batch", help="Images per request.")] = 8,
+        concurrency: Annotated[int, typer.Option(
+            "--concurrency", help="Requests in flight.")] = 4,
+        save: Annotated[str | None, typer.Option(
+            "--save", help="Also write the images as DIR/<class>/<n>.png (a folder: source "
+                           "for `mlsd retrain`).")] = None,
+        source: SourceOption = None, config: ConfigOption = None, set_: SetOption = None,
+        home: HomeOption = None, as_json: JsonOption = False) -> None:
+    """Send held-out images to a running app with a controlled shift (demo and tests of drift).
+
+    Images come from a split of the prepared dataset (`--source`, default data.source), so
+    unshifted traffic looks like the training data and the shift is the only change.
+    """
+
+    def work() -> dict:
+        from mlsd_ray.data.prepare import prepare_dataset
+        from mlsd_ray.errors import InputError
+        from mlsd_ray.monitor.traffic import simulate_traffic as simulate
+
+        cfg = config_from(config, set_, source)
+        if split not in ("train", "val", "test"):
+            raise InputError(f"--split {split!r}: choose train, val or test")
+        dataset = prepare_dataset(cfg, home=home, log=log_stderr)
+        return simulate(url, dataset, shift, amount, count, split, seed, batch, concurrency,
+                        save)
+
+    def render(result: dict) -> None:
+        line = f"{result['images']} images, shift {result['shift']} ({result['amount']:g})"
+        if "requests" in result:
+            line += (f": {result['requests']} requests, {result['failed_requests']} failed, "
+                     f"accuracy {result['accuracy']}, versions {result['model_versions']}, "
+                     f"{result['seconds']} s")
+        print(line)
+        if "saved" in result:
+            print(f"saved to {result['saved']['folder']}")
+
+    run(as_json, work, render)
+
+
+def retrain(source: Annotated[str, typer.Option(
+                "--source", help="The new labelled data: a source SPEC (folder:PATH, ...).")],
+            mode: Annotated[str | None, typer.Option(
+                "--mode", help="finetune (from the champion's weights) | scratch "
+                               "(retrain.mode).")] = None,
+            epochs: Annotated[int | None, typer.Option(
+                "--epochs", help="Challenger epochs (retrain.epochs).")] = None,
+            margin: Annotated[float | None, typer.Option(
+                "--margin", help="Required holdout accuracy gain (retrain.margin).")] = None,
+            dry_run: Annotated[bool, typer.Option(
+                "--dry-run", help="Train and decide, but promote nothing.")] = False,
+            model: ModelOption = None, config: ConfigOption = None, set_: SetOption = None,
+            home: HomeOption = None, as_json: JsonOption = False) -> None:
+    """Train a challenger on new data and promote it only if it beats the champion.
+
+    Both are scored on the same holdout (the champion's test split plus the new data's); a
+    promoted challenger takes the alias and a running `mlsd serve` app rolls over to it with no
+    dropped requests. Writes decision.json / decision.md under $MLSD_HOME/retrain/.
+    """
+
+    def work() -> dict:
+        from mlsd_ray.retrain import retrain as run_retrain
+
+        cfg = config_from(config, with_flags(set_, {"retrain.mode": mode,
+                                                    "retrain.epochs": epochs,
+                                                    "retrain.margin": margin}), None)
+        return run_retrain(cfg, source, home, model, dry_run, log_stderr)
+
+    def render(decision: dict) -> None:
+        for who in ("champion", "challenger"):
+            score = decision["scores"][who]
+            print(f"{who:10s} {decision[who]}: holdout {score['holdout']['accuracy']:.4f} "
+                  f"(old test {score['old_test']['accuracy']:.4f}, new "
+                  f"{score['new_test']['accuracy']:.4f})")
+        print(("PROMOTED: " if decision["promote"] else "kept the champion: ")
+              + decision["reason"])
+        if "rollout" in decision:
+            print(f"rollout: {decision['rollout']}")
+        print(f"decision: {decision['outputs']['markdown']}")
+
+    run(as_json, work, render)

@@ -1,0 +1,154 @@
+"""The prediction log: one row per served image, buffered and written as parquet files.
+
+    $MLSD_HOME/predictions/date=YYYY-MM-DD/<time>-<replica>-<n>.parquet
+
+A row holds the time, request id, model name and version, the summary features of the input
+(monitor/features.py), the predicted class, its confidence and the request's latency. Logging
+never blocks a request: `record` only appends to a bounded in-memory buffer (rows past the bound
+are dropped and counted); a daemon thread writes the buffer once it holds `flush_rows` rows or
+its oldest row waited `flush_seconds`; `close` writes what is left (Serve calls the replica's
+`__del__` on shutdown).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import threading
+import time
+from collections import deque
+
+import pandas as pd
+
+from mlsd_ray import storage
+from mlsd_ray.config import PredictionLogConfig
+
+BASE_COLUMNS = ("time", "request_id", "model_name", "model_version", "predicted_class",
+                "confidence", "latency_ms")
+
+
+def log_location(settings: PredictionLogConfig, home: str | None) -> str:
+    """Where the log lives: the configured URI, else $MLSD_HOME/predictions."""
+    return settings.uri or storage.join(storage.home(home), "predictions")
+
+
+class PredictionLog:
+    """Bounded buffer + background writer (see the module docstring)."""
+
+    def __init__(self, location: str, settings: PredictionLogConfig, writer_id: str):
+        self.location = location
+        self.settings = settings
+        self.writer_id = writer_id.replace("/", "_")
+        self.rows: deque[dict] = deque()
+        self.dropped = 0
+        self.written = 0
+        self.files = 0
+        self.oldest: float | None = None
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self.thread.start()
+
+    def record(self, rows: list[dict]) -> None:
+        """Queue rows for writing; O(rows), no I/O. Rows past the buffer bound are dropped."""
+        with self.lock:
+            room = self.settings.max_buffered_rows - len(self.rows)
+            if room < len(rows):
+                self.dropped += len(rows) - max(room, 0)
+                rows = rows[:max(room, 0)]
+            if rows and self.oldest is None:
+                self.oldest = time.monotonic()
+            self.rows.extend(rows)
+            if len(self.rows) >= self.settings.flush_rows:
+                self.wake.set()
+
+    def _due(self) -> bool:
+        return bool(self.rows) and (len(self.rows) >= self.settings.flush_rows or (
+            time.monotonic() - (self.oldest or 0) >= self.settings.flush_seconds))
+
+    def _run(self) -> None:
+        while not self.closed:
+            self.wake.wait(timeout=min(1.0, self.settings.flush_seconds))
+            self.wake.clear()
+            if self._due():
+                self.flush()
+
+    def flush(self) -> int:
+        """Write the buffered rows as one parquet file now; returns how many were written."""
+        with self.lock:
+            rows, self.rows, self.oldest = list(self.rows), deque(), None
+        if not rows:
+            return 0
+        frame = pd.DataFrame(rows)
+        now = dt.datetime.now(dt.timezone.utc)
+        name = f"{now:%H%M%S%f}-{self.writer_id}-{self.files:05d}.parquet"
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        storage.write_bytes(storage.join(self.location, f"date={now:%Y-%m-%d}", name),
+                            buffer.getvalue())
+        self.files += 1
+        self.written += len(rows)
+        return len(rows)
+
+    def close(self) -> None:
+        """Stop the writer thread and write what is left."""
+        self.closed = True
+        self.wake.set()
+        self.thread.join(timeout=10)
+        self.flush()
+
+    def stats(self) -> dict:
+        return {"written": self.written, "buffered": len(self.rows), "dropped": self.dropped,
+                "files": self.files, "location": self.location}
+
+
+def parse_since(text: str) -> dt.timedelta:
+    """'90s', '15m', '1h', '2d' -> a timedelta; ValueError naming the accepted forms."""
+    units = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+    number, unit = text[:-1], text[-1:].lower()
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1
+    if unit not in units or value <= 0:
+        raise ValueError(f"time window {text!r}: use a number and a unit, e.g. 90s, 15m, 1h, 2d")
+    return dt.timedelta(**{units[unit]: value})
+
+
+def read_log(location: str, since: dt.datetime | None = None,
+             until: dt.datetime | None = None) -> pd.DataFrame:
+    """Rows logged in [since, until) (UTC), from every parquet file under `location`."""
+    if not storage.exists(location):
+        return pd.DataFrame(columns=list(BASE_COLUMNS))
+    fs, _ = storage.filesystem(location)
+    frames = []
+    for info in storage.list_files(location):
+        if not info.path.endswith(".parquet") or not _day_in_window(info.path, since, until):
+            continue
+        with fs.open_input_file(info.path) as handle:
+            frames.append(pd.read_parquet(handle))
+    if not frames:
+        return pd.DataFrame(columns=list(BASE_COLUMNS))
+    frame = pd.concat(frames, ignore_index=True)
+    frame["time"] = pd.to_datetime(frame["time"], utc=True)
+    if since is not None:
+        frame = frame[frame["time"] >= pd.Timestamp(since)]
+    if until is not None:
+        frame = frame[frame["time"] < pd.Timestamp(until)]
+    return frame.sort_values("time").reset_index(drop=True)
+
+
+def _day_in_window(path: str, since: dt.datetime | None, until: dt.datetime | None) -> bool:
+    """Skip whole date=YYYY-MM-DD partitions outside the window without reading them."""
+    for part in path.split("/"):
+        if part.startswith("date="):
+            try:
+                day = dt.date.fromisoformat(part[5:])
+            except ValueError:
+                return True
+            if since is not None and day < since.date():
+                return False
+            if until is not None and day > until.date():
+                return False
+    return True

@@ -1,0 +1,173 @@
+"""`mlsd monitor`: drift and skew of a window of the prediction log (or of a set of inputs).
+
+Rows are grouped by the model version that served them; each group is tested against that
+version's own reference (from its registered checkpoint), never another's. Writes
+report.json, report.md and histograms.png under $MLSD_HOME/monitor/<time>/, and
+$MLSD_HOME/monitor/latest.json, which the Serve app publishes as the drift-score metric.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+
+from mlsd_ray import storage
+from mlsd_ray.config import Config
+from mlsd_ray.errors import InputError
+from mlsd_ray.monitor import drift
+from mlsd_ray.monitor.features import FEATURES
+from mlsd_ray.monitor.predlog import log_location, read_log
+from mlsd_ray.runtime import log_stderr
+
+
+def load_reference(model_uri: str, home: str | None) -> dict:
+    """The reference profile stored in a model version's checkpoint (checksums verified)."""
+    from mlsd_ray import registry
+    from mlsd_ray.checkpoint import verify
+
+    directory = registry.resolve(model_uri, home)
+    verify(directory)
+    return storage.read_json(storage.join(directory, "reference.json"))
+
+
+def window(since: str | None, until: str | None) -> tuple[dt.datetime | None, dt.datetime | None]:
+    """`--since 1h` (relative) or ISO times -> UTC datetimes; InputError when unparsable."""
+    from mlsd_ray.monitor.predlog import parse_since
+
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def parse(text: str | None) -> dt.datetime | None:
+        if not text:
+            return None
+        try:
+            return now - parse_since(text)
+        except ValueError:
+            pass
+        try:
+            moment = dt.datetime.fromisoformat(text)
+        except ValueError as exc:
+            raise InputError(f"time {text!r}: use a duration (90s, 15m, 1h, 2d) or an ISO time "
+                             "(2026-11-22T10:00)") from exc
+        return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
+
+    return parse(since), parse(until)
+
+
+def monitor(cfg: Config, home: str | None = None, since: str | None = "1h",
+            until: str | None = None, frame: pd.DataFrame | None = None, out: str | None = None,
+            log: Callable[[str], None] = log_stderr) -> dict:
+    """Test the window (or `frame`, e.g. batch predictions) and write the reports."""
+    start, end = window(since, until)
+    if frame is None:
+        location = log_location(cfg.serve.prediction_log, home)
+        frame = read_log(location, start, end)
+        log(f"{len(frame)} logged predictions in the window from {location}")
+    report = {"window": {"since": start.isoformat() if start else None,
+                         "until": end.isoformat() if end else None},
+              "rows": len(frame), "thresholds": cfg.monitor.model_dump(), "models": {}}
+    if frame.empty:
+        report.update(verdict=drift.NO_DATA, summary="no predictions in this window: nothing "
+                      "to test (send traffic, or widen --since)")
+        return report
+    for uri, rows in frame.groupby("model_uri", sort=False):
+        result = drift.check_model(rows, load_reference(uri, home), cfg.monitor)
+        result["model_version"] = str(rows["model_version"].iloc[0])
+        result["summary"] = drift.describe(result)
+        report["models"][uri] = result
+    verdicts = [m["verdict"] for m in report["models"].values()]
+    report["verdict"] = (drift.DRIFT if drift.DRIFT in verdicts else drift.NO_DRIFT
+                         if drift.NO_DRIFT in verdicts else drift.TOO_FEW)
+    report["summary"] = "; ".join(f"{uri}: {m['summary']}" for uri, m in report["models"].items())
+    _write(report, frame, cfg, home, out, log)
+    return report
+
+
+def _write(report: dict, frame: pd.DataFrame, cfg: Config, home: str | None, out: str | None,
+           log: Callable[[str], None]) -> None:
+    root = storage.join(storage.home(home), "monitor")
+    out = out or storage.join(root, time.strftime("%Y%m%d-%H%M%S"))
+    report["outputs"] = {name: storage.join(out, name)
+                         for name in ("report.json", "report.md", "histograms.png")}
+    busiest = frame["model_uri"].value_counts().index[0]
+    storage.write_bytes(report["outputs"]["histograms.png"],
+                        histograms_png(frame[frame["model_uri"] == busiest],
+                                       load_reference(busiest, home), busiest))
+    storage.write_text(report["outputs"]["report.md"], markdown(report))
+    storage.write_json(report["outputs"]["report.json"], report)
+    latest = {"time": dt.datetime.now(dt.timezone.utc).isoformat(), "verdict": report["verdict"],
+              "report": report["outputs"]["report.json"],
+              "drift_score_by_version": {m["model_version"]: m.get("drift_score", 0.0)
+                                         for m in report["models"].values()}}
+    storage.write_text(storage.join(root, "latest.json"), json.dumps(latest, indent=2))
+    log(f"monitor report: {report['outputs']['report.md']}")
+
+
+def markdown(report: dict) -> str:
+    """A person's view of the report: verdict, then one table per model version."""
+    lines = [f"# Monitor: {report['verdict']}", "",
+             f"Window {report['window']['since'] or 'start'} to "
+             f"{report['window']['until'] or 'now'}; {report['rows']} predictions.", ""]
+    for uri, model in report["models"].items():
+        lines += [f"## {uri} ({model['rows']} predictions): {model['summary']}", ""]
+        if model.get("note"):
+            lines += [f"Note: {model['note']}", ""]
+        if model["features"]:
+            lines += ["| feature | reference mean | current mean | PSI | KS p-value | drifted |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {name} | {f['reference_mean']} | {f['current_mean']} | {f['psi']} | "
+                      f"{f['ks_pvalue']:.2e} | {'**yes**' if f['drifted'] else 'no'} |"
+                      for name, f in model["features"].items()]
+            lines.append("")
+        if "skew" in model:
+            skew = model["skew"]
+            lines += [f"Predicted classes vs training labels: chi2 {skew['chi2']}, p "
+                      f"{skew['pvalue']:.2e}, total variation {skew['total_variation']} "
+                      f"({'**skewed**' if skew['drifted'] else 'no skew'}).", ""]
+        if "confidence" in model:
+            conf = model["confidence"]
+            lines += [f"Mean confidence {conf['current_mean']} (reference "
+                      f"{conf['reference_mean']}, KS p {conf['ks_pvalue']:.2e}).", ""]
+    return "\n".join(lines) + "\n"
+
+
+def histograms_png(rows: pd.DataFrame, reference: dict, title: str) -> bytes:
+    """Reference-vs-current histogram per feature, plus the class shares."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in FEATURES if n in reference.get("features", {}) and n in rows]
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    for ax, name in zip(axes.flat, names):
+        ref = np.asarray(reference["features"][name])
+        edges = np.histogram_bin_edges(np.concatenate([ref, rows[name].to_numpy()]), bins=30)
+        ax.hist(ref, edges, density=True, alpha=0.5, label="reference (training)")
+        ax.hist(rows[name], edges, density=True, alpha=0.5, label="current")
+        ax.set_title(name)
+    counts = reference.get("label_counts", {})
+    ax = axes.flat[-1]
+    if counts:
+        classes = list(counts)
+        share = np.array(list(counts.values()), float) / max(sum(counts.values()), 1)
+        current = rows["predicted_class"].astype(str).value_counts(normalize=True)
+        x = np.arange(len(classes))
+        ax.bar(x - 0.2, share, 0.4, label="training labels")
+        ax.bar(x + 0.2, current.reindex(classes, fill_value=0).to_numpy(), 0.4,
+               label="predicted")
+        ax.set_xticks(x, classes)
+        ax.set_title("classes")
+        ax.legend(fontsize=8)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    return buffer.getvalue()

@@ -1,0 +1,48 @@
+"""Prometheus metrics of the Serve app, through `ray.serve.metrics` (Ray adds the deployment,
+replica and application tags and exports them from every node's metrics agent; names get Ray's
+`ray_` prefix, counters a `_total` suffix):
+
+    ray_mlsd_requests_total{route, status}       requests answered, by HTTP status
+    ray_mlsd_request_latency_ms                  end-to-end latency in the ingress (histogram)
+    ray_mlsd_batch_size                          images per forward pass (histogram)
+    ray_mlsd_predictions_total{model_version, predicted_class}
+    ray_mlsd_model_version_info{model_name, model_version}  1 on each replica serving it
+    ray_mlsd_drift_score{model_version}          latest `mlsd monitor` score (max feature PSI)
+    ray_mlsd_prediction_log_dropped_total        rows the bounded log buffer had to drop
+
+Metrics are created inside a replica (Ray needs the replica's context), once per process.
+"""
+
+from __future__ import annotations
+
+import functools
+
+LATENCY_MS_BOUNDS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
+BATCH_BOUNDS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+@functools.cache
+def ingress_metrics() -> dict:
+    from ray.serve.metrics import Counter, Gauge, Histogram
+
+    return {"requests": Counter("mlsd_requests", "Requests answered, by HTTP status.",
+                                tag_keys=("route", "status")),
+            "latency": Histogram("mlsd_request_latency_ms", "End-to-end request latency in "
+                                 "the ingress, in milliseconds.", boundaries=LATENCY_MS_BOUNDS,
+                                 tag_keys=("route",)),
+            "drift": Gauge("mlsd_drift_score", "Latest drift score from `mlsd monitor` (the "
+                           "largest feature PSI).", tag_keys=("model_version",))}
+
+
+@functools.cache
+def model_metrics() -> dict:
+    from ray.serve.metrics import Counter, Gauge, Histogram
+
+    return {"batch": Histogram("mlsd_batch_size", "Images per forward pass.",
+                               boundaries=BATCH_BOUNDS),
+            "predictions": Counter("mlsd_predictions", "Predicted images, by class.",
+                                   tag_keys=("model_version", "predicted_class")),
+            "version": Gauge("mlsd_model_version_info", "1 for the model version this replica "
+                             "serves.", tag_keys=("model_name", "model_version")),
+            "dropped": Counter("mlsd_prediction_log_dropped", "Prediction-log rows dropped "
+                               "because the buffer was full.")}
