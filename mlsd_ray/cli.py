@@ -258,18 +258,24 @@ def pipeline(source: SourceOption = None, config: ConfigOption = None, set_: Set
                                             "classify test images over HTTP, stop.")] = True,
              keep_serving: Annotated[bool, typer.Option(
                  "--keep-serving", help="Leave the app serving (on serve.port) until Ctrl-C.")
-             ] = False) -> None:
+             ] = False,
+             loop: Annotated[bool, typer.Option(
+                 "--loop/--no-loop", help="After the serve check, run the monitoring loop on "
+                                          "the live app: traffic, drift, retrain, rollout.")
+             ] = True) -> None:
     """Run every stage end to end on the configured source (default: the embedded digits).
 
     data -> [tune] -> train -> register -> evaluate -> promote the first version to production
-    -> serve check (HTTP predictions on test images).
+    -> serve (HTTP predictions on test images) -> the monitoring loop: unshifted traffic ->
+    monitor (no drift) -> rotated traffic -> monitor (drift) -> retrain on it -> promote if
+    better -> rolling update under load -> stop the app.
     """
     from mlsd_ray.pipeline import run_pipeline
 
     def work() -> dict:
         return run_pipeline(config_from(config, set_, source), home=home, force=force,
                             log=log_stderr, tune=tune, serve_check=serve or keep_serving,
-                            keep_serving=keep_serving)
+                            keep_serving=keep_serving, monitor_loop=loop)
 
     def render(result: dict) -> None:
         stages = result["stages"]
@@ -300,8 +306,39 @@ def pipeline(source: SourceOption = None, config: ConfigOption = None, set_: Set
                   f"HTTP from version {served['model_version']} at {served['url']}"
                   + ("" if served["kept_serving"] else " (stopped; `mlsd serve --detach` to "
                                                         "run it)"))
+        if "loop" in stages:
+            _render_loop(stages["loop"])
 
     run(as_json, work, render)
+
+
+def _render_loop(steps: dict) -> None:
+    """The monitoring loop as a step / result table."""
+    def traffic(t: dict) -> str:
+        return (f"{t['images']} images ({t['shift']}), accuracy {t['accuracy']}, "
+                f"{t['failed_requests']} failed requests")
+
+    rows = [("unshifted traffic", traffic(steps["traffic_unshifted"])),
+            ("monitor", f"{steps['monitor_unshifted']['summary']}"),
+            ("rotated traffic", traffic(steps["traffic_rotated"])),
+            ("monitor", f"{steps['monitor_rotated']['summary']}")]
+    retrained = steps.get("retrain", {})
+    if "skipped" in retrained:
+        rows.append(("retrain", f"skipped: {retrained['skipped']}"))
+    elif retrained:
+        rows.append(("retrain", f"holdout accuracy champion {retrained['holdout']['champion']:.4f}"
+                                f" -> challenger {retrained['holdout']['challenger']:.4f}: "
+                                + ("promoted " if retrained["promote"] else "rejected ")
+                                + retrained["challenger"]))
+    if "rollout" in steps:
+        rollout, load = steps["rollout"], steps["rollout"]["load"]
+        rows.append(("rolling update", f"{rollout['from']['uri']} -> {rollout['to']['uri']} in "
+                                       f"{rollout['seconds']} s under load: {load['requests']} "
+                                       f"requests, {load['failed_requests']} failed, answered "
+                                       f"by versions {load['model_versions']}"))
+    print("\nmonitoring loop:")
+    for step, result in rows:
+        print(f"  {step:18s} {result}")
 
 
 models_app = typer.Typer(help="The model registry (MLflow): list, show, promote.",

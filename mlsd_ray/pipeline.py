@@ -1,12 +1,15 @@
 """`mlsd pipeline`: every stage in order, each reading the previous stage's output by path.
 
 data -> [tune (Ray Tune), with --tune] -> train (Ray Train) -> register (MLflow) -> evaluate on
-test -> promote the first version to `production` -> serve check (Ray Serve: start the app,
-classify test digits over HTTP, stop it; with `keep_serving` it stays up until Ctrl-C).
+test -> promote the first version to `production` -> serve (Ray Serve: start the app, classify
+test digits over HTTP) -> the monitoring loop on the live app (monitor/loop.py: unshifted and
+rotated traffic, monitor, retrain, gated promotion, rolling update under load) -> stop the app
+(with `keep_serving` it stays up until Ctrl-C).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from mlsd_ray.config import Config
@@ -16,7 +19,8 @@ from mlsd_ray.runtime import log_stderr
 
 def run_pipeline(cfg: Config, home: str | None = None, force: bool = False,
                  log: Callable[[str], None] = log_stderr, tune: bool = False,
-                 serve_check: bool = True, keep_serving: bool = False) -> dict:
+                 serve_check: bool = True, keep_serving: bool = False,
+                 monitor_loop: bool = True) -> dict:
     """Run the stages end to end; returns one summary per stage.
 
     With `tune`, a search (cfg.tune) runs first and the final training uses its best
@@ -54,6 +58,21 @@ def run_pipeline(cfg: Config, home: str | None = None, force: bool = False,
 
         log("== stage 5/5: serve ==")
         model = registered["uri"] if registered else stages["train"]["checkpoint"]
+        loop = None
+        if monitor_loop and registered:  # retraining moves a registry alias: needs a version
+            loop = functools.partial(_loop, cfg, home=home, log=log,
+                                     dataset_path=stages["train"]["dataset"])
         stages["serve"] = serve_smoke_check(cfg.serve, model, stages["train"]["dataset"], home,
-                                            keep_serving, log)
+                                            keep_serving, log, then=loop)
+        if "loop" in stages["serve"]:
+            stages["loop"] = stages["serve"].pop("loop")
     return {"stages": stages}
+
+
+def _loop(cfg: Config, url: str, served_uri: str, home: str | None,
+          log: Callable[[str], None], dataset_path: str) -> dict:
+    from mlsd_ray.data.prepare import PreparedDataset
+    from mlsd_ray.monitor.loop import drift_loop
+
+    log("== stage 6/6: monitor -> retrain -> rolling update ==")
+    return drift_loop(cfg, url, served_uri, PreparedDataset.open(dataset_path), home, log)

@@ -97,8 +97,12 @@ def challenger_config(cfg: Config, champion, champion_name: str) -> Config:
 
 
 def retrain(cfg: Config, source: str, home: str | None = None, model: str | None = None,
-            dry_run: bool = False, log: Callable[[str], None] = log_stderr) -> dict:
-    """Train a challenger on `source`, compare, promote and roll out (see the module docstring)."""
+            dry_run: bool = False, log: Callable[[str], None] = log_stderr,
+            roll_out: bool = True) -> dict:
+    """Train a challenger on `source`, compare, promote and roll out (see the module docstring).
+
+    With `roll_out=False` a promoted challenger is not deployed (the pipeline deploys it itself,
+    under load)."""
     from mlsd_ray import registry
     from mlsd_ray.checkpoint import load_model
     from mlsd_ray.runtime import ensure_ray
@@ -154,7 +158,8 @@ def retrain(cfg: Config, source: str, home: str | None = None, model: str | None
         version = int(trained["registered"]["version"])
         registry.promote(champion_info["name"], version, cfg.retrain.alias, home)
         log(f"promoted {challenger_uri} to @{cfg.retrain.alias}")
-        decision["rollout"] = _roll_out(challenger_uri, cfg, home, log)
+        if roll_out:
+            decision["rollout"] = _roll_out(challenger_uri, cfg, home, log)
     decision["seconds"] = round(time.perf_counter() - started, 1)
     decision["outputs"] = _write_decision(decision, home)
     return decision

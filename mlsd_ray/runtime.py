@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
+from pathlib import Path
 
 _settings = {"quiet": False}
 
@@ -33,8 +35,35 @@ def ensure_ray() -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=True,
+    ray.init(address=_address(), include_dashboard=True,
              log_to_driver=not _settings["quiet"], logging_level=logging.WARNING)
+
+
+def recorded_cluster_file() -> str:
+    """The file where `ray start` records the local cluster's address (/tmp/ray/...)."""
+    from ray._common.utils import get_ray_address_file
+
+    return get_ray_address_file(None)
+
+
+def _address() -> str | None:
+    """RAY_ADDRESS; else None: join the cluster `ray start` recorded on this machine, or start
+    one. A record whose head is gone (killed, machine rebooted) would make ray.init wait for it
+    forever, so then a new local instance starts ("local") with a note."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    try:
+        recorded = Path(recorded_cluster_file()).read_text().strip()
+    except OSError:
+        return None
+    host, _, port = recorded.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except (OSError, ValueError):
+        log_stderr(f"note: {recorded_cluster_file()} names a Ray cluster at {recorded} that is "
+                   "gone; starting a new local one")
+        return "local"
+    return None
 
 
 def _tune_data_context() -> None:

@@ -136,3 +136,42 @@ def simulate_traffic(url: str | None, dataset, shift: str = "none", amount: floa
     if url:
         summary.update(url=url, **send(url, images, labels, class_names, batch, concurrency))
     return summary
+
+
+class BackgroundLoad:
+    """Steady traffic from another thread (a context manager): what a rolling update must not
+    disturb. Counts requests, failures and the versions that answered."""
+
+    def __init__(self, url: str, dataset, batch: int = 4, split: str = "test"):
+        import threading
+
+        images, labels = dataset.load_split(split)
+        self.url, self.batch = url, batch
+        self.images, self.labels = images, labels
+        self.class_names = dataset.manifest["class_names"]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.totals = {"requests": 0, "failed_requests": 0, "model_versions": Counter(),
+                       "errors": []}
+
+    def _run(self) -> None:
+        rng = np.random.default_rng(0)
+        while not self.stop.is_set():
+            pick = rng.choice(len(self.images), self.batch, replace=False)
+            result = send(self.url, self.images[pick], self.labels[pick], self.class_names,
+                          self.batch, 1)
+            self.totals["requests"] += result["requests"]
+            self.totals["failed_requests"] += result["failed_requests"]
+            self.totals["model_versions"].update(result["model_versions"])
+            self.totals["errors"] = (self.totals["errors"] + result["errors"])[:5]
+
+    def __enter__(self) -> BackgroundLoad:
+        self.started = time.perf_counter()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=60)
+        self.totals["seconds"] = round(time.perf_counter() - self.started, 2)
+        self.totals["model_versions"] = dict(self.totals["model_versions"])

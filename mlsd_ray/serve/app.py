@@ -97,8 +97,8 @@ class ModelServer:
         self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.metrics = model_metrics()
-        self.metrics["version"].set(1, tags={"model_name": self.info["model_name"],
-                                             "model_version": self.info["model_version"]})
+        self.version_tags = {"model_name": self.info["model_name"],
+                             "model_version": self.info["model_version"]}
         settings = PredictionLogConfig(**(log_settings or {}))
         self.log = (PredictionLog(log_location(settings, home), settings, self.replica)
                     if settings.enabled else None)
@@ -150,6 +150,7 @@ class ModelServer:
         classes, version = self.info["classes"], self.info["model_version"]
         predicted = probabilities.argmax(axis=1)
         self.metrics["batch"].observe(len(predicted))
+        self.metrics["version"].set(1, tags=self.version_tags)
         for index, count in Counter(predicted.tolist()).items():
             self.metrics["predictions"].inc(count, tags={"model_version": version,
                                                          "predicted_class": classes[index]})

@@ -94,6 +94,7 @@ def serve_status(home: HomeOption = None, app_name: AppOption = "mlsd",
               f"{result['model_version']} ({result['model']})")
         for name, deployment in result["deployments"].items():
             print(f"  {name}: {deployment['status']}, replicas {deployment['replicas']}")
+        print(f"Prometheus metrics: {', '.join(result['metrics'])}")
 
     run(as_json, lambda: control.status(home, app_name), render)
 

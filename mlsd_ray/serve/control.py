@@ -136,6 +136,7 @@ def _connect_for(home: str | None, settings: ServeConfig, detach: bool,
         _join(head["ray_address"])
     except BaseException:
         _kill_group(head["cluster_pid"], timeout=10)  # do not leave a head nobody can reach
+        _forget_recorded_cluster(head["ray_address"])
         raise
     return head
 
@@ -267,7 +268,16 @@ def status(home: str | None = None, app_name: str = "mlsd") -> dict:
     return {"app_name": app_name, "url": state["url"], "status": str(app.status.value if hasattr(
         app.status, "value") else app.status), "deployments": deployments,
         "model_version": served.get("model_version"), "model": served.get("uri"),
-        "ray_address": state["ray_address"], "detached": state["detached"]}
+        "ray_address": state["ray_address"], "detached": state["detached"],
+        "metrics": metrics_endpoints()}
+
+
+def metrics_endpoints() -> list[str]:
+    """Each live node's Prometheus endpoint (Ray's metrics agent), where ray_mlsd_* appear."""
+    import ray
+
+    return [f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+            for node in ray.nodes() if node.get("Alive") and node.get("MetricsExportPort")]
 
 
 def _join_recorded(state: dict) -> None:
@@ -320,8 +330,22 @@ def stop(home: str | None = None, app_name: str = "mlsd") -> dict:
             ray.shutdown()
     if state.get("cluster_pid"):
         stopped_cluster = _kill_group(state["cluster_pid"])
+        _forget_recorded_cluster(state["ray_address"])
     state_file(home, app_name).unlink(missing_ok=True)
     return {"app_name": app_name, "stopped": True, "stopped_ray_head": stopped_cluster}
+
+
+def _forget_recorded_cluster(address: str) -> None:
+    """Killing a `ray start` head leaves its address in Ray's record of the local cluster
+    (`ray stop` would remove it); a later ray.init() would wait for the dead head forever."""
+    from mlsd_ray.runtime import recorded_cluster_file
+
+    path = Path(recorded_cluster_file())
+    try:
+        if path.read_text().strip() == address:
+            path.unlink()
+    except OSError:
+        pass
 
 
 def _kill_group(pid: int, timeout: float = 30) -> bool:

@@ -6,7 +6,7 @@ replica and application tags and exports them from every node's metrics agent; n
     ray_mlsd_request_latency_ms                  end-to-end latency in the ingress (histogram)
     ray_mlsd_batch_size                          images per forward pass (histogram)
     ray_mlsd_predictions_total{model_version, predicted_class}
-    ray_mlsd_model_version_info{model_name, model_version}  1 on each replica serving it
+    ray_mlsd_model_loaded{model_name, model_version}  1 on each replica serving that version
     ray_mlsd_drift_score{model_version}          latest `mlsd monitor` score (max feature PSI)
     ray_mlsd_prediction_log_dropped_total        rows the bounded log buffer had to drop
 
@@ -42,7 +42,7 @@ def model_metrics() -> dict:
                                boundaries=BATCH_BOUNDS),
             "predictions": Counter("mlsd_predictions", "Predicted images, by class.",
                                    tag_keys=("model_version", "predicted_class")),
-            "version": Gauge("mlsd_model_version_info", "1 for the model version this replica "
+            "version": Gauge("mlsd_model_loaded", "1 for the model version this replica "
                              "serves.", tag_keys=("model_name", "model_version")),
             "dropped": Counter("mlsd_prediction_log_dropped", "Prediction-log rows dropped "
                                "because the buffer was full.")}

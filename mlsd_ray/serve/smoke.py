@@ -15,8 +15,12 @@ SMOKE_IMAGES = 32
 
 
 def serve_smoke_check(settings: ServeConfig, model: str, dataset_path: str, home: str | None,
-                      keep_serving: bool, log: Callable[[str], None]) -> dict:
-    """Start the app on `model`, send SMOKE_IMAGES test images, report accuracy; then stop."""
+                      keep_serving: bool, log: Callable[[str], None],
+                      then: Callable[[str, str], dict] | None = None) -> dict:
+    """Start the app on `model`, send SMOKE_IMAGES test images, report accuracy; then stop.
+
+    `then(url, served_uri)` runs while the app is up (the monitoring loop); its result is
+    returned under "loop", and the app is stopped even when it fails."""
     from mlsd_ray.serve import control
     from mlsd_ray.serve.client import post_json
 
@@ -36,9 +40,13 @@ def serve_smoke_check(settings: ServeConfig, model: str, dataset_path: str, home
               "seconds_to_healthy": summary["seconds_to_healthy"], "kept_serving": keep_serving}
     log(f"served {answer['model_name']} version {answer['model_version']} at {summary['url']}: "
         f"{correct}/{len(predicted)} test images right over HTTP")
-    if keep_serving:
-        control.serve_until_interrupted(summary, log)
-    else:
-        control.remove_app(settings.app_name)
-        control.state_file(home, settings.app_name).unlink(missing_ok=True)
+    try:
+        if then is not None:
+            result["loop"] = then(summary["url"], summary["model"]["uri"])
+    finally:
+        if keep_serving:
+            control.serve_until_interrupted(summary, log)
+        else:
+            control.remove_app(settings.app_name)
+            control.state_file(home, settings.app_name).unlink(missing_ok=True)
     return result

@@ -1,0 +1,155 @@
+"""The monitoring loop on real parts: a Serve app logging predictions, `monitor` over its log,
+Prometheus metrics from Ray's metrics agent, and `retrain` with gated promotion and a rolling
+update under load. One small digits model (8×8, a few epochs) is trained for the module.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import socket
+import time
+
+import pytest
+import requests
+
+from mlsd_ray import registry
+from mlsd_ray.config import ServeConfig, load_config
+from mlsd_ray.data.prepare import PreparedDataset
+from mlsd_ray.errors import InputError
+from mlsd_ray.monitor.run import monitor
+from mlsd_ray.monitor.traffic import BackgroundLoad, simulate_traffic
+from mlsd_ray.registry import log_and_register, promote
+from mlsd_ray.retrain import retrain
+from mlsd_ray.serve import control
+from mlsd_ray.train import run_train
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+OVERRIDES = ["data.image_size=8", "data.augment.random_shift=1", "train.num_workers=1",
+             "train.lr=0.005", "train.max_failures=0", "serve.prediction_log.flush_seconds=0.5"]
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, ray_session):
+    """A trained, registered, promoted model served with the prediction log on."""
+    from ray import serve
+
+    root = tmp_path_factory.mktemp("monitor")
+    home = str(root / "mlsd-home")
+    cfg = load_config(None, [*OVERRIDES, "train.epochs=4"])
+    result = run_train(cfg, home=home, log=lambda _: None)
+    dataset = PreparedDataset.open(result.dataset_path)
+    log_and_register(result, cfg, dataset, "digits-cnn", home)
+    promote("digits-cnn", 1, "production", home)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cfg.serve = ServeConfig(model="models:/digits-cnn@production", port=port, num_cpus=0.25,
+                            ingress_num_cpus=0.1,
+                            autoscaling={"min_replicas": 1, "max_replicas": 1},
+                            prediction_log={"flush_seconds": 0.5})
+    summary = control.start(cfg.serve, home=home, log=lambda _: None)
+    yield {"home": home, "cfg": cfg, "dataset": dataset, "url": summary["url"], "root": root}
+    serve.shutdown()
+
+
+def traffic_then_monitor(live, shift: str, **options) -> dict:
+    since = now()
+    sent = simulate_traffic(live["url"], live["dataset"], shift, **options)
+    assert sent["failed_requests"] == 0, sent["errors"]
+    time.sleep(2.0)  # > flush_seconds: the replica's log writer has run
+    return monitor(live["cfg"], live["home"], since=since, until=now(), log=lambda _: None)
+
+
+def test_unshifted_traffic_is_logged_and_raises_no_drift(live):
+    report = traffic_then_monitor(live, "none", count=150, seed=3)
+    assert report["rows"] == 150  # every image logged, once
+    result = report["models"]["models:/digits-cnn/1"]  # compared with version 1's reference
+    assert report["verdict"] == "no drift", result["summary"]
+    assert set(result["features"]) >= {"brightness", "orientation", "edges"}
+    for name in ("report.json", "report.md", "histograms.png"):
+        with open(report["outputs"][name], "rb") as handle:
+            assert len(handle.read()) > 100
+
+
+@pytest.mark.parametrize("shift, feature", [("rotate", "orientation"), ("invert", "brightness"),
+                                            ("noise", "edges")])
+def test_shifted_traffic_is_flagged_naming_the_feature(live, shift, feature):
+    report = traffic_then_monitor(live, shift, count=150, seed=4)
+    result = report["models"]["models:/digits-cnn/1"]
+    assert report["verdict"] == "drift" and feature in result["drifted_features"]
+    assert feature in result["summary"]
+
+
+def test_imbalanced_traffic_is_flagged_as_skew(live):
+    report = traffic_then_monitor(live, "imbalance", count=150, seed=5)
+    assert report["models"]["models:/digits-cnn/1"]["skew"]["drifted"]
+
+
+def test_an_empty_window_says_no_data(live):
+    report = monitor(live["cfg"], live["home"], since="2000-01-01T00:00",
+                     until="2000-01-02T00:00", log=lambda _: None)
+    assert report["verdict"] == "no data" and report["rows"] == 0
+
+
+def test_serving_metrics_reach_prometheus(live):
+    import ray  # noqa: F401  (the session's instance: ray.nodes() lists its metrics agent)
+
+    endpoints = control.metrics_endpoints()
+    assert endpoints
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = "\n".join(requests.get(url, timeout=10).text for url in endpoints)
+        if "ray_mlsd_predictions_total" in text and "ray_mlsd_batch_size_bucket" in text:
+            break
+        time.sleep(2)
+    assert 'ray_mlsd_requests_total{' in text and 'status="200"' in text
+    assert 'ray_mlsd_predictions_total{' in text and 'predicted_class="' in text
+    assert "ray_mlsd_request_latency_ms_bucket" in text and "ray_mlsd_batch_size_bucket" in text
+
+
+@pytest.fixture(scope="module")
+def incoming(live):
+    """New labelled data: the train split rotated by 30°, sent as traffic and saved."""
+    folder = live["root"] / "rotated"
+    simulate_traffic(live["url"], live["dataset"], "rotate", count=0, split="train",
+                     save=str(folder))
+    return folder
+
+
+def test_retrain_rejects_a_weak_challenger_and_promotes_a_better_one(live, incoming):
+    home, cfg = live["home"], live["cfg"]
+
+    weak = cfg.model_copy(deep=True)
+    weak.retrain.mode, weak.retrain.epochs, weak.retrain.lr = "scratch", 1, 1e-4
+    rejected = retrain(weak, f"folder:{incoming}", home, log=lambda _: None)
+    assert not rejected["promote"] and rejected["gain"] <= weak.retrain.margin
+    assert registry.show("models:/digits-cnn@production", home)["version"] == 1  # alias stays
+
+    strong = cfg.model_copy(deep=True)
+    strong.retrain.epochs = 4
+    with BackgroundLoad(live["url"], live["dataset"]) as load:
+        decision = retrain(strong, f"folder:{incoming}", home, log=lambda _: None)
+    scores = decision["scores"]
+    assert decision["promote"], decision["reason"]
+    assert scores["challenger"]["new_test"]["accuracy"] > scores["champion"]["new_test"][
+        "accuracy"]
+    version = int(decision["challenger"].rsplit("/", 1)[1])
+    assert registry.show("models:/digits-cnn@production", home)["version"] == version
+    assert decision["rollout"]["served_version"] == str(version)
+    assert load.totals["failed_requests"] == 0, load.totals["errors"]
+    assert set(load.totals["model_versions"]) == {"1", str(version)}  # switched under load
+    with open(decision["outputs"]["markdown"]) as handle:
+        assert "promoted" in handle.read()
+
+
+def test_retrain_refuses_another_label_set(live, incoming):
+    partial = live["root"] / "partial"
+    shutil.copytree(incoming, partial, dirs_exist_ok=True)
+    shutil.rmtree(partial / "9")
+    with pytest.raises(InputError, match=r"missing from it: \['9'\]"):
+        retrain(live["cfg"], f"folder:{partial}", live["home"], log=lambda _: None)
