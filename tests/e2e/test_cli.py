@@ -88,7 +88,8 @@ def test_folder_with_bad_files_json(tmp_path, cluster_env):
 def test_pipeline_on_digits(tmp_path, cluster_env):
     home = str(tmp_path / "home")
     result = mlsd("pipeline", "--json", "--home", home, "--set", "train.epochs=2",
-                  "--set", "train.cpus_per_worker=0.5", env=cluster_env)
+                  "--set", "train.cpus_per_worker=0.5", "--set", "retrain.epochs=1",
+                  "--set", "serve.prediction_log.flush_seconds=0.5", env=cluster_env)
     assert result.returncode == 0, result.stderr
     stages = json.loads(result.stdout)["stages"]
     data = stages["data"]
@@ -104,9 +105,9 @@ def test_pipeline_on_digits(tmp_path, cluster_env):
     listed = mlsd("models", "list", "--json", "--home", home)
     assert listed.returncode == 0, listed.stderr
     model = json.loads(listed.stdout)["models"][0]
-    assert model["name"] == "digits-cnn" and model["aliases"] == {"production": 1}
-    evaluated = mlsd("evaluate", "--model", "models:/digits-cnn@production", "--json",
-                     "--home", home)
+    production = 2 if stages["loop"]["retrain"]["promote"] else 1  # the loop's challenger
+    assert model["name"] == "digits-cnn" and model["aliases"] == {"production": production}
+    evaluated = mlsd("evaluate", "--model", "models:/digits-cnn/1", "--json", "--home", home)
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(evaluated.stdout)["accuracy"] == pytest.approx(
         stages["evaluate"]["accuracy"])
@@ -116,10 +117,25 @@ def test_pipeline_on_digits(tmp_path, cluster_env):
     served = stages["serve"]  # the pipeline's own check: HTTP answers from the new version
     assert served["images"] == 32 and served["accuracy"] > 0.3
     assert served["model_version"] == "1" and not served["kept_serving"]
-    check_serve_commands(home, cluster_env, tmp_path)
+    check_monitoring_loop(stages["loop"])
+    check_serve_commands(home, cluster_env, tmp_path, str(production))
 
 
-def check_serve_commands(home: str, cluster_env: dict, tmp_path) -> None:
+def check_monitoring_loop(loop: dict) -> None:
+    """The pipeline's loop on the live app: drift found only in the rotated traffic, a
+    challenger trained and judged, and a promoted one rolled out with no failed request."""
+    assert loop["traffic_unshifted"]["failed_requests"] == 0
+    assert loop["monitor_unshifted"]["rows"] == 200
+    assert loop["monitor_rotated"]["verdict"] == "drift"
+    assert "orientation" in loop["monitor_rotated"]["summary"]
+    retrained = loop["retrain"]
+    assert retrained["challenger"].startswith("models:/digits-cnn/")
+    assert retrained["promote"] == (retrained["gain"] > 0.005)
+    if retrained["promote"]:
+        assert loop["rollout"]["load"]["failed_requests"] == 0
+
+
+def check_serve_commands(home: str, cluster_env: dict, tmp_path, production: str) -> None:
     """`mlsd serve --detach`, a PNG over HTTP, status, predict --url, stop; bad model -> 2."""
     import requests
     from PIL import Image
@@ -144,13 +160,13 @@ def check_serve_commands(home: str, cluster_env: dict, tmp_path) -> None:
         body = {"instances": [{"b64": base64.b64encode((tmp_path / "digit.png").read_bytes())
                                .decode()}]}
         answer = requests.post(f"{url}/v1/predict", json=body, timeout=60).json()
-        assert answer["model_version"] == "1" and answer["model_name"] == "digits-cnn"
+        assert answer["model_version"] == production and answer["model_name"] == "digits-cnn"
         assert answer["predictions"][0]["class_index"] in range(10)
 
         status = mlsd("serve", "status", "--json", "--home", home, env=cluster_env)
         assert status.returncode == 0, status.stderr
         status = json.loads(status.stdout)
-        assert status["status"] == "RUNNING" and status["model_version"] == "1"
+        assert status["status"] == "RUNNING" and status["model_version"] == production
         assert status["deployments"]["Model"]["replicas"] == {"RUNNING": 1}
 
         sent = mlsd("predict", "--url", url, str(tmp_path / "digit.png"), "--json")

@@ -39,7 +39,9 @@ def test_two_workers_learn_digits_and_resume(home):
     loaded = load_model(checkpoint)
     assert loaded.model_config["num_classes"] == 10
     assert loaded.preprocessor.class_names == [str(d) for d in range(10)]
-    assert sum(loaded.reference["train_class_counts"].values()) == 1259
+    assert sum(loaded.reference["label_counts"].values()) == 1259  # the drift reference
+    assert len(loaded.reference["features"]["orientation"]) == 1259
+    assert all(0 < c <= 1 for c in loaded.reference["confidence"])
 
     # the same run name with more epochs continues after epoch 2, not from scratch
     longer = load_config(None, FAST + ["train.epochs=3", "train.num_workers=2",
