@@ -4,8 +4,12 @@
    any source, at the champion's image size and channels; its class names must be the
    champion's (InputError, exit 2, naming the difference).
 2. Training data = the champion's train/val splits plus the new data's (`retrain.keep_old_data`),
-   written as one prepared dataset that keeps the champion's normalisation. The challenger trains
-   from the champion's weights (`finetune`) or from scratch, and is registered as a new version.
+   written as one prepared dataset that keeps the champion's normalisation (its test split is
+   both test splits, so a later retrain's "old test" covers every earlier holdout). The
+   challenger trains from the champion's weights (`finetune`) or from scratch, and is registered
+   as a new version. Its drift reference describes the new data: traffic is expected to look
+   like it from now on, so monitoring the promoted model against old-plus-new would flag both
+   the old world and the new one.
 3. Champion and challenger are scored on the same holdout: the champion's old test split plus
    the new data's test split. The challenger is promoted only if its holdout accuracy beats the
    champion's by more than `retrain.margin`; a running Serve app then rolls over to it.
@@ -129,7 +133,7 @@ def retrain(cfg: Config, source: str, home: str | None = None, model: str | None
 
     mode = cfg.retrain.mode
     train_parts = [new, old] if cfg.retrain.keep_old_data else [new]
-    combined = combine({"train": train_parts, "val": train_parts, "test": [new]},
+    combined = combine({"train": train_parts, "val": train_parts, "test": [new, old]},
                        champion.preprocessor.to_dict(), f"retrain-{new.manifest['name']}", home)
     log(f"challenger: {mode}, {combined.manifest['counts']['splits']['train']} training images "
         f"({'new + old' if cfg.retrain.keep_old_data else 'new only'})")
@@ -137,7 +141,8 @@ def retrain(cfg: Config, source: str, home: str | None = None, model: str | None
     ensure_ray()
     fit_to_free_cpus(challenger_cfg.train, log)
     trained = train_and_register(challenger_cfg, home, log, dataset=combined,
-                                 init_from=champion_dir if mode == "finetune" else None)
+                                 init_from=champion_dir if mode == "finetune" else None,
+                                 reference=new)
     challenger_uri = trained["registered"]["uri"]
     challenger = load_model(registry.resolve(challenger_uri, home))
 

@@ -320,8 +320,11 @@ def _reference(dataset: PreparedDataset, seed: int = 0) -> dict:
 
 
 def loop_config(cfg: Config, dataset: PreparedDataset, run_name: str,
-                init_from: str | None = None) -> dict:
-    """Everything a worker needs, as plain data (it travels to every worker)."""
+                init_from: str | None = None,
+                reference: PreparedDataset | None = None) -> dict:
+    """Everything a worker needs, as plain data (it travels to every worker).
+
+    The drift reference profiles `reference` (default: the training data itself)."""
     pre = dataset.manifest["preprocessing"]
     manifest = dataset.manifest
     metadata = {"run_name": run_name, "config": cfg.to_dict(),
@@ -329,7 +332,7 @@ def loop_config(cfg: Config, dataset: PreparedDataset, run_name: str,
                             "fingerprint": manifest["fingerprint"]}}
     return {"metadata": metadata, "train": cfg.train.model_dump(),
             "augment": cfg.data.augment.model_dump(),
-            "preprocessing": pre, "reference": _reference(dataset, cfg.train.seed),
+            "preprocessing": pre, "reference": _reference(reference or dataset, cfg.train.seed),
             "init_from": init_from,
             "model": {"name": cfg.model.name, "in_channels": pre["channels"],
                       "image_size": pre["image_size"], "num_classes": len(pre["class_names"]),
@@ -354,7 +357,7 @@ def materialize_splits(dataset: PreparedDataset, splits=("train", "val")) -> dic
 
 def build_trainer(cfg: Config, dataset: PreparedDataset, run_name: str, storage_path: str,
                   datasets: dict | None = None, callbacks: list | None = None,
-                  init_from: str | None = None):
+                  init_from: str | None = None, reference: PreparedDataset | None = None):
     """A TorchTrainer over materialised splits (the prepared ones unless `datasets` is given).
 
     Materialised first because on a small machine, Ray Data tasks still to run while the
@@ -377,7 +380,7 @@ def build_trainer(cfg: Config, dataset: PreparedDataset, run_name: str, storage_
     # its locality-first dispatch when order is preserved): the same config and seed train the
     # same model, so a tune trial's best.yaml reproduces the trial's accuracy.
     ingest = ExecutionOptions(preserve_order=True)
-    config = loop_config(cfg, dataset, run_name, init_from)
+    config = loop_config(cfg, dataset, run_name, init_from, reference)
     config["train_rows"] = datasets["train"].count()  # cheap: materialised
     resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
     return TorchTrainer(
@@ -418,15 +421,17 @@ def failure_message(error: BaseException) -> str:
 def train_and_register(cfg: Config, home: str | None = None,
                        log: Callable[[str], None] = log_stderr,
                        run_name: str | None = None, dataset: PreparedDataset | None = None,
-                       init_from: str | None = None) -> dict:
+                       init_from: str | None = None,
+                       reference: PreparedDataset | None = None) -> dict:
     """`mlsd train`: train, then log the run and register the best checkpoint (if configured).
 
     `dataset` replaces preparing `cfg.data.source` (retraining passes a combined dataset);
-    `init_from`, a checkpoint folder, starts from its weights (fine-tuning)."""
+    `init_from`, a checkpoint folder, starts from its weights (fine-tuning); `reference` is
+    the data the drift reference describes (default: the training data)."""
     from mlsd_ray.registry import log_and_register
 
     result = run_train(cfg, home=home, log=log, run_name=run_name, dataset=dataset,
-                       init_from=init_from)
+                       init_from=init_from, reference=reference)
     summary = result.summary()
     if cfg.registry.auto_register:
         dataset = PreparedDataset.open(result.dataset_path)
@@ -438,7 +443,8 @@ def train_and_register(cfg: Config, home: str | None = None,
 
 def run_train(cfg: Config, home: str | None = None, log: Callable[[str], None] = log_stderr,
               run_name: str | None = None, dataset: PreparedDataset | None = None,
-              init_from: str | None = None) -> TrainResult:
+              init_from: str | None = None,
+              reference: PreparedDataset | None = None) -> TrainResult:
     """Prepare the data if needed, train, pick the best checkpoint, score it on test."""
     from ray.train import TrainingFailedError
 
@@ -452,7 +458,7 @@ def run_train(cfg: Config, home: str | None = None, log: Callable[[str], None] =
     log(f"training {cfg.model.name} on {dataset.manifest['counts']['splits']['train']} images "
         f"with {cfg.train.num_workers} worker(s), {cfg.train.epochs} epochs; run {name} "
         f"under {runs}")
-    trainer = build_trainer(cfg, dataset, name, runs, init_from=init_from)
+    trainer = build_trainer(cfg, dataset, name, runs, init_from=init_from, reference=reference)
     try:
         result = trainer.fit()
     except TrainingFailedError as exc:

@@ -84,7 +84,11 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(home):
         deadline = time.time() + 120
         while time.time() < deadline and not checkpoints():
             time.sleep(0.2)
-        workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+        # The session's own address: left to itself the state API reads Ray's record of the
+        # last `ray start` cluster, which need not be this session's.
+        alive = list_actors(address=ray.get_runtime_context().gcs_address,
+                            filters=[("state", "=", "ALIVE")])
+        workers = [a for a in alive
                    if a.class_name.endswith("RayTrainWorker")]
         if workers:
             os.kill(workers[-1].pid, signal.SIGKILL)
