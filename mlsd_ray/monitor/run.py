@@ -75,8 +75,9 @@ def monitor(cfg: Config, home: str | None = None, since: str | None = "1h",
         report.update(verdict=drift.NO_DATA, summary="no predictions in this window: nothing "
                       "to test (send traffic, or widen --since)")
         return report
+    references = {uri: load_reference(uri, home) for uri in frame["model_uri"].unique()}
     for uri, rows in frame.groupby("model_uri", sort=False):
-        result = drift.check_model(rows, load_reference(uri, home), cfg.monitor)
+        result = drift.check_model(rows, references[uri], cfg.monitor)
         result["model_version"] = str(rows["model_version"].iloc[0])
         result["summary"] = drift.describe(result)
         report["models"][uri] = result
@@ -84,12 +85,12 @@ def monitor(cfg: Config, home: str | None = None, since: str | None = "1h",
     report["verdict"] = (drift.DRIFT if drift.DRIFT in verdicts else drift.NO_DRIFT
                          if drift.NO_DRIFT in verdicts else drift.TOO_FEW)
     report["summary"] = "; ".join(f"{uri}: {m['summary']}" for uri, m in report["models"].items())
-    _write(report, frame, cfg, home, out, log)
+    _write(report, frame, references, home, out, log)
     return report
 
 
-def _write(report: dict, frame: pd.DataFrame, cfg: Config, home: str | None, out: str | None,
-           log: Callable[[str], None]) -> None:
+def _write(report: dict, frame: pd.DataFrame, references: dict, home: str | None,
+           out: str | None, log: Callable[[str], None]) -> None:
     root = storage.join(storage.home(home), "monitor")
     out = out or storage.join(root, time.strftime("%Y%m%d-%H%M%S"))
     report["outputs"] = {name: storage.join(out, name)
@@ -97,7 +98,7 @@ def _write(report: dict, frame: pd.DataFrame, cfg: Config, home: str | None, out
     busiest = frame["model_uri"].value_counts().index[0]
     storage.write_bytes(report["outputs"]["histograms.png"],
                         histograms_png(frame[frame["model_uri"] == busiest],
-                                       load_reference(busiest, home), busiest))
+                                       references[busiest], busiest))
     storage.write_text(report["outputs"]["report.md"], markdown(report))
     storage.write_json(report["outputs"]["report.json"], report)
     latest = {"time": dt.datetime.now(dt.timezone.utc).isoformat(), "verdict": report["verdict"],
