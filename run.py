@@ -27,8 +27,8 @@ STAMP = VENV / ".mlsd-installed"
 TASKS = {
     "pipeline": lambda args: [str(BIN / "mlsd"), "pipeline", *args],
     "test": lambda args: [str(BIN / "python"), "-m", "pytest", *args],
-    "lint": lambda args: [str(BIN / "ruff"), "check", "mlsd_ray", "tests", "bench", "run.py",
-                          *args],
+    "lint": lambda args: [str(BIN / "ruff"), "check", "mlsd_ray", "tests", "bench", "jobs",
+                          "run.py", *args],
     "bench": lambda args: [str(BIN / "python"), *bench_script(args)],
     "setup": None,
 }

@@ -7,6 +7,7 @@ exactly one JSON object on stdout; everything else (progress, logs) goes to stde
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -123,6 +124,8 @@ def train(source: SourceOption = None, config: ConfigOption = None, set_: SetOpt
               f"{summary['epochs_run']}, val accuracy {summary['val_accuracy']:.4f}, "
               f"test accuracy {summary['test_accuracy']:.4f}, {summary['wall_seconds']} s")
         print(f"checkpoint: {summary['checkpoint']}")
+        print("workers: " + ", ".join(f"rank {n['rank']} on node {n['node_id'][:8]} ({n['ip']})"
+                                      for n in summary["worker_nodes"]))
         if "registered" in summary:
             print(f"registered: {summary['registered']['uri']}")
 
@@ -383,6 +386,47 @@ def models_promote(name: Annotated[str, typer.Argument(help="Registered model na
 
     run(as_json, lambda: promote(name, version, alias, home),
          lambda r: print(f"{r['name']}@{alias} -> version {r['version']}"))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def submit(ctx: typer.Context,
+           stage: Annotated[str, typer.Argument(
+               help="pipeline | data | train | tune | retrain | deploy")],
+           address: Annotated[str | None, typer.Option(
+               "--address", help="The cluster's dashboard, http://HEAD:8265 (default "
+                                 "$RAY_ADDRESS).")] = None,
+           config: ConfigOption = None, set_: SetOption = None, home: HomeOption = None,
+           smoke: Annotated[bool, typer.Option(
+               "--smoke", help="A tiny fast run of the stage, to check a cluster.")] = False,
+           runtime_env: Annotated[Path | None, typer.Option(
+               "--runtime-env", help="Runtime env YAML (jobs/runtime-env/KIND.yaml).",
+               dir_okay=False)] = None,
+           wait: Annotated[bool, typer.Option(
+               "--wait", help="Stream the job's log and exit with its outcome (0 succeeded, "
+                              "1 failed).")] = False,
+           as_json: JsonOption = False) -> None:
+    """Run a stage as a Ray job on a cluster: jobs/STAGE.py, with this project as working dir.
+
+    The config (--config, --set) is validated here and sent with the job; --home (or
+    $MLSD_HOME) and $MLFLOW_TRACKING_URI are passed on. Arguments after `--` go to the job
+    script (e.g. `-- --source folder:/shared/new` for retrain). Without --wait it prints the job
+    id and returns.
+    """
+    from mlsd_ray.submit import check_stage
+    from mlsd_ray.submit import submit as submit_job
+
+    def work() -> dict:
+        check_stage(stage)
+        return submit_job(stage, address, config_from(config, set_, None), list(ctx.args),
+                          runtime_env, home, smoke, wait, log_stderr)
+
+    def render(summary: dict) -> None:
+        print(f"job {summary['job_id']}: {summary['status']}"
+              + (f" in {summary['seconds']} s" if summary.get("seconds") else ""))
+        if summary.get("result"):
+            print(f"result: {json.dumps(summary['result'], default=str)[:2000]}")
+
+    run(as_json, work, render)
 
 
 # The serving commands live beside the Serve app (mlsd_ray/serve/commands.py).

@@ -87,6 +87,9 @@ class TrainConfig(StrictModel):
     num_workers: int = Field(2, ge=1, description="Data-parallel workers (DDP replicas).")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Where the workers go on a multi-node cluster: PACK fills a node "
+        "first (fast all-reduce), SPREAD puts them on different nodes (survives a node loss).")
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=1, description="Global batch, split across workers.")
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -199,6 +202,9 @@ class ServeConfig(StrictModel):
                                       "max_batch_size for batches to fill.")
     num_cpus: float = Field(0.5, ge=0, description="CPUs per model replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica.")
+    proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = Field(
+        "EveryNode", description="Which nodes run an HTTP proxy on `port` (fixed when Serve "
+        "first starts). HeadOnly when several Ray nodes share one machine.")
     ingress_num_cpus: float = Field(0.25, ge=0, description="CPUs of the HTTP ingress replica.")
     router: Literal["pow2", "round_robin", "least_connections", "consistent_hash"] = Field(
         "pow2", description="How the ingress picks a model replica.")

@@ -138,7 +138,7 @@ def retrain(cfg: Config, source: str, home: str | None = None, model: str | None
     log(f"challenger: {mode}, {combined.manifest['counts']['splits']['train']} training images "
         f"({'new + old' if cfg.retrain.keep_old_data else 'new only'})")
     challenger_cfg = challenger_config(cfg, champion, champion_info["name"])
-    ensure_ray()
+    ensure_ray(home)
     fit_to_free_cpus(challenger_cfg.train, log)
     trained = train_and_register(challenger_cfg, home, log, dataset=combined,
                                  init_from=champion_dir if mode == "finetune" else None,

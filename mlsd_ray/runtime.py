@@ -21,8 +21,9 @@ def configure(quiet: bool = False) -> None:
     _settings["quiet"] = quiet
 
 
-def ensure_ray() -> None:
-    """Start or join Ray unless this process already did.
+def ensure_ray(home: str | None = None) -> None:
+    """Start or join Ray unless this process already did; on a cluster that spans machines,
+    check that `home` (MLSD_HOME) and the MLflow store are shared (cluster.py), else exit 2.
 
     The dashboard is on because Tune's early stopping, Ray jobs and `serve deploy` need it
     (DESIGN.md §5). Ray Data's per-dataset INFO logs are lowered to warnings: our stages print
@@ -32,11 +33,13 @@ def ensure_ray() -> None:
 
     _quiet_ray_data_console()
     _tune_data_context()
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    ray.init(address=_address(), include_dashboard=True,
-             log_to_driver=not _settings["quiet"], logging_level=logging.WARNING)
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        ray.init(address=_address(), include_dashboard=True,
+                 log_to_driver=not _settings["quiet"], logging_level=logging.WARNING)
+    from mlsd_ray.cluster import check_shared_storage
+
+    check_shared_storage(home)
 
 
 def recorded_cluster_file() -> str:

@@ -15,7 +15,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -99,6 +99,20 @@ def _replicas_in_sync(model: torch.nn.Module, device: torch.device) -> bool:
     return all(bool(g == gathered[0]) for g in gathered)
 
 
+def _worker_nodes(rank: int) -> list[dict]:
+    """Where each rank runs ({"rank", "node_id", "ip"}), gathered from every worker: kept in the
+    checkpoint and the run summary, so a multi-node run shows where its replicas were."""
+    import ray
+
+    here = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
+            "ip": ray.util.get_node_ip_address()}
+    if not _distributed():
+        return [here]
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, here)
+    return gathered
+
+
 def _global(result: PassResult, device: torch.device) -> tuple[float, float]:
     """Mean loss and accuracy over every worker's shard."""
     loss_sum, correct, seen = _all_reduce_sums(
@@ -134,6 +148,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     preprocessor = Preprocessor.from_dict(config["preprocessing"])
     model = _replica(config, cfg, device)
+    nodes = _worker_nodes(rank)
     per_worker_batch = max(1, cfg.batch_size // world)
     steps = math.ceil(config["train_rows"] / world / per_worker_batch)
     optimizer = _optimizer(model, cfg)
@@ -173,7 +188,7 @@ def train_loop_per_worker(config: dict) -> None:
                         "epoch_seconds": time.perf_counter() - started,
                         "images_per_second": trained.samples * world
                         / (time.perf_counter() - started)})
-        _report(history, model, optimizer, config, rank, validated.confidences)
+        _report(history, model, optimizer, config, rank, validated.confidences, nodes)
         if _should_stop(history, cfg.patience):
             break
 
@@ -204,7 +219,8 @@ def _should_stop(history: list[dict], patience: int) -> bool:
     return all(h[VAL_METRIC] <= best_before for h in history[-patience:])
 
 
-def _report(history, model, optimizer, config, rank, confidences: list[float]) -> None:
+def _report(history, model, optimizer, config, rank, confidences: list[float],
+            nodes: list[dict]) -> None:
     """Every worker reports (a barrier); only rank 0 attaches a checkpoint."""
     import ray.train
 
@@ -213,7 +229,7 @@ def _report(history, model, optimizer, config, rank, confidences: list[float]) -
         checkpoint = None
         if rank == 0:
             state = {"epoch": metrics["epoch"], "optimizer": optimizer.state_dict(),
-                     "history": history}
+                     "history": history, "worker_nodes": nodes}
             reference = {**config["reference"],
                          "confidence": [round(c, 5) for c in confidences]}
             save_checkpoint(directory, model, config["model"], config["preprocessing"],
@@ -261,13 +277,14 @@ class TrainResult:
     test_accuracy: float
     wall_seconds: float
     dataset_path: str
+    worker_nodes: list[dict] = field(default_factory=list)
 
     def summary(self) -> dict:
         return {"run_name": self.run_name, "run_path": self.run_path,
                 "checkpoint": self.checkpoint_path, "best_epoch": self.best_epoch,
                 "epochs_run": self.epochs_run, "val_accuracy": self.metrics[VAL_METRIC],
                 "test_accuracy": self.test_accuracy, "wall_seconds": round(self.wall_seconds, 1),
-                "dataset": self.dataset_path}
+                "dataset": self.dataset_path, "worker_nodes": self.worker_nodes}
 
 
 def check_resources(cfg: TrainConfig) -> None:
@@ -388,7 +405,8 @@ def build_trainer(cfg: Config, dataset: PreparedDataset, run_name: str, storage_
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers,
                                      use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     placement_strategy=cfg.train.placement_strategy),
         run_config=RunConfig(
             name=run_name, storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
@@ -450,7 +468,7 @@ def run_train(cfg: Config, home: str | None = None, log: Callable[[str], None] =
 
     started = time.perf_counter()
     dataset = dataset or prepare_dataset(cfg, home=home, log=log)
-    ensure_ray()
+    ensure_ray(home)
     check_resources(cfg.train)
     name = run_name or cfg.train.run_name or (
         f"{dataset.manifest['name']}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -466,6 +484,7 @@ def run_train(cfg: Config, home: str | None = None, log: Callable[[str], None] =
     checkpoint, metrics = max(result.best_checkpoints, key=lambda cm: cm[1][RANK_METRIC])
     with checkpoint.as_directory() as directory:
         test_accuracy = predict_split(load_model(directory), dataset, "test").accuracy
+        nodes = load_train_state(directory).get("worker_nodes", [])
     return TrainResult(name, storage.join(runs, name), checkpoint.path, int(metrics["epoch"]),
                        int(result.metrics["epoch"]), metrics, test_accuracy,
-                       time.perf_counter() - started, dataset.path)
+                       time.perf_counter() - started, dataset.path, nodes)

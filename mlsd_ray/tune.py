@@ -356,7 +356,7 @@ def run_tune(cfg: Config, home: str | None = None, log: Callable[[str], None] = 
     cfg.tune.space = validate_space(cfg.tune.space, cfg.tune.search, cfg)
     plan = search_plan(cfg)
     dataset = prepare_dataset(cfg, home=home, log=log)
-    ensure_ray()
+    ensure_ray(home)
     name = name or f"{dataset.manifest['name']}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
     run = TuneRun(name, storage.join(root, name), cfg, dataset)
     concurrent, per_worker = trial_resources(cfg, plan["trials"])

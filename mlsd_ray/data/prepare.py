@@ -201,7 +201,7 @@ def prepare_dataset(cfg: Config, home: str | None = None, force: bool = False,
     _check_writable(out)
 
     class_names = source.class_names()  # may load or download data: fail before Ray starts
-    ensure_ray()
+    ensure_ray(home)
     spec = ValidationSpec(image_size=source.image_size(), channels=source.channels(),
                           class_names=tuple(class_names), pixel_range=cfg.data.pixel_range,
                           min_side=cfg.data.min_side)

@@ -110,7 +110,7 @@ def predict_dataset(model_ref: str, cfg: Config, out: str | None, home: str | No
     source.class_names()  # lists the inputs: a missing path fails here, before Ray
     out = out or storage.join(storage.home(home), "batch-predictions",
                               time.strftime("%Y%m%d-%H%M%S"))
-    ensure_ray()
+    ensure_ray(home)
     actors = max(1, int(ray.available_resources().get("CPU", 1)))
     log(f"predicting {cfg.data.source} with {model_ref} on {actors} actor(s) -> {out}")
     started = time.perf_counter()

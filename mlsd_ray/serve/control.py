@@ -75,7 +75,8 @@ def start(settings: ServeConfig, home: str | None = None, detach: bool = False,
     model = resolve_model_ref(settings.model, home)
     settings = settings.model_copy(update={"model": model["uri"]})
     cluster = _connect_for(home, settings, detach, log)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.start(proxy_location=settings.proxy_location,
+                http_options={"host": settings.host, "port": settings.port})
     log(f"deploying {model['uri']} as app {settings.app_name!r} ({settings.router} routing, "
         f"{settings.autoscaling.min_replicas}-{settings.autoscaling.max_replicas} replicas)")
     started = time.perf_counter()
@@ -128,15 +129,15 @@ def _connect_for(home: str | None, settings: ServeConfig, detach: bool,
     if ray.is_initialized() or os.environ.get("RAY_ADDRESS") or not detach:
         if not ray.is_initialized():  # an in-process Serve keeps its port across apps
             _check_port_free(settings)
-        runtime.ensure_ray()
+        runtime.ensure_ray(home)
         return {"ray_address": ray.get_runtime_context().gcs_address, "cluster_pid": None}
     _check_port_free(settings)
     head = start_head(home, log)
     try:
         _join(head["ray_address"])
     except BaseException:
-        _kill_group(head["cluster_pid"], timeout=10)  # do not leave a head nobody can reach
-        _forget_recorded_cluster(head["ray_address"])
+        kill_group(head["cluster_pid"], timeout=10)  # do not leave a head nobody can reach
+        forget_recorded_cluster(head["ray_address"])
         raise
     return head
 
@@ -166,19 +167,25 @@ def _check_port_free(settings: ServeConfig) -> None:
                          "another with --port (or stop what uses it, e.g. `mlsd serve stop`)")
 
 
-def start_head(home: str | None, log: Callable[[str], None]) -> dict:
-    """`ray start --head --block` in a new process group; returns its address and pid."""
+def start_head(home: str | None, log: Callable[[str], None],
+               extra_args: tuple[str, ...] = ()) -> dict:
+    """`ray start --head --block` in a new process group; returns its address and pid.
+
+    This interpreter's bin directory goes first on the head's PATH, so that a Ray job's
+    `python jobs/...` entrypoint runs in this environment (with torch, Ray and MLflow)."""
     ray_bin = Path(sys.executable).with_name("ray")
     port, dashboard = free_port(), free_port()
     log_path = Path(storage.home(home), "serve", "ray-head.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = [str(ray_bin), "start", "--head", "--block", f"--port={port}",
                "--node-ip-address=127.0.0.1", f"--dashboard-port={dashboard}",
-               "--include-dashboard=true", "--disable-usage-stats"]
-    log(f"starting a local Ray head for the detached app (log: {log_path})")
+               "--include-dashboard=true", "--disable-usage-stats", *extra_args]
+    env = {**os.environ, "PATH": os.pathsep.join([str(ray_bin.parent),
+                                                  os.environ.get("PATH", "")])}
+    log(f"starting a local Ray head (log: {log_path})")
     with open(log_path, "ab") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+                                   stdin=subprocess.DEVNULL, start_new_session=True, env=env)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -190,7 +197,7 @@ def start_head(home: str | None, log: Callable[[str], None]) -> dict:
                 return {"ray_address": address, "cluster_pid": process.pid,
                         "dashboard": f"http://127.0.0.1:{dashboard}"}
         time.sleep(0.5)
-    _kill_group(process.pid)
+    kill_group(process.pid)
     raise WorkError(f"the Ray head did not come up within 90 s; see {log_path}")
 
 
@@ -329,13 +336,13 @@ def stop(home: str | None = None, app_name: str = "mlsd") -> dict:
         if ray.is_initialized():
             ray.shutdown()
     if state.get("cluster_pid"):
-        stopped_cluster = _kill_group(state["cluster_pid"])
-        _forget_recorded_cluster(state["ray_address"])
+        stopped_cluster = kill_group(state["cluster_pid"])
+        forget_recorded_cluster(state["ray_address"])
     state_file(home, app_name).unlink(missing_ok=True)
     return {"app_name": app_name, "stopped": True, "stopped_ray_head": stopped_cluster}
 
 
-def _forget_recorded_cluster(address: str) -> None:
+def forget_recorded_cluster(address: str) -> None:
     """Killing a `ray start` head leaves its address in Ray's record of the local cluster
     (`ray stop` would remove it); a later ray.init() would wait for the dead head forever."""
     from mlsd_ray.runtime import recorded_cluster_file
@@ -348,7 +355,7 @@ def _forget_recorded_cluster(address: str) -> None:
         pass
 
 
-def _kill_group(pid: int, timeout: float = 30) -> bool:
+def kill_group(pid: int, timeout: float = 30) -> bool:
     """SIGTERM the `ray start --block` group (it stops the processes it started), then SIGKILL
     whatever is left after `timeout` (measured: a gcs_server can outlive the SIGTERM)."""
     try:

@@ -1,0 +1,9 @@
+"""Ray Job entrypoint of the train stage; `python jobs/train.py --help` (mlsd_ray/jobs.py).
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/train.py --smoke
+"""
+
+from mlsd_ray.jobs import main
+
+if __name__ == "__main__":
+    main("train")

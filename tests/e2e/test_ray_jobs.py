@@ -1,0 +1,92 @@
+"""A real local cluster: `ray start --head` on loopback (dashboard on), the training job submitted
+with `ray job submit` and with `mlsd submit`, both registering a model version; a failing job and
+what `mlsd submit` says about it. Only the head this module started is stopped.
+
+Run with `-s` to see the job ids, their final statuses and the registered versions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlsd_ray.serve import control
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def run(command: list[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    """A command as a user types it, from the project directory, with this venv first on PATH."""
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+                               **env})
+
+
+def token_auth() -> dict:
+    """What a user of `ray job submit` sets when Ray made the head require a token (it does
+    when ~/.ray/auth_token exists; any local ray.init() creates one)."""
+    return {"RAY_AUTH_MODE": "token"} if (Path.home() / ".ray" / "auth_token").exists() else {}
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """`ray start --head --block` with 2 CPUs in its own process group."""
+    logs = str(tmp_path_factory.mktemp("head"))
+    started = control.start_head(logs, lambda line: None, ("--num-cpus=2",))
+    yield started
+    control.kill_group(started["cluster_pid"], timeout=10)
+    control.forget_recorded_cluster(started["ray_address"])
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("jobs") / "mlsd-home")
+
+
+def test_train_job_with_ray_job_submit(head, home):
+    result = run([str(BIN / "ray"), "job", "submit", "--address", head["dashboard"],
+                  "--working-dir", ".", "--runtime-env", "jobs/runtime-env/local.yaml", "--",
+                  "python", "jobs/train.py", "--smoke", "--home", home], **token_auth())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    job_id = next(line.split("'")[1] for line in result.stdout.splitlines()
+                  if "submitted successfully" in line)
+    assert f"Job '{job_id}' succeeded" in result.stdout
+    summary = json.loads(next(line for line in result.stdout.splitlines()
+                              if line.startswith("MLSD_RESULT "))[len("MLSD_RESULT "):])
+    print(f"\nray job submit: {job_id} SUCCEEDED, registered {summary['registered']['uri']}, "
+          f"test accuracy {summary['test_accuracy']:.4f}")
+    assert summary["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
+
+
+def test_train_job_with_mlsd_submit(head, home):
+    result = run([str(BIN / "mlsd"), "submit", "train", "--address", head["dashboard"],
+                  "--smoke", "--wait", "--json", "--home", home, "--set", "train.seed=1"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "SUCCEEDED"
+    registered = summary["result"]["registered"]
+    print(f"\nmlsd submit: {summary['job_id']} {summary['status']} in {summary['seconds']} s, "
+          f"registered {registered['uri']}")
+    assert summary["result"]["test_accuracy"] > 0.5
+    # the config sent from here was the one used there
+    assert "epoch 2/2" in result.stderr
+    listed = run([str(BIN / "mlsd"), "models", "list", "--json", "--home", home])
+    [model] = json.loads(listed.stdout)["models"]
+    versions = [v["version"] for v in model["versions"]]
+    print(f"registered: {model['name']} versions {versions}")
+    assert int(registered["version"]) == versions[0] and len(versions) >= 2  # one per job
+
+
+def test_failing_job_exits_1_with_its_last_log_lines(head, home):
+    result = run([str(BIN / "mlsd"), "submit", "data", "--address", head["dashboard"],
+                  "--wait", "--home", home, "--", "--source", "folder:/no/such/folder"])
+    print(f"\nfailing job: exit {result.returncode}: {result.stderr.strip().splitlines()[-1]}")
+    assert result.returncode == 1
+    assert "FAILED" in result.stderr and "last lines of its log" in result.stderr
+    assert "folder not found" in result.stderr

@@ -1,0 +1,113 @@
+"""Job entrypoints, `mlsd submit` and the shared-storage rule, without a cluster."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mlsd_ray import cluster
+from mlsd_ray.config import Config, load_config
+from mlsd_ray.errors import InputError
+from mlsd_ray.jobs import CONFIG_ENV, job_config, parser
+from mlsd_ray.submit import check_stage, dashboard_url, runtime_env
+
+
+def local_disk(path: str) -> str:
+    return "ext4"
+
+
+def nfs(path: str) -> str:
+    return "nfs4"
+
+
+TWO_MACHINES = ["10.0.0.1", "10.0.0.2"]
+
+
+def test_one_machine_may_use_any_path():
+    assert cluster.storage_problems("/home/me/h", "sqlite:////home/me/h/mlflow.db",
+                                    ["127.0.0.1"], local_disk) == []
+
+
+def test_two_machines_with_local_home_and_sqlite_registry_name_both(monkeypatch):
+    monkeypatch.delenv(cluster.SHARED_ENV, raising=False)
+    problems = cluster.storage_problems("/home/me/h", "sqlite:////home/me/h/mlflow.db",
+                                        TWO_MACHINES, local_disk)
+    assert len(problems) == 2
+    assert "MLSD_HOME is /home/me/h" in problems[0] and "ext4" in problems[0]
+    assert "sqlite:////home/me/h/mlflow.db" in problems[1]
+
+
+@pytest.mark.parametrize("home,uri", [
+    ("s3://bucket/h", "http://mlflow:5000"),
+    ("gs://bucket/h", "postgresql://db/mlflow"),
+    ("/mnt/shared/h", "sqlite:////mnt/shared/h/mlflow.db"),  # an NFS mount
+])
+def test_two_machines_with_shared_storage_pass(monkeypatch, home, uri):
+    monkeypatch.delenv(cluster.SHARED_ENV, raising=False)
+    assert cluster.storage_problems(home, uri, TWO_MACHINES, nfs) == []
+
+
+def test_declared_shared_storage_passes(monkeypatch):
+    monkeypatch.setenv(cluster.SHARED_ENV, "1")
+    assert cluster.storage_problems("/data/h", "file:///data/mlruns", TWO_MACHINES,
+                                    local_disk) == []
+
+
+def test_mount_type_finds_the_root_filesystem():
+    assert cluster.mount_type("/") is not None  # Linux: /proc/mounts lists /
+
+
+def test_unknown_stage_lists_the_stages():
+    with pytest.raises(InputError, match="pipeline, data, train, tune, retrain, deploy"):
+        check_stage("trian")
+
+
+@pytest.mark.parametrize("address,message", [
+    ("ray://head:10001", "not the dashboard"),
+    ("127.0.0.1:1", "cannot reach the Ray dashboard at 127.0.0.1:1"),
+])
+def test_bad_addresses_fail_within_seconds(address, message):
+    started = time.monotonic()
+    with pytest.raises(InputError, match=message):
+        dashboard_url(address)
+    assert time.monotonic() - started < 10
+
+
+def test_runtime_env_carries_config_home_and_working_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    env_file = tmp_path / "env.yaml"
+    env_file.write_text("env_vars:\n  A: 1\n")
+    cfg = load_config(None, ["train.epochs=3"])
+    env = runtime_env(cfg, env_file, "relative-home")
+    assert Path(env["working_dir"], "jobs", "train.py").is_file()  # this project
+    assert env["env_vars"]["A"] == "1"
+    assert env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert env["env_vars"]["MLSD_HOME"].startswith("/")  # made absolute
+    assert Config.model_validate(yaml.safe_load(env["env_vars"][CONFIG_ENV])).train.epochs == 3
+
+
+def test_runtime_env_file_with_unknown_key_is_refused(tmp_path):
+    env_file = tmp_path / "env.yaml"
+    env_file.write_text("env_var: {}\n")
+    with pytest.raises(InputError, match="env_var"):
+        runtime_env(Config(), env_file, None)
+
+
+def test_job_config_layers_sent_config_then_smoke_then_set(monkeypatch):
+    sent = load_config(None, ["train.lr=0.01", "train.epochs=7"])
+    from mlsd_ray.config import dump_yaml
+
+    monkeypatch.setenv(CONFIG_ENV, dump_yaml(sent))
+    args = parser("train").parse_args(["--smoke", "--set", "train.num_workers=1"])
+    cfg = job_config("train", args)
+    assert (cfg.train.lr, cfg.train.epochs, cfg.train.num_workers) == (0.01, 2, 1)
+    assert cfg.data.image_size == 8
+
+
+def test_job_config_refuses_unknown_keys():
+    args = parser("data").parse_args(["--set", "data.imagesize=8"])
+    with pytest.raises(InputError, match="imagesize"):
+        job_config("data", args)
