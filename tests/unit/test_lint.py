@@ -14,6 +14,6 @@ def test_ruff_is_clean():
     ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
     if not Path(ruff).exists():
         pytest.fail("ruff is part of the dev extra; install with pip install -e '.[dev]'")
-    result = subprocess.run([ruff, "check", "mlsd_ray", "tests", "bench", "jobs", "run.py"], cwd=ROOT,
-                            capture_output=True, text=True)
+    result = subprocess.run([ruff, "check", "mlsd_ray", "tests", "bench", "jobs", "run.py"],
+                            cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
