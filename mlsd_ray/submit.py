@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import time
@@ -25,6 +26,7 @@ from mlsd_ray.errors import InputError, WorkError
 from mlsd_ray.jobs import CONFIG_ENV, RESULT_PREFIX, STAGES
 
 CONNECT_TIMEOUT_S = 5.0
+AGENT_WAIT_S = 60.0
 TAIL_LINES = 30
 # Forwarded to the job when set here: where outputs go and the registry.
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLSD_SHARED_STORAGE")
@@ -101,15 +103,13 @@ def submit(stage: str, address: str | None, cfg: Config, args: list[str],
     env = runtime_env(cfg, env_file, home)
     entrypoint = " ".join(["python", f"jobs/{stage}.py", *(["--smoke"] if smoke else []),
                            *map(_quote, args)])
-    _use_local_token()
+    _quiet_ray_client_logs()
+    use_local_token()
     try:
         client = JobSubmissionClient(url)
     except Exception as exc:  # ConnectionError, auth errors: Ray's message says which
         raise InputError(f"the Jobs API at {url} refused us: {exc}") from None
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env,
-                               submission_id=f"mlsd-{stage}-{time.strftime('%Y%m%d-%H%M%S')}-"
-                                             f"{uuid.uuid4().hex[:6]}",
-                               metadata={"mlsd_stage": stage})
+    job_id = submit_when_ready(client, entrypoint, env, stage, log)
     log(f"submitted {job_id} to {url}: {entrypoint}")
     summary = {"job_id": job_id, "address": url, "entrypoint": entrypoint,
                "working_dir": env["working_dir"]}
@@ -129,7 +129,24 @@ def submit(stage: str, address: str | None, cfg: Config, args: list[str],
     return summary
 
 
-def _use_local_token() -> None:
+def submit_when_ready(client, entrypoint: str, env: dict, stage: str,
+                       log: Callable[[str], None]) -> str:
+    """submit_job, retried while the head's job agent is still starting: a head answers on its
+    dashboard port a few seconds before it accepts jobs ("No available agent to submit job")."""
+    deadline = time.monotonic() + AGENT_WAIT_S
+    submission_id = f"mlsd-{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=env,
+                                     submission_id=submission_id, metadata={"mlsd_stage": stage})
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise WorkError(f"the cluster did not take the job: {exc}") from None
+            log("the cluster's job agent is still starting; retrying")
+            time.sleep(2)
+
+
+def use_local_token() -> None:
     """Send the token in ~/.ray/auth_token when there is one. Ray 2.60 turns token auth on for a
     head started where a token exists (any local ray.init() creates one), but a client only
     sends it with RAY_AUTH_MODE=token; an explicit RAY_AUTH_MODE is left as it is."""
@@ -138,6 +155,14 @@ def _use_local_token() -> None:
     )
 
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def _quiet_ray_client_logs() -> None:
+    """Ray's client logs each packaging step and its default excludes at INFO/WARNING; we print
+    what was submitted ourselves."""
+    for name in ("ray._private.runtime_env", "ray._private.authentication",
+                 "ray.dashboard.modules.dashboard_sdk"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 async def _stream(client, job_id: str, log: Callable[[str], None]) -> deque:
