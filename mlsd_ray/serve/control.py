@@ -137,6 +137,7 @@ def _connect_for(home: str | None, settings: ServeConfig, detach: bool,
         _join(head["ray_address"])
     except BaseException:
         kill_group(head["cluster_pid"], timeout=10)  # do not leave a head nobody can reach
+        kill_head_processes(head["ray_address"])
         forget_recorded_cluster(head["ray_address"])
         raise
     return head
@@ -177,8 +178,13 @@ def start_head(home: str | None, log: Callable[[str], None],
     port, dashboard = free_port(), free_port()
     log_path = Path(storage.home(home), "serve", "ray-head.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    # Ports that default to fixed numbers get free ones: another Ray on this machine (a test
+    # session, a user's `ray start`) holds 52365 and 10001, and a head whose dashboard agent
+    # cannot bind takes no jobs ("No available agent to submit job").
     command = [str(ray_bin), "start", "--head", "--block", f"--port={port}",
                "--node-ip-address=127.0.0.1", f"--dashboard-port={dashboard}",
+               f"--dashboard-agent-listen-port={free_port()}",
+               f"--ray-client-server-port={free_port()}",
                "--include-dashboard=true", "--disable-usage-stats", *extra_args]
     env = {**os.environ, "PATH": os.pathsep.join([str(ray_bin.parent),
                                                   os.environ.get("PATH", "")])}
@@ -337,6 +343,7 @@ def stop(home: str | None = None, app_name: str = "mlsd") -> dict:
             ray.shutdown()
     if state.get("cluster_pid"):
         stopped_cluster = kill_group(state["cluster_pid"])
+        kill_head_processes(state["ray_address"])
         forget_recorded_cluster(state["ray_address"])
     state_file(home, app_name).unlink(missing_ok=True)
     return {"app_name": app_name, "stopped": True, "stopped_ray_head": stopped_cluster}
@@ -348,8 +355,8 @@ def forget_recorded_cluster(address: str) -> None:
     from mlsd_ray.runtime import recorded_cluster_file
 
     path = Path(recorded_cluster_file())
-    try:
-        if path.read_text().strip() == address:
+    try:  # Ray records the head's own IP (not 127.0.0.1): compare the GCS ports
+        if path.read_text().strip().rpartition(":")[2] == address.rpartition(":")[2]:
             path.unlink()
     except OSError:
         pass
@@ -371,3 +378,25 @@ def kill_group(pid: int, timeout: float = 30) -> bool:
         time.sleep(0.5)
     os.killpg(pid, signal.SIGKILL)
     return True
+
+
+def kill_head_processes(gcs_address: str) -> int:
+    """SIGKILL what is left of a head whose `ray start` died first: Ray processes that name
+    its GCS port and may sit outside the process group. Returns how many were killed."""
+    import psutil
+
+    port = gcs_address.rpartition(":")[2]
+
+    def of_this_head(arg: str) -> bool:
+        return arg == f"--gcs_server_port={port}" or (
+            arg.startswith("--gcs-address=") and arg.endswith(f":{port}"))
+
+    killed = 0
+    for process in psutil.process_iter(["cmdline"]):
+        if any(of_this_head(arg) for arg in process.info["cmdline"] or []):
+            try:
+                process.kill()
+                killed += 1
+            except psutil.Error:
+                pass
+    return killed
