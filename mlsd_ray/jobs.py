@@ -170,6 +170,7 @@ def _deploy(cfg, args, home: str, log) -> dict:
     if args.smoke:
         summary["smoke_prediction"] = _one_prediction(summary["url"])
         control.remove_app(settings.app_name)
+        control.state_file(home, settings.app_name).unlink(missing_ok=True)
         log(f"smoke: predicted over HTTP, then removed app {settings.app_name!r}")
     return summary
 
