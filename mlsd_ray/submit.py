@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import shlex
 import socket
 import time
 import urllib.parse
@@ -102,7 +103,7 @@ def submit(stage: str, address: str | None, cfg: Config, args: list[str],
     url = dashboard_url(address)
     env = runtime_env(cfg, env_file, home)
     entrypoint = " ".join(["python", f"jobs/{stage}.py", *(["--smoke"] if smoke else []),
-                           *map(_quote, args)])
+                           *map(shlex.quote, args)])
     _quiet_ray_client_logs()
     use_local_token()
     try:
@@ -191,9 +192,3 @@ def _duration(info) -> float | None:
     if info.start_time and info.end_time:
         return round((info.end_time - info.start_time) / 1000, 1)
     return None
-
-
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
