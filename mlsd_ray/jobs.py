@@ -148,10 +148,11 @@ def _rotated_digits(home: str, log) -> str:
     from sklearn.datasets import load_digits
 
     from mlsd_ray import storage
+    from mlsd_ray.data.sources import digits_uint8
     from mlsd_ray.monitor.traffic import save_folder, shift_images
 
     digits = load_digits()
-    images = np.rint(digits.images[:300] * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    images = digits_uint8(digits.images[:300])[..., None]
     folder = storage.join(home, "incoming", "smoke-rotated")
     save_folder(shift_images(images, "rotate", 30.0, np.random.default_rng(0)),
                 digits.target[:300], [str(c) for c in range(10)], folder, "rotated")
@@ -178,10 +179,11 @@ def _deploy(cfg, args, home: str, log) -> dict:
 def _one_prediction(url: str) -> dict:
     from sklearn.datasets import load_digits
 
+    from mlsd_ray.data.sources import digits_uint8
     from mlsd_ray.monitor.traffic import png_bytes
     from mlsd_ray.serve.client import b64_instance, post_json
 
-    image = np.rint(load_digits().images[0] * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    image = digits_uint8(load_digits().images[0])[..., None]
     answer = post_json(f"{url}/v1/predict", {"instances": [b64_instance(png_bytes(image))]})
     return {"label": "0", "predicted": answer["predictions"][0]["class_name"],
             "model_version": answer["model_version"]}

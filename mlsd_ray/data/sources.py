@@ -140,6 +140,11 @@ def _array_source_rows(ids, sources, labels, arrays) -> dict[str, np.ndarray]:
             "label": np.asarray(labels, dtype=object), "array": arrays}
 
 
+def digits_uint8(images: np.ndarray) -> np.ndarray:
+    """scikit-learn's digit pixels (0-16) as uint8 0-255, the values the digits source stores."""
+    return np.rint(images * (255.0 / 16.0)).astype(np.uint8)
+
+
 @register("digits")
 class DigitsSource(Source):
     """scikit-learn's 1,797 8×8 handwritten digits (pixel values 0-16, rescaled to 0-255).
@@ -168,7 +173,7 @@ class DigitsSource(Source):
         from sklearn.datasets import load_digits
 
         digits = load_digits()
-        images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+        images = digits_uint8(digits.images)
         count = len(images)
         rows = _array_source_rows([f"digits-{i:04d}" for i in range(count)],
                                   [f"sklearn.datasets.load_digits()[{i}]" for i in range(count)],

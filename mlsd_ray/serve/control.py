@@ -136,9 +136,7 @@ def _connect_for(home: str | None, settings: ServeConfig, detach: bool,
     try:
         _join(head["ray_address"])
     except BaseException:
-        kill_group(head["cluster_pid"], timeout=10)  # do not leave a head nobody can reach
-        kill_head_processes(head["ray_address"])
-        forget_recorded_cluster(head["ray_address"])
+        stop_head(head["cluster_pid"], head["ray_address"], timeout=10)  # nobody can reach it
         raise
     return head
 
@@ -342,9 +340,7 @@ def stop(home: str | None = None, app_name: str = "mlsd") -> dict:
         if ray.is_initialized():
             ray.shutdown()
     if state.get("cluster_pid"):
-        stopped_cluster = kill_group(state["cluster_pid"])
-        kill_head_processes(state["ray_address"])
-        forget_recorded_cluster(state["ray_address"])
+        stopped_cluster = stop_head(state["cluster_pid"], state["ray_address"])
     state_file(home, app_name).unlink(missing_ok=True)
     return {"app_name": app_name, "stopped": True, "stopped_ray_head": stopped_cluster}
 
@@ -378,6 +374,15 @@ def kill_group(pid: int, timeout: float = 30) -> bool:
         time.sleep(0.5)
     os.killpg(pid, signal.SIGKILL)
     return True
+
+
+def stop_head(pid: int, gcs_address: str, timeout: float = 30) -> bool:
+    """Stop a head that `start_head` started: its process group, what of it outlived the group,
+    and Ray's record of it. True if the group was still running."""
+    stopped = kill_group(pid, timeout)
+    kill_head_processes(gcs_address)
+    forget_recorded_cluster(gcs_address)
+    return stopped
 
 
 def kill_head_processes(gcs_address: str) -> int:

@@ -14,10 +14,10 @@ import subprocess
 import sys
 import urllib.request
 
-import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
+from mlsd_ray.data.sources import digits_uint8
 from mlsd_ray.monitor.traffic import png_bytes
 from mlsd_ray.serve.client import b64_instance
 from mlsd_ray.serve.control import free_port
@@ -92,7 +92,7 @@ def test_serve_replicas_on_two_nodes_answer(cluster, home, trained):
     assert started.returncode == 0, started.stderr[-3000:]
     url = json.loads(started.stdout)["url"]
     try:
-        images = np.rint(load_digits().images[:40] * (255 / 16)).astype(np.uint8)[..., None]
+        images = digits_uint8(load_digits().images[:40])[..., None]
         replicas = []
         for image in images:
             body = json.dumps({"instances": [b64_instance(png_bytes(image))]}).encode()

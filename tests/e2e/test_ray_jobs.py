@@ -48,9 +48,7 @@ def head(tmp_path_factory):
     ready = submit_when_ready(client, "python -c pass", {}, "ready", lambda line: None)
     print(f"\nhead at {started['dashboard']} took its first job {ready}")
     yield started
-    control.kill_group(started["cluster_pid"], timeout=10)
-    control.kill_head_processes(started["ray_address"])
-    control.forget_recorded_cluster(started["ray_address"])
+    control.stop_head(started["cluster_pid"], started["ray_address"], timeout=10)
 
 
 @pytest.fixture(scope="module")
