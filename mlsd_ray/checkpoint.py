@@ -6,6 +6,7 @@
     reference.json      statistics of the training inputs (for drift checks)
     metadata.json       run name, dataset path and fingerprint, the resolved config
     train_state.pt      optimizer/scheduler state, epoch, history (for resuming)
+    decision.json       tabular models only: the decision threshold and how it was chosen
     checksums.json      sha256 of every file above; loading refuses a mismatch
 """
 
@@ -39,8 +40,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def save_checkpoint(directory: str | Path, model: nn.Module, model_config: dict,
                     preprocessing: dict, reference: dict, metadata: dict,
-                    train_state: dict) -> None:
-    """Write a checkpoint directory (see the module docstring)."""
+                    train_state: dict, extra: dict[str, dict] | None = None) -> None:
+    """Write a checkpoint directory (see the module docstring); `extra` adds JSON files by
+    name (a tabular model's decision.json), covered by the checksums too."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(unwrap(model).state_dict(), directory / "model.pt")
@@ -49,7 +51,9 @@ def save_checkpoint(directory: str | Path, model: nn.Module, model_config: dict,
     (directory / "reference.json").write_text(json.dumps(reference, indent=2))
     (directory / "metadata.json").write_text(json.dumps(metadata, indent=2))
     torch.save(train_state, directory / "train_state.pt")
-    names = [*MODEL_FILES, "train_state.pt"]
+    for name, content in (extra or {}).items():
+        (directory / name).write_text(json.dumps(content, indent=2))
+    names = [*MODEL_FILES, "train_state.pt", *(extra or {})]
     (directory / "checksums.json").write_text(
         json.dumps({name: _sha256(directory / name) for name in names}, indent=2))
 

@@ -15,9 +15,11 @@ import typer
 from mlsd_ray import __version__
 from mlsd_ray.cli_support import (
     ConfigOption,
+    ExampleOption,
     ForceOption,
     HomeOption,
     JsonOption,
+    LabelOption,
     SetOption,
     SourceOption,
     config_from,
@@ -74,20 +76,40 @@ def _render_dataset(summary: dict) -> None:
 
 @app.command()
 def data(source: SourceOption = None, config: ConfigOption = None, set_: SetOption = None,
-         home: HomeOption = None, force: ForceOption = False, as_json: JsonOption = False) -> None:
+         home: HomeOption = None, force: ForceOption = False, as_json: JsonOption = False,
+         example: ExampleOption = None, label: LabelOption = None) -> None:
     """Prepare a dataset with Ray Data: validate, quarantine, de-duplicate, resize, split.
 
     Writes parquet splits, manifest.json, quality.json/quality.md and quarantine/ under
     $MLSD_HOME/datasets/NAME/FINGERPRINT/. Identical inputs and config reuse the earlier
-    output unless --force.
+    output unless --force. With --example fraud: a table, checked, split and with its Ray Data
+    preprocessors (imputation, scaling, encoding) fitted on the train split.
     """
     from mlsd_ray.data.prepare import prepare_dataset
 
     def work() -> dict:
-        cfg = config_from(config, set_, source)
+        cfg = config_from(config, set_, source, example, label)
+        if cfg.task == "tabular":
+            from mlsd_ray.tabular.prepare import prepare_table
+
+            return prepare_table(cfg, home=home, force=force, log=log_stderr).summary()
         return prepare_dataset(cfg, home=home, force=force, log=log_stderr).summary()
 
-    run(as_json, work, _render_dataset)
+    def render(summary: dict) -> None:
+        if "task" in summary:
+            _render_table(summary)
+        else:
+            _render_dataset(summary)
+
+    run(as_json, work, render)
+
+
+def _render_table(summary: dict) -> None:
+    print(f"table {summary['name']} ({summary['task']}, label {summary['label']!r}): "
+          f"{summary['counts']['splits']} rows, {summary['features']} features, "
+          f"{summary['counts']['quarantined']} quarantined")
+    print(f"prepared: {summary['path']}" + (" (reused)" if summary["reused"] else ""))
+    print(f"quality report: {summary['quality_report']}")
 
 
 @app.command()
@@ -102,7 +124,7 @@ def train(source: SourceOption = None, config: ConfigOption = None, set_: SetOpt
           epochs: Annotated[int | None, typer.Option("--epochs", help="train.epochs")] = None,
           run_name: Annotated[str | None, typer.Option(
               "--run-name", help="Name of the run; an existing name resumes it.")] = None,
-          ) -> None:
+          example: ExampleOption = None, label: LabelOption = None) -> None:
     """Train a CNN data-parallel with Ray Train on the prepared dataset.
 
     Runs the data stage first when its output is missing. Checkpoints every epoch under
@@ -116,10 +138,17 @@ def train(source: SourceOption = None, config: ConfigOption = None, set_: SetOpt
     overrides = with_flags(set_, flags)
 
     def work() -> dict:
-        return train_and_register(config_from(config, overrides, source), home=home,
-                                  log=log_stderr, run_name=run_name)
+        cfg = config_from(config, overrides, source, example, label)
+        if cfg.task == "tabular":
+            from mlsd_ray.tabular.stage import run_tabular_train
+
+            return run_tabular_train(cfg, home=home, log=log_stderr, run_name=run_name)
+        return train_and_register(cfg, home=home, log=log_stderr, run_name=run_name)
 
     def render(summary: dict) -> None:
+        if "task" in summary:
+            _render_tabular_train(summary)
+            return
         print(f"run {summary['run_name']}: best epoch {summary['best_epoch']} of "
               f"{summary['epochs_run']}, val accuracy {summary['val_accuracy']:.4f}, "
               f"test accuracy {summary['test_accuracy']:.4f}, {summary['wall_seconds']} s")
@@ -163,6 +192,28 @@ def evaluate(model: Annotated[str, typer.Option(
     run(as_json, work, render)
 
 
+def _render_tabular_train(summary: dict) -> None:
+    """The MLP beside the baseline, the decision, where the evaluation went."""
+    score = summary["score_name"]
+    print(f"run {summary['run_name']}: best epoch {summary['best_epoch']} of "
+          f"{summary['epochs_run']}, val {score} {summary['val_score']:.4f}, "
+          f"{summary['wall_seconds']} s")
+    keys = {"pr_auc": ["pr_auc", "roc_auc", "precision", "recall", "f1"],
+            "macro_f1": ["accuracy", "macro_f1"], "r2": ["mse", "mae", "r2"]}[score]
+    print("test:      " + "  ".join(f"{k} {summary['test'][k]:.4f}" for k in keys))
+    if summary.get("baseline"):
+        print("baseline:  " + "  ".join(f"{k} {summary['baseline'][k]:.4f}" for k in keys)
+              + f"  ({summary['baseline']['model']})")
+    if summary.get("decision"):
+        d = summary["decision"]
+        print(f"threshold {d['threshold']:.4f} ({d['objective']} {d.get('target')}, "
+              f"{'met' if d['met'] else 'not met'} on val)")
+    for name, path in summary["evaluation"].items():
+        print(f"{name}: {path}")
+    if "registered" in summary:
+        print(f"registered: {summary['registered']['uri']}")
+
+
 @app.command()
 def tune(source: SourceOption = None, config: ConfigOption = None, set_: SetOption = None,
          home: HomeOption = None, as_json: JsonOption = False,
@@ -192,7 +243,7 @@ def tune(source: SourceOption = None, config: ConfigOption = None, set_: SetOpti
              "--name", help="Name of the search (default DATASET-tune-TIME).")] = None,
          resume: Annotated[str | None, typer.Option(
              "--resume", help="Continue an interrupted search by name, with its own config.")
-         ] = None) -> None:
+         ] = None, example: ExampleOption = None, label: LabelOption = None) -> None:
     """Search hyperparameters with Ray Tune; every trial runs the training stage's trainer.
 
     Grid or random search over a space from tune.space or --param, with ASHA or median early
@@ -212,7 +263,8 @@ def tune(source: SourceOption = None, config: ConfigOption = None, set_: SetOpti
         from mlsd_ray import runtime
 
         runtime.configure(quiet=True)  # trials' worker logs stay in Ray's files; we print a
-        cfg = config_from(config, overrides, source)  # line per trial and summarise any errors
+        cfg = config_from(config, overrides, source, example,  # line per trial and summarise
+                          label)  # any errors
         if param:
             cfg.tune.space = dict(parse_param(p) for p in param)
         return run_tune(cfg, home=home, log=log_stderr, name=name, resume=resume)
@@ -227,13 +279,14 @@ def _render_tune(summary: dict) -> None:
     cv = summary["cv"] > 1
     table = Table(title=f"tune {summary['name']}: {summary['search']} search, scheduler "
                         f"{summary['scheduler']}")
+    metric = summary.get("metric", "val_accuracy")
     for column in ("trial", "parameters", "epochs", "stopped early",
-                   "val acc (mean ± std)" if cv else "best val acc"):
+                   "val acc (mean ± std)" if cv else f"best {metric.replace('_', ' ')}"):
         table.add_column(column)
     for line in summary["configurations"]:
         score = "failed" if line["status"] != "ok" else (
             f"{line['cv_mean']:.4f} ± {line['cv_std']:.4f}" if cv
-            else f"{line['val_accuracy']:.4f}")
+            else f"{line[metric]:.4f}")
         table.add_row(line["trial"], line["params"], str(line["epochs_run"]),
                       "yes" if line["stopped_early"] else "", score)
     console = Console()
@@ -265,22 +318,35 @@ def pipeline(source: SourceOption = None, config: ConfigOption = None, set_: Set
              loop: Annotated[bool, typer.Option(
                  "--loop/--no-loop", help="After the serve check, run the monitoring loop on "
                                           "the live app: traffic, drift, retrain, rollout.")
-             ] = True) -> None:
+             ] = True, example: ExampleOption = None, label: LabelOption = None) -> None:
     """Run every stage end to end on the configured source (default: the embedded digits).
 
     data -> [tune] -> train -> register -> evaluate -> promote the first version to production
     -> serve (HTTP predictions on test images) -> the monitoring loop: unshifted traffic ->
     monitor (no drift) -> rotated traffic -> monitor (drift) -> retrain on it -> promote if
     better -> rolling update under load -> stop the app.
+
+    With --example fraud: a transaction table -> Ray Data preprocessors -> the MLP with Ray
+    Train and a HistGradientBoosting reference -> threshold for the target precision ->
+    register -> serve /v1/fraud/score with the rules engine, score test transactions -> stop.
     """
     from mlsd_ray.pipeline import run_pipeline
 
     def work() -> dict:
-        return run_pipeline(config_from(config, set_, source), home=home, force=force,
+        cfg = config_from(config, set_, source, example, label)
+        if cfg.task == "tabular":
+            from mlsd_ray.tabular.pipeline import run_tabular_pipeline
+
+            return run_tabular_pipeline(cfg, home=home, force=force, log=log_stderr,
+                                        tune=tune, serve_check=serve)
+        return run_pipeline(cfg, home=home, force=force,
                             log=log_stderr, tune=tune, serve_check=serve or keep_serving,
                             keep_serving=keep_serving, monitor_loop=loop)
 
     def render(result: dict) -> None:
+        if result.get("example") == "tabular":
+            _render_tabular_pipeline(result["stages"])
+            return
         stages = result["stages"]
         _render_dataset(stages["data"])
         if "tune" in stages:
@@ -313,6 +379,31 @@ def pipeline(source: SourceOption = None, config: ConfigOption = None, set_: Set
             _render_loop(stages["loop"])
 
     run(as_json, work, render)
+
+
+def _render_tabular_pipeline(stages: dict) -> None:
+    _render_table(stages["data"])
+    if "tune" in stages:
+        searched = stages["tune"]
+        print(f"\ntuned {searched['trials']} trials: best {searched['best']['params']}")
+    print()
+    _render_tabular_train(stages["train"])
+    promoted = stages.get("promote", {})
+    if "version" in promoted:
+        print(f"production: models:/{promoted['name']}@production (version "
+              f"{promoted['version']})")
+    if "serve" in stages:
+        served = stages["serve"]
+        print(f"\nserve check at {served['url']}: {served['records']} rows, version "
+              f"{served['model_version']}" + (f", decisions {served['decisions']}, "
+                                              f"{served['frauds_flagged']}/{served['frauds']} "
+                                              "positives flagged" if "decisions" in served
+                                              else "")
+              + f"; max |HTTP - offline| {served['max_abs_difference']:.2e}")
+        if "example" in served:
+            e = served["example"]
+            print(f"a large foreign transaction: {e['decision']} (score {e['score']:.4f}, "
+                  f"rules {e['rules']})")
 
 
 def _render_loop(steps: dict) -> None:

@@ -29,7 +29,14 @@ SetOption = Annotated[list[str] | None, typer.Option(
                         "repeatable, applied after --config.")]
 SourceOption = Annotated[str | None, typer.Option(
     "--source", help="digits | folder:PATH | parquet:PATH | torchvision:NAME[:ROOT] | "
-                     "synthetic[:N]  (same as --set data.source=...)")]
+                     "synthetic[:N]  (same as --set data.source=...); with --example fraud: "
+                     "fraud-synth[:N] | breast-cancer | diabetes | csv:PATH | parquet:PATH")]
+ExampleOption = Annotated[str | None, typer.Option(
+    "--example", help="Start from a worked example's config: digits (the default) or fraud "
+                      "(tabular fraud detection; mlsd_ray/examples/fraud.yaml). --config and "
+                      "--set go on top.")]
+LabelOption = Annotated[str | None, typer.Option(
+    "--label", help="Tabular: the label column of a csv:/parquet: source (tabular.label).")]
 HomeOption = Annotated[str | None, typer.Option(
     "--home", help="Where outputs go; overrides $MLSD_HOME (default ./mlsd-home). Path or URI.")]
 ForceOption = Annotated[bool, typer.Option(
@@ -85,8 +92,15 @@ def with_flags(overrides: list[str] | None, flags: dict) -> list[str]:
     return list(overrides or []) + [f"{k}={v}" for k, v in flags.items() if v is not None]
 
 
-def config_from(config: Path | None, overrides: list[str] | None, source: str | None):
-    cfg = load_config(config, overrides)
+def config_from(config: Path | None, overrides: list[str] | None, source: str | None,
+                example: str | None = None, label: str | None = None):
+    """The resolved config; --source and --label go to the section of the config's task."""
+    cfg = load_config(config, overrides, example)
     if source is not None:  # taken as typed: a path may hold '#' or ': ' that YAML would eat
-        cfg.data.source = source
+        if cfg.task == "tabular":
+            cfg.tabular.source = source
+        else:
+            cfg.data.source = source
+    if label is not None:
+        cfg.tabular.label = label
     return cfg

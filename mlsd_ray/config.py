@@ -260,9 +260,75 @@ class RetrainConfig(StrictModel):
     alias: str = Field("production", description="Alias the challenger takes when promoted.")
 
 
+class ColumnRule(StrictModel):
+    """How one table column is prepared; unset keys take the defaults for its kind."""
+
+    kind: Literal["numeric", "categorical"] | None = Field(None, description="Default: by "
+                                                           "dtype (numbers are numeric).")
+    impute: Literal["mean", "median", "most_frequent", "constant", "iterative", "none"] | None \
+        = None
+    fill_value: float | str | None = Field(None, description="impute: constant.")
+    scale: Literal["standard", "minmax", "robust", "log", "none"] | None = None
+    encode: Literal["onehot", "ordinal"] | None = None
+
+
+class ThresholdConfig(StrictModel):
+    """How the decision threshold on a binary model's score is chosen (on the val split)."""
+
+    objective: Literal["target_precision", "target_recall", "min_cost", "fixed"] = Field(
+        "target_precision", description="target_precision: the highest recall whose precision "
+        "reaches `target`; target_recall: the highest precision whose recall reaches it; "
+        "min_cost: the lowest expected cost; fixed: `value`.")
+    target: float = Field(0.8, gt=0, le=1, description="The precision or recall to reach.")
+    cost_false_negative: float = Field(50.0, ge=0, description="min_cost: a missed fraud.")
+    cost_false_positive: float = Field(1.0, ge=0, description="min_cost: a false alarm.")
+    value: float = Field(0.5, ge=0, le=1, description="fixed: the threshold itself.")
+
+
+class TabularConfig(StrictModel):
+    """Tables (the fraud example): source, per-column preparation, the MLP, the decision."""
+
+    source: str = Field("fraud-synth", description="fraud-synth[:N] | breast-cancer | "
+                        "diabetes | csv:PATH | parquet:PATH")
+    label: str | None = Field(None, description="Label column (default: the source's own; "
+                              "required for csv/parquet).")
+    task: Literal["auto", "binary", "multiclass", "regression"] = Field(
+        "auto", description="auto: regression for a float label with many values, else "
+        "binary or multiclass by the number of classes.")
+    drop_columns: list[str] = Field(default_factory=list, description="Columns never used "
+                                    "as features (ids, timestamps).")
+    numeric_impute: Literal["mean", "median", "most_frequent", "constant", "iterative",
+                            "none"] = "median"
+    numeric_scale: Literal["standard", "minmax", "robust", "log", "none"] = "standard"
+    categorical_impute: Literal["most_frequent", "constant", "none"] = "constant"
+    categorical_encode: Literal["onehot", "ordinal"] = "onehot"
+    columns: dict[str, ColumnRule] = Field(default_factory=dict, description="Per-column "
+                                           "rules over the defaults above.")
+    hidden: list[int] = Field(default_factory=lambda: [64, 32], description="MLP layer widths.")
+    dropout: float = Field(0.1, ge=0, lt=1)
+    class_weight: Literal["balanced", "none"] = Field("balanced", description="balanced: "
+                                                      "each class weighs n / (k × its count).")
+    baseline: bool = Field(True, description="Also fit scikit-learn's HistGradientBoosting on "
+                           "the same split, as a reference row.")
+    threshold: ThresholdConfig = Field(default_factory=ThresholdConfig)
+    rules: str | None = Field(None, description="Rules YAML for the fraud endpoint (default: "
+                              "the example's mlsd_ray/examples/fraud-rules.yaml).")
+    on_missing_column: Literal["impute", "reject"] = Field(
+        "impute", description="A served record without a feature column.")
+    on_extra_column: Literal["ignore", "reject"] = "ignore"
+    on_unseen_category: Literal["ignore", "reject"] = Field(
+        "ignore", description="ignore: a category never seen in training encodes as none.")
+    on_nan: Literal["impute", "reject"] = Field("impute", description="A null or NaN value.")
+    decline_above: float | None = Field(None, gt=0, le=1, description="Scores at or above "
+                                        "this are declined, from the threshold up to it "
+                                        "reviewed (default: halfway from the threshold to 1).")
+
+
 class Config(StrictModel):
     """The whole configuration; later stages add their sections here."""
 
+    task: Literal["image", "tabular"] = Field("image", description="image: the CNN on the data "
+                                              "section; tabular: the MLP on the tabular one.")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -271,6 +337,7 @@ class Config(StrictModel):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    tabular: TabularConfig = Field(default_factory=TabularConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -311,19 +378,45 @@ def describe_errors(error: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read YAML (if given), apply `--set` overrides in order, validate; InputError if bad."""
+EXAMPLES_DIR = Path(__file__).parent / "examples"
+EXAMPLES = ("digits", "fraud")
+
+
+def _read_tree(path: str | Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise InputError(f"config file not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise InputError(f"config file {path} is not valid YAML: {exc}") from exc
+    if loaded is not None and not isinstance(loaded, dict):
+        raise InputError(f"config file {path} must hold a mapping of sections")
+    return loaded or {}
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, section by section."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = (_merge(out[key], value) if isinstance(value, dict)
+                    and isinstance(out.get(key), dict) else value)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                example: str | None = None) -> Config:
+    """Read YAML (if given), apply `--set` overrides in order, validate; InputError if bad.
+
+    `example` (fraud) starts from that worked example's config (mlsd_ray/examples/), under
+    the file and the overrides."""
     tree: dict[str, Any] = {}
+    if example not in (None, "digits"):
+        if example not in EXAMPLES:
+            raise InputError(f"unknown example {example!r}; the examples are: "
+                             + ", ".join(EXAMPLES))
+        tree = _read_tree(EXAMPLES_DIR / f"{example}.yaml")
     if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError as exc:
-            raise InputError(f"config file not found: {path}") from exc
-        except yaml.YAMLError as exc:
-            raise InputError(f"config file {path} is not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise InputError(f"config file {path} must hold a mapping of sections")
-        tree = loaded or {}
+        tree = _merge(tree, _read_tree(path))
     for text in overrides or []:
         apply_override(tree, *parse_override(text))
     try:

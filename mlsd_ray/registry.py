@@ -122,6 +122,9 @@ def _version_info(version, aliases: dict) -> dict:
             "aliases": sorted(a for a, v in aliases.items() if int(v) == int(version.version)),
             "val_accuracy": _number(version.tags.get("val_accuracy")),
             "test_accuracy": _number(version.tags.get("test_accuracy")),
+            "task": version.tags.get("task", "image"),
+            "val_score": _number(version.tags.get("val_score")),
+            "test_score": _number(version.tags.get("test_score")),
             "data_fingerprint": version.tags.get("data_fingerprint"),
             "git_commit": version.tags.get("git_commit"), "run_id": version.run_id,
             "created": version.creation_timestamp, "source": version.source}

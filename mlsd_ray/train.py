@@ -200,13 +200,13 @@ def epoch_line(metrics: dict, epochs: int) -> str:
             f"acc {metrics[VAL_METRIC]:.4f} | {metrics['images_per_second']:.0f} img/s")
 
 
-def _progress_callback(epochs: int):
+def _progress_callback(epochs: int, line: Callable[[dict, int], str] = epoch_line):
     """A Ray Train callback (it runs in the train controller) printing each epoch's line."""
     from ray.train import UserCallback
 
     class EpochProgress(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            print(epoch_line(metrics[0], epochs), file=sys.stderr, flush=True)
+            print(line(metrics[0], epochs), file=sys.stderr, flush=True)
 
     return EpochProgress()
 
@@ -356,8 +356,10 @@ def loop_config(cfg: Config, dataset: PreparedDataset, run_name: str,
                       "dropout": cfg.model.dropout}}
 
 
-def materialize_splits(dataset: PreparedDataset, splits=("train", "val")) -> dict:
-    """The prepared splits as materialised Ray Datasets, read once (no per-epoch bars)."""
+def materialize_splits(dataset: PreparedDataset, splits=("train", "val"),
+                       then: Callable | None = None) -> dict:
+    """The prepared splits as materialised Ray Datasets, read once (no per-epoch bars);
+    `then(ray_dataset)` may add steps (map_batches) before materialising."""
     import ray.data
     from ray.data import DataContext
 
@@ -365,7 +367,8 @@ def materialize_splits(dataset: PreparedDataset, splits=("train", "val")) -> dic
     bars, context.enable_progress_bars = context.enable_progress_bars, False
     order, context.execution_options.preserve_order = context.execution_options.preserve_order, True
     try:  # a dataset keeps the context it was made with: no per-epoch bars from the workers
-        return {split: ray.data.read_parquet(dataset.split_path(split)).materialize()
+        return {split: (then or (lambda d: d))(
+                    ray.data.read_parquet(dataset.split_path(split))).materialize()
                 for split in splits}
     finally:
         context.enable_progress_bars = bars
@@ -381,6 +384,17 @@ def build_trainer(cfg: Config, dataset: PreparedDataset, run_name: str, storage_
     training workers hold every CPU deadlock (DESIGN.md §5). Tune passes its own `datasets`
     (read once for every trial, or cross-validation folds) and `callbacks`.
     """
+    datasets = datasets or materialize_splits(dataset)
+    config = loop_config(cfg, dataset, run_name, init_from, reference)
+    return torch_trainer(train_loop_per_worker, config, cfg, run_name, storage_path, datasets,
+                         callbacks, epoch_line)
+
+
+def torch_trainer(loop: Callable[[dict], None], config: dict, cfg: Config, run_name: str,
+                  storage_path: str, datasets: dict, callbacks: list | None,
+                  line: Callable[[dict, int], str]):
+    """The TorchTrainer every model shares: scaling, placement, checkpoints kept by
+    RANK_METRIC, failures survived, per-epoch progress lines (`line`)."""
     from ray.data import ExecutionOptions
     from ray.train import (
         CheckpointConfig,
@@ -392,16 +406,14 @@ def build_trainer(cfg: Config, dataset: PreparedDataset, run_name: str, storage_
     )
     from ray.train.torch import TorchTrainer
 
-    datasets = datasets or materialize_splits(dataset)
     # Blocks in a fixed order, dealt to the workers in a fixed way (Ray Data's splitter drops
     # its locality-first dispatch when order is preserved): the same config and seed train the
     # same model, so a tune trial's best.yaml reproduces the trial's accuracy.
     ingest = ExecutionOptions(preserve_order=True)
-    config = loop_config(cfg, dataset, run_name, init_from, reference)
     config["train_rows"] = datasets["train"].count()  # cheap: materialised
     resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
     return TorchTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers,
                                      use_gpu=cfg.train.use_gpu,
@@ -414,7 +426,8 @@ def build_trainer(cfg: Config, dataset: PreparedDataset, run_name: str, storage_
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"),
-            callbacks=[_progress_callback(cfg.train.epochs)] if callbacks is None else callbacks),
+            callbacks=([_progress_callback(cfg.train.epochs, line)] if callbacks is None
+                       else callbacks)),
         datasets=datasets, dataset_config=DataConfig(execution_options=ingest))
 
 

@@ -166,8 +166,12 @@ def search_plan(cfg: Config) -> dict:
         # random draws from a few discrete values would repeat configurations: run each once
         search, samples = "grid", 1
     trials = samples * (combinations if search == "grid" else 1)
+    if cfg.task == "tabular" and t.cv > 1:
+        raise InputError("--cv is for the image task; a tabular search ranks trials by their "
+                         "val score (tabular: leave tune.cv at 1)")
     return {"search": search, "scheduler": scheduler, "num_samples": samples,
-            "trials": int(trials), "epochs": t.max_epochs or cfg.train.epochs}
+            "trials": int(trials), "epochs": t.max_epochs or cfg.train.epochs,
+            "metric": VAL_METRIC if cfg.task == "image" else "val_score"}
 
 
 # ---------------------------------------------------------------- resources
@@ -238,6 +242,8 @@ def run_trial(params: dict, *, base: dict, dataset, datasets: dict | None, folds
 
     cfg = trial_config(Config.model_validate(base), params)
     name = f"trial-{ray.tune.get_context().get_trial_id()}"
+    if cfg.task == "tabular":
+        from mlsd_ray.tabular.train import build_tabular_trainer as build_trainer
     if not folds:
         build_trainer(cfg, dataset, name, storage_path, datasets=datasets,
                       callbacks=[TuneReportCallback()]).fit()
@@ -254,7 +260,7 @@ def run_trial(params: dict, *, base: dict, dataset, datasets: dict | None, folds
                      "fold_scores": scores, "epoch": max(epochs)})
 
 
-def _progress(total: int, log: Callable[[str], None]):
+def _progress(total: int, log: Callable[[str], None], metric: str = VAL_METRIC):
     """A Tune callback printing a line per finished (or failed) trial."""
     from ray.tune import Callback
 
@@ -270,7 +276,7 @@ def _progress(total: int, log: Callable[[str], None]):
             result = trial.last_result or {}
             log(f"trial {self.done}/{total} {describe(trial.config)}: "
                 f"{int(result.get('epoch', 0))} epoch(s), "
-                f"val acc {result.get(VAL_METRIC, float('nan')):.4f}")
+                f"{metric} {result.get(metric, float('nan')):.4f}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.done += 1
@@ -332,6 +338,10 @@ def _trainable(run: TuneRun, plan: dict, per_worker_cpu: float):
     if run.cfg.tune.cv > 1:
         folds = cv_folds(run.dataset, run.cfg.tune.cv, run.cfg.data.seed,
                          run.cfg.data.rows_per_task)
+    elif run.cfg.task == "tabular":
+        from mlsd_ray.tabular.train import materialize_features
+
+        datasets = materialize_features(run.dataset)
     else:
         datasets = materialize_splits(run.dataset)
     function = tune.with_parameters(run_trial, base=base.to_dict(), dataset=run.dataset,
@@ -355,7 +365,13 @@ def run_tune(cfg: Config, home: str | None = None, log: Callable[[str], None] = 
     cfg = cfg.model_copy(deep=True)
     cfg.tune.space = validate_space(cfg.tune.space, cfg.tune.search, cfg)
     plan = search_plan(cfg)
-    dataset = prepare_dataset(cfg, home=home, log=log)
+    if cfg.task == "tabular":
+        from mlsd_ray.tabular.prepare import prepare_table
+
+        dataset = prepare_table(cfg, home=home, log=log)
+        register = False  # a tabular search ranks; `mlsd train --config best.yaml` registers
+    else:
+        dataset = prepare_dataset(cfg, home=home, log=log)
     ensure_ray(home)
     name = name or f"{dataset.manifest['name']}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
     run = TuneRun(name, storage.join(root, name), cfg, dataset)
@@ -387,7 +403,8 @@ def run_tune(cfg: Config, home: str | None = None, log: Callable[[str], None] = 
                                             max_concurrent=concurrent),
                                         scheduler=_scheduler(cfg, plan)),
             run_config=tune.RunConfig(name=name, storage_path=root, verbose=0,
-                                      callbacks=[_progress(plan["trials"], log)]))
+                                      callbacks=[_progress(plan["trials"], log,
+                                                           plan["metric"])]))
     handler = signal.getsignal(signal.SIGINT)
     grid = tuner.fit()
     # Tune turns Ctrl-C into a saved, stopped experiment and returns normally; its handler

@@ -17,25 +17,25 @@ from mlsd_ray.train import RANK_METRIC, VAL_METRIC
 
 def trial_rows(grid, plan: dict) -> list[dict]:
     """One row per trial: its parameters, epochs run, early stop, best val metric, checkpoint."""
-    rows = []
+    rows, metric = [], plan.get("metric", VAL_METRIC)
     for index, result in enumerate(grid):
         history = _history(result)
         row = {"trial": (result.metrics or {}).get("trial_id") or f"#{index}",
                **{f"param.{k}": v for k, v in result.config.items()},
                "status": "error" if result.error else "ok", "epochs_run": 0,
-               "stopped_early": False, "best_epoch": None, VAL_METRIC: None,
+               "stopped_early": False, "best_epoch": None, metric: None,
                "checkpoint": None, "error": _first_line(result.error) if result.error else ""}
         if len(history):
             best = _best_row(history)
             row.update(epochs_run=int(history["epoch"].max()), best_epoch=int(best["epoch"]),
-                       **{VAL_METRIC: float(best[VAL_METRIC]),
+                       **{metric: float(best[metric]),
                           RANK_METRIC: float(best[RANK_METRIC]),
                           "checkpoint": best.get("checkpoint_path")})
             row["stopped_early"] = not result.error and row["epochs_run"] < plan["epochs"]
             if "cv_std" in history:
-                row.update(cv_mean=float(best[VAL_METRIC]), cv_std=float(best["cv_std"]),
+                row.update(cv_mean=float(best[metric]), cv_std=float(best["cv_std"]),
                            fold_scores=list(best["fold_scores"]))
-        row["curve"] = history[["epoch", VAL_METRIC]].values.tolist() if len(history) else []
+        row["curve"] = history[["epoch", metric]].values.tolist() if len(history) else []
         rows.append(row)
     return rows
 
@@ -127,14 +127,14 @@ def best_config(base: Config, row: dict, user: Config) -> Config:
 
 def _table(rows: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame([{k: v for k, v in r.items() if k != "curve"} for r in rows])
-    return frame.sort_values(VAL_METRIC, ascending=False, na_position="last")
+    return frame.sort_values(RANK_METRIC, ascending=False, na_position="last")
 
 
 def write_outputs(run, grid, base: Config, plan: dict, home: str | None,
                   log: Callable[[str], None], register: bool, wall_seconds: float) -> dict:
     """Write results.csv, curves.png, best.yaml, summary.json; log to MLflow; register."""
-    rows = trial_rows(grid, plan)
-    ok = [r for r in rows if r["status"] == "ok" and r[VAL_METRIC] is not None]
+    rows, metric = trial_rows(grid, plan), plan.get("metric", VAL_METRIC)
+    ok = [r for r in rows if r["status"] == "ok" and r[metric] is not None]
     if not ok:
         raise WorkError(failure_summary(rows))
     cv = run.cfg.tune.cv > 1
@@ -146,8 +146,8 @@ def write_outputs(run, grid, base: Config, plan: dict, home: str | None,
     storage.write_text(outputs["results"], _table(rows).to_csv(index=False))
     storage.write_bytes(outputs["curves"], curves_png(rows, cv))
     storage.write_text(outputs["best_config"],
-                       f"# best of tune run {run.name}: trial {best['trial']}, val accuracy "
-                       f"{best[VAL_METRIC]:.4f}\n# train it: mlsd train --config "
+                       f"# best of tune run {run.name}: trial {best['trial']}, {metric} "
+                       f"{best[metric]:.4f}\n# train it: mlsd train --config "
                        f"{outputs['best_config']}\n" + dump_yaml(best_cfg))
     summary = {"name": run.name, "path": run.path, "search": plan["search"],
                "scheduler": plan["scheduler"], "cv": run.cfg.tune.cv,
@@ -156,26 +156,28 @@ def write_outputs(run, grid, base: Config, plan: dict, home: str | None,
                "failed": sum(r["status"] == "error" for r in rows),
                "trial_epochs": int(sum(r["epochs_run"] for r in rows)),
                "max_epochs": plan["epochs"],
-               "best": {k: best.get(k) for k in ("trial", VAL_METRIC, "best_epoch", "epochs_run",
+               "metric": metric,
+               "best": {k: best.get(k) for k in ("trial", metric, "best_epoch", "epochs_run",
                                                  "cv_mean", "cv_std") if k in best}
                | {"params": _params(best)},
-               "configurations": [_config_line(r, cv) for r in _table(rows).to_dict("records")],
+               "configurations": [_config_line(r, cv, metric)
+                                  for r in _table(rows).to_dict("records")],
                "wall_seconds": round(wall_seconds, 1), **outputs}
-    summary.update(_track(run, rows, best, best_cfg, home, log, register))
+    summary.update(_track(run, rows, best, best_cfg, home, log, register, metric))
     storage.write_json(storage.join(run.path, "summary.json"), summary)
     return summary
 
 
-def _config_line(row: dict, cv: bool) -> dict:
+def _config_line(row: dict, cv: bool, metric: str) -> dict:
     line = {"trial": row["trial"], "params": _label(row), "status": row["status"],
             "epochs_run": row["epochs_run"], "stopped_early": bool(row["stopped_early"]),
-            VAL_METRIC: None if pd.isna(row[VAL_METRIC]) else row[VAL_METRIC]}
+            metric: None if pd.isna(row[metric]) else row[metric]}
     if cv and row["status"] == "ok":
         line.update(cv_mean=row["cv_mean"], cv_std=row["cv_std"], fold_scores=row["fold_scores"])
     return line
 
 
-def _track(run, rows, best, best_cfg, home, log, register) -> dict:
+def _track(run, rows, best, best_cfg, home, log, register, metric=VAL_METRIC) -> dict:
     """MLflow: the search as a parent run, each trial a child; the best model registered."""
     import mlflow
 
@@ -186,25 +188,25 @@ def _track(run, rows, best, best_cfg, home, log, register) -> dict:
     with mlflow.start_run(run_name=run.name) as parent:
         mlflow.log_params({"search": run.cfg.tune.search, "cv": run.cfg.tune.cv,
                            "space": str(run.cfg.tune.space)[:500], "trials": len(rows)})
-        mlflow.log_metric("best_val_accuracy", best[VAL_METRIC])
+        mlflow.log_metric(f"best_{metric}", best[metric])
         mlflow.set_tags({"mlsd.kind": "tune", "path": run.path})
         for row in rows:
             if row is best and register and not run.cfg.tune.cv > 1:
                 continue  # logged below, as the registered run
-            _log_trial(row)
+            _log_trial(row, metric)
         out["mlflow_run_id"] = parent.info.run_id
         if register:
             out.update(_register_best(run, best, best_cfg, home, log))
     return out
 
 
-def _log_trial(row: dict) -> None:
+def _log_trial(row: dict, metric: str = VAL_METRIC) -> None:
     import mlflow
 
     with mlflow.start_run(run_name=f"trial-{row['trial']}", nested=True):
         mlflow.log_params(_params(row))
         for epoch, value in row["curve"]:
-            mlflow.log_metric(VAL_METRIC, value, step=int(epoch))
+            mlflow.log_metric(metric, value, step=int(epoch))
         mlflow.set_tags({"status": row["status"], "stopped_early": str(row["stopped_early"]),
                          "error": row["error"][:250]})
 

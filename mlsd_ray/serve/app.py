@@ -183,20 +183,63 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
                                                                "message": message}})
 
 
-@api.exception_handler(ClientError)
 async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
     return _error(exc.status, exc.code, exc.message)
 
 
-@api.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     codes = {404: "not_found", 405: "method_not_allowed"}
     return _error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
 
 
-@api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     return _error(422, "invalid_request", str(exc.errors()))
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as `{"error": {"code", "message"}}` (both Serve apps share this)."""
+    app.add_exception_handler(ClientError, _client_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+
+
+add_error_handlers(api)
+
+
+def authorize(request: Request, token_sha256: str | None) -> None:
+    """401 unless the request carries the server's bearer token (when one is set)."""
+    if not token_sha256:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(digest, token_sha256):
+        raise ClientError(401, "unauthorized", f"send 'Authorization: Bearer <token>' "
+                                               f"with the server's {TOKEN_ENV}")
+
+
+def token_sha256() -> str | None:
+    """The digest of MLSD_API_TOKEN, if set: replicas keep only the digest."""
+    token = os.environ.get(TOKEN_ENV)
+    return hashlib.sha256(token.encode()).hexdigest() if token else None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` (declared or streamed)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int) -> ClientError:
+    return ClientError(413, "body_too_large", f"request body of {size} bytes or more; the "
+                                              f"limit is {limit}")
 
 
 def _read_text(location: str) -> str:
@@ -288,13 +331,7 @@ class Ingress:
             ingress_metrics()["drift"].set(score, tags={"model_version": str(version)})
 
     def _authorize(self, request: Request) -> None:
-        if not self.token_sha256:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        digest = hashlib.sha256(token.encode()).hexdigest()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self.token_sha256):
-            raise ClientError(401, "unauthorized", f"send 'Authorization: Bearer <token>' "
-                                                   f"with the server's {TOKEN_ENV}")
+        authorize(request, self.token_sha256)
 
     async def _instances(self, request: Request) -> list[np.ndarray]:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -302,27 +339,10 @@ class Ingress:
             raise ClientError(415, "unsupported_media_type",
                               f"content type {content_type or '(none)'!r}; send "
                               "application/json or multipart/form-data")
-        body = await self._body(request)
+        body = await read_body(request, self.max_body_bytes)
         if content_type == "application/json":
             return schemas.instances_from_json(schemas.parse_json(body), self.max_instances)
         return await self._uploads(request, body)
-
-    async def _body(self, request: Request) -> bytes:
-        """The body, refused with 413 as soon as it passes the limit (declared or streamed)."""
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise self._too_large(int(declared))
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise self._too_large(size)
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    def _too_large(self, size: int) -> ClientError:
-        return ClientError(413, "body_too_large", f"request body of {size} bytes or more; the "
-                                                  f"limit is {self.max_body_bytes}")
 
     async def _uploads(self, request: Request, body: bytes) -> list[np.ndarray]:
         async def replay() -> dict:
@@ -368,10 +388,8 @@ def build_app(args: dict) -> serve.Application:
     return app_from_config(ServeConfig.model_validate(args), home)
 
 
-def app_from_config(settings: ServeConfig, home: str | None = None) -> serve.Application:
-    """Bind the two deployments with the configured batching, autoscaling and router."""
-    from mlsd_ray import storage
-
+def model_options(settings: ServeConfig) -> dict:
+    """The model deployment's options: autoscaling, concurrency, resources, router."""
     options = {"autoscaling_config": settings.autoscaling.model_dump(),
                "max_ongoing_requests": settings.max_ongoing_requests,
                "ray_actor_options": {"num_cpus": settings.num_cpus,
@@ -379,17 +397,23 @@ def app_from_config(settings: ServeConfig, home: str | None = None) -> serve.App
     router = ROUTER_CLASSES[settings.router]
     if router:
         options["request_router_config"] = RequestRouterConfig(request_router_class=router)
+    return options
+
+
+def app_from_config(settings: ServeConfig, home: str | None = None) -> serve.Application:
+    """Bind the two deployments with the configured batching, autoscaling and router."""
+    from mlsd_ray import storage
+
+    options = model_options(settings)
     model = ModelServer.options(**options).bind(
         settings.model, storage.home(home), settings.max_batch_size,
         settings.batch_wait_timeout_s, max(1, round(settings.num_cpus)),
         settings.prediction_log.model_dump())
-    token = os.environ.get(TOKEN_ENV)
     ingress_settings = {"max_instances": settings.max_instances,
                         "max_body_bytes": settings.max_body_bytes, "top_k": settings.top_k,
                         "router": settings.router,
                         "drift_file": storage.join(storage.home(home), "monitor", "latest.json"),
-                        "token_sha256": hashlib.sha256(token.encode()).hexdigest()
-                        if token else None}
+                        "token_sha256": token_sha256()}
     return Ingress.options(ray_actor_options={"num_cpus": settings.ingress_num_cpus},
                            max_ongoing_requests=max(256, 4 * settings.max_ongoing_requests),
                            ).bind(model, ingress_settings)

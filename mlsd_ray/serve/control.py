@@ -230,12 +230,12 @@ def _join(address: str) -> None:
     runtime.ensure_ray()
 
 
-def wait_healthy(url: str, timeout: float = HEALTH_TIMEOUT_S) -> dict:
-    """Poll GET /v1/health until 200; WorkError with the last answer after `timeout`."""
+def wait_healthy(url: str, timeout: float = HEALTH_TIMEOUT_S, path: str = "/v1/health") -> dict:
+    """Poll GET url+path until 200; WorkError with the last answer after `timeout`."""
     deadline, last = time.monotonic() + timeout, "no answer"
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{url}/v1/health", timeout=5) as response:
+            with urllib.request.urlopen(f"{url}{path}", timeout=5) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:
             last = f"HTTP {exc.code}"
