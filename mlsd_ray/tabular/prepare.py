@@ -28,7 +28,13 @@ from mlsd_ray.config import Config, dump_yaml
 from mlsd_ray.data.split import stratified_splits
 from mlsd_ray.errors import InputError
 from mlsd_ray.runtime import ensure_ray, log_stderr
-from mlsd_ray.tabular.preprocess import Featurizer, coerce, fit_state, plan_columns
+from mlsd_ray.tabular.preprocess import (
+    Featurizer,
+    coerce,
+    fit_state,
+    plan_columns,
+    unused_rules,
+)
 from mlsd_ray.tabular.sources import Table, load_table
 
 SPLITS = ("train", "val", "test")
@@ -130,6 +136,9 @@ def prepare_table(cfg: Config, home: str | None = None, force: bool = False,
     log(f"[1/3] checking {len(table.frame)} rows of {table.name} ({task}, label "
         f"{table.label!r})")
     plan = plan_columns(table.frame, table.label, t)
+    unused = unused_rules(table.frame, t)
+    if unused:
+        log(f"note: tabular.columns has rules for {unused}, which {table.name} does not have")
     labels, reasons, classes = _labels(table, task)
     features, not_numbers = coerce(table.frame, plan)
     kept = reasons.isna()
@@ -157,7 +166,8 @@ def prepare_table(cfg: Config, home: str | None = None, force: bool = False,
                 "counts": {"rows": len(table.frame), "kept": int(kept.sum()),
                            "quarantined": int((~kept).sum()),
                            "splits": {s: len(f) for s, f in splits.items()}},
-                "label_stats": _label_stats(rows[table.label], task)}
+                "label_stats": _label_stats(rows[table.label], task),
+                "unused_column_rules": unused}
     storage.write_json(storage.join(out, "quality.json"), quality)
     storage.write_text(storage.join(out, "quality.md"), render_quality(manifest, quality))
     storage.write_text(storage.join(out, "config.yaml"), dump_yaml(cfg))

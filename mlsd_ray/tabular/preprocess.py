@@ -41,16 +41,28 @@ ITERATIVE_FIT_ROWS = 50_000
 # ----------------------------------------------------------------------------- the plan
 
 
+NUMERIC_SHARE = 0.9
+
+
 def column_kind(series: pd.Series) -> str:
-    """numeric for numbers (booleans included), categorical for everything else."""
-    return "numeric" if pd.api.types.is_numeric_dtype(series) else "categorical"
+    """numeric for numbers (booleans included) and for text columns whose values are mostly
+    (NUMERIC_SHARE) numbers, a few typed wrong; categorical for everything else."""
+    if pd.api.types.is_numeric_dtype(series):
+        return "numeric"
+    present = series.dropna()
+    if len(present) and pd.to_numeric(present, errors="coerce").notna().mean() >= NUMERIC_SHARE:
+        return "numeric"
+    return "categorical"
+
+
+def unused_rules(frame: pd.DataFrame, cfg: TabularConfig) -> list[str]:
+    """Columns that `tabular.columns` has rules for but the table lacks (the fraud example's
+    rules on another table, or a typo): reported by the data stage, not fatal."""
+    return sorted(set(cfg.columns) - set(map(str, frame.columns)))
 
 
 def plan_columns(frame: pd.DataFrame, label: str, cfg: TabularConfig) -> list[dict]:
     """One entry per feature column: name, kind, impute, fill_value, scale, encode."""
-    unknown = sorted(set(cfg.columns) - set(frame.columns))
-    if unknown:
-        raise InputError(f"tabular.columns names columns the table does not have: {unknown}")
     plan = []
     for name in frame.columns:
         if name == label or name in cfg.drop_columns:
@@ -144,7 +156,8 @@ class IterativeImputation(Preprocessor):
 
         sample = ds.select_columns(self.columns).limit(ITERATIVE_FIT_ROWS).to_pandas()
         model = IterativeImputer(max_iter=10, random_state=0, keep_empty_features=True)
-        model.fit(sample[self.columns].to_numpy(dtype=float))
+        model.fit(np.array(sample[self.columns], dtype=float))  # a writable copy: Ray's
+        # blocks are read-only views, and IterativeImputer writes into its input
         self.stats_ = {"skops": base64.b64encode(skops.io.dumps(model)).decode("ascii")}
         return self
 
@@ -155,7 +168,7 @@ class IterativeImputation(Preprocessor):
             self._model = skops.io.loads(base64.b64decode(self.stats_["skops"]),
                                          trusted=ITERATIVE_TRUSTED)
         df = df.copy()
-        df[self.columns] = self._model.transform(df[self.columns].to_numpy(dtype=float))
+        df[self.columns] = self._model.transform(np.array(df[self.columns], dtype=float))
         return df
 
 

@@ -1,0 +1,203 @@
+"""The tabular example on real Ray, MLflow and HTTP: preparation with Ray Data preprocessors,
+the MLP on Ray Train beside the HistGradientBoosting baseline, the fraud Serve app with its
+threshold, rules and bad-input handling, diabetes regression, and a tabular Tune search."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+
+from mlsd_ray.config import load_config
+from mlsd_ray.serve import control
+from mlsd_ray.tabular.prepare import prepare_table
+from mlsd_ray.tabular.preprocess import Featurizer
+from mlsd_ray.tabular.serve import start_fraud
+from mlsd_ray.tabular.stage import run_tabular_train
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+FAST = ["train.epochs=4", "train.num_workers=2", "train.cpus_per_worker=0.5"]
+
+
+def test_preparation_imputes_scales_encodes_and_quarantines(tmp_path, home):
+    """A messy CSV: missing labels quarantined, text in a number column counted and imputed
+    (iterative), per-column scaling, the fitted state a JSON round trip away from serving."""
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"income": rng.normal(50, 10, 300).round(1),
+                          "debt": rng.normal(20, 5, 300).round(1),
+                          "city": rng.choice(["a", "b", "c"], 300),
+                          "bad": (rng.random(300) < 0.3).astype(int)})
+    frame["debt"] = frame["debt"].astype(object)
+    frame.loc[:9, "income"] = np.nan
+    frame.loc[10:14, "debt"] = "unknown"  # text in a number column (n/a would read as NaN)
+    frame.loc[15:17, "bad"] = np.nan
+    frame.loc[18:20, "city"] = None
+    path = tmp_path / "loans.csv"
+    frame.to_csv(path, index=False)
+    cfg = load_config(None, [f"tabular.source=csv:{path}", "tabular.label=bad",
+                             "tabular.columns={income: {impute: iterative, scale: robust}, "
+                             "debt: {impute: mean, scale: minmax}}"], example="fraud")
+    table = prepare_table(cfg, home=home)
+    m = table.manifest
+    assert m["task"] == "binary" and m["counts"]["quarantined"] == 3
+    quality = json.loads(open(f"{table.path}/quality.json").read())
+    assert quality["columns"]["income"]["missing"] == 10
+    assert quality["columns"]["debt"]["not_a_number"] == 5
+    assert quality["columns"]["city"]["missing"] == 3
+    assert quality["quarantine_by_reason"] == {"missing_label": 3}
+    assert m["feature_names"] == ["income", "debt", "city=a", "city=b", "city=c",
+                                  "city=missing"]
+    train = table.load_split("train")
+    features = Featurizer(json.loads(json.dumps(m["preprocessing"])))(train)
+    assert np.isfinite(features).all()
+    debt = features[:, 1]
+    assert debt.min() == pytest.approx(0.0) and debt.max() == pytest.approx(1.0)  # min-max
+    assert (features[:, 2:].sum(axis=1) == 1).all()  # one-hot, missing as its own category
+    assert prepare_table(cfg, home=home).reused
+
+
+@pytest.fixture(scope="module")
+def fraud_model(tmp_path_factory, ray_session):
+    home = str(tmp_path_factory.mktemp("fraud") / "mlsd-home")
+    cfg = load_config(None, ["tabular.source=fraud-synth:8000", *FAST,
+                             "train.batch_size=128"], example="fraud")
+    return cfg, run_tabular_train(cfg, home=home), home
+
+
+def test_mlp_beats_chance_beside_the_baseline(fraud_model):
+    cfg, summary, _ = fraud_model
+    test, baseline = summary["test"], summary["baseline"]
+    rate = test["positives"] / test["rows"]
+    print(f"\nfraud MLP: PR-AUC {test['pr_auc']:.4f} ROC-AUC {test['roc_auc']:.4f} "
+          f"(chance {rate:.4f}); baseline PR-AUC {baseline['pr_auc']:.4f} "
+          f"ROC-AUC {baseline['roc_auc']:.4f}; threshold {summary['decision']}")
+    assert test["pr_auc"] > 5 * rate and test["roc_auc"] > 0.8
+    assert baseline["model"] == "HistGradientBoostingClassifier" and baseline["pr_auc"] > rate
+    assert summary["decision"]["objective"] == "target_precision"
+    assert summary["registered"]["uri"] == "models:/fraud-mlp/1"
+    for path in summary["evaluation"].values():
+        assert open(path, "rb").read(4)
+    assert open(summary["evaluation"]["pr_curve"], "rb").read(4) == b"\x89PNG"
+
+
+@pytest.fixture(scope="module")
+def fraud_url(fraud_model):
+    from ray import serve
+
+    cfg, summary, home = fraud_model
+    settings = cfg.serve.model_copy(update={"model": summary["registered"]["uri"],
+                                            "port": control.free_port(),
+                                            "max_body_bytes": 4096})
+    served = start_fraud(settings, cfg.tabular, home, log=print)
+    yield served["score_url"].removesuffix("/score")
+    serve.delete(settings.app_name)
+
+
+RECORD = {"amount": 12000.0, "merchant_category": "crypto", "country": "NG", "hour": 3,
+          "device_type": "unknown", "customer_age": 30, "velocity_1h": 2,
+          "account_age_days": 3}
+SAFE = {**RECORD, "amount": 15.0, "merchant_category": "grocery", "country": "US", "hour": 12,
+        "device_type": "mobile", "velocity_1h": 0, "account_age_days": 2000}
+
+
+def test_scores_decisions_and_rules_over_http(fraud_url):
+    answer = requests.post(f"{fraud_url}/score", json={"records": [RECORD, SAFE]}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    risky, safe = answer.json()["results"]
+    print(f"\nrisky: {risky}\nsafe: {safe}")
+    assert risky["score"] > safe["score"]
+    assert {r["name"] for r in risky["rules_fired"]} == {"large_foreign_amount",
+                                                         "new_account_crypto"}
+    assert risky["decision"] in ("review", "decline") and safe["decision"] == "approve"
+    assert safe["rules_fired"] == []
+
+
+def test_threshold_and_rules_change_live(fraud_url):
+    before = requests.get(f"{fraud_url}/policy", timeout=10).json()
+    changed = requests.put(f"{fraud_url}/policy", json={"threshold": 0.0}, timeout=10)
+    assert changed.status_code == 200 and changed.json()["threshold"] == 0.0
+    safe = requests.post(f"{fraud_url}/score", json={"records": [SAFE]}, timeout=30).json()
+    assert safe["results"][0]["model_decision"] != "approve"  # everything reaches 0.0
+    bad = requests.put(f"{fraud_url}/rules", data="rules:\n  - name: x\n    when: amount >> 1\n"
+                       "    action: review\n", timeout=10)
+    assert bad.status_code == 400 and "line 3" in bad.json()["error"]["message"]
+    assert requests.get(f"{fraud_url}/policy", timeout=10).json()["rules"] == before["rules"]
+    good = requests.put(f"{fraud_url}/rules", data="rules:\n  - name: tiny\n    when: amount "
+                        "< 20\n    action: decline\n", timeout=10)
+    assert good.status_code == 200 and [r["name"] for r in good.json()["rules"]] == ["tiny"]
+    fired = requests.post(f"{fraud_url}/score", json={"records": [SAFE]}, timeout=30).json()
+    assert fired["results"][0]["decision"] == "decline"
+    requests.put(f"{fraud_url}/policy", json={"threshold": before["threshold"]}, timeout=10)
+    requests.put(f"{fraud_url}/rules", data=open(
+        "mlsd_ray/examples/fraud-rules.yaml").read(), timeout=10)
+
+
+@pytest.mark.parametrize("body, headers, status, code", [
+    (b"{not json", {"content-type": "application/json"}, 400, "malformed_json"),
+    (b'{"records": [1]}', {"content-type": "text/plain"}, 415, "unsupported_media_type"),
+    (json.dumps({"rows": []}).encode(), None, 422, "missing_records"),
+    (json.dumps({"records": [{**RECORD, "amount": "lots"}]}).encode(), None, 422,
+     "invalid_record"),
+    (json.dumps({"records": [{"amount": 1.0}] * 400}).encode(), None, 413, "body_too_large"),
+])
+def test_bad_input_gets_4xx(fraud_url, body, headers, status, code):
+    answer = requests.post(f"{fraud_url}/score", data=body,
+                           headers=headers or {"content-type": "application/json"}, timeout=30)
+    assert answer.status_code == status, answer.text
+    assert answer.json()["error"]["code"] == code
+
+
+def test_missing_extra_and_unseen_fields_are_handled(fraud_url):
+    partial = {"amount": 50.0, "country": "ZZ", "shoe_size": 44}
+    answer = requests.post(f"{fraud_url}/score", json={"records": [partial]}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    notes = answer.json()["results"][0]["notes"]
+    assert "ignored field(s) ['shoe_size']" in notes and "hour imputed" in notes
+    assert "country: unseen category 'ZZ' encoded as none" in notes
+
+
+def test_diabetes_regression_beside_the_baseline(home):
+    cfg = load_config(None, ["tabular.source=diabetes", "train.epochs=12", "train.lr=0.02",
+                             "train.batch_size=32", "train.num_workers=1",
+                             "train.cpus_per_worker=1", "registry.auto_register=false"],
+                      example="fraud")
+    summary = run_tabular_train(cfg, home=home)
+    mlp, baseline = summary["test"], summary["baseline"]
+    print(f"\ndiabetes: MLP MSE {mlp['mse']:.1f} R² {mlp['r2']:.3f}; "
+          f"HistGradientBoosting MSE {baseline['mse']:.1f} R² {baseline['r2']:.3f}")
+    assert summary["task"] == "regression" and mlp["r2"] > 0.25 and baseline["r2"] > 0.1
+    assert "pr_curve" not in summary["evaluation"]
+
+
+def test_tune_searches_the_tabular_model(home):
+    from mlsd_ray.tune import run_tune
+
+    cfg = load_config(None, ["tabular.source=breast-cancer", "train.epochs=3",
+                             "tune.space={train.lr: [0.003, 0.03]}", "tune.scheduler=none"],
+                      example="fraud")
+    summary = run_tune(cfg, home=home)
+    print(f"\ntabular tune: {summary['configurations']}")
+    assert summary["metric"] == "val_score" and summary["finished"] == 2
+    assert summary["best"]["val_score"] > 0.8  # PR-AUC on breast cancer: far above chance
+    assert "registered" not in summary and open(summary["best_config"]).read().count("lr")
+
+
+def test_cli_data_stage_and_bad_source(tmp_path):
+    import subprocess
+    import sys
+
+    mlsd = [sys.executable, "-m", "mlsd_ray.cli"]
+    home = str(tmp_path / "h")
+    ok = subprocess.run([*mlsd, "data", "--example", "fraud", "--source", "fraud-synth:1000",
+                         "--home", home, "--json"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    summary = json.loads(ok.stdout)
+    assert summary["task"] == "binary" and summary["features"] == 28
+    assert sum(summary["counts"]["splits"].values()) == 1000
+    bad = subprocess.run([*mlsd, "train", "--example", "fraud", "--source", "csv:/no/such.csv",
+                          "--label", "y", "--home", home], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "csv file or folder not found: /no/such.csv" in bad.stderr
