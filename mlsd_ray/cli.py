@@ -338,7 +338,8 @@ def pipeline(source: SourceOption = None, config: ConfigOption = None, set_: Set
             from mlsd_ray.tabular.pipeline import run_tabular_pipeline
 
             return run_tabular_pipeline(cfg, home=home, force=force, log=log_stderr,
-                                        tune=tune, serve_check=serve)
+                                        tune=tune, serve_check=serve or keep_serving,
+                                        keep_serving=keep_serving)
         return run_pipeline(cfg, home=home, force=force,
                             log=log_stderr, tune=tune, serve_check=serve or keep_serving,
                             keep_serving=keep_serving, monitor_loop=loop)

@@ -21,7 +21,7 @@ SERVE_CHECK_ROWS = 64
 
 def run_tabular_pipeline(cfg: Config, home: str | None = None, force: bool = False,
                          log: Callable[[str], None] = log_stderr, tune: bool = False,
-                         serve_check: bool = True) -> dict:
+                         serve_check: bool = True, keep_serving: bool = False) -> dict:
     """Run the tabular stages; returns one summary per stage."""
     from mlsd_ray.registry import promote, show
     from mlsd_ray.tabular.prepare import prepare_table
@@ -52,14 +52,15 @@ def run_tabular_pipeline(cfg: Config, home: str | None = None, force: bool = Fal
     if serve_check:
         log("== stage 4/4: serve ==")
         model = registered["uri"] if registered else stages["train"]["checkpoint"]
-        stages["serve"] = serve_check_fraud(cfg, model, table, home, log)
+        stages["serve"] = serve_check_fraud(cfg, model, table, home, log, keep_serving)
     return {"example": "tabular", "stages": stages}
 
 
 def serve_check_fraud(cfg: Config, model: str, table, home: str | None,
-                      log: Callable[[str], None]) -> dict:
+                      log: Callable[[str], None], keep_serving: bool = False) -> dict:
     """Start the fraud app on `model`, score test rows over HTTP (and, for a binary task, a
-    transaction the example rules catch), compare with the offline scores, stop the app."""
+    transaction the example rules catch), compare with the offline scores, then stop the app
+    (`keep_serving`: on serve.port, until Ctrl-C)."""
     from mlsd_ray import registry
     from mlsd_ray.serve import control
     from mlsd_ray.serve.client import post_json
@@ -67,7 +68,7 @@ def serve_check_fraud(cfg: Config, model: str, table, home: str | None,
     from mlsd_ray.tabular.train import load_tabular
 
     settings = cfg.serve.model_copy(update={"model": model})
-    if control.port_in_use(settings.host, settings.port):
+    if not keep_serving and control.port_in_use(settings.host, settings.port):
         settings.port = control.free_port(settings.host)
     summary = start_fraud(settings, cfg.tabular, home, log)
     try:
@@ -92,7 +93,10 @@ def serve_check_fraud(cfg: Config, model: str, table, home: str | None,
             log(f"served version {answer['model_version']}: {len(records)} rows scored over HTTP")
         return result
     finally:
-        control.remove_app(settings.app_name)
+        if keep_serving:
+            control.serve_until_interrupted({**summary, "home": home}, log)
+        else:
+            control.remove_app(settings.app_name)
 
 
 def _check_rows(test, label: str, task: str):
