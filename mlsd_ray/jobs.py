@@ -99,7 +99,10 @@ def job_config(stage: str, args: argparse.Namespace):
     else:
         cfg = load_config(None, overrides)
     if args.source and stage != "retrain":
-        cfg.data.source = args.source
+        if cfg.task == "tabular":
+            cfg.tabular.source = args.source
+        else:
+            cfg.data.source = args.source
     if args.smoke and stage == "tune":
         cfg.tune.space = dict(SMOKE_TUNE_SPACE)
     return cfg
@@ -109,6 +112,8 @@ def run_stage(stage: str, args: argparse.Namespace, log) -> dict:
     """Run one stage on the cluster this driver belongs to; returns its summary."""
     cfg, home = job_config(stage, args), job_home(args)
     log(f"job {stage}{' (smoke)' if args.smoke else ''}: outputs under {home}")
+    if cfg.task == "tabular":
+        return _tabular_stage(stage, cfg, args, home, log)
     if stage == "data":
         from mlsd_ray.data.prepare import prepare_dataset
 
@@ -129,6 +134,28 @@ def run_stage(stage: str, args: argparse.Namespace, log) -> dict:
     if stage == "retrain":
         return _retrain(cfg, args, home, log)
     return _deploy(cfg, args, home, log)
+
+
+def _tabular_stage(stage: str, cfg, args, home: str, log) -> dict:
+    """The stages for tables (a config with task: tabular, e.g. mlsd_ray/examples/fraud.yaml)."""
+    if stage == "data":
+        from mlsd_ray.tabular.prepare import prepare_table
+
+        return prepare_table(cfg, home=home, log=log).summary()
+    if stage == "train":
+        from mlsd_ray.tabular.stage import run_tabular_train
+
+        return run_tabular_train(cfg, home=home, log=log, run_name=args.run_name)
+    if stage == "tune":
+        from mlsd_ray.tune import run_tune
+
+        return run_tune(cfg, home=home, log=log)
+    if stage == "pipeline":
+        from mlsd_ray.tabular.pipeline import run_tabular_pipeline
+
+        return run_tabular_pipeline(cfg, home=home, log=log, tune=args.tune)
+    raise InputError(f"the {stage} job is not yet written for tables (task: tabular); "
+                     "the tabular stages are data, train, tune and pipeline")
 
 
 def _retrain(cfg, args, home: str, log) -> dict:

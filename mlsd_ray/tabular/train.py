@@ -197,6 +197,7 @@ def tabular_loop_per_worker(config: dict) -> None:
 
 
 def _should_stop_on_score(history: list[dict], patience: int) -> bool:
+    """train.patience on the val score (the CNN's rule reads val accuracy)."""
     return _should_stop([{**h, "val_accuracy": h[VAL_SCORE]} for h in history], patience)
 
 

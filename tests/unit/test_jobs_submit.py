@@ -111,3 +111,16 @@ def test_job_config_refuses_unknown_keys():
     args = parser("data").parse_args(["--set", "data.imagesize=8"])
     with pytest.raises(InputError, match="imagesize"):
         job_config("data", args)
+
+
+def test_fraud_example_config_runs_as_tabular_jobs():
+    from mlsd_ray.jobs import run_stage
+
+    args = parser("train").parse_args(["--config", "mlsd_ray/examples/fraud.yaml",
+                                       "--source", "breast-cancer"])
+    cfg = job_config("train", args)
+    assert cfg.task == "tabular" and cfg.tabular.source == "breast-cancer"
+    assert cfg.data.source == "digits"
+    deploy = parser("deploy").parse_args(["--config", "mlsd_ray/examples/fraud.yaml"])
+    with pytest.raises(InputError, match="not yet written for tables"):
+        run_stage("deploy", deploy, log=lambda _: None)
