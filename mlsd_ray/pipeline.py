@@ -27,7 +27,7 @@ def run_pipeline(cfg: Config, home: str | None = None, force: bool = False,
     parameters on top of `cfg` (so with the pipeline's own workers and epochs).
     """
     from mlsd_ray.evaluate import evaluate_checkpoint
-    from mlsd_ray.registry import promote, show
+    from mlsd_ray.registry import promote_first
     from mlsd_ray.train import train_and_register
 
     log("== stage 1/5: data ==")
@@ -46,13 +46,7 @@ def run_pipeline(cfg: Config, home: str | None = None, force: bool = False,
     registered = stages["train"].get("registered")
     if registered:
         log("== stage 4/5: promote ==")
-        name = registered["name"]
-        if not show(name, home)["aliases"] and registered["version"] == 1:
-            stages["promote"] = promote(name, 1, "production", home)
-            log(f"promoted {name} version 1 to production (the first version)")
-        else:
-            stages["promote"] = {"skipped": f"{name} already has versions; promote one with "
-                                            "`mlsd models promote`"}
+        stages["promote"] = promote_first(registered, home, log)
     if serve_check:
         from mlsd_ray.serve.smoke import serve_smoke_check
 

@@ -106,15 +106,32 @@ def log_and_register(result, cfg, dataset, model_name: str, home: str | None = N
         mlflow.set_tags(tags)
         mlflow.log_artifacts(result.checkpoint_path, artifact_path=ARTIFACT_DIR)
         run_id = run.info.run_id
+    return new_version(mlflow_client, model_name, run_id, tags,
+                       f"{cfg.model.name} on {manifest['name']} (mlsd-ray)")
+
+
+def new_version(mlflow_client, model_name: str, run_id: str, tags: dict,
+                description: str) -> dict:
+    """Register the run's checkpoint artifact as the next version (creating the model)."""
     try:
         mlflow_client.get_registered_model(model_name)
     except Exception:  # MlflowException RESOURCE_DOES_NOT_EXIST
-        mlflow_client.create_registered_model(
-            model_name, description=f"{cfg.model.name} on {manifest['name']} (mlsd-ray)")
+        mlflow_client.create_registered_model(model_name, description=description)
     version = mlflow_client.create_model_version(
         model_name, source=f"runs:/{run_id}/{ARTIFACT_DIR}", run_id=run_id, tags=tags)
     return {"name": model_name, "version": int(version.version), "run_id": run_id,
             "uri": f"models:/{model_name}/{version.version}"}
+
+
+def promote_first(registered: dict, home: str | None, log) -> dict:
+    """A pipeline's promotion: version 1 of a new model becomes `production`; with earlier
+    versions the alias stays where the user put it."""
+    name = registered["name"]
+    if not show(name, home)["aliases"] and registered["version"] == 1:
+        promoted = promote(name, 1, "production", home)
+        log(f"promoted {name} version 1 to production (the first version)")
+        return promoted
+    return {"skipped": f"{name} already has versions; promote one with `mlsd models promote`"}
 
 
 def _version_info(version, aliases: dict) -> dict:

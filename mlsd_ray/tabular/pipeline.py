@@ -23,7 +23,7 @@ def run_tabular_pipeline(cfg: Config, home: str | None = None, force: bool = Fal
                          log: Callable[[str], None] = log_stderr, tune: bool = False,
                          serve_check: bool = True, keep_serving: bool = False) -> dict:
     """Run the tabular stages; returns one summary per stage."""
-    from mlsd_ray.registry import promote, show
+    from mlsd_ray.registry import promote_first
     from mlsd_ray.tabular.prepare import prepare_table
     from mlsd_ray.tabular.stage import run_tabular_train
 
@@ -42,13 +42,7 @@ def run_tabular_pipeline(cfg: Config, home: str | None = None, force: bool = Fal
     registered = stages["train"].get("registered")
     if registered:
         log("== stage 3/4: promote ==")
-        name = registered["name"]
-        if not show(name, home)["aliases"] and registered["version"] == 1:
-            stages["promote"] = promote(name, 1, "production", home)
-            log(f"promoted {name} version 1 to production (the first version)")
-        else:
-            stages["promote"] = {"skipped": f"{name} already has versions; promote one with "
-                                            "`mlsd models promote`"}
+        stages["promote"] = promote_first(registered, home, log)
     if serve_check:
         log("== stage 4/4: serve ==")
         model = registered["uri"] if registered else stages["train"]["checkpoint"]

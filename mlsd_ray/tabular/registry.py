@@ -7,7 +7,7 @@ import json
 
 from mlsd_ray.checkpoint import load_train_state
 from mlsd_ray.config import Config
-from mlsd_ray.registry import ARTIFACT_DIR, _flat, client, git_commit
+from mlsd_ray.registry import ARTIFACT_DIR, _flat, client, git_commit, new_version
 from mlsd_ray.tabular.prepare import PreparedTable
 
 
@@ -51,12 +51,5 @@ def register_tabular(summary: dict, cfg: Config, table: PreparedTable, model_nam
         for path in summary["evaluation"].values():
             mlflow.log_artifact(path, artifact_path="evaluation")
         run_id = run.info.run_id
-    try:
-        mlflow_client.get_registered_model(model_name)
-    except Exception:  # MlflowException RESOURCE_DOES_NOT_EXIST
-        mlflow_client.create_registered_model(
-            model_name, description=f"MLP on the {m['name']} table ({m['task']}, mlsd-ray)")
-    version = mlflow_client.create_model_version(
-        model_name, source=f"runs:/{run_id}/{ARTIFACT_DIR}", run_id=run_id, tags=tags)
-    return {"name": model_name, "version": int(version.version), "run_id": run_id,
-            "uri": f"models:/{model_name}/{version.version}"}
+    return new_version(mlflow_client, model_name, run_id, tags,
+                       f"MLP on the {m['name']} table ({m['task']}, mlsd-ray)")
