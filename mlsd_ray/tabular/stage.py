@@ -30,7 +30,7 @@ def evaluate_outputs(task: str, outputs: np.ndarray, labels: np.ndarray,
     return tm.regression_metrics(outputs, labels)
 
 
-def baseline(cfg: Config, table: PreparedTable, decision: dict) -> dict:
+def baseline(cfg: Config, table: PreparedTable) -> dict:
     """HistGradientBoosting (classifier or regressor) on the same prepared features; for a
     binary task its threshold is chosen on val by the same objective as the MLP's."""
     from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
@@ -79,7 +79,7 @@ def evaluate_checkpoint(cfg: Config, table: PreparedTable, directory: str, out: 
                                "val_recall")}
     curves = {"MLP": (outputs[:, 1], labels)} if task == "binary" else {}
     if cfg.tabular.baseline:
-        reference = baseline(cfg, table, loaded.decision)
+        reference = baseline(cfg, table)
         report["baseline"] = reference["metrics"]
         if task == "binary":
             curves["HistGradientBoosting"] = (reference["scores"][:, 1], reference["labels"])
