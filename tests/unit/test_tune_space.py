@@ -52,7 +52,12 @@ def test_plan_counts_grid_trials_and_picks_the_scheduler():
                                                  "train.batch_size: [32, 64, 128]}"])
     plan = search_plan(cfg)
     assert plan == {"search": "grid", "scheduler": "asha", "num_samples": 1, "trials": 6,
-                    "epochs": cfg.train.epochs}
+                    "epochs": cfg.train.epochs, "metric": "val_accuracy"}
+    tabular = load_config(None, ["tune.space={train.lr: [0.001, 0.01]}"], example="fraud")
+    assert search_plan(tabular)["metric"] == "val_score"  # PR-AUC / macro F1 / R² on val
+    tabular.tune.cv = 3
+    with pytest.raises(InputError, match="--cv is for the image task"):
+        search_plan(tabular)
     cfg.tune.cv = 3
     assert search_plan(cfg)["scheduler"] == "none"  # auto: one report per configuration
     cfg.tune.scheduler = "asha"
