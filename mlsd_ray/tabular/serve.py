@@ -274,15 +274,6 @@ def fraud_app(settings: ServeConfig, tabular: TabularConfig, home: str | None = 
                                 ).bind(model, ingress)
 
 
-def build_fraud_app(args: dict) -> serve.Application:
-    """Application builder for `serve run` / Serve config files: the `serve` keys, plus
-    optional `tabular` (a mapping) and `home`."""
-    args = dict(args)
-    home, tabular = args.pop("home", None), args.pop("tabular", {})
-    return fraud_app(ServeConfig.model_validate(args), TabularConfig.model_validate(tabular),
-                     home)
-
-
 def start_fraud(settings: ServeConfig, tabular: TabularConfig, home: str | None = None,
                 log=print) -> dict:
     """Deploy the fraud app at /v1/fraud and wait until it answers its health check."""
