@@ -102,6 +102,13 @@ class TrainConfig(StrictModel):
     patience: int = Field(0, ge=0, description="Stop after this many epochs without a better "
                           "val accuracy; 0 = never.")
     keep_checkpoints: int = Field(2, ge=1, description="Best checkpoints kept, by val accuracy.")
+    checkpoint_every: int = Field(5, ge=0, description="Checkpoint every N epochs, plus at "
+                                  "each new best and at the last epoch; 0 = only those. A "
+                                  "failed worker restarts from the latest checkpoint.")
+    in_memory_limit_mb: float = Field(1024, ge=0, description="Train and val splits up to "
+                                      "this size (together) are loaded into every worker's "
+                                      "memory once; larger ones stream through Ray Data each "
+                                      "epoch. 0 always streams.")
     max_failures: int = Field(2, ge=0, description="Worker failures survived by restarting "
                               "from the last checkpoint.")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(

@@ -1,16 +1,17 @@
 """Data-parallel CNN training with Ray Train: `train_loop_per_worker`, `build_trainer`, `run_train`.
 
 Each worker trains a DDP replica on its shard of the prepared train split (gloo on CPU, NCCL on
-GPU), evaluates on its shard of val, and the epoch's metrics are summed across workers. Rank 0
-writes a checkpoint every epoch (see checkpoint.py); Ray keeps the best `keep_checkpoints` by
-val accuracy, restarts failed workers from the latest one, and resumes a run of the same name.
+GPU), evaluates on its shard of val, and the epoch's metrics are summed across workers. The
+splits come from the workers' memory when they fit, else from Ray Data (ingest.py). Rank 0
+writes a checkpoint every `checkpoint_every` epochs, at each new best and at the end (see
+checkpoint.py); Ray keeps the best `keep_checkpoints` by val accuracy plus the latest,
+restarts failed workers from the latest one, and resumes a run of the same name.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import sys
 import tempfile
 import time
 import warnings
@@ -26,7 +27,16 @@ from mlsd_ray.data.prepare import PreparedDataset, prepare_dataset
 from mlsd_ray.data.transforms import Augmenter, Preprocessor
 from mlsd_ray.engine import NonFiniteLossError, PassResult, Step, evaluate, train_one_epoch
 from mlsd_ray.errors import InputError, WorkError
+from mlsd_ray.ingest import (
+    STREAMING,
+    IngestPlan,
+    WorkerData,
+    fits_in_memory,
+    memory_plan,
+    plan_ingest,
+)
 from mlsd_ray.models import build_model
+from mlsd_ray.progress import EpochRelay
 from mlsd_ray.runtime import ensure_ray, log_stderr
 
 VAL_METRIC = "val_accuracy"
@@ -161,36 +171,65 @@ def train_loop_per_worker(config: dict) -> None:
     augmenter = Augmenter(AugmentConfig(**config["augment"]), preprocessor.image_size)
     step = Step(preprocessor, device, augmenter,
                 channels_last=device.type == "cuda" and cfg.channels_last, autocast_dtype=autocast)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    data = WorkerData(config["ingest"], rank, world)
 
     for epoch in range(start_epoch, cfg.epochs):
-        started = time.perf_counter()
-        batches = train_shard.iter_batches(batch_size=per_worker_batch, batch_format="numpy",
-                                           local_shuffle_buffer_size=4 * per_worker_batch,
-                                           local_shuffle_seed=cfg.seed + epoch * world + rank)
+        clock = EpochClock()
+        batches = data.batches("train", per_worker_batch, shuffle_seed=cfg.seed + epoch)
         try:
             trained = train_one_epoch(model, batches, optimizer, step, scheduler,
                                       cfg.label_smoothing, scaler)
         except NonFiniteLossError as exc:
             raise NonFiniteLossError(f"{exc} in epoch {epoch + 1}: lower train.lr "
                                      f"(now {cfg.lr:g}) or use train.amp=off") from None
+        clock.lap("train")
         # Rank 0 keeps its validation confidences: the reference a drift check compares with.
-        validated = evaluate(model, val_shard.iter_batches(batch_size=per_worker_batch,
-                                                           batch_format="numpy"), step,
+        validated = evaluate(model, data.batches("val", per_worker_batch), step,
                              keep_predictions=rank == 0)
         train_loss, train_acc = _global(trained, device)
         val_loss, val_acc = _global(validated, device)
-        history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
-                        "val_loss": val_loss, VAL_METRIC: val_acc,
-                        RANK_METRIC: val_acc - 1e-4 * val_loss,
-                        "replicas_in_sync": float(_replicas_in_sync(model, device)),
-                        "epoch_seconds": time.perf_counter() - started,
-                        "images_per_second": trained.samples * world
-                        / (time.perf_counter() - started)})
-        _report(history, model, optimizer, config, rank, validated.confidences, nodes)
-        if _should_stop(history, cfg.patience):
+        clock.lap("validate")
+        metrics = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
+                   "val_loss": val_loss, VAL_METRIC: val_acc,
+                   RANK_METRIC: val_acc - 1e-4 * val_loss,
+                   "images_per_second": trained.samples * world / clock.laps["train"]}
+        stop = _should_stop([*history, metrics], cfg.patience)
+        save = checkpoint_due(history, metrics, cfg, stop)
+        if save:  # the weights a checkpoint keeps are every replica's: checked where it matters
+            metrics["replicas_in_sync"] = float(_replicas_in_sync(model, device))
+        history.append(metrics)
+        clock.lap("sync_check")
+        _report(history, model, optimizer, config, rank, validated.confidences, nodes, save,
+                clock)
+        if stop:
             break
+
+
+def checkpoint_due(history: list[dict], metrics: dict, cfg: TrainConfig, stop: bool) -> bool:
+    """Checkpoint this epoch? Every `checkpoint_every` epochs, at a new best rank score (so
+    the best epoch is always kept), and at the last epoch (so resuming continues after it)."""
+    last = stop or metrics["epoch"] == cfg.epochs
+    periodic = cfg.checkpoint_every and metrics["epoch"] % cfg.checkpoint_every == 0
+    best = all(metrics[RANK_METRIC] > h[RANK_METRIC] for h in history)
+    return bool(last or periodic or best)
+
+
+class EpochClock:
+    """Wall time of an epoch's phases, reported with its metrics (`time_<phase>_s`), so a slow
+    epoch shows where its time went (docs/performance.md)."""
+
+    def __init__(self):
+        self.started = self.mark = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.laps[phase] = now - self.mark
+        self.mark = now
+
+    def metrics(self) -> dict[str, float]:
+        return {**{f"time_{phase}_s": round(s, 4) for phase, s in self.laps.items()},
+                "epoch_seconds": time.perf_counter() - self.started}
 
 
 def epoch_line(metrics: dict, epochs: int) -> str:
@@ -198,17 +237,6 @@ def epoch_line(metrics: dict, epochs: int) -> str:
     return (f"epoch {metrics['epoch']}/{epochs}: train loss {metrics['train_loss']:.4f} "
             f"acc {metrics['train_accuracy']:.4f} | val loss {metrics['val_loss']:.4f} "
             f"acc {metrics[VAL_METRIC]:.4f} | {metrics['images_per_second']:.0f} img/s")
-
-
-def _progress_callback(epochs: int, line: Callable[[dict, int], str] = epoch_line):
-    """A Ray Train callback (it runs in the train controller) printing each epoch's line."""
-    from ray.train import UserCallback
-
-    class EpochProgress(UserCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            print(line(metrics[0], epochs), file=sys.stderr, flush=True)
-
-    return EpochProgress()
 
 
 def _should_stop(history: list[dict], patience: int) -> bool:
@@ -220,22 +248,22 @@ def _should_stop(history: list[dict], patience: int) -> bool:
 
 
 def _report(history, model, optimizer, config, rank, confidences: list[float],
-            nodes: list[dict]) -> None:
-    """Every worker reports (a barrier); only rank 0 attaches a checkpoint."""
+            nodes: list[dict], save: bool, clock: EpochClock) -> None:
+    """Every worker reports (a barrier); rank 0 attaches a checkpoint when `save`."""
     import ray.train
 
-    metrics = dict(history[-1])
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
-        if rank == 0:
-            state = {"epoch": metrics["epoch"], "optimizer": optimizer.state_dict(),
+        if rank == 0 and save:
+            state = {"epoch": history[-1]["epoch"], "optimizer": optimizer.state_dict(),
                      "history": history, "worker_nodes": nodes}
             reference = {**config["reference"],
                          "confidence": [round(c, 5) for c in confidences]}
             save_checkpoint(directory, model, config["model"], config["preprocessing"],
                             reference, config["metadata"], state)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        clock.lap("checkpoint")
+        ray.train.report({**history[-1], **clock.metrics()}, checkpoint=checkpoint)
 
 
 def _fast_forward(scheduler, steps_done: int) -> None:
@@ -377,24 +405,38 @@ def materialize_splits(dataset: PreparedDataset, splits=("train", "val"),
 
 def build_trainer(cfg: Config, dataset: PreparedDataset, run_name: str, storage_path: str,
                   datasets: dict | None = None, callbacks: list | None = None,
-                  init_from: str | None = None, reference: PreparedDataset | None = None):
+                  init_from: str | None = None, reference: PreparedDataset | None = None,
+                  log: Callable[[str], None] | None = None):
     """A TorchTrainer over materialised splits (the prepared ones unless `datasets` is given).
 
     Materialised first because on a small machine, Ray Data tasks still to run while the
-    training workers hold every CPU deadlock (DESIGN.md §5). Tune passes its own `datasets`
-    (read once for every trial, or cross-validation folds) and `callbacks`.
+    training workers hold every CPU deadlock. Tune passes its own `datasets`
+    (read once for every trial, or cross-validation folds) and `callbacks`; `log` hears
+    whether the workers read the splits from memory or stream them (ingest.py).
     """
-    datasets = datasets or materialize_splits(dataset)
+    limit = cfg.train.in_memory_limit_mb
+    if datasets is None and fits_in_memory([dataset.split_path(s) for s in ("train", "val")],
+                                           limit):
+        plan = memory_plan({split: _split_columns(dataset, split) for split in ("train", "val")},
+                           limit)
+    else:
+        plan = plan_ingest(datasets or materialize_splits(dataset), limit)
     config = loop_config(cfg, dataset, run_name, init_from, reference)
-    return torch_trainer(train_loop_per_worker, config, cfg, run_name, storage_path, datasets,
-                         callbacks, epoch_line)
+    return torch_trainer(train_loop_per_worker, config, cfg, run_name, storage_path, plan,
+                         datasets or {}, callbacks or [], log)
+
+
+def _split_columns(dataset: PreparedDataset, split: str) -> dict:
+    images, labels = dataset.load_split(split)
+    return {"image": images, "label": labels}
 
 
 def torch_trainer(loop: Callable[[dict], None], config: dict, cfg: Config, run_name: str,
-                  storage_path: str, datasets: dict, callbacks: list | None,
-                  line: Callable[[dict, int], str]):
+                  storage_path: str, plan: IngestPlan, datasets: dict, callbacks: list,
+                  log: Callable[[str], None] | None = None):
     """The TorchTrainer every model shares: scaling, placement, checkpoints kept by
-    RANK_METRIC, failures survived, per-epoch progress lines (`line`)."""
+    RANK_METRIC, failures survived, and the splits in the workers' memory or streamed from
+    `datasets` (as `plan` says; the plan is told to `log`)."""
     from ray.data import ExecutionOptions
     from ray.train import (
         CheckpointConfig,
@@ -409,8 +451,10 @@ def torch_trainer(loop: Callable[[dict], None], config: dict, cfg: Config, run_n
     # Blocks in a fixed order, dealt to the workers in a fixed way (Ray Data's splitter drops
     # its locality-first dispatch when order is preserved): the same config and seed train the
     # same model, so a tune trial's best.yaml reproduces the trial's accuracy.
-    ingest = ExecutionOptions(preserve_order=True)
-    config["train_rows"] = datasets["train"].count()  # cheap: materialised
+    ordered = ExecutionOptions(preserve_order=True)
+    config["train_rows"], config["ingest"] = plan.train_rows, plan
+    if log:
+        log(plan.describe())
     resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
     return TorchTrainer(
         loop,
@@ -426,9 +470,9 @@ def torch_trainer(loop: Callable[[dict], None], config: dict, cfg: Config, run_n
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"),
-            callbacks=([_progress_callback(cfg.train.epochs, line)] if callbacks is None
-                       else callbacks)),
-        datasets=datasets, dataset_config=DataConfig(execution_options=ingest))
+            callbacks=callbacks),
+        datasets=datasets if plan.mode == STREAMING else {},
+        dataset_config=DataConfig(execution_options=ordered))
 
 
 def predict_split(loaded, dataset: PreparedDataset, split: str) -> PassResult:
@@ -489,9 +533,12 @@ def run_train(cfg: Config, home: str | None = None, log: Callable[[str], None] =
     log(f"training {cfg.model.name} on {dataset.manifest['counts']['splits']['train']} images "
         f"with {cfg.train.num_workers} worker(s), {cfg.train.epochs} epochs; run {name} "
         f"under {runs}")
-    trainer = build_trainer(cfg, dataset, name, runs, init_from=init_from, reference=reference)
+    relay = EpochRelay(lambda metrics: epoch_line(metrics, cfg.train.epochs), log)
+    trainer = build_trainer(cfg, dataset, name, runs, callbacks=[relay.callback()],
+                            init_from=init_from, reference=reference, log=log)
     try:
-        result = trainer.fit()
+        with relay:
+            result = trainer.fit()
     except TrainingFailedError as exc:
         raise WorkError(f"training failed: {failure_message(exc)}") from exc
     checkpoint, metrics = max(result.best_checkpoints, key=lambda cm: cm[1][RANK_METRIC])

@@ -13,10 +13,17 @@ import numpy as np
 from mlsd_ray import storage
 from mlsd_ray.config import Config
 from mlsd_ray.errors import WorkError
+from mlsd_ray.progress import EpochRelay
 from mlsd_ray.runtime import ensure_ray, log_stderr
 from mlsd_ray.tabular import metrics as tm
 from mlsd_ray.tabular.prepare import PreparedTable, prepare_table
-from mlsd_ray.tabular.train import RANK_METRIC, VAL_SCORE, build_tabular_trainer, load_tabular
+from mlsd_ray.tabular.train import (
+    RANK_METRIC,
+    VAL_SCORE,
+    build_tabular_trainer,
+    epoch_line,
+    load_tabular,
+)
 from mlsd_ray.train import check_resources, failure_message
 
 
@@ -129,8 +136,11 @@ def run_tabular_train(cfg: Config, home: str | None = None,
     log(f"training the MLP on {table.manifest['counts']['splits']['train']} rows × "
         f"{len(table.manifest['feature_names'])} features with {cfg.train.num_workers} "
         f"worker(s), {cfg.train.epochs} epochs; run {name} under {runs}")
+    relay = EpochRelay(lambda metrics: epoch_line(metrics, cfg.train.epochs), log)
     try:
-        result = build_tabular_trainer(cfg, table, name, runs).fit()
+        with relay:
+            result = build_tabular_trainer(cfg, table, name, runs,
+                                           callbacks=[relay.callback()], log=log).fit()
     except TrainingFailedError as exc:
         raise WorkError(f"training failed: {failure_message(exc)}") from exc
     checkpoint, best = max(result.best_checkpoints, key=lambda cm: cm[1][RANK_METRIC])

@@ -15,6 +15,7 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from torch import nn
 from mlsd_ray.checkpoint import save_checkpoint
 from mlsd_ray.config import Config, ThresholdConfig, TrainConfig
 from mlsd_ray.errors import InputError
+from mlsd_ray.ingest import WorkerData, plan_ingest
 from mlsd_ray.tabular.metrics import choose_threshold, primary_score
 from mlsd_ray.tabular.prepare import PreparedTable
 from mlsd_ray.tabular.preprocess import Featurizer
@@ -167,16 +169,13 @@ def tabular_loop_per_worker(config: dict) -> None:
     scheduler = _scheduler(optimizer, cfg, steps)
     start_epoch, history = _restore(ray.train.get_checkpoint(), model, optimizer)
     _fast_forward(scheduler, start_epoch * steps)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    data = WorkerData(config["ingest"], rank, world)
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
-        batches = train_shard.iter_batches(batch_size=per_worker_batch, batch_format="numpy",
-                                           local_shuffle_buffer_size=4 * per_worker_batch,
-                                           local_shuffle_seed=cfg.seed + epoch * world + rank)
+        batches = data.batches("train", per_worker_batch, shuffle_seed=cfg.seed + epoch)
         train_total, train_seen = _epoch(model, batches, optimizer, scheduler, config, device)
         val_total, val_seen, outputs, labels = _validate(
-            model, val_shard.iter_batches(batch_size=1024, batch_format="numpy"), config, device)
+            model, data.batches("val", 1024), config, device)
         train_total, train_seen, val_total, val_seen = _all_reduce_sums(
             [train_total, train_seen, val_total, val_seen], device)
         outputs, labels = _gather(outputs), _gather(labels)
@@ -277,11 +276,13 @@ def loop_config(cfg: Config, table: PreparedTable, run_name: str) -> dict:
 
 
 def build_tabular_trainer(cfg: Config, table: PreparedTable, run_name: str, storage_path: str,
-                          datasets: dict | None = None, callbacks: list | None = None):
+                          datasets: dict | None = None, callbacks: list | None = None,
+                          log: Callable[[str], None] | None = None):
     """A TorchTrainer of the MLP over the featurised splits (Tune passes its own `datasets`)."""
     datasets = datasets or materialize_features(table)
+    plan = plan_ingest(datasets, cfg.train.in_memory_limit_mb)
     return torch_trainer(tabular_loop_per_worker, loop_config(cfg, table, run_name), cfg,
-                         run_name, storage_path, datasets, callbacks, epoch_line)
+                         run_name, storage_path, plan, datasets, callbacks or [], log)
 
 
 @dataclass
