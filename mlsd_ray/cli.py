@@ -22,6 +22,7 @@ from mlsd_ray.cli_support import (
     LabelOption,
     SetOption,
     SourceOption,
+    VerboseOption,
     config_from,
     run,
     with_flags,
@@ -77,7 +78,8 @@ def _render_dataset(summary: dict) -> None:
 @app.command()
 def data(source: SourceOption = None, config: ConfigOption = None, set_: SetOption = None,
          home: HomeOption = None, force: ForceOption = False, as_json: JsonOption = False,
-         example: ExampleOption = None, label: LabelOption = None) -> None:
+         verbose: VerboseOption = False, example: ExampleOption = None,
+         label: LabelOption = None) -> None:
     """Prepare a dataset with Ray Data: validate, quarantine, de-duplicate, resize, split.
 
     Writes parquet splits, manifest.json, quality.json/quality.md and quarantine/ under
@@ -101,7 +103,7 @@ def data(source: SourceOption = None, config: ConfigOption = None, set_: SetOpti
         else:
             _render_dataset(summary)
 
-    run(as_json, work, render)
+    run(as_json, work, render, verbose=verbose)
 
 
 def _render_table(summary: dict) -> None:
@@ -114,7 +116,7 @@ def _render_table(summary: dict) -> None:
 
 @app.command()
 def train(source: SourceOption = None, config: ConfigOption = None, set_: SetOption = None,
-          home: HomeOption = None, as_json: JsonOption = False,
+          home: HomeOption = None, as_json: JsonOption = False, verbose: VerboseOption = False,
           num_workers: Annotated[int | None, typer.Option(
               "--num-workers", help="Data-parallel workers (train.num_workers).")] = None,
           use_gpu: Annotated[bool, typer.Option(
@@ -158,7 +160,7 @@ def train(source: SourceOption = None, config: ConfigOption = None, set_: SetOpt
         if "registered" in summary:
             print(f"registered: {summary['registered']['uri']}")
 
-    run(as_json, work, render)
+    run(as_json, work, render, verbose=verbose)
 
 
 @app.command()
@@ -168,7 +170,8 @@ def evaluate(model: Annotated[str, typer.Option(
              split: Annotated[str, typer.Option("--split", help="train | val | test")] = "test",
              dataset: Annotated[str | None, typer.Option(
                  "--dataset", help="Prepared dataset folder (default: the model's own).")] = None,
-             home: HomeOption = None, as_json: JsonOption = False) -> None:
+             home: HomeOption = None, as_json: JsonOption = False,
+             verbose: VerboseOption = False) -> None:
     """Report a trained model's accuracy, macro precision/recall/F1 and per-class table.
 
     Writes report.json, report.md, confusion_matrix.png and learning_curves.png under
@@ -189,7 +192,7 @@ def evaluate(model: Annotated[str, typer.Option(
 
         return evaluate_checkpoint(resolve(model, home), split, home, dataset)
 
-    run(as_json, work, render)
+    run(as_json, work, render, verbose=verbose)
 
 
 def _render_tabular_train(summary: dict) -> None:
@@ -216,7 +219,7 @@ def _render_tabular_train(summary: dict) -> None:
 
 @app.command()
 def tune(source: SourceOption = None, config: ConfigOption = None, set_: SetOption = None,
-         home: HomeOption = None, as_json: JsonOption = False,
+         home: HomeOption = None, as_json: JsonOption = False, verbose: VerboseOption = False,
          search: Annotated[str | None, typer.Option(
              "--search", help="grid | random (tune.search).")] = None,
          param: Annotated[list[str] | None, typer.Option(
@@ -260,16 +263,14 @@ def tune(source: SourceOption = None, config: ConfigOption = None, set_: SetOpti
     overrides = with_flags(set_, flags)
 
     def work() -> dict:
-        from mlsd_ray import runtime
-
-        runtime.configure(quiet=True)  # trials' worker logs stay in Ray's files; we print a
-        cfg = config_from(config, overrides, source, example,  # line per trial and summarise
-                          label)  # any errors
+        # Trials' worker logs stay in Ray's files (unless --verbose); we print a line per
+        # trial and summarise any errors.
+        cfg = config_from(config, overrides, source, example, label)
         if param:
             cfg.tune.space = dict(parse_param(p) for p in param)
         return run_tune(cfg, home=home, log=log_stderr, name=name, resume=resume)
 
-    run(as_json, work, _render_tune)
+    run(as_json, work, _render_tune, verbose=verbose)
 
 
 def _render_tune(summary: dict) -> None:
@@ -305,7 +306,7 @@ def _render_tune(summary: dict) -> None:
 @app.command()
 def pipeline(source: SourceOption = None, config: ConfigOption = None, set_: SetOption = None,
              home: HomeOption = None, force: ForceOption = False,
-             as_json: JsonOption = False,
+             as_json: JsonOption = False, verbose: VerboseOption = False,
              tune: Annotated[bool, typer.Option(
                  "--tune", help="Search hyperparameters (the tune section) before the final "
                                 "training, which then uses the best ones.")] = False,
@@ -379,7 +380,7 @@ def pipeline(source: SourceOption = None, config: ConfigOption = None, set_: Set
         if "loop" in stages:
             _render_loop(stages["loop"])
 
-    run(as_json, work, render)
+    run(as_json, work, render, verbose=verbose)
 
 
 def _render_tabular_pipeline(stages: dict) -> None:

@@ -45,11 +45,18 @@ JsonOption = Annotated[bool, typer.Option(
     "--json", help="Print one JSON object with the outputs on stdout; logs go to stderr.")]
 
 
-def run(as_json: bool, work: Callable[[], dict], render: Callable[[dict], None]) -> None:
+VerboseOption = Annotated[bool, typer.Option(
+    "--verbose", "-v", help="Also print what Ray's processes log (Ray Data's plans, Serve's "
+                            "access logs, worker output) and MLflow's download bars; by "
+                            "default they stay in Ray's log files, named once.")]
+
+
+def run(as_json: bool, work: Callable[[], dict], render: Callable[[dict], None],
+        verbose: bool = False) -> None:
     """Run a stage with the CLI's contract: exit codes, JSON on stdout, no tracebacks for users."""
     from mlsd_ray import runtime
 
-    runtime.configure(quiet=as_json)
+    runtime.configure(quiet=as_json, verbose=verbose)
     try:
         with redirect_stdout(sys.stderr) if as_json else nullcontext():
             result = work()

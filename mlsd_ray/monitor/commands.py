@@ -15,6 +15,7 @@ from mlsd_ray.cli_support import (
     JsonOption,
     SetOption,
     SourceOption,
+    VerboseOption,
     config_from,
     run,
     with_flags,
@@ -40,7 +41,7 @@ def monitor(since: Annotated[str, typer.Option(
                 "--fail-on-drift", help=f"Exit {DRIFT_EXIT_CODE} when drift is found "
                                         "(for cron jobs and CI).")] = False,
             config: ConfigOption = None, set_: SetOption = None, home: HomeOption = None,
-            as_json: JsonOption = False) -> None:
+            as_json: JsonOption = False, verbose: VerboseOption = False) -> None:
     """Drift and skew of served traffic against the training data of the model that served it.
 
     Per input feature (brightness, contrast, edges, ink, orientation, centre): PSI and a
@@ -69,7 +70,7 @@ def monitor(since: Annotated[str, typer.Option(
         elif report.get("summary"):
             print(report["summary"])
 
-    run(as_json, work, render)
+    run(as_json, work, render, verbose=verbose)
     if fail_on_drift and outcome.get("verdict") == "drift":
         raise typer.Exit(DRIFT_EXIT_CODE)
 
@@ -150,7 +151,8 @@ def retrain(source: Annotated[str, typer.Option(
             dry_run: Annotated[bool, typer.Option(
                 "--dry-run", help="Train and decide, but promote nothing.")] = False,
             model: ModelOption = None, config: ConfigOption = None, set_: SetOption = None,
-            home: HomeOption = None, as_json: JsonOption = False) -> None:
+            home: HomeOption = None, as_json: JsonOption = False,
+            verbose: VerboseOption = False) -> None:
     """Train a challenger on new data and promote it only if it beats the champion.
 
     Both are scored on the same holdout (the champion's test split plus the new data's); a
@@ -178,4 +180,4 @@ def retrain(source: Annotated[str, typer.Option(
             print(f"rollout: {decision['rollout']}")
         print(f"decision: {decision['outputs']['markdown']}")
 
-    run(as_json, work, render)
+    run(as_json, work, render, verbose=verbose)

@@ -17,6 +17,7 @@ from mlsd_ray.cli_support import (
     JsonOption,
     SetOption,
     SourceOption,
+    VerboseOption,
     config_from,
     run,
     with_flags,
@@ -31,7 +32,7 @@ serve_app = typer.Typer(help="Serve a registered model over HTTP with Ray Serve.
 
 @serve_app.callback()
 def serve(ctx: typer.Context, config: ConfigOption = None, set_: SetOption = None,
-          home: HomeOption = None, as_json: JsonOption = False,
+          home: HomeOption = None, as_json: JsonOption = False, verbose: VerboseOption = False,
           model: Annotated[str | None, typer.Option(
               "--model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint "
                               "directory (default models:/digits-cnn@production).")] = None,
@@ -80,7 +81,7 @@ def serve(ctx: typer.Context, config: ConfigOption = None, set_: SetOption = Non
         if detach:
             print("running in the background: `mlsd serve status`, `mlsd serve stop`")
 
-    run(as_json, work, render)
+    run(as_json, work, render, verbose=verbose)
 
 
 @serve_app.command("status")
