@@ -20,12 +20,15 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat()
 
 
-def _monitor_window(cfg: Config, home: str | None, since: str,
+def _monitor_window(cfg: Config, home: str | None, since: str, sent: dict,
                     log: Callable[[str], None]) -> dict:
-    """Wait for the replicas' log flush, then test [since, now)."""
+    """Wait until the replicas have flushed the answers `sent` to the log, then test
+    [since, now)."""
+    from mlsd_ray.monitor.predlog import log_location, wait_for_rows
     from mlsd_ray.monitor.run import monitor
 
-    time.sleep(cfg.serve.prediction_log.flush_seconds + 1.5)
+    wait_for_rows(log_location(cfg.serve.prediction_log, home), dt.datetime.fromisoformat(since),
+                  sent["images_answered"], cfg.serve.prediction_log.flush_seconds + 10)
     report = monitor(cfg, home, since=since, until=_now(), log=log)
     log(f"monitor: {report['verdict']}: {report.get('summary', '')}")
     return {"verdict": report["verdict"], "rows": report["rows"],
@@ -43,7 +46,8 @@ def drift_loop(cfg: Config, url: str, served_uri: str, dataset: PreparedDataset,
     steps: dict = {}
     since = _now()
     steps["traffic_unshifted"] = simulate_traffic(url, dataset, "none", count=200)
-    steps["monitor_unshifted"] = _monitor_window(cfg, home, since, log)
+    steps["monitor_unshifted"] = _monitor_window(cfg, home, since, steps["traffic_unshifted"],
+                                                 log)
 
     incoming = storage.join(storage.home(home), "incoming", time.strftime("rotated-%Y%m%d-%H%M%S"))
     since = _now()
@@ -51,7 +55,7 @@ def drift_loop(cfg: Config, url: str, served_uri: str, dataset: PreparedDataset,
                                                 save=incoming)
     log(f"rotated traffic: accuracy {steps['traffic_rotated']['accuracy']} (unshifted "
         f"{steps['traffic_unshifted']['accuracy']}); kept as new labelled data in {incoming}")
-    steps["monitor_rotated"] = _monitor_window(cfg, home, since, log)
+    steps["monitor_rotated"] = _monitor_window(cfg, home, since, steps["traffic_rotated"], log)
     if steps["monitor_rotated"]["verdict"] != "drift":
         steps["retrain"] = {"skipped": "no drift found"}
         return steps

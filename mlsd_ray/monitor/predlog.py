@@ -139,6 +139,18 @@ def read_log(location: str, since: dt.datetime | None = None,
     return frame.sort_values("time").reset_index(drop=True)
 
 
+def wait_for_rows(location: str, since: dt.datetime, expected: int, timeout_s: float,
+                  poll_s: float = 0.25) -> int:
+    """Wait until `expected` rows logged since `since` are readable (the replicas flush every
+    `flush_seconds`), or `timeout_s` passed; returns the rows found."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = len(read_log(location, since))
+        if found >= expected or time.monotonic() >= deadline:
+            return found
+        time.sleep(poll_s)
+
+
 def _day_in_window(path: str, since: dt.datetime | None, until: dt.datetime | None) -> bool:
     """Skip whole date=YYYY-MM-DD partitions outside the window without reading them."""
     for part in path.split("/"):

@@ -1,6 +1,6 @@
 """The monitoring loop on real parts: a Serve app logging predictions, `monitor` over its log,
 Prometheus metrics from Ray's metrics agent, and `retrain` with gated promotion and a rolling
-update under load. One small digits model (8×8, a few epochs) is trained for the module.
+update under load, on the session's small digits model (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -15,18 +15,16 @@ import requests
 
 from mlsd_ray import registry
 from mlsd_ray.config import ServeConfig, load_config
-from mlsd_ray.data.prepare import PreparedDataset
 from mlsd_ray.errors import InputError
+from mlsd_ray.monitor.predlog import log_location, wait_for_rows
 from mlsd_ray.monitor.run import monitor
 from mlsd_ray.monitor.traffic import BackgroundLoad, simulate_traffic
 from mlsd_ray.registry import log_and_register, promote
 from mlsd_ray.retrain import retrain
 from mlsd_ray.serve import control
-from mlsd_ray.train import run_train
+from tests.conftest import SMALL_DIGITS
 
 pytestmark = pytest.mark.usefixtures("ray_session")
-OVERRIDES = ["data.image_size=8", "data.augment.random_shift=1", "train.num_workers=1",
-             "train.lr=0.005", "train.max_failures=0", "serve.prediction_log.flush_seconds=0.5"]
 
 
 def now() -> str:
@@ -34,16 +32,16 @@ def now() -> str:
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory, ray_session):
-    """A trained, registered, promoted model served with the prediction log on."""
+def live(tmp_path_factory, digits_model):
+    """The session's digits model registered, promoted and served with the prediction log on."""
     from ray import serve
 
     root = tmp_path_factory.mktemp("monitor")
     home = str(root / "mlsd-home")
-    cfg = load_config(None, [*OVERRIDES, "train.epochs=4"])
-    result = run_train(cfg, home=home, log=lambda _: None)
-    dataset = PreparedDataset.open(result.dataset_path)
-    log_and_register(result, cfg, dataset, "digits-cnn", home)
+    cfg = load_config(None, [*SMALL_DIGITS, "train.epochs=4",
+                             "serve.prediction_log.flush_seconds=0.5"])
+    dataset = digits_model.dataset
+    log_and_register(digits_model.result, cfg, dataset, "digits-cnn", home)
     promote("digits-cnn", 1, "production", home)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -61,7 +59,8 @@ def traffic_then_monitor(live, shift: str, **options) -> dict:
     since = now()
     sent = simulate_traffic(live["url"], live["dataset"], shift, **options)
     assert sent["failed_requests"] == 0, sent["errors"]
-    time.sleep(2.0)  # > flush_seconds: the replica's log writer has run
+    location = log_location(live["cfg"].serve.prediction_log, live["home"])
+    wait_for_rows(location, dt.datetime.fromisoformat(since), sent["images_answered"], 30)
     return monitor(live["cfg"], live["home"], since=since, until=now(), log=lambda _: None)
 
 
