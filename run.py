@@ -2,7 +2,7 @@
 """Set up the project's virtual environment when needed, then run one task in it.
 
     python3 run.py pipeline [ARGS]   `mlsd pipeline` on the embedded digits data
-    python3 run.py test [ARGS]       the test suite (pytest ARGS)
+    python3 run.py test [--all] [ARGS]   the test suite (pytest ARGS); --all adds the slow tests
     python3 run.py setup             only create/refresh .venv
     python3 run.py lint              ruff
     python3 run.py bench [NAME] [ARGS]   bench/NAME.py (default data_throughput), e.g. serve_load
@@ -26,12 +26,20 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 STAMP = VENV / ".mlsd-installed"
 TASKS = {
     "pipeline": lambda args: [str(BIN / "mlsd"), "pipeline", *args],
-    "test": lambda args: [str(BIN / "python"), "-m", "pytest", *args],
+    "test": lambda args: [str(BIN / "python"), "-m", "pytest", *test_selection(args)],
     "lint": lambda args: [str(BIN / "ruff"), "check", "mlsd_ray", "tests", "bench", "jobs",
                           "run.py", *args],
     "bench": lambda args: [str(BIN / "python"), *bench_script(args)],
     "setup": None,
 }
+
+
+def test_selection(args: list[str]) -> list[str]:
+    """`test --all` adds the tests marked slow, which the default run (pyproject's addopts)
+    leaves out; CI runs them all."""
+    if "--all" not in args:
+        return args
+    return ["-m", "slow or not slow", *(a for a in args if a != "--all")]
 
 
 def bench_script(args: list[str]) -> list[str]:

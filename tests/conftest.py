@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,35 @@ def ray_session():
 @pytest.fixture
 def home(tmp_path) -> str:
     return str(tmp_path / "mlsd-home")
+
+
+# Small digits (8×8) that still learn in a few epochs: for tests of the plumbing around a model.
+SMALL_DIGITS = ["data.image_size=8", "data.augment.random_shift=1", "train.num_workers=1",
+                "train.lr=0.005", "train.max_failures=0"]
+
+
+@dataclass
+class TrainedDigits:
+    """A model trained by the real training stage, its config, dataset and MLSD_HOME."""
+
+    cfg: object  # mlsd_ray.config.Config
+    result: object  # mlsd_ray.train.TrainResult
+    dataset: object  # mlsd_ray.data.prepare.PreparedDataset
+    home: str
+
+
+@pytest.fixture(scope="session")
+def digits_model(tmp_path_factory, ray_session) -> TrainedDigits:
+    """One small digits model (4 epochs, 1 worker), trained once per session and shared by
+    the serve, monitor and registry tests; each registers it into an MLSD_HOME of its own."""
+    from mlsd_ray.config import load_config
+    from mlsd_ray.data.prepare import PreparedDataset
+    from mlsd_ray.train import run_train
+
+    home = str(tmp_path_factory.mktemp("digits-model") / "mlsd-home")
+    cfg = load_config(None, [*SMALL_DIGITS, "train.epochs=4"])
+    result = run_train(cfg, home=home, log=lambda _: None)
+    return TrainedDigits(cfg, result, PreparedDataset.open(result.dataset_path), home)
 
 
 def write_png(path: Path, array: np.ndarray) -> None:

@@ -85,6 +85,7 @@ def test_folder_with_bad_files_json(tmp_path, cluster_env):
     assert "reused" in again.stdout and summary["path"] in again.stdout.replace("\n", "")
 
 
+@pytest.mark.slow
 def test_pipeline_on_digits(tmp_path, cluster_env):
     home = str(tmp_path / "home")
     result = mlsd("pipeline", "--json", "--home", home, "--set", "train.epochs=2",

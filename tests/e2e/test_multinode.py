@@ -22,6 +22,7 @@ from mlsd_ray.monitor.traffic import png_bytes
 from mlsd_ray.serve.client import b64_instance
 from mlsd_ray.serve.control import free_port
 
+pytestmark = pytest.mark.slow  # two extra Ray nodes and trainings over them: CI only
 NODE = {"num_cpus": 1, "object_store_memory": 150 * 1024**2}
 SMALL_TRAINING = ["--source", "digits", "--set", "data.image_size=8",
                   "--set", "data.augment.random_shift=1", "--epochs", "2", "--num-workers", "2",

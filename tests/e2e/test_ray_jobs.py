@@ -56,6 +56,7 @@ def home(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("jobs") / "mlsd-home")
 
 
+@pytest.mark.slow
 def test_train_job_with_mlsd_submit(head, home):
     result = run([str(BIN / "mlsd"), "submit", "train", "--address", head["dashboard"],
                   "--smoke", "--wait", "--json", "--home", home, "--set", "train.seed=1"])
@@ -70,6 +71,7 @@ def test_train_job_with_mlsd_submit(head, home):
     assert "epoch 2/2" in result.stderr
 
 
+@pytest.mark.slow
 def test_train_job_with_ray_job_submit(head, home):
     result = run([str(BIN / "ray"), "job", "submit", "--address", head["dashboard"],
                   "--working-dir", ".", "--runtime-env", "jobs/runtime-env/local.yaml", "--",
@@ -90,6 +92,7 @@ def test_train_job_with_ray_job_submit(head, home):
     assert summary["registered"]["version"] in versions  # one version per training job
 
 
+@pytest.mark.slow
 def test_failing_job_exits_1_with_its_last_log_lines(head, home):
     result = run([str(BIN / "mlsd"), "submit", "data", "--address", head["dashboard"],
                   "--wait", "--home", home, "--", "--source", "folder:/no/such/folder"])

@@ -11,15 +11,18 @@ from mlsd_ray.checkpoint import load_model
 from mlsd_ray.config import load_config
 from mlsd_ray.errors import InputError
 from mlsd_ray.train import train_and_register
+from tests.conftest import SMALL_DIGITS
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
-def test_two_trainings_make_two_versions_and_promote_moves_the_alias(home):
-    cfg = load_config(None, ["data.image_size=8", "data.augment.random_shift=1", "train.epochs=1",
-                             "train.num_workers=1", "train.batch_size=64"])
-    first = train_and_register(cfg, home=home)
-    second = train_and_register(cfg, home=home)
+def test_two_trainings_make_two_versions_and_promote_moves_the_alias(home, digits_model):
+    # version 1: the session's model, registered; version 2: `mlsd train`'s own path (train,
+    # then log and register) on the same prepared data
+    first = {"registered": registry.log_and_register(
+        digits_model.result, digits_model.cfg, digits_model.dataset, "digits-cnn", home)}
+    cfg = load_config(None, [*SMALL_DIGITS, "train.epochs=1"])
+    second = train_and_register(cfg, home=home, dataset=digits_model.dataset)
     assert (first["registered"]["version"], second["registered"]["version"]) == (1, 2)
     assert (Path(home) / "mlflow.db").is_file()
     # artifacts live under MLSD_HOME, not in whatever folder the command ran from

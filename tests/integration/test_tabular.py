@@ -172,6 +172,7 @@ def test_diabetes_regression_beside_the_baseline(home):
     assert "pr_curve" not in summary["evaluation"]
 
 
+@pytest.mark.slow
 def test_tune_searches_the_tabular_model(home):
     from mlsd_ray.tune import run_tune
 
@@ -185,14 +186,18 @@ def test_tune_searches_the_tabular_model(home):
     assert "registered" not in summary and open(summary["best_config"]).read().count("lr")
 
 
-def test_cli_data_stage_and_bad_source(tmp_path):
+def test_cli_data_stage_and_bad_source(tmp_path, ray_session):
+    import os
     import subprocess
     import sys
 
     mlsd = [sys.executable, "-m", "mlsd_ray.cli"]
     home = str(tmp_path / "h")
+    # joins the session's Ray, as a user's command joins a cluster (no Ray of its own to start)
+    cluster = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     ok = subprocess.run([*mlsd, "data", "--example", "fraud", "--source", "fraud-synth:1000",
-                         "--home", home, "--json"], capture_output=True, text=True, timeout=300)
+                         "--home", home, "--json"], capture_output=True, text=True, timeout=300,
+                        env=cluster)
     assert ok.returncode == 0, ok.stderr
     summary = json.loads(ok.stdout)
     assert summary["task"] == "binary" and summary["features"] == 28

@@ -13,7 +13,7 @@ from mlsd_ray.registry import client, list_models
 from mlsd_ray.train import run_train
 from mlsd_ray.tune import run_tune
 
-pytestmark = pytest.mark.usefixtures("ray_session")
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 
 TINY = ["data.image_size=8", "data.augment.random_shift=1", "train.max_failures=0",
         "tune.max_epochs=2"]
