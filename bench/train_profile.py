@@ -1,7 +1,7 @@
 """Where the wall time of one `mlsd train` on digits goes: one JSON line per phase.
 
 Runs the training stage in this process, phase by phase, with the same functions `mlsd
-train` calls (runtime.ensure_ray, train.materialize_splits, train.build_trainer, fit, the test
+train` calls (runtime.ensure_ray, train.build_trainer with its ingest plan, fit, the test
 score), and splits the fit with the per-epoch timers the loop reports (`time_<phase>_s`).
 All-reduce is measured apart, since DDP overlaps it with the backward pass: two gloo
 processes with one thread each reduce the model's gradients as often as an epoch does.
@@ -75,7 +75,6 @@ def main() -> None:
         RANK_METRIC,
         build_trainer,
         epoch_line,
-        materialize_splits,
         predict_split,
     )
 
@@ -90,14 +89,12 @@ def main() -> None:
         mark = clock(phases, "Ray start", mark)
         dataset = prepare_dataset(cfg, home=home, log=quiet)
         mark = clock(phases, "data stage (mlsd data; reused by mlsd train)", mark)
-        datasets = materialize_splits(dataset)
-        mark = clock(phases, "materialise train/val with Ray Data", mark)
         reports: list[dict] = []  # every epoch's report, as the driver hears it
         relay = EpochRelay(lambda m: reports.append(m) or epoch_line(m, cfg.train.epochs),
                            quiet)
-        trainer = build_trainer(cfg, dataset, "profile", f"{home}/runs", datasets=datasets,
+        trainer = build_trainer(cfg, dataset, "profile", f"{home}/runs",
                                 callbacks=[relay.callback()], log=quiet)
-        mark = clock(phases, "loop config, drift reference, ingest plan", mark)
+        mark = clock(phases, "ingest plan (splits into the object store), loop config", mark)
         with relay:
             result = trainer.fit()
         fit_s = time.perf_counter() - mark

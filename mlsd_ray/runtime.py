@@ -55,6 +55,14 @@ def ensure_ray(home: str | None = None) -> None:
     check_shared_storage(home)
 
 
+def quiet_serve_console() -> None:
+    """Serve's driver-side INFO lines ("Started Serve", "Application ... is ready", "Deleting
+    app") go to Serve's log files unless --verbose. Call after importing ray.serve: its
+    import sets the level."""
+    if not _settings["verbose"]:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+
+
 def ray_logs_dir() -> str:
     """Where this Ray session keeps its processes' logs (on a cluster: on the head node)."""
     from ray._private import worker

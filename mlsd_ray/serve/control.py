@@ -23,7 +23,7 @@ from pathlib import Path
 from mlsd_ray import storage
 from mlsd_ray.config import ServeConfig
 from mlsd_ray.errors import InputError, WorkError
-from mlsd_ray.runtime import log_stderr
+from mlsd_ray.runtime import log_stderr, quiet_serve_console
 
 HEALTH_TIMEOUT_S = 120.0
 
@@ -70,6 +70,8 @@ def start(settings: ServeConfig, home: str | None = None, detach: bool = False,
     """Deploy the app and wait until it answers /v1/health; returns where and what is served."""
     from ray import serve
 
+    quiet_serve_console()
+
     from mlsd_ray.serve.app import app_from_config
 
     model = resolve_model_ref(settings.model, home)
@@ -113,6 +115,8 @@ def serve_until_interrupted(summary: dict, log: Callable[[str], None] = log_stde
 def remove_app(app_name: str) -> None:
     """Delete our app; shut Serve down only when no other app is left (a shared cluster)."""
     from ray import serve
+
+    quiet_serve_console()
 
     serve.delete(app_name)
     if not serve.status().applications:
@@ -260,6 +264,8 @@ def status(home: str | None = None, app_name: str = "mlsd") -> dict:
     """What runs: app and deployment states, replica counts, the served version."""
     from ray import serve
 
+    quiet_serve_console()
+
     state = read_state(home, app_name)
     _join_recorded(state)
     apps = serve.status().applications
@@ -305,6 +311,8 @@ def deploy(model_ref: str, home: str | None = None, app_name: str = "mlsd",
            log: Callable[[str], None] = log_stderr) -> dict:
     """Move the running app to another model version with a rolling update."""
     from ray import serve
+
+    quiet_serve_console()
 
     from mlsd_ray.serve.app import app_from_config
 

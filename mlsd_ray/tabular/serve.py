@@ -27,6 +27,7 @@ from ray import serve
 
 from mlsd_ray import __version__
 from mlsd_ray.config import ServeConfig, TabularConfig
+from mlsd_ray.runtime import quiet_serve_console
 from mlsd_ray.serve.app import (
     REQUEST_ID_HEADER,
     _error,
@@ -282,6 +283,7 @@ def start_fraud(settings: ServeConfig, tabular: TabularConfig, home: str | None 
     model = control.resolve_model_ref(settings.model, home)
     settings = settings.model_copy(update={"model": model["uri"]})
     cluster = control._connect_for(home, settings, False, log)
+    quiet_serve_console()
     serve.start(proxy_location=settings.proxy_location,
                 http_options={"host": settings.host, "port": settings.port})
     log(f"deploying {model['uri']} as app {settings.app_name!r} at {PREFIX}")
