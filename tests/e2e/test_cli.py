@@ -180,6 +180,37 @@ def check_serve_commands(home: str, cluster_env: dict, tmp_path, production: str
     assert gone.returncode == 2 and "mlsd serve --detach" in gone.stderr
 
 
+RAY_NOISE = ("Execution plan", "Starting execution of Dataset", "(TrainController",
+             "(RayTrainWorker", "(SplitCoordinator", "Token authentication is enabled")
+
+
+SMALL_TRAIN = ["train", "--source", "digits", "--set", "data.image_size=8", "--epochs", "2",
+               "--num-workers", "1", "--set", "registry.auto_register=false"]
+
+
+def test_train_console_is_our_lines(tmp_path, cluster_env):
+    """One line per epoch reaches the console from the train controller (a queue to the
+    driver, not Ray's log forwarding); Ray's own lines stay in its logs."""
+    quiet = mlsd(*SMALL_TRAIN, "--home", str(tmp_path / "home"), env=cluster_env)
+    assert quiet.returncode == 0, quiet.stderr
+    lines = quiet.stderr.splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("epoch ")] == [
+        "epoch 1/2", "epoch 2/2"]
+    assert sum(line.startswith("Ray's logs: ") for line in lines) <= 1  # named once (if ours)
+    assert "fit in memory" in quiet.stderr
+    assert not [line for line in lines if any(noise in line for noise in RAY_NOISE)], lines
+    assert "test accuracy" in quiet.stdout
+
+
+@pytest.mark.slow
+def test_verbose_hands_the_console_to_ray_and_keeps_the_epoch_lines(tmp_path, cluster_env):
+    verbose = mlsd(*SMALL_TRAIN, "--home", str(tmp_path / "home"), "--verbose",
+                   env=cluster_env)
+    assert verbose.returncode == 0, verbose.stderr
+    assert "epoch 2/2" in verbose.stderr
+    assert "Ray's logs: " not in verbose.stderr  # Ray forwards its processes' output instead
+
+
 def test_no_valid_image_exits_2(tmp_path, cluster_env):
     (tmp_path / "bad" / "x").mkdir(parents=True)
     (tmp_path / "bad" / "x" / "a.png").write_bytes(b"junk")
