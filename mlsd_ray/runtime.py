@@ -33,8 +33,10 @@ def ensure_ray(home: str | None = None) -> None:
     check that `home` (MLSD_HOME) and the MLflow store are shared (cluster.py), else exit 2.
 
     The dashboard is on because Tune's early stopping, Ray jobs and `serve deploy` need it
-    (DESIGN.md §5). Ray Data's per-dataset INFO logs are lowered to warnings: our stages print
-    their own steps, and the progress bars stay on.
+    (without it, trials stopped early by ASHA leak their Train reservations and the search
+    hangs). Ray Data's per-dataset INFO logs are lowered to warnings: our stages print their
+    own steps, and the progress bars stay on. Unless --verbose, Ray's processes log to its
+    files only (`configure`).
     """
     import ray
 

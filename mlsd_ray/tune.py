@@ -3,8 +3,8 @@ cross-validation, resume.
 
 Each trial is a small Tune function that builds the training stage's TorchTrainer
 (`train.build_trainer`) with the trial's overrides and forwards every epoch's report to Tune
-through `TuneReportCallback` (the Train V2 pattern, DESIGN.md §5). The prepared splits (or the
-folds) are read once here and shared by every trial.
+through `TuneReportCallback` (the Train V2 pattern: `Tuner(trainer)` fails in V2). The
+prepared splits (or the folds) are read once here and shared by every trial.
 
 Outputs under $MLSD_HOME/tune/NAME/: results.csv (one row per trial), curves.png (val accuracy
 per epoch of every trial), best.yaml (the best configuration, for `mlsd train --config`),
