@@ -420,7 +420,8 @@ def build_trainer(cfg: Config, dataset: PreparedDataset, run_name: str, storage_
         plan = memory_plan({split: _split_columns(dataset, split) for split in ("train", "val")},
                            limit)
     else:
-        plan = plan_ingest(datasets or materialize_splits(dataset), limit)
+        datasets = datasets or materialize_splits(dataset)
+        plan = plan_ingest(datasets, limit)
     config = loop_config(cfg, dataset, run_name, init_from, reference)
     return torch_trainer(train_loop_per_worker, config, cfg, run_name, storage_path, plan,
                          datasets or {}, callbacks or [], log)

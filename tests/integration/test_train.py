@@ -70,12 +70,15 @@ def test_two_workers_learn_digits_and_resume(home):
 
 
 def test_a_killed_worker_restarts_from_the_last_checkpoint(home):
-    """SIGKILL one training worker mid-run: the run restarts it and still finishes."""
+    """SIGKILL one training worker mid-run: the run restarts it and still finishes. The splits
+    stream through Ray Data here (in_memory_limit_mb=0), the path for data that does not fit
+    in memory: the other tests take the in-memory one."""
     import ray
     from ray.util.state import list_actors
 
     cfg = load_config(None, FAST + ["train.epochs=8", "train.num_workers=2",
-                                    "train.cpus_per_worker=0.5", "train.max_failures=1"])
+                                    "train.cpus_per_worker=0.5", "train.max_failures=1",
+                                    "train.in_memory_limit_mb=0"])
     run_dir = Path(home) / "runs" / "digits-killed"
     killed = []
 
@@ -98,8 +101,10 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(home):
 
     killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     killer.start()
-    result = run_train(cfg, home=home, run_name="digits-killed")
+    said: list[str] = []
+    result = run_train(cfg, home=home, run_name="digits-killed", log=said.append)
     killer.join(timeout=5)
+    assert any("streamed through Ray Data every epoch" in line for line in said), said
     assert killed, "no training worker was found to kill"
     assert ray.is_initialized()
     assert result.epochs_run == 8
