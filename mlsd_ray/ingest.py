@@ -114,13 +114,9 @@ def epoch_rows(count: int, rank: int, world: int, shuffle_seed: int | None) -> n
 
 
 class WorkerData:
-    """One worker's view of the splits: `batches(split, ...)` for each epoch.
-
-    Memory: every worker draws the same permutation of all rows for the epoch (seeded by
-    seed and epoch) and takes every world-th row from its rank on, cut to an equal count so
-    that all DDP replicas step equally often. Streaming: this worker's Ray Data shard, with
-    Ray's local shuffle buffer.
-    """
+    """One worker's view of the splits: `batches(split, ...)` for each epoch. Memory: the
+    rows `epoch_rows` deals this worker. Streaming: its Ray Data shard, with Ray's local
+    shuffle buffer."""
 
     def __init__(self, plan: IngestPlan, rank: int, world: int):
         self.plan, self.rank, self.world = plan, rank, world
