@@ -333,6 +333,11 @@ def _trainable(run: TuneRun, plan: dict, per_worker_cpu: float):
     base.train.num_workers = run.cfg.tune.workers_per_trial
     base.train.cpus_per_worker = per_worker_cpu
     base.train.run_name = None
+    # A trial's trainer never restarts its own workers: Tune does (run_tune's FailureConfig).
+    # ASHA stops a trial by ending its actor, which takes the Train controller down; a
+    # controller that still saw its dying worker restarted the group in a new placement
+    # group that nothing then removed, and its CPU was lost to every later trial.
+    base.train.max_failures = 0
     folds = None
     datasets = None
     if run.cfg.tune.cv > 1:
@@ -403,6 +408,8 @@ def run_tune(cfg: Config, home: str | None = None, log: Callable[[str], None] = 
                                             max_concurrent=concurrent),
                                         scheduler=_scheduler(cfg, plan)),
             run_config=tune.RunConfig(name=name, storage_path=root, verbose=0,
+                                      failure_config=tune.FailureConfig(
+                                          max_failures=cfg.train.max_failures),
                                       callbacks=[_progress(plan["trials"], log,
                                                            plan["metric"])]))
     handler = signal.getsignal(signal.SIGINT)

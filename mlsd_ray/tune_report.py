@@ -122,6 +122,7 @@ def best_config(base: Config, row: dict, user: Config) -> Config:
 
     cfg = trial_config(base, _params(row))
     cfg.train.cpus_per_worker = user.train.cpus_per_worker  # the trial's share of a busy node
+    cfg.train.max_failures = user.train.max_failures  # in a trial, Tune restarted workers
     return cfg
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -58,6 +59,19 @@ def test_asha_stops_weak_trials_early(home):
     assert summary["stopped_early"] >= 1
     assert summary["trial_epochs"] < 4 * 3
     assert "registered" not in summary
+    # the stopped trials gave their CPUs back: a later search (or test) can use all of them
+    assert cpus_come_back(within_s=30)
+
+
+def cpus_come_back(within_s: float) -> bool:
+    import ray
+
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU", 0) >= ray.cluster_resources()["CPU"]:
+            return True
+        time.sleep(0.5)
+    return False
 
 
 def test_cross_validation_reports_mean_and_spread(home):
