@@ -14,6 +14,7 @@ import typer
 
 from mlsd_ray import __version__
 from mlsd_ray.cli_support import (
+    ChosenTask,
     ConfigOption,
     ExampleOption,
     ForceOption,
@@ -22,6 +23,7 @@ from mlsd_ray.cli_support import (
     LabelOption,
     SetOption,
     SourceOption,
+    TaskOption,
     VerboseOption,
     config_from,
     run,
@@ -51,35 +53,12 @@ def _root(version: Annotated[bool, typer.Option(
     """mlsd-ray command line."""
 
 
-def _render_dataset(summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    counts = summary["counts"]
-    table = Table(title=f"dataset {summary['name']} ({summary['fingerprint']})"
-                        + (" — reused" if summary["reused"] else ""))
-    for column in ("input", "kept", "quarantined", "train", "val", "test"):
-        table.add_column(column, justify="right")
-    table.add_row(*(str(v) for v in (counts["input"], counts["kept"], counts["quarantined"],
-                                     *counts["splits"].values())))
-    console = Console()
-    console.print(table)
-    for reason, count in summary["quarantine_by_reason"].items():
-        console.print(f"  quarantined {count} × {reason}")
-    for warning in summary["warnings"]:
-        console.print(f"[yellow]warning:[/yellow] {warning}")
-    console.print(f"classes: {len(summary['class_names'])}, images stored as "
-                  f"{'×'.join(map(str, summary['image_shape']))} uint8")
-    console.print(f"quality report: {summary['quality_report']}", soft_wrap=True)
-    console.print(f"examples: {summary['samples']}", soft_wrap=True)
-    console.print(f"output: {summary['path']}", soft_wrap=True)
-
-
 @app.command()
 def data(source: SourceOption = None, config: ConfigOption = None, set_: SetOption = None,
          home: HomeOption = None, force: ForceOption = False, as_json: JsonOption = False,
          verbose: VerboseOption = False, example: ExampleOption = None,
-         label: LabelOption = None) -> None:
+         label: LabelOption = None,
+         task: TaskOption = None) -> None:
     """Prepare a dataset with Ray Data: validate, quarantine, de-duplicate, resize, split.
 
     Writes parquet splits, manifest.json, quality.json/quality.md and quarantine/ under
@@ -87,31 +66,13 @@ def data(source: SourceOption = None, config: ConfigOption = None, set_: SetOpti
     output unless --force. With --example fraud: a table, checked, split and with its Ray Data
     preprocessors (imputation, scaling, encoding) fitted on the train split.
     """
-    from mlsd_ray.data.prepare import prepare_dataset
+    chosen = ChosenTask()
 
     def work() -> dict:
-        cfg = config_from(config, set_, source, example, label)
-        if cfg.task == "tabular":
-            from mlsd_ray.tabular.prepare import prepare_table
+        cfg = config_from(config, set_, source, example, label, task)
+        return chosen.of(cfg).prepare(cfg, home, log_stderr, force=force).summary()
 
-            return prepare_table(cfg, home=home, force=force, log=log_stderr).summary()
-        return prepare_dataset(cfg, home=home, force=force, log=log_stderr).summary()
-
-    def render(summary: dict) -> None:
-        if "task" in summary:
-            _render_table(summary)
-        else:
-            _render_dataset(summary)
-
-    run(as_json, work, render, verbose=verbose)
-
-
-def _render_table(summary: dict) -> None:
-    print(f"table {summary['name']} ({summary['task']}, label {summary['label']!r}): "
-          f"{summary['counts']['splits']} rows, {summary['features']} features, "
-          f"{summary['counts']['quarantined']} quarantined")
-    print(f"prepared: {summary['path']}" + (" (reused)" if summary["reused"] else ""))
-    print(f"quality report: {summary['quality_report']}")
+    run(as_json, work, lambda summary: chosen.task.render_data(summary), verbose=verbose)
 
 
 @app.command()
@@ -126,41 +87,25 @@ def train(source: SourceOption = None, config: ConfigOption = None, set_: SetOpt
           epochs: Annotated[int | None, typer.Option("--epochs", help="train.epochs")] = None,
           run_name: Annotated[str | None, typer.Option(
               "--run-name", help="Name of the run; an existing name resumes it.")] = None,
-          example: ExampleOption = None, label: LabelOption = None) -> None:
+          example: ExampleOption = None, label: LabelOption = None,
+         task: TaskOption = None) -> None:
     """Train a CNN data-parallel with Ray Train on the prepared dataset.
 
     Runs the data stage first when its output is missing. Checkpoints every epoch under
     $MLSD_HOME/runs/RUN_NAME/, keeps the best by val accuracy, survives worker failures, and
     reports the best checkpoint's accuracy on the test split.
     """
-    from mlsd_ray.train import train_and_register
-
     flags = {"train.num_workers": num_workers, "train.cpus_per_worker": cpus_per_worker,
              "train.epochs": epochs, "train.use_gpu": True if use_gpu else None}
     overrides = with_flags(set_, flags)
 
+    chosen = ChosenTask()
+
     def work() -> dict:
-        cfg = config_from(config, overrides, source, example, label)
-        if cfg.task == "tabular":
-            from mlsd_ray.tabular.stage import run_tabular_train
+        cfg = config_from(config, overrides, source, example, label, task)
+        return chosen.of(cfg).train(cfg, home, log_stderr, run_name=run_name)
 
-            return run_tabular_train(cfg, home=home, log=log_stderr, run_name=run_name)
-        return train_and_register(cfg, home=home, log=log_stderr, run_name=run_name)
-
-    def render(summary: dict) -> None:
-        if "task" in summary:
-            _render_tabular_train(summary)
-            return
-        print(f"run {summary['run_name']}: best epoch {summary['best_epoch']} of "
-              f"{summary['epochs_run']}, val accuracy {summary['val_accuracy']:.4f}, "
-              f"test accuracy {summary['test_accuracy']:.4f}, {summary['wall_seconds']} s")
-        print(f"checkpoint: {summary['checkpoint']}")
-        print("workers: " + ", ".join(f"rank {n['rank']} on node {n['node_id'][:8]} ({n['ip']})"
-                                      for n in summary["worker_nodes"]))
-        if "registered" in summary:
-            print(f"registered: {summary['registered']['uri']}")
-
-    run(as_json, work, render, verbose=verbose)
+    run(as_json, work, lambda summary: chosen.task.render_train(summary), verbose=verbose)
 
 
 @app.command()
@@ -195,28 +140,6 @@ def evaluate(model: Annotated[str, typer.Option(
     run(as_json, work, render, verbose=verbose)
 
 
-def _render_tabular_train(summary: dict) -> None:
-    """The MLP beside the baseline, the decision, where the evaluation went."""
-    score = summary["score_name"]
-    print(f"run {summary['run_name']}: best epoch {summary['best_epoch']} of "
-          f"{summary['epochs_run']}, val {score} {summary['val_score']:.4f}, "
-          f"{summary['wall_seconds']} s")
-    keys = {"pr_auc": ["pr_auc", "roc_auc", "precision", "recall", "f1"],
-            "macro_f1": ["accuracy", "macro_f1"], "r2": ["mse", "mae", "r2"]}[score]
-    print("test:      " + "  ".join(f"{k} {summary['test'][k]:.4f}" for k in keys))
-    if summary.get("baseline"):
-        print("baseline:  " + "  ".join(f"{k} {summary['baseline'][k]:.4f}" for k in keys)
-              + f"  ({summary['baseline']['model']})")
-    if summary.get("decision"):
-        d = summary["decision"]
-        print(f"threshold {d['threshold']:.4f} ({d['objective']} {d.get('target')}, "
-              f"{'met' if d['met'] else 'not met'} on val)")
-    for name, path in summary["evaluation"].items():
-        print(f"{name}: {path}")
-    if "registered" in summary:
-        print(f"registered: {summary['registered']['uri']}")
-
-
 @app.command()
 def tune(source: SourceOption = None, config: ConfigOption = None, set_: SetOption = None,
          home: HomeOption = None, as_json: JsonOption = False, verbose: VerboseOption = False,
@@ -246,7 +169,8 @@ def tune(source: SourceOption = None, config: ConfigOption = None, set_: SetOpti
              "--name", help="Name of the search (default DATASET-tune-TIME).")] = None,
          resume: Annotated[str | None, typer.Option(
              "--resume", help="Continue an interrupted search by name, with its own config.")
-         ] = None, example: ExampleOption = None, label: LabelOption = None) -> None:
+         ] = None, example: ExampleOption = None, label: LabelOption = None,
+         task: TaskOption = None) -> None:
     """Search hyperparameters with Ray Tune; every trial runs the training stage's trainer.
 
     Grid or random search over a space from tune.space or --param, with ASHA or median early
@@ -265,7 +189,7 @@ def tune(source: SourceOption = None, config: ConfigOption = None, set_: SetOpti
     def work() -> dict:
         # Trials' worker logs stay in Ray's files (unless --verbose); we print a line per
         # trial and summarise any errors.
-        cfg = config_from(config, overrides, source, example, label)
+        cfg = config_from(config, overrides, source, example, label, task)
         if param:
             cfg.tune.space = dict(parse_param(p) for p in param)
         return run_tune(cfg, home=home, log=log_stderr, name=name, resume=resume)
@@ -319,7 +243,8 @@ def pipeline(source: SourceOption = None, config: ConfigOption = None, set_: Set
              loop: Annotated[bool, typer.Option(
                  "--loop/--no-loop", help="After the serve check, run the monitoring loop on "
                                           "the live app: traffic, drift, retrain, rollout.")
-             ] = True, example: ExampleOption = None, label: LabelOption = None) -> None:
+             ] = True, example: ExampleOption = None, label: LabelOption = None,
+         task: TaskOption = None) -> None:
     """Run every stage end to end on the configured source (default: the embedded digits).
 
     data -> [tune] -> train -> register -> evaluate -> promote the first version to production
@@ -331,110 +256,15 @@ def pipeline(source: SourceOption = None, config: ConfigOption = None, set_: Set
     Train and a HistGradientBoosting reference -> threshold for the target precision ->
     register -> serve /v1/fraud/score with the rules engine, score test transactions -> stop.
     """
-    from mlsd_ray.pipeline import run_pipeline
+    chosen = ChosenTask()
 
     def work() -> dict:
-        cfg = config_from(config, set_, source, example, label)
-        if cfg.task == "tabular":
-            from mlsd_ray.tabular.pipeline import run_tabular_pipeline
+        cfg = config_from(config, set_, source, example, label, task)
+        return chosen.of(cfg).pipeline(cfg, home, log_stderr, force=force, tune=tune,
+                                       serve_check=serve or keep_serving,
+                                       keep_serving=keep_serving, monitor_loop=loop)
 
-            return run_tabular_pipeline(cfg, home=home, force=force, log=log_stderr,
-                                        tune=tune, serve_check=serve or keep_serving,
-                                        keep_serving=keep_serving)
-        return run_pipeline(cfg, home=home, force=force,
-                            log=log_stderr, tune=tune, serve_check=serve or keep_serving,
-                            keep_serving=keep_serving, monitor_loop=loop)
-
-    def render(result: dict) -> None:
-        if result.get("example") == "tabular":
-            _render_tabular_pipeline(result["stages"])
-            return
-        stages = result["stages"]
-        _render_dataset(stages["data"])
-        if "tune" in stages:
-            searched = stages["tune"]
-            print(f"\ntuned {searched['trials']} trials ({searched['stopped_early']} stopped "
-                  f"early): best {searched['best']['params']}, val accuracy "
-                  f"{searched['best']['val_accuracy']:.4f}; results {searched['results']}")
-        train = stages["train"]
-        print(f"\ntrained {train['run_name']}: val accuracy {train['val_accuracy']:.4f}, "
-              f"test accuracy {train['test_accuracy']:.4f} in {train['wall_seconds']} s")
-        if "registered" in train:
-            print(f"registered: {train['registered']['uri']}")
-        evaluation = stages["evaluate"]
-        print(f"evaluation: accuracy {evaluation['accuracy']:.4f}, macro F1 "
-              f"{evaluation['macro_f1']:.4f}, SVC reference "
-              f"{evaluation['baseline_accuracy']:.4f}; report {evaluation['report']}")
-        promoted = stages.get("promote", {})
-        if "version" in promoted:
-            print(f"production: models:/{promoted['name']}@production "
-                  f"(version {promoted['version']})")
-        elif promoted:
-            print(promoted["skipped"])
-        if "serve" in stages:
-            served = stages["serve"]
-            print(f"serve check: {served['correct']}/{served['images']} test images right over "
-                  f"HTTP from version {served['model_version']} at {served['url']}"
-                  + ("" if served["kept_serving"] else " (stopped; `mlsd serve --detach` to "
-                                                        "run it)"))
-        if "loop" in stages:
-            _render_loop(stages["loop"])
-
-    run(as_json, work, render, verbose=verbose)
-
-
-def _render_tabular_pipeline(stages: dict) -> None:
-    _render_table(stages["data"])
-    if "tune" in stages:
-        searched = stages["tune"]
-        print(f"\ntuned {searched['trials']} trials: best {searched['best']['params']}")
-    print()
-    _render_tabular_train(stages["train"])
-    promoted = stages.get("promote", {})
-    if "version" in promoted:
-        print(f"production: models:/{promoted['name']}@production (version "
-              f"{promoted['version']})")
-    if "serve" in stages:
-        served = stages["serve"]
-        print(f"\nserve check at {served['url']}: {served['records']} rows, version "
-              f"{served['model_version']}" + (f", decisions {served['decisions']}, "
-                                              f"{served['frauds_flagged']}/{served['frauds']} "
-                                              "positives flagged" if "decisions" in served
-                                              else "")
-              + f"; max |HTTP - offline| {served['max_abs_difference']:.2e}")
-        if "example" in served:
-            e = served["example"]
-            print(f"a large foreign transaction: {e['decision']} (score {e['score']:.4f}, "
-                  f"rules {e['rules']})")
-
-
-def _render_loop(steps: dict) -> None:
-    """The monitoring loop as a step / result table."""
-    def traffic(t: dict) -> str:
-        return (f"{t['images']} images ({t['shift']}), accuracy {t['accuracy']}, "
-                f"{t['failed_requests']} failed requests")
-
-    rows = [("unshifted traffic", traffic(steps["traffic_unshifted"])),
-            ("monitor", f"{steps['monitor_unshifted']['summary']}"),
-            ("rotated traffic", traffic(steps["traffic_rotated"])),
-            ("monitor", f"{steps['monitor_rotated']['summary']}")]
-    retrained = steps.get("retrain", {})
-    if "skipped" in retrained:
-        rows.append(("retrain", f"skipped: {retrained['skipped']}"))
-    elif retrained:
-        rows.append(("retrain", f"holdout accuracy champion {retrained['holdout']['champion']:.4f}"
-                                f" -> challenger {retrained['holdout']['challenger']:.4f}: "
-                                + ("promoted " if retrained["promote"] else "rejected ")
-                                + retrained["challenger"]))
-    if "rollout" in steps:
-        rollout, load = steps["rollout"], steps["rollout"]["load"]
-        rows.append(("rolling update", f"{rollout['from']['uri']} -> {rollout['to']['uri']} in "
-                                       f"{rollout['seconds']} s under load: {load['requests']} "
-                                       f"requests, {load['failed_requests']} failed, answered "
-                                       f"by versions {load['model_versions']}"))
-    print("\nmonitoring loop:")
-    for step, result in rows:
-        print(f"  {step:18s} {result}")
+    run(as_json, work, lambda result: chosen.task.render_pipeline(result), verbose=verbose)
 
 
 models_app = typer.Typer(help="The model registry (MLflow): list, show, promote.",

@@ -37,6 +37,10 @@ ExampleOption = Annotated[str | None, typer.Option(
                       "--set go on top.")]
 LabelOption = Annotated[str | None, typer.Option(
     "--label", help="Tabular: the label column of a csv:/parquet: source (tabular.label).")]
+TaskOption = Annotated[str | None, typer.Option(
+    "--task", help="The kind of model: image (the default), tabular, a task an installed "
+                   "package registers (entry point group mlsd.tasks), or "
+                   "`package.module:Class` for your own (docs/tasks.md).")]
 HomeOption = Annotated[str | None, typer.Option(
     "--home", help="Where outputs go; overrides $MLSD_HOME (default ./mlsd-home). Path or URI.")]
 ForceOption = Annotated[bool, typer.Option(
@@ -100,14 +104,26 @@ def with_flags(overrides: list[str] | None, flags: dict) -> list[str]:
 
 
 def config_from(config: Path | None, overrides: list[str] | None, source: str | None,
-                example: str | None = None, label: str | None = None):
-    """The resolved config; --source and --label go to the section of the config's task."""
-    cfg = load_config(config, overrides, example)
-    if source is not None:  # taken as typed: a path may hold '#' or ': ' that YAML would eat
-        if cfg.task == "tabular":
-            cfg.tabular.source = source
-        else:
-            cfg.data.source = source
-    if label is not None:
-        cfg.tabular.label = label
+                example: str | None = None, label: str | None = None,
+                task: str | None = None):
+    """The resolved config; --task picks the task, and --source and --label go where it
+    keeps them (`Task.set_source`)."""
+    from mlsd_ray.tasks import get_task
+
+    cfg = load_config(config, [*(overrides or []), *([f"task={task}"] if task else [])], example)
+    if source is not None or label is not None:  # taken as typed: YAML would eat '#', ': '
+        get_task(cfg.task).set_source(cfg, source, label)
     return cfg
+
+
+class ChosenTask:
+    """The task a command's `work` resolved from its config, for its `render` to use."""
+
+    task = None
+
+    def of(self, cfg):
+        """The task `cfg` names (and remember it)."""
+        from mlsd_ray.tasks import get_task
+
+        self.task = get_task(cfg.task)
+        return self.task

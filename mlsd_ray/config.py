@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mlsd_ray.errors import InputError
 
@@ -334,8 +341,10 @@ class TabularConfig(StrictModel):
 class Config(StrictModel):
     """The whole configuration; later stages add their sections here."""
 
-    task: Literal["image", "tabular"] = Field("image", description="image: the CNN on the data "
-                                              "section; tabular: the MLP on the tabular one.")
+    task: str = Field("image", description="The kind of model: image (the CNN on the data "
+                      "section), tabular (the MLP on the tabular one), a task an installed "
+                      "package registers (entry point group mlsd.tasks), or "
+                      "package.module:Class (docs/tasks.md).")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -345,6 +354,18 @@ class Config(StrictModel):
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
     tabular: TabularConfig = Field(default_factory=TabularConfig)
+
+    @field_validator("task")
+    @classmethod
+    def _task_loads(cls, name: str) -> str:
+        """A task that cannot be found or does not implement the interface fails here, with
+        the registry's sentence (exit 2), rather than in the middle of a stage."""
+        from mlsd_ray.tasks.registry import check_task_name
+
+        try:
+            return check_task_name(name)
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -381,7 +402,8 @@ def describe_errors(error: ValidationError) -> str:
         if item["type"] == "extra_forbidden":
             lines.append(f"unknown config key '{key}'")
         else:
-            lines.append(f"config key '{key}': {item['msg']}")
+            message = item["msg"].removeprefix("Value error, ")  # our validators' sentences
+            lines.append(f"config key '{key}': {message}")
     return "; ".join(lines)
 
 

@@ -20,8 +20,6 @@ import sys
 import tempfile
 import traceback
 
-import numpy as np
-
 from mlsd_ray.errors import InputError, MlsdError
 
 STAGES = ("pipeline", "data", "train", "tune", "retrain", "deploy")
@@ -99,10 +97,9 @@ def job_config(stage: str, args: argparse.Namespace):
     else:
         cfg = load_config(None, overrides)
     if args.source and stage != "retrain":
-        if cfg.task == "tabular":
-            cfg.tabular.source = args.source
-        else:
-            cfg.data.source = args.source
+        from mlsd_ray.tasks import get_task
+
+        get_task(cfg.task).set_source(cfg, args.source)
     if args.smoke and stage == "tune":
         cfg.tune.space = dict(SMOKE_TUNE_SPACE)
     return cfg
@@ -110,110 +107,29 @@ def job_config(stage: str, args: argparse.Namespace):
 
 def run_stage(stage: str, args: argparse.Namespace, log) -> dict:
     """Run one stage on the cluster this driver belongs to; returns its summary."""
+    from mlsd_ray.tasks import get_task
+
     cfg, home = job_config(stage, args), job_home(args)
+    task = get_task(cfg.task)
     log(f"job {stage}{' (smoke)' if args.smoke else ''}: outputs under {home}")
-    if cfg.task == "tabular":
-        return _tabular_stage(stage, cfg, args, home, log)
     if stage == "data":
-        from mlsd_ray.data.prepare import prepare_dataset
-
-        return prepare_dataset(cfg, home=home, log=log).summary()
+        return task.prepare(cfg, home, log).summary()
     if stage == "train":
-        from mlsd_ray.train import train_and_register
-
-        return train_and_register(cfg, home=home, log=log, run_name=args.run_name)
+        return task.train(cfg, home, log, run_name=args.run_name)
     if stage == "tune":
         from mlsd_ray.tune import run_tune
 
         return run_tune(cfg, home=home, log=log)
     if stage == "pipeline":
-        from mlsd_ray.pipeline import run_pipeline
-
-        return run_pipeline(cfg, home=home, log=log, tune=args.tune,
-                            monitor_loop=not (args.smoke or args.no_loop))
+        return task.pipeline(cfg, home, log, tune=args.tune,
+                             monitor_loop=not (args.smoke or args.no_loop))
     if stage == "retrain":
-        return _retrain(cfg, args, home, log)
-    return _deploy(cfg, args, home, log)
-
-
-def _tabular_stage(stage: str, cfg, args, home: str, log) -> dict:
-    """The stages for tables (a config with task: tabular, e.g. mlsd_ray/examples/fraud.yaml)."""
-    if stage == "data":
-        from mlsd_ray.tabular.prepare import prepare_table
-
-        return prepare_table(cfg, home=home, log=log).summary()
-    if stage == "train":
-        from mlsd_ray.tabular.stage import run_tabular_train
-
-        return run_tabular_train(cfg, home=home, log=log, run_name=args.run_name)
-    if stage == "tune":
-        from mlsd_ray.tune import run_tune
-
-        return run_tune(cfg, home=home, log=log)
-    if stage == "pipeline":
-        from mlsd_ray.tabular.pipeline import run_tabular_pipeline
-
-        return run_tabular_pipeline(cfg, home=home, log=log, tune=args.tune)
-    raise InputError(f"the {stage} job is not yet written for tables (task: tabular); "
-                     "the tabular stages are data, train, tune and pipeline")
-
-
-def _retrain(cfg, args, home: str, log) -> dict:
-    from mlsd_ray.retrain import retrain
-
-    source = args.source
-    if source is None and args.smoke:
-        source = _rotated_digits(home, log)
-    if source is None:
-        raise InputError("retrain needs --source SPEC: the new labelled data (e.g. "
-                         "folder:/shared/incoming/rotated)")
-    return retrain(cfg, source, home, args.model, args.dry_run or args.smoke, log)
-
-
-def _rotated_digits(home: str, log) -> str:
-    """--smoke's new data: 300 digits rotated 30 degrees, as a labelled folder under home."""
-    from sklearn.datasets import load_digits
-
-    from mlsd_ray import storage
-    from mlsd_ray.data.sources import digits_uint8
-    from mlsd_ray.monitor.traffic import save_folder, shift_images
-
-    digits = load_digits()
-    images = digits_uint8(digits.images[:300])[..., None]
-    folder = storage.join(home, "incoming", "smoke-rotated")
-    save_folder(shift_images(images, "rotate", 30.0, np.random.default_rng(0)),
-                digits.target[:300], [str(c) for c in range(10)], folder, "rotated")
-    log(f"smoke: 300 rotated digits written to {folder}")
-    return f"folder:{folder}"
-
-
-def _deploy(cfg, args, home: str, log) -> dict:
-    """Start the app on the cluster, or roll the running one over to the model; the app stays up
-    after the job ends (Serve runs in the cluster). --smoke checks one prediction, then removes
-    the app it started."""
-    from mlsd_ray.serve import control
-
-    settings = cfg.serve.model_copy(update={"model": args.model or cfg.serve.model})
-    summary = control.start(settings, home, detach=True, log=log)
-    if args.smoke:
-        summary["smoke_prediction"] = _one_prediction(summary["url"])
-        control.remove_app(settings.app_name)
-        control.state_file(home, settings.app_name).unlink(missing_ok=True)
-        log(f"smoke: predicted over HTTP, then removed app {settings.app_name!r}")
-    return summary
-
-
-def _one_prediction(url: str) -> dict:
-    from sklearn.datasets import load_digits
-
-    from mlsd_ray.data.sources import digits_uint8
-    from mlsd_ray.monitor.traffic import png_bytes
-    from mlsd_ray.serve.client import b64_instance, post_json
-
-    image = digits_uint8(load_digits().images[0])[..., None]
-    answer = post_json(f"{url}/v1/predict", {"instances": [b64_instance(png_bytes(image))]})
-    return {"label": "0", "predicted": answer["predictions"][0]["class_name"],
-            "model_version": answer["model_version"]}
+        source = args.source or (task.smoke_retrain_source(home, log) if args.smoke else None)
+        if source is None:
+            raise InputError("retrain needs --source SPEC: the new labelled data (e.g. "
+                             "folder:/shared/incoming/rotated)")
+        return task.retrain(cfg, source, home, args.model, args.dry_run or args.smoke, log)
+    return task.deploy(cfg, args.model, args.smoke, home, log)
 
 
 def main(stage: str, argv: list[str] | None = None) -> None:

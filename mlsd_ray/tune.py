@@ -28,6 +28,7 @@ from mlsd_ray import storage
 from mlsd_ray.config import Config, apply_override, describe_errors, dump_yaml, parse_override
 from mlsd_ray.errors import InputError, Interrupted
 from mlsd_ray.runtime import ensure_ray, log_stderr
+from mlsd_ray.tasks import get_task
 from mlsd_ray.train import RANK_METRIC, VAL_METRIC
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint")
@@ -166,12 +167,13 @@ def search_plan(cfg: Config) -> dict:
         # random draws from a few discrete values would repeat configurations: run each once
         search, samples = "grid", 1
     trials = samples * (combinations if search == "grid" else 1)
-    if cfg.task == "tabular" and t.cv > 1:
-        raise InputError("--cv is for the image task; a tabular search ranks trials by their "
-                         "val score (tabular: leave tune.cv at 1)")
+    task = get_task(cfg.task)
+    if t.cv > 1 and not task.cross_validation:
+        raise InputError(f"--cv is not offered by the {task.name} task: its search ranks "
+                         f"trials by {task.metric} (leave tune.cv at 1)")
     return {"search": search, "scheduler": scheduler, "num_samples": samples,
             "trials": int(trials), "epochs": t.max_epochs or cfg.train.epochs,
-            "metric": VAL_METRIC if cfg.task == "image" else "val_score"}
+            "metric": task.metric}
 
 
 # ---------------------------------------------------------------- resources
@@ -238,25 +240,22 @@ def run_trial(params: dict, *, base: dict, dataset, datasets: dict | None, folds
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from mlsd_ray.train import build_trainer
-
     cfg = trial_config(Config.model_validate(base), params)
+    task = get_task(cfg.task)
     name = f"trial-{ray.tune.get_context().get_trial_id()}"
-    if cfg.task == "tabular":
-        from mlsd_ray.tabular.train import build_tabular_trainer as build_trainer
     if not folds:
-        build_trainer(cfg, dataset, name, storage_path, datasets=datasets,
-                      callbacks=[TuneReportCallback()]).fit()
+        task.trainer(cfg, dataset, name, storage_path, datasets=datasets,
+                     callbacks=[TuneReportCallback()]).fit()
         return
     scores, epochs = [], []
     for index, fold in enumerate(folds, start=1):
-        result = build_trainer(cfg, dataset, f"{name}-fold{index}", storage_path,
-                               datasets=fold, callbacks=[]).fit()
+        result = task.trainer(cfg, dataset, f"{name}-fold{index}", storage_path,
+                              datasets=fold, callbacks=[]).fit()
         best = max((m for _, m in result.best_checkpoints), key=lambda m: m[RANK_METRIC])
-        scores.append(best[VAL_METRIC])
+        scores.append(best[task.metric])
         epochs.append(int(result.metrics["epoch"]))
     mean = float(np.mean(scores))
-    ray.tune.report({VAL_METRIC: mean, RANK_METRIC: mean, "cv_std": float(np.std(scores)),
+    ray.tune.report({task.metric: mean, RANK_METRIC: mean, "cv_std": float(np.std(scores)),
                      "fold_scores": scores, "epoch": max(epochs)})
 
 
@@ -326,8 +325,6 @@ def _trainable(run: TuneRun, plan: dict, per_worker_cpu: float):
     """The Tune function with its fixed inputs bound, and its resource request."""
     from ray import tune
 
-    from mlsd_ray.train import materialize_splits
-
     base = run.cfg.model_copy(deep=True)
     base.train.epochs = plan["epochs"]
     base.train.num_workers = run.cfg.tune.workers_per_trial
@@ -343,12 +340,8 @@ def _trainable(run: TuneRun, plan: dict, per_worker_cpu: float):
     if run.cfg.tune.cv > 1:
         folds = cv_folds(run.dataset, run.cfg.tune.cv, run.cfg.data.seed,
                          run.cfg.data.rows_per_task)
-    elif run.cfg.task == "tabular":
-        from mlsd_ray.tabular.train import materialize_features
-
-        datasets = materialize_features(run.dataset)
     else:
-        datasets = materialize_splits(run.dataset)
+        datasets = get_task(run.cfg.task).search_datasets(run.dataset)
     function = tune.with_parameters(run_trial, base=base.to_dict(), dataset=run.dataset,
                                     datasets=datasets, folds=folds,
                                     storage_path=run.train_runs)
@@ -361,7 +354,6 @@ def run_tune(cfg: Config, home: str | None = None, log: Callable[[str], None] = 
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
-    from mlsd_ray.data.prepare import prepare_dataset
 
     started = time.perf_counter()
     root = storage.join(storage.home(home), "tune")
@@ -370,13 +362,9 @@ def run_tune(cfg: Config, home: str | None = None, log: Callable[[str], None] = 
     cfg = cfg.model_copy(deep=True)
     cfg.tune.space = validate_space(cfg.tune.space, cfg.tune.search, cfg)
     plan = search_plan(cfg)
-    if cfg.task == "tabular":
-        from mlsd_ray.tabular.prepare import prepare_table
-
-        dataset = prepare_table(cfg, home=home, log=log)
-        register = False  # a tabular search ranks; `mlsd train --config best.yaml` registers
-    else:
-        dataset = prepare_dataset(cfg, home=home, log=log)
+    task = get_task(cfg.task)
+    dataset = task.prepare(cfg, home, log)
+    register = register and task.registers_best_trial
     ensure_ray(home)
     name = name or f"{dataset.manifest['name']}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
     run = TuneRun(name, storage.join(root, name), cfg, dataset)

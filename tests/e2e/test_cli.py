@@ -261,3 +261,32 @@ def test_tune_bad_space_exits_2_before_any_trial(tmp_path, args, message):
     assert result.returncode == 2, result.stderr
     assert message in json.loads(result.stdout)["error"]["message"]
     assert not (tmp_path / "tune").exists() or not any((tmp_path / "tune").iterdir())
+
+
+def test_a_users_task_from_its_own_package_runs_the_data_stage(tmp_path, cluster_env):
+    """A task defined outside mlsd_ray, named by --task package.module:Class, with no edit to
+    the package: the CLI loads it and runs its data stage; a task that does not load exits 2."""
+    package = tmp_path / "site" / "loans_task"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        "from mlsd_ray.tasks.tabular import TabularTask\n\n\n"
+        "class LoansTask(TabularTask):\n"
+        "    name = 'loans'\n")
+    rng = np.random.default_rng(0)
+    rows = ["income,city,bad"] + [f"{rng.normal(50, 10):.1f},{rng.choice(['a', 'b'])},"
+                                  f"{int(rng.random() < 0.3)}" for _ in range(200)]
+    (tmp_path / "loans.csv").write_text("\n".join(rows) + "\n")
+    env = {**cluster_env, "PYTHONPATH": str(tmp_path / "site")}
+    result = mlsd("data", "--task", "loans_task:LoansTask", "--example", "fraud",
+                  "--source", f"csv:{tmp_path / 'loans.csv'}", "--label", "bad", "--json",
+                  "--home", str(tmp_path / "home"), env=env)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["task"], summary["label"]) == ("binary", "bad")
+    assert sum(summary["counts"]["splits"].values()) == 200
+
+    missing = mlsd("train", "--task", "loans_task:Nope", "--home", str(tmp_path / "home"),
+                   env=env)
+    assert missing.returncode == 2, missing.stderr
+    assert "module 'loans_task' has no 'Nope'" in missing.stderr
+    assert "Traceback" not in missing.stderr

@@ -122,5 +122,5 @@ def test_fraud_example_config_runs_as_tabular_jobs():
     assert cfg.task == "tabular" and cfg.tabular.source == "breast-cancer"
     assert cfg.data.source == "digits"
     deploy = parser("deploy").parse_args(["--config", "mlsd_ray/examples/fraud.yaml"])
-    with pytest.raises(InputError, match="not yet written for tables"):
+    with pytest.raises(InputError, match="the tabular task has no deploy stage yet"):
         run_stage("deploy", deploy, log=lambda _: None)

@@ -1,0 +1,12 @@
+"""Tasks: what differs between kinds of model, behind one interface the stages call.
+
+`Task` (base.py) is the interface; `image` (the CNN on images) and `tabular` (the MLP on
+tables) are the two built in. `get_task(name)` (registry.py) finds a task by name: a built-in
+one, one a package registers under the `mlsd.tasks` entry point group, or `package.module:Name`
+for a class of one's own. docs/tasks.md says how to write one.
+"""
+
+from mlsd_ray.tasks.base import Task
+from mlsd_ray.tasks.registry import get_task, task_names
+
+__all__ = ["Task", "get_task", "task_names"]

@@ -1,0 +1,102 @@
+"""The task interface: the stage-level operations that differ between kinds of model.
+
+The commands (cli.py), the Ray jobs (jobs.py) and the search (tune.py) hold a `Task` and call
+it; none of them asks which task it has. A task prepares its data, builds the Ray Train
+trainer a training run or a Tune trial fits, runs the training stage (train, evaluate,
+register), runs its pipeline, and prints its own summaries. Operations a task does not offer
+raise `InputError` naming the task, so a command fails with exit 2 and a sentence, not a
+traceback.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from mlsd_ray.errors import InputError
+
+Log = Callable[[str], None]
+
+
+class Task(ABC):
+    """One kind of model. Subclass it, set `name` and `metric`, implement the abstract methods.
+
+    `metric` is the validation score (higher is better) that a search ranks trials by and
+    that early stopping watches. `cross_validation` says whether `mlsd tune --cv K` applies
+    (its folds are built from `prepared.load_split`, as image and label columns);
+    `registers_best_trial` whether a search registers its best trial's model.
+    """
+
+    name: ClassVar[str]
+    metric: ClassVar[str]
+    cross_validation: ClassVar[bool] = False
+    registers_best_trial: ClassVar[bool] = False
+
+    # ------------------------------------------------------------------ configuration
+
+    @abstractmethod
+    def set_source(self, cfg, source: str | None, label: str | None = None) -> None:
+        """Put `--source SPEC` and `--label COLUMN` where this task keeps them in `cfg`
+        (None leaves that one as it is)."""
+
+    # ------------------------------------------------------------------ stages
+
+    @abstractmethod
+    def prepare(self, cfg, home: str | None, log: Log, force: bool = False) -> Any:
+        """The data stage: validate, quarantine, split; returns the prepared data, which has
+        `.summary() -> dict` and the attributes the task's trainer reads."""
+
+    @abstractmethod
+    def trainer(self, cfg, prepared, run_name: str, storage_path: str,
+                datasets: dict | None = None, callbacks: list | None = None,
+                log: Log | None = None):
+        """A Ray Train trainer over `prepared` (or Tune's materialised `datasets`)."""
+
+    @abstractmethod
+    def search_datasets(self, prepared) -> dict:
+        """The splits a search materialises once and hands to every trial's `trainer`."""
+
+    @abstractmethod
+    def train(self, cfg, home: str | None, log: Log, run_name: str | None = None) -> dict:
+        """The training stage: prepare if needed, train, evaluate, register (as configured)."""
+
+    @abstractmethod
+    def pipeline(self, cfg, home: str | None, log: Log, *, force: bool = False,
+                 tune: bool = False, serve_check: bool = True, keep_serving: bool = False,
+                 monitor_loop: bool = True) -> dict:
+        """Every stage end to end; `{"task": name, "stages": {stage: summary}}`."""
+
+    def retrain(self, cfg, source: str, home: str | None, model: str, dry_run: bool,
+                log: Log) -> dict:
+        """Train a challenger on new data and promote it only through the gate."""
+        raise self.not_offered("retrain")
+
+    def smoke_retrain_source(self, home: str, log: Log) -> str:
+        """`retrain --smoke`'s new labelled data: written under `home`, returned as a source."""
+        raise self.not_offered("retrain")
+
+    def deploy(self, cfg, model: str | None, smoke: bool, home: str, log: Log) -> dict:
+        """Start the app on the cluster with `model`, or roll the running one over to it;
+        `smoke` checks one prediction over HTTP, then removes the app it started."""
+        raise self.not_offered("deploy")
+
+    # ------------------------------------------------------------------ the console
+
+    @abstractmethod
+    def render_data(self, summary: dict) -> None:
+        """Print the data stage's summary for a person."""
+
+    @abstractmethod
+    def render_train(self, summary: dict) -> None:
+        """Print the training stage's summary for a person."""
+
+    @abstractmethod
+    def render_pipeline(self, result: dict) -> None:
+        """Print the pipeline's summaries for a person."""
+
+    # ------------------------------------------------------------------ helpers
+
+    def not_offered(self, operation: str) -> InputError:
+        """The error for an operation this task does not have (exit 2 on the CLI)."""
+        return InputError(f"the {self.name} task has no {operation} stage yet")

@@ -1,0 +1,89 @@
+"""Find a task by name: built in, registered by a package, or `package.module:Name`.
+
+Like models.py's registry of architectures, but open: a package adds a task with an entry
+point, with no edit to mlsd_ray,
+
+    [project.entry-points."mlsd.tasks"]
+    sentiment = "my_package.tasks:SentimentTask"
+
+and `task: sentiment` (or `--task sentiment`) selects it; `task: my_package.tasks:SentimentTask`
+works without installing anything beyond the import path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from importlib.metadata import entry_points
+
+from mlsd_ray.errors import InputError
+from mlsd_ray.tasks.base import Task
+
+ENTRY_POINT_GROUP = "mlsd.tasks"
+BUILT_IN = {"image": "mlsd_ray.tasks.image:ImageTask",
+            "tabular": "mlsd_ray.tasks.tabular:TabularTask"}
+
+
+def task_names() -> list[str]:
+    """The tasks a config may name: the built-in ones and every installed entry point."""
+    return sorted({*BUILT_IN, *(e.name for e in entry_points(group=ENTRY_POINT_GROUP))})
+
+
+def get_task(name: str) -> Task:
+    """The task called `name` (see the module docstring), ready to use.
+
+    InputError when it cannot be found or imported, or when it does not implement the
+    interface (the message names the missing methods).
+    """
+    return _instance(_find(name), name)
+
+
+def check_task_name(name: str) -> str:
+    """`name` if it names a task that loads (for validating configs), else InputError."""
+    get_task(name)
+    return name
+
+
+def _find(name: str) -> object:
+    if name in BUILT_IN:
+        return _import(BUILT_IN[name], name)
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name == name:
+            try:
+                return entry.load()
+            except Exception as exc:  # a broken plugin: say which one and why
+                raise InputError(f"task {name!r} (entry point {entry.value}) does not "
+                                 f"import: {type(exc).__name__}: {exc}") from None
+    if ":" in name:
+        return _import(name, name)
+    raise InputError(f"unknown task {name!r}; the tasks are: {', '.join(task_names())}, or "
+                     "package.module:ClassName for a task of your own (docs/tasks.md)")
+
+
+def _import(reference: str, name: str) -> object:
+    module_name, _, attribute = reference.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InputError(f"task {name!r}: cannot import {module_name!r} ({exc}); is its "
+                         "package installed, or its folder on PYTHONPATH?") from None
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise InputError(f"task {name!r}: module {module_name!r} has no {attribute!r}") from None
+
+
+def _instance(found: object, name: str) -> Task:
+    if not (inspect.isclass(found) and issubclass(found, Task)):
+        missing = sorted(m for m in Task.__abstractmethods__ if not callable(getattr(found, m,
+                                                                                     None)))
+        raise InputError(f"task {name!r} is not a mlsd_ray.tasks.Task subclass"
+                         + (f"; it lacks {', '.join(missing)}" if missing else "")
+                         + " (docs/tasks.md)")
+    if found.__abstractmethods__:
+        raise InputError(f"task {name!r} does not implement "
+                         f"{', '.join(sorted(found.__abstractmethods__))} (docs/tasks.md)")
+    for attribute in ("name", "metric"):
+        if not isinstance(getattr(found, attribute, None), str):
+            raise InputError(f"task {name!r} sets no {attribute!r} (a class attribute string)")
+    return found()

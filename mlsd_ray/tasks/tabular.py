@@ -1,0 +1,125 @@
+"""The tabular task: an MLP on a table (fraud detection, or any CSV/parquet with a label).
+
+Its stages live in mlsd_ray/tabular/ (prepare.py, train.py, stage.py, pipeline.py, serve.py);
+this class is the face the commands, jobs and searches see.
+"""
+
+from __future__ import annotations
+
+from mlsd_ray.tasks.base import Log, Task
+
+VAL_SCORE = "val_score"  # mlsd_ray.tabular.train.VAL_SCORE: PR-AUC, macro F1 or R²
+
+
+class TabularTask(Task):
+    """Tables: the `tabular` section of the config (source, columns, the MLP, the decision)."""
+
+    name = "tabular"
+    metric = VAL_SCORE
+    # A search ranks trials and writes best.yaml; it registers nothing yet (training with
+    # `mlsd train --config best.yaml` does).
+    registers_best_trial = False
+
+    def set_source(self, cfg, source: str | None, label: str | None = None) -> None:
+        if source is not None:
+            cfg.tabular.source = source
+        if label is not None:
+            cfg.tabular.label = label
+
+    def prepare(self, cfg, home: str | None, log: Log, force: bool = False):
+        from mlsd_ray.tabular.prepare import prepare_table
+
+        return prepare_table(cfg, home=home, force=force, log=log)
+
+    def trainer(self, cfg, prepared, run_name: str, storage_path: str,
+                datasets: dict | None = None, callbacks: list | None = None,
+                log: Log | None = None):
+        from mlsd_ray.tabular.train import build_tabular_trainer
+
+        return build_tabular_trainer(cfg, prepared, run_name, storage_path, datasets=datasets,
+                                     callbacks=callbacks, log=log)
+
+    def search_datasets(self, prepared) -> dict:
+        from mlsd_ray.tabular.train import materialize_features
+
+        return materialize_features(prepared)
+
+    def train(self, cfg, home: str | None, log: Log, run_name: str | None = None) -> dict:
+        from mlsd_ray.tabular.stage import run_tabular_train
+
+        return run_tabular_train(cfg, home=home, log=log, run_name=run_name)
+
+    def pipeline(self, cfg, home: str | None, log: Log, *, force: bool = False,
+                 tune: bool = False, serve_check: bool = True, keep_serving: bool = False,
+                 monitor_loop: bool = True) -> dict:
+        """The tabular pipeline (it has no monitoring loop yet: `monitor_loop` is unused)."""
+        from mlsd_ray.tabular.pipeline import run_tabular_pipeline
+
+        return run_tabular_pipeline(cfg, home=home, force=force, log=log, tune=tune,
+                                    serve_check=serve_check, keep_serving=keep_serving)
+
+    def render_data(self, summary: dict) -> None:
+        render_table(summary)
+
+    def render_train(self, summary: dict) -> None:
+        render_tabular_train(summary)
+
+    def render_pipeline(self, result: dict) -> None:
+        render_tabular_pipeline(result["stages"])
+
+
+def render_table(summary: dict) -> None:
+    """The prepared table: task, label, rows, features, where it went."""
+    print(f"table {summary['name']} ({summary['task']}, label {summary['label']!r}): "
+          f"{summary['counts']['splits']} rows, {summary['features']} features, "
+          f"{summary['counts']['quarantined']} quarantined")
+    print(f"prepared: {summary['path']}" + (" (reused)" if summary["reused"] else ""))
+    print(f"quality report: {summary['quality_report']}")
+
+
+def render_tabular_train(summary: dict) -> None:
+    """The MLP beside the baseline, the decision, where the evaluation went."""
+    score = summary["score_name"]
+    print(f"run {summary['run_name']}: best epoch {summary['best_epoch']} of "
+          f"{summary['epochs_run']}, val {score} {summary['val_score']:.4f}, "
+          f"{summary['wall_seconds']} s")
+    keys = {"pr_auc": ["pr_auc", "roc_auc", "precision", "recall", "f1"],
+            "macro_f1": ["accuracy", "macro_f1"], "r2": ["mse", "mae", "r2"]}[score]
+    print("test:      " + "  ".join(f"{k} {summary['test'][k]:.4f}" for k in keys))
+    if summary.get("baseline"):
+        print("baseline:  " + "  ".join(f"{k} {summary['baseline'][k]:.4f}" for k in keys)
+              + f"  ({summary['baseline']['model']})")
+    if summary.get("decision"):
+        d = summary["decision"]
+        print(f"threshold {d['threshold']:.4f} ({d['objective']} {d.get('target')}, "
+              f"{'met' if d['met'] else 'not met'} on val)")
+    for name, path in summary["evaluation"].items():
+        print(f"{name}: {path}")
+    if "registered" in summary:
+        print(f"registered: {summary['registered']['uri']}")
+
+
+def render_tabular_pipeline(stages: dict) -> None:
+    """Every stage of the tabular pipeline, one block each."""
+    render_table(stages["data"])
+    if "tune" in stages:
+        searched = stages["tune"]
+        print(f"\ntuned {searched['trials']} trials: best {searched['best']['params']}")
+    print()
+    render_tabular_train(stages["train"])
+    promoted = stages.get("promote", {})
+    if "version" in promoted:
+        print(f"production: models:/{promoted['name']}@production (version "
+              f"{promoted['version']})")
+    if "serve" in stages:
+        served = stages["serve"]
+        print(f"\nserve check at {served['url']}: {served['records']} rows, version "
+              f"{served['model_version']}" + (f", decisions {served['decisions']}, "
+                                              f"{served['frauds_flagged']}/{served['frauds']} "
+                                              "positives flagged" if "decisions" in served
+                                              else "")
+              + f"; max |HTTP - offline| {served['max_abs_difference']:.2e}")
+        if "example" in served:
+            e = served["example"]
+            print(f"a large foreign transaction: {e['decision']} (score {e['score']:.4f}, "
+                  f"rules {e['rules']})")

@@ -1,0 +1,88 @@
+"""The task registry: built-in tasks, a user's task by `package.module:Class` and by entry
+point (a package installed on the path, found by importlib.metadata), and the sentences a task
+that cannot load gets."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from mlsd_ray.config import load_config
+from mlsd_ray.errors import InputError
+from mlsd_ray.tasks import Task, get_task, task_names
+from mlsd_ray.tasks.image import ImageTask
+from mlsd_ray.tasks.tabular import TabularTask
+
+USER_TASK = '''
+from mlsd_ray.tasks.tabular import TabularTask
+
+
+class ChurnTask(TabularTask):
+    """A user's task: tables, with its own name and default source."""
+
+    name = "churn"
+
+    def set_source(self, cfg, source, label=None):
+        super().set_source(cfg, source, label or "churned")
+
+
+class Incomplete:
+    def prepare(self, cfg, home, log, force=False):
+        return None
+'''
+
+
+@pytest.fixture
+def user_package(tmp_path, monkeypatch):
+    """`churnpkg` in a folder of its own, outside mlsd_ray, put on the import path."""
+    package = tmp_path / "site" / "churnpkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(textwrap.dedent(USER_TASK))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    return tmp_path / "site"
+
+
+def test_built_in_tasks_by_name():
+    assert {"image", "tabular"} <= set(task_names())
+    assert isinstance(get_task("image"), ImageTask) and get_task("image").cross_validation
+    assert isinstance(get_task("tabular"), TabularTask)
+    assert (get_task("image").metric, get_task("tabular").metric) == ("val_accuracy",
+                                                                        "val_score")
+
+
+def test_a_users_task_by_module_and_class(user_package):
+    task = get_task("churnpkg:ChurnTask")
+    assert isinstance(task, Task) and task.name == "churn"
+    cfg = load_config(None, ["task=churnpkg:ChurnTask"])
+    task.set_source(cfg, "csv:/data/customers.csv")
+    assert (cfg.tabular.source, cfg.tabular.label) == ("csv:/data/customers.csv", "churned")
+
+
+def test_a_users_task_by_entry_point(user_package):
+    """What `pip install` of a package declaring [project.entry-points."mlsd.tasks"] leaves."""
+    info = user_package / "churnpkg-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: churnpkg\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[mlsd.tasks]\nchurn = churnpkg:ChurnTask\n")
+    assert "churn" in task_names()
+    assert get_task("churn").name == "churn"
+    assert load_config(None, ["task=churn"]).task == "churn"
+
+
+@pytest.mark.parametrize("name, message", [
+    ("imag", "unknown task 'imag'; the tasks are: image, tabular"),
+    ("no_such_module:Task", "cannot import 'no_such_module'"),
+    ("churnpkg:Missing", "module 'churnpkg' has no 'Missing'"),
+    ("churnpkg:Incomplete", "not a mlsd_ray.tasks.Task subclass; it lacks pipeline, "
+                            "render_data"),
+    ("mlsd_ray.tasks.base:Task", "does not implement pipeline, prepare, render_data"),
+])
+def test_a_task_that_cannot_load_is_named_with_what_is_wrong(user_package, name, message):
+    with pytest.raises(InputError) as error:
+        get_task(name)
+    assert message in str(error.value)
+    with pytest.raises(InputError) as from_config:  # the config says the same, naming the key
+        load_config(None, [f"task={name}"])
+    assert str(from_config.value) == f"config key 'task': {error.value}"
+
