@@ -117,27 +117,25 @@ def evaluate(model: Annotated[str, typer.Option(
                  "--dataset", help="Prepared dataset folder (default: the model's own).")] = None,
              home: HomeOption = None, as_json: JsonOption = False,
              verbose: VerboseOption = False) -> None:
-    """Report a trained model's accuracy, macro precision/recall/F1 and per-class table.
+    """Report a trained model's metrics on a split of its dataset, beside a reference model.
 
-    Writes report.json, report.md, confusion_matrix.png and learning_curves.png under
-    $MLSD_HOME/reports/RUN_NAME/SPLIT/, with an SVC on flattened pixels, fitted in the same run,
-    as a reference row.
+    The model's checkpoint says which task trained it. Images: accuracy, macro
+    precision/recall/F1, a per-class table, confusion_matrix.png and learning_curves.png, with an
+    SVC on flattened pixels as the reference. Tables: the MLP at its threshold (PR-AUC, ROC-AUC,
+    precision, recall, F1; macro F1; or MSE, MAE, R²) beside the HistGradientBoosting baseline,
+    on the test split. Writes report.json and report.md under $MLSD_HOME/reports/RUN_NAME/SPLIT/.
     """
-    from mlsd_ray.evaluate import evaluate_checkpoint
-
-    def render(summary: dict) -> None:
-        print(f"{summary['split']}: {summary['samples']} images, accuracy "
-              f"{summary['accuracy']:.4f}, macro F1 {summary['macro_f1']:.4f} "
-              f"(SVC reference {summary['baseline_accuracy']:.4f})")
-        print(f"report: {summary['report']}")
-        print(f"plots: {summary['confusion_matrix_png']}, {summary['learning_curves_png']}")
+    chosen = ChosenTask()
 
     def work() -> dict:
         from mlsd_ray.registry import resolve
+        from mlsd_ray.tasks import task_of_checkpoint
 
-        return evaluate_checkpoint(resolve(model, home), split, home, dataset)
+        path = resolve(model, home)
+        chosen.task = task_of_checkpoint(path)  # the task that trained it: no flag needed
+        return chosen.task.evaluate(path, split, home, dataset)
 
-    run(as_json, work, render, verbose=verbose)
+    run(as_json, work, lambda summary: chosen.task.render_evaluation(summary), verbose=verbose)
 
 
 @app.command()

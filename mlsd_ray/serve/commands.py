@@ -51,9 +51,13 @@ def serve(ctx: typer.Context, config: ConfigOption = None, set_: SetOption = Non
           detach: Annotated[bool, typer.Option(
               "--detach", help="Return once healthy and leave the app running (stop it with "
                                "`mlsd serve stop`).")] = False) -> None:
-    """Serve a model: POST /v1/predict, GET /v1/health, GET /v1/model, OpenAPI at /docs.
+    """Serve a model with the app of the task that trained it (its checkpoint says which).
 
-    Runs until Ctrl-C, or with --detach returns once the app answers /v1/health. The alias is
+    Images: POST /v1/predict, GET /v1/health, GET /v1/model, OpenAPI at /docs. Tables: POST
+    /v1/fraud/score (a decision per record: threshold and rules), GET /v1/fraud/health,
+    GET /v1/fraud/model, the policy and rules, OpenAPI at /v1/fraud/docs.
+
+    Runs until Ctrl-C, or with --detach returns once the app answers its health check. The alias is
     pinned to its version at start; move versions with `mlsd deploy`. Set MLSD_API_TOKEN to
     require `Authorization: Bearer <token>`. Subcommands: `status`, `stop`.
     """
@@ -77,7 +81,7 @@ def serve(ctx: typer.Context, config: ConfigOption = None, set_: SetOption = Non
         model_info = summary["model"]
         print(f"serving {model_info['name']} version {model_info['version']} at "
               f"{summary['url']} (healthy after {summary['seconds_to_healthy']} s)")
-        print(f"try: curl {summary['url']}/v1/model    API docs: {summary['docs']}")
+        print(f"try: curl {summary['url']}{summary['model_path']}    API docs: {summary['docs']}")
         if detach:
             print("running in the background: `mlsd serve status`, `mlsd serve stop`")
 

@@ -31,21 +31,23 @@ HEALTH_TIMEOUT_S = 120.0
 def resolve_model_ref(ref: str, home: str | None) -> dict:
     """Pin a model reference to one version before deploying (an alias may move later).
 
-    Returns {"uri", "name", "version"}; InputError (exit 2) when it does not resolve.
+    Returns {"uri", "name", "version", "path"} (`path`: the checkpoint on this machine);
+    InputError (exit 2) when it does not resolve.
     """
     from mlsd_ray import registry
     from mlsd_ray.checkpoint import verify
 
     if ref.startswith("models:/"):
         info = registry.show(ref, home)
-        registry.resolve(info["uri"], home)  # download now: a broken artifact fails here
-        return {"uri": info["uri"], "name": info["name"], "version": str(info["version"])}
+        path = registry.resolve(info["uri"], home)  # download now: a broken artifact fails here
+        return {"uri": info["uri"], "name": info["name"], "version": str(info["version"]),
+                "path": path}
     path = os.path.abspath(ref)
     if not os.path.isdir(path):
         raise InputError(f"model {ref!r} is neither models:/NAME[/VERSION|@ALIAS] nor a "
                          "checkpoint directory")
     verify(path)
-    return {"uri": path, "name": os.path.basename(path), "version": "local"}
+    return {"uri": path, "name": os.path.basename(path), "version": "local", "path": path}
 
 
 def state_file(home: str | None, app_name: str) -> Path:
@@ -67,26 +69,32 @@ def url_of(settings: ServeConfig) -> str:
 
 def start(settings: ServeConfig, home: str | None = None, detach: bool = False,
           log: Callable[[str], None] = log_stderr) -> dict:
-    """Deploy the app and wait until it answers /v1/health; returns where and what is served."""
+    """Deploy the app of the task that trained the model (its checkpoint says which) and wait
+    until it answers its health check; returns where and what is served."""
     from ray import serve
 
+    from mlsd_ray.tasks import task_of_checkpoint
+
     quiet_serve_console()
-
-    from mlsd_ray.serve.app import app_from_config
-
     model = resolve_model_ref(settings.model, home)
+    task = task_of_checkpoint(model["path"])
     settings = settings.model_copy(update={"model": model["uri"]})
     cluster = _connect_for(home, settings, detach, log)
     serve.start(proxy_location=settings.proxy_location,
                 http_options={"host": settings.host, "port": settings.port})
-    log(f"deploying {model['uri']} as app {settings.app_name!r} ({settings.router} routing, "
-        f"{settings.autoscaling.min_replicas}-{settings.autoscaling.max_replicas} replicas)")
+    log(f"deploying {model['uri']} ({task.name} task) as app {settings.app_name!r} "
+        f"({settings.router} routing, {settings.autoscaling.min_replicas}-"
+        f"{settings.autoscaling.max_replicas} replicas)")
     started = time.perf_counter()
-    serve.run(app_from_config(settings, home), name=settings.app_name, route_prefix="/")
+    served = task.serve_application(settings, model["path"], home)
+    serve.run(served.application, name=settings.app_name, route_prefix=served.route_prefix)
     url = url_of(settings)
-    health = wait_healthy(url)
-    summary = {"url": url, "docs": f"{url}/docs", "app_name": settings.app_name,
-               "model": model, "seconds_to_healthy": round(time.perf_counter() - started, 2),
+    health = wait_healthy(url, path=served.health_path)
+    summary = {"url": url, "docs": f"{url}{served.route_prefix.rstrip('/')}/docs",
+               "app_name": settings.app_name, "task": task.name, "model": model,
+               "route_prefix": served.route_prefix, "model_path": served.model_path,
+               **{name: f"{url}{path}" for name, path in served.endpoints.items()},
+               "seconds_to_healthy": round(time.perf_counter() - started, 2),
                "detached": detach, **cluster, "serve": settings.model_dump(mode="json"),
                "home": storage.home(home), "served_version": health["model_version"]}
     path = state_file(home, settings.app_name)
@@ -279,7 +287,7 @@ def status(home: str | None = None, app_name: str = "mlsd") -> dict:
                                        for k, v in d.replica_states.items()}}
                    for name, d in app.deployments.items()}
     try:
-        served = get_json(f"{state['url']}/v1/model")
+        served = get_json(f"{state['url']}{state.get('model_path', '/v1/model')}")
     except (OSError, ValueError) as exc:
         served = {"error": str(exc)}
     return {"app_name": app_name, "url": state["url"], "status": str(app.status.value if hasattr(
@@ -309,22 +317,26 @@ def _join_recorded(state: dict) -> None:
 
 def deploy(model_ref: str, home: str | None = None, app_name: str = "mlsd",
            log: Callable[[str], None] = log_stderr) -> dict:
-    """Move the running app to another model version with a rolling update."""
+    """Move the running app to another model version of the same task (a rolling update)."""
     from ray import serve
 
+    from mlsd_ray.tasks import task_of_checkpoint
+
     quiet_serve_console()
-
-    from mlsd_ray.serve.app import app_from_config
-
     state = read_state(home, app_name)
     model = resolve_model_ref(model_ref, home)
+    task = task_of_checkpoint(model["path"])
+    if task.name != state.get("task", "image"):
+        raise InputError(f"{model_ref} is a {task.name} model; app {app_name!r} serves the "
+                         f"{state.get('task', 'image')} task: start another app for it")
     settings = ServeConfig.model_validate({**state["serve"], "model": model["uri"]})
     _join_recorded(state)
     before = state["model"]
     log(f"rolling update of {app_name!r}: {before['uri']} -> {model['uri']}")
     started = time.perf_counter()
-    serve.run(app_from_config(settings, state["home"]), name=app_name, route_prefix="/")
-    served = get_json(f"{state['url']}/v1/model")
+    served_app = task.serve_application(settings, model["path"], state["home"])
+    serve.run(served_app.application, name=app_name, route_prefix=served_app.route_prefix)
+    served = get_json(f"{state['url']}{served_app.model_path}")
     state.update(model=model, serve=settings.model_dump(mode="json"),
                  served_version=served["model_version"])
     state_file(home, app_name).write_text(json.dumps(state, indent=2))

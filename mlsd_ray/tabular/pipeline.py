@@ -58,13 +58,12 @@ def serve_check_fraud(cfg: Config, model: str, table, home: str | None,
     from mlsd_ray import registry
     from mlsd_ray.serve import control
     from mlsd_ray.serve.client import post_json
-    from mlsd_ray.tabular.serve import start_fraud
     from mlsd_ray.tabular.train import load_tabular
 
     settings = cfg.serve.model_copy(update={"model": model})
     if not keep_serving and control.port_in_use(settings.host, settings.port):
         settings.port = control.free_port(settings.host)
-    summary = start_fraud(settings, cfg.tabular, home, log)
+    summary = control.start(settings, home, log=log)  # the checkpoint's task: the fraud app
     try:
         test = table.load_split("test")
         rows = _check_rows(test, table.label, table.manifest["task"])
@@ -91,6 +90,7 @@ def serve_check_fraud(cfg: Config, model: str, table, home: str | None,
             control.serve_until_interrupted({**summary, "home": home}, log)
         else:
             control.remove_app(settings.app_name)
+            control.state_file(home, settings.app_name).unlink(missing_ok=True)
 
 
 def _check_rows(test, label: str, task: str):

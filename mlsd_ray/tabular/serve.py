@@ -27,7 +27,6 @@ from ray import serve
 
 from mlsd_ray import __version__
 from mlsd_ray.config import ServeConfig, TabularConfig
-from mlsd_ray.runtime import quiet_serve_console
 from mlsd_ray.serve.app import (
     REQUEST_ID_HEADER,
     _error,
@@ -273,29 +272,3 @@ def fraud_app(settings: ServeConfig, tabular: TabularConfig, home: str | None = 
     return FraudIngress.options(ray_actor_options={"num_cpus": settings.ingress_num_cpus},
                                 max_ongoing_requests=max(256, 4 * settings.max_ongoing_requests),
                                 ).bind(model, ingress)
-
-
-def start_fraud(settings: ServeConfig, tabular: TabularConfig, home: str | None = None,
-                log=print) -> dict:
-    """Deploy the fraud app at /v1/fraud and wait until it answers its health check."""
-    from mlsd_ray.serve import control
-
-    model = control.resolve_model_ref(settings.model, home)
-    settings = settings.model_copy(update={"model": model["uri"]})
-    cluster = control._connect_for(home, settings, False, log)
-    quiet_serve_console()
-    serve.start(proxy_location=settings.proxy_location,
-                http_options={"host": settings.host, "port": settings.port})
-    log(f"deploying {model['uri']} as app {settings.app_name!r} at {PREFIX}")
-    started = time.perf_counter()
-    app = fraud_app(settings, tabular, home)
-    policy = policy_file(home, settings.app_name)
-    if os.path.exists(policy):  # a new deployment starts from its config, not the last policy
-        os.remove(policy)
-    serve.run(app, name=settings.app_name, route_prefix=PREFIX)
-    url = control.url_of(settings)
-    health = control.wait_healthy(url, path=f"{PREFIX}/health")
-    return {"url": url, "score_url": f"{url}{PREFIX}/score", "docs": f"{url}{PREFIX}/docs",
-            "app_name": settings.app_name, "model": model, "served_version":
-            health["model_version"], "seconds_to_healthy": round(time.perf_counter() - started,
-                                                                 2), **cluster}

@@ -12,11 +12,28 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from mlsd_ray.errors import InputError
 
 Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ServedApp:
+    """A task's Ray Serve application and where its routes are, below `route_prefix`.
+
+    `health_path` answers 200 with the served `model_version` once a replica holds the model;
+    `model_path` describes the served model (its `uri` and `model_version`); `endpoints` name
+    the routes clients call, e.g. {"predict_url": "/v1/predict"}.
+    """
+
+    application: Any  # ray.serve.Application
+    route_prefix: str
+    health_path: str
+    model_path: str
+    endpoints: dict[str, str] = field(default_factory=dict)
 
 
 class Task(ABC):
@@ -66,6 +83,21 @@ class Task(ABC):
                  tune: bool = False, serve_check: bool = True, keep_serving: bool = False,
                  monitor_loop: bool = True) -> dict:
         """Every stage end to end; `{"task": name, "stages": {stage: summary}}`."""
+
+    def serve_application(self, settings, checkpoint_dir: str, home: str | None) -> ServedApp:
+        """The Serve application for the model in `checkpoint_dir`; `settings` (the `serve`
+        config section) holds its pinned URI in `settings.model`."""
+        raise self.not_offered("serve")
+
+    def evaluate(self, checkpoint_dir: str, split: str, home: str | None,
+                 dataset_path: str | None = None) -> dict:
+        """Score the model in `checkpoint_dir` on a split of the dataset it was trained on
+        (or of `dataset_path`); write the report under home/reports/RUN/SPLIT."""
+        raise self.not_offered("evaluate")
+
+    def render_evaluation(self, summary: dict) -> None:
+        """Print an evaluation's summary for a person."""
+        print(f"report: {summary.get('report', summary)}")
 
     def retrain(self, cfg, source: str, home: str | None, model: str, dry_run: bool,
                 log: Log) -> dict:

@@ -7,7 +7,7 @@ retrain.py, serve/); this class is the face the commands, jobs and searches see.
 from __future__ import annotations
 
 from mlsd_ray.errors import InputError
-from mlsd_ray.tasks.base import Log, Task
+from mlsd_ray.tasks.base import Log, ServedApp, Task
 
 VAL_METRIC = "val_accuracy"  # the same name as mlsd_ray.train.VAL_METRIC, without importing torch
 
@@ -58,6 +58,25 @@ class ImageTask(Task):
         return run_pipeline(cfg, home=home, force=force, log=log, tune=tune,
                             serve_check=serve_check, keep_serving=keep_serving,
                             monitor_loop=monitor_loop)
+
+    def serve_application(self, settings, checkpoint_dir: str, home: str | None) -> ServedApp:
+        from mlsd_ray.serve.app import app_from_config
+
+        return ServedApp(app_from_config(settings, home), "/", "/v1/health", "/v1/model",
+                         {"predict_url": "/v1/predict"})
+
+    def evaluate(self, checkpoint_dir: str, split: str, home: str | None,
+                 dataset_path: str | None = None) -> dict:
+        from mlsd_ray.evaluate import evaluate_checkpoint
+
+        return evaluate_checkpoint(checkpoint_dir, split, home, dataset_path)
+
+    def render_evaluation(self, summary: dict) -> None:
+        print(f"{summary['split']}: {summary['samples']} images, accuracy "
+              f"{summary['accuracy']:.4f}, macro F1 {summary['macro_f1']:.4f} "
+              f"(SVC reference {summary['baseline_accuracy']:.4f})")
+        print(f"report: {summary['report']}")
+        print(f"plots: {summary['confusion_matrix_png']}, {summary['learning_curves_png']}")
 
     def retrain(self, cfg, source: str, home: str | None, model: str, dry_run: bool,
                 log: Log) -> dict:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from mlsd_ray.errors import InputError
 from mlsd_ray.tasks.base import Task
@@ -42,6 +44,20 @@ def check_task_name(name: str) -> str:
     """`name` if it names a task that loads (for validating configs), else InputError."""
     get_task(name)
     return name
+
+
+def task_of_checkpoint(directory: str) -> Task:
+    """The task that trained the checkpoint in `directory`, read from the config its
+    metadata.json records; InputError naming the task when it does not load here."""
+    metadata = Path(directory, "metadata.json")
+    if not metadata.is_file():
+        raise InputError(f"no checkpoint at {directory} (metadata.json missing)")
+    name = json.loads(metadata.read_text()).get("config", {}).get("task", "image")
+    try:
+        return get_task(name)
+    except InputError as exc:
+        raise InputError(f"the model at {directory} was trained by the task {name!r}, which "
+                         f"does not load here: {exc}") from None
 
 
 def _find(name: str) -> object:

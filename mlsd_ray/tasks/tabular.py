@@ -6,9 +6,12 @@ this class is the face the commands, jobs and searches see.
 
 from __future__ import annotations
 
-from mlsd_ray.tasks.base import Log, Task
+from mlsd_ray.tasks.base import Log, ServedApp, Task
 
 VAL_SCORE = "val_score"  # mlsd_ray.tabular.train.VAL_SCORE: PR-AUC, macro F1 or R²
+# The metrics a summary shows, by the name of the score the task ranks by.
+SCORE_KEYS = {"pr_auc": ["pr_auc", "roc_auc", "precision", "recall", "f1"],
+              "macro_f1": ["accuracy", "macro_f1"], "r2": ["mse", "mae", "r2"]}
 
 
 class TabularTask(Task):
@@ -58,6 +61,38 @@ class TabularTask(Task):
         return run_tabular_pipeline(cfg, home=home, force=force, log=log, tune=tune,
                                     serve_check=serve_check, keep_serving=keep_serving)
 
+    def serve_application(self, settings, checkpoint_dir: str, home: str | None) -> ServedApp:
+        """The fraud scoring app (threshold, rules, policy) with the `tabular` section the
+        model was trained with, from its checkpoint."""
+        return fraud_application(settings, _trained_config(checkpoint_dir).tabular, home)
+
+    def evaluate(self, checkpoint_dir: str, split: str, home: str | None,
+                 dataset_path: str | None = None) -> dict:
+        """The MLP at its stored threshold beside the baseline, on the test split."""
+        from mlsd_ray import storage
+        from mlsd_ray.errors import InputError
+        from mlsd_ray.tabular.prepare import PreparedTable
+        from mlsd_ray.tabular.stage import evaluate_checkpoint
+
+        if split != "test":
+            raise InputError(f"a tabular model is evaluated on its test split, not {split!r} "
+                             "(its threshold was chosen on val)")
+        metadata = storage.read_json(storage.join(checkpoint_dir, "metadata.json"))
+        table = PreparedTable.open(dataset_path or metadata["dataset"]["path"])
+        out = storage.join(storage.home(home), "reports", metadata["run_name"], split)
+        report = evaluate_checkpoint(_trained_config(checkpoint_dir), table, checkpoint_dir,
+                                     out)
+        return {**report, "model": checkpoint_dir, "run_name": metadata["run_name"],
+                "path": out}
+
+    def render_evaluation(self, summary: dict) -> None:
+        keys = SCORE_KEYS[summary["score_name"]]
+        print(f"{summary['split']} ({summary['task']}):")
+        print("MLP:       " + "  ".join(f"{k} {summary['mlp'][k]:.4f}" for k in keys))
+        if summary.get("baseline"):
+            print("baseline:  " + "  ".join(f"{k} {summary['baseline'][k]:.4f}" for k in keys))
+        print(f"report: {summary['report_md']}")
+
     def render_data(self, summary: dict) -> None:
         render_table(summary)
 
@@ -66,6 +101,28 @@ class TabularTask(Task):
 
     def render_pipeline(self, result: dict) -> None:
         render_tabular_pipeline(result["stages"])
+
+
+def fraud_application(settings, tabular, home: str | None) -> ServedApp:
+    """The fraud app at /v1/fraud, starting from its config's policy (not the last one set)."""
+    import os
+
+    from mlsd_ray.tabular.serve import PREFIX, fraud_app, policy_file
+
+    policy = policy_file(home, settings.app_name)
+    if os.path.exists(policy):
+        os.remove(policy)
+    return ServedApp(fraud_app(settings, tabular, home), PREFIX, f"{PREFIX}/health",
+                     f"{PREFIX}/model", {"score_url": f"{PREFIX}/score"})
+
+
+def _trained_config(checkpoint_dir: str):
+    """The config a checkpoint was trained with (its metadata.json)."""
+    from mlsd_ray import storage
+    from mlsd_ray.config import Config
+
+    metadata = storage.read_json(storage.join(checkpoint_dir, "metadata.json"))
+    return Config.model_validate(metadata["config"])
 
 
 def render_table(summary: dict) -> None:
@@ -83,8 +140,7 @@ def render_tabular_train(summary: dict) -> None:
     print(f"run {summary['run_name']}: best epoch {summary['best_epoch']} of "
           f"{summary['epochs_run']}, val {score} {summary['val_score']:.4f}, "
           f"{summary['wall_seconds']} s")
-    keys = {"pr_auc": ["pr_auc", "roc_auc", "precision", "recall", "f1"],
-            "macro_f1": ["accuracy", "macro_f1"], "r2": ["mse", "mae", "r2"]}[score]
+    keys = SCORE_KEYS[score]
     print("test:      " + "  ".join(f"{k} {summary['test'][k]:.4f}" for k in keys))
     if summary.get("baseline"):
         print("baseline:  " + "  ".join(f"{k} {summary['baseline'][k]:.4f}" for k in keys)

@@ -5,6 +5,7 @@ threshold, rules and bad-input handling, diabetes regression, and a tabular Tune
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,6 @@ from mlsd_ray.config import load_config
 from mlsd_ray.serve import control
 from mlsd_ray.tabular.prepare import prepare_table
 from mlsd_ray.tabular.preprocess import Featurizer
-from mlsd_ray.tabular.serve import start_fraud
 from mlsd_ray.tabular.stage import run_tabular_train
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -83,17 +83,71 @@ def test_mlp_beats_chance_beside_the_baseline(fraud_model):
     assert open(summary["evaluation"]["pr_curve"], "rb").read(4) == b"\x89PNG"
 
 
+def test_evaluate_finds_the_task_in_the_checkpoint(fraud_model, tmp_path):
+    """`mlsd evaluate --model models:/fraud-mlp/1` with no task flag: the checkpoint says the
+    tabular task trained it, and its report matches the training stage's test metrics."""
+    import subprocess
+    import sys
+
+    _, summary, home = fraud_model
+    result = subprocess.run([sys.executable, "-m", "mlsd_ray.cli", "evaluate", "--model",
+                             summary["registered"]["uri"], "--json", "--home", home],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["task"], report["split"], report["score_name"]) == ("binary", "test",
+                                                                        "pr_auc")
+    assert report["mlp"]["pr_auc"] == pytest.approx(summary["test"]["pr_auc"])
+    assert report["baseline"]["model"] == "HistGradientBoostingClassifier"
+    assert open(report["report_md"]).read().startswith("# Evaluation on the test split")
+    on_val = subprocess.run([sys.executable, "-m", "mlsd_ray.cli", "evaluate", "--model",
+                             summary["registered"]["uri"], "--split", "val", "--home", home],
+                            capture_output=True, text=True, timeout=300)
+    assert on_val.returncode == 2 and "evaluated on its test split" in on_val.stderr
+
+
+def test_mlsd_serve_serves_the_fraud_model(fraud_model, ray_session):
+    """`mlsd serve --model models:/fraud-mlp/1 --detach`: the checkpoint's task picks the fraud
+    app; one transaction is scored over HTTP; `serve status` and `serve stop` work on it."""
+    import subprocess
+    import sys
+
+    _, summary, home = fraud_model
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+
+    def mlsd(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mlsd_ray.cli", *args, "--home", home],
+                              capture_output=True, text=True, timeout=300, env=env)
+
+    started = mlsd("serve", "--model", summary["registered"]["uri"], "--detach", "--json",
+                   "--port", str(control.free_port()))
+    assert started.returncode == 0, started.stderr
+    app = json.loads(started.stdout)
+    try:
+        assert (app["task"], app["served_version"]) == ("tabular", "1")
+        answer = requests.post(app["score_url"], json={"records": [RECORD]}, timeout=30).json()
+        assert answer["model_version"] == "1"
+        assert answer["results"][0]["decision"] in ("approve", "review", "decline")
+        status = mlsd("serve", "status", "--json")
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["model_version"] == "1"
+    finally:
+        stopped = mlsd("serve", "stop")
+    assert stopped.returncode == 0, stopped.stderr
+
+
 @pytest.fixture(scope="module")
 def fraud_url(fraud_model):
-    from ray import serve
 
     cfg, summary, home = fraud_model
     settings = cfg.serve.model_copy(update={"model": summary["registered"]["uri"],
                                             "port": control.free_port(),
                                             "max_body_bytes": 4096})
-    served = start_fraud(settings, cfg.tabular, home, log=print)
+    served = control.start(settings, home, log=print)  # its checkpoint says: tabular
+    assert (served["task"], served["route_prefix"]) == ("tabular", "/v1/fraud")
     yield served["score_url"].removesuffix("/score")
-    serve.delete(settings.app_name)
+    control.remove_app(settings.app_name)  # and Serve with it: the next app picks its port
+    control.state_file(home, settings.app_name).unlink(missing_ok=True)
 
 
 RECORD = {"amount": 12000.0, "merchant_category": "crypto", "country": "NG", "hour": 3,

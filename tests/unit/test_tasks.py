@@ -4,6 +4,7 @@ that cannot load gets."""
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 import pytest
@@ -86,3 +87,21 @@ def test_a_task_that_cannot_load_is_named_with_what_is_wrong(user_package, name,
         load_config(None, [f"task={name}"])
     assert str(from_config.value) == f"config key 'task': {error.value}"
 
+
+
+def test_a_checkpoint_names_the_task_that_trained_it(tmp_path):
+    from mlsd_ray.tasks import task_of_checkpoint
+
+    def checkpoint(task: str):
+        folder = tmp_path / task.replace(":", "-")
+        folder.mkdir()
+        (folder / "metadata.json").write_text(json.dumps({"config": {"task": task}}))
+        return str(folder)
+
+    assert task_of_checkpoint(checkpoint("tabular")).name == "tabular"
+    assert task_of_checkpoint(checkpoint("image")).name == "image"
+    with pytest.raises(InputError, match="trained by the task 'loans_pkg:LoansTask', which "
+                                         "does not load here: .*cannot import 'loans_pkg'"):
+        task_of_checkpoint(checkpoint("loans_pkg:LoansTask"))
+    with pytest.raises(InputError, match="no checkpoint at"):
+        task_of_checkpoint(str(tmp_path / "nothing"))
