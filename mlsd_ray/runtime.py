@@ -45,9 +45,7 @@ def ensure_ray(home: str | None = None) -> None:
     _tune_train_controller()
     if not ray.is_initialized():
         to_console = _settings["verbose"] and not _settings["quiet"]
-        if not to_console:  # "token authentication is enabled": Ray 2.60's default, expected
-            logging.getLogger("ray._private.authentication.authentication_token_setup"
-                              ).setLevel(logging.ERROR)
+        quiet_token_notice()
         ray.init(address=_address(), include_dashboard=True, log_to_driver=to_console,
                  logging_level=logging.WARNING)
         if not to_console:
@@ -55,6 +53,14 @@ def ensure_ray(home: str | None = None) -> None:
     from mlsd_ray.cluster import check_shared_storage
 
     check_shared_storage(home)
+
+
+def quiet_token_notice() -> None:
+    """Ray 2.60 warns "Token authentication is enabled" whenever a driver connects: expected
+    (its default), so on the console only with --verbose."""
+    if not _settings["verbose"] or _settings["quiet"]:
+        logging.getLogger("ray._private.authentication.authentication_token_setup"
+                          ).setLevel(logging.ERROR)
 
 
 def quiet_serve_console() -> None:

@@ -236,6 +236,7 @@ def _join(address: str) -> None:
 
     from mlsd_ray import runtime
 
+    runtime.quiet_token_notice()
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
