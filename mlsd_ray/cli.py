@@ -88,12 +88,14 @@ def train(source: SourceOption = None, config: ConfigOption = None, set_: SetOpt
           run_name: Annotated[str | None, typer.Option(
               "--run-name", help="Name of the run; an existing name resumes it.")] = None,
           example: ExampleOption = None, label: LabelOption = None,
-         task: TaskOption = None) -> None:
-    """Train a CNN data-parallel with Ray Train on the prepared dataset.
+          task: TaskOption = None) -> None:
+    """Train data-parallel with Ray Train on the prepared dataset: the CNN, or with --example
+    fraud the MLP beside its baseline.
 
-    Runs the data stage first when its output is missing. Checkpoints every epoch under
-    $MLSD_HOME/runs/RUN_NAME/, keeps the best by val accuracy, survives worker failures, and
-    reports the best checkpoint's accuracy on the test split.
+    Runs the data stage first when its output is missing. Checkpoints every
+    train.checkpoint_every epochs, at each new best and at the end, under
+    $MLSD_HOME/runs/RUN_NAME/; keeps the best by the task's val score, survives worker
+    failures, and reports the best checkpoint's scores on the test split.
     """
     flags = {"train.num_workers": num_workers, "train.cpus_per_worker": cpus_per_worker,
              "train.epochs": epochs, "train.use_gpu": True if use_gpu else None}
@@ -242,7 +244,7 @@ def pipeline(source: SourceOption = None, config: ConfigOption = None, set_: Set
                  "--loop/--no-loop", help="After the serve check, run the monitoring loop on "
                                           "the live app: traffic, drift, retrain, rollout.")
              ] = True, example: ExampleOption = None, label: LabelOption = None,
-         task: TaskOption = None) -> None:
+             task: TaskOption = None) -> None:
     """Run every stage end to end on the configured source (default: the embedded digits).
 
     data -> [tune] -> train -> register -> evaluate -> promote the first version to production

@@ -64,12 +64,16 @@ class TabularTask(Task):
     def serve_application(self, settings, checkpoint_dir: str, home: str | None) -> ServedApp:
         """The fraud scoring app (threshold, rules, policy) with the `tabular` section the
         model was trained with, from its checkpoint."""
-        return fraud_application(settings, _trained_config(checkpoint_dir).tabular, home)
+        from mlsd_ray.config import Config
+
+        trained = Config.model_validate(_metadata(checkpoint_dir)["config"])
+        return fraud_application(settings, trained.tabular, home)
 
     def evaluate(self, checkpoint_dir: str, split: str, home: str | None,
                  dataset_path: str | None = None) -> dict:
         """The MLP at its stored threshold beside the baseline, on the test split."""
         from mlsd_ray import storage
+        from mlsd_ray.config import Config
         from mlsd_ray.errors import InputError
         from mlsd_ray.tabular.prepare import PreparedTable
         from mlsd_ray.tabular.stage import evaluate_checkpoint
@@ -77,11 +81,11 @@ class TabularTask(Task):
         if split != "test":
             raise InputError(f"a tabular model is evaluated on its test split, not {split!r} "
                              "(its threshold was chosen on val)")
-        metadata = storage.read_json(storage.join(checkpoint_dir, "metadata.json"))
+        metadata = _metadata(checkpoint_dir)
         table = PreparedTable.open(dataset_path or metadata["dataset"]["path"])
         out = storage.join(storage.home(home), "reports", metadata["run_name"], split)
-        report = evaluate_checkpoint(_trained_config(checkpoint_dir), table, checkpoint_dir,
-                                     out)
+        report = evaluate_checkpoint(Config.model_validate(metadata["config"]), table,
+                                     checkpoint_dir, out)
         return {**report, "model": checkpoint_dir, "run_name": metadata["run_name"],
                 "path": out}
 
@@ -116,13 +120,11 @@ def fraud_application(settings, tabular, home: str | None) -> ServedApp:
                      f"{PREFIX}/model", {"score_url": f"{PREFIX}/score"})
 
 
-def _trained_config(checkpoint_dir: str):
-    """The config a checkpoint was trained with (its metadata.json)."""
+def _metadata(checkpoint_dir: str) -> dict:
+    """A checkpoint's metadata.json: its run, its dataset and the config it was trained with."""
     from mlsd_ray import storage
-    from mlsd_ray.config import Config
 
-    metadata = storage.read_json(storage.join(checkpoint_dir, "metadata.json"))
-    return Config.model_validate(metadata["config"])
+    return storage.read_json(storage.join(checkpoint_dir, "metadata.json"))
 
 
 def render_table(summary: dict) -> None:
