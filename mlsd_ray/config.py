@@ -253,6 +253,9 @@ class MonitorConfig(StrictModel):
                                    "distance between the two distributions must reach this.")
     confidence_drop: float = Field(0.05, gt=0, le=1, description="Mean confidence this much "
                                    "below the reference (with KS p < ks_alpha) is a shift.")
+    missing_shift: float = Field(0.1, gt=0, le=1, description="Tables: a column's share of "
+                                 "missing values this far from training's (with a binomial "
+                                 "test p < ks_alpha) is a shift.")
     min_samples: int = Field(30, ge=1, description="Fewer logged predictions: verdict "
                              "'too few' rather than a test on noise.")
     bins: int = Field(10, ge=2, description="Quantile bins of the reference for PSI.")

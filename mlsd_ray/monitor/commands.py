@@ -10,17 +10,21 @@ from typing import Annotated
 import typer
 
 from mlsd_ray.cli_support import (
+    ChosenTask,
     ConfigOption,
+    ExampleOption,
     HomeOption,
     JsonOption,
     SetOption,
     SourceOption,
+    TaskOption,
     VerboseOption,
     config_from,
     run,
     with_flags,
 )
 from mlsd_ray.runtime import log_stderr
+from mlsd_ray.tasks.base import TrafficRequest
 
 DRIFT_EXIT_CODE = 3
 ModelOption = Annotated[str | None, typer.Option(
@@ -44,9 +48,11 @@ def monitor(since: Annotated[str, typer.Option(
             as_json: JsonOption = False, verbose: VerboseOption = False) -> None:
     """Drift and skew of served traffic against the training data of the model that served it.
 
-    Per input feature (brightness, contrast, edges, ink, orientation, centre): PSI and a
-    Kolmogorov-Smirnov test; predicted classes against the training labels (chi-squared);
-    confidence against validation. Writes report.json, report.md and histograms.png under
+    Images: per input feature (brightness, contrast, edges, ink, orientation, centre), PSI and
+    a Kolmogorov-Smirnov test; predicted classes against the training labels (chi-squared);
+    confidence against validation. Tables: per column, PSI and KS for numbers, chi-squared for
+    categories and a binomial test of the missing-value share; the model's scores against
+    validation's. Writes report.json, report.md and histograms.png under
     $MLSD_HOME/monitor/ and prints the verdict. Thresholds: the `monitor` config section.
     """
     outcome: dict = {}
@@ -91,52 +97,51 @@ def simulate_traffic(
         url: Annotated[str | None, typer.Option(
             "--url", help="The running app, e.g. http://127.0.0.1:8000.")] = None,
         shift: Annotated[str, typer.Option(
-            "--shift", help="none | rotate | noise | invert | imbalance.")] = "none",
+            "--shift", help="Images: none | rotate | noise | invert | imbalance. Tables: none | "
+                            "scale | missing | category (of --column).")] = "none",
         amount: Annotated[float | None, typer.Option(
-            "--amount", help="Shift strength: degrees (rotate, default 30), noise std in grey "
-                             "levels (40), share of one class (imbalance, 0.7).")] = None,
+            "--amount", help="Shift strength. Images: degrees (rotate, default 30), noise std "
+                             "in grey levels (40), share of one class (imbalance, 0.7). Tables: "
+                             "factor (scale, 3), share of rows (missing 0.5, category 0.8).")
+        ] = None,
+        column: Annotated[str | None, typer.Option(
+            "--column", help="Tables: the column a shift changes.")] = None,
         count: Annotated[int, typer.Option(
-            "--count", help="Images to send (0 = the whole split).")] = 200,
+            "--count", help="Inputs to send (0 = the whole split).")] = 200,
         split: Annotated[str, typer.Option(
             "--split", help="Split of the prepared dataset to sample.")] = "test",
         seed: Annotated[int, typer.Option("--seed", help="Sampling and noise seed.")] = 0,
-        batch: Annotated[int, typer.Option("--batch", help="Images per request.")] = 8,
+        batch: Annotated[int, typer.Option("--batch", help="Inputs per request.")] = 8,
         concurrency: Annotated[int, typer.Option(
             "--concurrency", help="Requests in flight.")] = 4,
         save: Annotated[str | None, typer.Option(
-            "--save", help="Also write the images as DIR/<class>/<n>.png (a folder: source "
-                           "for `mlsd retrain`).")] = None,
+            "--save", help="Also write what was sent with its labels: images as "
+                           "DIR/<class>/<n>.png (a folder: source for `mlsd retrain`), rows as "
+                           "a CSV file (a csv: source).")] = None,
         source: SourceOption = None, config: ConfigOption = None, set_: SetOption = None,
-        home: HomeOption = None, as_json: JsonOption = False) -> None:
-    """Send held-out images to a running app with a controlled shift (demo and tests of drift).
+        home: HomeOption = None, as_json: JsonOption = False, example: ExampleOption = None,
+        task: TaskOption = None) -> None:
+    """Send held-out inputs to a running app with a controlled shift (demo and tests of drift).
 
-    Images come from a split of the prepared dataset (`--source`, default data.source), so
-    unshifted traffic looks like the training data and the shift is the only change.
+    Inputs come from a split of the prepared dataset (`--source`, default the task's source),
+    so unshifted traffic looks like the training data and the shift is the only change. With
+    --example fraud (or --task tabular) rows go to the scoring app and a shift changes one
+    column.
     """
+    chosen = ChosenTask()
 
     def work() -> dict:
-        from mlsd_ray.data.prepare import prepare_dataset
         from mlsd_ray.errors import InputError
-        from mlsd_ray.monitor.traffic import simulate_traffic as simulate
 
-        cfg = config_from(config, set_, source)
+        cfg = config_from(config, set_, source, example, task=task)
         if split not in ("train", "val", "test"):
             raise InputError(f"--split {split!r}: choose train, val or test")
-        dataset = prepare_dataset(cfg, home=home, log=log_stderr)
-        return simulate(url, dataset, shift, amount, count, split, seed, batch, concurrency,
-                        save)
+        kind = chosen.of(cfg)
+        prepared = kind.prepare(cfg, home, log_stderr)
+        return kind.simulate_traffic(prepared, TrafficRequest(
+            url, shift, amount, column, count, split, seed, batch, concurrency, save))
 
-    def render(result: dict) -> None:
-        line = f"{result['images']} images, shift {result['shift']} ({result['amount']:g})"
-        if "requests" in result:
-            line += (f": {result['requests']} requests, {result['failed_requests']} failed, "
-                     f"accuracy {result['accuracy']}, versions {result['model_versions']}, "
-                     f"{result['seconds']} s")
-        print(line)
-        if "saved" in result:
-            print(f"saved to {result['saved']['folder']}")
-
-    run(as_json, work, render)
+    run(as_json, work, lambda summary: chosen.task.render_traffic(summary))
 
 
 def retrain(source: Annotated[str, typer.Option(

@@ -1,12 +1,26 @@
 """Drift and skew tests of logged predictions against the model version's training reference.
 
-Per feature: the population stability index (PSI) over quantile bins of the reference, and the
-two-sample Kolmogorov-Smirnov test (SciPy). A feature drifts when both agree: PSI at least
-`psi_threshold` (the shift is large) and KS p-value below `ks_alpha` (it is not chance).
-Skew: a chi-squared test (SciPy) of the predicted-class counts against the training label
-distribution, flagged when p < `chi2_alpha` and the total variation distance reaches
-`min_class_shift`. Confidence: mean confidence at least `confidence_drop` below the reference's
-(validation predictions at training time) with a KS p-value below `ks_alpha`.
+The tests are the same for every task; the reference (in the checkpoint's reference.json)
+says what there is to test, and the task decides what it holds:
+
+- `features` (numbers): the population stability index (PSI) over quantile bins of the
+  reference, and the two-sample Kolmogorov-Smirnov test (SciPy). A feature drifts when both
+  agree: PSI at least `psi_threshold` (the shift is large) and KS p-value below `ks_alpha` (it
+  is not chance). Images: summary features of each image; tables: the numeric columns.
+- `categories` (tables): a chi-squared test of each categorical column's values against its
+  training counts (values never seen in training counted apart), flagged like skew.
+- `missing_rate` (tables): the share of missing values per column, flagged when it moved by at
+  least `missing_shift` and a binomial test gives p < `ks_alpha`.
+- `label_counts`: skew, a chi-squared test of the predicted-class counts against the reference
+  distribution, flagged when p < `chi2_alpha` and the total variation distance reaches
+  `min_class_shift`.
+- `confidence`: mean confidence at least `confidence_drop` below the reference's (validation
+  predictions at training time) with a KS p-value below `ks_alpha`.
+- `scores` (tables): the model's output per row (a positive-class score, the top class's
+  probability, or the predicted value), tested like a feature.
+
+`log_prefix` names where a reference column sits in the prediction log (`input.amount` for
+the column `amount`), so that input columns never collide with the log's own.
 """
 
 from __future__ import annotations
@@ -63,6 +77,40 @@ def class_skew(predicted: pd.Series, label_counts: dict[str, int], cfg: MonitorC
             "drifted": bool(test.pvalue < cfg.chi2_alpha and distance >= cfg.min_class_shift)}
 
 
+def category_shift(values: pd.Series, counts: dict[str, int], cfg: MonitorConfig) -> dict:
+    """Chi-squared test of a categorical column's values against its training counts; values
+    never seen in training are one more category, "(unseen)", expected almost never."""
+    names = list(counts)
+    observed = values.astype(str).value_counts()
+    unseen = int(observed.drop(labels=names, errors="ignore").sum())
+    observed = np.append(observed.reindex(names, fill_value=0).to_numpy(), unseen)
+    # Half a count for every category keeps expected counts positive (a chi-squared test needs
+    # them) while a category missing from training still weighs almost nothing.
+    expected_share = np.append(np.array([counts[n] for n in names], float), 0.0) + 0.5
+    expected_share /= expected_share.sum()
+    test = stats.chisquare(observed, expected_share * observed.sum())
+    share = observed / max(observed.sum(), 1)
+    distance = 0.5 * float(np.abs(share - expected_share).sum())
+    shares = dict(zip([*names, "(unseen)"], share))
+    return {"chi2": round(float(test.statistic), 3), "pvalue": float(test.pvalue),
+            "total_variation": round(distance, 4),
+            "current_share": {n: round(float(s), 4) for n, s in shares.items() if s > 0},
+            "drifted": bool(test.pvalue < cfg.chi2_alpha and distance >= cfg.min_class_shift)}
+
+
+def missing_shift(reference_rate: float, missing: pd.Series, cfg: MonitorConfig) -> dict:
+    """Has the share of missing values of a column moved from its training rate?"""
+    count, total = int(missing.sum()), len(missing)
+    rate = count / max(total, 1)
+    # A rate of exactly 0 or 1 makes every other count impossible: keep the test defined.
+    expected = min(max(reference_rate, 1e-4), 1 - 1e-4)
+    pvalue = float(stats.binomtest(count, total, expected).pvalue) if total else 1.0
+    return {"reference_rate": round(reference_rate, 4), "current_rate": round(rate, 4),
+            "pvalue": pvalue,
+            "drifted": bool(abs(rate - reference_rate) >= cfg.missing_shift
+                            and pvalue < cfg.ks_alpha)}
+
+
 def confidence_shift(reference: list[float], current: np.ndarray, cfg: MonitorConfig) -> dict:
     """Has mean confidence dropped against the reference's?"""
     reference, current = np.asarray(reference, float), np.asarray(current, float)
@@ -82,24 +130,48 @@ def check_model(rows: pd.DataFrame, reference: dict, cfg: MonitorConfig) -> dict
         result["note"] = (f"{len(rows)} predictions; at least {cfg.min_samples} "
                           "(monitor.min_samples) are needed for a test")
         return result
-    profile = reference.get("features") or {}
-    if not profile:
+    if not reference.get("features") and not reference.get("categories"):
         result["note"] = ("this model's checkpoint has no reference features (it was trained "
                           "before they were recorded): only skew is tested")
-    for name, values in profile.items():
-        if name in rows:
-            result["features"][name] = feature_drift(values, rows[name].to_numpy(), cfg)
-    result["drifted_features"] = [n for n, f in result["features"].items() if f["drifted"]]
+    _test_columns(rows, reference, cfg, result)
     if reference.get("label_counts"):
         result["skew"] = class_skew(rows["predicted_class"], reference["label_counts"], cfg)
     if reference.get("confidence"):
         result["confidence"] = confidence_shift(reference["confidence"],
                                                 rows["confidence"].to_numpy(), cfg)
-    flags = [bool(result["drifted_features"]), result.get("skew", {}).get("drifted", False),
-             result.get("confidence", {}).get("drifted", False)]
+    if reference.get("scores") and "score" in rows:
+        result["score"] = feature_drift(reference["scores"], rows["score"].to_numpy(), cfg)
+    flags = [bool(result["drifted_features"]), bool(result.get("missing_changed")),
+             result.get("skew", {}).get("drifted", False),
+             result.get("confidence", {}).get("drifted", False),
+             result.get("score", {}).get("drifted", False)]
     result["verdict"] = DRIFT if any(flags) else NO_DRIFT
-    result["drift_score"] = max((f["psi"] for f in result["features"].values()), default=0.0)
+    result["drift_score"] = max([f["psi"] for f in result["features"].values()]
+                                + [result.get("score", {}).get("psi", 0.0)])
     return result
+
+
+def _test_columns(rows: pd.DataFrame, reference: dict, cfg: MonitorConfig, result: dict) -> None:
+    """Numeric features, categorical columns and missing rates, each where the log has it."""
+    prefix = reference.get("log_prefix", "")
+    for name, values in (reference.get("features") or {}).items():
+        if prefix + name in rows:
+            current = pd.to_numeric(rows[prefix + name], errors="coerce").dropna()
+            if len(current):
+                result["features"][name] = feature_drift(values, current.to_numpy(), cfg)
+    for name, counts in (reference.get("categories") or {}).items():
+        if prefix + name in rows and rows[prefix + name].notna().any():
+            result.setdefault("categories", {})[name] = category_shift(
+                rows[prefix + name].dropna(), counts, cfg)
+    result["drifted_features"] = [n for n, f in {**result["features"],
+                                                 **result.get("categories", {})}.items()
+                                  if f["drifted"]]
+    for name, rate in (reference.get("missing_rate") or {}).items():
+        if prefix + name in rows:
+            result.setdefault("missing", {})[name] = missing_shift(
+                rate, rows[prefix + name].isna(), cfg)
+    result["missing_changed"] = [n for n, m in result.get("missing", {}).items()
+                                 if m["drifted"]]
 
 
 def describe(result: dict) -> str:
@@ -108,9 +180,12 @@ def describe(result: dict) -> str:
         return result["verdict"]
     parts = []
     if result["drifted_features"]:
-        shown = ", ".join(f"{n} (PSI {result['features'][n]['psi']:.2f})"
-                          for n in result["drifted_features"])
+        shown = ", ".join(_shift_of(result, n) for n in result["drifted_features"])
         parts.append(f"features drifted: {shown}")
+    if result.get("missing_changed"):
+        parts.append("missing values changed: " + ", ".join(
+            f"{n} {result['missing'][n]['reference_rate']:.2f} -> "
+            f"{result['missing'][n]['current_rate']:.2f}" for n in result["missing_changed"]))
     skew = result.get("skew", {})
     if skew.get("drifted"):
         parts.append(f"predicted classes skewed (chi2 p={skew['pvalue']:.1e}, TV distance "
@@ -119,4 +194,14 @@ def describe(result: dict) -> str:
     if confidence.get("drifted"):
         parts.append(f"confidence fell {confidence['reference_mean']:.3f} -> "
                      f"{confidence['current_mean']:.3f}")
+    score = result.get("score", {})
+    if score.get("drifted"):
+        parts.append(f"model scores shifted {score['reference_mean']:.3f} -> "
+                     f"{score['current_mean']:.3f} (PSI {score['psi']:.2f})")
     return "drift: " + "; ".join(parts)
+
+
+def _shift_of(result: dict, name: str) -> str:
+    if name in result["features"]:
+        return f"{name} (PSI {result['features'][name]['psi']:.2f})"
+    return f"{name} (chi2 p={result['categories'][name]['pvalue']:.1e})"

@@ -21,7 +21,6 @@ from mlsd_ray import storage
 from mlsd_ray.config import Config
 from mlsd_ray.errors import InputError
 from mlsd_ray.monitor import drift
-from mlsd_ray.monitor.features import FEATURES
 from mlsd_ray.monitor.predlog import log_location, read_log
 from mlsd_ray.runtime import log_stderr
 
@@ -125,6 +124,25 @@ def markdown(report: dict) -> str:
                       f"{f['ks_pvalue']:.2e} | {'**yes**' if f['drifted'] else 'no'} |"
                       for name, f in model["features"].items()]
             lines.append("")
+        if model.get("categories"):
+            lines += ["| column | chi2 | p-value | TV distance | shares now | drifted |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {name} | {c['chi2']} | {c['pvalue']:.2e} | {c['total_variation']} | "
+                      f"{_shares(c['current_share'])} | {'**yes**' if c['drifted'] else 'no'} |"
+                      for name, c in model["categories"].items()]
+            lines.append("")
+        if model.get("missing"):
+            lines += ["| column | missing in training | missing now | p-value | changed |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {name} | {m['reference_rate']} | {m['current_rate']} | "
+                      f"{m['pvalue']:.2e} | {'**yes**' if m['drifted'] else 'no'} |"
+                      for name, m in model["missing"].items()]
+            lines.append("")
+        if "score" in model:
+            score = model["score"]
+            lines += [f"Model scores: mean {score['current_mean']} (reference "
+                      f"{score['reference_mean']}), PSI {score['psi']}, KS p "
+                      f"{score['ks_pvalue']:.2e}.", ""]
         if "skew" in model:
             skew = model["skew"]
             lines += [f"Predicted classes vs training labels: chi2 {skew['chi2']}, p "
@@ -137,6 +155,11 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _shares(shares: dict[str, float], top: int = 4) -> str:
+    biggest = sorted(shares.items(), key=lambda item: -item[1])[:top]
+    return ", ".join(f"{name} {share:.2f}" for name, share in biggest)
+
+
 def histograms_png(rows: pd.DataFrame, reference: dict, title: str) -> bytes:
     """Reference-vs-current histogram per feature, plus the class shares."""
     import matplotlib
@@ -144,13 +167,15 @@ def histograms_png(rows: pd.DataFrame, reference: dict, title: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in FEATURES if n in reference.get("features", {}) and n in rows]
+    prefix = reference.get("log_prefix", "")
+    names = [n for n in reference.get("features", {}) if prefix + n in rows][:7]
     fig, axes = plt.subplots(2, 4, figsize=(16, 7))
     for ax, name in zip(axes.flat, names):
-        ref = np.asarray(reference["features"][name])
-        edges = np.histogram_bin_edges(np.concatenate([ref, rows[name].to_numpy()]), bins=30)
+        ref = np.asarray(reference["features"][name], float)
+        now = pd.to_numeric(rows[prefix + name], errors="coerce").dropna().to_numpy(float)
+        edges = np.histogram_bin_edges(np.concatenate([ref, now]), bins=30)
         ax.hist(ref, edges, density=True, alpha=0.5, label="reference (training)")
-        ax.hist(rows[name], edges, density=True, alpha=0.5, label="current")
+        ax.hist(now, edges, density=True, alpha=0.5, label="current")
         ax.set_title(name)
     counts = reference.get("label_counts", {})
     ax = axes.flat[-1]

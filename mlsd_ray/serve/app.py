@@ -80,16 +80,47 @@ def load_served_model(model_uri: str, home: str | None) -> tuple[Any, dict]:
     return loaded, info
 
 
+class LoggingReplica:
+    """What both apps' model deployments share: the prediction log the replica writes for
+    `mlsd monitor` (rows are only queued on the request path, monitor/predlog.py), the
+    dropped-rows metric, and the last rows written when Serve shuts the replica down."""
+
+    log = None
+    dropped_reported = 0
+
+    def _open_log(self, log_settings: dict | None, home: str | None) -> None:
+        from mlsd_ray.monitor.predlog import PredictionLog, log_location
+
+        settings = PredictionLogConfig(**(log_settings or {}))
+        self.log = (PredictionLog(log_location(settings, home), settings, self.replica)
+                    if settings.enabled else None)
+
+    def _record(self, rows: list[dict]) -> None:
+        if self.log is None:
+            return
+        self.log.record(rows)
+        if self.log.dropped > self.dropped_reported:
+            self.metrics["dropped"].inc(self.log.dropped - self.dropped_reported)
+            self.dropped_reported = self.log.dropped
+
+    def log_stats(self) -> dict | None:
+        return self.log.stats() if self.log else None
+
+    async def __del__(self):
+        """Serve calls this on shutdown: write what the log still buffers."""
+        log = getattr(self, "log", None)
+        if log is not None:
+            await asyncio.to_thread(log.close)
+
+
 @serve.deployment(name="Model")
-class ModelServer:
+class ModelServer(LoggingReplica):
     """The network behind dynamic batching: one forward pass for many requests. Each batch is
     also counted (metrics) and recorded in the prediction log for `mlsd monitor`."""
 
     def __init__(self, model_uri: str, home: str | None, max_batch_size: int,
                  batch_wait_timeout_s: float, threads: int, log_settings: dict | None = None):
         import torch
-
-        from mlsd_ray.monitor.predlog import PredictionLog, log_location
 
         torch.set_num_threads(threads)  # replicas share the machine: no thread oversubscription
         self.loaded, self.info = load_served_model(model_uri, home)
@@ -99,20 +130,10 @@ class ModelServer:
         self.metrics = model_metrics()
         self.version_tags = {"model_name": self.info["model_name"],
                              "model_version": self.info["model_version"]}
-        settings = PredictionLogConfig(**(log_settings or {}))
-        self.log = (PredictionLog(log_location(settings, home), settings, self.replica)
-                    if settings.enabled else None)
-        self.dropped_reported = 0
+        self._open_log(log_settings, home)
 
     def describe(self) -> dict:
-        log = self.log.stats() if self.log else None
-        return {**self.info, "replica": self.replica, "prediction_log": log}
-
-    async def __del__(self):
-        """Serve calls this on shutdown: write what the log still buffers."""
-        log = getattr(self, "log", None)
-        if log is not None:
-            await asyncio.to_thread(log.close)
+        return {**self.info, "replica": self.replica, "prediction_log": self.log_stats()}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def predict(self, requests: list[dict]) -> list[dict]:
@@ -169,10 +190,7 @@ class ModelServer:
                              "latency_ms": latency,
                              **{k: float(v[position]) for k, v in features.items()}})
                 position += 1
-        self.log.record(rows)
-        if self.log.dropped > self.dropped_reported:
-            self.metrics["dropped"].inc(self.log.dropped - self.dropped_reported)
-            self.dropped_reported = self.log.dropped
+        self._record(rows)
 
 
 # ----------------------------------------------------------------------------- HTTP ingress

@@ -9,13 +9,16 @@
                             with its line and reason, and the rules in force stay
 
 The model deployment batches records from many requests into one forward pass (serve.batch)
-and autoscales like the image model; the ingress checks records (records.py), applies the
-threshold and the rules (rules.py), and keeps the policy in a file under MLSD_HOME, so that a
-restarted ingress replica serves the policy last set, not the one it was deployed with.
+and autoscales like the image model, and it writes a prediction-log row per record (the
+record's columns, score and predicted class: tabular/monitoring.py) for `mlsd monitor`; the
+ingress checks records (records.py), applies the threshold and the rules (rules.py), and keeps
+the policy in a file under MLSD_HOME, so that a restarted ingress replica serves the policy
+last set, not the one it was deployed with.
 """
 
 
 import asyncio
+import datetime as dt
 import json
 import os
 import time
@@ -29,6 +32,7 @@ from mlsd_ray import __version__
 from mlsd_ray.config import ServeConfig, TabularConfig
 from mlsd_ray.serve.app import (
     REQUEST_ID_HEADER,
+    LoggingReplica,
     _error,
     add_error_handlers,
     authorize,
@@ -60,11 +64,11 @@ def _require_json(request: Request) -> None:
 
 
 @serve.deployment(name="FraudModel")
-class FraudModel:
-    """The MLP and its fitted preparation behind dynamic batching."""
+class FraudModel(LoggingReplica):
+    """The MLP and its fitted preparation behind dynamic batching, logging what it scores."""
 
     def __init__(self, model_uri: str, home: str | None, max_batch_size: int,
-                 batch_wait_timeout_s: float, threads: int):
+                 batch_wait_timeout_s: float, threads: int, log_settings: dict | None = None):
         import torch
 
         from mlsd_ray import registry
@@ -89,20 +93,24 @@ class FraudModel:
                          {**{k: e[k] for k in ("name", "kind", "impute", "scale", "encode")},
                           "categories": featurizer.categories(e["name"])}
                          for e in featurizer.plan]}
+        self._open_log(log_settings, home)
 
     def describe(self) -> dict:
-        return {**self.info, "replica": self.replica}
+        return {**self.info, "replica": self.replica, "prediction_log": self.log_stats()}
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def score(self, requests: list[list[dict]]) -> list[dict]:
-        """Each request: checked records; answers: the positive-class score per record (binary),
-        probabilities (multiclass) or predictions (regression)."""
+    async def score(self, requests: list[dict]) -> list[dict]:
+        """Each request: {"records": checked records, "request_id", "received" (epoch s)};
+        answers: the positive-class score per record (binary), probabilities (multiclass) or
+        predictions (regression)."""
         import pandas as pd
 
-        sizes = [len(r) for r in requests]
-        frame = pd.DataFrame([record for r in requests for record in r])
+        sizes = [len(r["records"]) for r in requests]
+        records = [record for r in requests for record in r["records"]]
+        frame = pd.DataFrame(records)
         outputs = await asyncio.to_thread(self.loaded.predict, frame)
         self.metrics["batch"].observe(len(frame))
+        self._log(requests, records, outputs)
         answers, start = [], 0
         for size in sizes:
             part = outputs[start:start + size]
@@ -112,6 +120,25 @@ class FraudModel:
                             "batch_records": len(frame),
                             "model_version": self.info["model_version"]})
         return answers
+
+    def _log(self, requests: list[dict], records: list[dict], outputs) -> None:
+        """One prediction-log row per record (queued only: the log writes elsewhere)."""
+        from mlsd_ray.tabular.monitoring import log_rows
+
+        if self.log is None:
+            return
+        now = dt.datetime.now(dt.timezone.utc)
+        info = self.info
+        columns = iter(log_rows(records, outputs, info["task"], info["classes"],
+                                info["threshold"]))
+        rows = []
+        for request in requests:
+            common = {"time": now, "request_id": request["request_id"],
+                      "model_name": info["model_name"], "model_version": info["model_version"],
+                      "model_uri": info["uri"],
+                      "latency_ms": round(1000 * (now.timestamp() - request["received"]), 3)}
+            rows += [{**common, **next(columns)} for _ in request["records"]]
+        self._record(rows)
 
 
 @serve.deployment(name="FraudIngress")
@@ -155,7 +182,7 @@ class FraudIngress:
 
     @api.post("/score", summary="Score transactions: a decision, score and rules per record")
     async def score(self, request: Request) -> dict:
-        started = time.perf_counter()
+        started, received = time.perf_counter(), time.time()
         authorize(request, self.settings["token_sha256"])
         _require_json(request)
         body = parse_json(await read_body(request, self.settings["max_body_bytes"]))
@@ -163,14 +190,17 @@ class FraudIngress:
         info = await self._model_info()
         checked = [check_record(r, i, info["columns"], self.settings, info["label"])
                    for i, r in enumerate(records)]
-        answer = await self.model.score.remote([clean for clean, _ in checked])
+        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        answer = await self.model.score.remote({"records": [clean for clean, _ in checked],
+                                                "request_id": request_id,
+                                                "received": received})
         results = [self._result(record, output, notes, info)
                    for record, output, (_, notes) in zip(records, answer["outputs"], checked,
                                                          strict=True)]
         return {"results": results, "model_name": info["model_name"],
                 "model_version": answer["model_version"], "task": info["task"],
                 "threshold": self.policy["threshold"], "replica": answer["replica"],
-                "request_id": request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex,
+                "request_id": request_id,
                 "latency_ms": round(1000 * (time.perf_counter() - started), 3)}
 
     def _result(self, record: dict, output: Any, notes: list[str], info: dict) -> dict:
@@ -262,7 +292,8 @@ def fraud_app(settings: ServeConfig, tabular: TabularConfig, home: str | None = 
     parse_rules(rules_text)  # a bad file fails the deploy, with its line
     model = FraudModel.options(**model_options(settings)).bind(
         settings.model, storage.home(home), settings.max_batch_size,
-        settings.batch_wait_timeout_s, max(1, round(settings.num_cpus)))
+        settings.batch_wait_timeout_s, max(1, round(settings.num_cpus)),
+        settings.prediction_log.model_dump())
     ingress = {"max_instances": settings.max_instances, "max_body_bytes": settings.max_body_bytes,
                "token_sha256": token_sha256(), "model_uri": settings.model,
                "rules_text": rules_text, "decline_above": tabular.decline_above,

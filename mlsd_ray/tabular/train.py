@@ -29,6 +29,7 @@ from mlsd_ray.config import Config, ThresholdConfig, TrainConfig
 from mlsd_ray.errors import InputError
 from mlsd_ray.ingest import WorkerData, plan_ingest
 from mlsd_ray.tabular.metrics import choose_threshold, primary_score
+from mlsd_ray.tabular.monitoring import column_reference, output_reference
 from mlsd_ray.tabular.prepare import PreparedTable
 from mlsd_ray.tabular.preprocess import Featurizer
 from mlsd_ray.train import (
@@ -190,7 +191,7 @@ def tabular_loop_per_worker(config: dict) -> None:
         if config["task"] == "binary":
             decision = choose_threshold(outputs[:, 1], labels,
                                         ThresholdConfig(**config["threshold"]))
-        _report(history, model, optimizer, config, rank, nodes, decision)
+        _report(history, model, optimizer, config, rank, nodes, decision, outputs)
         if _should_stop_on_score(history, cfg.patience):
             break
 
@@ -200,7 +201,10 @@ def _should_stop_on_score(history: list[dict], patience: int) -> bool:
     return _should_stop([{**h, "val_accuracy": h[VAL_SCORE]} for h in history], patience)
 
 
-def _report(history, model, optimizer, config, rank, nodes, decision) -> None:
+def _report(history, model, optimizer, config, rank, nodes, decision,
+            outputs: np.ndarray) -> None:
+    """Every worker reports; rank 0 attaches a checkpoint whose drift reference holds this
+    epoch's validation scores and predictions (tabular/monitoring.py)."""
     import ray.train
 
     metrics = dict(history[-1])
@@ -209,8 +213,10 @@ def _report(history, model, optimizer, config, rank, nodes, decision) -> None:
         if rank == 0:
             state = {"epoch": metrics["epoch"], "optimizer": optimizer.state_dict(),
                      "history": history, "worker_nodes": nodes}
+            reference = {**config["reference"], **output_reference(
+                outputs, config["task"], config["classes"], (decision or {}).get("threshold"))}
             save_checkpoint(directory, model, config["model"], config["preprocessing"],
-                            config["reference"], config["metadata"], state,
+                            reference, config["metadata"], state,
                             extra={"decision.json": {**(decision or {}),
                                                      "task": config["task"],
                                                      "classes": config["classes"],
@@ -244,10 +250,13 @@ def materialize_features(table: PreparedTable, splits=("train", "val")) -> dict:
     return materialize_splits(table, splits, then=featurize)
 
 
-def feature_reference(table: PreparedTable) -> dict:
-    """Per-feature mean and spread of the prepared train rows (for drift checks later)."""
-    features = table.featurizer(table.load_split("train"))
-    return {"feature_names": table.manifest["feature_names"],
+def feature_reference(table: PreparedTable, seed: int = 0) -> dict:
+    """The drift reference of the train split: each raw column's profile
+    (tabular/monitoring.py), and the mean and spread of every prepared feature."""
+    rows = table.load_split("train")
+    features = table.featurizer(rows)
+    return {**column_reference(rows, table.manifest["preprocessing"]["plan"], seed),
+            "feature_names": table.manifest["feature_names"],
             "feature_mean": features.mean(axis=0).round(5).tolist(),
             "feature_std": features.std(axis=0).round(5).tolist(),
             "rows": int(len(features))}
@@ -260,7 +269,8 @@ def loop_config(cfg: Config, table: PreparedTable, run_name: str) -> dict:
     outputs = 1 if task == "regression" else len(m["classes"])
     config = {"task": task, "label": m["label"], "classes": m["classes"],
               "train": cfg.train.model_dump(), "threshold": cfg.tabular.threshold.model_dump(),
-              "preprocessing": m["preprocessing"], "reference": feature_reference(table),
+              "preprocessing": m["preprocessing"],
+              "reference": feature_reference(table, cfg.train.seed),
               "model": {"name": "tabular_mlp", "in_features": len(m["feature_names"]),
                         "hidden": list(cfg.tabular.hidden), "outputs": outputs,
                         "dropout": cfg.tabular.dropout},

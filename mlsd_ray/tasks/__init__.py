@@ -6,7 +6,8 @@ one, one a package registers under the `mlsd.tasks` entry point group, or `packa
 for a class of one's own. docs/tasks.md says how to write one.
 """
 
-from mlsd_ray.tasks.base import ServedApp, Task
+from mlsd_ray.tasks.base import ServedApp, Task, TrafficRequest
 from mlsd_ray.tasks.registry import get_task, task_names, task_of_checkpoint
 
-__all__ = ["ServedApp", "Task", "get_task", "task_names", "task_of_checkpoint"]
+__all__ = ["ServedApp", "Task", "TrafficRequest", "get_task", "task_names",
+           "task_of_checkpoint"]

@@ -36,6 +36,27 @@ class ServedApp:
     endpoints: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TrafficRequest:
+    """`mlsd simulate-traffic`: what to send, with which shift, and where.
+
+    `shift`, `amount` and `column` mean what the task's traffic module says (images: rotate,
+    noise, ...; tables: a shift of one column); `count` 0 sends the whole split; `save` also
+    writes the sent inputs with their labels as new labelled data.
+    """
+
+    url: str | None
+    shift: str = "none"
+    amount: float | None = None
+    column: str | None = None
+    count: int = 200
+    split: str = "test"
+    seed: int = 0
+    batch: int = 8
+    concurrency: int = 4
+    save: str | None = None
+
+
 class Task(ABC):
     """One kind of model. Subclass it, set `name` and `metric`, implement the abstract methods.
 
@@ -98,6 +119,14 @@ class Task(ABC):
     def render_evaluation(self, summary: dict) -> None:
         """Print an evaluation's summary for a person."""
         print(f"report: {summary.get('report', summary)}")
+
+    def simulate_traffic(self, prepared, request: TrafficRequest) -> dict:
+        """Send (or save) held-out inputs of `prepared` to a running app, with a shift."""
+        raise self.not_offered("simulate-traffic")
+
+    def render_traffic(self, summary: dict) -> None:
+        """Print what `simulate_traffic` sent and how the app answered."""
+        print(summary)
 
     def retrain(self, cfg, source: str, home: str | None, model: str, dry_run: bool,
                 log: Log) -> dict:

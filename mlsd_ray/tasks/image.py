@@ -7,7 +7,7 @@ retrain.py, serve/); this class is the face the commands, jobs and searches see.
 from __future__ import annotations
 
 from mlsd_ray.errors import InputError
-from mlsd_ray.tasks.base import Log, ServedApp, Task
+from mlsd_ray.tasks.base import Log, ServedApp, Task, TrafficRequest
 
 VAL_METRIC = "val_accuracy"  # the same name as mlsd_ray.train.VAL_METRIC, without importing torch
 
@@ -77,6 +77,25 @@ class ImageTask(Task):
               f"(SVC reference {summary['baseline_accuracy']:.4f})")
         print(f"report: {summary['report']}")
         print(f"plots: {summary['confusion_matrix_png']}, {summary['learning_curves_png']}")
+
+    def simulate_traffic(self, prepared, request: TrafficRequest) -> dict:
+        from mlsd_ray.monitor.traffic import simulate_traffic
+
+        if request.column:
+            raise InputError("--column is for tables; an image shift changes whole images")
+        return simulate_traffic(request.url, prepared, request.shift, request.amount,
+                                request.count, request.split, request.seed, request.batch,
+                                request.concurrency, request.save)
+
+    def render_traffic(self, summary: dict) -> None:
+        line = f"{summary['images']} images, shift {summary['shift']} ({summary['amount']:g})"
+        if "requests" in summary:
+            line += (f": {summary['requests']} requests, {summary['failed_requests']} failed, "
+                     f"accuracy {summary['accuracy']}, versions {summary['model_versions']}, "
+                     f"{summary['seconds']} s")
+        print(line)
+        if "saved" in summary:
+            print(f"saved to {summary['saved']['folder']}")
 
     def retrain(self, cfg, source: str, home: str | None, model: str, dry_run: bool,
                 log: Log) -> dict:

@@ -6,7 +6,7 @@ this class is the face the commands, jobs and searches see.
 
 from __future__ import annotations
 
-from mlsd_ray.tasks.base import Log, ServedApp, Task
+from mlsd_ray.tasks.base import Log, ServedApp, Task, TrafficRequest
 
 VAL_SCORE = "val_score"  # mlsd_ray.tabular.train.VAL_SCORE: PR-AUC, macro F1 or R²
 # The metrics a summary shows, by the name of the score the task ranks by.
@@ -96,6 +96,26 @@ class TabularTask(Task):
         if summary.get("baseline"):
             print("baseline:  " + "  ".join(f"{k} {summary['baseline'][k]:.4f}" for k in keys))
         print(f"report: {summary['report_md']}")
+
+    def simulate_traffic(self, prepared, request: TrafficRequest) -> dict:
+        from mlsd_ray.tabular.traffic import simulate_table_traffic
+
+        return simulate_table_traffic(request.url, prepared, request.shift, request.amount,
+                                      request.column, request.count, request.split,
+                                      request.seed, request.batch, request.concurrency,
+                                      request.save)
+
+    def render_traffic(self, summary: dict) -> None:
+        shifted = (f" of {summary['column']}" if summary["column"] else "")
+        line = f"{summary['records']} records, shift {summary['shift']}{shifted} " \
+               f"({summary['amount']:g})"
+        if "requests" in summary:
+            line += (f": {summary['requests']} requests, {summary['failed_requests']} failed, "
+                     f"answers {summary['outcomes']}, versions {summary['model_versions']}, "
+                     f"{summary['seconds']} s")
+        print(line)
+        if "saved" in summary:
+            print(f"saved to {summary['saved']['file']} (a csv: source)")
 
     def render_data(self, summary: dict) -> None:
         render_table(summary)

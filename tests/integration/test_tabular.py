@@ -140,9 +140,10 @@ def test_mlsd_serve_serves_the_fraud_model(fraud_model, ray_session):
 def fraud_url(fraud_model):
 
     cfg, summary, home = fraud_model
+    log = cfg.serve.prediction_log.model_copy(update={"flush_seconds": 0.5})
     settings = cfg.serve.model_copy(update={"model": summary["registered"]["uri"],
                                             "port": control.free_port(),
-                                            "max_body_bytes": 4096})
+                                            "max_body_bytes": 4096, "prediction_log": log})
     served = control.start(settings, home, log=print)  # its checkpoint says: tabular
     assert (served["task"], served["route_prefix"]) == ("tabular", "/v1/fraud")
     yield served["score_url"].removesuffix("/score")
@@ -211,6 +212,55 @@ def test_missing_extra_and_unseen_fields_are_handled(fraud_url):
     notes = answer.json()["results"][0]["notes"]
     assert "ignored field(s) ['shoe_size']" in notes and "hour imputed" in notes
     assert "country: unseen category 'ZZ' encoded as none" in notes
+
+
+def test_scored_records_are_logged_and_a_shifted_column_is_named_by_the_monitor(
+        fraud_model, fraud_url, ray_session):
+    """The monitoring loop on tables: unshifted traffic raises nothing; `mlsd simulate-traffic
+    --shift scale --column amount` does, and the monitor names the column."""
+    import datetime as dt
+    import subprocess
+    import sys
+
+    from mlsd_ray.monitor.predlog import log_location, read_log, wait_for_rows
+    from mlsd_ray.monitor.run import monitor
+    from mlsd_ray.tabular.prepare import PreparedTable
+    from mlsd_ray.tabular.traffic import simulate_table_traffic
+
+    cfg, summary, home = fraud_model
+    root = fraud_url.removesuffix("/v1/fraud")
+    location = log_location(cfg.serve.prediction_log, home)
+    table = PreparedTable.open(summary["dataset"])
+
+    since = dt.datetime.now(dt.timezone.utc)
+    sent = simulate_table_traffic(root, table, count=300)
+    assert sent["failed_requests"] == 0 and sent["records_answered"] == 300
+    assert wait_for_rows(location, since, 300, timeout_s=30) == 300
+    rows = read_log(location, since)
+    assert rows["model_uri"].eq("models:/fraud-mlp/1").all()
+    assert {"input.amount", "input.country", "score", "predicted_class"} <= set(rows)
+    calm = monitor(cfg, home, since=since.isoformat(), log=print)
+    print(f"\nunshifted: {calm['summary']}")
+    assert calm["verdict"] == "no drift"
+
+    since = dt.datetime.now(dt.timezone.utc)
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    shifted = subprocess.run(
+        [sys.executable, "-m", "mlsd_ray.cli", "simulate-traffic", "--example", "fraud",
+         "--url", root, "--shift", "scale", "--column", "amount", "--amount", "5",
+         "--count", "300", "--home", home, "--set", "tabular.source=fraud-synth:8000",
+         *[f"--set={o}" for o in FAST], "--set", "train.batch_size=128", "--json"],
+        capture_output=True, text=True, timeout=180, env=env)
+    assert shifted.returncode == 0, shifted.stderr
+    assert json.loads(shifted.stdout)["failed_requests"] == 0
+    assert wait_for_rows(location, since, 300, timeout_s=30) == 300
+    alarm = monitor(cfg, home, since=since.isoformat(), log=print)
+    print(f"scaled amounts: {alarm['summary']}")
+    assert alarm["verdict"] == "drift"
+    [model] = alarm["models"].values()
+    assert "amount" in model["drifted_features"] and "features drifted: amount" in \
+        model["summary"]
+    assert "| amount |" in open(alarm["outputs"]["report.md"]).read()
 
 
 def test_diabetes_regression_beside_the_baseline(home):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import time
 
 import numpy as np
@@ -144,3 +145,86 @@ def test_parse_since(text, seconds):
 def test_parse_since_rejects_other_forms(text):
     with pytest.raises(ValueError, match="90s, 15m, 1h, 2d"):
         parse_since(text)
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+@pytest.fixture(scope="module")
+def transactions():
+    from mlsd_ray.config import TabularConfig
+    from mlsd_ray.tabular.preprocess import plan_columns
+    from mlsd_ray.tabular.sources import fraud_synth
+
+    frame = fraud_synth(6000, seed=0).drop(columns=["transaction_id"])
+    plan = plan_columns(frame, "is_fraud", TabularConfig())
+    return frame, plan
+
+
+def table_rows(frame: pd.DataFrame, plan: list[dict]) -> pd.DataFrame:
+    """Prediction-log rows of these records, as the fraud app writes them."""
+    from mlsd_ray.tabular.monitoring import log_rows
+    from mlsd_ray.tabular.preprocess import coerce
+
+    typed, _ = coerce(frame, plan)
+    records = typed.astype(object).where(typed.notna(), None).to_dict("records")
+    outputs = np.tile([0.9, 0.1], (len(records), 1))
+    return pd.DataFrame(log_rows(records, outputs, "binary", ["0", "1"], 0.5))
+
+
+def table_reference(frame: pd.DataFrame, plan: list[dict]) -> dict:
+    from mlsd_ray.tabular.monitoring import column_reference
+
+    return column_reference(frame, plan)
+
+
+def test_unshifted_table_traffic_raises_no_alarm_in_19_of_20_draws(transactions):
+    frame, plan = transactions
+    reference = table_reference(frame.iloc[:4000], plan)
+    alarms = 0
+    for seed in range(20):
+        rows = frame.iloc[4000:].sample(300, random_state=seed)
+        alarms += drift.check_model(table_rows(rows, plan), reference, CFG)["verdict"] == \
+            drift.DRIFT
+    assert alarms <= 1
+
+
+@pytest.mark.parametrize("kind, column, amount, flagged", [
+    ("scale", "amount", 5.0, "features drifted: amount"),
+    ("missing", "country", 0.5, "missing values changed: country"),
+    ("category", "merchant_category", 0.8, "features drifted: merchant_category"),
+])
+def test_each_column_shift_is_flagged_naming_the_column(transactions, kind, column, amount,
+                                                        flagged):
+    from mlsd_ray.tabular.traffic import TableShift
+
+    frame, plan = transactions
+    reference = table_reference(frame.iloc[:4000], plan)
+    shift = TableShift.of(kind, column, amount, plan)
+    rows = shift.apply(frame.iloc[4000:4300], np.random.default_rng(0))
+    result = drift.check_model(table_rows(rows, plan), reference, CFG)
+    assert result["verdict"] == drift.DRIFT
+    assert flagged in drift.describe(result)
+    others = set(result["drifted_features"]) | set(result["missing_changed"])
+    assert others == {column}  # only the shifted column
+
+
+def test_a_category_never_seen_in_training_counts_apart():
+    values = pd.Series(["a"] * 50 + ["zz"] * 50)
+    result = drift.category_shift(values, {"a": 90, "b": 10}, CFG)
+    assert result["drifted"] and result["current_share"]["(unseen)"] == 0.5
+
+
+@pytest.mark.parametrize("kind, column, amount, message", [
+    ("tilt", "amount", None, "unknown shift 'tilt'"),
+    ("scale", None, None, "--shift scale needs --column"),
+    ("scale", "amout", None, "'amout' is not a column"),
+    ("scale", "country", None, "needs a numeric column; 'country' is categorical"),
+    ("missing", "country", 2.0, "a share in (0, 1]"),
+])
+def test_table_shifts_name_bad_options(transactions, kind, column, amount, message):
+    from mlsd_ray.errors import InputError
+    from mlsd_ray.tabular.traffic import TableShift
+
+    with pytest.raises(InputError, match=re.escape(message)):
+        TableShift.of(kind, column, amount, transactions[1])
