@@ -273,7 +273,8 @@ class RetrainConfig(StrictModel):
     keep_old_data: bool = Field(True, description="Train on the champion's training data "
                                 "plus the new data (else the new data only).")
     margin: float = Field(0.005, ge=0, description="Promote only if the challenger's holdout "
-                          "accuracy beats the champion's by more than this.")
+                          "score (the task's: accuracy for images; PR-AUC, macro F1 or R² "
+                          "for tables) beats the champion's by more than this.")
     alias: str = Field("production", description="Alias the challenger takes when promoted.")
 
 

@@ -128,7 +128,9 @@ def run_stage(stage: str, args: argparse.Namespace, log) -> dict:
         if source is None:
             raise InputError("retrain needs --source SPEC: the new labelled data (e.g. "
                              "folder:/shared/incoming/rotated)")
-        return task.retrain(cfg, source, home, args.model, args.dry_run or args.smoke, log)
+        from mlsd_ray.retrain import retrain
+
+        return retrain(cfg, source, home, args.model, args.dry_run or args.smoke, log)
     return task.deploy(cfg, args.model, args.smoke, home, log)
 
 

@@ -16,6 +16,19 @@ from mlsd_ray.config import Config
 from mlsd_ray.data.prepare import prepare_dataset
 from mlsd_ray.runtime import log_stderr
 
+LOOP = "monitor -> retrain -> rolling update"
+
+
+class StageHeadings:
+    """`== stage 2/6: train and register ==`: numbered against the stages this run will have
+    (tune, promote, serve and the monitoring loop depend on the options)."""
+
+    def __init__(self, *names: str | None):
+        self.names = [name for name in names if name]
+
+    def __call__(self, name: str) -> str:
+        return f"== stage {self.names.index(name) + 1}/{len(self.names)}: {name} =="
+
 
 def run_pipeline(cfg: Config, home: str | None = None, force: bool = False,
                  log: Callable[[str], None] = log_stderr, tune: bool = False,
@@ -30,32 +43,37 @@ def run_pipeline(cfg: Config, home: str | None = None, force: bool = False,
     from mlsd_ray.registry import promote_first
     from mlsd_ray.train import train_and_register
 
-    log("== stage 1/5: data ==")
+    registers = cfg.registry.auto_register
+    heading = StageHeadings("data", tune and "tune", "train and register", "evaluate",
+                            registers and "promote", serve_check and "serve",
+                            serve_check and monitor_loop and registers and LOOP)
+    log(heading("data"))
     stages = {"data": prepare_dataset(cfg, home=home, force=force, log=log).summary()}
     if tune:
         from mlsd_ray.tune import run_tune, trial_config
 
-        log("== stage 1b/5: tune ==")
+        log(heading("tune"))
         stages["tune"] = run_tune(cfg, home=home, log=log, register=False)
         cfg = trial_config(cfg, stages["tune"]["best"]["params"])
         log(f"training with the best parameters: {stages['tune']['best']['params']}")
-    log("== stage 2/5: train and register ==")
+    log(heading("train and register"))
     stages["train"] = train_and_register(cfg, home=home, log=log)
-    log("== stage 3/5: evaluate ==")
+    log(heading("evaluate"))
     stages["evaluate"] = evaluate_checkpoint(stages["train"]["checkpoint"], "test", home)
     registered = stages["train"].get("registered")
     if registered:
-        log("== stage 4/5: promote ==")
+        log(heading("promote"))
         stages["promote"] = promote_first(registered, home, log)
     if serve_check:
         from mlsd_ray.serve.smoke import serve_smoke_check
 
-        log("== stage 5/5: serve ==")
+        log(heading("serve"))
         model = registered["uri"] if registered else stages["train"]["checkpoint"]
         loop = None
         if monitor_loop and registered:  # retraining moves a registry alias: needs a version
             loop = functools.partial(_loop, cfg, home=home, log=log,
-                                     dataset_path=stages["train"]["dataset"])
+                                     dataset_path=stages["train"]["dataset"],
+                                     heading=heading(LOOP))
         stages["serve"] = serve_smoke_check(cfg.serve, model, stages["train"]["dataset"], home,
                                             keep_serving, log, then=loop)
         if "loop" in stages["serve"]:
@@ -64,9 +82,9 @@ def run_pipeline(cfg: Config, home: str | None = None, force: bool = False,
 
 
 def _loop(cfg: Config, url: str, served_uri: str, home: str | None,
-          log: Callable[[str], None], dataset_path: str) -> dict:
+          log: Callable[[str], None], dataset_path: str, heading: str) -> dict:
     from mlsd_ray.data.prepare import PreparedDataset
     from mlsd_ray.monitor.loop import drift_loop
 
-    log("== stage 6/6: monitor -> retrain -> rolling update ==")
+    log(heading)
     return drift_loop(cfg, url, served_uri, PreparedDataset.open(dataset_path), home, log)

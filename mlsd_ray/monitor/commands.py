@@ -152,15 +152,20 @@ def retrain(source: Annotated[str, typer.Option(
             epochs: Annotated[int | None, typer.Option(
                 "--epochs", help="Challenger epochs (retrain.epochs).")] = None,
             margin: Annotated[float | None, typer.Option(
-                "--margin", help="Required holdout accuracy gain (retrain.margin).")] = None,
+                "--margin", help="Required gain of the task's holdout score: accuracy for "
+                                 "images, PR-AUC, macro F1 or R² for tables "
+                                 "(retrain.margin).")] = None,
             dry_run: Annotated[bool, typer.Option(
                 "--dry-run", help="Train and decide, but promote nothing.")] = False,
             model: ModelOption = None, config: ConfigOption = None, set_: SetOption = None,
             home: HomeOption = None, as_json: JsonOption = False,
-            verbose: VerboseOption = False) -> None:
+            verbose: VerboseOption = False, example: ExampleOption = None,
+            task: TaskOption = None) -> None:
     """Train a challenger on new data and promote it only if it beats the champion.
 
-    Both are scored on the same holdout (the champion's test split plus the new data's); a
+    The champion's checkpoint says its task (--example fraud picks the fraud model and its
+    settings). Both are scored on the same holdout (the champion's test split plus the new
+    data's) by the task's score: accuracy for images, PR-AUC, macro F1 or R² for tables. A
     promoted challenger takes the alias and a running `mlsd serve` app rolls over to it with no
     dropped requests. Writes decision.json / decision.md under $MLSD_HOME/retrain/.
     """
@@ -170,15 +175,16 @@ def retrain(source: Annotated[str, typer.Option(
 
         cfg = config_from(config, with_flags(set_, {"retrain.mode": mode,
                                                     "retrain.epochs": epochs,
-                                                    "retrain.margin": margin}), None)
+                                                    "retrain.margin": margin}), None,
+                          example, task=task)
         return run_retrain(cfg, source, home, model, dry_run, log_stderr)
 
     def render(decision: dict) -> None:
         for who in ("champion", "challenger"):
             score = decision["scores"][who]
-            print(f"{who:10s} {decision[who]}: holdout {score['holdout']['accuracy']:.4f} "
-                  f"(old test {score['old_test']['accuracy']:.4f}, new "
-                  f"{score['new_test']['accuracy']:.4f})")
+            print(f"{who:10s} {decision[who]}: holdout {decision['metric']} "
+                  f"{score['holdout']['score']:.4f} (old test {score['old_test']['score']:.4f}, "
+                  f"new {score['new_test']['score']:.4f})")
         print(("PROMOTED: " if decision["promote"] else "kept the champion: ")
               + decision["reason"])
         if "rollout" in decision:

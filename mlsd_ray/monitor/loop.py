@@ -64,7 +64,7 @@ def drift_loop(cfg: Config, url: str, served_uri: str, dataset: PreparedDataset,
                        roll_out=False)
     steps["retrain"] = {key: decision[key] for key in ("champion", "challenger", "gain",
                                                        "promote", "reason", "outputs")}
-    steps["retrain"]["holdout"] = {who: decision["scores"][who]["holdout"]["accuracy"]
+    steps["retrain"]["holdout"] = {who: decision["scores"][who]["holdout"]["score"]
                                    for who in ("champion", "challenger")}
     if decision["promote"]:
         with BackgroundLoad(url, dataset) as load:

@@ -23,28 +23,31 @@ def run_tabular_pipeline(cfg: Config, home: str | None = None, force: bool = Fal
                          log: Callable[[str], None] = log_stderr, tune: bool = False,
                          serve_check: bool = True, keep_serving: bool = False) -> dict:
     """Run the tabular stages; returns one summary per stage."""
+    from mlsd_ray.pipeline import StageHeadings
     from mlsd_ray.registry import promote_first
     from mlsd_ray.tabular.prepare import prepare_table
     from mlsd_ray.tabular.stage import run_tabular_train
 
-    log("== stage 1/4: data ==")
+    heading = StageHeadings("data", tune and "tune", "train, evaluate, register",
+                            cfg.registry.auto_register and "promote", serve_check and "serve")
+    log(heading("data"))
     table = prepare_table(cfg, home=home, force=force, log=log)
     stages = {"data": table.summary()}
     if tune:
         from mlsd_ray.tune import run_tune, trial_config
 
-        log("== stage 1b/4: tune ==")
+        log(heading("tune"))
         stages["tune"] = run_tune(cfg, home=home, log=log, register=False)
         cfg = trial_config(cfg, stages["tune"]["best"]["params"])
         log(f"training with the best parameters: {stages['tune']['best']['params']}")
-    log("== stage 2/4: train, evaluate, register ==")
+    log(heading("train, evaluate, register"))
     stages["train"] = run_tabular_train(cfg, home=home, log=log, table=table)
     registered = stages["train"].get("registered")
     if registered:
-        log("== stage 3/4: promote ==")
+        log(heading("promote"))
         stages["promote"] = promote_first(registered, home, log)
     if serve_check:
-        log("== stage 4/4: serve ==")
+        log(heading("serve"))
         model = registered["uri"] if registered else stages["train"]["checkpoint"]
         stages["serve"] = serve_check_fraud(cfg, model, table, home, log, keep_serving)
     return {"example": "tabular", "stages": stages}

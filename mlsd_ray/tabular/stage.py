@@ -122,8 +122,13 @@ def render_report(report: dict) -> str:
 
 def run_tabular_train(cfg: Config, home: str | None = None,
                       log: Callable[[str], None] = log_stderr, run_name: str | None = None,
-                      table: PreparedTable | None = None) -> dict:
-    """Prepare if needed, train, evaluate the best checkpoint on test; register if configured."""
+                      table: PreparedTable | None = None, init_from: str | None = None,
+                      reference: PreparedTable | None = None) -> dict:
+    """Prepare if needed, train, evaluate the best checkpoint on test; register if configured.
+
+    `table` replaces preparing `cfg.tabular.source` (retraining passes old and new rows
+    combined); `init_from`, a checkpoint folder, starts from its weights; `reference` is the
+    table the drift reference describes (default: the training table)."""
     from ray.train import TrainingFailedError
 
     started = time.perf_counter()
@@ -140,7 +145,8 @@ def run_tabular_train(cfg: Config, home: str | None = None,
     try:
         with relay:
             result = build_tabular_trainer(cfg, table, name, runs,
-                                           callbacks=[relay.callback()], log=log).fit()
+                                           callbacks=[relay.callback()], log=log,
+                                           init_from=init_from, reference=reference).fit()
     except TrainingFailedError as exc:
         raise WorkError(f"training failed: {failure_message(exc)}") from exc
     checkpoint, best = max(result.best_checkpoints, key=lambda cm: cm[1][RANK_METRIC])

@@ -162,7 +162,11 @@ def tabular_loop_per_worker(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
-    model = ray.train.torch.prepare_model(build_mlp(**config["model"]))
+    model = build_mlp(**config["model"])
+    if config.get("init_from"):  # fine-tuning: start from these weights (a checkpoint folder)
+        model.load_state_dict(torch.load(f"{config['init_from']}/model.pt", map_location="cpu",
+                                         weights_only=True))
+    model = ray.train.torch.prepare_model(model)
     nodes = _worker_nodes(rank)
     per_worker_batch = max(1, cfg.batch_size // world)
     steps = math.ceil(config["train_rows"] / world / per_worker_batch)
@@ -262,15 +266,18 @@ def feature_reference(table: PreparedTable, seed: int = 0) -> dict:
             "rows": int(len(features))}
 
 
-def loop_config(cfg: Config, table: PreparedTable, run_name: str) -> dict:
-    """Everything a worker needs, as plain data."""
+def loop_config(cfg: Config, table: PreparedTable, run_name: str, init_from: str | None = None,
+                reference: PreparedTable | None = None) -> dict:
+    """Everything a worker needs, as plain data. `init_from`, a checkpoint folder, starts from
+    its weights (fine-tuning); the drift reference profiles `reference` (default: `table`)."""
     m = table.manifest
     task = m["task"]
     outputs = 1 if task == "regression" else len(m["classes"])
     config = {"task": task, "label": m["label"], "classes": m["classes"],
               "train": cfg.train.model_dump(), "threshold": cfg.tabular.threshold.model_dump(),
               "preprocessing": m["preprocessing"],
-              "reference": feature_reference(table, cfg.train.seed),
+              "reference": feature_reference(reference or table, cfg.train.seed),
+              "init_from": init_from,
               "model": {"name": "tabular_mlp", "in_features": len(m["feature_names"]),
                         "hidden": list(cfg.tabular.hidden), "outputs": outputs,
                         "dropout": cfg.tabular.dropout},
@@ -287,12 +294,16 @@ def loop_config(cfg: Config, table: PreparedTable, run_name: str) -> dict:
 
 def build_tabular_trainer(cfg: Config, table: PreparedTable, run_name: str, storage_path: str,
                           datasets: dict | None = None, callbacks: list | None = None,
-                          log: Callable[[str], None] | None = None):
-    """A TorchTrainer of the MLP over the featurised splits (Tune passes its own `datasets`)."""
+                          log: Callable[[str], None] | None = None,
+                          init_from: str | None = None,
+                          reference: PreparedTable | None = None):
+    """A TorchTrainer of the MLP over the featurised splits (Tune passes its own `datasets`;
+    `init_from` and `reference` as in `loop_config`)."""
     datasets = datasets or materialize_features(table)
     plan = plan_ingest(datasets, cfg.train.in_memory_limit_mb)
-    return torch_trainer(tabular_loop_per_worker, loop_config(cfg, table, run_name), cfg,
-                         run_name, storage_path, plan, datasets, callbacks or [], log)
+    config = loop_config(cfg, table, run_name, init_from, reference)
+    return torch_trainer(tabular_loop_per_worker, config, cfg, run_name, storage_path, plan,
+                         datasets, callbacks or [], log)
 
 
 @dataclass

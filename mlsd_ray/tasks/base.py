@@ -128,9 +128,22 @@ class Task(ABC):
         """Print what `simulate_traffic` sent and how the app answered."""
         print(summary)
 
-    def retrain(self, cfg, source: str, home: str | None, model: str, dry_run: bool,
-                log: Log) -> dict:
-        """Train a challenger on new data and promote it only through the gate."""
+    # A retrain (retrain.py owns the gate) asks the champion's task for these three.
+
+    def retrain_data(self, cfg, champion_dir: str, source: str, home: str | None, log: Log):
+        """The new data `source` prepared in the champion's form (InputError when its labels
+        differ), and the champion's data plus the new: a `retrain.RetrainData`."""
+        raise self.not_offered("retrain")
+
+    def train_challenger(self, cfg, data, init_from: str | None, home: str | None,
+                         log: Log) -> dict:
+        """Train on `data.combined` (from the weights in `init_from`, when given), register,
+        and return the training summary with its `registered` entry."""
+        raise self.not_offered("retrain")
+
+    def holdout_score(self, checkpoint_dir: str, datasets: list):
+        """The score (higher is better) of the model in `checkpoint_dir` on the test splits
+        of `datasets` pooled: a `retrain.HoldoutScore` naming its metric."""
         raise self.not_offered("retrain")
 
     def smoke_retrain_source(self, home: str, log: Log) -> str:
@@ -139,8 +152,23 @@ class Task(ABC):
 
     def deploy(self, cfg, model: str | None, smoke: bool, home: str, log: Log) -> dict:
         """Start the app on the cluster with `model`, or roll the running one over to it;
-        `smoke` checks one prediction over HTTP, then removes the app it started."""
-        raise self.not_offered("deploy")
+        `smoke` checks one prediction over HTTP (`smoke_prediction`), then removes the app
+        it started."""
+        from mlsd_ray.serve import control
+
+        settings = cfg.serve.model_copy(update={"model": model or cfg.serve.model})
+        summary = control.start(settings, home, detach=True, log=log)
+        if smoke:
+            summary["smoke_prediction"] = self.smoke_prediction(summary)
+            control.remove_app(settings.app_name)
+            control.state_file(home, settings.app_name).unlink(missing_ok=True)
+            log(f"smoke: predicted over HTTP, then removed app {settings.app_name!r}")
+        return summary
+
+    def smoke_prediction(self, served: dict) -> dict:
+        """One prediction from the app `control.start` just started (`served`: its summary,
+        with its `url` and endpoints); what was sent and what came back."""
+        raise self.not_offered("deploy --smoke")
 
     # ------------------------------------------------------------------ the console
 

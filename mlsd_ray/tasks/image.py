@@ -97,11 +97,21 @@ class ImageTask(Task):
         if "saved" in summary:
             print(f"saved to {summary['saved']['folder']}")
 
-    def retrain(self, cfg, source: str, home: str | None, model: str, dry_run: bool,
-                log: Log) -> dict:
-        from mlsd_ray.retrain import retrain
+    def retrain_data(self, cfg, champion_dir: str, source: str, home: str | None, log: Log):
+        from mlsd_ray.image_retrain import retrain_data
 
-        return retrain(cfg, source, home, model, dry_run, log)
+        return retrain_data(cfg, champion_dir, source, home, log)
+
+    def train_challenger(self, cfg, data, init_from: str | None, home: str | None,
+                         log: Log) -> dict:
+        from mlsd_ray.image_retrain import train_challenger
+
+        return train_challenger(cfg, data, init_from, home, log)
+
+    def holdout_score(self, checkpoint_dir: str, datasets: list):
+        from mlsd_ray.image_retrain import holdout_score
+
+        return holdout_score(checkpoint_dir, datasets)
 
     def smoke_retrain_source(self, home: str, log: Log) -> str:
         """300 digits rotated 30 degrees, as a labelled folder under `home`."""
@@ -120,17 +130,19 @@ class ImageTask(Task):
         log(f"smoke: 300 rotated digits written to {folder}")
         return f"folder:{folder}"
 
-    def deploy(self, cfg, model: str | None, smoke: bool, home: str, log: Log) -> dict:
-        from mlsd_ray.serve import control
+    def smoke_prediction(self, served: dict) -> dict:
+        """One embedded digit predicted over HTTP."""
+        from sklearn.datasets import load_digits
 
-        settings = cfg.serve.model_copy(update={"model": model or cfg.serve.model})
-        summary = control.start(settings, home, detach=True, log=log)
-        if smoke:
-            summary["smoke_prediction"] = _one_prediction(summary["url"])
-            control.remove_app(settings.app_name)
-            control.state_file(home, settings.app_name).unlink(missing_ok=True)
-            log(f"smoke: predicted over HTTP, then removed app {settings.app_name!r}")
-        return summary
+        from mlsd_ray.data.sources import digits_uint8
+        from mlsd_ray.monitor.traffic import png_bytes
+        from mlsd_ray.serve.client import b64_instance, post_json
+
+        image = digits_uint8(load_digits().images[0])[..., None]
+        answer = post_json(served["predict_url"],
+                           {"instances": [b64_instance(png_bytes(image))]})
+        return {"label": "0", "predicted": answer["predictions"][0]["class_name"],
+                "model_version": answer["model_version"]}
 
     def render_data(self, summary: dict) -> None:
         render_dataset(summary)
@@ -176,20 +188,6 @@ class ImageTask(Task):
                                                         "run it)"))
         if "loop" in stages:
             render_loop(stages["loop"])
-
-
-def _one_prediction(url: str) -> dict:
-    """One embedded digit predicted over HTTP by the app at `url` (deploy --smoke)."""
-    from sklearn.datasets import load_digits
-
-    from mlsd_ray.data.sources import digits_uint8
-    from mlsd_ray.monitor.traffic import png_bytes
-    from mlsd_ray.serve.client import b64_instance, post_json
-
-    image = digits_uint8(load_digits().images[0])[..., None]
-    answer = post_json(f"{url}/v1/predict", {"instances": [b64_instance(png_bytes(image))]})
-    return {"label": "0", "predicted": answer["predictions"][0]["class_name"],
-            "model_version": answer["model_version"]}
 
 
 def render_dataset(summary: dict) -> None:

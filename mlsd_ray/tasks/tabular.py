@@ -117,6 +117,44 @@ class TabularTask(Task):
         if "saved" in summary:
             print(f"saved to {summary['saved']['file']} (a csv: source)")
 
+    def retrain_data(self, cfg, champion_dir: str, source: str, home: str | None, log: Log):
+        from mlsd_ray.tabular.retrain import retrain_data
+
+        return retrain_data(cfg, champion_dir, source, home, log)
+
+    def train_challenger(self, cfg, data, init_from: str | None, home: str | None,
+                         log: Log) -> dict:
+        from mlsd_ray.tabular.retrain import train_challenger
+
+        return train_challenger(cfg, data, init_from, home, log)
+
+    def holdout_score(self, checkpoint_dir: str, datasets: list):
+        from mlsd_ray.tabular.retrain import holdout_score
+
+        return holdout_score(checkpoint_dir, datasets)
+
+    def smoke_retrain_source(self, home: str, log: Log) -> str:
+        """2,000 new generated transactions (another seed) as a CSV under `home`."""
+        from mlsd_ray import storage
+        from mlsd_ray.tabular.sources import fraud_synth
+
+        path = storage.join(home, "incoming", "smoke-fraud.csv")
+        storage.write_text(path, fraud_synth(2000, seed=1).to_csv(index=False))
+        log(f"smoke: 2000 new transactions written to {path}")
+        return f"csv:{path}"
+
+    def smoke_prediction(self, served: dict) -> dict:
+        """One record built from the served model's own columns, scored over HTTP."""
+        from mlsd_ray.serve.client import post_json
+        from mlsd_ray.serve.control import get_json
+
+        columns = get_json(f"{served['url']}{served['model_path']}", timeout=30)["columns"]
+        record = {c["name"]: (c["categories"] or ["x"])[0] if c["kind"] == "categorical"
+                  else 1.0 for c in columns}
+        answer = post_json(served["score_url"], {"records": [record]})
+        return {"record": record, "result": answer["results"][0],
+                "model_version": answer["model_version"]}
+
     def render_data(self, summary: dict) -> None:
         render_table(summary)
 

@@ -135,8 +135,8 @@ def test_retrain_rejects_a_weak_challenger_and_promotes_a_better_one(live, incom
         decision = retrain(strong, f"folder:{incoming}", home, log=lambda _: None)
     scores = decision["scores"]
     assert decision["promote"], decision["reason"]
-    assert scores["challenger"]["new_test"]["accuracy"] > scores["champion"]["new_test"][
-        "accuracy"]
+    assert decision["metric"] == "accuracy"
+    assert scores["challenger"]["new_test"]["score"] > scores["champion"]["new_test"]["score"]
     version = int(decision["challenger"].rsplit("/", 1)[1])
     assert registry.show("models:/digits-cnn@production", home)["version"] == version
     assert decision["rollout"]["served_version"] == str(version)

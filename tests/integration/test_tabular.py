@@ -263,6 +263,32 @@ def test_scored_records_are_logged_and_a_shifted_column_is_named_by_the_monitor(
     assert "| amount |" in open(alarm["outputs"]["report.md"]).read()
 
 
+def test_retrain_on_new_rows_is_gated_and_rolls_the_app_over(fraud_model, fraud_url):
+    """`mlsd retrain` for tables: new labelled rows (the smoke source: 2,000 new
+    transactions), a challenger fine-tuned on old + new, both scored by PR-AUC on the same
+    holdout, the alias and the running app moved only when the challenger wins."""
+    from mlsd_ray import registry
+    from mlsd_ray.retrain import retrain
+    from mlsd_ray.tasks import get_task
+
+    cfg, _, home = fraud_model
+    cfg = cfg.model_copy(deep=True)
+    cfg.retrain.epochs = 3
+    registry.promote("fraud-mlp", 1, "production", home)  # the champion
+    source = get_task("tabular").smoke_retrain_source(home, print)
+    decision = retrain(cfg, source, home, log=print)
+    print(f"\nfraud retrain: {decision['reason']}; scores {decision['scores']}")
+    assert (decision["task"], decision["metric"]) == ("tabular", "pr_auc")
+    champion, challenger = decision["scores"]["champion"], decision["scores"]["challenger"]
+    assert challenger["holdout"]["samples"] == champion["holdout"]["samples"] > 1200
+    assert decision["promote"] == (decision["gain"] > cfg.retrain.margin)
+    production = registry.show("models:/fraud-mlp@production", home)["version"]
+    served = requests.get(f"{fraud_url}/model", timeout=10).json()["model_version"]
+    expected = decision["challenger"].rsplit("/", 1)[1] if decision["promote"] else "1"
+    assert str(production) == served == expected
+    assert "pr_auc of each model" in open(decision["outputs"]["markdown"]).read()
+
+
 def test_diabetes_regression_beside_the_baseline(home):
     cfg = load_config(None, ["tabular.source=diabetes", "train.epochs=12", "train.lr=0.02",
                              "train.batch_size=32", "train.num_workers=1",

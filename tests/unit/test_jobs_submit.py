@@ -121,6 +121,6 @@ def test_fraud_example_config_runs_as_tabular_jobs():
     cfg = job_config("train", args)
     assert cfg.task == "tabular" and cfg.tabular.source == "breast-cancer"
     assert cfg.data.source == "digits"
-    deploy = parser("deploy").parse_args(["--config", "mlsd_ray/examples/fraud.yaml"])
-    with pytest.raises(InputError, match="the tabular task has no deploy stage yet"):
-        run_stage("deploy", deploy, log=lambda _: None)
+    retrain = parser("retrain").parse_args(["--config", "mlsd_ray/examples/fraud.yaml"])
+    with pytest.raises(InputError, match="retrain needs --source SPEC"):
+        run_stage("retrain", retrain, log=lambda _: None)
