@@ -362,9 +362,25 @@ app.command(name="simulate-traffic")(simulate_traffic)
 app.command()(retrain)
 
 
+def plain_flags(command) -> None:
+    """Render on/off flags as flags in --help (`--force`, not `--force <bool>`): typer shows a
+    type for every option, flags and the help option included, unless the option has a
+    metavar."""
+    import click
+
+    options = [*command.params, command.get_help_option(click.Context(command))]
+    for option in options:
+        if getattr(option, "is_flag", False) and option.metavar is None:
+            option.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        plain_flags(sub)
+
+
 def main() -> None:
     """Console-script entry point."""
-    app()
+    command = typer.main.get_command(app)
+    plain_flags(command)
+    command()
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ def monitor(since: Annotated[str, typer.Option(
                 "--fail-on-drift", help=f"Exit {DRIFT_EXIT_CODE} when drift is found "
                                         "(for cron jobs and CI).")] = False,
             config: ConfigOption = None, set_: SetOption = None, home: HomeOption = None,
-            as_json: JsonOption = False, verbose: VerboseOption = False) -> None:
+            as_json: JsonOption = False, verbose: VerboseOption = False,
+            example: ExampleOption = None, task: TaskOption = None) -> None:
     """Drift and skew of served traffic against the training data of the model that served it.
 
     Images: per input feature (brightness, contrast, edges, ink, orientation, centre), PSI and
@@ -60,7 +61,7 @@ def monitor(since: Annotated[str, typer.Option(
     def work() -> dict:
         from mlsd_ray.monitor.run import monitor as run_monitor
 
-        cfg = config_from(config, set_, None)
+        cfg = config_from(config, set_, None, example, task=task)
         frame = None
         if inputs:
             frame = _predict_inputs(cfg, inputs, model, home)
@@ -82,15 +83,19 @@ def monitor(since: Annotated[str, typer.Option(
 
 
 def _predict_inputs(cfg, inputs: str, model: str | None, home: str | None):
-    """Offline predictions (with features) for a source, shaped like prediction-log rows."""
+    """Offline predictions of a source, shaped like prediction-log rows (the model's task,
+    from its checkpoint, predicts them)."""
     import pandas as pd
 
-    from mlsd_ray.serve.batch import OK, predict_dataset
+    from mlsd_ray.serve.control import resolve_model_ref
+    from mlsd_ray.tasks import task_of_checkpoint
 
-    cfg.data.source = inputs
-    summary = predict_dataset(model or cfg.serve.model, cfg, None, home, log_stderr)
+    resolved = resolve_model_ref(model or cfg.serve.model, home)
+    task = task_of_checkpoint(resolved["path"])
+    task.set_source(cfg, inputs)
+    summary = task.predict_offline(resolved, cfg, None, home, log_stderr)
     frame = pd.read_parquet(summary["out"])
-    return frame[frame["status"] == OK].reset_index(drop=True)
+    return frame[frame["status"] == "ok"].reset_index(drop=True)
 
 
 def simulate_traffic(

@@ -5,18 +5,20 @@ Registered on the main app by mlsd_ray.cli.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from mlsd_ray.cli_support import (
+    ChosenTask,
     ConfigOption,
+    ExampleOption,
     HomeOption,
     JsonOption,
     SetOption,
     SourceOption,
+    TaskOption,
     VerboseOption,
     config_from,
     run,
@@ -136,7 +138,7 @@ def deploy(model: Annotated[str, typer.Option(
 
 
 def predict(files: Annotated[list[Path] | None, typer.Argument(
-                help="Image files to send to --url.")] = None,
+                help="Files to send to --url: images, or CSV rows for a table model.")] = None,
             url: Annotated[str | None, typer.Option(
                 "--url", help="A running app, e.g. http://127.0.0.1:8000.")] = None,
             model: Annotated[str | None, typer.Option(
@@ -145,36 +147,35 @@ def predict(files: Annotated[list[Path] | None, typer.Argument(
             out: Annotated[Path | None, typer.Option(
                 "--out", help="Offline: parquet folder for the predictions (default "
                               "$MLSD_HOME/batch-predictions/TIME).")] = None,
-            home: HomeOption = None, as_json: JsonOption = False) -> None:
-    """Predict offline over a dataset with Ray Data, or send image files to a running app.
+            home: HomeOption = None, as_json: JsonOption = False,
+            example: ExampleOption = None, task: TaskOption = None) -> None:
+    """Predict offline over a dataset with Ray Data, or send files to a running app.
 
     Offline: `mlsd predict --model URI --source SPEC --out PATH` reads the source like the data
     stage (invalid rows are counted, not fatal), runs the model on an actor pool and writes
-    parquet (row id, label if known, class, confidence). Online: `mlsd predict --url URL FILE...`.
+    parquet (row id, label if known, class or score, confidence); the model's checkpoint says
+    its task. Online: `mlsd predict --url URL FILE...` sends images, or with --example fraud
+    (or --task tabular) the rows of CSV files to the scoring app.
     """
     from mlsd_ray.errors import InputError
 
+    chosen = ChosenTask()
+
     def work() -> dict:
+        cfg = config_from(config, with_flags(set_, {}), None, example, task=task)
         if url:
             if not files:
-                raise InputError("--url needs image FILEs to send")
-            from mlsd_ray.serve.client import predict_files
-
-            return predict_files(url, files)
+                raise InputError("--url needs FILEs to send")
+            return chosen.of(cfg).predict_online(url, files)
         if not model:
             raise InputError("give --model (offline over --source) or --url with FILEs")
-        from mlsd_ray.serve.batch import predict_dataset
+        from mlsd_ray.serve.control import resolve_model_ref
+        from mlsd_ray.tasks import task_of_checkpoint
 
-        cfg = config_from(config, with_flags(set_, {}), source)
-        return predict_dataset(model, cfg, out, home, log_stderr)
+        resolved = resolve_model_ref(model, home)
+        chosen.task = task_of_checkpoint(resolved["path"])
+        chosen.task.set_source(cfg, source)
+        return chosen.task.predict_offline(resolved, cfg, str(out) if out else None, home,
+                                           log_stderr)
 
-    def render(result: dict) -> None:
-        if "predictions" in result and "url" in result:
-            for path, answer in zip(result["files"], result["predictions"]):
-                print(f"{path}: {answer['class_name']} "
-                      f"({max(answer['probabilities'].values()):.3f})")
-            print(f"model {result['model_name']} version {result['model_version']}")
-        else:
-            print(json.dumps(result, indent=2))
-
-    run(as_json, work, render)
+    run(as_json, work, lambda result: chosen.task.render_prediction(result))

@@ -83,14 +83,22 @@ def output_reference(outputs: np.ndarray, task: str, classes: list[str] | None,
     return reference
 
 
+def log_columns(typed: pd.DataFrame, outputs: np.ndarray, task: str,
+                classes: list[str] | None, threshold: float | None) -> pd.DataFrame:
+    """The task's columns of the prediction log for rows already typed by the model's plan
+    (the app adds time, request id, model and latency; offline prediction, its own ids)."""
+    outputs = np.asarray(outputs, dtype=float)
+    frame = typed.add_prefix(LOG_PREFIX).reset_index(drop=True)
+    frame["score"] = row_scores(outputs, task)
+    frame["confidence"] = outputs.max(axis=1) if task != "regression" else np.nan
+    predicted = predicted_classes(outputs, task, classes, threshold)
+    frame["predicted_class"] = predicted if predicted is not None else None
+    return frame
+
+
 def log_rows(records: list[dict], outputs: np.ndarray, task: str, classes: list[str] | None,
              threshold: float | None) -> list[dict]:
-    """The task's columns of one prediction-log row per record (the app adds time, request
-    id, model and latency)."""
-    scores = row_scores(outputs, task)
-    predicted = predicted_classes(outputs, task, classes, threshold)
-    return [{**{LOG_PREFIX + name: value for name, value in record.items()},
-             "score": float(scores[i]),
-             "confidence": float(np.max(outputs[i])) if task != "regression" else None,
-             "predicted_class": predicted[i] if predicted is not None else None}
-            for i, record in enumerate(records)]
+    """`log_columns` for served records (already checked and typed), one dict per record."""
+    frame = log_columns(pd.DataFrame(records), outputs, task, classes, threshold)
+    plain = frame.astype(object).where(frame.notna(), None)
+    return plain.to_dict("records")

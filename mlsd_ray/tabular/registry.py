@@ -17,9 +17,10 @@ def _scalars(prefix: str, values: dict | None) -> dict:
 
 
 def register_tabular(summary: dict, cfg: Config, table: PreparedTable, model_name: str,
-                     home: str | None = None) -> dict:
+                     home: str | None = None, nested: bool = False) -> dict:
     """Log the run (params, per-epoch metrics, test and baseline metrics, checkpoint, report)
-    and register the checkpoint as a new version of `model_name`."""
+    and register the checkpoint as a new version of `model_name`. `nested`: log the run as a
+    child of the active run (a search's best trial)."""
     import mlflow
 
     mlflow_client = client(home)
@@ -36,7 +37,7 @@ def register_tabular(summary: dict, cfg: Config, table: PreparedTable, model_nam
             "schema": json.dumps(schema)[:5000]}
     if summary.get("decision"):
         tags["threshold"] = f"{summary['decision']['threshold']:.6f}"
-    with mlflow.start_run(run_name=summary["run_name"]) as run:
+    with mlflow.start_run(run_name=summary["run_name"], nested=nested) as run:
         mlflow.log_params({**_flat("train", cfg.train.model_dump()),
                            **_flat("tabular", cfg.tabular.model_dump(exclude={"columns"})),
                            "tabular.hidden": str(cfg.tabular.hidden),

@@ -84,12 +84,28 @@ def _sklearn_table(kind: str) -> Table:
 
 
 def _file_table(kind: str, location: str, label: str | None) -> Table:
+    if not label and os.path.exists(os.path.expanduser(location or "")):
+        raise InputError(f"{kind}:{location}: name the label column with --label COLUMN "
+                         "(or tabular.label)")
+    frame, name = read_file(kind, location)
+    return Table(frame, label, name)
+
+
+def read_rows(spec: str, seed: int = 0) -> tuple[pd.DataFrame, str]:
+    """The rows a source names, labelled or not (offline prediction reads unlabelled files
+    too), and the source's name."""
+    kind, _, argument = spec.partition(":")
+    if kind in ("csv", "parquet"):
+        return read_file(kind, argument)
+    table = load_table(spec, seed=seed)
+    return table.frame, table.name
+
+
+def read_file(kind: str, location: str) -> tuple[pd.DataFrame, str]:
+    """A CSV file (or a folder of them) or a parquet file, and its name."""
     path = os.path.expanduser(location)
     if not location or not os.path.exists(path):
         raise InputError(f"{kind} file or folder not found: {location or '(none given)'}")
-    if not label:
-        raise InputError(f"{kind}:{location}: name the label column with --label COLUMN "
-                         "(or tabular.label)")
     try:
         if kind == "parquet":
             frame = pd.read_parquet(path)
@@ -99,8 +115,7 @@ def _file_table(kind: str, location: str, label: str | None) -> Table:
             frame = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
     except (ValueError, OSError, pd.errors.ParserError) as exc:
         raise InputError(f"cannot read {kind}:{location}: {exc}") from exc
-    name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0] or kind
-    return Table(frame, label, name)
+    return frame, os.path.splitext(os.path.basename(os.path.normpath(path)))[0] or kind
 
 
 def fraud_synth(rows: int = FRAUD_ROWS, seed: int = 0) -> pd.DataFrame:

@@ -150,23 +150,53 @@ def run_tabular_train(cfg: Config, home: str | None = None,
     except TrainingFailedError as exc:
         raise WorkError(f"training failed: {failure_message(exc)}") from exc
     checkpoint, best = max(result.best_checkpoints, key=lambda cm: cm[1][RANK_METRIC])
+    summary = evaluated_summary(cfg, table, checkpoint.path, best, name, storage.join(runs, name),
+                                int(result.metrics["epoch"]), log)
+    summary["wall_seconds"] = round(time.perf_counter() - started, 1)
+    if cfg.registry.auto_register:
+        register(summary, cfg, table, home, log)
+    return summary
+
+
+def evaluated_summary(cfg: Config, table: PreparedTable, checkpoint: str, best: dict,
+                      run_name: str, run_path: str, epochs_run: int,
+                      log: Callable[[str], None]) -> dict:
+    """A trained checkpoint's summary: its best epoch, its test metrics beside the
+    baseline's, and where the evaluation went (under `run_path`/evaluation)."""
     log("evaluating on test" + (" beside the HistGradientBoosting baseline"
                                 if cfg.tabular.baseline else ""))
-    evaluation = evaluate_checkpoint(cfg, table, checkpoint.path,
-                                     storage.join(runs, name, "evaluation"))
-    summary = {"run_name": name, "run_path": storage.join(runs, name),
-               "checkpoint": checkpoint.path, "best_epoch": int(best["epoch"]),
-               "epochs_run": int(result.metrics["epoch"]), "task": table.manifest["task"],
-               "score_name": evaluation["score_name"], VAL_SCORE: best[VAL_SCORE],
-               "test": evaluation["mlp"], "baseline": evaluation.get("baseline"),
-               "decision": evaluation.get("decision"), "evaluation": {
-                   k: evaluation[k] for k in ("report", "report_md", "pr_curve")
-                   if k in evaluation},
-               "dataset": table.path, "wall_seconds": round(time.perf_counter() - started, 1)}
-    if cfg.registry.auto_register:
-        from mlsd_ray.tabular.registry import register_tabular
+    evaluation = evaluate_checkpoint(cfg, table, checkpoint,
+                                     storage.join(run_path, "evaluation"))
+    return {"run_name": run_name, "run_path": run_path, "checkpoint": checkpoint,
+            "best_epoch": int(best["epoch"]), "epochs_run": epochs_run,
+            "task": table.manifest["task"], "score_name": evaluation["score_name"],
+            VAL_SCORE: best[VAL_SCORE], "test": evaluation["mlp"],
+            "baseline": evaluation.get("baseline"), "decision": evaluation.get("decision"),
+            "evaluation": {k: evaluation[k] for k in ("report", "report_md", "pr_curve")
+                           if k in evaluation},
+            "dataset": table.path}
 
-        model_name = cfg.registry.model_name or f"{table.manifest['name']}-mlp"
-        summary["registered"] = register_tabular(summary, cfg, table, model_name, home)
-        log(f"registered {summary['registered']['uri']}")
-    return summary
+
+def register(summary: dict, cfg: Config, table: PreparedTable, home: str | None,
+             log: Callable[[str], None], nested: bool = False) -> None:
+    """Log the run to MLflow and register its checkpoint (`summary["registered"]`)."""
+    from mlsd_ray.tabular.registry import register_tabular
+
+    model_name = cfg.registry.model_name or f"{table.manifest['name']}-mlp"
+    summary["registered"] = register_tabular(summary, cfg, table, model_name, home, nested)
+    log(f"registered {summary['registered']['uri']}")
+
+
+def register_trial(run, best: dict, cfg: Config, home: str | None,
+                   log: Callable[[str], None]) -> dict:
+    """A search's best trial, evaluated on test beside the baseline and registered as a child
+    of the search's MLflow run."""
+    from mlsd_ray.checkpoint import load_train_state
+
+    history = load_train_state(best["checkpoint"])["history"]
+    metrics = next(h for h in history if h["epoch"] == best["best_epoch"])
+    summary = evaluated_summary(cfg, run.dataset, best["checkpoint"], metrics,
+                                f"{run.name}-trial-{best['trial']}", run.path,
+                                best["epochs_run"], log)
+    register(summary, cfg, run.dataset, home, log, nested=True)
+    return {"registered": summary["registered"], "test": summary["test"]}

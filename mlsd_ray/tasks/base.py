@@ -120,6 +120,24 @@ class Task(ABC):
         """Print an evaluation's summary for a person."""
         print(f"report: {summary.get('report', summary)}")
 
+    def predict_offline(self, model: dict, cfg, out: str | None, home: str | None,
+                        log: Log) -> dict:
+        """`mlsd predict --model URI --source SPEC`: every input of the task's source in `cfg`
+        predicted by `model` (resolved: uri, name, version, path), written as parquet under
+        `out` with the prediction-log columns and a `status` per row; returns a summary with
+        `out`."""
+        raise self.not_offered("predict")
+
+    def predict_online(self, url: str, files: list) -> dict:
+        """`mlsd predict --url URL FILE...`: the files' inputs sent to the running app."""
+        raise self.not_offered("predict --url")
+
+    def render_prediction(self, result: dict) -> None:
+        """Print a prediction's summary (offline) or answers (online) for a person."""
+        import json
+
+        print(json.dumps(result, indent=2, default=str))
+
     def simulate_traffic(self, prepared, request: TrafficRequest) -> dict:
         """Send (or save) held-out inputs of `prepared` to a running app, with a shift."""
         raise self.not_offered("simulate-traffic")
@@ -145,6 +163,13 @@ class Task(ABC):
         """The score (higher is better) of the model in `checkpoint_dir` on the test splits
         of `datasets` pooled: a `retrain.HoldoutScore` naming its metric."""
         raise self.not_offered("retrain")
+
+    def register_best_trial(self, run, best: dict, best_cfg, home: str | None,
+                            log: Log) -> dict:
+        """Register a search's best trial (`best`: its row, with its `checkpoint`; `run`: the
+        search, with its `dataset`) as a version, logged as a child of the active MLflow run;
+        `{"registered": {...}, ...}`. Called when `registers_best_trial`."""
+        raise self.not_offered("tune registration")
 
     def smoke_retrain_source(self, home: str, log: Log) -> str:
         """`retrain --smoke`'s new labelled data: written under `home`, returned as a source."""

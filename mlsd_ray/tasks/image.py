@@ -78,6 +78,31 @@ class ImageTask(Task):
         print(f"report: {summary['report']}")
         print(f"plots: {summary['confusion_matrix_png']}, {summary['learning_curves_png']}")
 
+    def register_best_trial(self, run, best: dict, best_cfg, home: str | None,
+                            log: Log) -> dict:
+        from mlsd_ray.image_tune import register_best_trial
+
+        return register_best_trial(run, best, best_cfg, home, log)
+
+    def predict_offline(self, model: dict, cfg, out: str | None, home: str | None,
+                        log: Log) -> dict:
+        from mlsd_ray.serve.batch import predict_dataset
+
+        return predict_dataset(model["uri"], cfg, out, home, log)
+
+    def predict_online(self, url: str, files: list) -> dict:
+        from mlsd_ray.serve.client import predict_files
+
+        return predict_files(url, files)
+
+    def render_prediction(self, result: dict) -> None:
+        if "predictions" not in result:
+            return super().render_prediction(result)
+        for path, answer in zip(result["files"], result["predictions"]):
+            print(f"{path}: {answer['class_name']} "
+                  f"({max(answer['probabilities'].values()):.3f})")
+        print(f"model {result['model_name']} version {result['model_version']}")
+
     def simulate_traffic(self, prepared, request: TrafficRequest) -> dict:
         from mlsd_ray.monitor.traffic import simulate_traffic
 

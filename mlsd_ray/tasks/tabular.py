@@ -19,9 +19,7 @@ class TabularTask(Task):
 
     name = "tabular"
     metric = VAL_SCORE
-    # A search ranks trials and writes best.yaml; it registers nothing yet (training with
-    # `mlsd train --config best.yaml` does).
-    registers_best_trial = False
+    registers_best_trial = True
 
     def set_source(self, cfg, source: str | None, label: str | None = None) -> None:
         if source is not None:
@@ -96,6 +94,37 @@ class TabularTask(Task):
         if summary.get("baseline"):
             print("baseline:  " + "  ".join(f"{k} {summary['baseline'][k]:.4f}" for k in keys))
         print(f"report: {summary['report_md']}")
+
+    def register_best_trial(self, run, best: dict, best_cfg, home: str | None,
+                            log: Log) -> dict:
+        from mlsd_ray.tabular.stage import register_trial
+
+        return register_trial(run, best, best_cfg, home, log)
+
+    def predict_offline(self, model: dict, cfg, out: str | None, home: str | None,
+                        log: Log) -> dict:
+        from mlsd_ray.tabular.predict import predict_table
+
+        return predict_table(model, cfg.tabular.source, out, home, log, cfg.data.seed)
+
+    def predict_online(self, url: str, files: list) -> dict:
+        from mlsd_ray.tabular.predict import predict_files
+
+        return predict_files(url, files)
+
+    def render_prediction(self, result: dict) -> None:
+        if "files" not in result:
+            scores = {k: result[k] for k in ("accuracy", "pr_auc", "r2") if k in result}
+            print(f"{result['predicted']} of {result['rows']} rows predicted in "
+                  f"{result['seconds']} s -> {result['out']}"
+                  + (f"; on {result['labelled']} labelled rows: {scores}" if scores else ""))
+            return
+        for answer in result["files"]:
+            outcomes = [r.get("decision", r.get("class", r.get("prediction")))
+                        for r in answer["results"]]
+            print(f"{answer['file']}: {len(outcomes)} rows: {outcomes[:20]}"
+                  + (" ..." if len(outcomes) > 20 else ""))
+            print(f"model {answer['model_name']} version {answer['model_version']}")
 
     def simulate_traffic(self, prepared, request: TrafficRequest) -> dict:
         from mlsd_ray.tabular.traffic import simulate_table_traffic
