@@ -39,7 +39,7 @@ def start_local_ray() -> None:
 def model_checkpoint(ref: str, home: str | None) -> dict:
     """The registered model to serve and its local checkpoint; exits 2 with the fix if none."""
     from mlsd_ray import registry
-    from mlsd_ray.errors import InputError
+    from mlsd_ray.core.errors import InputError
     from mlsd_ray.serve.control import resolve_model_ref
 
     try:

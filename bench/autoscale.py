@@ -99,7 +99,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from mlsd_ray.config import ServeConfig
+    from mlsd_ray.core.config import ServeConfig
     from mlsd_ray.serve import control
 
     start_local_ray()

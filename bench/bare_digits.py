@@ -28,7 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mlsd_ray.models import build_model  # noqa: E402  (the same nn.Sequential, nothing else)
+from mlsd_ray.tasks.image.models import build_model  # noqa: E402  (the same nn.Sequential, nothing else)
 
 
 def load(dataset: Path, split: str, shape: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,10 +29,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlsd_ray.config import DataConfig  # noqa: E402
-from mlsd_ray.data.sources import FolderSource, read_files  # noqa: E402
-from mlsd_ray.data.transforms import Preprocessor  # noqa: E402
-from mlsd_ray.data.validate import ValidationSpec, validate_batch  # noqa: E402
+from mlsd_ray.core.config import DataConfig  # noqa: E402
+from mlsd_ray.tasks.image.data.sources import FolderSource, read_files  # noqa: E402
+from mlsd_ray.tasks.image.data.transforms import Preprocessor  # noqa: E402
+from mlsd_ray.tasks.image.data.validate import ValidationSpec, validate_batch  # noqa: E402
 
 CLASSES = 10
 
@@ -141,7 +141,7 @@ def main() -> None:
 
     import ray
 
-    from mlsd_ray.runtime import _tune_data_context, set_progress_bars
+    from mlsd_ray.core.runtime import _tune_data_context, set_progress_bars
 
     init_start = time.perf_counter()
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,

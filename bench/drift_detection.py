@@ -15,10 +15,10 @@ import json
 import time
 from collections import Counter
 
-from mlsd_ray.config import load_config
-from mlsd_ray.data.prepare import prepare_dataset
+from mlsd_ray.core.config import load_config
 from mlsd_ray.monitor.run import monitor
-from mlsd_ray.monitor.traffic import simulate_traffic
+from mlsd_ray.tasks.image.data.prepare import prepare_dataset
+from mlsd_ray.tasks.image.traffic import simulate_traffic
 
 
 def now() -> str:

@@ -18,8 +18,9 @@ from fastapi.responses import JSONResponse
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlsd_ray.checkpoint import load_model  # noqa: E402
-from mlsd_ray.serve import schemas  # noqa: E402
+from mlsd_ray.serve.schemas import ClientError, parse_json  # noqa: E402
+from mlsd_ray.tasks.image import schemas  # noqa: E402
+from mlsd_ray.tasks.image.checkpoint import load_model  # noqa: E402
 
 torch.set_num_threads(1)
 LOADED = load_model(os.environ["BENCH_CHECKPOINT"])
@@ -29,8 +30,8 @@ app = FastAPI()
 @app.post("/v1/predict")
 async def predict(request: Request):
     try:
-        images = schemas.instances_from_json(schemas.parse_json(await request.body()), 256)
-    except schemas.ClientError as exc:
+        images = schemas.instances_from_json(parse_json(await request.body()), 256)
+    except ClientError as exc:
         return JSONResponse(status_code=exc.status, content=exc.body())
     with torch.inference_mode():
         logits = LOADED.model(LOADED.preprocessor(images))

@@ -41,7 +41,7 @@ def bare_forward_rate(checkpoint: str, batch: int, seconds: float = 5.0) -> dict
     import numpy as np
     import torch
 
-    from mlsd_ray.checkpoint import load_model
+    from mlsd_ray.tasks.image.checkpoint import load_model
 
     torch.set_num_threads(1)
     loaded = load_model(checkpoint)
@@ -59,7 +59,7 @@ def ray_serve(model_uri: str, home: str | None, args) -> dict:
     import ray
     from ray import serve
 
-    from mlsd_ray.config import ServeConfig
+    from mlsd_ray.core.config import ServeConfig
     from mlsd_ray.serve import control
 
     start_local_ray()

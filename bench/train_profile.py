@@ -66,17 +66,17 @@ def main() -> None:
     import pandas as pd
     import torch
 
-    from mlsd_ray.config import load_config
-    from mlsd_ray.data.prepare import prepare_dataset
-    from mlsd_ray.models import build_model
-    from mlsd_ray.progress import EpochRelay
-    from mlsd_ray.runtime import configure, ensure_ray
-    from mlsd_ray.train import (
-        RANK_METRIC,
+    from mlsd_ray.core.config import load_config
+    from mlsd_ray.core.runtime import configure, ensure_ray
+    from mlsd_ray.tasks.image.data.prepare import prepare_dataset
+    from mlsd_ray.tasks.image.models import build_model
+    from mlsd_ray.tasks.image.train import (
         build_trainer,
         epoch_line,
         predict_split,
     )
+    from mlsd_ray.training.loop import RANK_METRIC
+    from mlsd_ray.training.progress import EpochRelay
 
     phases: dict[str, float] = {}
     mark = clock(phases, "process start and imports", STARTED)
@@ -101,7 +101,7 @@ def main() -> None:
         mark = clock(phases, "fit (below: split by the loop's timers)", mark)
         checkpoint, _ = max(result.best_checkpoints, key=lambda cm: cm[1][RANK_METRIC])
         with checkpoint.as_directory() as directory:
-            from mlsd_ray.checkpoint import load_model
+            from mlsd_ray.tasks.image.checkpoint import load_model
 
             accuracy = predict_split(load_model(directory), dataset, "test").accuracy
         clock(phases, "best checkpoint: load and score test", mark)

@@ -1,9 +1,9 @@
-"""Ray Job entrypoint of the deploy stage; `python jobs/deploy.py --help` (mlsd_ray/jobs.py).
+"""Ray Job entrypoint of the deploy stage; `python jobs/deploy.py --help` (mlsd_ray/cli/jobs.py).
 
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/deploy.py --smoke
 """
 
-from mlsd_ray.jobs import main
+from mlsd_ray.cli.jobs import main
 
 if __name__ == "__main__":
     main("deploy")

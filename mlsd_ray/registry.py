@@ -15,9 +15,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from mlsd_ray import storage
-from mlsd_ray.checkpoint import load_train_state
-from mlsd_ray.errors import InputError
+from mlsd_ray.core import storage
+from mlsd_ray.core.errors import InputError
+from mlsd_ray.training.checkpoint import load_train_state
 
 EXPERIMENT = "mlsd"
 ARTIFACT_DIR = "checkpoint"

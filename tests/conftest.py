@@ -24,7 +24,7 @@ def ray_session():
     """
     import ray
 
-    from mlsd_ray import runtime
+    from mlsd_ray.core import runtime
 
     ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False,
              object_store_memory=512 * 1024**2, logging_level="WARNING")
@@ -48,9 +48,9 @@ SMALL_DIGITS = ["data.image_size=8", "data.augment.random_shift=1", "train.num_w
 class TrainedDigits:
     """A model trained by the real training stage, its config, dataset and MLSD_HOME."""
 
-    cfg: object  # mlsd_ray.config.Config
-    result: object  # mlsd_ray.train.TrainResult
-    dataset: object  # mlsd_ray.data.prepare.PreparedDataset
+    cfg: object  # mlsd_ray.core.config.Config
+    result: object  # mlsd_ray.tasks.image.train.TrainResult
+    dataset: object  # mlsd_ray.tasks.image.data.prepare.PreparedDataset
     home: str
 
 
@@ -58,9 +58,9 @@ class TrainedDigits:
 def digits_model(tmp_path_factory, ray_session) -> TrainedDigits:
     """One small digits model (4 epochs, 1 worker), trained once per session and shared by
     the serve, monitor and registry tests; each registers it into an MLSD_HOME of its own."""
-    from mlsd_ray.config import load_config
-    from mlsd_ray.data.prepare import PreparedDataset
-    from mlsd_ray.train import run_train
+    from mlsd_ray.core.config import load_config
+    from mlsd_ray.tasks.image.data.prepare import PreparedDataset
+    from mlsd_ray.tasks.image.train import run_train
 
     home = str(tmp_path_factory.mktemp("digits-model") / "mlsd-home")
     cfg = load_config(None, [*SMALL_DIGITS, "train.epochs=4"])

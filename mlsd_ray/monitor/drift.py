@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from mlsd_ray.config import MonitorConfig
+from mlsd_ray.core.config import MonitorConfig
 
 NO_DATA, TOO_FEW, DRIFT, NO_DRIFT = "no data", "too few", "drift", "no drift"
 

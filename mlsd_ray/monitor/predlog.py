@@ -20,8 +20,8 @@ from collections import deque
 
 import pandas as pd
 
-from mlsd_ray import storage
-from mlsd_ray.config import PredictionLogConfig
+from mlsd_ray.core import storage
+from mlsd_ray.core.config import PredictionLogConfig
 
 BASE_COLUMNS = ("time", "request_id", "model_name", "model_version", "predicted_class",
                 "confidence", "latency_ms")

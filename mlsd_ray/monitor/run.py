@@ -17,18 +17,18 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
-from mlsd_ray import storage
-from mlsd_ray.config import Config
-from mlsd_ray.errors import InputError
+from mlsd_ray.core import storage
+from mlsd_ray.core.config import Config
+from mlsd_ray.core.errors import InputError
+from mlsd_ray.core.runtime import log_stderr
 from mlsd_ray.monitor import drift
 from mlsd_ray.monitor.predlog import log_location, read_log
-from mlsd_ray.runtime import log_stderr
 
 
 def load_reference(model_uri: str, home: str | None) -> dict:
     """The reference profile stored in a model version's checkpoint (checksums verified)."""
     from mlsd_ray import registry
-    from mlsd_ray.checkpoint import verify
+    from mlsd_ray.training.checkpoint import verify
 
     directory = registry.resolve(model_uri, home)
     verify(directory)

@@ -1,28 +1,20 @@
-"""The Serve application: an HTTP ingress (FastAPI) in front of a model deployment.
+"""What every task's Serve app shares: JSON errors (`{"error": {"code", "message"}}` with a 4xx
+for what the client got wrong), bearer-token auth, body limits, the prediction log a model
+replica writes, the model deployment's options (autoscaling, concurrency, router), and
+`build_app`, the builder behind `serve run` and the Serve configs in cluster/
+(`import_path: mlsd_ray.serve.app:build_app`).
 
-    client --HTTP--> Ingress (validate, decode, auth, errors) --handle--> Model (batching,
-                                                                           autoscaling, router)
-
-`build_app(args)` is the application builder behind `mlsd serve`, `serve run` and the Serve config
-in cluster/ (`import_path: mlsd_ray.serve.app:build_app`); its args are the `serve` config section
-plus `home`. Each model replica resolves its registry URI itself (through MLflow), so the same
-app runs on a laptop and on a cluster with a shared registry.
+A task's own app (its routes, decoding and answers) lives with the task:
+tasks/image/serve.py, tasks/tabular/serve.py; `Task.serve_application` binds it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import hashlib
 import hmac
-import json
 import os
-import time
-import uuid
-from collections import Counter
-from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -30,54 +22,16 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from starlette.exceptions import HTTPException
 
-from mlsd_ray import __version__
-from mlsd_ray.config import PredictionLogConfig, ServeConfig
-from mlsd_ray.serve import schemas
-from mlsd_ray.serve.metrics import ingress_metrics, model_metrics
+from mlsd_ray.core.config import PredictionLogConfig, ServeConfig
 from mlsd_ray.serve.routers import ROUTER_CLASSES
 from mlsd_ray.serve.schemas import ClientError
 
 TOKEN_ENV = "MLSD_API_TOKEN"
 SESSION_HEADER = "x-session-id"
 REQUEST_ID_HEADER = "x-request-id"  # Serve's proxy sets it when the client did not
-ROUTES = ("/v1/predict", "/v1/health", "/v1/model")  # metric tags: other paths count as "other"
-DRIFT_REFRESH_S = 10.0
-
-api = FastAPI(title="mlsd-ray", version=__version__,
-              description="Image classification served by Ray Serve. Errors are JSON "
-                          '`{"error": {"code", "message"}}`; 4xx means the request was wrong.')
 
 
-# ----------------------------------------------------------------------------- model deployment
-
-
-def load_served_model(model_uri: str, home: str | None) -> tuple[Any, dict]:
-    """Load a checkpoint by registry URI or path; returns it and its public description."""
-    from mlsd_ray import registry
-    from mlsd_ray.checkpoint import load_model
-
-    if model_uri.startswith("models:/"):
-        version = registry.show(model_uri, home)
-        path = registry.resolve(version["uri"], home)
-        name, number = version["name"], str(version["version"])
-        metrics = {"val_accuracy": version["val_accuracy"],
-                   "test_accuracy": version["test_accuracy"]}
-        uri = version["uri"]
-    else:
-        path, uri = registry.resolve(model_uri, home), model_uri
-        number, metrics = "local", {}
-    loaded = load_model(path)
-    if number == "local":  # a checkpoint folder: named after the run that wrote it
-        name = loaded.metadata.get("run_name") or os.path.basename(os.path.normpath(path))
-    pre = loaded.preprocessor
-    info = {"model_name": name, "model_version": number, "uri": uri, "architecture":
-            loaded.model_config["name"], "classes": pre.class_names, "metrics": metrics,
-            "input": {"image_size": pre.image_size, "channels": pre.channels,
-                      "accepts": "numeric H×W or H×W×C arrays (integers 0-255 or floats in "
-                                 "[0, 1]), base64 PNG/JPEG, or multipart image files; any "
-                                 "size is resized to the trained size"},
-            "trained_run": loaded.metadata.get("run_name")}
-    return loaded, info
+# ----------------------------------------------------------------------------- model replicas
 
 
 class LoggingReplica:
@@ -113,105 +67,27 @@ class LoggingReplica:
             await asyncio.to_thread(log.close)
 
 
-@serve.deployment(name="Model")
-class ModelServer(LoggingReplica):
-    """The network behind dynamic batching: one forward pass for many requests. Each batch is
-    also counted (metrics) and recorded in the prediction log for `mlsd monitor`."""
-
-    def __init__(self, model_uri: str, home: str | None, max_batch_size: int,
-                 batch_wait_timeout_s: float, threads: int, log_settings: dict | None = None):
-        import torch
-
-        torch.set_num_threads(threads)  # replicas share the machine: no thread oversubscription
-        self.loaded, self.info = load_served_model(model_uri, home)
-        self.predict.set_max_batch_size(max_batch_size)
-        self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.replica = serve.get_replica_context().replica_id.unique_id
-        self.metrics = model_metrics()
-        self.version_tags = {"model_name": self.info["model_name"],
-                             "model_version": self.info["model_version"]}
-        self._open_log(log_settings, home)
-
-    def describe(self) -> dict:
-        return {**self.info, "replica": self.replica, "prediction_log": self.log_stats()}
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def predict(self, requests: list[dict]) -> list[dict]:
-        """Each request: {"images": [uint8 arrays], "request_id", "received" (epoch s)};
-        answers are class probabilities per image."""
-        sizes = [len(r["images"]) for r in requests]
-        flat = [image for r in requests for image in r["images"]]
-        # Off the event loop, so the next batch fills while this one runs.
-        probabilities, features = await asyncio.to_thread(self._forward, flat)
-        self._observe(requests, probabilities, features)
-        answers, start = [], 0
-        for size in sizes:
-            answers.append({"probabilities": probabilities[start:start + size],
-                            "model_name": self.info["model_name"],
-                            "model_version": self.info["model_version"],
-                            "classes": self.info["classes"], "replica": self.replica,
-                            "batch_images": len(flat)})
-            start += size
-        return answers
-
-    def _forward(self, images: list[np.ndarray]) -> tuple[np.ndarray, dict]:
-        import torch
-
-        from mlsd_ray.monitor.features import image_features
-
-        pre = self.loaded.preprocessor
-        with torch.inference_mode():
-            pixels = pre.to_tensor(images)  # [0, 1] at the trained size: what features measure
-            logits = self.loaded.model(pre.normalize(pixels))
-            features = image_features(pixels.permute(0, 2, 3, 1).numpy())
-            return torch.softmax(logits.float(), dim=1).numpy(), features
-
-    def _observe(self, requests: list[dict], probabilities: np.ndarray, features: dict) -> None:
-        """Metrics and prediction-log rows for one batch (no I/O: the log writes elsewhere)."""
-        classes, version = self.info["classes"], self.info["model_version"]
-        predicted = probabilities.argmax(axis=1)
-        self.metrics["batch"].observe(len(predicted))
-        self.metrics["version"].set(1, tags=self.version_tags)
-        for index, count in Counter(predicted.tolist()).items():
-            self.metrics["predictions"].inc(count, tags={"model_version": version,
-                                                         "predicted_class": classes[index]})
-        if self.log is None:
-            return
-        now = dt.datetime.now(dt.timezone.utc)
-        rows, position = [], 0
-        for request in requests:
-            latency = round(1000 * (now.timestamp() - request["received"]), 3)
-            for _ in request["images"]:
-                rows.append({"time": now, "request_id": request["request_id"],
-                             "model_name": self.info["model_name"], "model_version": version,
-                             "model_uri": self.info["uri"],
-                             "predicted_class": classes[predicted[position]],
-                             "confidence": float(probabilities[position].max()),
-                             "latency_ms": latency,
-                             **{k: float(v[position]) for k, v in features.items()}})
-                position += 1
-        self._record(rows)
+# ----------------------------------------------------------------------------- HTTP
 
 
-# ----------------------------------------------------------------------------- HTTP ingress
-
-
-def _error(status: int, code: str, message: str) -> JSONResponse:
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    """The JSON error every app answers with."""
     return JSONResponse(status_code=status, content={"error": {"code": code,
                                                                "message": message}})
 
 
 async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
-    return _error(exc.status, exc.code, exc.message)
+    return error_response(exc.status, exc.code, exc.message)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     codes = {404: "not_found", 405: "method_not_allowed"}
-    return _error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+    return error_response(exc.status_code, codes.get(exc.status_code, "http_error"),
+                          str(exc.detail))
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return _error(422, "invalid_request", str(exc.errors()))
+    return error_response(422, "invalid_request", str(exc.errors()))
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -219,9 +95,6 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ClientError, _client_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-
-
-add_error_handlers(api)
 
 
 def authorize(request: Request, token_sha256: str | None) -> None:
@@ -260,150 +133,21 @@ def _too_large(size: int, limit: int) -> ClientError:
                                               f"limit is {limit}")
 
 
-def _read_text(location: str) -> str:
-    from mlsd_ray import storage
-
-    return storage.read_text(location)
-
-
-@api.middleware("http")
-async def _count_requests(request: Request, call_next):
-    """Requests by route and status, and their latency, for Prometheus."""
-    started = time.perf_counter()
-    route = request.url.path if request.url.path in ROUTES else "other"
-    status = 500
-    try:
-        response = await call_next(request)
-        status = response.status_code
-        return response
-    finally:
-        metrics = ingress_metrics()
-        metrics["requests"].inc(tags={"route": route, "status": str(status)})
-        metrics["latency"].observe(1000 * (time.perf_counter() - started),
-                                   tags={"route": route})
-
-
-_PREDICT_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": schemas.PredictRequest.model_json_schema()},
-    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {
-        "type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
-_ERRORS = {status: {"model": schemas.ErrorResponse} for status in (400, 401, 413, 415, 422, 503)}
-
-
-@serve.deployment(name="Ingress")
-@serve.ingress(api)
-class Ingress:
-    """Validates and decodes requests, calls the model deployment, shapes answers and errors."""
-
-    def __init__(self, model, settings: dict):
-        self.model = model
-        self.max_instances = settings["max_instances"]
-        self.max_body_bytes = settings["max_body_bytes"]
-        self.top_k = settings["top_k"]
-        self.token_sha256 = settings.get("token_sha256")
-        self.sticky = settings["router"] == "consistent_hash"
-        self.drift_file = settings.get("drift_file")
-        self.drift_read_at = -DRIFT_REFRESH_S
-
-    @api.post("/v1/predict", response_model=schemas.PredictResponse, responses=_ERRORS,
-              openapi_extra=_PREDICT_BODY, summary="Classify images")
-    async def predict(self, request: Request) -> dict:
-        """JSON `{"instances": [...]}` or a multipart upload of image files."""
-        started, received = time.perf_counter(), time.time()
-        self._authorize(request)
-        images = await self._instances(request)
-        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-        answer = await self._call_model(request, {"images": images, "request_id": request_id,
-                                                  "received": received})
-        await self._refresh_drift_gauge()
-        return {"predictions": schemas.top_k(answer["probabilities"], answer["classes"],
-                                             self.top_k),
-                "model_name": answer["model_name"], "model_version": answer["model_version"],
-                "latency_ms": round(1000 * (time.perf_counter() - started), 3),
-                "replica": answer["replica"], "request_id": request_id}
-
-    @api.get("/v1/health", summary="200 once the model is loaded")
-    async def health(self) -> JSONResponse:
-        try:
-            info = await asyncio.wait_for(self.model.describe.remote(), timeout=30)
-        except Exception as exc:  # no replica yet, or it died: not ready
-            return _error(503, "not_ready", f"model not ready: {type(exc).__name__}")
-        return JSONResponse({"status": "ok", "model_name": info["model_name"],
-                             "model_version": info["model_version"]})
-
-    @api.get("/v1/model", responses=_ERRORS, summary="The served model version and its schema")
-    async def model_info(self, request: Request) -> dict:
-        self._authorize(request)
-        return await self.model.describe.remote()
-
-    async def _refresh_drift_gauge(self) -> None:
-        """Publish the latest `mlsd monitor` score (read at most every DRIFT_REFRESH_S)."""
-        if not self.drift_file or time.monotonic() - self.drift_read_at < DRIFT_REFRESH_S:
-            return
-        self.drift_read_at = time.monotonic()
-        try:
-            latest = json.loads(await asyncio.to_thread(_read_text, self.drift_file))
-        except (OSError, ValueError):
-            return  # no monitor run yet
-        for version, score in latest.get("drift_score_by_version", {}).items():
-            ingress_metrics()["drift"].set(score, tags={"model_version": str(version)})
-
-    def _authorize(self, request: Request) -> None:
-        authorize(request, self.token_sha256)
-
-    async def _instances(self, request: Request) -> list[np.ndarray]:
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type not in ("application/json", "multipart/form-data"):
-            raise ClientError(415, "unsupported_media_type",
-                              f"content type {content_type or '(none)'!r}; send "
-                              "application/json or multipart/form-data")
-        body = await read_body(request, self.max_body_bytes)
-        if content_type == "application/json":
-            return schemas.instances_from_json(schemas.parse_json(body), self.max_instances)
-        return await self._uploads(request, body)
-
-    async def _uploads(self, request: Request, body: bytes) -> list[np.ndarray]:
-        async def replay() -> dict:
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        try:
-            form = await Request(request.scope, replay).form(max_files=self.max_instances + 1)
-        except Exception as exc:  # starlette's MultiPartException and parser errors
-            raise ClientError(400, "malformed_multipart", f"cannot parse the form: {exc}") from exc
-        files = [value for _, value in form.multi_items() if hasattr(value, "read")]
-        if not files:
-            raise ClientError(422, "empty_instances", "the form has no image files")
-        if len(files) > self.max_instances:
-            raise ClientError(413, "too_many_instances", f"more than {self.max_instances} files")
-        return [schemas.decode_upload(await f.read(), f.filename or "upload") for f in files]
-
-    async def _call_model(self, request: Request, payload: dict) -> dict:
-        """One retry when the replica died under us: predictions are idempotent."""
-        from ray.exceptions import ActorUnavailableError, RayActorError
-
-        handle = self.model
-        if self.sticky:  # consistent hashing keys on the session: header, else client address
-            key = request.headers.get(SESSION_HEADER) or (request.client.host
-                                                          if request.client else "")
-            handle = handle.options(session_id=key)
-        for attempt in range(2):
-            try:
-                return await handle.predict.remote(payload)
-            except (RayActorError, ActorUnavailableError) as exc:
-                if attempt:
-                    raise ClientError(503, "model_unavailable",
-                                      f"model replica unavailable: {exc}") from exc
-        raise AssertionError("unreachable")
-
-
 # ----------------------------------------------------------------------------- builder
 
 
 def build_app(args: dict) -> serve.Application:
-    """Application builder: args = the `serve` config keys plus optional `home`."""
+    """Application builder: args = the `serve` config keys plus optional `home`. Builds the
+    app of the task that trained `model` (its checkpoint says which), as `mlsd serve` does."""
+    from mlsd_ray.serve.control import resolve_model_ref
+    from mlsd_ray.tasks import task_of_checkpoint
+
     args = dict(args)
     home = args.pop("home", None)
-    return app_from_config(ServeConfig.model_validate(args), home)
+    settings = ServeConfig.model_validate(args)
+    model = resolve_model_ref(settings.model, home)
+    task = task_of_checkpoint(model["path"])
+    return task.serve_application(settings, model["path"], home).application
 
 
 def model_options(settings: ServeConfig) -> dict:
@@ -418,20 +162,3 @@ def model_options(settings: ServeConfig) -> dict:
     return options
 
 
-def app_from_config(settings: ServeConfig, home: str | None = None) -> serve.Application:
-    """Bind the two deployments with the configured batching, autoscaling and router."""
-    from mlsd_ray import storage
-
-    options = model_options(settings)
-    model = ModelServer.options(**options).bind(
-        settings.model, storage.home(home), settings.max_batch_size,
-        settings.batch_wait_timeout_s, max(1, round(settings.num_cpus)),
-        settings.prediction_log.model_dump())
-    ingress_settings = {"max_instances": settings.max_instances,
-                        "max_body_bytes": settings.max_body_bytes, "top_k": settings.top_k,
-                        "router": settings.router,
-                        "drift_file": storage.join(storage.home(home), "monitor", "latest.json"),
-                        "token_sha256": token_sha256()}
-    return Ingress.options(ray_actor_options={"num_cpus": settings.ingress_num_cpus},
-                           max_ongoing_requests=max(256, 4 * settings.max_ongoing_requests),
-                           ).bind(model, ingress_settings)

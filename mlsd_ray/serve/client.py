@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from mlsd_ray.errors import InputError, WorkError
+from mlsd_ray.core.errors import InputError, WorkError
 
 
 def post_json(url: str, payload: dict, timeout: float = 60) -> dict:

@@ -20,10 +20,10 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from mlsd_ray import storage
-from mlsd_ray.config import ServeConfig
-from mlsd_ray.errors import InputError, WorkError
-from mlsd_ray.runtime import log_stderr, quiet_serve_console
+from mlsd_ray.core import storage
+from mlsd_ray.core.config import ServeConfig
+from mlsd_ray.core.errors import InputError, WorkError
+from mlsd_ray.core.runtime import log_stderr, quiet_serve_console
 
 HEALTH_TIMEOUT_S = 120.0
 
@@ -35,7 +35,7 @@ def resolve_model_ref(ref: str, home: str | None) -> dict:
     InputError (exit 2) when it does not resolve.
     """
     from mlsd_ray import registry
-    from mlsd_ray.checkpoint import verify
+    from mlsd_ray.training.checkpoint import verify
 
     if ref.startswith("models:/"):
         info = registry.show(ref, home)
@@ -136,7 +136,7 @@ def _connect_for(home: str | None, settings: ServeConfig, detach: bool,
     """Join Ray: RAY_ADDRESS, else (detached) a head we start, else a local in-process one."""
     import ray
 
-    from mlsd_ray import runtime
+    from mlsd_ray.core import runtime
 
     if ray.is_initialized() or os.environ.get("RAY_ADDRESS") or not detach:
         if not ray.is_initialized():  # an in-process Serve keeps its port across apps
@@ -234,7 +234,7 @@ def _join(address: str) -> None:
         maybe_enable_token_auth_if_token_available,
     )
 
-    from mlsd_ray import runtime
+    from mlsd_ray.core import runtime
 
     runtime.quiet_token_notice()
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
@@ -369,7 +369,7 @@ def stop(home: str | None = None, app_name: str = "mlsd") -> dict:
 def forget_recorded_cluster(address: str) -> None:
     """Killing a `ray start` head leaves its address in Ray's record of the local cluster
     (`ray stop` would remove it); a later ray.init() would wait for the dead head forever."""
-    from mlsd_ray.runtime import recorded_cluster_file
+    from mlsd_ray.core.runtime import recorded_cluster_file
 
     path = Path(recorded_cluster_file())
     try:  # Ray records the head's own IP (not 127.0.0.1): compare the GCS ports

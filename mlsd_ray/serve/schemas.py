@@ -1,22 +1,13 @@
-"""The HTTP API's request decoding, response shapes and errors. No Ray here: unit-testable.
-
-An instance is a numeric array (H×W or H×W×C; integers in [0, 255] or floats in [0, 1] or
-[0, 255], the same rules as the data stage) or `{"b64": "<PNG/JPEG bytes>"}`. Decoding reuses the
-data stage's validators, so serving accepts exactly what training accepted.
-"""
+"""What every Serve app shares about requests: the client error that becomes
+`{"error": {"code", "message"}}` with a 4xx status, its OpenAPI shape, and JSON parsing that
+names where a malformed body stopped. No Ray here: unit-testable. (A task's own request
+shapes live with the task: tasks/image/schemas.py, tasks/tabular/records.py.)"""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 
-import numpy as np
-from pydantic import BaseModel, Field
-
-from mlsd_ray.data.validate import Rejected, coerce_array, decode_bytes
-
-MAX_SIDE = 1024  # pixels: a larger instance is refused before it reaches the model
+from pydantic import BaseModel
 
 
 class ClientError(Exception):
@@ -28,31 +19,6 @@ class ClientError(Exception):
 
     def body(self) -> dict:
         return {"error": {"code": self.code, "message": self.message}}
-
-
-class PredictRequest(BaseModel):
-    """`POST /v1/predict` with a JSON body (documented in OpenAPI; decoding is ours)."""
-
-    instances: list = Field(..., description="Numeric arrays (H×W or H×W×C) or "
-                            '{"b64": "<base64 PNG/JPEG>"} objects.', min_length=1)
-
-
-class Prediction(BaseModel):
-    """One instance's answer."""
-
-    class_index: int
-    class_name: str
-    probabilities: dict[str, float] = Field(..., description="Top-k class name -> probability.")
-
-
-class PredictResponse(BaseModel):
-    predictions: list[Prediction]
-    model_name: str
-    model_version: str
-    latency_ms: float = Field(..., description="Server-side time for this request.")
-    replica: str = Field(..., description="The model replica that answered.")
-    request_id: str = Field(..., description="Also the x-request-id header; the prediction "
-                            "log's key for this request.")
 
 
 class ErrorBody(BaseModel):
@@ -70,77 +36,3 @@ def parse_json(body: bytes) -> object:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ClientError(400, "malformed_json", f"request body is not valid JSON: {exc}") from exc
-
-
-def instances_from_json(payload: object, max_instances: int) -> list[np.ndarray]:
-    """Decode `{"instances": [...]}` into uint8 H×W×C arrays; ClientError on the first bad one."""
-    if not isinstance(payload, dict) or "instances" not in payload:
-        raise ClientError(422, "missing_instances", 'body must be a JSON object with an '
-                                                    '"instances" list')
-    items = payload["instances"]
-    if not isinstance(items, list):
-        raise ClientError(422, "bad_instances", '"instances" must be a list')
-    if not items:
-        raise ClientError(422, "empty_instances", '"instances" is empty: send at least one')
-    if len(items) > max_instances:
-        raise ClientError(413, "too_many_instances", f"{len(items)} instances; at most "
-                                                     f"{max_instances} per request")
-    return [decode_instance(item, index) for index, item in enumerate(items)]
-
-
-def decode_instance(item: object, index: int) -> np.ndarray:
-    """One instance -> uint8 H×W×C, or ClientError 422 naming the instance and the problem."""
-    try:
-        if isinstance(item, dict):
-            image = decode_bytes(_b64_bytes(item, index))
-        elif isinstance(item, list):
-            image = coerce_array(item)
-        else:
-            raise ClientError(422, "bad_instance", f"instance {index}: expected a numeric "
-                                                   f'array or {{"b64": ...}}, got '
-                                                   f"{type(item).__name__}")
-    except Rejected as exc:
-        raise ClientError(422, exc.reason, f"instance {index}: {exc.detail}") from exc
-    return check_size(image, f"instance {index}")
-
-
-def decode_upload(data: bytes, name: str) -> np.ndarray:
-    """An uploaded image file -> uint8 H×W×C, or ClientError 422."""
-    if not data:
-        raise ClientError(422, "empty_file", f"uploaded file {name!r} is empty")
-    try:
-        return check_size(decode_bytes(data), f"file {name!r}")
-    except Rejected as exc:
-        raise ClientError(422, exc.reason, f"file {name!r}: {exc.detail}") from exc
-
-
-def check_size(image: np.ndarray, what: str) -> np.ndarray:
-    """Refuse images too small to mean anything or too large to resize cheaply."""
-    height, width = image.shape[:2]
-    if min(height, width) < 2 or max(height, width) > MAX_SIDE:
-        raise ClientError(422, "bad_shape", f"{what}: {height}×{width} pixels; sides must be "
-                                            f"between 2 and {MAX_SIDE}")
-    return image
-
-
-def _b64_bytes(item: dict, index: int) -> bytes:
-    if set(item) != {"b64"} or not isinstance(item["b64"], str):
-        raise ClientError(422, "bad_instance", f'instance {index}: an object must be exactly '
-                                               f'{{"b64": "<base64 image>"}}')
-    try:
-        return base64.b64decode(item["b64"], validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ClientError(422, "bad_base64", f"instance {index}: b64 is not valid base64: "
-                                             f"{exc}") from exc
-
-
-def top_k(probabilities: np.ndarray, class_names: list[str], k: int) -> list[dict]:
-    """Per row: the argmax class and the k most likely classes with their probabilities."""
-    answers = []
-    for row in probabilities:
-        order = np.argsort(-row)[:k]
-        best = int(order[0])
-        answers.append({"class_index": best, "class_name": class_names[best],
-                        "probabilities": {class_names[i]: round(float(row[i]), 6)
-                                          for i in order}})
-    return answers

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from mlsd_ray.errors import InputError
+from mlsd_ray.core.errors import InputError
 
 Log = Callable[[str], None]
 
@@ -94,6 +94,11 @@ class Task(ABC):
     @abstractmethod
     def search_datasets(self, prepared) -> dict:
         """The splits a search materialises once and hands to every trial's `trainer`."""
+
+    def cv_folds(self, prepared, k: int, seed: int, rows_per_block: int) -> list[dict]:
+        """`mlsd tune --cv K` (when `cross_validation`): K folds of train+val, each
+        {"train": ..., "val": ...} as materialised Ray Datasets for the task's trainer."""
+        raise self.not_offered("cross-validation")
 
     @abstractmethod
     def train(self, cfg, home: str | None, log: Log, run_name: str | None = None) -> dict:

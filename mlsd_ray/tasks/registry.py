@@ -18,12 +18,12 @@ import json
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from mlsd_ray.errors import InputError
+from mlsd_ray.core.errors import InputError
 from mlsd_ray.tasks.base import Task
 
 ENTRY_POINT_GROUP = "mlsd.tasks"
-BUILT_IN = {"image": "mlsd_ray.tasks.image:ImageTask",
-            "tabular": "mlsd_ray.tasks.tabular:TabularTask"}
+BUILT_IN = {"image": "mlsd_ray.tasks.image.task:ImageTask",
+            "tabular": "mlsd_ray.tasks.tabular.task:TabularTask"}
 
 
 def task_names() -> list[str]:

@@ -290,7 +290,7 @@ def test_a_users_task_from_its_own_package_trains_serves_predicts_and_is_monitor
     package = tmp_path / "site" / "loans_task"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text(
-        "from mlsd_ray.tasks.tabular import TabularTask\n\n\n"
+        "from mlsd_ray.tasks.tabular.task import TabularTask\n\n\n"
         "class LoansTask(TabularTask):\n"
         "    name = 'loans'\n\n"
         "    def set_source(self, cfg, source, label=None):\n"

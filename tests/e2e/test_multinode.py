@@ -17,10 +17,10 @@ import urllib.request
 import pytest
 from sklearn.datasets import load_digits
 
-from mlsd_ray.data.sources import digits_uint8
-from mlsd_ray.monitor.traffic import png_bytes
 from mlsd_ray.serve.client import b64_instance
 from mlsd_ray.serve.control import free_port
+from mlsd_ray.tasks.image.data.sources import digits_uint8
+from mlsd_ray.tasks.image.traffic import png_bytes
 
 pytestmark = pytest.mark.slow  # two extra Ray nodes and trainings over them: CI only
 NODE = {"num_cpus": 1, "object_store_memory": 150 * 1024**2}

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from ray.job_submission import JobSubmissionClient
 
+from mlsd_ray.cli.submit import submit_when_ready, use_local_token
 from mlsd_ray.serve import control
-from mlsd_ray.submit import submit_when_ready, use_local_token
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -14,14 +14,14 @@ import pytest
 import requests
 
 from mlsd_ray import registry
-from mlsd_ray.config import ServeConfig, load_config
-from mlsd_ray.errors import InputError
+from mlsd_ray.core.config import ServeConfig, load_config
+from mlsd_ray.core.errors import InputError
 from mlsd_ray.monitor.predlog import log_location, wait_for_rows
 from mlsd_ray.monitor.run import monitor
-from mlsd_ray.monitor.traffic import BackgroundLoad, simulate_traffic
 from mlsd_ray.registry import log_and_register, promote
-from mlsd_ray.retrain import retrain
 from mlsd_ray.serve import control
+from mlsd_ray.tasks.image.traffic import BackgroundLoad, simulate_traffic
+from mlsd_ray.workflows.retrain import retrain
 from tests.conftest import SMALL_DIGITS
 
 pytestmark = pytest.mark.usefixtures("ray_session")

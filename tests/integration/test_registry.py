@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from mlsd_ray import registry
-from mlsd_ray.checkpoint import load_model
-from mlsd_ray.config import load_config
-from mlsd_ray.errors import InputError
-from mlsd_ray.train import train_and_register
+from mlsd_ray.core.config import load_config
+from mlsd_ray.core.errors import InputError
+from mlsd_ray.tasks.image.checkpoint import load_model
+from mlsd_ray.tasks.image.train import train_and_register
 from tests.conftest import SMALL_DIGITS
 
 pytestmark = pytest.mark.usefixtures("ray_session")

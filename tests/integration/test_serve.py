@@ -20,8 +20,8 @@ import pytest
 import requests
 from PIL import Image
 
-from mlsd_ray.config import ServeConfig, load_config
-from mlsd_ray.errors import InputError
+from mlsd_ray.core.config import ServeConfig, load_config
+from mlsd_ray.core.errors import InputError
 from mlsd_ray.registry import log_and_register
 from mlsd_ray.serve import control
 from mlsd_ray.serve.app import TOKEN_ENV
@@ -232,7 +232,7 @@ def test_unresolvable_model_is_an_input_error(served):
 
 
 def test_batch_predict_over_a_folder_keeps_bad_files(served, tmp_path):
-    from mlsd_ray.serve.batch import predict_dataset
+    from mlsd_ray.tasks.image.batch import predict_dataset
 
     for index, (image, label) in enumerate(zip(served["images"][:30], served["labels"][:30])):
         folder = tmp_path / "digits" / str(label)

@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 import requests
 
-from mlsd_ray.config import load_config
+from mlsd_ray.core.config import load_config
 from mlsd_ray.serve import control
-from mlsd_ray.tabular.prepare import prepare_table
-from mlsd_ray.tabular.preprocess import Featurizer
-from mlsd_ray.tabular.stage import run_tabular_train
+from mlsd_ray.tasks.tabular.prepare import prepare_table
+from mlsd_ray.tasks.tabular.preprocess import Featurizer
+from mlsd_ray.tasks.tabular.stage import run_tabular_train
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 FAST = ["train.epochs=4", "train.num_workers=2", "train.cpus_per_worker=0.5"]
@@ -224,8 +224,8 @@ def test_scored_records_are_logged_and_a_shifted_column_is_named_by_the_monitor(
 
     from mlsd_ray.monitor.predlog import log_location, read_log, wait_for_rows
     from mlsd_ray.monitor.run import monitor
-    from mlsd_ray.tabular.prepare import PreparedTable
-    from mlsd_ray.tabular.traffic import simulate_table_traffic
+    from mlsd_ray.tasks.tabular.prepare import PreparedTable
+    from mlsd_ray.tasks.tabular.traffic import simulate_table_traffic
 
     cfg, summary, home = fraud_model
     root = fraud_url.removesuffix("/v1/fraud")
@@ -270,8 +270,8 @@ def test_predict_offline_with_ray_data_and_online_from_a_csv(fraud_model, fraud_
     import subprocess
     import sys
 
-    from mlsd_ray.tabular.predict import predict_files
-    from mlsd_ray.tabular.sources import fraud_synth
+    from mlsd_ray.tasks.tabular.predict import predict_files
+    from mlsd_ray.tasks.tabular.sources import fraud_synth
 
     _, summary, home = fraud_model
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
@@ -302,8 +302,8 @@ def test_retrain_on_new_rows_is_gated_and_rolls_the_app_over(fraud_model, fraud_
     transactions), a challenger fine-tuned on old + new, both scored by PR-AUC on the same
     holdout, the alias and the running app moved only when the challenger wins."""
     from mlsd_ray import registry
-    from mlsd_ray.retrain import retrain
     from mlsd_ray.tasks import get_task
+    from mlsd_ray.workflows.retrain import retrain
 
     cfg, _, home = fraud_model
     cfg = cfg.model_copy(deep=True)
@@ -338,7 +338,7 @@ def test_diabetes_regression_beside_the_baseline(home):
 
 @pytest.mark.slow
 def test_tune_searches_the_tabular_model(home):
-    from mlsd_ray.tune import run_tune
+    from mlsd_ray.tuning.search import run_tune
 
     cfg = load_config(None, ["tabular.source=breast-cancer", "train.epochs=3",
                              "tune.space={train.lr: [0.003, 0.03]}", "tune.scheduler=none"],

@@ -14,11 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from mlsd_ray.checkpoint import load_model, load_train_state
-from mlsd_ray.config import load_config
-from mlsd_ray.errors import InputError, WorkError
-from mlsd_ray.evaluate import evaluate_checkpoint
-from mlsd_ray.train import check_resources, run_train
+from mlsd_ray.core.config import load_config
+from mlsd_ray.core.errors import InputError, WorkError
+from mlsd_ray.tasks.image.checkpoint import load_model
+from mlsd_ray.tasks.image.evaluate import evaluate_checkpoint
+from mlsd_ray.tasks.image.train import run_train
+from mlsd_ray.training.checkpoint import load_train_state
+from mlsd_ray.training.trainer import check_resources
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -16,8 +16,8 @@ import yaml
 from ray.runtime_env import RuntimeEnv
 from ray.serve.schema import ServeDeploySchema
 
-from mlsd_ray.config import ServeConfig
-from mlsd_ray.jobs import STAGES
+from mlsd_ray.cli.jobs import STAGES
+from mlsd_ray.core.config import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"

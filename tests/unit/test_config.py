@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from mlsd_ray.config import Config, dump_yaml, load_config
-from mlsd_ray.errors import InputError
+from mlsd_ray.core.config import Config, dump_yaml, load_config
+from mlsd_ray.core.errors import InputError
 
 
 def test_defaults_work_without_a_file():

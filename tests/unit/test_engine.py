@@ -3,10 +3,10 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from mlsd_ray.data.transforms import Preprocessor
-from mlsd_ray.engine import NonFiniteLossError, Step, evaluate, train_one_epoch
-from mlsd_ray.errors import InputError
-from mlsd_ray.models import build_model
+from mlsd_ray.core.errors import InputError
+from mlsd_ray.tasks.image.data.transforms import Preprocessor
+from mlsd_ray.tasks.image.engine import NonFiniteLossError, Step, evaluate, train_one_epoch
+from mlsd_ray.tasks.image.models import build_model
 
 
 def digit_batches(images, labels, size=64):

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlsd_ray import cluster
-from mlsd_ray.config import Config, load_config
-from mlsd_ray.errors import InputError
-from mlsd_ray.jobs import CONFIG_ENV, job_config, parser
-from mlsd_ray.submit import check_stage, dashboard_url, runtime_env
+from mlsd_ray.cli.jobs import CONFIG_ENV, job_config, parser
+from mlsd_ray.cli.submit import check_stage, dashboard_url, runtime_env
+from mlsd_ray.core import cluster
+from mlsd_ray.core.config import Config, load_config
+from mlsd_ray.core.errors import InputError
 
 
 def local_disk(path: str) -> str:
@@ -98,7 +98,7 @@ def test_runtime_env_file_with_unknown_key_is_refused(tmp_path):
 
 def test_job_config_layers_sent_config_then_smoke_then_set(monkeypatch):
     sent = load_config(None, ["train.lr=0.01", "train.epochs=7"])
-    from mlsd_ray.config import dump_yaml
+    from mlsd_ray.core.config import dump_yaml
 
     monkeypatch.setenv(CONFIG_ENV, dump_yaml(sent))
     args = parser("train").parse_args(["--smoke", "--set", "train.num_workers=1"])
@@ -114,7 +114,7 @@ def test_job_config_refuses_unknown_keys():
 
 
 def test_fraud_example_config_runs_as_tabular_jobs():
-    from mlsd_ray.jobs import run_stage
+    from mlsd_ray.cli.jobs import run_stage
 
     args = parser("train").parse_args(["--config", "mlsd_ray/examples/fraud.yaml",
                                        "--source", "breast-cancer"])

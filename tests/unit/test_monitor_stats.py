@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from sklearn.datasets import load_digits
 
-from mlsd_ray.config import MonitorConfig, PredictionLogConfig
+from mlsd_ray.core.config import MonitorConfig, PredictionLogConfig
 from mlsd_ray.monitor import drift
-from mlsd_ray.monitor.features import FEATURES, image_features, reference_profile
 from mlsd_ray.monitor.predlog import PredictionLog, parse_since, read_log
-from mlsd_ray.monitor.traffic import choose, shift_images
+from mlsd_ray.tasks.image.features import FEATURES, image_features, reference_profile
+from mlsd_ray.tasks.image.traffic import choose, shift_images
 
 CFG = MonitorConfig()
 
@@ -152,9 +152,9 @@ def test_parse_since_rejects_other_forms(text):
 
 @pytest.fixture(scope="module")
 def transactions():
-    from mlsd_ray.config import TabularConfig
-    from mlsd_ray.tabular.preprocess import plan_columns
-    from mlsd_ray.tabular.sources import fraud_synth
+    from mlsd_ray.core.config import TabularConfig
+    from mlsd_ray.tasks.tabular.preprocess import plan_columns
+    from mlsd_ray.tasks.tabular.sources import fraud_synth
 
     frame = fraud_synth(6000, seed=0).drop(columns=["transaction_id"])
     plan = plan_columns(frame, "is_fraud", TabularConfig())
@@ -163,8 +163,8 @@ def transactions():
 
 def table_rows(frame: pd.DataFrame, plan: list[dict]) -> pd.DataFrame:
     """Prediction-log rows of these records, as the fraud app writes them."""
-    from mlsd_ray.tabular.monitoring import log_rows
-    from mlsd_ray.tabular.preprocess import coerce
+    from mlsd_ray.tasks.tabular.monitoring import log_rows
+    from mlsd_ray.tasks.tabular.preprocess import coerce
 
     typed, _ = coerce(frame, plan)
     records = typed.astype(object).where(typed.notna(), None).to_dict("records")
@@ -173,7 +173,7 @@ def table_rows(frame: pd.DataFrame, plan: list[dict]) -> pd.DataFrame:
 
 
 def table_reference(frame: pd.DataFrame, plan: list[dict]) -> dict:
-    from mlsd_ray.tabular.monitoring import column_reference
+    from mlsd_ray.tasks.tabular.monitoring import column_reference
 
     return column_reference(frame, plan)
 
@@ -196,7 +196,7 @@ def test_unshifted_table_traffic_raises_no_alarm_in_19_of_20_draws(transactions)
 ])
 def test_each_column_shift_is_flagged_naming_the_column(transactions, kind, column, amount,
                                                         flagged):
-    from mlsd_ray.tabular.traffic import TableShift
+    from mlsd_ray.tasks.tabular.traffic import TableShift
 
     frame, plan = transactions
     reference = table_reference(frame.iloc[:4000], plan)
@@ -223,8 +223,8 @@ def test_a_category_never_seen_in_training_counts_apart():
     ("missing", "country", 2.0, "a share in (0, 1]"),
 ])
 def test_table_shifts_name_bad_options(transactions, kind, column, amount, message):
-    from mlsd_ray.errors import InputError
-    from mlsd_ray.tabular.traffic import TableShift
+    from mlsd_ray.core.errors import InputError
+    from mlsd_ray.tasks.tabular.traffic import TableShift
 
     with pytest.raises(InputError, match=re.escape(message)):
         TableShift.of(kind, column, amount, transactions[1])

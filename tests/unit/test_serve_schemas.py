@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlsd_ray.config import ServeConfig
-from mlsd_ray.serve import schemas
-from mlsd_ray.serve.schemas import ClientError
+from mlsd_ray.core.config import ServeConfig
+from mlsd_ray.serve.schemas import ClientError, parse_json
+from mlsd_ray.tasks.image import schemas
 
 
 def png(array: np.ndarray) -> str:
@@ -59,7 +59,7 @@ def test_the_failing_instance_is_named():
 
 def test_malformed_json_and_uploads():
     with pytest.raises(ClientError, match="not valid JSON") as caught:
-        schemas.parse_json(b'{"instances": [')
+        parse_json(b'{"instances": [')
     assert caught.value.status == 400
     with pytest.raises(ClientError, match="not a recognised image"):
         schemas.decode_upload(b"GIF89a but not really", "x.gif")

@@ -4,9 +4,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mlsd_ray.config import DataConfig
-from mlsd_ray.data.sources import parse_source
-from mlsd_ray.errors import InputError
+from mlsd_ray.core.config import DataConfig
+from mlsd_ray.core.errors import InputError
+from mlsd_ray.tasks.image.data.sources import parse_source
 
 
 def test_unknown_source_lists_the_choices():

@@ -1,7 +1,7 @@
 import numpy as np
 import pandas as pd
 
-from mlsd_ray.data.split import resolve, stratified_splits
+from mlsd_ray.core.split import resolve, stratified_splits
 
 
 def test_stratified_proportions_per_class():
@@ -59,7 +59,7 @@ def test_decisions_do_not_depend_on_row_order():
 
 
 def test_quality_warnings_name_the_problems():
-    from mlsd_ray.data.report import _warnings
+    from mlsd_ray.tasks.image.data.report import _warnings
 
     def counts(train, val, test):
         return {"train": train, "val": val, "test": test, "total": train + val + test}

@@ -1,4 +1,4 @@
-from mlsd_ray import storage
+from mlsd_ray.core import storage
 
 
 def test_uri_detection_and_join():

@@ -7,15 +7,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlsd_ray.config import TabularConfig, ThresholdConfig, load_config
-from mlsd_ray.errors import InputError
+from mlsd_ray.core.config import TabularConfig, ThresholdConfig, load_config
+from mlsd_ray.core.errors import InputError
 from mlsd_ray.serve.schemas import ClientError
-from mlsd_ray.tabular import metrics as tm
-from mlsd_ray.tabular.preprocess import coerce, plan_columns, unused_rules
-from mlsd_ray.tabular.records import check_record, records_from_json
-from mlsd_ray.tabular.rules import RulesError, decide, parse_rules
-from mlsd_ray.tabular.serve import DEFAULT_RULES
-from mlsd_ray.tabular.sources import fraud_synth, load_table
+from mlsd_ray.tasks.tabular import metrics as tm
+from mlsd_ray.tasks.tabular.preprocess import coerce, plan_columns, unused_rules
+from mlsd_ray.tasks.tabular.records import check_record, records_from_json
+from mlsd_ray.tasks.tabular.rules import RulesError, decide, parse_rules
+from mlsd_ray.tasks.tabular.serve import DEFAULT_RULES
+from mlsd_ray.tasks.tabular.sources import fraud_synth, load_table
 
 POLICY = {"on_missing_column": "impute", "on_extra_column": "ignore",
           "on_unseen_category": "ignore", "on_nan": "impute"}

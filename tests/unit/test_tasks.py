@@ -9,14 +9,14 @@ import textwrap
 
 import pytest
 
-from mlsd_ray.config import load_config
-from mlsd_ray.errors import InputError
+from mlsd_ray.core.config import load_config
+from mlsd_ray.core.errors import InputError
 from mlsd_ray.tasks import Task, get_task, task_names
-from mlsd_ray.tasks.image import ImageTask
-from mlsd_ray.tasks.tabular import TabularTask
+from mlsd_ray.tasks.image.task import ImageTask
+from mlsd_ray.tasks.tabular.task import TabularTask
 
 USER_TASK = '''
-from mlsd_ray.tasks.tabular import TabularTask
+from mlsd_ray.tasks.tabular.task import TabularTask
 
 
 class ChurnTask(TabularTask):

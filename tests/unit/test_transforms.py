@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
-from mlsd_ray.config import AugmentConfig
-from mlsd_ray.data.transforms import (
+from mlsd_ray.core.config import AugmentConfig
+from mlsd_ray.tasks.image.data.transforms import (
     Augmenter,
     Preprocessor,
     channel_moments,

@@ -2,10 +2,10 @@
 
 import pytest
 
-from mlsd_ray.config import load_config
-from mlsd_ray.errors import InputError
-from mlsd_ray.tune import parse_param, search_plan, trial_config, validate_space
-from mlsd_ray.tune_report import failure_summary
+from mlsd_ray.core.config import load_config
+from mlsd_ray.core.errors import InputError
+from mlsd_ray.tuning.report import failure_summary
+from mlsd_ray.tuning.search import parse_param, search_plan, trial_config, validate_space
 
 
 def test_parse_param_values_and_distributions():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlsd_ray.data import validate as v
+from mlsd_ray.tasks.image.data import validate as v
 
 
 def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:

@@ -1,0 +1,387 @@
+"""The `mlsd` command line: one command per stage, plus `pipeline`.
+
+Exit codes: 0 success, 1 the work failed, 2 bad usage or bad input. With `--json` a stage prints
+exactly one JSON object on stdout; everything else (progress, logs) goes to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mlsd_ray import __version__
+from mlsd_ray.cli.monitor import monitor, retrain, simulate_traffic
+from mlsd_ray.cli.serve import deploy, predict, serve_app
+from mlsd_ray.cli.support import (
+    ChosenTask,
+    ConfigOption,
+    ExampleOption,
+    ForceOption,
+    HomeOption,
+    JsonOption,
+    LabelOption,
+    SetOption,
+    SourceOption,
+    TaskOption,
+    VerboseOption,
+    config_from,
+    run,
+    with_flags,
+)
+from mlsd_ray.core.runtime import log_stderr
+
+app = typer.Typer(
+    help="mlsd-ray: data preparation, distributed training and serving on Ray.\n\n"
+         "Every stage writes under $MLSD_HOME (default ./mlsd-home) and prints where.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    rich_markup_mode="markdown")
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"mlsd-ray {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option(
+        "--version", help="Show the version and exit.", callback=_version,
+        is_eager=True)] = False) -> None:
+    """mlsd-ray command line."""
+
+
+@app.command()
+def data(source: SourceOption = None, config: ConfigOption = None, set_: SetOption = None,
+         home: HomeOption = None, force: ForceOption = False, as_json: JsonOption = False,
+         verbose: VerboseOption = False, example: ExampleOption = None,
+         label: LabelOption = None,
+         task: TaskOption = None) -> None:
+    """Prepare a dataset with Ray Data: validate, quarantine, de-duplicate, resize, split.
+
+    Writes parquet splits, manifest.json, quality.json/quality.md and quarantine/ under
+    $MLSD_HOME/datasets/NAME/FINGERPRINT/. Identical inputs and config reuse the earlier
+    output unless --force. With --example fraud: a table, checked, split and with its Ray Data
+    preprocessors (imputation, scaling, encoding) fitted on the train split.
+    """
+    chosen = ChosenTask()
+
+    def work() -> dict:
+        cfg = config_from(config, set_, source, example, label, task)
+        return chosen.of(cfg).prepare(cfg, home, log_stderr, force=force).summary()
+
+    run(as_json, work, lambda summary: chosen.task.render_data(summary), verbose=verbose)
+
+
+@app.command()
+def train(source: SourceOption = None, config: ConfigOption = None, set_: SetOption = None,
+          home: HomeOption = None, as_json: JsonOption = False, verbose: VerboseOption = False,
+          num_workers: Annotated[int | None, typer.Option(
+              "--num-workers", help="Data-parallel workers (train.num_workers).")] = None,
+          use_gpu: Annotated[bool, typer.Option(
+              "--use-gpu", help="One GPU per worker; NCCL (train.use_gpu).")] = False,
+          cpus_per_worker: Annotated[float | None, typer.Option(
+              "--cpus-per-worker", help="train.cpus_per_worker")] = None,
+          epochs: Annotated[int | None, typer.Option("--epochs", help="train.epochs")] = None,
+          run_name: Annotated[str | None, typer.Option(
+              "--run-name", help="Name of the run; an existing name resumes it.")] = None,
+          example: ExampleOption = None, label: LabelOption = None,
+          task: TaskOption = None) -> None:
+    """Train data-parallel with Ray Train on the prepared dataset: the CNN, or with --example
+    fraud the MLP beside its baseline.
+
+    Runs the data stage first when its output is missing. Checkpoints every
+    train.checkpoint_every epochs, at each new best and at the end, under
+    $MLSD_HOME/runs/RUN_NAME/; keeps the best by the task's val score, survives worker
+    failures, and reports the best checkpoint's scores on the test split.
+    """
+    flags = {"train.num_workers": num_workers, "train.cpus_per_worker": cpus_per_worker,
+             "train.epochs": epochs, "train.use_gpu": True if use_gpu else None}
+    overrides = with_flags(set_, flags)
+
+    chosen = ChosenTask()
+
+    def work() -> dict:
+        cfg = config_from(config, overrides, source, example, label, task)
+        return chosen.of(cfg).train(cfg, home, log_stderr, run_name=run_name)
+
+    run(as_json, work, lambda summary: chosen.task.render_train(summary), verbose=verbose)
+
+
+@app.command()
+def evaluate(model: Annotated[str, typer.Option(
+                 "--model", help="models:/NAME/VERSION, models:/NAME@ALIAS or a checkpoint "
+                                 "directory.")],
+             split: Annotated[str, typer.Option("--split", help="train | val | test")] = "test",
+             dataset: Annotated[str | None, typer.Option(
+                 "--dataset", help="Prepared dataset folder (default: the model's own).")] = None,
+             home: HomeOption = None, as_json: JsonOption = False,
+             verbose: VerboseOption = False) -> None:
+    """Report a trained model's metrics on a split of its dataset, beside a reference model.
+
+    The model's checkpoint says which task trained it. Images: accuracy, macro
+    precision/recall/F1, a per-class table, confusion_matrix.png and learning_curves.png, with an
+    SVC on flattened pixels as the reference. Tables: the MLP at its threshold (PR-AUC, ROC-AUC,
+    precision, recall, F1; macro F1; or MSE, MAE, R²) beside the HistGradientBoosting baseline,
+    on the test split. Writes report.json and report.md under $MLSD_HOME/reports/RUN_NAME/SPLIT/.
+    """
+    chosen = ChosenTask()
+
+    def work() -> dict:
+        from mlsd_ray.registry import resolve
+        from mlsd_ray.tasks import task_of_checkpoint
+
+        path = resolve(model, home)
+        chosen.task = task_of_checkpoint(path)  # the task that trained it: no flag needed
+        return chosen.task.evaluate(path, split, home, dataset)
+
+    run(as_json, work, lambda summary: chosen.task.render_evaluation(summary), verbose=verbose)
+
+
+@app.command()
+def tune(source: SourceOption = None, config: ConfigOption = None, set_: SetOption = None,
+         home: HomeOption = None, as_json: JsonOption = False, verbose: VerboseOption = False,
+         search: Annotated[str | None, typer.Option(
+             "--search", help="grid | random (tune.search).")] = None,
+         param: Annotated[list[str] | None, typer.Option(
+             "--param", "-p", help="A searched key, replacing tune.space when given: "
+                                   "KEY=V1,V2 (values) or KEY=loguniform|uniform|randint:LOW:HIGH; "
+                                   "repeatable, e.g. -p train.lr=loguniform:1e-4:1e-2.")] = None,
+         num_samples: Annotated[int | None, typer.Option(
+             "--num-samples", help="random: trials (default 8); grid: repeats (default 1).")
+         ] = None,
+         scheduler: Annotated[str | None, typer.Option(
+             "--scheduler", help="asha | median | none | auto (asha, or none with --cv).")
+         ] = None,
+         cv: Annotated[int | None, typer.Option(
+             "--cv", help="K-fold cross-validation per configuration (tune.cv).")] = None,
+         max_concurrent: Annotated[int | None, typer.Option(
+             "--max-concurrent", help="Trials at once (default: what the cluster fits).")] = None,
+         max_epochs: Annotated[int | None, typer.Option(
+             "--max-epochs", help="Epochs per trial (default train.epochs).")] = None,
+         grace_period: Annotated[int | None, typer.Option(
+             "--grace-period", help="Epochs before a trial may be stopped.")] = None,
+         reduction_factor: Annotated[float | None, typer.Option(
+             "--reduction-factor", help="ASHA keeps 1/this at each rung.")] = None,
+         name: Annotated[str | None, typer.Option(
+             "--name", help="Name of the search (default DATASET-tune-TIME).")] = None,
+         resume: Annotated[str | None, typer.Option(
+             "--resume", help="Continue an interrupted search by name, with its own config.")
+         ] = None, example: ExampleOption = None, label: LabelOption = None,
+         task: TaskOption = None) -> None:
+    """Search hyperparameters with Ray Tune; every trial runs the training stage's trainer.
+
+    Grid or random search over a space from tune.space or --param, with ASHA or median early
+    stopping or K-fold cross-validation. Writes results.csv, curves.png, best.yaml (train it with
+    `mlsd train --config best.yaml`) and summary.json under $MLSD_HOME/tune/NAME/, logs a parent
+    MLflow run with a child per trial, and registers the best trial's model.
+    """
+    from mlsd_ray.tuning.search import parse_param, run_tune
+
+    flags = {"tune.search": search, "tune.num_samples": num_samples, "tune.scheduler": scheduler,
+             "tune.cv": cv, "tune.max_concurrent": max_concurrent,
+             "tune.max_epochs": max_epochs, "tune.grace_period": grace_period,
+             "tune.reduction_factor": reduction_factor}
+    overrides = with_flags(set_, flags)
+
+    def work() -> dict:
+        # Trials' worker logs stay in Ray's files (unless --verbose); we print a line per
+        # trial and summarise any errors.
+        cfg = config_from(config, overrides, source, example, label, task)
+        if param:
+            cfg.tune.space = dict(parse_param(p) for p in param)
+        return run_tune(cfg, home=home, log=log_stderr, name=name, resume=resume)
+
+    run(as_json, work, _render_tune, verbose=verbose)
+
+
+def _render_tune(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    cv = summary["cv"] > 1
+    table = Table(title=f"tune {summary['name']}: {summary['search']} search, scheduler "
+                        f"{summary['scheduler']}")
+    metric = summary.get("metric", "val_accuracy")
+    for column in ("trial", "parameters", "epochs", "stopped early",
+                   "val acc (mean ± std)" if cv else f"best {metric.replace('_', ' ')}"):
+        table.add_column(column)
+    for line in summary["configurations"]:
+        score = "failed" if line["status"] != "ok" else (
+            f"{line['cv_mean']:.4f} ± {line['cv_std']:.4f}" if cv
+            else f"{line[metric]:.4f}")
+        table.add_row(line["trial"], line["params"], str(line["epochs_run"]),
+                      "yes" if line["stopped_early"] else "", score)
+    console = Console()
+    console.print(table)
+    console.print(f"{summary['trials']} trials, {summary['stopped_early']} stopped early, "
+                  f"{summary['failed']} failed, {summary['trial_epochs']} trial-epochs in "
+                  f"{summary['wall_seconds']} s")
+    if "registered" in summary:
+        console.print(f"best: trial {summary['best']['trial']}, test accuracy "
+                      f"{summary['test_accuracy']:.4f}, registered "
+                      f"{summary['registered']['uri']}", soft_wrap=True)
+    for key in ("results", "curves", "best_config"):
+        console.print(f"{key.replace('_', ' ')}: {summary[key]}", soft_wrap=True)
+
+
+@app.command()
+def pipeline(source: SourceOption = None, config: ConfigOption = None, set_: SetOption = None,
+             home: HomeOption = None, force: ForceOption = False,
+             as_json: JsonOption = False, verbose: VerboseOption = False,
+             tune: Annotated[bool, typer.Option(
+                 "--tune", help="Search hyperparameters (the tune section) before the final "
+                                "training, which then uses the best ones.")] = False,
+             serve: Annotated[bool, typer.Option(
+                 "--serve/--no-serve", help="End with a serving check: start the Serve app, "
+                                            "classify test images over HTTP, stop.")] = True,
+             keep_serving: Annotated[bool, typer.Option(
+                 "--keep-serving", help="Leave the app serving (on serve.port) until Ctrl-C.")
+             ] = False,
+             loop: Annotated[bool, typer.Option(
+                 "--loop/--no-loop", help="After the serve check, run the monitoring loop on "
+                                          "the live app: traffic, drift, retrain, rollout.")
+             ] = True, example: ExampleOption = None, label: LabelOption = None,
+             task: TaskOption = None) -> None:
+    """Run every stage end to end on the configured source (default: the embedded digits).
+
+    data -> [tune] -> train -> register -> evaluate -> promote the first version to production
+    -> serve (HTTP predictions on test images) -> the monitoring loop: unshifted traffic ->
+    monitor (no drift) -> rotated traffic -> monitor (drift) -> retrain on it -> promote if
+    better -> rolling update under load -> stop the app.
+
+    With --example fraud: a transaction table -> Ray Data preprocessors -> the MLP with Ray
+    Train and a HistGradientBoosting reference -> threshold for the target precision ->
+    register -> serve /v1/fraud/score with the rules engine, score test transactions -> stop.
+    """
+    chosen = ChosenTask()
+
+    def work() -> dict:
+        cfg = config_from(config, set_, source, example, label, task)
+        return chosen.of(cfg).pipeline(cfg, home, log_stderr, force=force, tune=tune,
+                                       serve_check=serve or keep_serving,
+                                       keep_serving=keep_serving, monitor_loop=loop)
+
+    run(as_json, work, lambda result: chosen.task.render_pipeline(result), verbose=verbose)
+
+
+models_app = typer.Typer(help="The model registry (MLflow): list, show, promote.",
+                         no_args_is_help=True, rich_markup_mode="markdown")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list(home: HomeOption = None, as_json: JsonOption = False) -> None:
+    """Registered models, their versions (newest first), metrics and aliases."""
+    from mlsd_ray.registry import list_models
+
+    def render(result: dict) -> None:
+        if not result["models"]:
+            print("no registered models yet: run `mlsd train`")
+        for model in result["models"]:
+            print(model["name"])
+            for v in model["versions"]:
+                aliases = f"  @{', @'.join(v['aliases'])}" if v["aliases"] else ""
+                print(f"  v{v['version']}: val {v['val_accuracy']}, test {v['test_accuracy']}, "
+                      f"data {v['data_fingerprint']}{aliases}")
+
+    run(as_json, lambda: {"models": list_models(home)}, render)
+
+
+@models_app.command("show")
+def models_show(ref: Annotated[str, typer.Argument(help="NAME, NAME/VERSION or NAME@ALIAS")],
+                home: HomeOption = None, as_json: JsonOption = False) -> None:
+    """One registered version with its tags (metrics, data fingerprint, git commit, schema)."""
+    from mlsd_ray.registry import show
+
+    run(as_json, lambda: show(ref, home), lambda r: print(json.dumps(r, indent=2)))
+
+
+@models_app.command("promote")
+def models_promote(name: Annotated[str, typer.Argument(help="Registered model name")],
+                   version: Annotated[int, typer.Argument(help="Version to point the alias at")],
+                   alias: Annotated[str, typer.Option("--alias")] = "production",
+                   home: HomeOption = None, as_json: JsonOption = False) -> None:
+    """Move an alias (default `production`) to a version."""
+    from mlsd_ray.registry import promote
+
+    run(as_json, lambda: promote(name, version, alias, home),
+         lambda r: print(f"{r['name']}@{alias} -> version {r['version']}"))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def submit(ctx: typer.Context,
+           stage: Annotated[str, typer.Argument(
+               help="pipeline | data | train | tune | retrain | deploy")],
+           address: Annotated[str | None, typer.Option(
+               "--address", help="The cluster's dashboard, http://HEAD:8265 (default "
+                                 "$RAY_ADDRESS).")] = None,
+           config: ConfigOption = None, set_: SetOption = None, home: HomeOption = None,
+           smoke: Annotated[bool, typer.Option(
+               "--smoke", help="A tiny fast run of the stage, to check a cluster.")] = False,
+           runtime_env: Annotated[Path | None, typer.Option(
+               "--runtime-env", help="Runtime env YAML (jobs/runtime-env/KIND.yaml).",
+               dir_okay=False)] = None,
+           wait: Annotated[bool, typer.Option(
+               "--wait", help="Stream the job's log and exit with its outcome (0 succeeded, "
+                              "1 failed).")] = False,
+           as_json: JsonOption = False) -> None:
+    """Run a stage as a Ray job on a cluster: jobs/STAGE.py, with this project as working dir.
+
+    The config (--config, --set) is validated here and sent with the job; --home (or
+    $MLSD_HOME) and $MLFLOW_TRACKING_URI are passed on. Arguments after `--` go to the job
+    script (e.g. `-- --source folder:/shared/new` for retrain). Without --wait it prints the job
+    id and returns.
+    """
+    from mlsd_ray.cli.submit import check_stage
+    from mlsd_ray.cli.submit import submit as submit_job
+
+    def work() -> dict:
+        check_stage(stage)
+        return submit_job(stage, address, config_from(config, set_, None), list(ctx.args),
+                          runtime_env, home, smoke, wait, log_stderr)
+
+    def render(summary: dict) -> None:
+        print(f"job {summary['job_id']}: {summary['status']}"
+              + (f" in {summary['seconds']} s" if summary.get("seconds") else ""))
+        if summary.get("result"):
+            print(f"result: {json.dumps(summary['result'], default=str)[:2000]}")
+
+    run(as_json, work, render)
+
+
+# The serving commands live beside the Serve app (mlsd_ray/cli/serve.py).
+app.add_typer(serve_app, name="serve")
+app.command()(deploy)
+app.command()(predict)
+# Monitoring and retraining (mlsd_ray/cli/monitor.py).
+app.command()(monitor)
+app.command(name="simulate-traffic")(simulate_traffic)
+app.command()(retrain)
+
+
+def plain_flags(command) -> None:
+    """Render on/off flags as flags in --help (`--force`, not `--force <bool>`): typer shows a
+    type for every option, flags and the help option included, unless the option has a
+    metavar."""
+    import click
+
+    options = [*command.params, command.get_help_option(click.Context(command))]
+    for option in options:
+        if getattr(option, "is_flag", False) and option.metavar is None:
+            option.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        plain_flags(sub)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    command = typer.main.get_command(app)
+    plain_flags(command)
+    command()
+
+
+if __name__ == "__main__":
+    main()

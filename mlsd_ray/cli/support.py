@@ -1,0 +1,129 @@
+"""What every `mlsd` command shares: the common options and the run contract.
+
+`run` gives a command its exit codes (0 / 1 work failed / 2 bad input / 130 interrupted), one
+JSON object on stdout with --json, and errors without tracebacks. Kept apart from cli.py so that
+command modules (mlsd_ray.cli.serve) can use it without importing the CLI itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from contextlib import nullcontext, redirect_stdout
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mlsd_ray.core.config import load_config
+from mlsd_ray.core.errors import MlsdError
+from mlsd_ray.core.runtime import log_stderr
+
+ConfigOption = Annotated[Path | None, typer.Option(
+    "--config", "-c", help="YAML config file (sections: data, ...).", dir_okay=False)]
+SetOption = Annotated[list[str] | None, typer.Option(
+    "--set", "-s", help="Override one config key, KEY=VALUE (e.g. data.image_size=16); "
+                        "repeatable, applied after --config.")]
+SourceOption = Annotated[str | None, typer.Option(
+    "--source", help="digits | folder:PATH | parquet:PATH | torchvision:NAME[:ROOT] | "
+                     "synthetic[:N]  (same as --set data.source=...); with --example fraud: "
+                     "fraud-synth[:N] | breast-cancer | diabetes | csv:PATH | parquet:PATH")]
+ExampleOption = Annotated[str | None, typer.Option(
+    "--example", help="Start from a worked example's config: digits (the default) or fraud "
+                      "(tabular fraud detection; mlsd_ray/examples/fraud.yaml). --config and "
+                      "--set go on top.")]
+LabelOption = Annotated[str | None, typer.Option(
+    "--label", help="Tabular: the label column of a csv:/parquet: source (tabular.label).")]
+TaskOption = Annotated[str | None, typer.Option(
+    "--task", help="The kind of model: image (the default), tabular, a task an installed "
+                   "package registers (entry point group mlsd.tasks), or "
+                   "`package.module:Class` for your own (docs/tasks.md).")]
+HomeOption = Annotated[str | None, typer.Option(
+    "--home", help="Where outputs go; overrides $MLSD_HOME (default ./mlsd-home). Path or URI.")]
+ForceOption = Annotated[bool, typer.Option(
+    "--force", help="Rebuild even when an identical earlier output exists.")]
+JsonOption = Annotated[bool, typer.Option(
+    "--json", help="Print one JSON object with the outputs on stdout; logs go to stderr.")]
+
+
+VerboseOption = Annotated[bool, typer.Option(
+    "--verbose", "-v", help="Also print what Ray's processes log (Ray Data's plans, Serve's "
+                            "access logs, worker output) and MLflow's download bars; by "
+                            "default they stay in Ray's log files, named once.")]
+
+
+def run(as_json: bool, work: Callable[[], dict], render: Callable[[dict], None],
+        verbose: bool = False) -> None:
+    """Run a stage with the CLI's contract: exit codes, JSON on stdout, no tracebacks for users."""
+    from mlsd_ray.core import runtime
+
+    runtime.configure(quiet=as_json, verbose=verbose)
+    try:
+        with redirect_stdout(sys.stderr) if as_json else nullcontext():
+            result = work()
+            if as_json:  # Ray's background threads print (e.g. raylet warnings) until shutdown
+                _disconnect_ray()
+    except MlsdError as exc:
+        fail(as_json, exc.exit_code, str(exc))
+    except KeyboardInterrupt:
+        fail(as_json, 130, "interrupted")
+    except Exception as exc:  # a failure of the work itself: say what, keep the trace for --debug
+        if os.environ.get("MLSD_DEBUG"):
+            traceback.print_exc()
+        fail(as_json, 1, f"the work failed: {type(exc).__name__}: {exc}",
+              "(set MLSD_DEBUG=1 for the full traceback)")
+    if as_json:
+        print(json.dumps(result, default=str))
+    else:
+        render(result)
+
+
+ERROR_CODES = {1: "failed", 2: "bad_input", 130: "interrupted"}
+
+
+def _disconnect_ray() -> None:
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+def fail(as_json: bool, exit_code: int, message: str, hint: str = "") -> None:
+    """Report an error on stderr (and as the one JSON object with --json), then exit."""
+    log_stderr(f"error: {message}" + (f"\n{hint}" if hint else ""))
+    if as_json:
+        print(json.dumps({"error": {"code": ERROR_CODES[exit_code], "message": message}}))
+    raise typer.Exit(exit_code)
+
+
+def with_flags(overrides: list[str] | None, flags: dict) -> list[str]:
+    """`--set` overrides followed by the command's own flags that were given, as KEY=VALUE."""
+    return list(overrides or []) + [f"{k}={v}" for k, v in flags.items() if v is not None]
+
+
+def config_from(config: Path | None, overrides: list[str] | None, source: str | None,
+                example: str | None = None, label: str | None = None,
+                task: str | None = None):
+    """The resolved config; --task picks the task, and --source and --label go where it
+    keeps them (`Task.set_source`)."""
+    from mlsd_ray.tasks import get_task
+
+    cfg = load_config(config, [*(overrides or []), *([f"task={task}"] if task else [])], example)
+    if source is not None or label is not None:  # taken as typed: YAML would eat '#', ': '
+        get_task(cfg.task).set_source(cfg, source, label)
+    return cfg
+
+
+class ChosenTask:
+    """The task a command's `work` resolved from its config, for its `render` to use."""
+
+    task = None
+
+    def of(self, cfg):
+        """The task `cfg` names (and remember it)."""
+        from mlsd_ray.tasks import get_task
+
+        self.task = get_task(cfg.task)
+        return self.task

@@ -1,0 +1,175 @@
+"""Connecting to Ray once per process: a local instance on a laptop, `RAY_ADDRESS` on a cluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+_settings = {"quiet": False, "verbose": False}
+
+
+def log_stderr(message: str) -> None:
+    """The stages' default progress log: a line on stderr (stdout stays for results)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def configure(quiet: bool = False, verbose: bool = False) -> None:
+    """Set how the next `ensure_ray` starts Ray.
+
+    By default the console shows our own lines only: the output of Ray's workers (Ray Data's
+    execution plans, Serve's access logs, Train's worker logs) stays in Ray's log files, and
+    MLflow draws no download bars. `verbose` prints all of it; `quiet` (--json) wins over it.
+    """
+    _settings["quiet"], _settings["verbose"] = quiet, verbose
+    if not verbose:
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def ensure_ray(home: str | None = None) -> None:
+    """Start or join Ray unless this process already did; on a cluster that spans machines,
+    check that `home` (MLSD_HOME) and the MLflow store are shared (cluster.py), else exit 2.
+
+    The dashboard is on because Tune's early stopping, Ray jobs and `serve deploy` need it
+    (without it, trials stopped early by ASHA leak their Train reservations and the search
+    hangs). Ray Data's per-dataset INFO logs are lowered to warnings: our stages print their
+    own steps, and the progress bars stay on. Unless --verbose, Ray's processes log to its
+    files only (`configure`).
+    """
+    import ray
+
+    _quiet_ray_data_console()
+    _tune_data_context()
+    _tune_train_controller()
+    if not ray.is_initialized():
+        to_console = _settings["verbose"] and not _settings["quiet"]
+        quiet_token_notice()
+        ray.init(address=_address(), include_dashboard=True, log_to_driver=to_console,
+                 logging_level=logging.WARNING)
+        if not to_console:
+            log_stderr(f"Ray's logs: {ray_logs_dir()} (--verbose prints them here)")
+    from mlsd_ray.core.cluster import check_shared_storage
+
+    check_shared_storage(home)
+
+
+def quiet_token_notice() -> None:
+    """Ray 2.60 warns "Token authentication is enabled" whenever a driver connects: expected
+    (its default), so on the console only with --verbose."""
+    if not _settings["verbose"] or _settings["quiet"]:
+        logging.getLogger("ray._private.authentication.authentication_token_setup"
+                          ).setLevel(logging.ERROR)
+
+
+def quiet_serve_console() -> None:
+    """Serve's driver-side INFO lines ("Started Serve", "Application ... is ready", "Deleting
+    app") go to Serve's log files unless --verbose. Call after importing ray.serve: its
+    import sets the level."""
+    if not _settings["verbose"]:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+
+
+def ray_logs_dir() -> str:
+    """Where this Ray session keeps its processes' logs (on a cluster: on the head node)."""
+    from ray._private import worker
+
+    node = worker._global_node
+    return node.get_logs_dir_path() if node is not None else "/tmp/ray/session_latest/logs"
+
+
+def recorded_cluster_file() -> str:
+    """The file where `ray start` records the local cluster's address (/tmp/ray/...)."""
+    from ray._common.utils import get_ray_address_file
+
+    return get_ray_address_file(None)
+
+
+def _address() -> str | None:
+    """RAY_ADDRESS; else None: join the cluster `ray start` recorded on this machine, or start
+    one. A record whose head is gone (killed, machine rebooted) would make ray.init wait for it
+    forever, so then a new local instance starts ("local") with a note."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    try:
+        recorded = Path(recorded_cluster_file()).read_text().strip()
+    except OSError:
+        return None
+    host, _, port = recorded.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except (OSError, ValueError):
+        log_stderr(f"note: {recorded_cluster_file()} names a Ray cluster at {recorded} that is "
+                   "gone; starting a new local one")
+        return "local"
+    return None
+
+
+def _tune_train_controller() -> None:
+    """Ray Train settings read from the driver's environment (and passed on to the train
+    controller) when a trainer starts; a user's own values win.
+
+    The controller takes each worker's report off a queue of one every health-check interval
+    (2 s by default) and a worker's next report waits for that, so no epoch could take less
+    than 2 s: 61 % of a digits epoch was that wait (docs/performance.md). The preemption
+    watcher only matters on spot instances, and polls.
+    """
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+def _tune_data_context() -> None:
+    """Let one Ray Data operator use every CPU.
+
+    With operator resource reservation on (the default), a 2-CPU machine ran our fused
+    read-validate-transform operator with about 1.3 tasks at a time; with it off, 1.8
+    (measured with bench/data_throughput.py: 20,000 PNGs took 5.1 s -> 3.1 s).
+
+    Shuffles and aggregations sort-based, not through Ray 2.60's default hash-shuffle actors:
+    those actors start for every aggregation (a scaler's fit, a column's statistics) and hold
+    CPUs while they live. On 2 CPUs an aggregate of 300 rows took 4.0 s that way and 0.06 s
+    sorted, and preparing a 300-row table (five fitted preprocessors) 44 s -> see
+    docs/performance.md.
+    """
+    from ray.data import DataContext
+    from ray.data.context import ShuffleStrategy
+
+    context = DataContext.get_current()
+    context.op_resource_reservation_enabled = False
+    context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    context.enable_progress_bar_name_truncation = False  # else a warning per fused operator
+
+
+def _quiet_ray_data_console() -> None:
+    """Ray Data logs every dataset's plan at INFO on the console; keep those in its log file."""
+    import ray.data  # noqa: F401  (importing it installs Ray Data's handlers)
+    from ray._private.log import PlainRayHandler
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, PlainRayHandler):
+            handler.setLevel(logging.WARNING)
+            if not any(isinstance(f, _ExpectedWarningsFilter) for f in handler.filters):
+                handler.addFilter(_ExpectedWarningsFilter())
+
+
+class _ExpectedWarningsFilter(logging.Filter):
+    """Drop two Ray Data warnings that are wrong or expected for us.
+
+    "No available CPUs, the job will hang": Ray Data checks free CPUs when a dataset starts;
+    right after the previous dataset's tasks end, their CPUs can still read as taken, so the
+    warning fires although nothing will hang (the data stage holds no actors).
+    "Progress bars disabled": we turn them off on purpose for datasets read before training.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return ("does not have any available CPUs" not in message
+                and "Progress bars disabled" not in message)
+
+
+def set_progress_bars(enabled: bool) -> None:
+    """Ray Data progress bars on stderr: on for people, off for tests and logs."""
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = enabled

@@ -1,0 +1,142 @@
+"""Offline batch inference: `mlsd predict --model URI --source SPEC --out PATH`.
+
+Ray Data reads the source with the data stage's readers, decodes and standardises each image to
+the model's input (same functions as training and serving), and runs the network on an actor pool
+(`map_batches(Predictor, compute=ActorPoolStrategy(...))`: the model loads once per actor, not
+once per batch). Rows that cannot be decoded are kept in the output with their reason, not fatal.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from mlsd_ray.core import storage
+from mlsd_ray.core.config import Config
+from mlsd_ray.tasks.image.data.transforms import standardize
+from mlsd_ray.tasks.image.data.validate import Rejected, coerce_array, decode_bytes, is_missing
+
+OK = "ok"
+
+
+def decode_rows(batch: dict[str, np.ndarray], size: int, channels: int,
+                pixel_range: str) -> dict[str, np.ndarray]:
+    """Raw source rows -> standardised uint8 images, with a status per row."""
+    is_bytes = "bytes" in batch
+    images, status, detail = [], [], []
+    read_errors = batch.get("read_error", [""] * len(batch["id"]))
+    for payload, read_error in zip(batch["bytes" if is_bytes else "array"], read_errors):
+        try:
+            if read_error:
+                raise Rejected("unreadable_file", read_error)
+            raw = decode_bytes(payload) if is_bytes else coerce_array(payload, pixel_range)
+            images.append(standardize(raw, size, channels))
+            status.append(OK)
+            detail.append("")
+        except Rejected as rejected:
+            images.append(np.zeros((size, size, channels), np.uint8))
+            status.append(rejected.reason)
+            detail.append(rejected.detail)
+    labels = ["" if is_missing(v) else str(v) for v in batch["label"]]
+    return {"id": batch["id"], "source": batch["source"],
+            "label_name": np.array(labels, dtype=object), "image": np.stack(images),
+            "status": np.array(status, dtype=object), "detail": np.array(detail, dtype=object)}
+
+
+class Predictor:
+    """An actor holding the model; one call per batch of decoded rows."""
+
+    def __init__(self, checkpoint: str, model: dict):
+        import torch
+
+        from mlsd_ray.tasks.image.checkpoint import load_model
+
+        torch.set_num_threads(1)  # one actor per CPU: parallelism comes from the pool
+        self.loaded = load_model(checkpoint)
+        self.model = model  # {"uri", "name", "version"}: pinned, for `mlsd monitor --inputs`
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from mlsd_ray.tasks.image.features import FEATURES, image_features
+
+        ok = batch["status"] == OK
+        rows = len(ok)
+        predicted = np.full(rows, -1, dtype=np.int64)
+        confidence = np.zeros(rows, dtype=np.float32)
+        features = {name: np.full(rows, np.nan, dtype=np.float32) for name in FEATURES}
+        if ok.any():
+            pre = self.loaded.preprocessor
+            with torch.inference_mode():
+                pixels = pre.to_tensor(batch["image"][ok])
+                logits = self.loaded.model(pre.normalize(pixels))
+                probabilities = torch.softmax(logits.float(), dim=1)
+            best = probabilities.max(dim=1)
+            predicted[ok] = best.indices.numpy()
+            confidence[ok] = best.values.numpy()
+            for name, values in image_features(pixels.permute(0, 2, 3, 1).numpy()).items():
+                features[name][ok] = values
+        names = self.loaded.preprocessor.class_names
+        return {"id": batch["id"], "source": batch["source"], "label": batch["label_name"],
+                "model_uri": np.full(rows, self.model["uri"], dtype=object),
+                "model_name": np.full(rows, self.model["name"], dtype=object),
+                "model_version": np.full(rows, self.model["version"], dtype=object),
+                **features,
+                "predicted_index": predicted,
+                "predicted_class": np.array([names[i] if i >= 0 else "" for i in predicted],
+                                            dtype=object),
+                "confidence": confidence, "status": batch["status"], "detail": batch["detail"]}
+
+
+def predict_dataset(model_ref: str, cfg: Config, out: str | None, home: str | None,
+                    log: Callable[[str], None]) -> dict:
+    """Predict every row of `cfg.data.source`; write parquet; return counts and accuracy."""
+    import ray
+    import ray.data
+
+    from mlsd_ray import registry
+    from mlsd_ray.core.runtime import ensure_ray
+    from mlsd_ray.serve.control import resolve_model_ref
+    from mlsd_ray.tasks.image.checkpoint import load_model
+    from mlsd_ray.tasks.image.data.sources import parse_source
+
+    model = resolve_model_ref(model_ref, home)
+    checkpoint = registry.resolve(model["uri"], home)
+    pre = load_model(checkpoint).preprocessor
+    source = parse_source(cfg.data.source, cfg.data)
+    source.class_names()  # lists the inputs: a missing path fails here, before Ray
+    out = out or storage.join(storage.home(home), "batch-predictions",
+                              time.strftime("%Y%m%d-%H%M%S"))
+    ensure_ray(home)
+    actors = max(1, int(ray.available_resources().get("CPU", 1)))
+    log(f"predicting {cfg.data.source} with {model_ref} on {actors} actor(s) -> {out}")
+    started = time.perf_counter()
+    decode = functools.partial(decode_rows, size=pre.image_size, channels=pre.channels,
+                               pixel_range=cfg.data.pixel_range)
+    predictions = source.read(then=decode).map_batches(
+        Predictor, fn_constructor_kwargs={"checkpoint": checkpoint, "model": model},
+        batch_size=256,
+        batch_format="numpy", num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors))
+    storage.delete_dir(str(out))
+    predictions.write_parquet(str(out))
+    return summarize(ray.data.read_parquet(str(out)).to_pandas(), str(out),
+                     time.perf_counter() - started)
+
+
+def summarize(frame, out: str, seconds: float) -> dict:
+    """Counts, rejection reasons and (where labels are known) accuracy of a predictions table."""
+    ok = frame[frame["status"] == OK]
+    labelled = ok[ok["label"] != ""]
+    summary = {"out": out, "rows": len(frame), "predicted": len(ok),
+               "rejected": frame.loc[frame["status"] != OK, "status"].value_counts().to_dict(),
+               "labelled": len(labelled), "seconds": round(seconds, 2),
+               "rows_per_second": round(len(frame) / seconds, 1) if seconds else None,
+               "predicted_classes": ok["predicted_class"].value_counts().sort_index().to_dict()}
+    if len(labelled):
+        summary["accuracy"] = round(float((labelled["label"] == labelled["predicted_class"])
+                                          .mean()), 4)
+    return summary

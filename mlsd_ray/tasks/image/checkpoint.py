@@ -1,0 +1,42 @@
+"""An image model back from its checkpoint (training/checkpoint.py): the CNN rebuilt from
+model.json, its weights, and the preprocessing it was trained with."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mlsd_ray.tasks.image.data.transforms import Preprocessor
+from mlsd_ray.tasks.image.models import build_model
+from mlsd_ray.training.checkpoint import verify
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with the preprocessing it was trained with."""
+
+    model: nn.Module
+    preprocessor: Preprocessor
+    model_config: dict
+    reference: dict
+    metadata: dict
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Verify checksums, rebuild the network from model.json and load its weights."""
+    directory = Path(directory)
+    verify(directory)
+    model_config = json.loads((directory / "model.json").read_text())
+    preprocessor = Preprocessor.from_dict(json.loads((directory / "preprocessing.json")
+                                                     .read_text()))
+    model = build_model(**model_config)
+    state = torch.load(directory / "model.pt", map_location=device, weights_only=True)
+    model.load_state_dict(state)
+    model.to(device).eval()
+    reference = json.loads((directory / "reference.json").read_text())
+    metadata = json.loads((directory / "metadata.json").read_text())
+    return LoadedModel(model, preprocessor, model_config, reference, metadata)

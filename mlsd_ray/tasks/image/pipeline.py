@@ -1,0 +1,80 @@
+"""`mlsd pipeline`: every stage in order, each reading the previous stage's output by path.
+
+data -> [tune (Ray Tune), with --tune] -> train (Ray Train) -> register (MLflow) -> evaluate on
+test -> promote the first version to `production` -> serve (Ray Serve: start the app, classify
+test digits over HTTP) -> the monitoring loop on the live app (monitor/loop.py: unshifted and
+rotated traffic, monitor, retrain, gated promotion, rolling update under load) -> stop the app
+(with `keep_serving` it stays up until Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from mlsd_ray.core.config import Config
+from mlsd_ray.core.runtime import log_stderr
+from mlsd_ray.tasks.image.data.prepare import prepare_dataset
+from mlsd_ray.workflows.stages import StageHeadings
+
+LOOP = "monitor -> retrain -> rolling update"
+
+
+def run_pipeline(cfg: Config, home: str | None = None, force: bool = False,
+                 log: Callable[[str], None] = log_stderr, tune: bool = False,
+                 serve_check: bool = True, keep_serving: bool = False,
+                 monitor_loop: bool = True) -> dict:
+    """Run the stages end to end; returns one summary per stage.
+
+    With `tune`, a search (cfg.tune) runs first and the final training uses its best
+    parameters on top of `cfg` (so with the pipeline's own workers and epochs).
+    """
+    from mlsd_ray.registry import promote_first
+    from mlsd_ray.tasks.image.evaluate import evaluate_checkpoint
+    from mlsd_ray.tasks.image.train import train_and_register
+
+    registers = cfg.registry.auto_register
+    heading = StageHeadings("data", tune and "tune", "train and register", "evaluate",
+                            registers and "promote", serve_check and "serve",
+                            serve_check and monitor_loop and registers and LOOP)
+    log(heading("data"))
+    stages = {"data": prepare_dataset(cfg, home=home, force=force, log=log).summary()}
+    if tune:
+        from mlsd_ray.tuning.search import run_tune, trial_config
+
+        log(heading("tune"))
+        stages["tune"] = run_tune(cfg, home=home, log=log, register=False)
+        cfg = trial_config(cfg, stages["tune"]["best"]["params"])
+        log(f"training with the best parameters: {stages['tune']['best']['params']}")
+    log(heading("train and register"))
+    stages["train"] = train_and_register(cfg, home=home, log=log)
+    log(heading("evaluate"))
+    stages["evaluate"] = evaluate_checkpoint(stages["train"]["checkpoint"], "test", home)
+    registered = stages["train"].get("registered")
+    if registered:
+        log(heading("promote"))
+        stages["promote"] = promote_first(registered, home, log)
+    if serve_check:
+        from mlsd_ray.tasks.image.smoke import serve_smoke_check
+
+        log(heading("serve"))
+        model = registered["uri"] if registered else stages["train"]["checkpoint"]
+        loop = None
+        if monitor_loop and registered:  # retraining moves a registry alias: needs a version
+            loop = functools.partial(_loop, cfg, home=home, log=log,
+                                     dataset_path=stages["train"]["dataset"],
+                                     heading=heading(LOOP))
+        stages["serve"] = serve_smoke_check(cfg.serve, model, stages["train"]["dataset"], home,
+                                            keep_serving, log, then=loop)
+        if "loop" in stages["serve"]:
+            stages["loop"] = stages["serve"].pop("loop")
+    return {"stages": stages}
+
+
+def _loop(cfg: Config, url: str, served_uri: str, home: str | None,
+          log: Callable[[str], None], dataset_path: str, heading: str) -> dict:
+    from mlsd_ray.tasks.image.data.prepare import PreparedDataset
+    from mlsd_ray.tasks.image.loop import drift_loop
+
+    log(heading)
+    return drift_loop(cfg, url, served_uri, PreparedDataset.open(dataset_path), home, log)

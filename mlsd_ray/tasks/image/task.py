@@ -1,0 +1,274 @@
+"""The image task: a CNN classifying images (the embedded digits, folders, torchvision sets).
+
+Its stages live where they always have (data/prepare.py, train.py, evaluate.py, pipeline.py,
+retrain.py, serve/); this class is the face the commands, jobs and searches see.
+"""
+
+from __future__ import annotations
+
+from mlsd_ray.core.errors import InputError
+from mlsd_ray.tasks.base import Log, ServedApp, Task, TrafficRequest
+
+VAL_METRIC = "val_accuracy"  # train.VAL_METRIC, without importing torch
+
+
+class ImageTask(Task):
+    """Image classification: the `data`, `model` and `train` sections of the config."""
+
+    name = "image"
+    metric = VAL_METRIC
+    cross_validation = True
+    registers_best_trial = True
+
+    def set_source(self, cfg, source: str | None, label: str | None = None) -> None:
+        if label is not None:
+            raise InputError("--label names a table's label column; images take their labels "
+                             "from their folders (or the dataset)")
+        if source is not None:
+            cfg.data.source = source
+
+    def prepare(self, cfg, home: str | None, log: Log, force: bool = False):
+        from mlsd_ray.tasks.image.data.prepare import prepare_dataset
+
+        return prepare_dataset(cfg, home=home, force=force, log=log)
+
+    def trainer(self, cfg, prepared, run_name: str, storage_path: str,
+                datasets: dict | None = None, callbacks: list | None = None,
+                log: Log | None = None):
+        from mlsd_ray.tasks.image.train import build_trainer
+
+        return build_trainer(cfg, prepared, run_name, storage_path, datasets=datasets,
+                             callbacks=callbacks, log=log)
+
+    def search_datasets(self, prepared) -> dict:
+        from mlsd_ray.tasks.image.train import materialize_splits
+
+        return materialize_splits(prepared)
+
+    def cv_folds(self, prepared, k: int, seed: int, rows_per_block: int) -> list[dict]:
+        from mlsd_ray.tasks.image.tune import cv_folds
+
+        return cv_folds(prepared, k, seed, rows_per_block)
+
+    def train(self, cfg, home: str | None, log: Log, run_name: str | None = None) -> dict:
+        from mlsd_ray.tasks.image.train import train_and_register
+
+        return train_and_register(cfg, home=home, log=log, run_name=run_name)
+
+    def pipeline(self, cfg, home: str | None, log: Log, *, force: bool = False,
+                 tune: bool = False, serve_check: bool = True, keep_serving: bool = False,
+                 monitor_loop: bool = True) -> dict:
+        from mlsd_ray.tasks.image.pipeline import run_pipeline
+
+        return run_pipeline(cfg, home=home, force=force, log=log, tune=tune,
+                            serve_check=serve_check, keep_serving=keep_serving,
+                            monitor_loop=monitor_loop)
+
+    def serve_application(self, settings, checkpoint_dir: str, home: str | None) -> ServedApp:
+        from mlsd_ray.tasks.image.serve import app_from_config
+
+        return ServedApp(app_from_config(settings, home), "/", "/v1/health", "/v1/model",
+                         {"predict_url": "/v1/predict"})
+
+    def evaluate(self, checkpoint_dir: str, split: str, home: str | None,
+                 dataset_path: str | None = None) -> dict:
+        from mlsd_ray.tasks.image.evaluate import evaluate_checkpoint
+
+        return evaluate_checkpoint(checkpoint_dir, split, home, dataset_path)
+
+    def render_evaluation(self, summary: dict) -> None:
+        print(f"{summary['split']}: {summary['samples']} images, accuracy "
+              f"{summary['accuracy']:.4f}, macro F1 {summary['macro_f1']:.4f} "
+              f"(SVC reference {summary['baseline_accuracy']:.4f})")
+        print(f"report: {summary['report']}")
+        print(f"plots: {summary['confusion_matrix_png']}, {summary['learning_curves_png']}")
+
+    def register_best_trial(self, run, best: dict, best_cfg, home: str | None,
+                            log: Log) -> dict:
+        from mlsd_ray.tasks.image.tune import register_best_trial
+
+        return register_best_trial(run, best, best_cfg, home, log)
+
+    def predict_offline(self, model: dict, cfg, out: str | None, home: str | None,
+                        log: Log) -> dict:
+        from mlsd_ray.tasks.image.batch import predict_dataset
+
+        return predict_dataset(model["uri"], cfg, out, home, log)
+
+    def predict_online(self, url: str, files: list) -> dict:
+        from mlsd_ray.serve.client import predict_files
+
+        return predict_files(url, files)
+
+    def render_prediction(self, result: dict) -> None:
+        if "predictions" not in result:
+            return super().render_prediction(result)
+        for path, answer in zip(result["files"], result["predictions"]):
+            print(f"{path}: {answer['class_name']} "
+                  f"({max(answer['probabilities'].values()):.3f})")
+        print(f"model {result['model_name']} version {result['model_version']}")
+
+    def simulate_traffic(self, prepared, request: TrafficRequest) -> dict:
+        from mlsd_ray.tasks.image.traffic import simulate_traffic
+
+        if request.column:
+            raise InputError("--column is for tables; an image shift changes whole images")
+        return simulate_traffic(request.url, prepared, request.shift, request.amount,
+                                request.count, request.split, request.seed, request.batch,
+                                request.concurrency, request.save)
+
+    def render_traffic(self, summary: dict) -> None:
+        line = f"{summary['images']} images, shift {summary['shift']} ({summary['amount']:g})"
+        if "requests" in summary:
+            line += (f": {summary['requests']} requests, {summary['failed_requests']} failed, "
+                     f"accuracy {summary['accuracy']}, versions {summary['model_versions']}, "
+                     f"{summary['seconds']} s")
+        print(line)
+        if "saved" in summary:
+            print(f"saved to {summary['saved']['folder']}")
+
+    def retrain_data(self, cfg, champion_dir: str, source: str, home: str | None, log: Log):
+        from mlsd_ray.tasks.image.retrain import retrain_data
+
+        return retrain_data(cfg, champion_dir, source, home, log)
+
+    def train_challenger(self, cfg, data, init_from: str | None, home: str | None,
+                         log: Log) -> dict:
+        from mlsd_ray.tasks.image.retrain import train_challenger
+
+        return train_challenger(cfg, data, init_from, home, log)
+
+    def holdout_score(self, checkpoint_dir: str, datasets: list):
+        from mlsd_ray.tasks.image.retrain import holdout_score
+
+        return holdout_score(checkpoint_dir, datasets)
+
+    def smoke_retrain_source(self, home: str, log: Log) -> str:
+        """300 digits rotated 30 degrees, as a labelled folder under `home`."""
+        import numpy as np
+        from sklearn.datasets import load_digits
+
+        from mlsd_ray.core import storage
+        from mlsd_ray.tasks.image.data.sources import digits_uint8
+        from mlsd_ray.tasks.image.traffic import save_folder, shift_images
+
+        digits = load_digits()
+        images = digits_uint8(digits.images[:300])[..., None]
+        folder = storage.join(home, "incoming", "smoke-rotated")
+        save_folder(shift_images(images, "rotate", 30.0, np.random.default_rng(0)),
+                    digits.target[:300], [str(c) for c in range(10)], folder, "rotated")
+        log(f"smoke: 300 rotated digits written to {folder}")
+        return f"folder:{folder}"
+
+    def smoke_prediction(self, served: dict) -> dict:
+        """One embedded digit predicted over HTTP."""
+        from sklearn.datasets import load_digits
+
+        from mlsd_ray.serve.client import b64_instance, post_json
+        from mlsd_ray.tasks.image.data.sources import digits_uint8
+        from mlsd_ray.tasks.image.traffic import png_bytes
+
+        image = digits_uint8(load_digits().images[0])[..., None]
+        answer = post_json(served["predict_url"],
+                           {"instances": [b64_instance(png_bytes(image))]})
+        return {"label": "0", "predicted": answer["predictions"][0]["class_name"],
+                "model_version": answer["model_version"]}
+
+    def render_data(self, summary: dict) -> None:
+        render_dataset(summary)
+
+    def render_train(self, summary: dict) -> None:
+        print(f"run {summary['run_name']}: best epoch {summary['best_epoch']} of "
+              f"{summary['epochs_run']}, val accuracy {summary['val_accuracy']:.4f}, "
+              f"test accuracy {summary['test_accuracy']:.4f}, {summary['wall_seconds']} s")
+        print(f"checkpoint: {summary['checkpoint']}")
+        print("workers: " + ", ".join(f"rank {n['rank']} on node {n['node_id'][:8]} ({n['ip']})"
+                                      for n in summary["worker_nodes"]))
+        if "registered" in summary:
+            print(f"registered: {summary['registered']['uri']}")
+
+    def render_pipeline(self, result: dict) -> None:
+        stages = result["stages"]
+        render_dataset(stages["data"])
+        if "tune" in stages:
+            searched = stages["tune"]
+            print(f"\ntuned {searched['trials']} trials ({searched['stopped_early']} stopped "
+                  f"early): best {searched['best']['params']}, val accuracy "
+                  f"{searched['best']['val_accuracy']:.4f}; results {searched['results']}")
+        train = stages["train"]
+        print(f"\ntrained {train['run_name']}: val accuracy {train['val_accuracy']:.4f}, "
+              f"test accuracy {train['test_accuracy']:.4f} in {train['wall_seconds']} s")
+        if "registered" in train:
+            print(f"registered: {train['registered']['uri']}")
+        evaluation = stages["evaluate"]
+        print(f"evaluation: accuracy {evaluation['accuracy']:.4f}, macro F1 "
+              f"{evaluation['macro_f1']:.4f}, SVC reference "
+              f"{evaluation['baseline_accuracy']:.4f}; report {evaluation['report']}")
+        promoted = stages.get("promote", {})
+        if "version" in promoted:
+            print(f"production: models:/{promoted['name']}@production "
+                  f"(version {promoted['version']})")
+        elif promoted:
+            print(promoted["skipped"])
+        if "serve" in stages:
+            served = stages["serve"]
+            print(f"serve check: {served['correct']}/{served['images']} test images right over "
+                  f"HTTP from version {served['model_version']} at {served['url']}"
+                  + ("" if served["kept_serving"] else " (stopped; `mlsd serve --detach` to "
+                                                        "run it)"))
+        if "loop" in stages:
+            render_loop(stages["loop"])
+
+
+def render_dataset(summary: dict) -> None:
+    """The data stage's counts, classes and where its outputs are."""
+    from rich.console import Console
+    from rich.table import Table
+
+    counts = summary["counts"]
+    table = Table(title=f"dataset {summary['name']} ({summary['fingerprint']})"
+                        + (" — reused" if summary["reused"] else ""))
+    for column in ("input", "kept", "quarantined", "train", "val", "test"):
+        table.add_column(column, justify="right")
+    table.add_row(*(str(v) for v in (counts["input"], counts["kept"], counts["quarantined"],
+                                     *counts["splits"].values())))
+    console = Console()
+    console.print(table)
+    for reason, count in summary["quarantine_by_reason"].items():
+        console.print(f"  quarantined {count} × {reason}")
+    for warning in summary["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+    console.print(f"classes: {len(summary['class_names'])}, images stored as "
+                  f"{'×'.join(map(str, summary['image_shape']))} uint8")
+    console.print(f"quality report: {summary['quality_report']}", soft_wrap=True)
+    console.print(f"examples: {summary['samples']}", soft_wrap=True)
+    console.print(f"output: {summary['path']}", soft_wrap=True)
+
+
+def render_loop(steps: dict) -> None:
+    """The monitoring loop as a step / result table."""
+    def traffic(t: dict) -> str:
+        return (f"{t['images']} images ({t['shift']}), accuracy {t['accuracy']}, "
+                f"{t['failed_requests']} failed requests")
+
+    rows = [("unshifted traffic", traffic(steps["traffic_unshifted"])),
+            ("monitor", f"{steps['monitor_unshifted']['summary']}"),
+            ("rotated traffic", traffic(steps["traffic_rotated"])),
+            ("monitor", f"{steps['monitor_rotated']['summary']}")]
+    retrained = steps.get("retrain", {})
+    if "skipped" in retrained:
+        rows.append(("retrain", f"skipped: {retrained['skipped']}"))
+    elif retrained:
+        rows.append(("retrain", f"holdout accuracy champion {retrained['holdout']['champion']:.4f}"
+                                f" -> challenger {retrained['holdout']['challenger']:.4f}: "
+                                + ("promoted " if retrained["promote"] else "rejected ")
+                                + retrained["challenger"]))
+    if "rollout" in steps:
+        rollout, load = steps["rollout"], steps["rollout"]["load"]
+        rows.append(("rolling update", f"{rollout['from']['uri']} -> {rollout['to']['uri']} in "
+                                       f"{rollout['seconds']} s under load: {load['requests']} "
+                                       f"requests, {load['failed_requests']} failed, answered "
+                                       f"by versions {load['model_versions']}"))
+    print("\nmonitoring loop:")
+    for step, result in rows:
+        print(f"  {step:18s} {result}")

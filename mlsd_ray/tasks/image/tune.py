@@ -1,0 +1,56 @@
+"""The image task's part of a search (tuning/): K-fold cross-validation folds, and its best
+trial registered."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mlsd_ray.core.errors import InputError
+
+
+def register_best_trial(run, best: dict, best_cfg, home: str | None, log) -> dict:
+    """Register the best trial's checkpoint (its accuracy on test scored here); with CV,
+    first refit the best configuration on the whole train split."""
+    from mlsd_ray.registry import log_and_register
+    from mlsd_ray.tasks.image.checkpoint import load_model
+    from mlsd_ray.tasks.image.train import TrainResult, predict_split, run_train
+    from mlsd_ray.training.checkpoint import load_train_state
+
+    name = best_cfg.registry.model_name or f"{run.dataset.manifest['name']}-cnn"
+    if run.cfg.tune.cv > 1:
+        log("refitting the best configuration on the full train split")
+        result = run_train(best_cfg, home=home, log=log, run_name=f"{run.name}-refit")
+    else:
+        path = best["checkpoint"]
+        loaded = load_model(path)
+        history = load_train_state(path)["history"]
+        metrics = next(h for h in history if h["epoch"] == best["best_epoch"])
+        result = TrainResult(f"{run.name}-trial-{best['trial']}", run.path, path,
+                             best["best_epoch"], best["epochs_run"], metrics,
+                             predict_split(loaded, run.dataset, "test").accuracy, 0.0,
+                             run.dataset.path)
+    registered = log_and_register(result, best_cfg, run.dataset, name, home, nested=True)
+    log(f"registered {registered['uri']} (test accuracy {result.test_accuracy:.4f})")
+    return {"registered": registered, "test_accuracy": result.test_accuracy}
+
+
+def cv_folds(dataset, k: int, seed: int, rows_per_block: int) -> list[dict]:
+    """K stratified folds of train+val as materialised Ray Datasets (test stays untouched)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from mlsd_ray.tasks.image.data.sources import blocks_from_columns
+
+    images, labels = zip(*(dataset.load_split(s) for s in ("train", "val")), strict=True)
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    smallest = int(np.bincount(labels).min()) if len(labels) else 0
+    if smallest < k:
+        raise InputError(f"--cv {k}: the smallest class has {smallest} train+val images; "
+                         f"use at most --cv {max(smallest, 2)}")
+    folds = []
+    for train_index, val_index in StratifiedKFold(k, shuffle=True, random_state=seed).split(
+            images, labels):
+        folds.append({name: blocks_from_columns({"image": images[index],
+                                                 "label": labels[index]},
+                                                rows_per_block).materialize()
+                      for name, index in (("train", train_index), ("val", val_index))})
+    return folds

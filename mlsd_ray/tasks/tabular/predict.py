@@ -1,0 +1,158 @@
+"""Prediction for tables: offline over a source (`mlsd predict --model URI --source SPEC`) and
+online against the scoring app (`mlsd predict --url URL rows.csv`).
+
+Offline, Ray Data carries the rows and the model runs on an actor pool (`map_batches` with an
+`ActorPoolStrategy`: the model loads once per actor). The rows need no label; where the label
+column is there, the summary scores the predictions. Each output row holds the prediction-log
+columns (`input.<column>`, score, predicted class: tabular/monitoring.py), so
+`mlsd monitor --inputs SPEC --model URI` tests a table for drift as it tests served traffic.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mlsd_ray.core import storage
+from mlsd_ray.core.errors import InputError
+
+OK = "ok"
+
+
+class TablePredictor:
+    """An actor holding the model and its fitted preparation; one call per batch of rows."""
+
+    def __init__(self, checkpoint: str, model: dict):
+        import torch
+
+        from mlsd_ray.tasks.tabular.train import load_tabular
+
+        torch.set_num_threads(1)  # one actor per CPU: parallelism comes from the pool
+        self.loaded = load_tabular(checkpoint)
+        self.model = model  # {"uri", "name", "version"}: pinned
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from mlsd_ray.tasks.tabular.monitoring import log_columns
+        from mlsd_ray.tasks.tabular.preprocess import coerce
+
+        decision = self.loaded.decision
+        typed, _ = coerce(batch, self.loaded.featurizer.plan)
+        frame = log_columns(typed, self.loaded.predict(batch), decision["task"],
+                            decision["classes"], decision.get("threshold"))
+        label = decision["label"]
+        frame.insert(0, "row", batch["__row"].to_numpy())
+        frame.insert(1, "label", batch[label].to_numpy() if label in batch else np.nan)
+        frame["model_uri"], frame["model_name"] = self.model["uri"], self.model["name"]
+        frame["model_version"], frame["status"] = self.model["version"], OK
+        return frame
+
+
+def predict_table(model: dict, source: str, out: str | None, home: str | None,
+                  log: Callable[[str], None], seed: int = 0) -> dict:
+    """Predict every row of `source` with the model (`model`: resolved, with its `path`);
+    write parquet under `out`; return counts and, for labelled rows, the model's score."""
+    import ray
+    import ray.data
+
+    from mlsd_ray.core.runtime import ensure_ray
+    from mlsd_ray.tasks.tabular.sources import read_rows
+
+    frame, name = read_rows(source, seed)
+    out = out or storage.join(storage.home(home), "batch-predictions",
+                              time.strftime("%Y%m%d-%H%M%S"))
+    ensure_ray(home)
+    actors = max(1, int(ray.available_resources().get("CPU", 1)))
+    log(f"predicting {len(frame)} rows of {name} with {model['uri']} on {actors} actor(s) "
+        f"-> {out}")
+    started = time.perf_counter()
+    rows = ray.data.from_pandas(frame.assign(__row=np.arange(len(frame))))
+    predictions = rows.map_batches(
+        TablePredictor, fn_constructor_kwargs={"checkpoint": model["path"],
+                                               "model": {k: model[k] for k in
+                                                         ("uri", "name", "version")}},
+        batch_size=4096, batch_format="pandas", num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors))
+    storage.delete_dir(str(out))
+    predictions.write_parquet(str(out))
+    written = ray.data.read_parquet(str(out)).to_pandas().sort_values("row")
+    return summarize(written, model, str(out), time.perf_counter() - started)
+
+
+def summarize(frame: pd.DataFrame, model: dict, out: str, seconds: float) -> dict:
+    """Counts, predicted classes and (for labelled rows) the model's ranking score."""
+    from mlsd_ray.tasks.tabular.train import load_tabular
+
+    decision = load_tabular(model["path"]).decision
+    summary = {"out": out, "rows": len(frame), "predicted": int((frame["status"] == OK).sum()),
+               "seconds": round(seconds, 2),
+               "rows_per_second": round(len(frame) / seconds, 1) if seconds else None}
+    if decision["task"] != "regression":
+        summary["predicted_classes"] = frame["predicted_class"].value_counts().sort_index() \
+            .to_dict()
+    labelled = frame[frame["label"].notna()]
+    summary["labelled"] = len(labelled)
+    if len(labelled):
+        summary.update(_scores(decision, labelled))
+    return summary
+
+
+def _class_name(value, classes: set[str]) -> str:
+    """A raw label as one of the model's class names: 1.0 read from a CSV is the class "1"
+    (unless the model's classes are "0.0" and "1.0")."""
+    if str(value) not in classes and isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _scores(decision: dict, labelled: pd.DataFrame) -> dict:
+    """Accuracy (and PR-AUC for binary, R² for regression) of the labelled rows."""
+    from mlsd_ray.tasks.tabular.metrics import primary_score
+
+    task = decision["task"]
+    if task == "regression":
+        return {"r2": round(primary_score(task, labelled["score"].to_numpy(),
+                                          labelled["label"].to_numpy(float)), 4)}
+    names = {str(c) for c in decision["classes"]}
+    truth = labelled["label"].map(lambda value: _class_name(value, names))
+    scores = {"accuracy": round(float((truth == labelled["predicted_class"]).mean()), 4)}
+    if task == "binary":
+        positive = (truth == str(decision["classes"][1])).astype(int).to_numpy()
+        score = labelled["score"].to_numpy()
+        scores["pr_auc"] = round(primary_score(task, np.stack([1 - score, score], axis=1),
+                                               positive), 4)
+    return scores
+
+
+def predict_files(url: str, files: list[Path], batch: int = 16) -> dict:
+    """Send the rows of CSV files to the scoring app at `url`, `batch` rows per request
+    (bodies stay small: the app refuses large ones); only the model's columns are sent (a
+    label or an id column stays here)."""
+    from mlsd_ray.serve.client import post_json
+    from mlsd_ray.serve.control import get_json
+    from mlsd_ray.tasks.tabular.serve import PREFIX
+    from mlsd_ray.tasks.tabular.traffic import records
+
+    base = f"{url.rstrip('/')}{PREFIX}"
+    columns = [c["name"] for c in get_json(f"{base}/model", timeout=30)["columns"]]
+    answers = []
+    for path in files:
+        try:
+            frame = pd.read_csv(path)
+        except (OSError, ValueError, pd.errors.ParserError) as exc:
+            raise InputError(f"cannot read {path} as CSV: {exc}") from exc
+        missing = [c for c in columns if c not in frame]
+        if len(missing) == len(columns):
+            raise InputError(f"{path} has none of the model's columns ({', '.join(columns)})")
+        rows = records(frame[[c for c in columns if c in frame]])
+        parts = [post_json(f"{base}/score", {"records": rows[start:start + batch]})
+                 for start in range(0, len(rows), batch)]
+        if not parts:
+            raise InputError(f"{path} has no rows")
+        about = {k: parts[-1][k] for k in ("model_name", "model_version", "task", "threshold")}
+        answers.append({"file": str(path), **about,
+                        "results": [r for part in parts for r in part["results"]]})
+    return {"url": url, "files": answers}

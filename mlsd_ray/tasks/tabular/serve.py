@@ -1,0 +1,305 @@
+"""The fraud Serve application, mounted at `/v1/fraud` beside the image app:
+
+    POST /v1/fraud/score    {"records": [{field: value}, ...]} -> a decision per record
+    GET  /v1/fraud/health   200 once the model is loaded
+    GET  /v1/fraud/model    the served version, its columns, the policy in force
+    GET  /v1/fraud/policy   threshold, decline_above, the rules
+    PUT  /v1/fraud/policy   {"threshold": 0.4, "decline_above": 0.95}: changed at once
+    PUT  /v1/fraud/rules    a rules YAML body: checked, then in force; a bad file is refused
+                            with its line and reason, and the rules in force stay
+
+The model deployment batches records from many requests into one forward pass (serve.batch)
+and autoscales like the image model, and it writes a prediction-log row per record (the
+record's columns, score and predicted class: tabular/monitoring.py) for `mlsd monitor`; the
+ingress checks records (records.py), applies the threshold and the rules (rules.py), and keeps
+the policy in a file under MLSD_HOME, so that a restarted ingress replica serves the policy
+last set, not the one it was deployed with.
+"""
+
+
+import asyncio
+import datetime as dt
+import json
+import os
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from ray import serve
+
+from mlsd_ray import __version__
+from mlsd_ray.core.config import ServeConfig, TabularConfig
+from mlsd_ray.serve.app import (
+    REQUEST_ID_HEADER,
+    LoggingReplica,
+    add_error_handlers,
+    authorize,
+    error_response,
+    model_options,
+    read_body,
+    token_sha256,
+)
+from mlsd_ray.serve.metrics import model_metrics
+from mlsd_ray.serve.schemas import ClientError, parse_json
+from mlsd_ray.tasks.tabular.records import check_record, records_from_json
+from mlsd_ray.tasks.tabular.rules import RulesError, decide, parse_rules
+
+PREFIX = "/v1/fraud"
+DEFAULT_RULES = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "examples",
+                                              "fraud-rules.yaml"))
+api = FastAPI(title="mlsd-ray fraud scoring", version=__version__,
+              description="Scores transactions with a tabular model and a rules engine. "
+                          'Errors are JSON `{"error": {"code", "message"}}`.')
+add_error_handlers(api)
+# No `from __future__ import annotations` in this module: FastAPI inside a Serve ingress then
+# sees `request: Request` as the string "Request" and asks for a query parameter named request.
+
+
+def _require_json(request: Request) -> None:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise ClientError(415, "unsupported_media_type",
+                          f"content type {content_type or '(none)'!r}; send application/json")
+
+
+@serve.deployment(name="FraudModel")
+class FraudModel(LoggingReplica):
+    """The MLP and its fitted preparation behind dynamic batching, logging what it scores."""
+
+    def __init__(self, model_uri: str, home: str | None, max_batch_size: int,
+                 batch_wait_timeout_s: float, threads: int, log_settings: dict | None = None):
+        import torch
+
+        from mlsd_ray import registry
+        from mlsd_ray.tasks.tabular.train import load_tabular
+
+        torch.set_num_threads(threads)
+        version = registry.show(model_uri, home) if model_uri.startswith("models:/") else None
+        self.loaded = load_tabular(registry.resolve(version["uri"] if version else model_uri,
+                                                    home))
+        self.score.set_max_batch_size(max_batch_size)
+        self.score.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.metrics = model_metrics()
+        featurizer, decision = self.loaded.featurizer, self.loaded.decision
+        self.info = {"model_name": version["name"] if version else
+                     self.loaded.metadata.get("run_name"),
+                     "model_version": str(version["version"]) if version else "local",
+                     "uri": version["uri"] if version else model_uri,
+                     "task": decision["task"], "classes": decision["classes"],
+                     "label": decision["label"], "threshold": decision.get("threshold"),
+                     "decision": decision, "columns": [
+                         {**{k: e[k] for k in ("name", "kind", "impute", "scale", "encode")},
+                          "categories": featurizer.categories(e["name"])}
+                         for e in featurizer.plan]}
+        self._open_log(log_settings, home)
+
+    def describe(self) -> dict:
+        return {**self.info, "replica": self.replica, "prediction_log": self.log_stats()}
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def score(self, requests: list[dict]) -> list[dict]:
+        """Each request: {"records": checked records, "request_id", "received" (epoch s)};
+        answers: the positive-class score per record (binary), probabilities (multiclass) or
+        predictions (regression)."""
+        import pandas as pd
+
+        sizes = [len(r["records"]) for r in requests]
+        records = [record for r in requests for record in r["records"]]
+        frame = pd.DataFrame(records)
+        outputs = await asyncio.to_thread(self.loaded.predict, frame)
+        self.metrics["batch"].observe(len(frame))
+        self._log(requests, records, outputs)
+        answers, start = [], 0
+        for size in sizes:
+            part = outputs[start:start + size]
+            start += size
+            values = (part[:, 1] if self.info["task"] == "binary" else part).tolist()
+            answers.append({"outputs": values, "replica": self.replica,
+                            "batch_records": len(frame),
+                            "model_version": self.info["model_version"]})
+        return answers
+
+    def _log(self, requests: list[dict], records: list[dict], outputs) -> None:
+        """One prediction-log row per record (queued only: the log writes elsewhere)."""
+        from mlsd_ray.tasks.tabular.monitoring import log_rows
+
+        if self.log is None:
+            return
+        now = dt.datetime.now(dt.timezone.utc)
+        info = self.info
+        columns = iter(log_rows(records, outputs, info["task"], info["classes"],
+                                info["threshold"]))
+        rows = []
+        for request in requests:
+            common = {"time": now, "request_id": request["request_id"],
+                      "model_name": info["model_name"], "model_version": info["model_version"],
+                      "model_uri": info["uri"],
+                      "latency_ms": round(1000 * (now.timestamp() - request["received"]), 3)}
+            rows += [{**common, **next(columns)} for _ in request["records"]]
+        self._record(rows)
+
+
+@serve.deployment(name="FraudIngress")
+@serve.ingress(api)
+class FraudIngress:
+    """Checks records, calls the model, applies threshold and rules, serves the policy."""
+
+    def __init__(self, model, settings: dict):
+        self.model = model
+        self.settings = settings
+        self.info: dict | None = None
+        self.policy_file = settings["policy_file"]
+        self.policy = self._initial_policy()
+
+    def _initial_policy(self) -> dict:
+        """The policy last set (the file), else the deployed rules and the model's threshold."""
+        saved = None
+        if os.path.isfile(self.policy_file):
+            with open(self.policy_file) as handle:
+                saved = json.load(handle)
+        if saved and saved.get("model_uri") == self.settings["model_uri"]:
+            return {**saved, "rules": parse_rules(saved["rules_text"])}
+        return {"threshold": None, "decline_above": self.settings["decline_above"],
+                "rules_text": self.settings["rules_text"],
+                "rules": parse_rules(self.settings["rules_text"]),
+                "model_uri": self.settings["model_uri"]}
+
+    def _save_policy(self) -> None:
+        os.makedirs(os.path.dirname(self.policy_file), exist_ok=True)
+        public = {k: v for k, v in self.policy.items() if k != "rules"}
+        with open(self.policy_file + ".tmp", "w") as handle:
+            json.dump(public, handle)
+        os.replace(self.policy_file + ".tmp", self.policy_file)
+
+    async def _model_info(self) -> dict:
+        if self.info is None:
+            self.info = await self.model.describe.remote()
+            if self.policy["threshold"] is None:
+                self.policy["threshold"] = self.info["threshold"]
+        return self.info
+
+    @api.post("/score", summary="Score transactions: a decision, score and rules per record")
+    async def score(self, request: Request) -> dict:
+        started, received = time.perf_counter(), time.time()
+        authorize(request, self.settings["token_sha256"])
+        _require_json(request)
+        body = parse_json(await read_body(request, self.settings["max_body_bytes"]))
+        records = records_from_json(body, self.settings["max_instances"])
+        info = await self._model_info()
+        checked = [check_record(r, i, info["columns"], self.settings, info["label"])
+                   for i, r in enumerate(records)]
+        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        answer = await self.model.score.remote({"records": [clean for clean, _ in checked],
+                                                "request_id": request_id,
+                                                "received": received})
+        results = [self._result(record, output, notes, info)
+                   for record, output, (_, notes) in zip(records, answer["outputs"], checked,
+                                                         strict=True)]
+        return {"results": results, "model_name": info["model_name"],
+                "model_version": answer["model_version"], "task": info["task"],
+                "threshold": self.policy["threshold"], "replica": answer["replica"],
+                "request_id": request_id,
+                "latency_ms": round(1000 * (time.perf_counter() - started), 3)}
+
+    def _result(self, record: dict, output: Any, notes: list[str], info: dict) -> dict:
+        if info["task"] == "binary":
+            result = decide(record, output, self.policy["threshold"],
+                            self.policy["decline_above"], self.policy["rules"])
+        elif info["task"] == "multiclass":
+            best = max(range(len(output)), key=output.__getitem__)
+            result = {"class": info["classes"][best], "probability": round(output[best], 6)}
+        else:
+            result = {"prediction": round(float(output), 6)}
+        return {**result, "notes": notes} if notes else result
+
+    @api.get("/health", summary="200 once the model is loaded")
+    async def health(self):
+        try:
+            info = await asyncio.wait_for(self.model.describe.remote(), timeout=30)
+        except Exception as exc:  # no replica yet, or it died: not ready
+            return error_response(503, "not_ready", f"model not ready: {type(exc).__name__}")
+        return {"status": "ok", "model_name": info["model_name"],
+                "model_version": info["model_version"]}
+
+    @api.get("/model", summary="The served version, its input columns and the policy")
+    async def model_info(self, request: Request) -> dict:
+        authorize(request, self.settings["token_sha256"])
+        return {**await self._model_info(), "policy": self._public_policy()}
+
+    def _public_policy(self) -> dict:
+        return {"threshold": self.policy["threshold"],
+                "decline_above": self.policy["decline_above"],
+                "rules": [{"name": r.name, "when": r.when, "action": r.action}
+                          for r in self.policy["rules"]]}
+
+    @api.get("/policy", summary="The threshold and rules in force")
+    async def get_policy(self, request: Request) -> dict:
+        authorize(request, self.settings["token_sha256"])
+        await self._model_info()
+        return self._public_policy()
+
+    @api.put("/policy", summary="Change the threshold or decline_above, without a restart")
+    async def put_policy(self, request: Request) -> dict:
+        authorize(request, self.settings["token_sha256"])
+        _require_json(request)
+        body = parse_json(await read_body(request, self.settings["max_body_bytes"]))
+        await self._model_info()
+        if not isinstance(body, dict) or not body or set(body) - {"threshold", "decline_above"}:
+            raise ClientError(422, "invalid_policy", 'send {"threshold": 0..1} and/or '
+                                                     '{"decline_above": 0..1}')
+        for key, value in body.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not 0 <= value <= 1:
+                if not (key == "decline_above" and value is None):
+                    raise ClientError(422, "invalid_policy", f"{key} must be a number in "
+                                                             f"[0, 1], got {value!r}")
+        self.policy.update({k: None if v is None else float(v) for k, v in body.items()})
+        self._save_policy()
+        return self._public_policy()
+
+    @api.put("/rules", summary="Replace the rules (a YAML body); a bad file changes nothing")
+    async def put_rules(self, request: Request) -> dict:
+        authorize(request, self.settings["token_sha256"])
+        text = (await read_body(request, self.settings["max_body_bytes"])).decode(
+            "utf-8", errors="replace")
+        info = await self._model_info()
+        try:
+            rules = parse_rules(text, {c["name"] for c in info["columns"]})
+        except RulesError as exc:
+            raise ClientError(400, "invalid_rules", f"rules not changed: {exc}") from exc
+        self.policy.update(rules=rules, rules_text=text)
+        self._save_policy()
+        return self._public_policy()
+
+
+def policy_file(home: str | None, app_name: str) -> str:
+    """Where the ingress keeps the policy last set (local to the machine, like the state file)."""
+    from mlsd_ray.core import storage
+
+    return os.path.join(storage.home(home), "serve", f"{app_name}-policy.json")
+
+
+def fraud_app(settings: ServeConfig, tabular: TabularConfig, home: str | None = None,
+              rules_text: str | None = None) -> serve.Application:
+    """Bind the model and ingress deployments (batching, autoscaling, router as configured)."""
+    from mlsd_ray.core import storage
+
+    if rules_text is None:
+        with open(tabular.rules or DEFAULT_RULES) as handle:
+            rules_text = handle.read()
+    parse_rules(rules_text)  # a bad file fails the deploy, with its line
+    model = FraudModel.options(**model_options(settings)).bind(
+        settings.model, storage.home(home), settings.max_batch_size,
+        settings.batch_wait_timeout_s, max(1, round(settings.num_cpus)),
+        settings.prediction_log.model_dump())
+    ingress = {"max_instances": settings.max_instances, "max_body_bytes": settings.max_body_bytes,
+               "token_sha256": token_sha256(), "model_uri": settings.model,
+               "rules_text": rules_text, "decline_above": tabular.decline_above,
+               "policy_file": policy_file(home, settings.app_name),
+               **tabular.model_dump(include={"on_missing_column", "on_extra_column",
+                                             "on_unseen_category", "on_nan"})}
+    return FraudIngress.options(ray_actor_options={"num_cpus": settings.ingress_num_cpus},
+                                max_ongoing_requests=max(256, 4 * settings.max_ongoing_requests),
+                                ).bind(model, ingress)

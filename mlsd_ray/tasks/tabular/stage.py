@@ -1,0 +1,202 @@
+"""`mlsd train` for tables: train the MLP with Ray Train, score it on test at its stored
+threshold beside a HistGradientBoosting baseline fitted on the same split, write the evaluation
+(report.json, report.md, pr_curve.png), log the run to MLflow and register the model."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from mlsd_ray.core import storage
+from mlsd_ray.core.config import Config
+from mlsd_ray.core.errors import WorkError
+from mlsd_ray.core.runtime import ensure_ray, log_stderr
+from mlsd_ray.tasks.tabular import metrics as tm
+from mlsd_ray.tasks.tabular.prepare import PreparedTable, prepare_table
+from mlsd_ray.tasks.tabular.train import (
+    RANK_METRIC,
+    VAL_SCORE,
+    build_tabular_trainer,
+    epoch_line,
+    load_tabular,
+)
+from mlsd_ray.training.progress import EpochRelay
+from mlsd_ray.training.trainer import check_resources, failure_message
+
+
+def evaluate_outputs(task: str, outputs: np.ndarray, labels: np.ndarray,
+                     threshold: float | None) -> dict:
+    """The task's metrics on one split (outputs: probabilities, or predictions)."""
+    if task == "binary":
+        return tm.binary_metrics(outputs[:, 1], labels, threshold)
+    if task == "multiclass":
+        return tm.multiclass_metrics(outputs, labels)
+    return tm.regression_metrics(outputs, labels)
+
+
+def baseline(cfg: Config, table: PreparedTable) -> dict:
+    """HistGradientBoosting (classifier or regressor) on the same prepared features; for a
+    binary task its threshold is chosen on val by the same objective as the MLP's."""
+    from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
+
+    featurizer, task, label = table.featurizer, table.manifest["task"], table.label
+    x, y = {}, {}
+    for split in ("train", "val", "test"):
+        frame = table.load_split(split)
+        x[split], y[split] = featurizer(frame), frame[label].to_numpy()
+    started = time.perf_counter()
+    if task == "regression":
+        model = HistGradientBoostingRegressor(random_state=cfg.train.seed).fit(x["train"],
+                                                                             y["train"])
+        outputs = model.predict(x["test"])
+        chosen = None
+    else:
+        model = HistGradientBoostingClassifier(
+            random_state=cfg.train.seed,
+            class_weight="balanced" if cfg.tabular.class_weight == "balanced" else None,
+        ).fit(x["train"], y["train"])
+        outputs = model.predict_proba(x["test"])
+        chosen = (tm.choose_threshold(model.predict_proba(x["val"])[:, 1], y["val"],
+                                      cfg.tabular.threshold) if task == "binary" else None)
+    result = evaluate_outputs(task, outputs, y["test"], chosen and chosen["threshold"])
+    result["fit_seconds"] = round(time.perf_counter() - started, 2)
+    result["model"] = type(model).__name__
+    if task == "binary":
+        result["recall_at_target_precision"] = tm.recall_at_precision(
+            outputs[:, 1], y["test"], cfg.tabular.threshold.target)
+    return {"metrics": result, "scores": outputs, "labels": y["test"]}
+
+
+def evaluate_checkpoint(cfg: Config, table: PreparedTable, directory: str, out: str) -> dict:
+    """The MLP's test metrics at its stored threshold, the baseline's, the PR curve PNG."""
+    loaded = load_tabular(directory)
+    test = table.load_split("test")
+    task, labels = table.manifest["task"], test[table.label].to_numpy()
+    outputs = loaded.predict(test)
+    mlp = evaluate_outputs(task, outputs, labels, loaded.decision.get("threshold"))
+    report = {"task": task, "split": "test", "score_name": tm.SCORE_NAMES[task], "mlp": mlp}
+    if task == "binary":
+        mlp["recall_at_target_precision"] = tm.recall_at_precision(
+            outputs[:, 1], labels, cfg.tabular.threshold.target)
+        report["decision"] = {k: loaded.decision.get(k) for k in
+                              ("threshold", "objective", "target", "met", "val_precision",
+                               "val_recall")}
+    curves = {"MLP": (outputs[:, 1], labels)} if task == "binary" else {}
+    if cfg.tabular.baseline:
+        reference = baseline(cfg, table)
+        report["baseline"] = reference["metrics"]
+        if task == "binary":
+            curves["HistGradientBoosting"] = (reference["scores"][:, 1], reference["labels"])
+    outputs_paths = {"report": storage.join(out, "report.json"),
+                     "report_md": storage.join(out, "report.md")}
+    if curves:
+        outputs_paths["pr_curve"] = storage.join(out, "pr_curve.png")
+        storage.write_bytes(outputs_paths["pr_curve"], tm.pr_curve_png(curves, mlp))
+    storage.write_text(outputs_paths["report"], json.dumps(report, indent=2))
+    storage.write_text(outputs_paths["report_md"], render_report(report))
+    return {**report, **outputs_paths}
+
+
+def render_report(report: dict) -> str:
+    """report.md: the MLP and the baseline side by side."""
+    rows = [("MLP", report["mlp"])] + ([("HistGradientBoosting", report["baseline"])]
+                                        if "baseline" in report else [])
+    keys = {"binary": ["pr_auc", "roc_auc", "precision", "recall", "f1",
+                       "recall_at_target_precision", "threshold"],
+            "multiclass": ["accuracy", "macro_f1"],
+            "regression": ["mse", "mae", "r2"]}[report["task"]]
+    lines = [f"# Evaluation on the {report['split']} split ({report['task']})", "",
+             "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, values in rows:
+        cells = [("" if values.get(k) is None else f"{values[k]:.4f}") for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if report["task"] == "binary":
+        c = report["mlp"]["confusion"]
+        lines += ["", f"MLP confusion at threshold {report['mlp']['threshold']:.4f}: "
+                      f"TN {c['tn']}, FP {c['fp']}, FN {c['fn']}, TP {c['tp']}"]
+    return "\n".join(lines) + "\n"
+
+
+def run_tabular_train(cfg: Config, home: str | None = None,
+                      log: Callable[[str], None] = log_stderr, run_name: str | None = None,
+                      table: PreparedTable | None = None, init_from: str | None = None,
+                      reference: PreparedTable | None = None) -> dict:
+    """Prepare if needed, train, evaluate the best checkpoint on test; register if configured.
+
+    `table` replaces preparing `cfg.tabular.source` (retraining passes old and new rows
+    combined); `init_from`, a checkpoint folder, starts from its weights; `reference` is the
+    table the drift reference describes (default: the training table)."""
+    from ray.train import TrainingFailedError
+
+    started = time.perf_counter()
+    table = table or prepare_table(cfg, home=home, log=log)
+    ensure_ray(home)
+    check_resources(cfg.train)
+    name = run_name or cfg.train.run_name or (
+        f"{table.manifest['name']}-mlp-{time.strftime('%Y%m%d-%H%M%S')}")
+    runs = storage.join(storage.home(home), "runs")
+    log(f"training the MLP on {table.manifest['counts']['splits']['train']} rows × "
+        f"{len(table.manifest['feature_names'])} features with {cfg.train.num_workers} "
+        f"worker(s), {cfg.train.epochs} epochs; run {name} under {runs}")
+    relay = EpochRelay(lambda metrics: epoch_line(metrics, cfg.train.epochs), log)
+    try:
+        with relay:
+            result = build_tabular_trainer(cfg, table, name, runs,
+                                           callbacks=[relay.callback()], log=log,
+                                           init_from=init_from, reference=reference).fit()
+    except TrainingFailedError as exc:
+        raise WorkError(f"training failed: {failure_message(exc)}") from exc
+    checkpoint, best = max(result.best_checkpoints, key=lambda cm: cm[1][RANK_METRIC])
+    summary = evaluated_summary(cfg, table, checkpoint.path, best, name, storage.join(runs, name),
+                                int(result.metrics["epoch"]), log)
+    summary["wall_seconds"] = round(time.perf_counter() - started, 1)
+    if cfg.registry.auto_register:
+        register(summary, cfg, table, home, log)
+    return summary
+
+
+def evaluated_summary(cfg: Config, table: PreparedTable, checkpoint: str, best: dict,
+                      run_name: str, run_path: str, epochs_run: int,
+                      log: Callable[[str], None]) -> dict:
+    """A trained checkpoint's summary: its best epoch, its test metrics beside the
+    baseline's, and where the evaluation went (under `run_path`/evaluation)."""
+    log("evaluating on test" + (" beside the HistGradientBoosting baseline"
+                                if cfg.tabular.baseline else ""))
+    evaluation = evaluate_checkpoint(cfg, table, checkpoint,
+                                     storage.join(run_path, "evaluation"))
+    return {"run_name": run_name, "run_path": run_path, "checkpoint": checkpoint,
+            "best_epoch": int(best["epoch"]), "epochs_run": epochs_run,
+            "task": table.manifest["task"], "score_name": evaluation["score_name"],
+            VAL_SCORE: best[VAL_SCORE], "test": evaluation["mlp"],
+            "baseline": evaluation.get("baseline"), "decision": evaluation.get("decision"),
+            "evaluation": {k: evaluation[k] for k in ("report", "report_md", "pr_curve")
+                           if k in evaluation},
+            "dataset": table.path}
+
+
+def register(summary: dict, cfg: Config, table: PreparedTable, home: str | None,
+             log: Callable[[str], None], nested: bool = False) -> None:
+    """Log the run to MLflow and register its checkpoint (`summary["registered"]`)."""
+    from mlsd_ray.tasks.tabular.registry import register_tabular
+
+    model_name = cfg.registry.model_name or f"{table.manifest['name']}-mlp"
+    summary["registered"] = register_tabular(summary, cfg, table, model_name, home, nested)
+    log(f"registered {summary['registered']['uri']}")
+
+
+def register_trial(run, best: dict, cfg: Config, home: str | None,
+                   log: Callable[[str], None]) -> dict:
+    """A search's best trial, evaluated on test beside the baseline and registered as a child
+    of the search's MLflow run."""
+    from mlsd_ray.training.checkpoint import load_train_state
+
+    history = load_train_state(best["checkpoint"])["history"]
+    metrics = next(h for h in history if h["epoch"] == best["best_epoch"])
+    summary = evaluated_summary(cfg, run.dataset, best["checkpoint"], metrics,
+                                f"{run.name}-trial-{best['trial']}", run.path,
+                                best["epochs_run"], log)
+    register(summary, cfg, run.dataset, home, log, nested=True)
+    return {"registered": summary["registered"], "test": summary["test"]}

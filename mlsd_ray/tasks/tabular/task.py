@@ -1,0 +1,270 @@
+"""The tabular task: an MLP on a table (fraud detection, or any CSV/parquet with a label).
+
+Its stages live in mlsd_ray/tasks/tabular/ (prepare.py, train.py, stage.py, pipeline.py, serve.py);
+this class is the face the commands, jobs and searches see.
+"""
+
+from __future__ import annotations
+
+from mlsd_ray.tasks.base import Log, ServedApp, Task, TrafficRequest
+
+VAL_SCORE = "val_score"  # mlsd_ray.tasks.tabular.train.VAL_SCORE: PR-AUC, macro F1 or R²
+# The metrics a summary shows, by the name of the score the task ranks by.
+SCORE_KEYS = {"pr_auc": ["pr_auc", "roc_auc", "precision", "recall", "f1"],
+              "macro_f1": ["accuracy", "macro_f1"], "r2": ["mse", "mae", "r2"]}
+
+
+class TabularTask(Task):
+    """Tables: the `tabular` section of the config (source, columns, the MLP, the decision)."""
+
+    name = "tabular"
+    metric = VAL_SCORE
+    registers_best_trial = True
+
+    def set_source(self, cfg, source: str | None, label: str | None = None) -> None:
+        if source is not None:
+            cfg.tabular.source = source
+        if label is not None:
+            cfg.tabular.label = label
+
+    def prepare(self, cfg, home: str | None, log: Log, force: bool = False):
+        from mlsd_ray.tasks.tabular.prepare import prepare_table
+
+        return prepare_table(cfg, home=home, force=force, log=log)
+
+    def trainer(self, cfg, prepared, run_name: str, storage_path: str,
+                datasets: dict | None = None, callbacks: list | None = None,
+                log: Log | None = None):
+        from mlsd_ray.tasks.tabular.train import build_tabular_trainer
+
+        return build_tabular_trainer(cfg, prepared, run_name, storage_path, datasets=datasets,
+                                     callbacks=callbacks, log=log)
+
+    def search_datasets(self, prepared) -> dict:
+        from mlsd_ray.tasks.tabular.train import materialize_features
+
+        return materialize_features(prepared)
+
+    def train(self, cfg, home: str | None, log: Log, run_name: str | None = None) -> dict:
+        from mlsd_ray.tasks.tabular.stage import run_tabular_train
+
+        return run_tabular_train(cfg, home=home, log=log, run_name=run_name)
+
+    def pipeline(self, cfg, home: str | None, log: Log, *, force: bool = False,
+                 tune: bool = False, serve_check: bool = True, keep_serving: bool = False,
+                 monitor_loop: bool = True) -> dict:
+        """The tabular pipeline (it has no monitoring loop yet: `monitor_loop` is unused)."""
+        from mlsd_ray.tasks.tabular.pipeline import run_tabular_pipeline
+
+        return run_tabular_pipeline(cfg, home=home, force=force, log=log, tune=tune,
+                                    serve_check=serve_check, keep_serving=keep_serving)
+
+    def serve_application(self, settings, checkpoint_dir: str, home: str | None) -> ServedApp:
+        """The fraud scoring app (threshold, rules, policy) with the `tabular` section the
+        model was trained with, from its checkpoint."""
+        from mlsd_ray.core.config import Config
+
+        trained = Config.model_validate(_metadata(checkpoint_dir)["config"])
+        return fraud_application(settings, trained.tabular, home)
+
+    def evaluate(self, checkpoint_dir: str, split: str, home: str | None,
+                 dataset_path: str | None = None) -> dict:
+        """The MLP at its stored threshold beside the baseline, on the test split."""
+        from mlsd_ray.core import storage
+        from mlsd_ray.core.config import Config
+        from mlsd_ray.core.errors import InputError
+        from mlsd_ray.tasks.tabular.prepare import PreparedTable
+        from mlsd_ray.tasks.tabular.stage import evaluate_checkpoint
+
+        if split != "test":
+            raise InputError(f"a tabular model is evaluated on its test split, not {split!r} "
+                             "(its threshold was chosen on val)")
+        metadata = _metadata(checkpoint_dir)
+        table = PreparedTable.open(dataset_path or metadata["dataset"]["path"])
+        out = storage.join(storage.home(home), "reports", metadata["run_name"], split)
+        report = evaluate_checkpoint(Config.model_validate(metadata["config"]), table,
+                                     checkpoint_dir, out)
+        return {**report, "model": checkpoint_dir, "run_name": metadata["run_name"],
+                "path": out}
+
+    def render_evaluation(self, summary: dict) -> None:
+        keys = SCORE_KEYS[summary["score_name"]]
+        print(f"{summary['split']} ({summary['task']}):")
+        print("MLP:       " + "  ".join(f"{k} {summary['mlp'][k]:.4f}" for k in keys))
+        if summary.get("baseline"):
+            print("baseline:  " + "  ".join(f"{k} {summary['baseline'][k]:.4f}" for k in keys))
+        print(f"report: {summary['report_md']}")
+
+    def register_best_trial(self, run, best: dict, best_cfg, home: str | None,
+                            log: Log) -> dict:
+        from mlsd_ray.tasks.tabular.stage import register_trial
+
+        return register_trial(run, best, best_cfg, home, log)
+
+    def predict_offline(self, model: dict, cfg, out: str | None, home: str | None,
+                        log: Log) -> dict:
+        from mlsd_ray.tasks.tabular.predict import predict_table
+
+        return predict_table(model, cfg.tabular.source, out, home, log, cfg.data.seed)
+
+    def predict_online(self, url: str, files: list) -> dict:
+        from mlsd_ray.tasks.tabular.predict import predict_files
+
+        return predict_files(url, files)
+
+    def render_prediction(self, result: dict) -> None:
+        if "files" not in result:
+            scores = {k: result[k] for k in ("accuracy", "pr_auc", "r2") if k in result}
+            print(f"{result['predicted']} of {result['rows']} rows predicted in "
+                  f"{result['seconds']} s -> {result['out']}"
+                  + (f"; on {result['labelled']} labelled rows: {scores}" if scores else ""))
+            return
+        for answer in result["files"]:
+            outcomes = [r.get("decision", r.get("class", r.get("prediction")))
+                        for r in answer["results"]]
+            print(f"{answer['file']}: {len(outcomes)} rows: {outcomes[:20]}"
+                  + (" ..." if len(outcomes) > 20 else ""))
+            print(f"model {answer['model_name']} version {answer['model_version']}")
+
+    def simulate_traffic(self, prepared, request: TrafficRequest) -> dict:
+        from mlsd_ray.tasks.tabular.traffic import simulate_table_traffic
+
+        return simulate_table_traffic(request.url, prepared, request.shift, request.amount,
+                                      request.column, request.count, request.split,
+                                      request.seed, request.batch, request.concurrency,
+                                      request.save)
+
+    def render_traffic(self, summary: dict) -> None:
+        shifted = (f" of {summary['column']}" if summary["column"] else "")
+        line = f"{summary['records']} records, shift {summary['shift']}{shifted} " \
+               f"({summary['amount']:g})"
+        if "requests" in summary:
+            line += (f": {summary['requests']} requests, {summary['failed_requests']} failed, "
+                     f"answers {summary['outcomes']}, versions {summary['model_versions']}, "
+                     f"{summary['seconds']} s")
+        print(line)
+        if "saved" in summary:
+            print(f"saved to {summary['saved']['file']} (a csv: source)")
+
+    def retrain_data(self, cfg, champion_dir: str, source: str, home: str | None, log: Log):
+        from mlsd_ray.tasks.tabular.retrain import retrain_data
+
+        return retrain_data(cfg, champion_dir, source, home, log)
+
+    def train_challenger(self, cfg, data, init_from: str | None, home: str | None,
+                         log: Log) -> dict:
+        from mlsd_ray.tasks.tabular.retrain import train_challenger
+
+        return train_challenger(cfg, data, init_from, home, log)
+
+    def holdout_score(self, checkpoint_dir: str, datasets: list):
+        from mlsd_ray.tasks.tabular.retrain import holdout_score
+
+        return holdout_score(checkpoint_dir, datasets)
+
+    def smoke_retrain_source(self, home: str, log: Log) -> str:
+        """2,000 new generated transactions (another seed) as a CSV under `home`."""
+        from mlsd_ray.core import storage
+        from mlsd_ray.tasks.tabular.sources import fraud_synth
+
+        path = storage.join(home, "incoming", "smoke-fraud.csv")
+        storage.write_text(path, fraud_synth(2000, seed=1).to_csv(index=False))
+        log(f"smoke: 2000 new transactions written to {path}")
+        return f"csv:{path}"
+
+    def smoke_prediction(self, served: dict) -> dict:
+        """One record built from the served model's own columns, scored over HTTP."""
+        from mlsd_ray.serve.client import post_json
+        from mlsd_ray.serve.control import get_json
+
+        columns = get_json(f"{served['url']}{served['model_path']}", timeout=30)["columns"]
+        record = {c["name"]: (c["categories"] or ["x"])[0] if c["kind"] == "categorical"
+                  else 1.0 for c in columns}
+        answer = post_json(served["score_url"], {"records": [record]})
+        return {"record": record, "result": answer["results"][0],
+                "model_version": answer["model_version"]}
+
+    def render_data(self, summary: dict) -> None:
+        render_table(summary)
+
+    def render_train(self, summary: dict) -> None:
+        render_tabular_train(summary)
+
+    def render_pipeline(self, result: dict) -> None:
+        render_tabular_pipeline(result["stages"])
+
+
+def fraud_application(settings, tabular, home: str | None) -> ServedApp:
+    """The fraud app at /v1/fraud, starting from its config's policy (not the last one set)."""
+    import os
+
+    from mlsd_ray.tasks.tabular.serve import PREFIX, fraud_app, policy_file
+
+    policy = policy_file(home, settings.app_name)
+    if os.path.exists(policy):
+        os.remove(policy)
+    return ServedApp(fraud_app(settings, tabular, home), PREFIX, f"{PREFIX}/health",
+                     f"{PREFIX}/model", {"score_url": f"{PREFIX}/score"})
+
+
+def _metadata(checkpoint_dir: str) -> dict:
+    """A checkpoint's metadata.json: its run, its dataset and the config it was trained with."""
+    from mlsd_ray.core import storage
+
+    return storage.read_json(storage.join(checkpoint_dir, "metadata.json"))
+
+
+def render_table(summary: dict) -> None:
+    """The prepared table: task, label, rows, features, where it went."""
+    print(f"table {summary['name']} ({summary['task']}, label {summary['label']!r}): "
+          f"{summary['counts']['splits']} rows, {summary['features']} features, "
+          f"{summary['counts']['quarantined']} quarantined")
+    print(f"prepared: {summary['path']}" + (" (reused)" if summary["reused"] else ""))
+    print(f"quality report: {summary['quality_report']}")
+
+
+def render_tabular_train(summary: dict) -> None:
+    """The MLP beside the baseline, the decision, where the evaluation went."""
+    score = summary["score_name"]
+    print(f"run {summary['run_name']}: best epoch {summary['best_epoch']} of "
+          f"{summary['epochs_run']}, val {score} {summary['val_score']:.4f}, "
+          f"{summary['wall_seconds']} s")
+    keys = SCORE_KEYS[score]
+    print("test:      " + "  ".join(f"{k} {summary['test'][k]:.4f}" for k in keys))
+    if summary.get("baseline"):
+        print("baseline:  " + "  ".join(f"{k} {summary['baseline'][k]:.4f}" for k in keys)
+              + f"  ({summary['baseline']['model']})")
+    if summary.get("decision"):
+        d = summary["decision"]
+        print(f"threshold {d['threshold']:.4f} ({d['objective']} {d.get('target')}, "
+              f"{'met' if d['met'] else 'not met'} on val)")
+    for name, path in summary["evaluation"].items():
+        print(f"{name}: {path}")
+    if "registered" in summary:
+        print(f"registered: {summary['registered']['uri']}")
+
+
+def render_tabular_pipeline(stages: dict) -> None:
+    """Every stage of the tabular pipeline, one block each."""
+    render_table(stages["data"])
+    if "tune" in stages:
+        searched = stages["tune"]
+        print(f"\ntuned {searched['trials']} trials: best {searched['best']['params']}")
+    print()
+    render_tabular_train(stages["train"])
+    promoted = stages.get("promote", {})
+    if "version" in promoted:
+        print(f"production: models:/{promoted['name']}@production (version "
+              f"{promoted['version']})")
+    if "serve" in stages:
+        served = stages["serve"]
+        print(f"\nserve check at {served['url']}: {served['records']} rows, version "
+              f"{served['model_version']}" + (f", decisions {served['decisions']}, "
+                                              f"{served['frauds_flagged']}/{served['frauds']} "
+                                              "positives flagged" if "decisions" in served
+                                              else "")
+              + f"; max |HTTP - offline| {served['max_abs_difference']:.2e}")
+        if "example" in served:
+            e = served["example"]
+            print(f"a large foreign transaction: {e['decision']} (score {e['score']:.4f}, "
+                  f"rules {e['rules']})")

@@ -1,0 +1,337 @@
+"""Data-parallel MLP training on a prepared table, with the CNN's trainer machinery.
+
+The same TorchTrainer (train.torch_trainer: scaling, placement, checkpoints ranked by
+RANK_METRIC, failures survived, resume by run name), the same optimizers, schedules, early
+stopping and DDP reductions; what differs is the batch (a float32 feature vector), the loss
+(class-weighted cross-entropy, or MSE on the standardised target), and the validation score
+(PR-AUC for binary, macro F1 for multiclass, R² for regression), computed over every worker's
+val rows gathered together. Each binary checkpoint carries its decision threshold, chosen on
+val (metrics.choose_threshold), in decision.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlsd_ray.core.config import Config, ThresholdConfig, TrainConfig
+from mlsd_ray.core.errors import InputError
+from mlsd_ray.tasks.tabular.metrics import choose_threshold, primary_score
+from mlsd_ray.tasks.tabular.monitoring import column_reference, output_reference
+from mlsd_ray.tasks.tabular.prepare import PreparedTable
+from mlsd_ray.tasks.tabular.preprocess import Featurizer
+from mlsd_ray.training.checkpoint import save_checkpoint
+from mlsd_ray.training.ingest import WorkerData, plan_ingest
+from mlsd_ray.training.loop import (
+    RANK_METRIC,
+    all_reduce_sums,
+    distributed,
+    fast_forward,
+    optimizer_for,
+    quiet_train_reports,
+    restore,
+    scheduler_for,
+    should_stop,
+    worker_nodes,
+)
+from mlsd_ray.training.trainer import materialize_splits, torch_trainer
+
+VAL_SCORE = "val_score"
+
+
+class TabularMLP(nn.Module):
+    """Linear → ReLU → dropout per hidden width, then a linear head."""
+
+    def __init__(self, in_features: int, hidden: list[int], outputs: int, dropout: float = 0.0):
+        super().__init__()
+        layers, width = [], in_features
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(dropout)]
+            width = size
+        layers.append(nn.Linear(width, outputs))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def build_mlp(name: str = "tabular_mlp", **kwargs) -> TabularMLP:
+    """The model from model.json (`name` is recorded there for the reader)."""
+    return TabularMLP(**kwargs)
+
+
+def class_weights(counts: dict[str, int], classes: int, mode: str) -> list[float] | None:
+    """balanced: n / (k · count) per class, so the rare class weighs as much in total."""
+    if mode == "none":
+        return None
+    total = sum(counts.values())
+    return [total / (classes * max(counts.get(str(c), 0), 1)) for c in range(classes)]
+
+
+def _outputs(model: nn.Module, x: torch.Tensor, task: str) -> torch.Tensor:
+    logits = model(x).float()
+    return logits.reshape(-1) if task == "regression" else logits
+
+
+def _loss(outputs: torch.Tensor, y: torch.Tensor, config: dict) -> torch.Tensor:
+    if config["task"] == "regression":
+        target = (y.float() - config["target_mean"]) / config["target_std"]
+        return F.mse_loss(outputs, target)
+    weight = config.get("class_weights")
+    weight = torch.tensor(weight, device=outputs.device) if weight else None
+    return F.cross_entropy(outputs, y.long(), weight=weight)
+
+
+def _gather(values: np.ndarray) -> np.ndarray:
+    """Every worker's rows of `values`, concatenated (small: the val split)."""
+    if not distributed():
+        return values
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, values)
+    return np.concatenate(gathered)
+
+
+def _epoch(model, batches, optimizer, scheduler, config, device) -> tuple[float, int]:
+    model.train()
+    total, seen = 0.0, 0
+    for batch in batches:
+        x = torch.as_tensor(batch["features"], dtype=torch.float32, device=device)
+        y = torch.as_tensor(batch["label"], device=device)
+        loss = _loss(_outputs(model, x, config["task"]), y, config)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the training loss became {loss.item()}: lower train.lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total += loss.item() * len(y)
+        seen += len(y)
+    return total, seen
+
+
+@torch.no_grad()
+def predict(model: nn.Module, features: np.ndarray, config: dict) -> np.ndarray:
+    """Class probabilities (N × classes), or predictions in the label's units (N)."""
+    model.eval()
+    outputs = _outputs(model, torch.as_tensor(features, dtype=torch.float32), config["task"])
+    if config["task"] == "regression":
+        return (outputs * config["target_std"] + config["target_mean"]).numpy()
+    return torch.softmax(outputs, dim=1).numpy()
+
+
+def _validate(model, batches, config, device) -> tuple[float, int, np.ndarray, np.ndarray]:
+    model.eval()
+    total, seen, outputs, labels = 0.0, 0, [], []
+    with torch.no_grad():
+        for batch in batches:
+            x = torch.as_tensor(batch["features"], dtype=torch.float32, device=device)
+            y = torch.as_tensor(batch["label"], device=device)
+            out = _outputs(model, x, config["task"])
+            total += _loss(out, y, config).item() * len(y)
+            seen += len(y)
+            if config["task"] == "regression":
+                out = out * config["target_std"] + config["target_mean"]
+            else:
+                out = torch.softmax(out, dim=1)
+            outputs.append(out.cpu().numpy())
+            labels.append(batch["label"])
+    if not outputs:
+        return total, seen, np.zeros((0,)), np.zeros((0,))
+    return total, seen, np.concatenate(outputs), np.concatenate(labels)
+
+
+def tabular_loop_per_worker(config: dict) -> None:
+    """The Ray Train loop for tables: one DDP replica of the MLP per worker."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig(**config["train"])
+    quiet_train_reports()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
+    model = build_mlp(**config["model"])
+    if config.get("init_from"):  # fine-tuning: start from these weights (a checkpoint folder)
+        model.load_state_dict(torch.load(f"{config['init_from']}/model.pt", map_location="cpu",
+                                         weights_only=True))
+    model = ray.train.torch.prepare_model(model)
+    nodes = worker_nodes(rank)
+    per_worker_batch = max(1, cfg.batch_size // world)
+    steps = math.ceil(config["train_rows"] / world / per_worker_batch)
+    optimizer = optimizer_for(model, cfg)
+    scheduler = scheduler_for(optimizer, cfg, steps)
+    start_epoch, history = restore(ray.train.get_checkpoint(), model, optimizer)
+    fast_forward(scheduler, start_epoch * steps)
+    data = WorkerData(config["ingest"], rank, world)
+    for epoch in range(start_epoch, cfg.epochs):
+        started = time.perf_counter()
+        batches = data.batches("train", per_worker_batch, shuffle_seed=cfg.seed + epoch)
+        train_total, train_seen = _epoch(model, batches, optimizer, scheduler, config, device)
+        val_total, val_seen, outputs, labels = _validate(
+            model, data.batches("val", 1024), config, device)
+        train_total, train_seen, val_total, val_seen = all_reduce_sums(
+            [train_total, train_seen, val_total, val_seen], device)
+        outputs, labels = _gather(outputs), _gather(labels)
+        score = primary_score(config["task"], outputs, labels)
+        val_loss = val_total / max(val_seen, 1)
+        history.append({"epoch": epoch + 1, "train_loss": train_total / max(train_seen, 1),
+                        "val_loss": val_loss, VAL_SCORE: score,
+                        RANK_METRIC: score - 1e-4 * val_loss,
+                        "epoch_seconds": time.perf_counter() - started,
+                        "rows_per_second": train_seen / (time.perf_counter() - started)})
+        decision = None
+        if config["task"] == "binary":
+            decision = choose_threshold(outputs[:, 1], labels,
+                                        ThresholdConfig(**config["threshold"]))
+        _report(history, model, optimizer, config, rank, nodes, decision, outputs)
+        if should_stop(history, cfg.patience, VAL_SCORE):
+            break
+
+
+def _report(history, model, optimizer, config, rank, nodes, decision,
+            outputs: np.ndarray) -> None:
+    """Every worker reports; rank 0 attaches a checkpoint whose drift reference holds this
+    epoch's validation scores and predictions (tabular/monitoring.py)."""
+    import ray.train
+
+    metrics = dict(history[-1])
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if rank == 0:
+            state = {"epoch": metrics["epoch"], "optimizer": optimizer.state_dict(),
+                     "history": history, "worker_nodes": nodes}
+            reference = {**config["reference"], **output_reference(
+                outputs, config["task"], config["classes"], (decision or {}).get("threshold"))}
+            save_checkpoint(directory, model, config["model"], config["preprocessing"],
+                            reference, config["metadata"], state,
+                            extra={"decision.json": {**(decision or {}),
+                                                     "task": config["task"],
+                                                     "classes": config["classes"],
+                                                     "label": config["label"],
+                                                     "target_mean": config.get("target_mean"),
+                                                     "target_std": config.get("target_std")}})
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def epoch_line(metrics: dict, epochs: int) -> str:
+    return (f"epoch {metrics['epoch']}/{epochs}: train loss {metrics['train_loss']:.4f} | "
+            f"val loss {metrics['val_loss']:.4f} {VAL_SCORE} {metrics[VAL_SCORE]:.4f} | "
+            f"{metrics['rows_per_second']:.0f} rows/s")
+
+
+def _featurize(batch, state: dict, label: str) -> dict:
+    return Featurizer(state).batch(batch, label)
+
+
+def materialize_features(table: PreparedTable, splits=("train", "val")) -> dict:
+    """The splits as materialised Ray Datasets of {"features", "label"}: the fitted
+    preparation runs in Ray Data's map_batches, in parallel, once for every epoch."""
+
+    def featurize(dataset):
+        return dataset.map_batches(_featurize, batch_format="pandas", batch_size=4096,
+                                   fn_kwargs={"state": table.manifest["preprocessing"],
+                                              "label": table.label})
+
+    return materialize_splits(table, splits, then=featurize)
+
+
+def feature_reference(table: PreparedTable, seed: int = 0) -> dict:
+    """The drift reference of the train split: each raw column's profile
+    (tabular/monitoring.py), and the mean and spread of every prepared feature."""
+    rows = table.load_split("train")
+    features = table.featurizer(rows)
+    return {**column_reference(rows, table.manifest["preprocessing"]["plan"], seed),
+            "feature_names": table.manifest["feature_names"],
+            "feature_mean": features.mean(axis=0).round(5).tolist(),
+            "feature_std": features.std(axis=0).round(5).tolist(),
+            "rows": int(len(features))}
+
+
+def loop_config(cfg: Config, table: PreparedTable, run_name: str, init_from: str | None = None,
+                reference: PreparedTable | None = None) -> dict:
+    """Everything a worker needs, as plain data. `init_from`, a checkpoint folder, starts from
+    its weights (fine-tuning); the drift reference profiles `reference` (default: `table`)."""
+    m = table.manifest
+    task = m["task"]
+    outputs = 1 if task == "regression" else len(m["classes"])
+    config = {"task": task, "label": m["label"], "classes": m["classes"],
+              "train": cfg.train.model_dump(), "threshold": cfg.tabular.threshold.model_dump(),
+              "preprocessing": m["preprocessing"],
+              "reference": feature_reference(reference or table, cfg.train.seed),
+              "init_from": init_from,
+              "model": {"name": "tabular_mlp", "in_features": len(m["feature_names"]),
+                        "hidden": list(cfg.tabular.hidden), "outputs": outputs,
+                        "dropout": cfg.tabular.dropout},
+              "metadata": {"run_name": run_name, "config": cfg.to_dict(),
+                           "dataset": {"path": table.path, "name": m["name"],
+                                       "fingerprint": m["fingerprint"]}}}
+    if task == "regression":
+        config.update(target_mean=m["label_stats"]["mean"], target_std=m["label_stats"]["std"])
+    else:
+        config["class_weights"] = class_weights(m["label_stats"]["counts"], outputs,
+                                                cfg.tabular.class_weight)
+    return config
+
+
+def build_tabular_trainer(cfg: Config, table: PreparedTable, run_name: str, storage_path: str,
+                          datasets: dict | None = None, callbacks: list | None = None,
+                          log: Callable[[str], None] | None = None,
+                          init_from: str | None = None,
+                          reference: PreparedTable | None = None):
+    """A TorchTrainer of the MLP over the featurised splits (Tune passes its own `datasets`;
+    `init_from` and `reference` as in `loop_config`)."""
+    datasets = datasets or materialize_features(table)
+    plan = plan_ingest(datasets, cfg.train.in_memory_limit_mb)
+    config = loop_config(cfg, table, run_name, init_from, reference)
+    return torch_trainer(tabular_loop_per_worker, config, cfg, run_name, storage_path, plan,
+                         datasets, callbacks or [], log)
+
+
+@dataclass
+class LoadedTabular:
+    """A tabular model ready to score: network, fitted preparation, decision, metadata."""
+
+    model: nn.Module
+    featurizer: Featurizer
+    model_config: dict
+    decision: dict
+    reference: dict
+    metadata: dict
+
+    def predict(self, frame) -> np.ndarray:
+        """Probabilities per class, or regression predictions, for a pandas frame."""
+        return predict(self.model, self.featurizer(frame), self.decision)
+
+
+def load_tabular(directory: str | Path) -> LoadedTabular:
+    """Verify checksums, rebuild the MLP and the fitted preparation from JSON, load weights."""
+    from mlsd_ray.training.checkpoint import verify
+
+    directory = Path(directory)
+    verify(directory)
+
+    def read(name: str) -> dict:
+        return json.loads((directory / name).read_text())
+
+    if not (directory / "decision.json").is_file():
+        raise InputError(f"{directory} holds an image model, not a tabular one")
+    model_config = read("model.json")
+    model = build_mlp(**model_config)
+    model.load_state_dict(torch.load(directory / "model.pt", map_location="cpu",
+                                     weights_only=True))
+    model.eval()
+    return LoadedTabular(model, Featurizer(read("preprocessing.json")), model_config,
+                         read("decision.json"), read("reference.json"), read("metadata.json"))

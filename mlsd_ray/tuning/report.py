@@ -1,0 +1,215 @@
+"""What a finished search leaves behind: the results table, the curves PNG, the best
+configuration as YAML, MLflow runs (a parent and a child per trial) and the registered model.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import pandas as pd
+
+from mlsd_ray.core import storage
+from mlsd_ray.core.config import Config, dump_yaml
+from mlsd_ray.core.errors import WorkError
+from mlsd_ray.training.loop import RANK_METRIC
+
+
+def trial_rows(grid, plan: dict) -> list[dict]:
+    """One row per trial: its parameters, epochs run, early stop, best val metric, checkpoint."""
+    rows, metric = [], plan["metric"]
+    for index, result in enumerate(grid):
+        history = _history(result)
+        row = {"trial": (result.metrics or {}).get("trial_id") or f"#{index}",
+               **{f"param.{k}": v for k, v in result.config.items()},
+               "status": "error" if result.error else "ok", "epochs_run": 0,
+               "stopped_early": False, "best_epoch": None, metric: None,
+               "checkpoint": None, "error": _first_line(result.error) if result.error else ""}
+        if len(history):
+            best = _best_row(history)
+            row.update(epochs_run=int(history["epoch"].max()), best_epoch=int(best["epoch"]),
+                       **{metric: float(best[metric]),
+                          RANK_METRIC: float(best[RANK_METRIC]),
+                          "checkpoint": best.get("checkpoint_path")})
+            row["stopped_early"] = not result.error and row["epochs_run"] < plan["epochs"]
+            if "cv_std" in history:
+                row.update(cv_mean=float(best[metric]), cv_std=float(best["cv_std"]),
+                           fold_scores=list(best["fold_scores"]))
+        row["curve"] = history[["epoch", metric]].values.tolist() if len(history) else []
+        rows.append(row)
+    return rows
+
+
+def _best_row(history: pd.DataFrame) -> pd.Series:
+    """The best epoch whose checkpoint Ray Train kept (ties can leave the first one deleted)."""
+    ranked = history.sort_values(RANK_METRIC, ascending=False, kind="stable")
+    if "checkpoint_path" not in ranked:
+        return ranked.iloc[0]
+    for _, row in ranked.iterrows():
+        if isinstance(row["checkpoint_path"], str) and storage.exists(row["checkpoint_path"]):
+            return row
+    return ranked.iloc[0]
+
+
+def _history(result) -> pd.DataFrame:
+    frame = result.metrics_dataframe
+    if frame is None or RANK_METRIC not in frame:
+        return pd.DataFrame()
+    return frame.dropna(subset=[RANK_METRIC]).sort_values("epoch")
+
+
+def _first_line(error: BaseException) -> str:
+    from mlsd_ray.training.trainer import failure_message
+
+    return failure_message(error)[:300]
+
+
+def failure_summary(rows: list[dict]) -> str:
+    """`N trials failed: 3 × <message>; ...` for the error raised when none finished."""
+    counts = pd.Series([r["error"] for r in rows]).value_counts()
+    return f"all {len(rows)} trial(s) failed: " + "; ".join(
+        f"{n} × {message}" for message, n in counts.items())
+
+
+def curves_png(rows: list[dict], cv: bool) -> bytes:
+    """Val accuracy per epoch for every trial (early-stopped dashed); mean ± spread with CV."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    ok = [r for r in rows if r["status"] == "ok"]
+    if cv:
+        labels = [_label(r) for r in ok]
+        ax.errorbar(range(len(ok)), [r["cv_mean"] for r in ok], yerr=[r["cv_std"] for r in ok],
+                    fmt="o", capsize=4)
+        ax.set_xticks(range(len(ok)), labels, rotation=30, ha="right", fontsize=8)
+        ax.set(title="cross-validation: mean ± std of val accuracy per configuration",
+               ylabel="val accuracy")
+    else:
+        for row in ok:
+            epochs, values = zip(*row["curve"], strict=True) if row["curve"] else ([], [])
+            style = "--" if row["stopped_early"] else "-"
+            ax.plot(epochs, values, style, marker="o", markersize=3,
+                    label=_label(row) + (" (stopped early)" if row["stopped_early"] else ""))
+        ax.set(title="val accuracy per epoch of every trial", xlabel="epoch",
+               ylabel="val accuracy")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _params(row: dict) -> dict:
+    """A results row's searched parameters, by their dotted config keys."""
+    return {k.removeprefix("param."): v for k, v in row.items() if k.startswith("param.")}
+
+
+def _label(row: dict) -> str:
+    from mlsd_ray.tuning.search import describe
+
+    return describe(_params(row), digits=3)
+
+
+def best_config(base: Config, row: dict, user: Config) -> Config:
+    """The winning trial's configuration, ready for `mlsd train --config`."""
+    from mlsd_ray.tuning.search import trial_config
+
+    cfg = trial_config(base, _params(row))
+    cfg.train.cpus_per_worker = user.train.cpus_per_worker  # the trial's share of a busy node
+    cfg.train.max_failures = user.train.max_failures  # in a trial, Tune restarted workers
+    return cfg
+
+
+def _table(rows: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame([{k: v for k, v in r.items() if k != "curve"} for r in rows])
+    return frame.sort_values(RANK_METRIC, ascending=False, na_position="last")
+
+
+def write_outputs(run, grid, base: Config, plan: dict, home: str | None,
+                  log: Callable[[str], None], register: bool, wall_seconds: float) -> dict:
+    """Write results.csv, curves.png, best.yaml, summary.json; log to MLflow; register."""
+    rows, metric = trial_rows(grid, plan), plan["metric"]
+    ok = [r for r in rows if r["status"] == "ok" and r[metric] is not None]
+    if not ok:
+        raise WorkError(failure_summary(rows))
+    cv = run.cfg.tune.cv > 1
+    best = max(ok, key=lambda r: r[RANK_METRIC])
+    best_cfg = best_config(base, best, run.cfg)
+    outputs = {"results": storage.join(run.path, "results.csv"),
+               "curves": storage.join(run.path, "curves.png"),
+               "best_config": storage.join(run.path, "best.yaml")}
+    storage.write_text(outputs["results"], _table(rows).to_csv(index=False))
+    storage.write_bytes(outputs["curves"], curves_png(rows, cv))
+    storage.write_text(outputs["best_config"],
+                       f"# best of tune run {run.name}: trial {best['trial']}, {metric} "
+                       f"{best[metric]:.4f}\n# train it: mlsd train --config "
+                       f"{outputs['best_config']}\n" + dump_yaml(best_cfg))
+    summary = {"name": run.name, "path": run.path, "search": plan["search"],
+               "scheduler": plan["scheduler"], "cv": run.cfg.tune.cv,
+               "trials": len(rows), "finished": len(ok),
+               "stopped_early": sum(bool(r["stopped_early"]) for r in rows),
+               "failed": sum(r["status"] == "error" for r in rows),
+               "trial_epochs": int(sum(r["epochs_run"] for r in rows)),
+               "max_epochs": plan["epochs"],
+               "metric": metric,
+               "best": {k: best.get(k) for k in ("trial", metric, "best_epoch", "epochs_run",
+                                                 "cv_mean", "cv_std") if k in best}
+               | {"params": _params(best)},
+               "configurations": [_config_line(r, cv, metric)
+                                  for r in _table(rows).to_dict("records")],
+               "wall_seconds": round(wall_seconds, 1), **outputs}
+    summary.update(_track(run, rows, best, best_cfg, home, log, register, metric))
+    storage.write_json(storage.join(run.path, "summary.json"), summary)
+    return summary
+
+
+def _config_line(row: dict, cv: bool, metric: str) -> dict:
+    line = {"trial": row["trial"], "params": _label(row), "status": row["status"],
+            "epochs_run": row["epochs_run"], "stopped_early": bool(row["stopped_early"]),
+            metric: None if pd.isna(row[metric]) else row[metric]}
+    if cv and row["status"] == "ok":
+        line.update(cv_mean=row["cv_mean"], cv_std=row["cv_std"], fold_scores=row["fold_scores"])
+    return line
+
+
+def _track(run, rows, best, best_cfg, home, log, register, metric: str) -> dict:
+    """MLflow: the search as a parent run, each trial a child; the best model registered."""
+    import mlflow
+
+    from mlsd_ray.registry import client
+
+    client(home)
+    out = {}
+    with mlflow.start_run(run_name=run.name) as parent:
+        mlflow.log_params({"search": run.cfg.tune.search, "cv": run.cfg.tune.cv,
+                           "space": str(run.cfg.tune.space)[:500], "trials": len(rows)})
+        mlflow.log_metric(f"best_{metric}", best[metric])
+        mlflow.set_tags({"mlsd.kind": "tune", "path": run.path})
+        for row in rows:
+            if row is best and register and not run.cfg.tune.cv > 1:
+                continue  # logged below, as the registered run
+            _log_trial(row, metric)
+        out["mlflow_run_id"] = parent.info.run_id
+        if register:
+            from mlsd_ray.tasks import get_task
+
+            out.update(get_task(run.cfg.task).register_best_trial(run, best, best_cfg, home,
+                                                                  log))
+    return out
+
+
+def _log_trial(row: dict, metric: str) -> None:
+    import mlflow
+
+    with mlflow.start_run(run_name=f"trial-{row['trial']}", nested=True):
+        mlflow.log_params(_params(row))
+        for epoch, value in row["curve"]:
+            mlflow.log_metric(metric, value, step=int(epoch))
+        mlflow.set_tags({"status": row["status"], "stopped_early": str(row["stopped_early"]),
+                         "error": row["error"][:250]})

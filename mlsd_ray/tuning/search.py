@@ -1,0 +1,405 @@
+"""Hyperparameter search with Ray Tune: grid or random search, ASHA/median early stopping, K-fold
+cross-validation, resume.
+
+Each trial is a small Tune function that builds the training stage's TorchTrainer
+(`train.build_trainer`) with the trial's overrides and forwards every epoch's report to Tune
+through `TuneReportCallback` (the Train V2 pattern: `Tuner(trainer)` fails in V2). The
+prepared splits (or the folds) are read once here and shared by every trial.
+
+Outputs under $MLSD_HOME/tune/NAME/: results.csv (one row per trial), curves.png (val accuracy
+per epoch of every trial), best.yaml (the best configuration, for `mlsd train --config`),
+summary.json; Ray Tune's own experiment state (what `--resume` reads) sits beside them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mlsd_ray.core import storage
+from mlsd_ray.core.config import Config, apply_override, describe_errors, dump_yaml, parse_override
+from mlsd_ray.core.errors import InputError, Interrupted
+from mlsd_ray.core.runtime import ensure_ray, log_stderr
+from mlsd_ray.tasks import get_task
+from mlsd_ray.training.loop import RANK_METRIC
+
+DISTRIBUTIONS = ("loguniform", "uniform", "randint")
+# The Tune function itself only waits on its trainer; the CPUs go to the Train workers.
+TRIAL_DRIVER_CPU = 0.05
+
+
+# ---------------------------------------------------------------- the search space
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """`--param KEY=V1,V2,...` (values) or `--param KEY=loguniform:LOW:HIGH` (a distribution)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or not raw.strip():
+        raise InputError(f"--param expects KEY=V1,V2 or KEY=loguniform:LOW:HIGH, got {text!r}")
+    kind, _, bounds = raw.partition(":")
+    if kind in DISTRIBUTIONS:
+        parts = bounds.split(":")
+        if len(parts) != 2:
+            raise InputError(f"--param {text!r}: {kind} needs LOW:HIGH")
+        return key.strip(), {kind: [_scalar(p) for p in parts]}
+    return key.strip(), [_scalar(v) for v in raw.split(",")]
+
+
+def _scalar(text: Any) -> Any:
+    """A number when it reads as one (YAML takes `1e-3` for a string), else YAML's value."""
+    if not isinstance(text, str):
+        return text
+    for number in (int, float):
+        try:
+            return number(text.strip())
+        except ValueError:
+            pass
+    return parse_override(f"x={text.strip()}")[1]
+
+
+def _with_value(base: dict, key: str, value: Any) -> dict:
+    tree = _copy_tree(base)
+    apply_override(tree, key.split("."), value)
+    return tree
+
+
+def _copy_tree(tree: dict) -> dict:
+    return {k: _copy_tree(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def _check_value(base: dict, key: str, value: Any) -> None:
+    from pydantic import ValidationError
+
+    try:
+        Config.model_validate(_with_value(base, key, value))
+    except ValidationError as exc:
+        raise InputError(f"search space: {key}={value!r}: {describe_errors(exc)}") from None
+
+
+def validate_space(space: dict[str, Any], search: str, base: Config) -> dict[str, Any]:
+    """The space with numbers read as numbers; InputError naming the first bad entry
+    (a key that cannot be searched, an empty list, a bad bound or value)."""
+    if not space:
+        raise InputError("the search space is empty: give --param KEY=V1,V2 or tune.space")
+    tree, clean = base.to_dict(), {}
+    for key, spec in space.items():
+        section = key.split(".")[0]
+        if section not in ("train", "model") and not key.startswith("data.augment."):
+            raise InputError(f"search space: {key!r} cannot be searched (only train.*, model.* "
+                             "and data.augment.*; other data keys change the prepared dataset)")
+        if isinstance(spec, list):
+            if not spec:
+                raise InputError(f"search space: {key} has an empty list of values")
+            spec = [_scalar(v) for v in spec]
+            for value in spec:
+                _check_value(tree, key, value)
+        elif isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS:
+            kind, bounds = next(iter(spec.items()))
+            spec = {kind: [_scalar(b) for b in bounds] if isinstance(bounds, list) else bounds}
+            _check_distribution(tree, key, spec, search)
+        else:
+            raise InputError(f"search space: {key} must be a list of values or one of "
+                             f"{{{'|'.join(DISTRIBUTIONS)}: [low, high]}}, got {spec!r}")
+        clean[key] = spec
+    return clean
+
+
+def _check_distribution(tree: dict, key: str, spec: dict, search: str) -> None:
+    kind, bounds = next(iter(spec.items()))
+    if search == "grid":
+        raise InputError(f"search space: {key} is {kind}; grid search needs a list of values")
+    if not (isinstance(bounds, list) and len(bounds) == 2
+            and all(isinstance(b, int | float) for b in bounds) and bounds[0] < bounds[1]):
+        raise InputError(f"search space: {key}: {kind} needs [low, high] with low < high, "
+                         f"got {bounds!r}")
+    if kind == "loguniform" and bounds[0] <= 0:
+        raise InputError(f"search space: {key}: loguniform needs low > 0, got {bounds[0]}")
+    for value in bounds:
+        _check_value(tree, key, int(value) if kind == "randint" else value)
+
+
+def ray_space(space: dict[str, Any], search: str) -> dict:
+    """Our declarative space as Ray Tune's: grid_search, choice, loguniform, uniform, randint."""
+    from ray import tune
+
+    out = {}
+    for key, spec in space.items():
+        if isinstance(spec, list):
+            out[key] = tune.grid_search(spec) if search == "grid" else tune.choice(spec)
+        else:
+            kind, (low, high) = next(iter(spec.items()))
+            if kind == "randint":  # inclusive of high, like the values a user lists
+                out[key] = tune.randint(int(low), int(high) + 1)
+            else:
+                out[key] = getattr(tune, kind)(low, high)
+    return out
+
+
+def trial_config(base: Config, params: dict[str, Any]) -> Config:
+    """The base config with one trial's dotted overrides applied."""
+    tree = base.to_dict()
+    for key, value in params.items():
+        apply_override(tree, key.split("."), value)
+    return Config.model_validate(tree)
+
+
+def search_plan(cfg: Config) -> dict:
+    """Trials, epochs per trial and the scheduler this configuration asks for."""
+    t = cfg.tune
+    scheduler = t.scheduler
+    if scheduler == "auto":
+        scheduler = "none" if t.cv > 1 else "asha"
+    if t.cv > 1 and scheduler != "none":
+        raise InputError(f"--cv {t.cv} reports once per configuration (the mean over folds); "
+                         f"early stopping needs per-epoch reports: use --scheduler none")
+    search, samples = t.search, t.num_samples or (1 if t.search == "grid" else 8)
+    combinations = math.prod(len(v) if isinstance(v, list) else math.inf
+                             for v in t.space.values())
+    if search == "random" and combinations <= samples:
+        # random draws from a few discrete values would repeat configurations: run each once
+        search, samples = "grid", 1
+    trials = samples * (combinations if search == "grid" else 1)
+    task = get_task(cfg.task)
+    if t.cv > 1 and not task.cross_validation:
+        raise InputError(f"--cv is not offered by the {task.name} task: its search ranks "
+                         f"trials by {task.metric} (leave tune.cv at 1)")
+    return {"search": search, "scheduler": scheduler, "num_samples": samples,
+            "trials": int(trials), "epochs": t.max_epochs or cfg.train.epochs,
+            "metric": task.metric}
+
+
+# ---------------------------------------------------------------- resources
+
+
+def trial_resources(cfg: Config, trials: int) -> tuple[int, float]:
+    """(trials at once, CPUs per Train worker): fill the cluster without oversubscribing it."""
+    import ray
+
+    total = ray.cluster_resources()
+    workers = cfg.tune.workers_per_trial
+    if cfg.train.use_gpu:
+        fit = int(total.get("GPU", 0) // workers)
+        if fit < 1:
+            raise InputError(f"--use-gpu: a trial needs {workers} GPU(s); the Ray cluster has "
+                             f"{total.get('GPU', 0):g}")
+    else:
+        fit = int(total.get("CPU", 0) // workers)
+    concurrent = max(1, min(cfg.tune.max_concurrent or fit, trials))
+    per_worker = (total.get("CPU", 0) / concurrent - TRIAL_DRIVER_CPU) / workers
+    if per_worker < 0.25:
+        raise InputError(f"{concurrent} trials at once × {workers} worker(s) leave "
+                         f"{max(per_worker, 0):.2f} CPU per worker on a cluster with "
+                         f"{total.get('CPU', 0):g} CPUs: lower --max-concurrent or "
+                         "tune.workers_per_trial")
+    return concurrent, round(per_worker, 3)
+
+
+# ---------------------------------------------------------------- data for the trials
+
+
+# ---------------------------------------------------------------- the trial
+
+
+def run_trial(params: dict, *, base: dict, dataset, datasets: dict | None, folds: list | None,
+              storage_path: str) -> None:
+    """One Tune trial: the training stage's trainer with this trial's overrides.
+
+    Without folds every epoch reaches Tune (so ASHA can stop the trial); with folds the trial
+    trains fold after fold and reports the mean and spread of their best val accuracies once.
+    """
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = trial_config(Config.model_validate(base), params)
+    task = get_task(cfg.task)
+    name = f"trial-{ray.tune.get_context().get_trial_id()}"
+    if not folds:
+        task.trainer(cfg, dataset, name, storage_path, datasets=datasets,
+                     callbacks=[TuneReportCallback()]).fit()
+        return
+    scores, epochs = [], []
+    for index, fold in enumerate(folds, start=1):
+        result = task.trainer(cfg, dataset, f"{name}-fold{index}", storage_path,
+                              datasets=fold, callbacks=[]).fit()
+        best = max((m for _, m in result.best_checkpoints), key=lambda m: m[RANK_METRIC])
+        scores.append(best[task.metric])
+        epochs.append(int(result.metrics["epoch"]))
+    mean = float(np.mean(scores))
+    ray.tune.report({task.metric: mean, RANK_METRIC: mean, "cv_std": float(np.std(scores)),
+                     "fold_scores": scores, "epoch": max(epochs)})
+
+
+def _progress(total: int, log: Callable[[str], None], metric: str):
+    """A Tune callback printing a line per finished (or failed) trial."""
+    from ray.tune import Callback
+
+    class TrialProgress(Callback):
+        def __init__(self):
+            self.done = 0
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            log(f"trial started: {describe(trial.config)}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            result = trial.last_result or {}
+            log(f"trial {self.done}/{total} {describe(trial.config)}: "
+                f"{int(result.get('epoch', 0))} epoch(s), "
+                f"{metric} {result.get(metric, float('nan')):.4f}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.done += 1
+            log(f"trial {self.done}/{total} {describe(trial.config)}: failed")
+
+    return TrialProgress()
+
+
+def describe(params: dict, digits: int = 4) -> str:
+    """`lr=0.003, batch_size=64`: a trial's parameters by their last key part."""
+    return ", ".join(f"{k.split('.')[-1]}={v:.{digits}g}" if isinstance(v, float)
+                     else f"{k.split('.')[-1]}={v}" for k, v in params.items())
+
+
+# ---------------------------------------------------------------- the search
+
+
+@dataclass
+class TuneRun:
+    """Where a search lives and what it searches."""
+
+    name: str
+    path: str
+    cfg: Config
+    dataset: Any
+
+    @property
+    def train_runs(self) -> str:
+        return storage.join(self.path, "train-runs")
+
+
+def _scheduler(cfg: Config, plan: dict):
+    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
+
+    t = cfg.tune
+    if plan["scheduler"] == "asha":
+        return ASHAScheduler(time_attr="epoch", max_t=plan["epochs"],
+                             grace_period=min(t.grace_period, plan["epochs"]),
+                             reduction_factor=t.reduction_factor)
+    if plan["scheduler"] == "median":
+        return MedianStoppingRule(time_attr="epoch", grace_period=t.grace_period,
+                                  min_samples_required=3)
+    return None
+
+
+def _trainable(run: TuneRun, plan: dict, per_worker_cpu: float):
+    """The Tune function with its fixed inputs bound, and its resource request."""
+    from ray import tune
+
+    base = run.cfg.model_copy(deep=True)
+    base.train.epochs = plan["epochs"]
+    base.train.num_workers = run.cfg.tune.workers_per_trial
+    base.train.cpus_per_worker = per_worker_cpu
+    base.train.run_name = None
+    # A trial's trainer never restarts its own workers: Tune does (run_tune's FailureConfig).
+    # ASHA stops a trial by ending its actor, which takes the Train controller down; a
+    # controller that still saw its dying worker restarted the group in a new placement
+    # group that nothing then removed, and its CPU was lost to every later trial.
+    base.train.max_failures = 0
+    folds = None
+    datasets = None
+    if run.cfg.tune.cv > 1:
+        folds = get_task(run.cfg.task).cv_folds(run.dataset, run.cfg.tune.cv,
+                                                run.cfg.data.seed, run.cfg.data.rows_per_task)
+    else:
+        datasets = get_task(run.cfg.task).search_datasets(run.dataset)
+    function = tune.with_parameters(run_trial, base=base.to_dict(), dataset=run.dataset,
+                                    datasets=datasets, folds=folds,
+                                    storage_path=run.train_runs)
+    return tune.with_resources(function, {"cpu": TRIAL_DRIVER_CPU}), base
+
+
+def run_tune(cfg: Config, home: str | None = None, log: Callable[[str], None] = log_stderr,
+             name: str | None = None, resume: str | None = None, register: bool = True) -> dict:
+    """`mlsd tune`: search, write the outputs, register the best trial's model."""
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+
+
+    started = time.perf_counter()
+    root = storage.join(storage.home(home), "tune")
+    if resume:
+        name, cfg = resume, _saved_config(storage.join(root, resume))
+    cfg = cfg.model_copy(deep=True)
+    cfg.tune.space = validate_space(cfg.tune.space, cfg.tune.search, cfg)
+    plan = search_plan(cfg)
+    task = get_task(cfg.task)
+    dataset = task.prepare(cfg, home, log)
+    register = register and task.registers_best_trial
+    ensure_ray(home)
+    name = name or f"{dataset.manifest['name']}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = TuneRun(name, storage.join(root, name), cfg, dataset)
+    concurrent, per_worker = trial_resources(cfg, plan["trials"])
+    trainable, base = _trainable(run, plan, per_worker)
+    if plan["search"] != cfg.tune.search:
+        log(f"the space has only {plan['trials']} distinct configurations: trying each once")
+    log(f"tuning {plan['trials']} trial(s) ({plan['search']} search, scheduler "
+        f"{plan['scheduler']}, {plan['epochs']} epochs max, {concurrent} at a time, "
+        f"{cfg.tune.workers_per_trial} worker(s) × {per_worker:g} CPU each"
+        + (f", {cfg.tune.cv}-fold CV" if cfg.tune.cv > 1 else "") + f"); outputs in {run.path}")
+    if resume:
+        if not tune.Tuner.can_restore(run.path):
+            raise InputError(f"no tune run to resume at {run.path}")
+        tuner = tune.Tuner.restore(run.path, trainable=trainable, resume_errored=True)
+    else:
+        storage.write_text(storage.join(run.path, "tune-config.yaml"), dump_yaml(cfg))
+        tuner = tune.Tuner(
+            trainable, param_space=ray_space(cfg.tune.space, plan["search"]),
+            tune_config=tune.TuneConfig(metric=RANK_METRIC, mode="max",
+                                        num_samples=plan["num_samples"],
+                                        # seeded: the same space draws the same trials.
+                                        # The limit must sit here: Tune ignores
+                                        # max_concurrent_trials with a SearchGenerator, and
+                                        # extra trial drivers starve the running trials'
+                                        # workers of CPU (measured: one trial at a time).
+                                        search_alg=BasicVariantGenerator(
+                                            random_state=cfg.train.seed,
+                                            max_concurrent=concurrent),
+                                        scheduler=_scheduler(cfg, plan)),
+            run_config=tune.RunConfig(name=name, storage_path=root, verbose=0,
+                                      failure_config=tune.FailureConfig(
+                                          max_failures=cfg.train.max_failures),
+                                      callbacks=[_progress(plan["trials"], log,
+                                                           plan["metric"])]))
+    handler = signal.getsignal(signal.SIGINT)
+    grid = tuner.fit()
+    # Tune turns Ctrl-C into a saved, stopped experiment and returns normally; its handler
+    # puts ours back only when it fired. A trial that ran reports at least one epoch.
+    never_ran = sum(r.metrics_dataframe is None or not len(r.metrics_dataframe)
+                    for r in grid if not r.error)
+    if never_ran or (signal.getsignal(signal.SIGINT) is handler
+                     and threading.current_thread() is threading.main_thread()
+                     and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0"):
+        raise Interrupted(f"tune run {name} was interrupted; its state is saved: continue "
+                          f"with `mlsd tune --resume {name}`")
+    from mlsd_ray.tuning.report import write_outputs
+
+    return write_outputs(run, grid, base, plan, home, log, register,
+                         time.perf_counter() - started)
+
+
+def _saved_config(path: str) -> Config:
+    """The configuration a run started with (`--resume` continues exactly that search)."""
+    import yaml
+
+    saved = storage.join(path, "tune-config.yaml")
+    if not storage.exists(saved):
+        raise InputError(f"no tune run to resume at {path} (tune-config.yaml missing)")
+    return Config.model_validate(yaml.safe_load(storage.read_text(saved)))

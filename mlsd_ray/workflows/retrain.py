@@ -1,0 +1,180 @@
+"""`mlsd retrain --source SPEC`: a challenger trained on new data, promoted only if it is better.
+
+The gate is the same for every task; the task (read from the champion's checkpoint) prepares
+the data, trains the challenger and scores a model (`Task.retrain_data`,
+`Task.train_challenger`, `Task.holdout_score`):
+
+1. The champion is the version behind `retrain.alias` (production). The task prepares the new
+   data in the champion's form (image size and channels; a table's columns and fitted
+   preparation) and refuses data with another label set (InputError, exit 2, naming the
+   difference).
+2. Training data = the champion's train/val splits plus the new data's (`retrain.keep_old_data`),
+   as one prepared dataset whose test split is both test splits (so a later retrain's "old
+   test" covers every earlier holdout). The challenger trains from the champion's weights
+   (`finetune`) or from scratch, and is registered as a new version. Its drift reference
+   describes the new data: traffic is expected to look like it from now on.
+3. Champion and challenger are scored on the same holdout, by the task's score (accuracy for
+   images; PR-AUC, macro F1 or R² for tables): the champion's old test split plus the new
+   data's test split. The challenger is promoted only if it beats the champion by more than
+   `retrain.margin`; a running Serve app then rolls over to it.
+4. decision.json and decision.md go to $MLSD_HOME/retrain/<time>/. `dry_run` decides only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mlsd_ray.core import storage
+from mlsd_ray.core.config import Config
+from mlsd_ray.core.errors import InputError
+from mlsd_ray.core.runtime import log_stderr
+
+
+@dataclass(frozen=True)
+class RetrainData:
+    """What a task prepared for a retrain: the new data, the champion's, and the two combined
+    (the challenger's training data)."""
+
+    new: Any
+    old: Any
+    combined: Any
+
+
+@dataclass(frozen=True)
+class HoldoutScore:
+    """A model's score on one test split (`metric`, higher is better), and how many rows
+    (or images) it covers."""
+
+    metric: str
+    score: float
+    samples: int
+
+
+def check_classes(model_classes: list[str], data_classes: list[str], source: str) -> None:
+    """InputError unless the new data has exactly the model's classes, in the same order."""
+    if data_classes == model_classes:
+        return
+    extra = sorted(set(data_classes) - set(model_classes))
+    missing = sorted(set(model_classes) - set(data_classes))
+    detail = (f"classes the model does not know: {extra}; " if extra else "") + (
+        f"model classes missing from it: {missing}" if missing else "")
+    raise InputError(f"retrain source {source} has another label set than the model: "
+                     + (detail or f"order {data_classes} vs the model's {model_classes}"))
+
+
+def challenger_config(cfg: Config, trained: dict, champion_name: str) -> Config:
+    """The config the champion was trained with (`trained`, from its checkpoint), with the
+    retrain epochs and learning rate, this run's resources, and the champion's name."""
+    tree = dict(trained)
+    lr = cfg.retrain.lr or (cfg.train.lr / 3 if cfg.retrain.mode == "finetune" else cfg.train.lr)
+    resources = cfg.train.model_dump(include={"num_workers", "cpus_per_worker", "use_gpu",
+                                              "placement_strategy", "max_failures"})
+    tree["train"] = {**tree["train"], **resources,
+                     "epochs": cfg.retrain.epochs or cfg.train.epochs, "lr": lr,
+                     "run_name": None}
+    tree["registry"] = {**tree["registry"], "auto_register": True, "model_name": champion_name}
+    tree["retrain"], tree["serve"] = cfg.retrain.model_dump(), cfg.serve.model_dump()
+    return Config.model_validate(tree)
+
+
+def holdout_scores(task, checkpoint_dir: str, parts: dict) -> dict:
+    """The task's score on each holdout part and on all of them together, and its name."""
+    scores = {name: task.holdout_score(checkpoint_dir, [prepared])
+              for name, prepared in parts.items()}
+    scores["holdout"] = task.holdout_score(checkpoint_dir, list(parts.values()))
+    out = {name: {"score": round(s.score, 4), "samples": s.samples}
+           for name, s in scores.items()}
+    return {"metric": scores["holdout"].metric, **out}
+
+
+def retrain(cfg: Config, source: str, home: str | None = None, model: str | None = None,
+            dry_run: bool = False, log: Callable[[str], None] = log_stderr,
+            roll_out: bool = True) -> dict:
+    """Train a challenger on `source`, compare, promote and roll out (see the module docstring).
+
+    With `roll_out=False` a promoted challenger is not deployed (the pipeline deploys it itself,
+    under load)."""
+    from mlsd_ray import registry
+    from mlsd_ray.core.runtime import ensure_ray
+    from mlsd_ray.serve.control import resolve_model_ref
+    from mlsd_ray.tasks import task_of_checkpoint
+    from mlsd_ray.training.trainer import fit_to_free_cpus
+
+    started = time.perf_counter()
+    champion_info = resolve_model_ref(model or cfg.serve.model, home)
+    if champion_info["version"] == "local":
+        raise InputError("retrain needs a registered champion (models:/NAME@ALIAS), not a "
+                         "checkpoint folder: gated promotion moves a registry alias")
+    champion_dir = registry.resolve(champion_info["uri"], home)
+    task = task_of_checkpoint(champion_dir)
+    trained_with = storage.read_json(storage.join(champion_dir, "metadata.json"))["config"]
+    log(f"champion {champion_info['uri']} ({task.name} task); new data {source}")
+
+    data = task.retrain_data(cfg, champion_dir, source, home, log)
+    mode = cfg.retrain.mode
+    challenger_cfg = challenger_config(cfg, trained_with, champion_info["name"])
+    ensure_ray(home)
+    fit_to_free_cpus(challenger_cfg.train, log)
+    trained = task.train_challenger(challenger_cfg, data,
+                                    champion_dir if mode == "finetune" else None, home, log)
+    challenger_uri = trained["registered"]["uri"]
+    challenger_dir = registry.resolve(challenger_uri, home)
+
+    holdout = {"old_test": data.old, "new_test": data.new}
+    scores = {"champion": holdout_scores(task, champion_dir, holdout),
+              "challenger": holdout_scores(task, challenger_dir, holdout)}
+    gain = scores["challenger"]["holdout"]["score"] - scores["champion"]["holdout"]["score"]
+    better = gain > cfg.retrain.margin
+    decision = {"champion": champion_info["uri"], "challenger": challenger_uri, "mode": mode,
+                "source": source, "task": task.name, "metric": scores["champion"]["metric"],
+                "scores": scores, "gain": round(gain, 4),
+                "margin": cfg.retrain.margin, "promote": better and not dry_run,
+                "dry_run": dry_run, "alias": cfg.retrain.alias,
+                "reason": (f"challenger {'beats' if better else 'does not beat'} the champion "
+                           f"by more than {cfg.retrain.margin} "
+                           f"{scores['champion']['metric']} on the holdout ({gain:+.4f})")}
+    log(decision["reason"])
+    if decision["promote"]:
+        version = int(trained["registered"]["version"])
+        registry.promote(champion_info["name"], version, cfg.retrain.alias, home)
+        log(f"promoted {challenger_uri} to @{cfg.retrain.alias}")
+        if roll_out:
+            decision["rollout"] = _roll_out(challenger_uri, cfg, home, log)
+    decision["seconds"] = round(time.perf_counter() - started, 1)
+    decision["outputs"] = _write_decision(decision, home)
+    return decision
+
+
+def _roll_out(uri: str, cfg: Config, home: str | None, log: Callable[[str], None]) -> dict:
+    """Move a running Serve app to `uri`; a note when none runs."""
+    from mlsd_ray.serve import control
+
+    if not control.state_file(home, cfg.serve.app_name).is_file():
+        return {"skipped": f"no running app {cfg.serve.app_name!r}: the next `mlsd serve` "
+                           f"serves @{cfg.retrain.alias}"}
+    return control.deploy(uri, home, cfg.serve.app_name, log)
+
+
+def _write_decision(decision: dict, home: str | None) -> dict:
+    out = storage.join(storage.home(home), "retrain", time.strftime("%Y%m%d-%H%M%S"))
+    paths = {"json": storage.join(out, "decision.json"), "markdown": storage.join(out,
+                                                                                  "decision.md")}
+    rows = [f"| {who} | " + " | ".join(f"{decision['scores'][who][part]['score']:.4f}"
+                                       for part in ("old_test", "new_test", "holdout")) + " |"
+            for who in ("champion", "challenger")]
+    verdict = "promoted" if decision["promote"] else ("would promote (dry run)" if decision[
+        "dry_run"] and decision["gain"] > decision["margin"] else "rejected")
+    text = "\n".join([
+        f"# Retrain decision: {verdict}", "",
+        f"Champion {decision['champion']}, challenger {decision['challenger']} "
+        f"({decision['mode']} on {decision['source']}).", "",
+        f"{decision['metric']} of each model:", "",
+        "| model | old test | new holdout | all holdout |", "|---|---|---|---|", *rows, "",
+        decision["reason"] + ".", ""])
+    storage.write_text(paths["markdown"], text)
+    storage.write_json(paths["json"], decision)
+    return paths
+
