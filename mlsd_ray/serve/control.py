@@ -54,6 +54,20 @@ def state_file(home: str | None, app_name: str) -> Path:
     return Path(storage.home(home), "serve", f"{app_name}.json")
 
 
+def apps_serving(home: str | None, model_name: str) -> list[str]:
+    """The recorded apps (state files under $MLSD_HOME/serve) that serve a version of the
+    registered model `model_name`, by app name."""
+    apps = []
+    for path in sorted(Path(storage.home(home), "serve").glob("*.json")):
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(state, dict) and state.get("model", {}).get("name") == model_name:
+            apps.append(state.get("app_name", path.stem))
+    return apps
+
+
 def read_state(home: str | None, app_name: str) -> dict:
     path = state_file(home, app_name)
     if not path.is_file():

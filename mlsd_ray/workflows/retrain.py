@@ -142,20 +142,26 @@ def retrain(cfg: Config, source: str, home: str | None = None, model: str | None
         registry.promote(champion_info["name"], version, cfg.retrain.alias, home)
         log(f"promoted {challenger_uri} to @{cfg.retrain.alias}")
         if roll_out:
-            decision["rollout"] = _roll_out(challenger_uri, cfg, home, log)
+            decision["rollout"] = _roll_out(challenger_uri, champion_info["name"], cfg, home,
+                                            log)
     decision["seconds"] = round(time.perf_counter() - started, 1)
     decision["outputs"] = _write_decision(decision, home)
     return decision
 
 
-def _roll_out(uri: str, cfg: Config, home: str | None, log: Callable[[str], None]) -> dict:
-    """Move a running Serve app to `uri`; a note when none runs."""
+def _roll_out(uri: str, model_name: str, cfg: Config, home: str | None,
+              log: Callable[[str], None]) -> dict:
+    """Move the running Serve app that serves `model_name` (serve.app_name first, else any
+    recorded one: `mlsd serve` names its app after the config it ran with) to `uri`; a note
+    when none runs."""
     from mlsd_ray.serve import control
 
-    if not control.state_file(home, cfg.serve.app_name).is_file():
-        return {"skipped": f"no running app {cfg.serve.app_name!r}: the next `mlsd serve` "
+    apps = control.apps_serving(home, model_name)
+    if not apps:
+        return {"skipped": f"no running app serves {model_name}: the next `mlsd serve` "
                            f"serves @{cfg.retrain.alias}"}
-    return control.deploy(uri, home, cfg.serve.app_name, log)
+    app = cfg.serve.app_name if cfg.serve.app_name in apps else apps[0]
+    return control.deploy(uri, home, app, log)
 
 
 def _write_decision(decision: dict, home: str | None) -> dict:

@@ -105,3 +105,23 @@ def test_a_checkpoint_names_the_task_that_trained_it(tmp_path):
         task_of_checkpoint(checkpoint("loans_pkg:LoansTask"))
     with pytest.raises(InputError, match="no checkpoint at"):
         task_of_checkpoint(str(tmp_path / "nothing"))
+
+
+def test_a_retrain_rolls_out_to_the_app_that_serves_the_model(tmp_path):
+    """`mlsd serve` names its app after its config ("mlsd" by default), not after the model:
+    a retrain finds the app by the model it serves."""
+    import json
+
+    from mlsd_ray.serve.control import apps_serving
+
+    serve = tmp_path / "serve"
+    serve.mkdir()
+    (serve / "mlsd.json").write_text(json.dumps({"app_name": "mlsd", "model": {
+        "name": "fraud-mlp", "uri": "models:/fraud-mlp/1"}}))
+    (serve / "digits.json").write_text(json.dumps({"app_name": "digits", "model": {
+        "name": "digits-cnn", "uri": "models:/digits-cnn/3"}}))
+    (serve / "mlsd-policy.json").write_text(json.dumps({"threshold": 0.5}))
+    (serve / "broken.json").write_text("{")
+    assert apps_serving(str(tmp_path), "fraud-mlp") == ["mlsd"]
+    assert apps_serving(str(tmp_path), "digits-cnn") == ["digits"]
+    assert apps_serving(str(tmp_path), "loans-mlp") == []
