@@ -136,9 +136,10 @@ def run_stage(stage: str, args: argparse.Namespace, log) -> dict:
 
 def main(stage: str, argv: list[str] | None = None) -> None:
     """Entry point of jobs/STAGE.py: run the stage, print MLSD_RESULT, exit with its code."""
-    from mlsd_ray.core.runtime import log_stderr
+    from mlsd_ray.core.runtime import configure, log_stderr
 
     args = parser(stage).parse_args(argv)
+    configure()  # the job's log, like the console, shows our lines (no download bars)
     try:
         result, code = run_stage(stage, args, log_stderr), 0
     except MlsdError as exc:
