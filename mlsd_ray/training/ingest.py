@@ -118,8 +118,9 @@ class WorkerData:
     rows `epoch_rows` deals this worker. Streaming: its Ray Data shard, with Ray's local
     shuffle buffer."""
 
-    def __init__(self, plan: IngestPlan, rank: int, world: int):
+    def __init__(self, plan: IngestPlan, rank: int, world: int, shard_of=None):
         self.plan, self.rank, self.world = plan, rank, world
+        self.shard_of = shard_of  # split -> this worker's DataIterator (streaming only)
         self._loaded: dict[str, dict[str, np.ndarray]] = {}
 
     def batches(self, split: str, batch_size: int, shuffle_seed: int | None = None
@@ -145,9 +146,7 @@ class WorkerData:
             yield {name: values[rows] for name, values in columns.items()}
 
     def _stream_batches(self, split, batch_size, shuffle_seed):
-        import ray.train
-
-        shard = ray.train.get_dataset_shard(split)
+        shard = self.shard_of(split)
         if shuffle_seed is None:
             return shard.iter_batches(batch_size=batch_size, batch_format="numpy")
         return shard.iter_batches(batch_size=batch_size, batch_format="numpy",

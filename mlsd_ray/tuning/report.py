@@ -52,10 +52,17 @@ def _best_row(history: pd.DataFrame) -> pd.Series:
 
 
 def _history(result) -> pd.DataFrame:
+    """A trial's epochs, with where each kept checkpoint is (`checkpoint_path`): a Train fit
+    reports it (TuneReportCallback); a one-worker trial's checkpoints are Tune's own."""
     frame = result.metrics_dataframe
     if frame is None or RANK_METRIC not in frame:
         return pd.DataFrame()
-    return frame.dropna(subset=[RANK_METRIC]).sort_values("epoch")
+    frame = frame.dropna(subset=[RANK_METRIC]).sort_values("epoch")
+    if "checkpoint_path" not in frame and result.best_checkpoints:
+        kept = {int(metrics["epoch"]): checkpoint.path
+                for checkpoint, metrics in result.best_checkpoints}
+        frame = frame.assign(checkpoint_path=frame["epoch"].astype(int).map(kept))
+    return frame
 
 
 def _first_line(error: BaseException) -> str:

@@ -34,6 +34,7 @@ from mlsd_ray.tasks.image.engine import (
 )
 from mlsd_ray.tasks.image.models import build_model
 from mlsd_ray.training.checkpoint import load_train_state, save_checkpoint
+from mlsd_ray.training.host import current
 from mlsd_ray.training.ingest import (
     WorkerData,
     fits_in_memory,
@@ -92,34 +93,29 @@ def _global(result: PassResult, device: torch.device) -> tuple[float, float]:
     return loss_sum / max(seen, 1), correct / max(seen, 1)
 
 
-def _replica(config: dict, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+def _replica(config: dict, cfg: TrainConfig, host) -> torch.nn.Module:
     """This worker's model: same seed on every worker (identical start), on device, in DDP."""
-    import ray.train.torch
-
     torch.manual_seed(cfg.seed)
     model = build_model(**config["model"])
     if config.get("init_from"):  # fine-tuning: start from these weights (a checkpoint folder)
         state = torch.load(f"{config['init_from']}/model.pt", map_location="cpu",
                            weights_only=True)
         model.load_state_dict(state)
-    if device.type == "cuda" and cfg.channels_last:
+    if host.device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
+    model = host.prepare(model)
     return torch.compile(model) if cfg.compile else model
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """The Ray Train loop: one DDP replica per worker (see the module docstring)."""
-    import ray.train
-    import ray.train.torch
-
+    """The Ray Train loop: one DDP replica per worker (see the module docstring); in a
+    one-worker Tune trial, the trial's own process (training/host.py)."""
     cfg = TrainConfig(**config["train"])
     quiet_train_reports()
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    host = current()
+    rank, world, device = host.rank, host.world, host.device
     preprocessor = Preprocessor.from_dict(config["preprocessing"])
-    model = _replica(config, cfg, device)
+    model = _replica(config, cfg, host)
     nodes = worker_nodes(rank)
     per_worker_batch = max(1, cfg.batch_size // world)
     steps = math.ceil(config["train_rows"] / world / per_worker_batch)
@@ -127,13 +123,13 @@ def train_loop_per_worker(config: dict) -> None:
     scheduler = scheduler_for(optimizer, cfg, steps)
     autocast = _autocast_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if autocast == torch.float16 else None
-    start_epoch, history = restore(ray.train.get_checkpoint(), model, optimizer)
+    start_epoch, history = restore(host.latest_checkpoint(), model, optimizer)
     fast_forward(scheduler, start_epoch * steps)
     torch.manual_seed(cfg.seed * 1000 + rank + start_epoch)  # different augmentation per worker
     augmenter = Augmenter(AugmentConfig(**config["augment"]), preprocessor.image_size)
     step = Step(preprocessor, device, augmenter,
                 channels_last=device.type == "cuda" and cfg.channels_last, autocast_dtype=autocast)
-    data = WorkerData(config["ingest"], rank, world)
+    data = WorkerData(config["ingest"], rank, world, host.dataset_shard)
 
     for epoch in range(start_epoch, cfg.epochs):
         clock = EpochClock()
@@ -161,7 +157,7 @@ def train_loop_per_worker(config: dict) -> None:
             metrics["replicas_in_sync"] = float(_replicas_in_sync(model, device))
         history.append(metrics)
         clock.lap("sync_check")
-        _report(history, model, optimizer, config, rank, validated.confidences, nodes, save,
+        _report(history, model, optimizer, config, host, validated.confidences, nodes, save,
                 clock)
         if stop:
             break
@@ -201,23 +197,21 @@ def epoch_line(metrics: dict, epochs: int) -> str:
             f"acc {metrics[VAL_METRIC]:.4f} | {metrics['images_per_second']:.0f} img/s")
 
 
-def _report(history, model, optimizer, config, rank, confidences: list[float],
+def _report(history, model, optimizer, config, host, confidences: list[float],
             nodes: list[dict], save: bool, clock: EpochClock) -> None:
     """Every worker reports (a barrier); rank 0 attaches a checkpoint when `save`."""
-    import ray.train
-
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
-        if rank == 0 and save:
+        if host.rank == 0 and save:
             state = {"epoch": history[-1]["epoch"], "optimizer": optimizer.state_dict(),
                      "history": history, "worker_nodes": nodes}
             reference = {**config["reference"],
                          "confidence": [round(c, 5) for c in confidences]}
             save_checkpoint(directory, model, config["model"], config["preprocessing"],
                             reference, config["metadata"], state)
-            checkpoint = ray.train.Checkpoint.from_directory(directory)
+            checkpoint = directory
         clock.lap("checkpoint")
-        ray.train.report({**history[-1], **clock.metrics()}, checkpoint=checkpoint)
+        host.report({**history[-1], **clock.metrics()}, checkpoint)
 
 
 @dataclass

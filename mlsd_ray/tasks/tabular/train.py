@@ -31,6 +31,7 @@ from mlsd_ray.tasks.tabular.monitoring import column_reference, output_reference
 from mlsd_ray.tasks.tabular.prepare import PreparedTable
 from mlsd_ray.tasks.tabular.preprocess import Featurizer
 from mlsd_ray.training.checkpoint import save_checkpoint
+from mlsd_ray.training.host import current
 from mlsd_ray.training.ingest import WorkerData, plan_ingest
 from mlsd_ray.training.loop import (
     RANK_METRIC,
@@ -152,29 +153,26 @@ def _validate(model, batches, config, device) -> tuple[float, int, np.ndarray, n
 
 
 def tabular_loop_per_worker(config: dict) -> None:
-    """The Ray Train loop for tables: one DDP replica of the MLP per worker."""
-    import ray.train
-    import ray.train.torch
-
+    """The Ray Train loop for tables: one DDP replica of the MLP per worker; in a one-worker
+    Tune trial, the trial's own process (training/host.py)."""
     cfg = TrainConfig(**config["train"])
     quiet_train_reports()
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    host = current()
+    rank, world, device = host.rank, host.world, host.device
     torch.manual_seed(cfg.seed)
     model = build_mlp(**config["model"])
     if config.get("init_from"):  # fine-tuning: start from these weights (a checkpoint folder)
         model.load_state_dict(torch.load(f"{config['init_from']}/model.pt", map_location="cpu",
                                          weights_only=True))
-    model = ray.train.torch.prepare_model(model)
+    model = host.prepare(model)
     nodes = worker_nodes(rank)
     per_worker_batch = max(1, cfg.batch_size // world)
     steps = math.ceil(config["train_rows"] / world / per_worker_batch)
     optimizer = optimizer_for(model, cfg)
     scheduler = scheduler_for(optimizer, cfg, steps)
-    start_epoch, history = restore(ray.train.get_checkpoint(), model, optimizer)
+    start_epoch, history = restore(host.latest_checkpoint(), model, optimizer)
     fast_forward(scheduler, start_epoch * steps)
-    data = WorkerData(config["ingest"], rank, world)
+    data = WorkerData(config["ingest"], rank, world, host.dataset_shard)
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
         batches = data.batches("train", per_worker_batch, shuffle_seed=cfg.seed + epoch)
@@ -195,21 +193,19 @@ def tabular_loop_per_worker(config: dict) -> None:
         if config["task"] == "binary":
             decision = choose_threshold(outputs[:, 1], labels,
                                         ThresholdConfig(**config["threshold"]))
-        _report(history, model, optimizer, config, rank, nodes, decision, outputs)
+        _report(history, model, optimizer, config, host, nodes, decision, outputs)
         if should_stop(history, cfg.patience, VAL_SCORE):
             break
 
 
-def _report(history, model, optimizer, config, rank, nodes, decision,
+def _report(history, model, optimizer, config, host, nodes, decision,
             outputs: np.ndarray) -> None:
     """Every worker reports; rank 0 attaches a checkpoint whose drift reference holds this
     epoch's validation scores and predictions (tabular/monitoring.py)."""
-    import ray.train
-
     metrics = dict(history[-1])
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
-        if rank == 0:
+        if host.rank == 0:
             state = {"epoch": metrics["epoch"], "optimizer": optimizer.state_dict(),
                      "history": history, "worker_nodes": nodes}
             reference = {**config["reference"], **output_reference(
@@ -222,8 +218,8 @@ def _report(history, model, optimizer, config, rank, nodes, decision,
                                                      "label": config["label"],
                                                      "target_mean": config.get("target_mean"),
                                                      "target_std": config.get("target_std")}})
-            checkpoint = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report(metrics, checkpoint=checkpoint)
+            checkpoint = directory
+        host.report(metrics, checkpoint)
 
 
 def epoch_line(metrics: dict, epochs: int) -> str:
