@@ -164,9 +164,11 @@ class Task(ABC):
         and return the training summary with its `registered` entry."""
         raise self.not_offered("retrain")
 
-    def holdout_score(self, checkpoint_dir: str, datasets: list):
-        """The score (higher is better) of the model in `checkpoint_dir` on the test splits
-        of `datasets` pooled: a `retrain.HoldoutScore` naming its metric."""
+    def holdout_scores(self, checkpoint_dir: str, parts: dict) -> dict:
+        """The score (higher is better) of the model in `checkpoint_dir` on the test split of
+        each of `parts` (name: prepared data), and on all of them pooled under "holdout": a
+        `retrain.HoldoutScore` naming its metric for each. Load the model and predict each
+        split once."""
         raise self.not_offered("retrain")
 
     def register_best_trial(self, run, best: dict, best_cfg, home: str | None,

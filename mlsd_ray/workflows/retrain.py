@@ -2,7 +2,7 @@
 
 The gate is the same for every task; the task (read from the champion's checkpoint) prepares
 the data, trains the challenger and scores a model (`Task.retrain_data`,
-`Task.train_challenger`, `Task.holdout_score`):
+`Task.train_challenger`, `Task.holdout_scores`):
 
 1. The champion is the version behind `retrain.alias` (production). The task prepares the new
    data in the champion's form (image size and channels; a table's columns and fitted
@@ -82,9 +82,7 @@ def challenger_config(cfg: Config, trained: dict, champion_name: str) -> Config:
 
 def holdout_scores(task, checkpoint_dir: str, parts: dict) -> dict:
     """The task's score on each holdout part and on all of them together, and its name."""
-    scores = {name: task.holdout_score(checkpoint_dir, [prepared])
-              for name, prepared in parts.items()}
-    scores["holdout"] = task.holdout_score(checkpoint_dir, list(parts.values()))
+    scores = task.holdout_scores(checkpoint_dir, parts)
     out = {name: {"score": round(s.score, 4), "samples": s.samples}
            for name, s in scores.items()}
     return {"metric": scores["holdout"].metric, **out}

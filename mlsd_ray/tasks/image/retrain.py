@@ -46,16 +46,20 @@ def train_challenger(cfg: Config, data: RetrainData, init_from: str | None, home
                               reference=data.new)
 
 
-def holdout_score(checkpoint_dir: str, datasets: list[PreparedDataset]) -> HoldoutScore:
-    """Accuracy of the model in `checkpoint_dir` on the test splits of `datasets` pooled."""
+def holdout_scores(checkpoint_dir: str, parts: dict[str, PreparedDataset]
+                   ) -> dict[str, HoldoutScore]:
+    """Accuracy of the model in `checkpoint_dir` on each part's test split, and pooled."""
     from mlsd_ray.tasks.image.checkpoint import load_model
     from mlsd_ray.tasks.image.train import predict_split
 
     loaded = load_model(checkpoint_dir)
-    results = [predict_split(loaded, dataset, "test") for dataset in datasets]
-    samples = sum(r.samples for r in results)
-    correct = sum(round(r.accuracy * r.samples) for r in results)
-    return HoldoutScore("accuracy", correct / max(samples, 1), samples)
+    results = {name: predict_split(loaded, dataset, "test") for name, dataset in parts.items()}
+    scores = {name: HoldoutScore("accuracy", r.accuracy, r.samples)
+              for name, r in results.items()}
+    samples = sum(r.samples for r in results.values())
+    correct = sum(round(r.accuracy * r.samples) for r in results.values())
+    scores["holdout"] = HoldoutScore("accuracy", correct / max(samples, 1), samples)
+    return scores
 
 
 def combine(parts: dict[str, list[PreparedDataset]], champion_pre: dict, name: str,

@@ -138,10 +138,10 @@ class ImageTask(Task):
 
         return train_challenger(cfg, data, init_from, home, log)
 
-    def holdout_score(self, checkpoint_dir: str, datasets: list):
-        from mlsd_ray.tasks.image.retrain import holdout_score
+    def holdout_scores(self, checkpoint_dir: str, parts: dict) -> dict:
+        from mlsd_ray.tasks.image.retrain import holdout_scores
 
-        return holdout_score(checkpoint_dir, datasets)
+        return holdout_scores(checkpoint_dir, parts)
 
     def smoke_retrain_source(self, home: str, log: Log) -> str:
         """300 digits rotated 30 degrees, as a labelled folder under `home`."""

@@ -84,9 +84,7 @@ def predict_table(model: dict, source: str, out: str | None, home: str | None,
 
 def summarize(frame: pd.DataFrame, model: dict, out: str, seconds: float) -> dict:
     """Counts, predicted classes and (for labelled rows) the model's ranking score."""
-    from mlsd_ray.tasks.tabular.train import load_tabular
-
-    decision = load_tabular(model["path"]).decision
+    decision = storage.read_json(storage.join(model["path"], "decision.json"))
     summary = {"out": out, "rows": len(frame), "predicted": int((frame["status"] == OK).sum()),
                "seconds": round(seconds, 2),
                "rows_per_second": round(len(frame) / seconds, 1) if seconds else None}

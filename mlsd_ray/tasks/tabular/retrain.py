@@ -93,15 +93,23 @@ def train_challenger(cfg: Config, data: RetrainData, init_from: str | None, home
                              init_from=init_from, reference=data.new)
 
 
-def holdout_score(checkpoint_dir: str, tables: list[PreparedTable]) -> HoldoutScore:
-    """The model's ranking score on the test splits of `tables` pooled."""
+def holdout_scores(checkpoint_dir: str, parts: dict[str, PreparedTable]
+                   ) -> dict[str, HoldoutScore]:
+    """The model's ranking score on each part's test split, and on them pooled (PR-AUC does
+    not average: the pooled rows are scored together)."""
     from mlsd_ray.tasks.tabular.metrics import SCORE_NAMES, primary_score
     from mlsd_ray.tasks.tabular.train import load_tabular
 
     loaded = load_tabular(checkpoint_dir)
     task, label = loaded.decision["task"], loaded.decision["label"]
-    test = pd.concat([t.load_split("test") for t in tables], ignore_index=True)
-    outputs = loaded.predict(test)
-    return HoldoutScore(SCORE_NAMES[task],
-                        primary_score(task, np.asarray(outputs), test[label].to_numpy()),
-                        len(test))
+    tests = {name: table.load_split("test") for name, table in parts.items()}
+    outputs = {name: np.asarray(loaded.predict(test)) for name, test in tests.items()}
+
+    def score(out: np.ndarray, labels: np.ndarray) -> HoldoutScore:
+        return HoldoutScore(SCORE_NAMES[task], primary_score(task, out, labels), len(labels))
+
+    scores = {name: score(outputs[name], test[label].to_numpy())
+              for name, test in tests.items()}
+    scores["holdout"] = score(np.concatenate(list(outputs.values())),
+                              np.concatenate([t[label].to_numpy() for t in tests.values()]))
+    return scores
