@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mlsd_ray.core import storage
@@ -25,6 +26,33 @@ ARTIFACT_DIR = "checkpoint"
 # which would otherwise make a later call (another MLSD_HOME) or a child process see our
 # sqlite file as "the user's server".
 _USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
+@dataclass(frozen=True)
+class PinnedModel:
+    """A model reference pinned to one version before it is deployed or used (an alias may
+    move later): its URI (`models:/NAME/VERSION`, or a checkpoint folder), name, version
+    number ("local" for a folder), the registry's metrics, and `path`, the checkpoint on the
+    machine that pinned it."""
+
+    uri: str
+    name: str
+    version: str
+    path: str
+    metrics: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def checkpoint_here(self, home: str | None) -> str:
+        """The checkpoint on this machine: `path` when this machine sees it (the one that
+        pinned it, or a shared MLSD_HOME), else the registry's copy, downloaded here.
+
+        Reading `path` needs no MLflow: importing it and querying the store was about
+        2.5 s of every Serve replica's start on 2 cores (docs/performance.md)."""
+        if os.path.isfile(os.path.join(self.path, "checksums.json")):
+            return self.path
+        return resolve(self.uri, home)
 
 
 def tracking_uri(home: str | None = None) -> str:

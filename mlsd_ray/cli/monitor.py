@@ -91,7 +91,7 @@ def _predict_inputs(cfg, inputs: str, model: str | None, home: str | None):
     from mlsd_ray.tasks import task_of_checkpoint
 
     resolved = resolve_model_ref(model or cfg.serve.model, home)
-    task = task_of_checkpoint(resolved["path"])
+    task = task_of_checkpoint(resolved.path)
     task.set_source(cfg, inputs)
     summary = task.predict_offline(resolved, cfg, None, home, log_stderr)
     frame = pd.read_parquet(summary["out"])

@@ -173,7 +173,7 @@ def predict(files: Annotated[list[Path] | None, typer.Argument(
         from mlsd_ray.tasks import task_of_checkpoint
 
         resolved = resolve_model_ref(model, home)
-        chosen.task = task_of_checkpoint(resolved["path"])
+        chosen.task = task_of_checkpoint(resolved.path)
         chosen.task.set_source(cfg, source)
         return chosen.task.predict_offline(resolved, cfg, str(out) if out else None, home,
                                            log_stderr)

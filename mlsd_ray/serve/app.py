@@ -146,8 +146,8 @@ def build_app(args: dict) -> serve.Application:
     home = args.pop("home", None)
     settings = ServeConfig.model_validate(args)
     model = resolve_model_ref(settings.model, home)
-    task = task_of_checkpoint(model["path"])
-    return task.serve_application(settings, model["path"], home).application
+    task = task_of_checkpoint(model.path)
+    return task.serve_application(settings, model, home).application
 
 
 def model_options(settings: ServeConfig) -> dict:

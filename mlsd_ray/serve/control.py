@@ -24,30 +24,29 @@ from mlsd_ray.core import storage
 from mlsd_ray.core.config import ServeConfig
 from mlsd_ray.core.errors import InputError, WorkError
 from mlsd_ray.core.runtime import log_stderr, quiet_serve_console
+from mlsd_ray.registry import PinnedModel
 
 HEALTH_TIMEOUT_S = 120.0
 
 
-def resolve_model_ref(ref: str, home: str | None) -> dict:
-    """Pin a model reference to one version before deploying (an alias may move later).
-
-    Returns {"uri", "name", "version", "path"} (`path`: the checkpoint on this machine);
-    InputError (exit 2) when it does not resolve.
-    """
+def resolve_model_ref(ref: str, home: str | None) -> PinnedModel:
+    """Pin a model reference to one version before deploying (an alias may move later);
+    InputError (exit 2) when it does not resolve."""
     from mlsd_ray import registry
     from mlsd_ray.training.checkpoint import verify
 
     if ref.startswith("models:/"):
         info = registry.show(ref, home)
         path = registry.resolve(info["uri"], home)  # download now: a broken artifact fails here
-        return {"uri": info["uri"], "name": info["name"], "version": str(info["version"]),
-                "path": path}
+        metrics = {key: info[key] for key in ("val_accuracy", "test_accuracy", "val_score",
+                                              "test_score")}
+        return PinnedModel(info["uri"], info["name"], str(info["version"]), path, metrics)
     path = os.path.abspath(ref)
     if not os.path.isdir(path):
         raise InputError(f"model {ref!r} is neither models:/NAME[/VERSION|@ALIAS] nor a "
                          "checkpoint directory")
     verify(path)
-    return {"uri": path, "name": os.path.basename(path), "version": "local", "path": path}
+    return PinnedModel(path, os.path.basename(path), "local", path)
 
 
 def state_file(home: str | None, app_name: str) -> Path:
@@ -91,21 +90,21 @@ def start(settings: ServeConfig, home: str | None = None, detach: bool = False,
 
     quiet_serve_console()
     model = resolve_model_ref(settings.model, home)
-    task = task_of_checkpoint(model["path"])
-    settings = settings.model_copy(update={"model": model["uri"]})
+    task = task_of_checkpoint(model.path)
+    settings = settings.model_copy(update={"model": model.uri})
     cluster = _connect_for(home, settings, detach, log)
     serve.start(proxy_location=settings.proxy_location,
                 http_options={"host": settings.host, "port": settings.port})
-    log(f"deploying {model['uri']} ({task.name} task) as app {settings.app_name!r} "
+    log(f"deploying {model.uri} ({task.name} task) as app {settings.app_name!r} "
         f"({settings.router} routing, {settings.autoscaling.min_replicas}-"
         f"{settings.autoscaling.max_replicas} replicas)")
     started = time.perf_counter()
-    served = task.serve_application(settings, model["path"], home)
+    served = task.serve_application(settings, model, home)
     serve.run(served.application, name=settings.app_name, route_prefix=served.route_prefix)
     url = url_of(settings)
     health = wait_healthy(url, path=served.health_path)
     summary = {"url": url, "docs": f"{url}{served.route_prefix.rstrip('/')}/docs",
-               "app_name": settings.app_name, "task": task.name, "model": model,
+               "app_name": settings.app_name, "task": task.name, "model": model.as_dict(),
                "route_prefix": served.route_prefix, "model_path": served.model_path,
                **{name: f"{url}{path}" for name, path in served.endpoints.items()},
                "seconds_to_healthy": round(time.perf_counter() - started, 2),
@@ -340,22 +339,22 @@ def deploy(model_ref: str, home: str | None = None, app_name: str = "mlsd",
     quiet_serve_console()
     state = read_state(home, app_name)
     model = resolve_model_ref(model_ref, home)
-    task = task_of_checkpoint(model["path"])
+    task = task_of_checkpoint(model.path)
     if task.name != state.get("task", "image"):
         raise InputError(f"{model_ref} is a {task.name} model; app {app_name!r} serves the "
                          f"{state.get('task', 'image')} task: start another app for it")
-    settings = ServeConfig.model_validate({**state["serve"], "model": model["uri"]})
+    settings = ServeConfig.model_validate({**state["serve"], "model": model.uri})
     _join_recorded(state)
     before = state["model"]
-    log(f"rolling update of {app_name!r}: {before['uri']} -> {model['uri']}")
+    log(f"rolling update of {app_name!r}: {before['uri']} -> {model.uri}")
     started = time.perf_counter()
-    served_app = task.serve_application(settings, model["path"], state["home"])
+    served_app = task.serve_application(settings, model, state["home"])
     serve.run(served_app.application, name=app_name, route_prefix=served_app.route_prefix)
     served = get_json(f"{state['url']}{served_app.model_path}")
-    state.update(model=model, serve=settings.model_dump(mode="json"),
+    state.update(model=model.as_dict(), serve=settings.model_dump(mode="json"),
                  served_version=served["model_version"])
     state_file(home, app_name).write_text(json.dumps(state, indent=2))
-    return {"app_name": app_name, "url": state["url"], "from": before, "to": model,
+    return {"app_name": app_name, "url": state["url"], "from": before, "to": model.as_dict(),
             "served_version": served["model_version"],
             "seconds": round(time.perf_counter() - started, 2)}
 

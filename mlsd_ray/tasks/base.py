@@ -13,9 +13,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from mlsd_ray.core.errors import InputError
+
+if TYPE_CHECKING:
+    from mlsd_ray.registry import PinnedModel
 
 Log = Callable[[str], None]
 
@@ -110,9 +113,10 @@ class Task(ABC):
                  monitor_loop: bool = True) -> dict:
         """Every stage end to end; `{"task": name, "stages": {stage: summary}}`."""
 
-    def serve_application(self, settings, checkpoint_dir: str, home: str | None) -> ServedApp:
-        """The Serve application for the model in `checkpoint_dir`; `settings` (the `serve`
-        config section) holds its pinned URI in `settings.model`."""
+    def serve_application(self, settings, model: PinnedModel, home: str | None) -> ServedApp:
+        """The Serve application for `model`, pinned to one version (`model.path`: its
+        checkpoint on this machine; replicas load it with `model.checkpoint_here(home)`);
+        `settings` is the `serve` config section, with `settings.model` = `model.uri`."""
         raise self.not_offered("serve")
 
     def evaluate(self, checkpoint_dir: str, split: str, home: str | None,
@@ -125,10 +129,10 @@ class Task(ABC):
         """Print an evaluation's summary for a person."""
         print(f"report: {summary.get('report', summary)}")
 
-    def predict_offline(self, model: dict, cfg, out: str | None, home: str | None,
+    def predict_offline(self, model: PinnedModel, cfg, out: str | None, home: str | None,
                         log: Log) -> dict:
         """`mlsd predict --model URI --source SPEC`: every input of the task's source in `cfg`
-        predicted by `model` (resolved: uri, name, version, path), written as parquet under
+        predicted by `model` (pinned to one version), written as parquet under
         `out` with the prediction-log columns and a `status` per row; returns a summary with
         `out`."""
         raise self.not_offered("predict")

@@ -17,11 +17,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from mlsd_ray.core.errors import InputError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# torch is imported where a checkpoint is written or its train state read: the registry and
+# `mlsd` commands import this module, and a bad-usage error should not wait ~2 s for torch.
 
 MODEL_FILES = ("model.pt", "model.json", "preprocessing.json", "reference.json",
                "metadata.json")
@@ -42,6 +46,8 @@ def save_checkpoint(directory: str | Path, model: nn.Module, model_config: dict,
                     train_state: dict, extra: dict[str, dict] | None = None) -> None:
     """Write a checkpoint directory (see the module docstring); `extra` adds JSON files by
     name (a tabular model's decision.json), covered by the checksums too."""
+    import torch
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(unwrap(model).state_dict(), directory / "model.pt")
@@ -75,5 +81,7 @@ def verify(directory: str | Path) -> None:
 
 def load_train_state(directory: str | Path) -> dict:
     """Optimizer/scheduler state, epoch and history, for resuming."""
+    import torch
+
     verify(directory)
     return torch.load(Path(directory) / "train_state.pt", map_location="cpu", weights_only=True)

@@ -103,17 +103,17 @@ def retrain(cfg: Config, source: str, home: str | None = None, model: str | None
 
     started = time.perf_counter()
     champion_info = resolve_model_ref(model or cfg.serve.model, home)
-    if champion_info["version"] == "local":
+    if champion_info.version == "local":
         raise InputError("retrain needs a registered champion (models:/NAME@ALIAS), not a "
                          "checkpoint folder: gated promotion moves a registry alias")
-    champion_dir = registry.resolve(champion_info["uri"], home)
+    champion_dir = champion_info.checkpoint_here(home)
     task = task_of_checkpoint(champion_dir)
     trained_with = storage.read_json(storage.join(champion_dir, "metadata.json"))["config"]
-    log(f"champion {champion_info['uri']} ({task.name} task); new data {source}")
+    log(f"champion {champion_info.uri} ({task.name} task); new data {source}")
 
     data = task.retrain_data(cfg, champion_dir, source, home, log)
     mode = cfg.retrain.mode
-    challenger_cfg = challenger_config(cfg, trained_with, champion_info["name"])
+    challenger_cfg = challenger_config(cfg, trained_with, champion_info.name)
     ensure_ray(home)
     fit_to_free_cpus(challenger_cfg.train, log)
     trained = task.train_challenger(challenger_cfg, data,
@@ -126,7 +126,7 @@ def retrain(cfg: Config, source: str, home: str | None = None, model: str | None
               "challenger": holdout_scores(task, challenger_dir, holdout)}
     gain = scores["challenger"]["holdout"]["score"] - scores["champion"]["holdout"]["score"]
     better = gain > cfg.retrain.margin
-    decision = {"champion": champion_info["uri"], "challenger": challenger_uri, "mode": mode,
+    decision = {"champion": champion_info.uri, "challenger": challenger_uri, "mode": mode,
                 "source": source, "task": task.name, "metric": scores["champion"]["metric"],
                 "scores": scores, "gain": round(gain, 4),
                 "margin": cfg.retrain.margin, "promote": better and not dry_run,
@@ -137,10 +137,10 @@ def retrain(cfg: Config, source: str, home: str | None = None, model: str | None
     log(decision["reason"])
     if decision["promote"]:
         version = int(trained["registered"]["version"])
-        registry.promote(champion_info["name"], version, cfg.retrain.alias, home)
+        registry.promote(champion_info.name, version, cfg.retrain.alias, home)
         log(f"promoted {challenger_uri} to @{cfg.retrain.alias}")
         if roll_out:
-            decision["rollout"] = _roll_out(challenger_uri, champion_info["name"], cfg, home,
+            decision["rollout"] = _roll_out(challenger_uri, champion_info.name, cfg, home,
                                             log)
     decision["seconds"] = round(time.perf_counter() - started, 1)
     decision["outputs"] = _write_decision(decision, home)

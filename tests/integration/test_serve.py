@@ -47,8 +47,14 @@ def served(tmp_path_factory, digits_model):
     serve.shutdown()
 
 
-def deploy(served, model="models:/digits-cnn/1", **settings) -> dict:
-    """(Re)deploy the app; small CPU shares so two model replicas fit beside the test driver."""
+def deploy(served, model="models:/digits-cnn/1", fresh: bool = False, **settings) -> dict:
+    """(Re)deploy the app; small CPU shares so two model replicas fit beside the test driver.
+    `fresh` deletes the running app first, so every replica starts at once instead of one
+    after another as a rolling update replaces them (the router tests need no rollout)."""
+    from ray import serve
+
+    if fresh:
+        serve.delete("mlsd")
     scaling = settings.pop("autoscaling", {"min_replicas": 1, "max_replicas": 1})
     config = ServeConfig(model=model, port=served["port"], num_cpus=0.25, ingress_num_cpus=0.1,
                          autoscaling=scaling, **settings)
@@ -200,13 +206,13 @@ TWO = {"min_replicas": 2, "max_replicas": 2}
 
 
 def test_round_robin_spreads_evenly(served):
-    deploy(served, router="round_robin", autoscaling=TWO)
+    deploy(served, fresh=True, router="round_robin", autoscaling=TWO)
     counts = Counter(replicas_hit(served, 40))
     assert len(counts) == 2 and min(counts.values()) >= 15, counts
 
 
 def test_consistent_hash_keeps_a_session_on_one_replica(served):
-    deploy(served, router="consistent_hash", autoscaling=TWO)
+    deploy(served, fresh=True, router="consistent_hash", autoscaling=TWO)
     sticky = replicas_hit(served, 12, lambda i: {"x-session-id": "user-42"})
     assert len(set(sticky)) == 1
     spread = replicas_hit(served, 40, lambda i: {"x-session-id": f"user-{i}"})
@@ -217,8 +223,8 @@ def test_consistent_hash_keeps_a_session_on_one_replica(served):
 
 def test_least_connections_prefers_the_idle_replica(served):
     # Each batch waits 0.4 s to fill, so requests stay in flight long enough to be counted.
-    deploy(served, router="least_connections", autoscaling=TWO, batch_wait_timeout_s=0.4,
-           max_batch_size=64)
+    deploy(served, fresh=True, router="least_connections", autoscaling=TWO,
+           batch_wait_timeout_s=0.4, max_batch_size=64)
     for _ in range(5):
         counts = Counter(replicas_hit(served, 4, concurrency=4))
         assert sorted(counts.values()) == [2, 2], counts
@@ -241,7 +247,8 @@ def test_batch_predict_over_a_folder_keeps_bad_files(served, tmp_path):
     (tmp_path / "digits" / "3" / "broken.png").write_bytes(b"\x89PNG truncated")
     cfg = load_config(None, [f"data.source=folder:{tmp_path / 'digits'}"])
     out = str(tmp_path / "predictions")
-    summary = predict_dataset("models:/digits-cnn/1", cfg, out, served["home"], lambda _: None)
+    model = control.resolve_model_ref("models:/digits-cnn/1", served["home"])
+    summary = predict_dataset(model, cfg, out, served["home"], lambda _: None)
     assert summary["rows"] == 31 and summary["predicted"] == 30
     assert summary["rejected"] == {"corrupt_image": 1}
     assert summary["accuracy"] > 0.7

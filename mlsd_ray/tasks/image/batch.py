@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +19,9 @@ from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config
 from mlsd_ray.tasks.image.data.transforms import standardize
 from mlsd_ray.tasks.image.data.validate import Rejected, coerce_array, decode_bytes, is_missing
+
+if TYPE_CHECKING:
+    from mlsd_ray.registry import PinnedModel
 
 OK = "ok"
 
@@ -49,13 +53,13 @@ def decode_rows(batch: dict[str, np.ndarray], size: int, channels: int,
 class Predictor:
     """An actor holding the model; one call per batch of decoded rows."""
 
-    def __init__(self, checkpoint: str, model: dict):
+    def __init__(self, model: PinnedModel, home: str | None):
         import torch
 
         from mlsd_ray.tasks.image.checkpoint import load_model
 
         torch.set_num_threads(1)  # one actor per CPU: parallelism comes from the pool
-        self.loaded = load_model(checkpoint)
+        self.loaded = load_model(model.checkpoint_here(home))
         self.model = model  # {"uri", "name", "version"}: pinned, for `mlsd monitor --inputs`
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -81,9 +85,9 @@ class Predictor:
                 features[name][ok] = values
         names = self.loaded.preprocessor.class_names
         return {"id": batch["id"], "source": batch["source"], "label": batch["label_name"],
-                "model_uri": np.full(rows, self.model["uri"], dtype=object),
-                "model_name": np.full(rows, self.model["name"], dtype=object),
-                "model_version": np.full(rows, self.model["version"], dtype=object),
+                "model_uri": np.full(rows, self.model.uri, dtype=object),
+                "model_name": np.full(rows, self.model.name, dtype=object),
+                "model_version": np.full(rows, self.model.version, dtype=object),
                 **features,
                 "predicted_index": predicted,
                 "predicted_class": np.array([names[i] if i >= 0 else "" for i in predicted],
@@ -91,33 +95,30 @@ class Predictor:
                 "confidence": confidence, "status": batch["status"], "detail": batch["detail"]}
 
 
-def predict_dataset(model_ref: str, cfg: Config, out: str | None, home: str | None,
+def predict_dataset(model: PinnedModel, cfg: Config, out: str | None, home: str | None,
                     log: Callable[[str], None]) -> dict:
-    """Predict every row of `cfg.data.source`; write parquet; return counts and accuracy."""
+    """Predict every row of `cfg.data.source` with `model` (serve/control.py's
+    `resolve_model_ref` pins one); write parquet; return counts and accuracy."""
     import ray
     import ray.data
 
-    from mlsd_ray import registry
     from mlsd_ray.core.runtime import ensure_ray
-    from mlsd_ray.serve.control import resolve_model_ref
     from mlsd_ray.tasks.image.checkpoint import load_model
     from mlsd_ray.tasks.image.data.sources import parse_source
 
-    model = resolve_model_ref(model_ref, home)
-    checkpoint = registry.resolve(model["uri"], home)
-    pre = load_model(checkpoint).preprocessor
+    pre = load_model(model.checkpoint_here(home)).preprocessor
     source = parse_source(cfg.data.source, cfg.data)
     source.class_names()  # lists the inputs: a missing path fails here, before Ray
     out = out or storage.join(storage.home(home), "batch-predictions",
                               time.strftime("%Y%m%d-%H%M%S"))
     ensure_ray(home)
     actors = max(1, int(ray.available_resources().get("CPU", 1)))
-    log(f"predicting {cfg.data.source} with {model_ref} on {actors} actor(s) -> {out}")
+    log(f"predicting {cfg.data.source} with {model.uri} on {actors} actor(s) -> {out}")
     started = time.perf_counter()
     decode = functools.partial(decode_rows, size=pre.image_size, channels=pre.channels,
                                pixel_range=cfg.data.pixel_range)
     predictions = source.read(then=decode).map_batches(
-        Predictor, fn_constructor_kwargs={"checkpoint": checkpoint, "model": model},
+        Predictor, fn_constructor_kwargs={"model": model, "home": home},
         batch_size=256,
         batch_format="numpy", num_cpus=1,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors))

@@ -8,8 +8,9 @@
     GET  /v1/model     the served version, its classes and input
 
 What every app shares (errors, auth, body limits, the prediction log, deployment options, the
-builder for `serve run`) is in serve/app.py. Each model replica resolves its registry URI itself
-(through MLflow), so the same app runs on a laptop and on a cluster with a shared registry.
+builder for `serve run`) is in serve/app.py. Each model replica loads the checkpoint that the
+deploying driver pinned when its machine sees it, else the registry's copy (registry.py's
+`PinnedModel`), so the same app runs on a laptop and on a cluster with a shared registry.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import os
 import time
 import uuid
 from collections import Counter
@@ -30,6 +30,7 @@ from ray import serve
 
 from mlsd_ray import __version__
 from mlsd_ray.core.config import ServeConfig
+from mlsd_ray.registry import PinnedModel
 from mlsd_ray.serve.app import (
     REQUEST_ID_HEADER,
     SESSION_HEADER,
@@ -56,27 +57,19 @@ api = FastAPI(title="mlsd-ray", version=__version__,
 add_error_handlers(api)
 
 
-def load_served_model(model_uri: str, home: str | None) -> tuple[Any, dict]:
-    """Load a checkpoint by registry URI or path; returns it and its public description."""
-    from mlsd_ray import registry
+def load_served_model(model: PinnedModel, home: str | None) -> tuple[Any, dict]:
+    """Load a pinned model's checkpoint; returns it and its public description."""
     from mlsd_ray.tasks.image.checkpoint import load_model
 
-    if model_uri.startswith("models:/"):
-        version = registry.show(model_uri, home)
-        path = registry.resolve(version["uri"], home)
-        name, number = version["name"], str(version["version"])
-        metrics = {"val_accuracy": version["val_accuracy"],
-                   "test_accuracy": version["test_accuracy"]}
-        uri = version["uri"]
-    else:
-        path, uri = registry.resolve(model_uri, home), model_uri
-        number, metrics = "local", {}
-    loaded = load_model(path)
-    if number == "local":  # a checkpoint folder: named after the run that wrote it
-        name = loaded.metadata.get("run_name") or os.path.basename(os.path.normpath(path))
+    loaded = load_model(model.checkpoint_here(home))
+    name, metrics = model.name, {key: model.metrics.get(key)
+                                 for key in ("val_accuracy", "test_accuracy")}
+    if model.version == "local":  # a checkpoint folder: named after the run that wrote it
+        name, metrics = loaded.metadata.get("run_name") or model.name, {}
     pre = loaded.preprocessor
-    info = {"model_name": name, "model_version": number, "uri": uri, "architecture":
-            loaded.model_config["name"], "classes": pre.class_names, "metrics": metrics,
+    info = {"model_name": name, "model_version": model.version, "uri": model.uri,
+            "architecture": loaded.model_config["name"], "classes": pre.class_names,
+            "metrics": metrics,
             "input": {"image_size": pre.image_size, "channels": pre.channels,
                       "accepts": "numeric H×W or H×W×C arrays (integers 0-255 or floats in "
                                  "[0, 1]), base64 PNG/JPEG, or multipart image files; any "
@@ -90,12 +83,12 @@ class ModelServer(LoggingReplica):
     """The network behind dynamic batching: one forward pass for many requests. Each batch is
     also counted (metrics) and recorded in the prediction log for `mlsd monitor`."""
 
-    def __init__(self, model_uri: str, home: str | None, max_batch_size: int,
+    def __init__(self, model: PinnedModel, home: str | None, max_batch_size: int,
                  batch_wait_timeout_s: float, threads: int, log_settings: dict | None = None):
         import torch
 
         torch.set_num_threads(threads)  # replicas share the machine: no thread oversubscription
-        self.loaded, self.info = load_served_model(model_uri, home)
+        self.loaded, self.info = load_served_model(model, home)
         self.predict.set_max_batch_size(max_batch_size)
         self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -303,13 +296,14 @@ class Ingress:
         raise AssertionError("unreachable")
 
 
-def app_from_config(settings: ServeConfig, home: str | None = None) -> serve.Application:
+def app_from_config(settings: ServeConfig, model: PinnedModel,
+                    home: str | None = None) -> serve.Application:
     """Bind the two deployments with the configured batching, autoscaling and router."""
     from mlsd_ray.core import storage
 
     options = model_options(settings)
-    model = ModelServer.options(**options).bind(
-        settings.model, storage.home(home), settings.max_batch_size,
+    scorer = ModelServer.options(**options).bind(
+        model, storage.home(home), settings.max_batch_size,
         settings.batch_wait_timeout_s, max(1, round(settings.num_cpus)),
         settings.prediction_log.model_dump())
     ingress_settings = {"max_instances": settings.max_instances,
@@ -319,4 +313,4 @@ def app_from_config(settings: ServeConfig, home: str | None = None) -> serve.App
                         "token_sha256": token_sha256()}
     return Ingress.options(ray_actor_options={"num_cpus": settings.ingress_num_cpus},
                            max_ongoing_requests=max(256, 4 * settings.max_ongoing_requests),
-                           ).bind(model, ingress_settings)
+                           ).bind(scorer, ingress_settings)

@@ -6,8 +6,13 @@ retrain.py, serve/); this class is the face the commands, jobs and searches see.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.tasks.base import Log, ServedApp, Task, TrafficRequest
+
+if TYPE_CHECKING:
+    from mlsd_ray.registry import PinnedModel
 
 VAL_METRIC = "val_accuracy"  # train.VAL_METRIC, without importing torch
 
@@ -64,10 +69,10 @@ class ImageTask(Task):
                             serve_check=serve_check, keep_serving=keep_serving,
                             monitor_loop=monitor_loop)
 
-    def serve_application(self, settings, checkpoint_dir: str, home: str | None) -> ServedApp:
+    def serve_application(self, settings, model: PinnedModel, home: str | None) -> ServedApp:
         from mlsd_ray.tasks.image.serve import app_from_config
 
-        return ServedApp(app_from_config(settings, home), "/", "/v1/health", "/v1/model",
+        return ServedApp(app_from_config(settings, model, home), "/", "/v1/health", "/v1/model",
                          {"predict_url": "/v1/predict"})
 
     def evaluate(self, checkpoint_dir: str, split: str, home: str | None,
@@ -89,11 +94,11 @@ class ImageTask(Task):
 
         return register_best_trial(run, best, best_cfg, home, log)
 
-    def predict_offline(self, model: dict, cfg, out: str | None, home: str | None,
+    def predict_offline(self, model: PinnedModel, cfg, out: str | None, home: str | None,
                         log: Log) -> dict:
         from mlsd_ray.tasks.image.batch import predict_dataset
 
-        return predict_dataset(model["uri"], cfg, out, home, log)
+        return predict_dataset(model, cfg, out, home, log)
 
     def predict_online(self, url: str, files: list) -> dict:
         from mlsd_ray.serve.client import predict_files

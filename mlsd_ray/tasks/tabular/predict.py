@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -20,20 +21,23 @@ import pandas as pd
 from mlsd_ray.core import storage
 from mlsd_ray.core.errors import InputError
 
+if TYPE_CHECKING:
+    from mlsd_ray.registry import PinnedModel
+
 OK = "ok"
 
 
 class TablePredictor:
     """An actor holding the model and its fitted preparation; one call per batch of rows."""
 
-    def __init__(self, checkpoint: str, model: dict):
+    def __init__(self, model: PinnedModel, home: str | None):
         import torch
 
         from mlsd_ray.tasks.tabular.train import load_tabular
 
         torch.set_num_threads(1)  # one actor per CPU: parallelism comes from the pool
-        self.loaded = load_tabular(checkpoint)
-        self.model = model  # {"uri", "name", "version"}: pinned
+        self.loaded = load_tabular(model.checkpoint_here(home))
+        self.model = model
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from mlsd_ray.tasks.tabular.monitoring import log_columns
@@ -46,14 +50,14 @@ class TablePredictor:
         label = decision["label"]
         frame.insert(0, "row", batch["__row"].to_numpy())
         frame.insert(1, "label", batch[label].to_numpy() if label in batch else np.nan)
-        frame["model_uri"], frame["model_name"] = self.model["uri"], self.model["name"]
-        frame["model_version"], frame["status"] = self.model["version"], OK
+        frame["model_uri"], frame["model_name"] = self.model.uri, self.model.name
+        frame["model_version"], frame["status"] = self.model.version, OK
         return frame
 
 
-def predict_table(model: dict, source: str, out: str | None, home: str | None,
+def predict_table(model: PinnedModel, source: str, out: str | None, home: str | None,
                   log: Callable[[str], None], seed: int = 0) -> dict:
-    """Predict every row of `source` with the model (`model`: resolved, with its `path`);
+    """Predict every row of `source` with `model` (pinned to one version);
     write parquet under `out`; return counts and, for labelled rows, the model's score."""
     import ray
     import ray.data
@@ -66,14 +70,12 @@ def predict_table(model: dict, source: str, out: str | None, home: str | None,
                               time.strftime("%Y%m%d-%H%M%S"))
     ensure_ray(home)
     actors = max(1, int(ray.available_resources().get("CPU", 1)))
-    log(f"predicting {len(frame)} rows of {name} with {model['uri']} on {actors} actor(s) "
+    log(f"predicting {len(frame)} rows of {name} with {model.uri} on {actors} actor(s) "
         f"-> {out}")
     started = time.perf_counter()
     rows = ray.data.from_pandas(frame.assign(__row=np.arange(len(frame))))
     predictions = rows.map_batches(
-        TablePredictor, fn_constructor_kwargs={"checkpoint": model["path"],
-                                               "model": {k: model[k] for k in
-                                                         ("uri", "name", "version")}},
+        TablePredictor, fn_constructor_kwargs={"model": model, "home": home},
         batch_size=4096, batch_format="pandas", num_cpus=1,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors))
     storage.delete_dir(str(out))
@@ -82,9 +84,9 @@ def predict_table(model: dict, source: str, out: str | None, home: str | None,
     return summarize(written, model, str(out), time.perf_counter() - started)
 
 
-def summarize(frame: pd.DataFrame, model: dict, out: str, seconds: float) -> dict:
+def summarize(frame: pd.DataFrame, model: PinnedModel, out: str, seconds: float) -> dict:
     """Counts, predicted classes and (for labelled rows) the model's ranking score."""
-    decision = storage.read_json(storage.join(model["path"], "decision.json"))
+    decision = storage.read_json(storage.join(model.path, "decision.json"))
     summary = {"out": out, "rows": len(frame), "predicted": int((frame["status"] == OK).sum()),
                "seconds": round(seconds, 2),
                "rows_per_second": round(len(frame) / seconds, 1) if seconds else None}

@@ -30,6 +30,7 @@ from ray import serve
 
 from mlsd_ray import __version__
 from mlsd_ray.core.config import ServeConfig, TabularConfig
+from mlsd_ray.registry import PinnedModel
 from mlsd_ray.serve.app import (
     REQUEST_ID_HEADER,
     LoggingReplica,
@@ -67,26 +68,22 @@ def _require_json(request: Request) -> None:
 class FraudModel(LoggingReplica):
     """The MLP and its fitted preparation behind dynamic batching, logging what it scores."""
 
-    def __init__(self, model_uri: str, home: str | None, max_batch_size: int,
+    def __init__(self, model: PinnedModel, home: str | None, max_batch_size: int,
                  batch_wait_timeout_s: float, threads: int, log_settings: dict | None = None):
         import torch
 
-        from mlsd_ray import registry
         from mlsd_ray.tasks.tabular.train import load_tabular
 
         torch.set_num_threads(threads)
-        version = registry.show(model_uri, home) if model_uri.startswith("models:/") else None
-        self.loaded = load_tabular(registry.resolve(version["uri"] if version else model_uri,
-                                                    home))
+        self.loaded = load_tabular(model.checkpoint_here(home))
         self.score.set_max_batch_size(max_batch_size)
         self.score.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.metrics = model_metrics()
         featurizer, decision = self.loaded.featurizer, self.loaded.decision
-        self.info = {"model_name": version["name"] if version else
-                     self.loaded.metadata.get("run_name"),
-                     "model_version": str(version["version"]) if version else "local",
-                     "uri": version["uri"] if version else model_uri,
+        local = model.version == "local"  # a checkpoint folder: named after its run
+        self.info = {"model_name": self.loaded.metadata.get("run_name") if local else model.name,
+                     "model_version": model.version, "uri": model.uri,
                      "task": decision["task"], "classes": decision["classes"],
                      "label": decision["label"], "threshold": decision.get("threshold"),
                      "decision": decision, "columns": [
@@ -281,8 +278,8 @@ def policy_file(home: str | None, app_name: str) -> str:
     return os.path.join(storage.home(home), "serve", f"{app_name}-policy.json")
 
 
-def fraud_app(settings: ServeConfig, tabular: TabularConfig, home: str | None = None,
-              rules_text: str | None = None) -> serve.Application:
+def fraud_app(settings: ServeConfig, tabular: TabularConfig, model: PinnedModel,
+              home: str | None = None, rules_text: str | None = None) -> serve.Application:
     """Bind the model and ingress deployments (batching, autoscaling, router as configured)."""
     from mlsd_ray.core import storage
 
@@ -290,8 +287,8 @@ def fraud_app(settings: ServeConfig, tabular: TabularConfig, home: str | None = 
         with open(tabular.rules or DEFAULT_RULES) as handle:
             rules_text = handle.read()
     parse_rules(rules_text)  # a bad file fails the deploy, with its line
-    model = FraudModel.options(**model_options(settings)).bind(
-        settings.model, storage.home(home), settings.max_batch_size,
+    scorer = FraudModel.options(**model_options(settings)).bind(
+        model, storage.home(home), settings.max_batch_size,
         settings.batch_wait_timeout_s, max(1, round(settings.num_cpus)),
         settings.prediction_log.model_dump())
     ingress = {"max_instances": settings.max_instances, "max_body_bytes": settings.max_body_bytes,
@@ -302,4 +299,4 @@ def fraud_app(settings: ServeConfig, tabular: TabularConfig, home: str | None = 
                                              "on_unseen_category", "on_nan"})}
     return FraudIngress.options(ray_actor_options={"num_cpus": settings.ingress_num_cpus},
                                 max_ongoing_requests=max(256, 4 * settings.max_ongoing_requests),
-                                ).bind(model, ingress)
+                                ).bind(scorer, ingress)

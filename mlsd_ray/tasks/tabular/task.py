@@ -6,7 +6,12 @@ this class is the face the commands, jobs and searches see.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from mlsd_ray.tasks.base import Log, ServedApp, Task, TrafficRequest
+
+if TYPE_CHECKING:
+    from mlsd_ray.registry import PinnedModel
 
 VAL_SCORE = "val_score"  # mlsd_ray.tasks.tabular.train.VAL_SCORE: PR-AUC, macro F1 or R²
 # The metrics a summary shows, by the name of the score the task ranks by.
@@ -59,13 +64,13 @@ class TabularTask(Task):
         return run_tabular_pipeline(cfg, home=home, force=force, log=log, tune=tune,
                                     serve_check=serve_check, keep_serving=keep_serving)
 
-    def serve_application(self, settings, checkpoint_dir: str, home: str | None) -> ServedApp:
+    def serve_application(self, settings, model: PinnedModel, home: str | None) -> ServedApp:
         """The fraud scoring app (threshold, rules, policy) with the `tabular` section the
         model was trained with, from its checkpoint."""
         from mlsd_ray.core.config import Config
 
-        trained = Config.model_validate(_metadata(checkpoint_dir)["config"])
-        return fraud_application(settings, trained.tabular, home)
+        trained = Config.model_validate(_metadata(model.path)["config"])
+        return fraud_application(settings, trained.tabular, model, home)
 
     def evaluate(self, checkpoint_dir: str, split: str, home: str | None,
                  dataset_path: str | None = None) -> dict:
@@ -101,7 +106,7 @@ class TabularTask(Task):
 
         return register_trial(run, best, best_cfg, home, log)
 
-    def predict_offline(self, model: dict, cfg, out: str | None, home: str | None,
+    def predict_offline(self, model: PinnedModel, cfg, out: str | None, home: str | None,
                         log: Log) -> dict:
         from mlsd_ray.tasks.tabular.predict import predict_table
 
@@ -194,7 +199,7 @@ class TabularTask(Task):
         render_tabular_pipeline(result["stages"])
 
 
-def fraud_application(settings, tabular, home: str | None) -> ServedApp:
+def fraud_application(settings, tabular, model: PinnedModel, home: str | None) -> ServedApp:
     """The fraud app at /v1/fraud, starting from its config's policy (not the last one set)."""
     import os
 
@@ -203,7 +208,7 @@ def fraud_application(settings, tabular, home: str | None) -> ServedApp:
     policy = policy_file(home, settings.app_name)
     if os.path.exists(policy):
         os.remove(policy)
-    return ServedApp(fraud_app(settings, tabular, home), PREFIX, f"{PREFIX}/health",
+    return ServedApp(fraud_app(settings, tabular, model, home), PREFIX, f"{PREFIX}/health",
                      f"{PREFIX}/model", {"score_url": f"{PREFIX}/score"})
 
 
