@@ -2,12 +2,17 @@
 
 Ray Train calls its callbacks inside the train controller actor. Printing there reaches the
 console only when the driver forwards every Ray process's output (`log_to_driver`), and with
-it come Ray Data's plans and Serve's access logs. So the callback hands the metrics to a
-queue actor instead, and a thread in the driver turns each into one line.
+it come Ray Data's plans and Serve's access logs. Ray Train places its controller on the
+driver's node, so the callback appends each report to a file there, and a thread in the
+driver turns each line into one line of progress. (A queue actor did this before: one more
+process to start per training run, about 1 s on 2 cores.)
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 import threading
 from collections.abc import Callable
 
@@ -16,22 +21,25 @@ class EpochRelay:
     """Use `callback()` in the trainer's RunConfig and run `fit()` inside `with relay:`."""
 
     def __init__(self, line: Callable[[dict], str], log: Callable[[str], None]):
-        from ray.util.queue import Queue
-
         self.line, self.log = line, log
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        handle, self.path = tempfile.mkstemp(prefix="mlsd-epochs-", suffix=".jsonl")
+        os.close(handle)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._relay, name="epoch-relay", daemon=True)
 
     def callback(self):
-        """A Ray Train callback that puts each report's (rank 0) metrics on the queue."""
+        """A Ray Train callback that appends each report's (rank 0) metrics to the file."""
         from ray.train import UserCallback
 
-        queue = self.queue
+        path = self.path
 
         class EpochMetricsToDriver(UserCallback):
             def after_report(self, run_context, metrics, checkpoint):
-                queue.put(metrics[0])
+                try:  # progress only: a controller that cannot see the file still trains
+                    with open(path, "a") as out:
+                        out.write(json.dumps(metrics[0], default=float) + "\n")
+                except OSError:
+                    pass
 
         return EpochMetricsToDriver()
 
@@ -42,18 +50,18 @@ class EpochRelay:
     def __exit__(self, *exc_info) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
-        self.queue.shutdown(force=True)
+        os.unlink(self.path)
 
     def _relay(self) -> None:
-        from ray.util.queue import Empty
-
-        while True:
-            try:
-                metrics = self.queue.get(timeout=0.2)
-            except Empty:
-                if self._stop.is_set():
+        with open(self.path) as reports:
+            pending = ""
+            while True:
+                stopping = self._stop.is_set()  # read before the last drain: no line is lost
+                pending += reports.readline()
+                if pending.endswith("\n"):
+                    self.log(self.line(json.loads(pending)))
+                    pending = ""
+                elif stopping:
                     return
-                continue
-            except Exception:  # the queue actor is gone: nothing more will come
-                return
-            self.log(self.line(metrics))
+                else:
+                    self._stop.wait(0.1)
