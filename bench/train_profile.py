@@ -75,7 +75,7 @@ def main() -> None:
         epoch_line,
         predict_split,
     )
-    from mlsd_ray.training.loop import RANK_METRIC
+    from mlsd_ray.training.checkpoint import RANK_METRIC
     from mlsd_ray.training.progress import EpochRelay
 
     phases: dict[str, float] = {}

@@ -13,11 +13,6 @@ import torch
 from mlsd_ray.core.config import TrainConfig
 from mlsd_ray.training.checkpoint import load_train_state, unwrap
 
-# Checkpoints are ranked by val accuracy with ties broken by val loss: on small val splits many
-# epochs reach the same accuracy (often 1.0), and the lowest loss among them generalises best.
-# The loss term (1e-4 × loss) is far below one val sample's share of accuracy.
-RANK_METRIC = "val_rank_score"
-
 
 def optimizer_for(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from mlsd_ray.core.config import Config, TrainConfig
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.runtime import log_stderr
+from mlsd_ray.training.checkpoint import RANK_METRIC
 from mlsd_ray.training.ingest import STREAMING, IngestPlan
-from mlsd_ray.training.loop import RANK_METRIC
 
 
 def check_resources(cfg: TrainConfig) -> None:

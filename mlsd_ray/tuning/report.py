@@ -12,7 +12,7 @@ import pandas as pd
 from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config, dump_yaml
 from mlsd_ray.core.errors import WorkError
-from mlsd_ray.training.loop import RANK_METRIC
+from mlsd_ray.training.checkpoint import RANK_METRIC
 
 
 def trial_rows(grid, plan: dict) -> list[dict]:

@@ -32,7 +32,7 @@ from mlsd_ray.core.config import Config, apply_override, describe_errors, dump_y
 from mlsd_ray.core.errors import InputError, Interrupted
 from mlsd_ray.core.runtime import ensure_ray, log_stderr
 from mlsd_ray.tasks import get_task
-from mlsd_ray.training.loop import RANK_METRIC
+from mlsd_ray.training.checkpoint import RANK_METRIC
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint")
 # The Tune function itself only waits on its trainer; the CPUs go to the Train workers.

@@ -33,7 +33,7 @@ from mlsd_ray.tasks.image.engine import (
     train_one_epoch,
 )
 from mlsd_ray.tasks.image.models import build_model
-from mlsd_ray.training.checkpoint import load_train_state, save_checkpoint
+from mlsd_ray.training.checkpoint import RANK_METRIC, load_train_state, save_checkpoint
 from mlsd_ray.training.host import current
 from mlsd_ray.training.ingest import (
     WorkerData,
@@ -42,7 +42,6 @@ from mlsd_ray.training.ingest import (
     plan_ingest,
 )
 from mlsd_ray.training.loop import (
-    RANK_METRIC,
     all_reduce_sums,
     distributed,
     fast_forward,

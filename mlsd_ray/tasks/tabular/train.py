@@ -30,11 +30,10 @@ from mlsd_ray.tasks.tabular.metrics import choose_threshold, primary_score
 from mlsd_ray.tasks.tabular.monitoring import column_reference, output_reference
 from mlsd_ray.tasks.tabular.prepare import PreparedTable
 from mlsd_ray.tasks.tabular.preprocess import Featurizer
-from mlsd_ray.training.checkpoint import save_checkpoint
+from mlsd_ray.training.checkpoint import RANK_METRIC, save_checkpoint
 from mlsd_ray.training.host import current
 from mlsd_ray.training.ingest import WorkerData, plan_ingest
 from mlsd_ray.training.loop import (
-    RANK_METRIC,
     all_reduce_sums,
     distributed,
     fast_forward,
