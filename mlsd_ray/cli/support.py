@@ -12,7 +12,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
-from contextlib import nullcontext, redirect_stdout
+from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Annotated
 
@@ -61,8 +61,9 @@ def run(as_json: bool, work: Callable[[], dict], render: Callable[[dict], None],
     from mlsd_ray.core import runtime
 
     runtime.configure(quiet=as_json, verbose=verbose)
+    stdout = sys.stderr if as_json else sys.stdout if verbose else runtime.RayEchoFilter(sys.stdout)
     try:
-        with redirect_stdout(sys.stderr) if as_json else nullcontext():
+        with redirect_stdout(stdout):
             result = work()
             if as_json:  # Ray's background threads print (e.g. raylet warnings) until shutdown
                 _disconnect_ray()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
 from pathlib import Path
+from typing import TextIO
 
 _settings = {"quiet": False, "verbose": False}
 
@@ -26,6 +28,37 @@ def configure(quiet: bool = False, verbose: bool = False) -> None:
     _settings["quiet"], _settings["verbose"] = quiet, verbose
     if not verbose:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+# Ray's driver echoes errors its processes report on stdout, as "(raylet) ..." (in colour):
+# for example "Task ServeController.graceful_shutdown failed" each time Serve shuts down.
+_RAY_ECHO = re.compile(r"^(\x1b\[[0-9;]*m)?\((raylet|pid=\d+)[^)]*\)")
+
+
+class RayEchoFilter:
+    """A command's stdout while it works, without --verbose: our lines pass; the lines Ray's
+    driver echoes from its processes are dropped, because Ray's log files, which the output
+    names, hold them already (the driver's core log records the failed task)."""
+
+    def __init__(self, target: TextIO):
+        self.target, self.pending = target, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if not _RAY_ECHO.match(line):
+                self.target.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending and not _RAY_ECHO.match(self.pending):
+            self.target.write(self.pending)
+        self.pending = ""
+        self.target.flush()
+
+    def __getattr__(self, name: str):  # isatty, encoding, fileno: the real stream's
+        return getattr(self.target, name)
 
 
 def ensure_ray(home: str | None = None) -> None:
