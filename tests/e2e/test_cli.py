@@ -191,8 +191,8 @@ SMALL_TRAIN = ["train", "--source", "digits", "--set", "data.image_size=8", "--e
 
 
 def test_train_console_is_our_lines(tmp_path, cluster_env):
-    """One line per epoch reaches the console from the train controller (a queue to the
-    driver, not Ray's log forwarding); Ray's own lines stay in its logs."""
+    """One line per epoch reaches the console from the train controller (a file on the
+    driver's node, not Ray's log forwarding); Ray's own lines stay in its logs."""
     quiet = mlsd(*SMALL_TRAIN, "--home", str(tmp_path / "home"), env=cluster_env)
     assert quiet.returncode == 0, quiet.stderr
     lines = quiet.stderr.splitlines()
