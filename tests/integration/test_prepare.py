@@ -69,8 +69,15 @@ def test_digits_end_to_end(home):
 
     again = prepare_dataset(load_config(), home=home)
     assert again.reused and again.path == dataset.path
-    forced = prepare_dataset(load_config(), home=home, force=True)
-    assert not forced.reused and forced.manifest["counts"] == counts
+    # 180 read tasks instead of 2, finishing in any order: the rows keep the source's order,
+    # because training deals them by position (the same seed must train the same model)
+    forced = prepare_dataset(load_config(None, ["data.rows_per_task=10"]), home=home,
+                             force=True)
+    assert not forced.reused and forced.path == dataset.path
+    assert forced.manifest["counts"] == counts
+    for split in ("train", "val", "test"):
+        order = read_split(forced, split).column("id").to_pylist()
+        assert order == sorted(order), f"{split} rows are not in the source's order"
     changed = prepare_dataset(load_config(None, ["data.seed=1"]), home=home)
     assert changed.path != dataset.path
 

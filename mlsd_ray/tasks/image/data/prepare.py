@@ -40,7 +40,7 @@ from mlsd_ray.tasks.image.data.sources import Source, parse_source
 from mlsd_ray.tasks.image.data.transforms import Preprocessor, channel_moments
 from mlsd_ray.tasks.image.data.validate import DUPLICATE, OK, ValidationSpec, validate_batch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: split files keep the source's row order (1 did not always)
 SPLIT_COLUMNS = ["id", "source", "image", "label", "hash"]
 QUARANTINE_COLUMNS = ["id", "source", "label_name", "status", "detail", "payload"]
 META_COLUMNS = ["id", "source", "label_name", "label", "hash", "status", "detail",
@@ -208,7 +208,12 @@ def prepare_dataset(cfg: Config, home: str | None = None, force: bool = False,
     size = f"{spec.image_size}×{spec.image_size}×{spec.channels}"
     log(f"[1/4] reading and validating {cfg.data.source} with Ray Data "
         f"({_plural(len(class_names), 'class', 'classes')}, output {size})")
-    validated = source.read(then=functools.partial(validate_batch, spec=spec)).materialize()
+    validated = source.read(then=functools.partial(validate_batch, spec=spec))
+    # Blocks in source order through every step below (datasets derived from this one share
+    # its context). Else the split files list rows in whichever read task finished first, and
+    # training, which deals rows by position, trains another model from the same seed.
+    validated.context.execution_options.preserve_order = True
+    validated = validated.materialize()
     meta = validated.select_columns(META_COLUMNS).to_pandas()
     if meta.empty:
         raise InputError(f"source {cfg.data.source} has no rows")
