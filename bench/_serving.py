@@ -40,11 +40,10 @@ def model_checkpoint(ref: str, home: str | None) -> dict:
     """The registered model to serve and its local checkpoint; exits 2 with the fix if none."""
     from mlsd_ray import registry
     from mlsd_ray.core.errors import InputError
-    from mlsd_ray.serve.control import resolve_model_ref
 
     try:
-        model = resolve_model_ref(ref, home)
-        return {**model, "checkpoint": registry.resolve(model["uri"], home)}
+        model = registry.pin(ref, home)
+        return {**model.as_dict(), "checkpoint": model.path}
     except InputError as exc:
         sys.exit(f"{exc}\nrun `mlsd pipeline` first (or pass --model / --home)")
 

@@ -30,7 +30,7 @@ _USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 @dataclass(frozen=True)
 class PinnedModel:
-    """A model reference pinned to one version before it is deployed or used (an alias may
+    """A model reference pinned to one version (`pin`) before it is deployed or used (an alias may
     move later): its URI (`models:/NAME/VERSION`, or a checkpoint folder), name, version
     number ("local" for a folder), the registry's metrics, and `path`, the checkpoint on the
     machine that pinned it."""
@@ -228,6 +228,27 @@ def promote(name: str, version: int, alias: str = "production", home: str | None
     show(f"{name}/{version}", home)  # a clear error for a missing model or version
     mlflow_client.set_registered_model_alias(name, alias, str(version))
     return show(f"{name}@{alias}", home)
+
+
+def pin(ref: str, home: str | None = None) -> PinnedModel:
+    """Pin a model reference (`models:/NAME[/VERSION|@ALIAS]` or a checkpoint folder) to one
+    version before deploying or using it (an alias may move later); its checkpoint is
+    downloaded and checked now, so a broken artifact fails here. InputError (exit 2) when the
+    reference does not resolve."""
+    from mlsd_ray.training.checkpoint import verify
+
+    if ref.startswith("models:/"):
+        info = show(ref, home)
+        path = resolve(info["uri"], home)
+        metrics = {key: info[key] for key in ("val_accuracy", "test_accuracy", "val_score",
+                                              "test_score")}
+        return PinnedModel(info["uri"], info["name"], str(info["version"]), path, metrics)
+    path = os.path.abspath(ref)
+    if not os.path.isdir(path):
+        raise InputError(f"model {ref!r} is neither models:/NAME[/VERSION|@ALIAS] nor a "
+                         "checkpoint directory")
+    verify(path)
+    return PinnedModel(path, os.path.basename(path), "local", path)
 
 
 def resolve(ref: str, home: str | None = None) -> str:

@@ -87,10 +87,10 @@ def _predict_inputs(cfg, inputs: str, model: str | None, home: str | None):
     from its checkpoint, predicts them)."""
     import pandas as pd
 
-    from mlsd_ray.serve.control import resolve_model_ref
+    from mlsd_ray import registry
     from mlsd_ray.tasks import task_of_checkpoint
 
-    resolved = resolve_model_ref(model or cfg.serve.model, home)
+    resolved = registry.pin(model or cfg.serve.model, home)
     task = task_of_checkpoint(resolved.path)
     task.set_source(cfg, inputs)
     summary = task.predict_offline(resolved, cfg, None, home, log_stderr)

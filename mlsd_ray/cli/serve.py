@@ -169,10 +169,10 @@ def predict(files: Annotated[list[Path] | None, typer.Argument(
             return chosen.of(cfg).predict_online(url, files)
         if not model:
             raise InputError("give --model (offline over --source) or --url with FILEs")
-        from mlsd_ray.serve.control import resolve_model_ref
+        from mlsd_ray import registry
         from mlsd_ray.tasks import task_of_checkpoint
 
-        resolved = resolve_model_ref(model, home)
+        resolved = registry.pin(model, home)
         chosen.task = task_of_checkpoint(resolved.path)
         chosen.task.set_source(cfg, source)
         return chosen.task.predict_offline(resolved, cfg, str(out) if out else None, home,

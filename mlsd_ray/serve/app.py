@@ -139,13 +139,13 @@ def _too_large(size: int, limit: int) -> ClientError:
 def build_app(args: dict) -> serve.Application:
     """Application builder: args = the `serve` config keys plus optional `home`. Builds the
     app of the task that trained `model` (its checkpoint says which), as `mlsd serve` does."""
-    from mlsd_ray.serve.control import resolve_model_ref
+    from mlsd_ray import registry
     from mlsd_ray.tasks import task_of_checkpoint
 
     args = dict(args)
     home = args.pop("home", None)
     settings = ServeConfig.model_validate(args)
-    model = resolve_model_ref(settings.model, home)
+    model = registry.pin(settings.model, home)
     task = task_of_checkpoint(model.path)
     return task.serve_application(settings, model, home).application
 

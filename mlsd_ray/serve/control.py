@@ -20,33 +20,13 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from mlsd_ray import registry
 from mlsd_ray.core import storage
 from mlsd_ray.core.config import ServeConfig
 from mlsd_ray.core.errors import InputError, WorkError
 from mlsd_ray.core.runtime import log_stderr, quiet_serve_console
-from mlsd_ray.registry import PinnedModel
 
 HEALTH_TIMEOUT_S = 120.0
-
-
-def resolve_model_ref(ref: str, home: str | None) -> PinnedModel:
-    """Pin a model reference to one version before deploying (an alias may move later);
-    InputError (exit 2) when it does not resolve."""
-    from mlsd_ray import registry
-    from mlsd_ray.training.checkpoint import verify
-
-    if ref.startswith("models:/"):
-        info = registry.show(ref, home)
-        path = registry.resolve(info["uri"], home)  # download now: a broken artifact fails here
-        metrics = {key: info[key] for key in ("val_accuracy", "test_accuracy", "val_score",
-                                              "test_score")}
-        return PinnedModel(info["uri"], info["name"], str(info["version"]), path, metrics)
-    path = os.path.abspath(ref)
-    if not os.path.isdir(path):
-        raise InputError(f"model {ref!r} is neither models:/NAME[/VERSION|@ALIAS] nor a "
-                         "checkpoint directory")
-    verify(path)
-    return PinnedModel(path, os.path.basename(path), "local", path)
 
 
 def state_file(home: str | None, app_name: str) -> Path:
@@ -89,7 +69,7 @@ def start(settings: ServeConfig, home: str | None = None, detach: bool = False,
     from mlsd_ray.tasks import task_of_checkpoint
 
     quiet_serve_console()
-    model = resolve_model_ref(settings.model, home)
+    model = registry.pin(settings.model, home)
     task = task_of_checkpoint(model.path)
     settings = settings.model_copy(update={"model": model.uri})
     cluster = _connect_for(home, settings, detach, log)
@@ -338,7 +318,7 @@ def deploy(model_ref: str, home: str | None = None, app_name: str = "mlsd",
 
     quiet_serve_console()
     state = read_state(home, app_name)
-    model = resolve_model_ref(model_ref, home)
+    model = registry.pin(model_ref, home)
     task = task_of_checkpoint(model.path)
     if task.name != state.get("task", "image"):
         raise InputError(f"{model_ref} is a {task.name} model; app {app_name!r} serves the "

@@ -97,12 +97,11 @@ def retrain(cfg: Config, source: str, home: str | None = None, model: str | None
     under load)."""
     from mlsd_ray import registry
     from mlsd_ray.core.runtime import ensure_ray
-    from mlsd_ray.serve.control import resolve_model_ref
     from mlsd_ray.tasks import task_of_checkpoint
     from mlsd_ray.training.trainer import fit_to_free_cpus
 
     started = time.perf_counter()
-    champion_info = resolve_model_ref(model or cfg.serve.model, home)
+    champion_info = registry.pin(model or cfg.serve.model, home)
     if champion_info.version == "local":
         raise InputError("retrain needs a registered champion (models:/NAME@ALIAS), not a "
                          "checkpoint folder: gated promotion moves a registry alias")

@@ -20,6 +20,7 @@ import pytest
 import requests
 from PIL import Image
 
+from mlsd_ray import registry
 from mlsd_ray.core.config import ServeConfig, load_config
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.registry import log_and_register
@@ -232,9 +233,9 @@ def test_least_connections_prefers_the_idle_replica(served):
 
 def test_unresolvable_model_is_an_input_error(served):
     with pytest.raises(InputError, match="no registered model version"):
-        control.resolve_model_ref("models:/digits-cnn@nope", served["home"])
+        registry.pin("models:/digits-cnn@nope", served["home"])
     with pytest.raises(InputError, match="neither"):
-        control.resolve_model_ref("/no/such/checkpoint", served["home"])
+        registry.pin("/no/such/checkpoint", served["home"])
 
 
 def test_batch_predict_over_a_folder_keeps_bad_files(served, tmp_path):
@@ -247,7 +248,7 @@ def test_batch_predict_over_a_folder_keeps_bad_files(served, tmp_path):
     (tmp_path / "digits" / "3" / "broken.png").write_bytes(b"\x89PNG truncated")
     cfg = load_config(None, [f"data.source=folder:{tmp_path / 'digits'}"])
     out = str(tmp_path / "predictions")
-    model = control.resolve_model_ref("models:/digits-cnn/1", served["home"])
+    model = registry.pin("models:/digits-cnn/1", served["home"])
     summary = predict_dataset(model, cfg, out, served["home"], lambda _: None)
     assert summary["rows"] == 31 and summary["predicted"] == 30
     assert summary["rejected"] == {"corrupt_image": 1}

@@ -98,7 +98,7 @@ class Predictor:
 def predict_dataset(model: PinnedModel, cfg: Config, out: str | None, home: str | None,
                     log: Callable[[str], None]) -> dict:
     """Predict every row of `cfg.data.source` with `model` (serve/control.py's
-    `resolve_model_ref` pins one); write parquet; return counts and accuracy."""
+    `registry.pin` pins one); write parquet; return counts and accuracy."""
     import ray
     import ray.data
 
