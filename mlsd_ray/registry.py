@@ -239,7 +239,7 @@ def pin(ref: str, home: str | None = None) -> PinnedModel:
 
     if ref.startswith("models:/"):
         info = show(ref, home)
-        path = resolve(info["uri"], home)
+        path = _local_copy(info, home)
         metrics = {key: info[key] for key in ("val_accuracy", "test_accuracy", "val_score",
                                               "test_score")}
         return PinnedModel(info["uri"], info["name"], str(info["version"]), path, metrics)
@@ -261,9 +261,13 @@ def resolve(ref: str, home: str | None = None) -> str:
         if not Path(ref).is_dir():
             raise InputError(f"no checkpoint at {ref}")
         return ref
+    return _local_copy(show(ref, home), home)
+
+
+def _local_copy(info: dict, home: str | None) -> str:
+    """The registry-cache folder of the version `info` (a `show` result), downloaded once."""
     import mlflow
 
-    info = show(ref, home)
     target = Path(storage.home(home), "registry-cache", info["name"], str(info["version"]))
     if (target / "checksums.json").is_file():
         return str(target)
