@@ -7,7 +7,10 @@ Targets on 2 cores: Serve >= 1.0x plain FastAPI's requests/s at equal or better 
 >= 50% of the bare batched forward rate.
 
     python bench/serve_load.py [--model models:/digits-cnn@production] [--home DIR]
-                               [--users 32] [--seconds 30]
+                               [--users 32] [--seconds 30] [--topology single split]
+
+Each `serve.topology` given is measured in turn (single: routes and model in one replica;
+split: an ingress replica in front of the model replica).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def bare_forward_rate(checkpoint: str, batch: int, seconds: float = 5.0) -> dict
     return {"images_per_s": round(done / (time.perf_counter() - started), 1), "batch": batch}
 
 
-def ray_serve(model_uri: str, home: str | None, args) -> dict:
+def ray_serve(model_uri: str, home: str | None, args, topology: str) -> dict:
     import ray
     from ray import serve
 
@@ -66,7 +69,8 @@ def ray_serve(model_uri: str, home: str | None, args) -> dict:
     port = free_port()
     settings = ServeConfig(model=model_uri, port=port, num_cpus=1, max_batch_size=32,
                            max_ongoing_requests=64, batch_wait_timeout_s=args.batch_wait,
-                           autoscaling={"min_replicas": 1, "max_replicas": 1})
+                           autoscaling={"min_replicas": 1, "max_replicas": 1},
+                           topology=topology)
     try:
         control.start(settings, home=home, log=lambda _: None)
         return locust(f"http://127.0.0.1:{port}", args.users, args.seconds, digit_body())
@@ -92,6 +96,8 @@ def plain_fastapi(checkpoint: str, args) -> dict:
 def main() -> None:
     parser = load_parser(__doc__)
     parser.add_argument("--batch-wait", type=float, default=0.005)
+    parser.add_argument("--topology", nargs="+", choices=("single", "split"),
+                        default=["single", "split"])
     args = parser.parse_args()
     model = model_checkpoint(args.model, args.home)
     bare = bare_forward_rate(model["checkpoint"], batch=32)
@@ -99,16 +105,18 @@ def main() -> None:
     plain = plain_fastapi(model["checkpoint"], args)
     print(json.dumps({"bench": "serve_load", "system": "plain_fastapi", "users": args.users,
                       "seconds": args.seconds, **plain}), flush=True)
-    ours = ray_serve(model["uri"], args.home, args)
-    print(json.dumps({"bench": "serve_load", "system": "ray_serve_batched",
-                      "users": args.users, "seconds": args.seconds, **ours}), flush=True)
-    print(json.dumps({
-        "bench": "serve_load", "model": model["uri"],
-        "serve_vs_fastapi_throughput": round(ours["requests_per_s"] / plain["requests_per_s"], 3),
-        "serve_vs_fastapi_p99": round(ours["p99_ms"] / plain["p99_ms"], 3),
-        "serve_vs_bare_forward": round(ours["requests_per_s"] / bare["images_per_s"], 3),
-        "errors": {"serve": ours["failures"], "fastapi": plain["failures"]}}))
-
+    for topology in args.topology:
+        ours = ray_serve(model["uri"], args.home, args, topology)
+        print(json.dumps({"bench": "serve_load", "system": "ray_serve_batched",
+                          "topology": topology, "users": args.users, "seconds": args.seconds,
+                          **ours}), flush=True)
+        print(json.dumps({
+            "bench": "serve_load", "model": model["uri"], "topology": topology,
+            "serve_vs_fastapi_throughput": round(ours["requests_per_s"]
+                                                 / plain["requests_per_s"], 3),
+            "serve_vs_fastapi_p99": round(ours["p99_ms"] / plain["p99_ms"], 3),
+            "serve_vs_bare_forward": round(ours["requests_per_s"] / bare["images_per_s"], 3),
+            "errors": {"serve": ours["failures"], "fastapi": plain["failures"]}}), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -219,9 +219,15 @@ class ServeConfig(StrictModel):
     proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = Field(
         "EveryNode", description="Which nodes run an HTTP proxy on `port` (fixed when Serve "
         "first starts). HeadOnly when several Ray nodes share one machine.")
-    ingress_num_cpus: float = Field(0.25, ge=0, description="CPUs of the HTTP ingress replica.")
+    topology: Literal["single", "split"] = Field(
+        "single", description="single: each replica holds the routes and the model (one hop, "
+        "the fast path). split: an ingress replica decodes requests and calls model replicas "
+        "(one hop more; the model scales apart from decoding, e.g. on GPUs).")
+    ingress_num_cpus: float = Field(0.25, ge=0, description="CPUs of the HTTP ingress replica "
+                                    "(split topology).")
     router: Literal["pow2", "round_robin", "least_connections", "consistent_hash"] = Field(
-        "pow2", description="How the ingress picks a model replica.")
+        "pow2", description="How a request finds a model replica (Serve's proxy picks it in "
+        "the single topology, the ingress in the split one).")
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     max_instances: int = Field(256, ge=1, description="Instances per request, at most.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Request bodies above "

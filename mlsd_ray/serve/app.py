@@ -1,8 +1,18 @@
-"""What every task's Serve app shares: JSON errors (`{"error": {"code", "message"}}` with a 4xx
-for what the client got wrong), bearer-token auth, body limits, the prediction log a model
-replica writes, the model deployment's options (autoscaling, concurrency, router), and
-`build_app`, the builder behind `serve run` and the Serve configs in cluster/
-(`import_path: mlsd_ray.serve.app:build_app`).
+"""What every task's Serve app shares: the topology (`bind_app`), JSON errors
+(`{"error": {"code", "message"}}` with a 4xx for what the client got wrong), bearer-token auth,
+body limits, the prediction log a model replica writes, the model deployment's options
+(autoscaling, concurrency, router), and `build_app`, the builder behind `serve run` and the
+Serve configs in cluster/ (`import_path: mlsd_ray.serve.app:build_app`).
+
+Topology (`serve.topology`):
+
+    single (default)  client --HTTP--> proxy --> App replica (routes + batched model)
+    split             client --HTTP--> proxy --> Ingress replica (routes) --> Model replica
+
+One hop less is the fast path: every hop costs CPU per request (docs/serving.md). Split lets
+the model scale apart from the CPU work of decoding requests, e.g. GPU model replicas behind
+CPU ingress replicas. Either way one class holds a task's routes: it reaches the model through
+`LocalModel` (the batched method of its own replica) or `RemoteModel` (a handle).
 
 A task's own app (its routes, decoding and answers) lives with the task:
 tasks/image/serve.py, tasks/tabular/serve.py; `Task.serve_application` binds it.
@@ -14,6 +24,7 @@ import asyncio
 import hashlib
 import hmac
 import os
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,6 +34,7 @@ from ray.serve.config import RequestRouterConfig
 from starlette.exceptions import HTTPException
 
 from mlsd_ray.core.config import PredictionLogConfig, ServeConfig
+from mlsd_ray.registry import PinnedModel
 from mlsd_ray.serve.routers import ROUTER_CLASSES
 from mlsd_ray.serve.schemas import ClientError
 
@@ -32,6 +44,25 @@ REQUEST_ID_HEADER = "x-request-id"  # Serve's proxy sets it when the client did 
 
 
 # ----------------------------------------------------------------------------- model replicas
+
+
+@dataclass(frozen=True)
+class ReplicaSettings:
+    """What a model replica needs besides the model: its MLSD_HOME, batching, torch threads
+    and the prediction log's settings."""
+
+    home: str
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    threads: int
+    log_settings: dict
+
+    @classmethod
+    def from_config(cls, settings: ServeConfig, home: str | None) -> ReplicaSettings:
+        from mlsd_ray.core import storage
+
+        return cls(storage.home(home), settings.max_batch_size, settings.batch_wait_timeout_s,
+                   max(1, round(settings.num_cpus)), settings.prediction_log.model_dump())
 
 
 class LoggingReplica:
@@ -65,6 +96,96 @@ class LoggingReplica:
         log = getattr(self, "log", None)
         if log is not None:
             await asyncio.to_thread(log.close)
+
+
+# ----------------------------------------------------------------------------- topology
+
+
+class LocalModel:
+    """The model in the routes' own replica (single hop): its batched method, called directly."""
+
+    def __init__(self, replica):
+        self._replica = replica
+
+    async def run_batch(self, payload: dict, session_key: str | None = None) -> dict:
+        return await self._replica.run_batch(payload)
+
+    async def describe(self) -> dict:
+        return self._replica.describe()
+
+
+class RemoteModel:
+    """The model deployment behind an ingress (split topology), through its handle."""
+
+    def __init__(self, handle, sticky: bool):
+        self._handle = handle
+        self._sticky = sticky  # consistent hashing: route by the session key
+
+    async def run_batch(self, payload: dict, session_key: str | None = None) -> dict:
+        """One retry when the replica died under us: predictions are idempotent."""
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        handle = self._handle
+        if self._sticky and session_key is not None:
+            handle = handle.options(session_id=session_key)
+        for attempt in range(2):
+            try:
+                return await handle.run_batch.remote(payload)
+            except (RayActorError, ActorUnavailableError) as exc:
+                if attempt:
+                    raise ClientError(503, "model_unavailable",
+                                      f"model replica unavailable: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    async def describe(self) -> dict:
+        return await self._handle.describe.remote()
+
+
+class ModelRoutes:
+    """Mixin of a task's routes class, which also inherits the task's model replica (a
+    LoggingReplica with `load`, `run_batch` and `describe`; used in the single topology only):
+    `attach` reaches the model either way."""
+
+    model: LocalModel | RemoteModel
+
+    def attach(self, model, replica: ReplicaSettings, sticky: bool) -> None:
+        """`model` is a PinnedModel (single: load it here) or the Model deployment's handle."""
+        if isinstance(model, PinnedModel):
+            self.load(model, replica)
+            self.model = LocalModel(self)
+        else:
+            self.model = RemoteModel(model, sticky)
+
+
+@dataclass(frozen=True)
+class AppClasses:
+    """A task's two classes and their deployments' names: `routes` (FastAPI routes, a
+    subclass of `model` and ModelRoutes, wrapped by serve.ingress) and `model` (the batched
+    model replica)."""
+
+    routes: type
+    model: type
+    routes_name: str
+    model_name: str
+
+
+def bind_app(classes: AppClasses, settings: ServeConfig, model: PinnedModel,
+             home: str | None, route_settings: dict) -> serve.Application:
+    """The application in the configured topology. Single: one deployment named after the
+    model (the routes and the batched model together) with the model's options (autoscaling,
+    router, CPUs). Split: the routes as `routes_name` (one ingress replica) in front of the
+    model deployment."""
+    replica = ReplicaSettings.from_config(settings, home)
+    options = model_options(settings)
+    if settings.topology == "single":
+        return serve.deployment(classes.routes, name=classes.model_name).options(
+            **options).bind(model, replica, route_settings)
+    scorer = serve.deployment(classes.model, name=classes.model_name).options(
+        **options).bind(model, replica)
+    return serve.deployment(classes.routes, name=classes.routes_name).options(
+        ray_actor_options={"num_cpus": settings.ingress_num_cpus},
+        max_ongoing_requests=max(256, 4 * settings.max_ongoing_requests),
+    ).bind(scorer, replica, route_settings)
 
 
 # ----------------------------------------------------------------------------- HTTP

@@ -73,10 +73,12 @@ def start(settings: ServeConfig, home: str | None = None, detach: bool = False,
     task = task_of_checkpoint(model.path)
     settings = settings.model_copy(update={"model": model.uri})
     cluster = _connect_for(home, settings, detach, log)
+    _fresh_proxy_for_a_new_router(settings, home, log)
     serve.start(proxy_location=settings.proxy_location,
                 http_options={"host": settings.host, "port": settings.port})
     log(f"deploying {model.uri} ({task.name} task) as app {settings.app_name!r} "
-        f"({settings.router} routing, {settings.autoscaling.min_replicas}-"
+        f"({settings.topology} topology, {settings.router} routing, "
+        f"{settings.autoscaling.min_replicas}-"
         f"{settings.autoscaling.max_replicas} replicas)")
     started = time.perf_counter()
     served = task.serve_application(settings, model, home)
@@ -111,6 +113,35 @@ def serve_until_interrupted(summary: dict, log: Callable[[str], None] = log_stde
         remove_app(summary["app_name"])
         ray.shutdown()
         state_file(summary["home"], summary["app_name"]).unlink(missing_ok=True)
+
+
+def _fresh_proxy_for_a_new_router(settings: ServeConfig, home: str | None,
+                                  log: Callable[[str], None]) -> None:
+    """In the single topology Serve's HTTP proxy routes to the model replicas, and it builds a
+    deployment's router once and keeps it while it lives (Ray 2.60 caches its handle by
+    deployment name, across redeploys). So an app redeployed with another router gets a
+    restarted Serve when no other app runs on it, and a clear refusal when one does."""
+    from ray import serve
+
+    path = state_file(home, settings.app_name)
+    if settings.topology != "single" or not path.is_file():
+        return
+    before = json.loads(path.read_text()).get("serve", {})
+    if before.get("topology") != "single" or before.get("router") == settings.router:
+        return
+    current = serve.status()
+    if not current.proxies:
+        return  # Serve is not running: its next proxy starts fresh
+    others = sorted(set(current.applications) - {settings.app_name})
+    if others:
+        raise InputError(f"app {settings.app_name!r} changes its router from "
+                         f"{before.get('router')} to {settings.router}, but Serve's HTTP proxy "
+                         "keeps the router it built while other apps run on it "
+                         f"({', '.join(others)}); deploy under another --app-name, or set "
+                         "serve.topology=split")
+    log(f"router {before.get('router')} -> {settings.router}: restarting Serve, whose HTTP "
+        "proxy keeps the router it built")
+    serve.shutdown()
 
 
 def remove_app(app_name: str) -> None:

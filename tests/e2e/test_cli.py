@@ -171,6 +171,7 @@ def check_serve_commands(home: str, cluster_env: dict, tmp_path, production: str
         status = json.loads(status.stdout)
         assert status["status"] == "RUNNING" and status["model_version"] == production
         assert status["deployments"]["Model"]["replicas"] == {"RUNNING": 1}
+        assert set(status["deployments"]) == {"Model"}  # one hop: routes and model together
 
         sent = mlsd("predict", "--url", url, str(tmp_path / "digit.png"), "--json")
         assert sent.returncode == 0, sent.stderr

@@ -141,9 +141,12 @@ def fraud_url(fraud_model):
 
     cfg, summary, home = fraud_model
     log = cfg.serve.prediction_log.model_copy(update={"flush_seconds": 0.5})
+    # Two replicas (routes and model in each): a policy set through one reaches both.
+    two = cfg.serve.autoscaling.model_copy(update={"min_replicas": 2, "max_replicas": 2})
     settings = cfg.serve.model_copy(update={"model": summary["registered"]["uri"],
-                                            "port": control.free_port(),
-                                            "max_body_bytes": 4096, "prediction_log": log})
+                                            "port": control.free_port(), "num_cpus": 0.25,
+                                            "autoscaling": two, "max_body_bytes": 4096,
+                                            "prediction_log": log})
     served = control.start(settings, home, log=print)  # its checkpoint says: tabular
     assert (served["task"], served["route_prefix"]) == ("tabular", "/v1/fraud")
     yield served["score_url"].removesuffix("/score")
@@ -174,8 +177,13 @@ def test_threshold_and_rules_change_live(fraud_url):
     before = requests.get(f"{fraud_url}/policy", timeout=10).json()
     changed = requests.put(f"{fraud_url}/policy", json={"threshold": 0.0}, timeout=10)
     assert changed.status_code == 200 and changed.json()["threshold"] == 0.0
-    safe = requests.post(f"{fraud_url}/score", json={"records": [SAFE]}, timeout=30).json()
-    assert safe["results"][0]["model_decision"] != "approve"  # everything reaches 0.0
+    replicas = set()
+    for _ in range(12):  # the PUT reached one replica; the other reads the policy file
+        safe = requests.post(f"{fraud_url}/score", json={"records": [SAFE]}, timeout=30).json()
+        assert safe["results"][0]["model_decision"] != "approve"  # everything reaches 0.0
+        assert safe["threshold"] == 0.0
+        replicas.add(safe["replica"])
+    assert len(replicas) == 2, replicas
     bad = requests.put(f"{fraud_url}/rules", data="rules:\n  - name: x\n    when: amount >> 1\n"
                        "    action: review\n", timeout=10)
     assert bad.status_code == 400 and "line 3" in bad.json()["error"]["message"]

@@ -1,16 +1,18 @@
-"""The image app: an HTTP ingress (FastAPI) in front of a model deployment.
+"""The image app: HTTP routes (FastAPI) and a batched model, in one replica or two hops
+(`serve.topology`, serve/app.py's `bind_app`):
 
-    client --HTTP--> Ingress (validate, decode, auth, errors) --handle--> Model (batching,
-                                                                           autoscaling, router)
+    client --HTTP--> ImageApp (validate, decode, auth, errors) --> ImageModel.run_batch
+                                                                   (batching, prediction log)
 
     POST /v1/predict   instances (arrays, base64 PNG/JPEG) or multipart image files
     GET  /v1/health    200 once a replica holds the model
     GET  /v1/model     the served version, its classes and input
 
-What every app shares (errors, auth, body limits, the prediction log, deployment options, the
-builder for `serve run`) is in serve/app.py. Each model replica loads the checkpoint that the
-deploying driver pinned when its machine sees it, else the registry's copy (registry.py's
-`PinnedModel`), so the same app runs on a laptop and on a cluster with a shared registry.
+What every app shares (topology, errors, auth, body limits, the prediction log, deployment
+options, the builder for `serve run`) is in serve/app.py. Each model replica loads the
+checkpoint that the deploying driver pinned when its machine sees it, else the registry's copy
+(registry.py's `PinnedModel`), so the same app runs on a laptop and on a cluster with a shared
+registry.
 """
 
 from __future__ import annotations
@@ -34,11 +36,14 @@ from mlsd_ray.registry import PinnedModel
 from mlsd_ray.serve.app import (
     REQUEST_ID_HEADER,
     SESSION_HEADER,
+    AppClasses,
     LoggingReplica,
+    ModelRoutes,
+    ReplicaSettings,
     add_error_handlers,
     authorize,
+    bind_app,
     error_response,
-    model_options,
     read_body,
     token_sha256,
 )
@@ -78,30 +83,32 @@ def load_served_model(model: PinnedModel, home: str | None) -> tuple[Any, dict]:
     return loaded, info
 
 
-@serve.deployment(name="Model")
-class ModelServer(LoggingReplica):
+class ImageModel(LoggingReplica):
     """The network behind dynamic batching: one forward pass for many requests. Each batch is
     also counted (metrics) and recorded in the prediction log for `mlsd monitor`."""
 
-    def __init__(self, model: PinnedModel, home: str | None, max_batch_size: int,
-                 batch_wait_timeout_s: float, threads: int, log_settings: dict | None = None):
+    def __init__(self, model: PinnedModel, replica: ReplicaSettings):
+        self.load(model, replica)
+
+    def load(self, model: PinnedModel, replica: ReplicaSettings) -> None:
         import torch
 
-        torch.set_num_threads(threads)  # replicas share the machine: no thread oversubscription
-        self.loaded, self.info = load_served_model(model, home)
-        self.predict.set_max_batch_size(max_batch_size)
-        self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        # Replicas share the machine: no thread oversubscription.
+        torch.set_num_threads(replica.threads)
+        self.loaded, self.info = load_served_model(model, replica.home)
+        self.run_batch.set_max_batch_size(replica.max_batch_size)
+        self.run_batch.set_batch_wait_timeout_s(replica.batch_wait_timeout_s)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.metrics = model_metrics()
         self.version_tags = {"model_name": self.info["model_name"],
                              "model_version": self.info["model_version"]}
-        self._open_log(log_settings, home)
+        self._open_log(replica.log_settings, replica.home)
 
     def describe(self) -> dict:
         return {**self.info, "replica": self.replica, "prediction_log": self.log_stats()}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def predict(self, requests: list[dict]) -> list[dict]:
+    async def run_batch(self, requests: list[dict]) -> list[dict]:
         """Each request: {"images": [uint8 arrays], "request_id", "received" (epoch s)};
         answers are class probabilities per image."""
         sizes = [len(r["images"]) for r in requests]
@@ -190,13 +197,12 @@ _PREDICT_BODY = {"requestBody": {"required": True, "content": {
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 422, 503)}
 
 
-@serve.deployment(name="Ingress")
 @serve.ingress(api)
-class Ingress:
-    """Validates and decodes requests, calls the model deployment, shapes answers and errors."""
+class ImageApp(ImageModel, ModelRoutes):
+    """Validates and decodes requests, calls the model (in this replica or the Model
+    deployment), shapes answers and errors."""
 
-    def __init__(self, model, settings: dict):
-        self.model = model
+    def __init__(self, model, replica: ReplicaSettings, settings: dict):
         self.max_instances = settings["max_instances"]
         self.max_body_bytes = settings["max_body_bytes"]
         self.top_k = settings["top_k"]
@@ -204,6 +210,7 @@ class Ingress:
         self.sticky = settings["router"] == "consistent_hash"
         self.drift_file = settings.get("drift_file")
         self.drift_read_at = -DRIFT_REFRESH_S
+        self.attach(model, replica, sticky=self.sticky)
 
     @api.post("/v1/predict", response_model=schemas.PredictResponse, responses=_ERRORS,
               openapi_extra=_PREDICT_BODY, summary="Classify images")
@@ -213,8 +220,9 @@ class Ingress:
         self._authorize(request)
         images = await self._instances(request)
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-        answer = await self._call_model(request, {"images": images, "request_id": request_id,
-                                                  "received": received})
+        answer = await self.model.run_batch(
+            {"images": images, "request_id": request_id, "received": received},
+            self._session_key(request))
         await self._refresh_drift_gauge()
         return {"predictions": schemas.top_k(answer["probabilities"], answer["classes"],
                                              self.top_k),
@@ -225,7 +233,7 @@ class Ingress:
     @api.get("/v1/health", summary="200 once the model is loaded")
     async def health(self) -> JSONResponse:
         try:
-            info = await asyncio.wait_for(self.model.describe.remote(), timeout=30)
+            info = await asyncio.wait_for(self.model.describe(), timeout=30)
         except Exception as exc:  # no replica yet, or it died: not ready
             return error_response(503, "not_ready", f"model not ready: {type(exc).__name__}")
         return JSONResponse({"status": "ok", "model_name": info["model_name"],
@@ -234,7 +242,7 @@ class Ingress:
     @api.get("/v1/model", responses=_ERRORS, summary="The served model version and its schema")
     async def model_info(self, request: Request) -> dict:
         self._authorize(request)
-        return await self.model.describe.remote()
+        return await self.model.describe()
 
     async def _refresh_drift_gauge(self) -> None:
         """Publish the latest `mlsd monitor` score (read at most every DRIFT_REFRESH_S)."""
@@ -277,40 +285,27 @@ class Ingress:
             raise ClientError(413, "too_many_instances", f"more than {self.max_instances} files")
         return [schemas.decode_upload(await f.read(), f.filename or "upload") for f in files]
 
-    async def _call_model(self, request: Request, payload: dict) -> dict:
-        """One retry when the replica died under us: predictions are idempotent."""
-        from ray.exceptions import ActorUnavailableError, RayActorError
+    def _session_key(self, request: Request) -> str | None:
+        """Split topology with consistent hashing keys on the session: the header, else the
+        client's address (single hop: Serve's proxy keys on the header itself)."""
+        if not self.sticky:
+            return None
+        return request.headers.get(SESSION_HEADER) or (request.client.host
+                                                       if request.client else "")
 
-        handle = self.model
-        if self.sticky:  # consistent hashing keys on the session: header, else client address
-            key = request.headers.get(SESSION_HEADER) or (request.client.host
-                                                          if request.client else "")
-            handle = handle.options(session_id=key)
-        for attempt in range(2):
-            try:
-                return await handle.predict.remote(payload)
-            except (RayActorError, ActorUnavailableError) as exc:
-                if attempt:
-                    raise ClientError(503, "model_unavailable",
-                                      f"model replica unavailable: {exc}") from exc
-        raise AssertionError("unreachable")
+
+CLASSES = AppClasses(routes=ImageApp, model=ImageModel, routes_name="Ingress",
+                     model_name="Model")
 
 
 def app_from_config(settings: ServeConfig, model: PinnedModel,
                     home: str | None = None) -> serve.Application:
-    """Bind the two deployments with the configured batching, autoscaling and router."""
+    """The image app in the configured topology, batching, autoscaling and router."""
     from mlsd_ray.core import storage
 
-    options = model_options(settings)
-    scorer = ModelServer.options(**options).bind(
-        model, storage.home(home), settings.max_batch_size,
-        settings.batch_wait_timeout_s, max(1, round(settings.num_cpus)),
-        settings.prediction_log.model_dump())
-    ingress_settings = {"max_instances": settings.max_instances,
-                        "max_body_bytes": settings.max_body_bytes, "top_k": settings.top_k,
-                        "router": settings.router,
-                        "drift_file": storage.join(storage.home(home), "monitor", "latest.json"),
-                        "token_sha256": token_sha256()}
-    return Ingress.options(ray_actor_options={"num_cpus": settings.ingress_num_cpus},
-                           max_ongoing_requests=max(256, 4 * settings.max_ongoing_requests),
-                           ).bind(scorer, ingress_settings)
+    route_settings = {"max_instances": settings.max_instances,
+                      "max_body_bytes": settings.max_body_bytes, "top_k": settings.top_k,
+                      "router": settings.router,
+                      "drift_file": storage.join(storage.home(home), "monitor", "latest.json"),
+                      "token_sha256": token_sha256()}
+    return bind_app(CLASSES, settings, model, home, route_settings)

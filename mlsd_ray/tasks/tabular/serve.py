@@ -8,12 +8,13 @@
     PUT  /v1/fraud/rules    a rules YAML body: checked, then in force; a bad file is refused
                             with its line and reason, and the rules in force stay
 
-The model deployment batches records from many requests into one forward pass (serve.batch)
-and autoscales like the image model, and it writes a prediction-log row per record (the
-record's columns, score and predicted class: tabular/monitoring.py) for `mlsd monitor`; the
-ingress checks records (records.py), applies the threshold and the rules (rules.py), and keeps
-the policy in a file under MLSD_HOME, so that a restarted ingress replica serves the policy
-last set, not the one it was deployed with.
+The model batches records from many requests into one forward pass (serve.batch) and
+autoscales like the image model, and it writes a prediction-log row per record (the record's
+columns, score and predicted class: tabular/monitoring.py) for `mlsd monitor`. The routes
+check records (records.py), apply the threshold and the rules (rules.py), and keep the policy
+in a file under MLSD_HOME: every replica reads the policy last set from it (a PUT reaches one
+replica; the others see the file change), and so does a restarted one. Routes and model share
+a replica or not as `serve.topology` says (serve/app.py's `bind_app`).
 """
 
 
@@ -33,11 +34,14 @@ from mlsd_ray.core.config import ServeConfig, TabularConfig
 from mlsd_ray.registry import PinnedModel
 from mlsd_ray.serve.app import (
     REQUEST_ID_HEADER,
+    AppClasses,
     LoggingReplica,
+    ModelRoutes,
+    ReplicaSettings,
     add_error_handlers,
     authorize,
+    bind_app,
     error_response,
-    model_options,
     read_body,
     token_sha256,
 )
@@ -64,20 +68,21 @@ def _require_json(request: Request) -> None:
                           f"content type {content_type or '(none)'!r}; send application/json")
 
 
-@serve.deployment(name="FraudModel")
-class FraudModel(LoggingReplica):
+class TabularModel(LoggingReplica):
     """The MLP and its fitted preparation behind dynamic batching, logging what it scores."""
 
-    def __init__(self, model: PinnedModel, home: str | None, max_batch_size: int,
-                 batch_wait_timeout_s: float, threads: int, log_settings: dict | None = None):
+    def __init__(self, model: PinnedModel, replica: ReplicaSettings):
+        self.load(model, replica)
+
+    def load(self, model: PinnedModel, replica: ReplicaSettings) -> None:
         import torch
 
         from mlsd_ray.tasks.tabular.train import load_tabular
 
-        torch.set_num_threads(threads)
-        self.loaded = load_tabular(model.checkpoint_here(home))
-        self.score.set_max_batch_size(max_batch_size)
-        self.score.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        torch.set_num_threads(replica.threads)
+        self.loaded = load_tabular(model.checkpoint_here(replica.home))
+        self.run_batch.set_max_batch_size(replica.max_batch_size)
+        self.run_batch.set_batch_wait_timeout_s(replica.batch_wait_timeout_s)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.metrics = model_metrics()
         featurizer, decision = self.loaded.featurizer, self.loaded.decision
@@ -90,13 +95,13 @@ class FraudModel(LoggingReplica):
                          {**{k: e[k] for k in ("name", "kind", "impute", "scale", "encode")},
                           "categories": featurizer.categories(e["name"])}
                          for e in featurizer.plan]}
-        self._open_log(log_settings, home)
+        self._open_log(replica.log_settings, replica.home)
 
     def describe(self) -> dict:
         return {**self.info, "replica": self.replica, "prediction_log": self.log_stats()}
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def score(self, requests: list[dict]) -> list[dict]:
+    async def run_batch(self, requests: list[dict]) -> list[dict]:
         """Each request: {"records": checked records, "request_id", "received" (epoch s)};
         answers: the positive-class score per record (binary), probabilities (multiclass) or
         predictions (regression)."""
@@ -138,17 +143,17 @@ class FraudModel(LoggingReplica):
         self._record(rows)
 
 
-@serve.deployment(name="FraudIngress")
 @serve.ingress(api)
-class FraudIngress:
+class FraudApp(TabularModel, ModelRoutes):
     """Checks records, calls the model, applies threshold and rules, serves the policy."""
 
-    def __init__(self, model, settings: dict):
-        self.model = model
+    def __init__(self, model, replica: ReplicaSettings, settings: dict):
         self.settings = settings
-        self.info: dict | None = None
+        self.served: dict | None = None  # the model's description, once asked
         self.policy_file = settings["policy_file"]
+        self.policy_stamp = self._policy_stamp()
         self.policy = self._initial_policy()
+        self.attach(model, replica, sticky=False)
 
     def _initial_policy(self) -> dict:
         """The policy last set (the file), else the deployed rules and the model's threshold."""
@@ -163,19 +168,31 @@ class FraudIngress:
                 "rules": parse_rules(self.settings["rules_text"]),
                 "model_uri": self.settings["model_uri"]}
 
+    def _policy_stamp(self) -> int | None:
+        try:
+            return os.stat(self.policy_file).st_mtime_ns
+        except FileNotFoundError:
+            return None
+
     def _save_policy(self) -> None:
         os.makedirs(os.path.dirname(self.policy_file), exist_ok=True)
         public = {k: v for k, v in self.policy.items() if k != "rules"}
-        with open(self.policy_file + ".tmp", "w") as handle:
+        temporary = f"{self.policy_file}.{os.getpid()}.tmp"  # replicas may write at once
+        with open(temporary, "w") as handle:
             json.dump(public, handle)
-        os.replace(self.policy_file + ".tmp", self.policy_file)
+        os.replace(temporary, self.policy_file)
+        self.policy_stamp = self._policy_stamp()
 
     async def _model_info(self) -> dict:
-        if self.info is None:
-            self.info = await self.model.describe.remote()
-            if self.policy["threshold"] is None:
-                self.policy["threshold"] = self.info["threshold"]
-        return self.info
+        """The model's description (asked once), with the policy last set by any replica."""
+        if self.served is None:
+            self.served = await self.model.describe()
+        stamp = self._policy_stamp()
+        if stamp != self.policy_stamp:  # another replica changed it
+            self.policy_stamp, self.policy = stamp, self._initial_policy()
+        if self.policy["threshold"] is None:
+            self.policy["threshold"] = self.served["threshold"]
+        return self.served
 
     @api.post("/score", summary="Score transactions: a decision, score and rules per record")
     async def score(self, request: Request) -> dict:
@@ -188,9 +205,8 @@ class FraudIngress:
         checked = [check_record(r, i, info["columns"], self.settings, info["label"])
                    for i, r in enumerate(records)]
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-        answer = await self.model.score.remote({"records": [clean for clean, _ in checked],
-                                                "request_id": request_id,
-                                                "received": received})
+        answer = await self.model.run_batch({"records": [clean for clean, _ in checked],
+                                             "request_id": request_id, "received": received})
         results = [self._result(record, output, notes, info)
                    for record, output, (_, notes) in zip(records, answer["outputs"], checked,
                                                          strict=True)]
@@ -214,7 +230,7 @@ class FraudIngress:
     @api.get("/health", summary="200 once the model is loaded")
     async def health(self):
         try:
-            info = await asyncio.wait_for(self.model.describe.remote(), timeout=30)
+            info = await asyncio.wait_for(self.model.describe(), timeout=30)
         except Exception as exc:  # no replica yet, or it died: not ready
             return error_response(503, "not_ready", f"model not ready: {type(exc).__name__}")
         return {"status": "ok", "model_name": info["model_name"],
@@ -278,25 +294,22 @@ def policy_file(home: str | None, app_name: str) -> str:
     return os.path.join(storage.home(home), "serve", f"{app_name}-policy.json")
 
 
+CLASSES = AppClasses(routes=FraudApp, model=TabularModel, routes_name="FraudIngress",
+                     model_name="FraudModel")
+
+
 def fraud_app(settings: ServeConfig, tabular: TabularConfig, model: PinnedModel,
               home: str | None = None, rules_text: str | None = None) -> serve.Application:
-    """Bind the model and ingress deployments (batching, autoscaling, router as configured)."""
-    from mlsd_ray.core import storage
-
+    """The fraud app in the configured topology, batching, autoscaling and router."""
     if rules_text is None:
         with open(tabular.rules or DEFAULT_RULES) as handle:
             rules_text = handle.read()
     parse_rules(rules_text)  # a bad file fails the deploy, with its line
-    scorer = FraudModel.options(**model_options(settings)).bind(
-        model, storage.home(home), settings.max_batch_size,
-        settings.batch_wait_timeout_s, max(1, round(settings.num_cpus)),
-        settings.prediction_log.model_dump())
-    ingress = {"max_instances": settings.max_instances, "max_body_bytes": settings.max_body_bytes,
-               "token_sha256": token_sha256(), "model_uri": settings.model,
-               "rules_text": rules_text, "decline_above": tabular.decline_above,
-               "policy_file": policy_file(home, settings.app_name),
-               **tabular.model_dump(include={"on_missing_column", "on_extra_column",
-                                             "on_unseen_category", "on_nan"})}
-    return FraudIngress.options(ray_actor_options={"num_cpus": settings.ingress_num_cpus},
-                                max_ongoing_requests=max(256, 4 * settings.max_ongoing_requests),
-                                ).bind(scorer, ingress)
+    route_settings = {
+        "max_instances": settings.max_instances, "max_body_bytes": settings.max_body_bytes,
+        "token_sha256": token_sha256(), "model_uri": settings.model, "rules_text": rules_text,
+        "decline_above": tabular.decline_above,
+        "policy_file": policy_file(home, settings.app_name),
+        **tabular.model_dump(include={"on_missing_column", "on_extra_column",
+                                      "on_unseen_category", "on_nan"})}
+    return bind_app(CLASSES, settings, model, home, route_settings)
