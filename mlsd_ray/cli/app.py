@@ -23,11 +23,15 @@ from mlsd_ray.cli.support import (
     HomeOption,
     JsonOption,
     LabelOption,
+    LoopOption,
+    RunNameOption,
     SetOption,
     SourceOption,
     TaskOption,
+    TuneFirstOption,
     VerboseOption,
     config_from,
+    plain_flags,
     run,
     with_flags,
 )
@@ -85,8 +89,7 @@ def train(source: SourceOption = None, config: ConfigOption = None, set_: SetOpt
           cpus_per_worker: Annotated[float | None, typer.Option(
               "--cpus-per-worker", help="train.cpus_per_worker")] = None,
           epochs: Annotated[int | None, typer.Option("--epochs", help="train.epochs")] = None,
-          run_name: Annotated[str | None, typer.Option(
-              "--run-name", help="Name of the run; an existing name resumes it.")] = None,
+          run_name: RunNameOption = None,
           example: ExampleOption = None, label: LabelOption = None,
           task: TaskOption = None) -> None:
     """Train data-parallel with Ray Train on the prepared dataset: the CNN, or with --example
@@ -231,19 +234,14 @@ def _render_tune(summary: dict) -> None:
 def pipeline(source: SourceOption = None, config: ConfigOption = None, set_: SetOption = None,
              home: HomeOption = None, force: ForceOption = False,
              as_json: JsonOption = False, verbose: VerboseOption = False,
-             tune: Annotated[bool, typer.Option(
-                 "--tune", help="Search hyperparameters (the tune section) before the final "
-                                "training, which then uses the best ones.")] = False,
+             tune: TuneFirstOption = False,
              serve: Annotated[bool, typer.Option(
                  "--serve/--no-serve", help="End with a serving check: start the Serve app, "
                                             "classify test images over HTTP, stop.")] = True,
              keep_serving: Annotated[bool, typer.Option(
                  "--keep-serving", help="Leave the app serving (on serve.port) until Ctrl-C.")
              ] = False,
-             loop: Annotated[bool, typer.Option(
-                 "--loop/--no-loop", help="After the serve check, run the monitoring loop on "
-                                          "the live app: traffic, drift, retrain, rollout.")
-             ] = True, example: ExampleOption = None, label: LabelOption = None,
+             loop: LoopOption = True, example: ExampleOption = None, label: LabelOption = None,
              task: TaskOption = None) -> None:
     """Run every stage end to end on the configured source (default: the embedded digits).
 
@@ -360,20 +358,6 @@ app.command()(predict)
 app.command()(monitor)
 app.command(name="simulate-traffic")(simulate_traffic)
 app.command()(retrain)
-
-
-def plain_flags(command) -> None:
-    """Render on/off flags as flags in --help (`--force`, not `--force <bool>`): typer shows a
-    type for every option, flags and the help option included, unless the option has a
-    metavar."""
-    import click
-
-    options = [*command.params, command.get_help_option(click.Context(command))]
-    for option in options:
-        if getattr(option, "is_flag", False) and option.metavar is None:
-            option.metavar = ""
-    for sub in getattr(command, "commands", {}).values():
-        plain_flags(sub)
 
 
 def main() -> None:

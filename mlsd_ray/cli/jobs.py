@@ -1,6 +1,8 @@
 """Ray Job entrypoints: `python jobs/STAGE.py [--config FILE] [--set K=V] [--home H] [--smoke]`.
 
-The scripts in jobs/ only call `main(STAGE)`. A job's driver runs on the cluster's head node with
+The scripts in jobs/ only call `main(STAGE)`. Each job is a command built from the `mlsd` CLI's
+own options (cli/support.py) and config resolution (`config_from`), so a flag means the same in
+`mlsd train` and in `jobs/train.py`. A job's driver runs on the cluster's head node with
 RAY_ADDRESS set by Ray's job supervisor, so each stage joins that cluster instead of starting a
 local Ray. Progress goes to the job's log; the last stdout line is `MLSD_RESULT {json}` (what
 `mlsd submit --wait` reads back); the exit code is the CLI's: 0 done, 1 the work failed, 2 bad
@@ -13,29 +15,36 @@ this must be shared storage (mlsd_ray/core/cluster.py says so at start).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import tempfile
 import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
 
+import typer
+
+from mlsd_ray.cli.support import (
+    DryRunOption,
+    ExampleOption,
+    LabelOption,
+    LoopOption,
+    ModelOption,
+    RunNameOption,
+    SetOption,
+    SourceOption,
+    TaskOption,
+    TuneFirstOption,
+    config_from,
+    plain_flags,
+)
 from mlsd_ray.core.errors import InputError, MlsdError
 
 STAGES = ("pipeline", "data", "train", "tune", "retrain", "deploy")
 RESULT_PREFIX = "MLSD_RESULT "
 CONFIG_ENV = "MLSD_CONFIG_YAML"  # the resolved config that `mlsd submit` sends with a job
 DEFAULT_JOB_HOME = "~/mlsd-home"
-
-DESCRIPTIONS = {
-    "pipeline": "data -> train -> register -> evaluate -> promote -> serve check (-> the "
-                "monitoring loop, unless --smoke or --no-loop)",
-    "data": "prepare the configured source with Ray Data",
-    "train": "train data-parallel with Ray Train and register the model",
-    "tune": "search hyperparameters with Ray Tune and register the best model",
-    "retrain": "train a challenger on new labelled data (--source) and promote it if better",
-    "deploy": "serve a model on the cluster (a rolling update when the app already runs)",
-}
 
 # --smoke: a tiny, fast run of each stage that still goes through every part (Ray Data, Train,
 # MLflow, Serve): 8x8 digits, 2 epochs, 2 workers of half a CPU.
@@ -51,97 +60,56 @@ SMOKE = {
 }
 SMOKE_TUNE_SPACE = {"train.lr": [1e-3, 3e-3]}
 
+JobHomeOption = Annotated[str | None, typer.Option(
+    "--home", help=f"Where outputs go (default $MLSD_HOME, else {DEFAULT_JOB_HOME} on the "
+                   "driver's node; never the job's working directory, which Ray deletes).")]
+SmokeOption = Annotated[bool, typer.Option(
+    "--smoke", help="A tiny fast run of the stage, to check a cluster.")]
+JobConfigOption = Annotated[Path | None, typer.Option(
+    "--config", "-c", help="YAML config file (default: $MLSD_CONFIG_YAML from `mlsd submit`, "
+                           "else the defaults).", dir_okay=False)]
+Work = Callable[[object, str, Callable[[str], None]], dict]  # (config, home, log) -> summary
 
-def parser(stage: str) -> argparse.ArgumentParser:
-    """The job's arguments: the same config flags as the CLI, plus the stage's own."""
-    p = argparse.ArgumentParser(prog=f"jobs/{stage}.py", description=DESCRIPTIONS[stage])
-    p.add_argument("--config", help="YAML config file (default: $MLSD_CONFIG_YAML from "
-                                    "`mlsd submit`, else the defaults)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key (repeatable)")
-    p.add_argument("--home", help=f"where outputs go (default $MLSD_HOME, else "
-                                  f"{DEFAULT_JOB_HOME} on the driver's node)")
-    p.add_argument("--smoke", action="store_true", help="a tiny fast run, to check a cluster")
-    p.add_argument("--source", help="data source SPEC (retrain: the new labelled data)")
-    if stage in ("retrain", "deploy"):
-        p.add_argument("--model", help="the model (default: serve.model)")
-    if stage == "train":
-        p.add_argument("--run-name", help="name of the run; an existing name resumes it")
-    if stage == "retrain":
-        p.add_argument("--dry-run", action="store_true", help="decide, promote nothing")
-    if stage == "pipeline":
-        p.add_argument("--no-loop", action="store_true", help="skip the monitoring loop")
-        p.add_argument("--tune", action="store_true", help="search before the final training")
-    return p
+jobs = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                   rich_markup_mode="markdown")
 
 
-def job_home(args: argparse.Namespace) -> str:
+def job_home(home: str | None) -> str:
     from mlsd_ray.core import storage
 
-    return storage.home(args.home or os.environ.get("MLSD_HOME")
+    return storage.home(home or os.environ.get("MLSD_HOME")
                         or os.path.expanduser(DEFAULT_JOB_HOME))
 
 
-def job_config(stage: str, args: argparse.Namespace):
-    """The config file (or the one `mlsd submit` sent), then --smoke, then --set, then --source."""
-    from mlsd_ray.core.config import load_config
-
-    overrides = [*(SMOKE[stage] if args.smoke else []), *args.overrides]
-    if args.config:
-        cfg = load_config(args.config, overrides)
-    elif os.environ.get(CONFIG_ENV):
+def job_config(stage: str, smoke: bool, config: Path | None, overrides: list[str] | None,
+               source: str | None = None, example: str | None = None,
+               label: str | None = None, task: str | None = None):
+    """The config file (or the one `mlsd submit` sent), then --smoke, then --set, then --source,
+    resolved as the CLI resolves it."""
+    layered = [*(SMOKE[stage] if smoke else []), *(overrides or [])]
+    if config is None and os.environ.get(CONFIG_ENV):
         with tempfile.NamedTemporaryFile("w", suffix=".yaml") as sent:
             sent.write(os.environ[CONFIG_ENV])
             sent.flush()
-            cfg = load_config(sent.name, overrides)
+            cfg = config_from(Path(sent.name), layered, source, example, label, task)
     else:
-        cfg = load_config(None, overrides)
-    if args.source and stage != "retrain":
-        from mlsd_ray.tasks import get_task
-
-        get_task(cfg.task).set_source(cfg, args.source)
-    if args.smoke and stage == "tune":
+        cfg = config_from(config, layered, source, example, label, task)
+    if smoke and stage == "tune":
         cfg.tune.space = dict(SMOKE_TUNE_SPACE)
     return cfg
 
 
-def run_stage(stage: str, args: argparse.Namespace, log) -> dict:
-    """Run one stage on the cluster this driver belongs to; returns its summary."""
-    from mlsd_ray.tasks import get_task
-
-    cfg, home = job_config(stage, args), job_home(args)
-    task = get_task(cfg.task)
-    log(f"job {stage}{' (smoke)' if args.smoke else ''}: outputs under {home}")
-    if stage == "data":
-        return task.prepare(cfg, home, log).summary()
-    if stage == "train":
-        return task.train(cfg, home, log, run_name=args.run_name)
-    if stage == "tune":
-        from mlsd_ray.tuning.search import run_tune
-
-        return run_tune(cfg, home=home, log=log)
-    if stage == "pipeline":
-        return task.pipeline(cfg, home, log, tune=args.tune,
-                             monitor_loop=not (args.smoke or args.no_loop))
-    if stage == "retrain":
-        source = args.source or (task.smoke_retrain_source(home, log) if args.smoke else None)
-        if source is None:
-            raise InputError("retrain needs --source SPEC: the new labelled data (e.g. "
-                             "folder:/shared/incoming/rotated)")
-        from mlsd_ray.workflows.retrain import retrain
-
-        return retrain(cfg, source, home, args.model, args.dry_run or args.smoke, log)
-    return task.deploy(cfg, args.model, args.smoke, home, log)
-
-
-def main(stage: str, argv: list[str] | None = None) -> None:
-    """Entry point of jobs/STAGE.py: run the stage, print MLSD_RESULT, exit with its code."""
+def run_job(stage: str, smoke: bool, home: str | None, config_of: Callable[[], object],
+            work: Work) -> None:
+    """Run a stage on the cluster this driver belongs to: progress to the job's log, then
+    `MLSD_RESULT {json}` and the CLI's exit code (0 done, 1 the work failed, 2 bad input)."""
     from mlsd_ray.core.runtime import configure, log_stderr
 
-    args = parser(stage).parse_args(argv)
     configure()  # the job's log, like the console, shows our lines (no download bars)
     try:
-        result, code = run_stage(stage, args, log_stderr), 0
+        cfg, where = config_of(), job_home(home)
+        log_stderr(f"job {stage}{' (smoke)' if smoke else ''}: outputs under {where}")
+        result, code = work(cfg, where, log_stderr), 0
     except MlsdError as exc:
         result, code = {"error": {"code": exc.exit_code, "message": str(exc)}}, exc.exit_code
         log_stderr(f"error: {exc}")
@@ -149,4 +117,102 @@ def main(stage: str, argv: list[str] | None = None) -> None:
         traceback.print_exc()
         result, code = {"error": {"code": 1, "message": f"{type(exc).__name__}: {exc}"}}, 1
     print(RESULT_PREFIX + json.dumps(result, default=str), flush=True)
-    sys.exit(code)
+    raise SystemExit(code)
+
+
+def _task(cfg):
+    from mlsd_ray.tasks import get_task
+
+    return get_task(cfg.task)
+
+
+@jobs.command("data")
+def data_job(config: JobConfigOption = None, set_: SetOption = None,
+             home: JobHomeOption = None, smoke: SmokeOption = False,
+             source: SourceOption = None, example: ExampleOption = None,
+             label: LabelOption = None, task: TaskOption = None) -> None:
+    """Prepare the configured source with Ray Data."""
+    run_job("data", smoke, home,
+            lambda: job_config("data", smoke, config, set_, source, example, label, task),
+            lambda cfg, where, log: _task(cfg).prepare(cfg, where, log).summary())
+
+
+@jobs.command("train")
+def train_job(config: JobConfigOption = None, set_: SetOption = None,
+              home: JobHomeOption = None, smoke: SmokeOption = False,
+              source: SourceOption = None, run_name: RunNameOption = None,
+              example: ExampleOption = None, label: LabelOption = None,
+              task: TaskOption = None) -> None:
+    """Train data-parallel with Ray Train and register the model."""
+    run_job("train", smoke, home,
+            lambda: job_config("train", smoke, config, set_, source, example, label, task),
+            lambda cfg, where, log: _task(cfg).train(cfg, where, log, run_name=run_name))
+
+
+@jobs.command("tune")
+def tune_job(config: JobConfigOption = None, set_: SetOption = None,
+             home: JobHomeOption = None, smoke: SmokeOption = False,
+             source: SourceOption = None, example: ExampleOption = None,
+             label: LabelOption = None, task: TaskOption = None) -> None:
+    """Search hyperparameters with Ray Tune and register the best model."""
+    def work(cfg, where, log) -> dict:
+        from mlsd_ray.tuning.search import run_tune
+
+        return run_tune(cfg, home=where, log=log)
+
+    run_job("tune", smoke, home,
+            lambda: job_config("tune", smoke, config, set_, source, example, label, task), work)
+
+
+@jobs.command("pipeline")
+def pipeline_job(config: JobConfigOption = None, set_: SetOption = None,
+                 home: JobHomeOption = None, smoke: SmokeOption = False,
+                 source: SourceOption = None, tune: TuneFirstOption = False,
+                 loop: LoopOption = True, example: ExampleOption = None,
+                 label: LabelOption = None, task: TaskOption = None) -> None:
+    """data -> train -> register -> evaluate -> promote -> serve check (-> the monitoring
+    loop, unless --smoke or --no-loop)."""
+    run_job("pipeline", smoke, home,
+            lambda: job_config("pipeline", smoke, config, set_, source, example, label, task),
+            lambda cfg, where, log: _task(cfg).pipeline(cfg, where, log, tune=tune,
+                                                        monitor_loop=loop and not smoke))
+
+
+@jobs.command("retrain")
+def retrain_job(config: JobConfigOption = None, set_: SetOption = None,
+                home: JobHomeOption = None, smoke: SmokeOption = False,
+                source: Annotated[str | None, typer.Option(
+                    "--source", help="The new labelled data: a source SPEC (with --smoke, the "
+                                     "task's own shifted sample).")] = None,
+                model: ModelOption = None, dry_run: DryRunOption = False,
+                example: ExampleOption = None, task: TaskOption = None) -> None:
+    """Train a challenger on new labelled data (--source) and promote it if better."""
+    def work(cfg, where, log) -> dict:
+        from mlsd_ray.workflows.retrain import retrain
+
+        new_data = source or (_task(cfg).smoke_retrain_source(where, log) if smoke else None)
+        if new_data is None:
+            raise InputError("retrain needs --source SPEC: the new labelled data (e.g. "
+                             "folder:/shared/incoming/rotated)")
+        return retrain(cfg, new_data, where, model, dry_run or smoke, log)
+
+    run_job("retrain", smoke, home,
+            lambda: job_config("retrain", smoke, config, set_, None, example, None, task), work)
+
+
+@jobs.command("deploy")
+def deploy_job(config: JobConfigOption = None, set_: SetOption = None,
+               home: JobHomeOption = None, smoke: SmokeOption = False,
+               model: ModelOption = None, example: ExampleOption = None,
+               task: TaskOption = None) -> None:
+    """Serve a model on the cluster (a rolling update when the app already runs)."""
+    run_job("deploy", smoke, home,
+            lambda: job_config("deploy", smoke, config, set_, None, example, None, task),
+            lambda cfg, where, log: _task(cfg).deploy(cfg, model, smoke, where, log))
+
+
+def main(stage: str, argv: list[str] | None = None) -> None:
+    """Entry point of jobs/STAGE.py: parse the stage's options, run it, exit with its code."""
+    command = typer.main.get_command(jobs).commands[stage]
+    plain_flags(command)
+    command.main(args=argv, prog_name=f"jobs/{stage}.py")

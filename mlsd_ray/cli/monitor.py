@@ -12,9 +12,11 @@ import typer
 from mlsd_ray.cli.support import (
     ChosenTask,
     ConfigOption,
+    DryRunOption,
     ExampleOption,
     HomeOption,
     JsonOption,
+    ModelOption,
     SetOption,
     SourceOption,
     TaskOption,
@@ -27,8 +29,6 @@ from mlsd_ray.core.runtime import log_stderr
 from mlsd_ray.tasks.base import TrafficRequest
 
 DRIFT_EXIT_CODE = 3
-ModelOption = Annotated[str | None, typer.Option(
-    "--model", help="models:/NAME@ALIAS or models:/NAME/VERSION (default serve.model).")]
 
 
 def monitor(since: Annotated[str, typer.Option(
@@ -160,8 +160,7 @@ def retrain(source: Annotated[str, typer.Option(
                 "--margin", help="Required gain of the task's holdout score: accuracy for "
                                  "images, PR-AUC, macro F1 or R² for tables "
                                  "(retrain.margin).")] = None,
-            dry_run: Annotated[bool, typer.Option(
-                "--dry-run", help="Train and decide, but promote nothing.")] = False,
+            dry_run: DryRunOption = False,
             model: ModelOption = None, config: ConfigOption = None, set_: SetOption = None,
             home: HomeOption = None, as_json: JsonOption = False,
             verbose: VerboseOption = False, example: ExampleOption = None,

@@ -49,6 +49,19 @@ JsonOption = Annotated[bool, typer.Option(
     "--json", help="Print one JSON object with the outputs on stdout; logs go to stderr.")]
 
 
+ModelOption = Annotated[str | None, typer.Option(
+    "--model", help="models:/NAME@ALIAS or models:/NAME/VERSION (default serve.model).")]
+RunNameOption = Annotated[str | None, typer.Option(
+    "--run-name", help="Name of the run; an existing name resumes it.")]
+DryRunOption = Annotated[bool, typer.Option(
+    "--dry-run", help="Train and decide, but promote nothing.")]
+TuneFirstOption = Annotated[bool, typer.Option(
+    "--tune", help="Search hyperparameters (the tune section) before the final training, which "
+                   "then uses the best ones.")]
+LoopOption = Annotated[bool, typer.Option(
+    "--loop/--no-loop", help="After the serve check, run the monitoring loop on the live app: "
+                             "traffic, drift, retrain, rollout.")]
+
 VerboseOption = Annotated[bool, typer.Option(
     "--verbose", "-v", help="Also print what Ray's processes log (Ray Data's plans, Serve's "
                             "access logs, worker output) and MLflow's download bars; by "
@@ -128,3 +141,17 @@ class ChosenTask:
 
         self.task = get_task(cfg.task)
         return self.task
+
+
+def plain_flags(command) -> None:
+    """Render on/off flags as flags in --help (`--force`, not `--force <bool>`): typer shows a
+    type for every option, flags and the help option included, unless the option has a
+    metavar."""
+    import click
+
+    options = [*command.params, command.get_help_option(click.Context(command))]
+    for option in options:
+        if getattr(option, "is_flag", False) and option.metavar is None:
+            option.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        plain_flags(sub)

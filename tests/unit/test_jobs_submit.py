@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from mlsd_ray.cli.jobs import CONFIG_ENV, job_config, parser
+from mlsd_ray.cli.jobs import CONFIG_ENV, RESULT_PREFIX, job_config, main
 from mlsd_ray.cli.submit import check_stage, dashboard_url, runtime_env
 from mlsd_ray.core import cluster
 from mlsd_ray.core.config import Config, load_config
@@ -101,26 +102,43 @@ def test_job_config_layers_sent_config_then_smoke_then_set(monkeypatch):
     from mlsd_ray.core.config import dump_yaml
 
     monkeypatch.setenv(CONFIG_ENV, dump_yaml(sent))
-    args = parser("train").parse_args(["--smoke", "--set", "train.num_workers=1"])
-    cfg = job_config("train", args)
+    cfg = job_config("train", True, None, ["train.num_workers=1"])
     assert (cfg.train.lr, cfg.train.epochs, cfg.train.num_workers) == (0.01, 2, 1)
     assert cfg.data.image_size == 8
 
 
-def test_job_config_refuses_unknown_keys():
-    args = parser("data").parse_args(["--set", "data.imagesize=8"])
-    with pytest.raises(InputError, match="imagesize"):
-        job_config("data", args)
+def run_job(stage: str, argv: list[str], capsys) -> tuple[int, dict, str]:
+    """jobs/STAGE.py ARGV in this process: its exit code, MLSD_RESULT and stderr."""
+    with pytest.raises(SystemExit) as exited:
+        main(stage, argv)
+    out, err = capsys.readouterr()
+    results = [line for line in out.splitlines() if line.startswith(RESULT_PREFIX)]
+    result = json.loads(results[-1].removeprefix(RESULT_PREFIX)) if results else {}
+    return exited.value.code, result, err
 
 
-def test_fraud_example_config_runs_as_tabular_jobs():
-    from mlsd_ray.cli.jobs import run_stage
+def test_a_job_refuses_unknown_keys_with_exit_2(capsys):
+    code, result, _ = run_job("data", ["--set", "data.imagesize=8"], capsys)
+    assert code == 2 and "imagesize" in result["error"]["message"]
 
-    args = parser("train").parse_args(["--config", "mlsd_ray/examples/fraud.yaml",
-                                       "--source", "breast-cancer"])
-    cfg = job_config("train", args)
+
+def test_a_job_takes_the_clis_options_and_refuses_others(capsys):
+    """The same option definitions as `mlsd train` (cli/support.py): --example, --task, ..."""
+    code, _, err = run_job("train", ["--bogus"], capsys)
+    assert code == 2 and "No such option" in err
+    with pytest.raises(SystemExit) as shown:
+        main("train", ["--help"])
+    assert shown.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--config", "--set", "--home", "--smoke", "--source", "--run-name",
+                 "--example", "--label", "--task"):
+        assert flag in text, flag
+    assert "<bool>" not in text  # flags render as flags, as in `mlsd --help`
+
+
+def test_fraud_example_config_runs_as_tabular_jobs(capsys):
+    cfg = job_config("train", False, Path("mlsd_ray/examples/fraud.yaml"), [], "breast-cancer")
     assert cfg.task == "tabular" and cfg.tabular.source == "breast-cancer"
     assert cfg.data.source == "digits"
-    retrain = parser("retrain").parse_args(["--config", "mlsd_ray/examples/fraud.yaml"])
-    with pytest.raises(InputError, match="retrain needs --source SPEC"):
-        run_stage("retrain", retrain, log=lambda _: None)
+    code, result, _ = run_job("retrain", ["--config", "mlsd_ray/examples/fraud.yaml"], capsys)
+    assert code == 2 and "retrain needs --source SPEC" in result["error"]["message"]
