@@ -201,20 +201,28 @@ async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
     return error_response(exc.status, exc.code, exc.message)
 
 
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    codes = {404: "not_found", 405: "method_not_allowed"}
-    return error_response(exc.status_code, codes.get(exc.status_code, "http_error"),
-                          str(exc.detail))
+def _http_error_handler(served: str):
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        message = str(exc.detail)
+        if exc.status_code in codes:  # e.g. a request meant for another task's app
+            message = (f"{message}: {request.method} {request.url.path}; this app serves "
+                       f"{served}")
+        return error_response(exc.status_code, codes.get(exc.status_code, "http_error"),
+                              message)
+
+    return http_error
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     return error_response(422, "invalid_request", str(exc.errors()))
 
 
-def add_error_handlers(app: FastAPI) -> None:
-    """Every error as `{"error": {"code", "message"}}` (both Serve apps share this)."""
+def add_error_handlers(app: FastAPI, served: str) -> None:
+    """Every error as `{"error": {"code", "message"}}` (both Serve apps share this); a 404 or
+    405 names the task the app serves and its routes (`served`)."""
     app.add_exception_handler(ClientError, _client_error)
-    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(HTTPException, _http_error_handler(served))
     app.add_exception_handler(RequestValidationError, _validation_error)
 
 

@@ -146,6 +146,10 @@ def test_bad_requests_get_4xx_json_errors_and_serving_continues(served):
     assert predict(served, {"instances": [good]}).status_code == 200
     missing = requests.get(f"{served['url']}/v2/predict", timeout=30)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    # a request meant for the fraud app: the answer says which task this app serves
+    other = requests.post(f"{served['url']}/v1/fraud/score", json={"records": []}, timeout=30)
+    assert other.status_code == 404, other.text
+    assert "image task: POST /v1/predict" in other.json()["error"]["message"]
 
 
 JSON = {"content-type": "application/json"}

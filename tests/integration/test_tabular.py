@@ -213,6 +213,12 @@ def test_bad_input_gets_4xx(fraud_url, body, headers, status, code):
     assert answer.json()["error"]["code"] == code
 
 
+def test_a_route_of_another_task_is_a_404_naming_this_one(fraud_url):
+    answer = requests.post(f"{fraud_url}/predict", json={"instances": [[[0]]]}, timeout=10)
+    assert answer.status_code == 404 and answer.json()["error"]["code"] == "not_found"
+    assert "tabular task: POST /v1/fraud/score" in answer.json()["error"]["message"]
+
+
 def test_missing_extra_and_unseen_fields_are_handled(fraud_url):
     partial = {"amount": 50.0, "country": "ZZ", "shoe_size": 44}
     answer = requests.post(f"{fraud_url}/score", json={"records": [partial]}, timeout=30)

@@ -59,7 +59,7 @@ api = FastAPI(title="mlsd-ray", version=__version__,
               description="Image classification served by Ray Serve. Errors are JSON "
                           '`{"error": {"code", "message"}}`; 4xx means the request was wrong.')
 
-add_error_handlers(api)
+add_error_handlers(api, "the image task: POST /v1/predict, GET /v1/health, GET /v1/model")
 
 
 def load_served_model(model: PinnedModel, home: str | None) -> tuple[Any, dict]:

@@ -56,7 +56,8 @@ DEFAULT_RULES = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "
 api = FastAPI(title="mlsd-ray fraud scoring", version=__version__,
               description="Scores transactions with a tabular model and a rules engine. "
                           'Errors are JSON `{"error": {"code", "message"}}`.')
-add_error_handlers(api)
+add_error_handlers(api, f"the tabular task: POST {PREFIX}/score, GET {PREFIX}/health, "
+                        f"GET {PREFIX}/model, GET|PUT {PREFIX}/policy, PUT {PREFIX}/rules")
 # No `from __future__ import annotations` in this module: FastAPI inside a Serve ingress then
 # sees `request: Request` as the string "Request" and asks for a query parameter named request.
 
