@@ -89,7 +89,11 @@ def test_serve_replicas_on_two_nodes_answer(cluster, home, trained):
     started = mlsd(cluster, "serve", "--detach", "--json", "--home", home,
                    "--model", trained["SPREAD"]["checkpoint"], "--port", str(port),
                    "--min-replicas", "2", "--max-replicas", "2",
-                   "--set", "serve.proxy_location=HeadOnly")  # one port, one machine
+                   # One proxy (one port, one machine). It routes straight to the replicas
+                   # (single topology), and Serve's default router prefers the proxy's own
+                   # node: round robin spreads light traffic over both nodes.
+                   "--router", "round_robin",
+                   "--set", "serve.proxy_location=HeadOnly")
     assert started.returncode == 0, started.stderr[-3000:]
     url = json.loads(started.stdout)["url"]
     try:
