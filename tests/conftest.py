@@ -88,3 +88,8 @@ def make_image_folder(root: Path, per_class: int = 10, classes=("cat", "dog", "f
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "images")
+
+
+def texts(values) -> list[str]:
+    """A BYTES tensor as strings (Triton's client gives str from JSON, bytes from binary)."""
+    return [v.decode() if isinstance(v, bytes) else v for v in values]

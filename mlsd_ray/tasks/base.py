@@ -182,6 +182,12 @@ class Task(ABC):
         `{"registered": {...}, ...}`. Called when `registers_best_trial`."""
         raise self.not_offered("tune registration")
 
+    def drift_drill(self, prepared, incoming: str):
+        """What the pipeline's monitoring loop sends to show drift: a `workflows.loop.DriftDrill`
+        with the shifted traffic from `prepared` (saved, labelled, under the folder `incoming`)
+        and the source spec that retraining reads it from."""
+        raise self.not_offered("monitoring loop")
+
     def smoke_retrain_source(self, home: str, log: Log) -> str:
         """`retrain --smoke`'s new labelled data: written under `home`, returned as a source."""
         raise self.not_offered("retrain")

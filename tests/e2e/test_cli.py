@@ -129,8 +129,9 @@ def check_monitoring_loop(loop: dict) -> None:
     challenger trained and judged, and a promoted one rolled out with no failed request."""
     assert loop["traffic_unshifted"]["failed_requests"] == 0
     assert loop["monitor_unshifted"]["rows"] == 200
-    assert loop["monitor_rotated"]["verdict"] == "drift"
-    assert "orientation" in loop["monitor_rotated"]["summary"]
+    assert loop["monitor_shifted"]["verdict"] == "drift"
+    assert "orientation" in loop["monitor_shifted"]["summary"]
+    assert loop["traffic_shifted"]["shift"] == "rotate"
     retrained = loop["retrain"]
     assert retrained["challenger"].startswith("models:/digits-cnn/")
     assert retrained["promote"] == (retrained["gain"] > 0.005)

@@ -20,7 +20,9 @@ from mlsd_ray.monitor.predlog import log_location, wait_for_rows
 from mlsd_ray.monitor.run import monitor
 from mlsd_ray.registry import log_and_register, promote
 from mlsd_ray.serve import control
-from mlsd_ray.tasks.image.traffic import BackgroundLoad, simulate_traffic
+from mlsd_ray.tasks import get_task
+from mlsd_ray.tasks.image.traffic import simulate_traffic
+from mlsd_ray.workflows.loop import BackgroundLoad
 from mlsd_ray.workflows.retrain import retrain
 from tests.conftest import SMALL_DIGITS
 
@@ -131,7 +133,7 @@ def test_retrain_rejects_a_weak_challenger_and_promotes_a_better_one(live, incom
 
     strong = cfg.model_copy(deep=True)
     strong.retrain.epochs = 4
-    with BackgroundLoad(live["url"], live["dataset"]) as load:
+    with BackgroundLoad(get_task("image"), live["dataset"], live["url"]) as load:
         decision = retrain(strong, f"folder:{incoming}", home, log=lambda _: None)
     scores = decision["scores"]
     assert decision["promote"], decision["reason"]

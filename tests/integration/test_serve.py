@@ -26,6 +26,7 @@ from mlsd_ray.core.errors import InputError
 from mlsd_ray.registry import log_and_register
 from mlsd_ray.serve import control
 from mlsd_ray.serve.app import TOKEN_ENV
+from tests.conftest import texts
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -245,6 +246,81 @@ def test_least_connections_prefers_the_idle_replica(served):
     for _ in range(5):
         counts = Counter(replicas_hit(served, 4, concurrency=4))
         assert sorted(counts.values()) == [2, 2], counts
+
+
+def test_open_inference_protocol_with_tritons_client(served):
+    """/v2 as Triton's own Python client speaks it: health, metadata, and 64 test digits as
+    one UINT8 batch, in JSON and in the binary tensor extension; then PNG bytes."""
+    import tritonclient.http as triton
+
+    deploy(served, fresh=True)  # the router tests left their own apps at /
+    client = triton.InferenceServerClient(url=served["url"].removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("digits-cnn") and client.is_model_ready("digits-cnn", "1")
+    assert not client.is_model_ready("digits-cnn", "9")
+    metadata = client.get_model_metadata("digits-cnn", "1")
+    assert metadata["inputs"] == [{"name": "images", "datatype": "UINT8",
+                                   "shape": [-1, 8, 8, 1]}]
+    assert [o["name"] for o in metadata["outputs"]] == ["probabilities", "class_name"]
+    images, labels = served["images"][:64], served["labels"][:64]
+    for binary in (False, True):
+        tensor = triton.InferInput("images", list(images.shape), "UINT8")
+        tensor.set_data_from_numpy(images, binary_data=binary)
+        asked = [triton.InferRequestedOutput(name, binary_data=binary)
+                 for name in ("probabilities", "class_name")]
+        result = client.infer("digits-cnn", [tensor], model_version="1", outputs=asked)
+        probabilities = result.as_numpy("probabilities")
+        accuracy = float((probabilities.argmax(axis=1) == labels).mean())
+        print(f"\nV2 {'binary' if binary else 'JSON'}: accuracy {accuracy:.4f} on 64 digits")
+        assert probabilities.shape == (64, 10) and accuracy > 0.7
+        assert texts(result.as_numpy("class_name")) == [
+            str(i) for i in probabilities.argmax(axis=1)]
+        v1 = predict(served, {"instances": [images[0].tolist()]}).json()["predictions"][0]
+        assert probabilities[0].argmax() == v1["class_index"]  # the same model as /v1
+
+    pngs = np.array([base64.b64decode(png_b64(image)) for image in images[:4]], dtype=object)
+    encoded = triton.InferInput("image_bytes", [4], "BYTES")
+    encoded.set_data_from_numpy(pngs)
+    from_png = client.infer("digits-cnn", [encoded]).as_numpy("probabilities")
+    assert (from_png.argmax(axis=1) == probabilities[:4].argmax(axis=1)).all()
+
+
+def v2(served, body: bytes, path: str = "/v2/models/digits-cnn/infer",
+       headers: dict | None = None) -> requests.Response:
+    return requests.post(f"{served['url']}{path}", data=body, timeout=30,
+                         headers={"content-type": "application/json", **(headers or {})})
+
+
+def test_open_inference_protocol_refuses_bad_requests_with_4xx(served):
+    deploy(served, fresh=True)
+    good = {"name": "images", "datatype": "UINT8", "shape": [1, 8, 8, 1], "data": [0] * 64}
+    header = json.dumps({"inputs": [{**good, "parameters": {"binary_data_size": 64}}]})
+    cases = {
+        "shape that does not match the data": (400, v2(served, json.dumps(
+            {"inputs": [{**good, "data": [0] * 10}]}).encode())),
+        "datatype not allowed": (400, v2(served, json.dumps(
+            {"inputs": [{**good, "datatype": "FP8"}]}).encode())),
+        "binary header longer than the body": (400, v2(
+            served, header.encode() + bytes(64),
+            headers={"Inference-Header-Content-Length": "99999"})),
+        "binary data shorter than its size": (400, v2(
+            served, header.encode() + bytes(10),
+            headers={"Inference-Header-Content-Length": str(len(header))})),
+        "unknown model": (404, v2(served, json.dumps({"inputs": [good]}).encode(),
+                                  "/v2/models/nope/infer")),
+        "unknown version": (404, v2(served, json.dumps({"inputs": [good]}).encode(),
+                                    "/v2/models/digits-cnn/versions/9/infer")),
+        "too many elements": (413, v2(served, json.dumps(
+            {"inputs": [{**good, "shape": [10**8, 8, 8, 1]}]}).encode())),
+        "not JSON": (400, v2(served, b'{"inputs": [')),
+        "unknown input": (400, v2(served, json.dumps(
+            {"inputs": [{**good, "name": "pixels"}]}).encode())),
+    }
+    for case, (status, answer) in cases.items():
+        print(f"\n{case}: {answer.status_code} {answer.json()['error']}")
+        assert answer.status_code == status, (case, answer.text)
+        assert isinstance(answer.json()["error"], str) and answer.json()["error"]
+    assert v2(served, json.dumps({"inputs": [good]}).encode()).status_code == 200
 
 
 def test_unresolvable_model_is_an_input_error(served):

@@ -17,6 +17,7 @@ from mlsd_ray.serve import control
 from mlsd_ray.tasks.tabular.prepare import prepare_table
 from mlsd_ray.tasks.tabular.preprocess import Featurizer
 from mlsd_ray.tasks.tabular.stage import run_tabular_train
+from tests.conftest import texts
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 FAST = ["train.epochs=4", "train.num_workers=2", "train.cpus_per_worker=0.5"]
@@ -148,7 +149,7 @@ def fraud_url(fraud_model):
                                             "autoscaling": two, "max_body_bytes": 4096,
                                             "prediction_log": log})
     served = control.start(settings, home, log=print)  # its checkpoint says: tabular
-    assert (served["task"], served["route_prefix"]) == ("tabular", "/v1/fraud")
+    assert (served["task"], served["route_prefix"]) == ("tabular", "/")
     yield served["score_url"].removesuffix("/score")
     control.remove_app(settings.app_name)  # and Serve with it: the next app picks its port
     control.state_file(home, settings.app_name).unlink(missing_ok=True)
@@ -217,6 +218,40 @@ def test_a_route_of_another_task_is_a_404_naming_this_one(fraud_url):
     answer = requests.post(f"{fraud_url}/predict", json={"instances": [[[0]]]}, timeout=10)
     assert answer.status_code == 404 and answer.json()["error"]["code"] == "not_found"
     assert "tabular task: POST /v1/fraud/score" in answer.json()["error"]["message"]
+
+
+def test_open_inference_protocol_scores_columns_and_records(fraud_url):
+    """/v2 with Triton's client: one tensor per column (JSON, then binary), and BYTES JSON
+    records; the same scores and decisions as /v1/fraud/score."""
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(url=fraud_url.removeprefix("http://")
+                                          .removesuffix("/v1/fraud"))
+    metadata = client.get_model_metadata("fraud-mlp")
+    kinds = {t["name"]: t["datatype"] for t in metadata["inputs"]}
+    assert kinds["amount"] == "FP64" and kinds["country"] == "BYTES"
+    assert [o["name"] for o in metadata["outputs"]] == ["score", "decision"]
+    expected = requests.post(f"{fraud_url}/score", json={"records": [RECORD, SAFE]},
+                             timeout=30).json()["results"]
+    for binary in (False, True):
+        inputs = []
+        for name, datatype in kinds.items():
+            column = np.array([RECORD[name], SAFE[name]],
+                              dtype=object if datatype == "BYTES" else np.float64)
+            if datatype == "BYTES":
+                column = np.array([v.encode() for v in column], dtype=object)
+            tensor = triton.InferInput(name, [2], datatype)
+            tensor.set_data_from_numpy(column, binary_data=binary)
+            inputs.append(tensor)
+        result = client.infer("fraud-mlp", inputs)
+        assert result.as_numpy("score").tolist() == pytest.approx(
+            [r["score"] for r in expected], abs=1e-5)
+        assert texts(result.as_numpy("decision")) == [r["decision"] for r in expected]
+    records = triton.InferInput("records", [2], "BYTES")
+    records.set_data_from_numpy(np.array([json.dumps(RECORD).encode(),
+                                          json.dumps(SAFE).encode()], dtype=object))
+    scored = client.infer("fraud-mlp", [records])
+    assert texts(scored.as_numpy("decision")) == [r["decision"] for r in expected]
 
 
 def test_missing_extra_and_unseen_fields_are_handled(fraud_url):
@@ -335,6 +370,39 @@ def test_retrain_on_new_rows_is_gated_and_rolls_the_app_over(fraud_model, fraud_
     expected = decision["challenger"].rsplit("/", 1)[1] if decision["promote"] else "1"
     assert str(production) == served == expected
     assert "pr_auc of each model" in open(decision["outputs"]["markdown"]).read()
+
+
+def test_the_pipelines_monitoring_loop_runs_on_tables(fraud_model, fraud_url):
+    """workflows/loop.py on the live fraud app, as `mlsd pipeline --example fraud` runs it:
+    unshifted traffic (no drift), the task's drift drill (a numeric column tripled, saved as
+    labelled rows), drift found in that column, a challenger judged by the gate, and a
+    promoted one rolled out under load with no failed request."""
+    from mlsd_ray.tasks import get_task
+    from mlsd_ray.tasks.tabular.prepare import PreparedTable
+    from mlsd_ray.workflows.loop import monitoring_loop, render_loop
+
+    cfg, summary, home = fraud_model
+    cfg = cfg.model_copy(deep=True)
+    cfg.retrain.epochs = 1
+    cfg.serve.prediction_log.flush_seconds = 0.5
+    served = requests.get(f"{fraud_url}/model", timeout=10).json()
+    steps = monitoring_loop(get_task("tabular"), cfg, fraud_url.removesuffix("/v1/fraud"),
+                            served["uri"], PreparedTable.open(summary["dataset"]), home, print)
+    render_loop(steps)
+    assert steps["traffic_unshifted"]["failed_requests"] == 0
+    assert steps["monitor_unshifted"]["rows"] == 200
+    assert steps["monitor_unshifted"]["verdict"] == "no drift"
+    shifted = steps["traffic_shifted"]
+    assert (shifted["shift"], shifted["column"], shifted["failed_requests"]) == (
+        "scale", "amount", 0)
+    assert steps["monitor_shifted"]["verdict"] == "drift"
+    assert "amount" in steps["monitor_shifted"]["summary"]
+    retrained = steps["retrain"]
+    assert retrained["challenger"].startswith("models:/fraud-mlp/")
+    assert retrained["promote"] == (retrained["gain"] > cfg.retrain.margin)
+    if retrained["promote"]:
+        assert steps["rollout"]["load"]["failed_requests"] == 0
+        assert steps["rollout"]["served_version"] == retrained["challenger"].rsplit("/", 1)[1]
 
 
 def test_diabetes_regression_beside_the_baseline(home):

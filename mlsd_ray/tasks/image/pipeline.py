@@ -2,7 +2,7 @@
 
 data -> [tune (Ray Tune), with --tune] -> train (Ray Train) -> register (MLflow) -> evaluate on
 test -> promote the first version to `production` -> serve (Ray Serve: start the app, classify
-test digits over HTTP) -> the monitoring loop on the live app (monitor/loop.py: unshifted and
+test digits over HTTP) -> the monitoring loop on the live app (workflows/loop.py: unshifted and
 rotated traffic, monitor, retrain, gated promotion, rolling update under load) -> stop the app
 (with `keep_serving` it stays up until Ctrl-C).
 """
@@ -73,8 +73,10 @@ def run_pipeline(cfg: Config, home: str | None = None, force: bool = False,
 
 def _loop(cfg: Config, url: str, served_uri: str, home: str | None,
           log: Callable[[str], None], dataset_path: str, heading: str) -> dict:
+    from mlsd_ray.tasks import get_task
     from mlsd_ray.tasks.image.data.prepare import PreparedDataset
-    from mlsd_ray.tasks.image.loop import drift_loop
+    from mlsd_ray.workflows.loop import monitoring_loop
 
     log(heading)
-    return drift_loop(cfg, url, served_uri, PreparedDataset.open(dataset_path), home, log)
+    return monitoring_loop(get_task(cfg.task), cfg, url, served_uri,
+                           PreparedDataset.open(dataset_path), home, log)

@@ -76,6 +76,37 @@ def decode_instance(item: object, index: int) -> np.ndarray:
     return check_size(image, f"instance {index}")
 
 
+def images_from_tensor(array: np.ndarray, max_instances: int) -> list[np.ndarray]:
+    """A V2 `images` tensor, [N, H, W] or [N, H, W, C] (UINT8, or floats in [0, 1]), as
+    uint8 H×W×C images; ClientError naming the first bad one."""
+    if array.ndim not in (3, 4):
+        raise ClientError(400, "bad_shape", f"images must be [N, H, W] or [N, H, W, C], not "
+                                            f"{list(array.shape)}")
+    _check_count(len(array), max_instances)
+    images = []
+    for index, pixels in enumerate(array):
+        try:
+            images.append(check_size(coerce_array(pixels), f"image {index}"))
+        except Rejected as exc:
+            raise ClientError(400, exc.reason, f"image {index}: {exc.detail}") from exc
+    return images
+
+
+def images_from_bytes(array: np.ndarray, max_instances: int) -> list[np.ndarray]:
+    """A V2 `image_bytes` tensor ([N] of PNG/JPEG bytes) as uint8 H×W×C images."""
+    _check_count(array.size, max_instances)
+    return [decode_upload(bytes(item), f"image {index}")
+            for index, item in enumerate(array.reshape(-1))]
+
+
+def _check_count(count: int, max_instances: int) -> None:
+    if count == 0:
+        raise ClientError(400, "empty_instances", "no images: send at least one")
+    if count > max_instances:
+        raise ClientError(413, "too_many_instances", f"{count} images; at most "
+                                                     f"{max_instances} per request")
+
+
 def decode_upload(data: bytes, name: str) -> np.ndarray:
     """An uploaded image file -> uint8 H×W×C, or ClientError 422."""
     if not data:

@@ -7,6 +7,9 @@
     POST /v1/predict   instances (arrays, base64 PNG/JPEG) or multipart image files
     GET  /v1/health    200 once a replica holds the model
     GET  /v1/model     the served version, its classes and input
+    /v2/...            the Open Inference Protocol (serve/oip.py): an `images` UINT8
+                       [N, H, W, C] tensor, or `image_bytes` BYTES [N] of PNG/JPEG, in;
+                       `probabilities` FP32 [N, classes] and `class_name` BYTES [N] out
 
 What every app shares (topology, errors, auth, body limits, the prediction log, deployment
 options, the builder for `serve run`) is in serve/app.py. Each model replica loads the
@@ -48,6 +51,13 @@ from mlsd_ray.serve.app import (
     token_sha256,
 )
 from mlsd_ray.serve.metrics import ingress_metrics, model_metrics
+from mlsd_ray.serve.oip import (
+    OpenInferenceRoutes,
+    Signature,
+    Tensor,
+    TensorSpec,
+    add_open_inference_routes,
+)
 from mlsd_ray.serve.schemas import ClientError, ErrorResponse, parse_json
 from mlsd_ray.tasks.image import schemas
 
@@ -59,7 +69,9 @@ api = FastAPI(title="mlsd-ray", version=__version__,
               description="Image classification served by Ray Serve. Errors are JSON "
                           '`{"error": {"code", "message"}}`; 4xx means the request was wrong.')
 
-add_error_handlers(api, "the image task: POST /v1/predict, GET /v1/health, GET /v1/model")
+add_error_handlers(api, "the image task: POST /v1/predict, GET /v1/health, GET /v1/model, "
+                        "and /v2 (the Open Inference Protocol)")
+add_open_inference_routes(api)
 
 
 def load_served_model(model: PinnedModel, home: str | None) -> tuple[Any, dict]:
@@ -175,7 +187,8 @@ def _read_text(location: str) -> str:
 async def _count_requests(request: Request, call_next):
     """Requests by route and status, and their latency, for Prometheus."""
     started = time.perf_counter()
-    route = request.url.path if request.url.path in ROUTES else "other"
+    path = request.url.path
+    route = path if path in ROUTES else "/v2/infer" if _is_v2_infer(path) else "other"
     status = 500
     try:
         response = await call_next(request)
@@ -188,6 +201,10 @@ async def _count_requests(request: Request, call_next):
                                    tags={"route": route})
 
 
+def _is_v2_infer(path: str) -> bool:
+    return path.startswith("/v2/models/") and path.endswith("/infer")
+
+
 _PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": schemas.PredictRequest.model_json_schema()},
     "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {
@@ -198,7 +215,7 @@ _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 4
 
 
 @serve.ingress(api)
-class ImageApp(ImageModel, ModelRoutes):
+class ImageApp(ImageModel, ModelRoutes, OpenInferenceRoutes):
     """Validates and decodes requests, calls the model (in this replica or the Model
     deployment), shapes answers and errors."""
 
@@ -210,7 +227,37 @@ class ImageApp(ImageModel, ModelRoutes):
         self.sticky = settings["router"] == "consistent_hash"
         self.drift_file = settings.get("drift_file")
         self.drift_read_at = -DRIFT_REFRESH_S
+        self.v2_max_body_bytes = self.max_body_bytes
+        self.v2_max_elements = self.max_body_bytes  # each element takes a byte of the body
         self.attach(model, replica, sticky=self.sticky)
+
+    def v2_signature(self, info: dict) -> Signature:
+        """The Open Inference Protocol's tensors for this model (serve/oip.py)."""
+        size, channels = info["input"]["image_size"], info["input"]["channels"]
+        return Signature(
+            inputs=[TensorSpec("images", "UINT8", [-1, size, size, channels])],
+            alternatives=[TensorSpec("image_bytes", "BYTES", [-1])],
+            outputs=[TensorSpec("probabilities", "FP32", [-1, len(info["classes"])]),
+                     TensorSpec("class_name", "BYTES", [-1])])
+
+    async def v2_infer(self, tensors: dict[str, np.ndarray],
+                       request_id: str | None) -> list[Tensor]:
+        """V2 tensors in, probabilities and class names out (any image size is resized)."""
+        if "images" in tensors:
+            images = schemas.images_from_tensor(tensors["images"], self.max_instances)
+        elif "image_bytes" in tensors:
+            images = schemas.images_from_bytes(tensors["image_bytes"], self.max_instances)
+        else:
+            raise ClientError(400, "missing_input", "send an input named images (UINT8 [N, H, "
+                                                    "W, C]) or image_bytes (BYTES [N] of "
+                                                    f"PNG/JPEG), not {', '.join(tensors)}")
+        answer = await self.model.run_batch({"images": images,
+                                             "request_id": request_id or uuid.uuid4().hex,
+                                             "received": time.time()})
+        probabilities = np.asarray(answer["probabilities"], dtype=np.float32)
+        names = [answer["classes"][i].encode() for i in probabilities.argmax(axis=1)]
+        return [Tensor("probabilities", "FP32", probabilities),
+                Tensor("class_name", "BYTES", np.array(names, dtype=object))]
 
     @api.post("/v1/predict", response_model=schemas.PredictResponse, responses=_ERRORS,
               openapi_extra=_PREDICT_BODY, summary="Classify images")

@@ -148,6 +148,13 @@ class ImageTask(Task):
 
         return holdout_scores(checkpoint_dir, parts)
 
+    def drift_drill(self, prepared, incoming: str):
+        """The whole train split rotated 30 degrees, saved as a labelled folder."""
+        from mlsd_ray.workflows.loop import DriftDrill
+
+        return DriftDrill(TrafficRequest(None, "rotate", count=0, split="train", save=incoming),
+                          f"folder:{incoming}")
+
     def smoke_retrain_source(self, home: str, log: Log) -> str:
         """300 digits rotated 30 degrees, as a labelled folder under `home`."""
         import numpy as np
@@ -222,6 +229,8 @@ class ImageTask(Task):
                   + ("" if served["kept_serving"] else " (stopped; `mlsd serve --detach` to "
                                                         "run it)"))
         if "loop" in stages:
+            from mlsd_ray.workflows.loop import render_loop
+
             render_loop(stages["loop"])
 
 
@@ -248,32 +257,3 @@ def render_dataset(summary: dict) -> None:
     console.print(f"quality report: {summary['quality_report']}", soft_wrap=True)
     console.print(f"examples: {summary['samples']}", soft_wrap=True)
     console.print(f"output: {summary['path']}", soft_wrap=True)
-
-
-def render_loop(steps: dict) -> None:
-    """The monitoring loop as a step / result table."""
-    def traffic(t: dict) -> str:
-        return (f"{t['images']} images ({t['shift']}), accuracy {t['accuracy']}, "
-                f"{t['failed_requests']} failed requests")
-
-    rows = [("unshifted traffic", traffic(steps["traffic_unshifted"])),
-            ("monitor", f"{steps['monitor_unshifted']['summary']}"),
-            ("rotated traffic", traffic(steps["traffic_rotated"])),
-            ("monitor", f"{steps['monitor_rotated']['summary']}")]
-    retrained = steps.get("retrain", {})
-    if "skipped" in retrained:
-        rows.append(("retrain", f"skipped: {retrained['skipped']}"))
-    elif retrained:
-        rows.append(("retrain", f"holdout accuracy champion {retrained['holdout']['champion']:.4f}"
-                                f" -> challenger {retrained['holdout']['challenger']:.4f}: "
-                                + ("promoted " if retrained["promote"] else "rejected ")
-                                + retrained["challenger"]))
-    if "rollout" in steps:
-        rollout, load = steps["rollout"], steps["rollout"]["load"]
-        rows.append(("rolling update", f"{rollout['from']['uri']} -> {rollout['to']['uri']} in "
-                                       f"{rollout['seconds']} s under load: {load['requests']} "
-                                       f"requests, {load['failed_requests']} failed, answered "
-                                       f"by versions {load['model_versions']}"))
-    print("\nmonitoring loop:")
-    for step, result in rows:
-        print(f"  {step:18s} {result}")

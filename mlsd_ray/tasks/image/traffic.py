@@ -106,7 +106,7 @@ def send(url: str, images: np.ndarray, labels: np.ndarray, class_names: list[str
                   for predicted, i in zip(names, indices))
     answered = sum(len(names) for names, _, _ in results)
     return {"requests": len(chunks), "failed_requests": len(errors), "errors": errors[:5],
-            "images_answered": answered,
+            "images_answered": answered, "answered": answered,
             "accuracy": round(correct / answered, 4) if answered else None,
             "model_versions": dict(Counter(v for _, v, _ in results if v)),
             "seconds": round(seconds, 2),
@@ -136,42 +136,3 @@ def simulate_traffic(url: str | None, dataset, shift: str = "none", amount: floa
     if url:
         summary.update(url=url, **send(url, images, labels, class_names, batch, concurrency))
     return summary
-
-
-class BackgroundLoad:
-    """Steady traffic from another thread (a context manager): what a rolling update must not
-    disturb. Counts requests, failures and the versions that answered."""
-
-    def __init__(self, url: str, dataset, batch: int = 4, split: str = "test"):
-        import threading
-
-        images, labels = dataset.load_split(split)
-        self.url, self.batch = url, batch
-        self.images, self.labels = images, labels
-        self.class_names = dataset.manifest["class_names"]
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.totals = {"requests": 0, "failed_requests": 0, "model_versions": Counter(),
-                       "errors": []}
-
-    def _run(self) -> None:
-        rng = np.random.default_rng(0)
-        while not self.stop.is_set():
-            pick = rng.choice(len(self.images), self.batch, replace=False)
-            result = send(self.url, self.images[pick], self.labels[pick], self.class_names,
-                          self.batch, 1)
-            self.totals["requests"] += result["requests"]
-            self.totals["failed_requests"] += result["failed_requests"]
-            self.totals["model_versions"].update(result["model_versions"])
-            self.totals["errors"] = (self.totals["errors"] + result["errors"])[:5]
-
-    def __enter__(self) -> BackgroundLoad:
-        self.started = time.perf_counter()
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join(timeout=60)
-        self.totals["seconds"] = round(time.perf_counter() - self.started, 2)
-        self.totals["model_versions"] = dict(self.totals["model_versions"])

@@ -3,11 +3,14 @@
 data (Ray Data preprocessors fitted on train) -> [tune] -> train the MLP (Ray Train) and the
 HistGradientBoosting reference -> evaluate on test at the chosen threshold -> register (MLflow)
 -> promote the first version -> serve `/v1/fraud/score` (Ray Serve), score test transactions
-and a rule-breaking one over HTTP -> stop the app.
+and a rule-breaking one over HTTP -> the monitoring loop on the live app (workflows/loop.py:
+unshifted and shifted traffic, monitor, retrain, gated promotion, rolling update under load)
+-> stop the app.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -17,19 +20,23 @@ from mlsd_ray.core.config import Config
 from mlsd_ray.core.runtime import log_stderr
 
 SERVE_CHECK_ROWS = 64
+LOOP = "monitor -> retrain -> rolling update"
 
 
 def run_tabular_pipeline(cfg: Config, home: str | None = None, force: bool = False,
                          log: Callable[[str], None] = log_stderr, tune: bool = False,
-                         serve_check: bool = True, keep_serving: bool = False) -> dict:
+                         serve_check: bool = True, keep_serving: bool = False,
+                         monitor_loop: bool = True) -> dict:
     """Run the tabular stages; returns one summary per stage."""
     from mlsd_ray.registry import promote_first
     from mlsd_ray.tasks.tabular.prepare import prepare_table
     from mlsd_ray.tasks.tabular.stage import run_tabular_train
     from mlsd_ray.workflows.stages import StageHeadings
 
+    registers = cfg.registry.auto_register
     heading = StageHeadings("data", tune and "tune", "train, evaluate, register",
-                            cfg.registry.auto_register and "promote", serve_check and "serve")
+                            registers and "promote", serve_check and "serve",
+                            serve_check and monitor_loop and registers and LOOP)
     log(heading("data"))
     table = prepare_table(cfg, home=home, force=force, log=log)
     stages = {"data": table.summary()}
@@ -49,15 +56,32 @@ def run_tabular_pipeline(cfg: Config, home: str | None = None, force: bool = Fal
     if serve_check:
         log(heading("serve"))
         model = registered["uri"] if registered else stages["train"]["checkpoint"]
-        stages["serve"] = serve_check_fraud(cfg, model, table, home, log, keep_serving)
+        loop = None
+        if monitor_loop and registered:  # retraining moves a registry alias: needs a version
+            loop = functools.partial(_loop, cfg, table, home, log, heading(LOOP))
+        stages["serve"] = serve_check_fraud(cfg, model, table, home, log, keep_serving,
+                                            then=loop)
+        if "loop" in stages["serve"]:
+            stages["loop"] = stages["serve"].pop("loop")
     return {"example": "tabular", "stages": stages}
 
 
+def _loop(cfg: Config, table, home: str | None, log: Callable[[str], None], heading: str,
+          url: str, served_uri: str) -> dict:
+    from mlsd_ray.tasks import get_task
+    from mlsd_ray.workflows.loop import monitoring_loop
+
+    log(heading)
+    return monitoring_loop(get_task(cfg.task), cfg, url, served_uri, table, home, log)
+
+
 def serve_check_fraud(cfg: Config, model: str, table, home: str | None,
-                      log: Callable[[str], None], keep_serving: bool = False) -> dict:
+                      log: Callable[[str], None], keep_serving: bool = False,
+                      then: Callable[[str, str], dict] | None = None) -> dict:
     """Start the fraud app on `model`, score test rows over HTTP (and, for a binary task, a
     transaction the example rules catch), compare with the offline scores, then stop the app
-    (`keep_serving`: on serve.port, until Ctrl-C)."""
+    (`keep_serving`: on serve.port, until Ctrl-C). `then(url, served_uri)` runs while the app
+    is up (the monitoring loop); its result is the summary's "loop"."""
     from mlsd_ray import registry
     from mlsd_ray.serve import control
     from mlsd_ray.serve.client import post_json
@@ -87,6 +111,8 @@ def serve_check_fraud(cfg: Config, model: str, table, home: str | None,
             served = np.array([r.get("prediction", np.nan) for r in answer["results"]])
             result["max_abs_difference"] = float(np.nanmax(np.abs(served - offline.reshape(-1))))
             log(f"served version {answer['model_version']}: {len(records)} rows scored over HTTP")
+        if then is not None:
+            result["loop"] = then(summary["url"], summary["model"]["uri"])
         return result
     finally:
         if keep_serving:

@@ -35,6 +35,41 @@ def records_from_json(body: Any, max_records: int) -> list[dict]:
     return records
 
 
+def records_from_tensors(tensors: dict, max_records: int) -> list[dict]:
+    """Records from V2 tensors (serve/oip.py): one [N] tensor per column (numbers, or BYTES
+    for categories; NaN is missing), or `records`, BYTES [N] each a JSON object."""
+    import json
+
+    import numpy as np
+
+    if "records" in tensors:
+        rows = []
+        for index, raw in enumerate(tensors["records"].reshape(-1)):
+            try:
+                rows.append(json.loads(bytes(raw)))
+            except ValueError as exc:
+                raise ClientError(400, "malformed_json", f"records[{index}] is not JSON: "
+                                                         f"{exc}") from exc
+        return records_from_json({"records": rows}, max_records)
+    lengths = {name: len(array) if array.ndim else 1 for name, array in tensors.items()}
+    if len(set(lengths.values())) != 1 or any(a.ndim != 1 and a.shape[1:] != (1,)
+                                              for a in tensors.values()):
+        raise ClientError(400, "bad_shape", f"each column is one [N] tensor of the same N; got "
+                                            f"{ {n: list(a.shape) for n, a in tensors.items()} }")
+    columns = {name: [_plain(v) for v in np.asarray(array).reshape(-1)]
+               for name, array in tensors.items()}
+    rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    return records_from_json({"records": rows}, max_records)
+
+
+def _plain(value: Any) -> Any:
+    """A tensor element as the JSON value a record would hold."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    item = value.item() if hasattr(value, "item") else value
+    return None if isinstance(item, float) and math.isnan(item) else item
+
+
 def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 

@@ -1,4 +1,5 @@
-"""The fraud Serve application, mounted at `/v1/fraud` beside the image app:
+"""The fraud Serve application (its routes under `/v1/fraud`, and the Open Inference
+Protocol's under `/v2`: serve/oip.py):
 
     POST /v1/fraud/score    {"records": [{field: value}, ...]} -> a decision per record
     GET  /v1/fraud/health   200 once the model is loaded
@@ -7,6 +8,10 @@
     PUT  /v1/fraud/policy   {"threshold": 0.4, "decline_above": 0.95}: changed at once
     PUT  /v1/fraud/rules    a rules YAML body: checked, then in force; a bad file is refused
                             with its line and reason, and the rules in force stay
+    /v2/...                 one [N] tensor per column (FP64, or BYTES for a category), or
+                            `records` BYTES [N] of JSON objects, in; `score` FP32 and
+                            `decision` BYTES (binary), `probabilities` and `class`
+                            (multiclass) or `prediction` FP64 (regression) out
 
 The model batches records from many requests into one forward pass (serve.batch) and
 autoscales like the image model, and it writes a prediction-log row per record (the record's
@@ -46,8 +51,15 @@ from mlsd_ray.serve.app import (
     token_sha256,
 )
 from mlsd_ray.serve.metrics import model_metrics
+from mlsd_ray.serve.oip import (
+    OpenInferenceRoutes,
+    Signature,
+    Tensor,
+    TensorSpec,
+    add_open_inference_routes,
+)
 from mlsd_ray.serve.schemas import ClientError, parse_json
-from mlsd_ray.tasks.tabular.records import check_record, records_from_json
+from mlsd_ray.tasks.tabular.records import check_record, records_from_json, records_from_tensors
 from mlsd_ray.tasks.tabular.rules import RulesError, decide, parse_rules
 
 PREFIX = "/v1/fraud"
@@ -57,7 +69,9 @@ api = FastAPI(title="mlsd-ray fraud scoring", version=__version__,
               description="Scores transactions with a tabular model and a rules engine. "
                           'Errors are JSON `{"error": {"code", "message"}}`.')
 add_error_handlers(api, f"the tabular task: POST {PREFIX}/score, GET {PREFIX}/health, "
-                        f"GET {PREFIX}/model, GET|PUT {PREFIX}/policy, PUT {PREFIX}/rules")
+                        f"GET {PREFIX}/model, GET|PUT {PREFIX}/policy, PUT {PREFIX}/rules, "
+                        "and /v2 (the Open Inference Protocol)")
+add_open_inference_routes(api)
 # No `from __future__ import annotations` in this module: FastAPI inside a Serve ingress then
 # sees `request: Request` as the string "Request" and asks for a query parameter named request.
 
@@ -145,7 +159,7 @@ class TabularModel(LoggingReplica):
 
 
 @serve.ingress(api)
-class FraudApp(TabularModel, ModelRoutes):
+class FraudApp(TabularModel, ModelRoutes, OpenInferenceRoutes):
     """Checks records, calls the model, applies threshold and rules, serves the policy."""
 
     def __init__(self, model, replica: ReplicaSettings, settings: dict):
@@ -154,6 +168,8 @@ class FraudApp(TabularModel, ModelRoutes):
         self.policy_file = settings["policy_file"]
         self.policy_stamp = self._policy_stamp()
         self.policy = self._initial_policy()
+        self.v2_max_body_bytes = settings["max_body_bytes"]
+        self.v2_max_elements = settings["max_body_bytes"]  # each element takes a body byte
         self.attach(model, replica, sticky=False)
 
     def _initial_policy(self) -> dict:
@@ -195,27 +211,68 @@ class FraudApp(TabularModel, ModelRoutes):
             self.policy["threshold"] = self.served["threshold"]
         return self.served
 
-    @api.post("/score", summary="Score transactions: a decision, score and rules per record")
+    @api.post(f"{PREFIX}/score",
+              summary="Score transactions: a decision, score and rules per record")
     async def score(self, request: Request) -> dict:
         started, received = time.perf_counter(), time.time()
         authorize(request, self.settings["token_sha256"])
         _require_json(request)
         body = parse_json(await read_body(request, self.settings["max_body_bytes"]))
         records = records_from_json(body, self.settings["max_instances"])
-        info = await self._model_info()
-        checked = [check_record(r, i, info["columns"], self.settings, info["label"])
-                   for i, r in enumerate(records)]
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-        answer = await self.model.run_batch({"records": [clean for clean, _ in checked],
-                                             "request_id": request_id, "received": received})
-        results = [self._result(record, output, notes, info)
-                   for record, output, (_, notes) in zip(records, answer["outputs"], checked,
-                                                         strict=True)]
+        results, answer, info = await self._score_records(records, request_id, received)
         return {"results": results, "model_name": info["model_name"],
                 "model_version": answer["model_version"], "task": info["task"],
                 "threshold": self.policy["threshold"], "replica": answer["replica"],
                 "request_id": request_id,
                 "latency_ms": round(1000 * (time.perf_counter() - started), 3)}
+
+    async def _score_records(self, records: list[dict], request_id: str,
+                             received: float) -> tuple[list[dict], dict, dict]:
+        """Check the records, score them in the model's batch, apply the policy: the results,
+        the model's answer and its description."""
+        info = await self._model_info()
+        checked = [check_record(r, i, info["columns"], self.settings, info["label"])
+                   for i, r in enumerate(records)]
+        answer = await self.model.run_batch({"records": [clean for clean, _ in checked],
+                                             "request_id": request_id, "received": received})
+        results = [self._result(record, output, notes, info)
+                   for record, output, (_, notes) in zip(records, answer["outputs"], checked,
+                                                         strict=True)]
+        return results, answer, info
+
+    def v2_signature(self, info: dict) -> Signature:
+        """The Open Inference Protocol's tensors for this model (serve/oip.py)."""
+        inputs = [TensorSpec(c["name"], "BYTES" if c["kind"] == "categorical" else "FP64", [-1])
+                  for c in info["columns"]]
+        outputs = {"binary": [TensorSpec("score", "FP32", [-1]),
+                              TensorSpec("decision", "BYTES", [-1])],
+                   "multiclass": [TensorSpec("probabilities", "FP32",
+                                             [-1, len(info["classes"] or [])]),
+                                  TensorSpec("class", "BYTES", [-1])],
+                   }.get(info["task"], [TensorSpec("prediction", "FP64", [-1])])
+        return Signature(inputs=inputs, outputs=outputs,
+                         alternatives=[TensorSpec("records", "BYTES", [-1])])
+
+    async def v2_infer(self, tensors: dict, request_id: str | None) -> list[Tensor]:
+        """V2 tensors in; the task's outputs, with the policy's decisions, out."""
+        import numpy as np
+
+        records = records_from_tensors(tensors, self.settings["max_instances"])
+        results, answer, info = await self._score_records(
+            records, request_id or uuid.uuid4().hex, time.time())
+        if info["task"] == "binary":
+            return [Tensor("score", "FP32", np.array([r["score"] for r in results], np.float32)),
+                    Tensor("decision", "BYTES", np.array([r["decision"].encode()
+                                                          for r in results], dtype=object))]
+        if info["task"] == "multiclass":
+            return [Tensor("probabilities", "FP32", np.asarray(answer["outputs"], np.float32)),
+                    Tensor("class", "BYTES", np.array([str(r["class"]).encode()
+                                                       for r in results], dtype=object))]
+        return [Tensor("prediction", "FP64", np.asarray(answer["outputs"], np.float64))]
+
+    def _authorize(self, request: Request) -> None:
+        authorize(request, self.settings["token_sha256"])
 
     def _result(self, record: dict, output: Any, notes: list[str], info: dict) -> dict:
         if info["task"] == "binary":
@@ -228,7 +285,7 @@ class FraudApp(TabularModel, ModelRoutes):
             result = {"prediction": round(float(output), 6)}
         return {**result, "notes": notes} if notes else result
 
-    @api.get("/health", summary="200 once the model is loaded")
+    @api.get(f"{PREFIX}/health", summary="200 once the model is loaded")
     async def health(self):
         try:
             info = await asyncio.wait_for(self.model.describe(), timeout=30)
@@ -237,7 +294,7 @@ class FraudApp(TabularModel, ModelRoutes):
         return {"status": "ok", "model_name": info["model_name"],
                 "model_version": info["model_version"]}
 
-    @api.get("/model", summary="The served version, its input columns and the policy")
+    @api.get(f"{PREFIX}/model", summary="The served version, its input columns and the policy")
     async def model_info(self, request: Request) -> dict:
         authorize(request, self.settings["token_sha256"])
         return {**await self._model_info(), "policy": self._public_policy()}
@@ -248,13 +305,14 @@ class FraudApp(TabularModel, ModelRoutes):
                 "rules": [{"name": r.name, "when": r.when, "action": r.action}
                           for r in self.policy["rules"]]}
 
-    @api.get("/policy", summary="The threshold and rules in force")
+    @api.get(f"{PREFIX}/policy", summary="The threshold and rules in force")
     async def get_policy(self, request: Request) -> dict:
         authorize(request, self.settings["token_sha256"])
         await self._model_info()
         return self._public_policy()
 
-    @api.put("/policy", summary="Change the threshold or decline_above, without a restart")
+    @api.put(f"{PREFIX}/policy",
+             summary="Change the threshold or decline_above, without a restart")
     async def put_policy(self, request: Request) -> dict:
         authorize(request, self.settings["token_sha256"])
         _require_json(request)
@@ -273,7 +331,8 @@ class FraudApp(TabularModel, ModelRoutes):
         self._save_policy()
         return self._public_policy()
 
-    @api.put("/rules", summary="Replace the rules (a YAML body); a bad file changes nothing")
+    @api.put(f"{PREFIX}/rules",
+             summary="Replace the rules (a YAML body); a bad file changes nothing")
     async def put_rules(self, request: Request) -> dict:
         authorize(request, self.settings["token_sha256"])
         text = (await read_body(request, self.settings["max_body_bytes"])).decode(

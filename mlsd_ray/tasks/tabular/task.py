@@ -58,11 +58,12 @@ class TabularTask(Task):
     def pipeline(self, cfg, home: str | None, log: Log, *, force: bool = False,
                  tune: bool = False, serve_check: bool = True, keep_serving: bool = False,
                  monitor_loop: bool = True) -> dict:
-        """The tabular pipeline (it has no monitoring loop yet: `monitor_loop` is unused)."""
+        """The tabular pipeline, with the monitoring loop on the live app (`monitor_loop`)."""
         from mlsd_ray.tasks.tabular.pipeline import run_tabular_pipeline
 
         return run_tabular_pipeline(cfg, home=home, force=force, log=log, tune=tune,
-                                    serve_check=serve_check, keep_serving=keep_serving)
+                                    serve_check=serve_check, keep_serving=keep_serving,
+                                    monitor_loop=monitor_loop)
 
     def serve_application(self, settings, model: PinnedModel, home: str | None) -> ServedApp:
         """The fraud scoring app (threshold, rules, policy) with the `tabular` section the
@@ -167,6 +168,20 @@ class TabularTask(Task):
 
         return holdout_scores(checkpoint_dir, parts)
 
+    def drift_drill(self, prepared, incoming: str):
+        """600 train rows with the first numeric column tripled, saved as a labelled CSV."""
+        from mlsd_ray.core.errors import InputError
+        from mlsd_ray.workflows.loop import DriftDrill
+
+        plan = prepared.manifest["preprocessing"]["plan"]
+        numeric = [entry["name"] for entry in plan if entry["kind"] == "numeric"]
+        if not numeric:
+            raise InputError("the monitoring loop shifts a numeric column; this table has none")
+        saved = f"{incoming}/shifted.csv"
+        return DriftDrill(TrafficRequest(None, "scale", amount=3.0, column=numeric[0],
+                                         count=600, split="train", batch=10, save=saved),
+                          f"csv:{saved}")
+
     def smoke_retrain_source(self, home: str, log: Log) -> str:
         """2,000 new generated transactions (another seed) as a CSV under `home`."""
         from mlsd_ray.core import storage
@@ -200,7 +215,8 @@ class TabularTask(Task):
 
 
 def fraud_application(settings, tabular, model: PinnedModel, home: str | None) -> ServedApp:
-    """The fraud app at /v1/fraud, starting from its config's policy (not the last one set)."""
+    """The fraud app (its routes at /v1/fraud, the V2 protocol's at /v2), starting from its
+    config's policy (not the last one set)."""
     import os
 
     from mlsd_ray.tasks.tabular.serve import PREFIX, fraud_app, policy_file
@@ -208,7 +224,7 @@ def fraud_application(settings, tabular, model: PinnedModel, home: str | None) -
     policy = policy_file(home, settings.app_name)
     if os.path.exists(policy):
         os.remove(policy)
-    return ServedApp(fraud_app(settings, tabular, model, home), PREFIX, f"{PREFIX}/health",
+    return ServedApp(fraud_app(settings, tabular, model, home), "/", f"{PREFIX}/health",
                      f"{PREFIX}/model", {"score_url": f"{PREFIX}/score"})
 
 
@@ -273,3 +289,7 @@ def render_tabular_pipeline(stages: dict) -> None:
             e = served["example"]
             print(f"a large foreign transaction: {e['decision']} (score {e['score']:.4f}, "
                   f"rules {e['rules']})")
+    if "loop" in stages:
+        from mlsd_ray.workflows.loop import render_loop
+
+        render_loop(stages["loop"])

@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -108,7 +109,8 @@ def send(url: str, rows: list[dict], batch: int, concurrency: int) -> dict:
     answered = [r for answers, _, _ in results for r in answers]
     outcomes = Counter(str(r.get("decision", r.get("class", "value"))) for r in answered)
     return {"requests": len(chunks), "failed_requests": len(errors), "errors": errors[:5],
-            "records_answered": len(answered), "outcomes": dict(outcomes),
+            "records_answered": len(answered), "answered": len(answered),
+            "outcomes": dict(outcomes),
             "model_versions": dict(Counter(v for _, v, _ in results if v)),
             "seconds": round(seconds, 2),
             "records_per_second": round(len(answered) / seconds, 1) if seconds else None}
@@ -132,6 +134,7 @@ def simulate_table_traffic(url: str | None, table, shift: str = "none",
     summary = {"shift": change.kind, "column": change.column, "amount": change.amount,
                "split": split, "seed": seed, "records": len(frame)}
     if save:
+        Path(save).parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(save, index=False)
         summary["saved"] = {"file": str(save), "records": len(frame)}
     if url:
