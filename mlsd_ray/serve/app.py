@@ -9,7 +9,8 @@ Topology (`serve.topology`):
     single (default)  client --HTTP--> proxy --> App replica (routes + batched model)
     split             client --HTTP--> proxy --> Ingress replica (routes) --> Model replica
 
-One hop less is the fast path: every hop costs CPU per request (docs/serving.md). Split lets
+One hop less is the fast path: every hop costs CPU per request
+(docs/benchmarks.md measures both). Split lets
 the model scale apart from the CPU work of decoding requests, e.g. GPU model replicas behind
 CPU ingress replicas. Either way one class holds a task's routes: it reaches the model through
 `LocalModel` (the batched method of its own replica) or `RemoteModel` (a handle).

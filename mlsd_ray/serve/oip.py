@@ -254,7 +254,7 @@ def protocol_error(status: int, message: str) -> JSONResponse:
 class OpenInferenceRoutes:
     """Mixin of a task's routes class: the V2 routes. The class provides `model` (LocalModel or
     RemoteModel), `v2_signature(info)`, `async v2_infer(tensors: dict[str, np.ndarray],
-    request_id) -> list[Tensor]`, `v2_max_elements` and `_authorize(request)`."""
+    request_id) -> list[Tensor]`, `v2_max_body_bytes` and `_authorize(request)`."""
 
     async def v2_server(self) -> dict:
         return {"name": "mlsd-ray", "version": __version__,
@@ -284,7 +284,7 @@ class OpenInferenceRoutes:
             self._authorize(request)
             info = await self._served(name, version)
         except (ProtocolError, ClientError) as exc:
-            return _as_protocol_error(exc)
+            return protocol_error(exc.status, exc.message)
         signature = self.v2_signature(info)
         return {"name": info["model_name"], "versions": [str(info["model_version"])],
                 "platform": "mlsd-ray/pytorch",
@@ -297,7 +297,7 @@ class OpenInferenceRoutes:
         try:
             info = await self._served(name, version)
         except ProtocolError as exc:
-            return _as_protocol_error(exc)
+            return protocol_error(exc.status, exc.message)
         return {"name": info["model_name"], "ready": True}
 
     async def v2_infer_route(self, request: Request, name: str, version: str | None = None):
@@ -307,18 +307,15 @@ class OpenInferenceRoutes:
             self._authorize(request)
             info = await self._served(name, version)
             body = await read_body(request, self.v2_max_body_bytes)
+            # Every element takes at least a byte of the body: no more can be real.
             parsed, tensors = parse_infer_request(body, request.headers.get(HEADER_LENGTH),
-                                                  self.v2_max_elements)
+                                                  self.v2_max_body_bytes)
             request_id = str(parsed.get("id") or request.headers.get(REQUEST_ID_HEADER) or "")
             outputs = await self.v2_infer({t.name: t.data for t in tensors}, request_id or None)
             return encode_infer_response(parsed, info["model_name"],
                                          str(info["model_version"]), outputs)
         except (ProtocolError, ClientError) as exc:
-            return _as_protocol_error(exc)
-
-
-def _as_protocol_error(exc: ProtocolError | ClientError) -> JSONResponse:
-    return protocol_error(exc.status, exc.message)
+            return protocol_error(exc.status, exc.message)
 
 
 def add_open_inference_routes(api: FastAPI) -> None:

@@ -228,7 +228,6 @@ class ImageApp(ImageModel, ModelRoutes, OpenInferenceRoutes):
         self.drift_file = settings.get("drift_file")
         self.drift_read_at = -DRIFT_REFRESH_S
         self.v2_max_body_bytes = self.max_body_bytes
-        self.v2_max_elements = self.max_body_bytes  # each element takes a byte of the body
         self.attach(model, replica, sticky=self.sticky)
 
     def v2_signature(self, info: dict) -> Signature:

@@ -169,7 +169,6 @@ class FraudApp(TabularModel, ModelRoutes, OpenInferenceRoutes):
         self.policy_stamp = self._policy_stamp()
         self.policy = self._initial_policy()
         self.v2_max_body_bytes = settings["max_body_bytes"]
-        self.v2_max_elements = settings["max_body_bytes"]  # each element takes a body byte
         self.attach(model, replica, sticky=False)
 
     def _initial_policy(self) -> dict:
