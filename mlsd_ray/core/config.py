@@ -84,7 +84,8 @@ class DataConfig(StrictModel):
 class ModelConfig(StrictModel):
     """Which network to train (see mlsd_ray.tasks.image.models)."""
 
-    name: str = Field("seed_cnn", description="seed_cnn | resnet18")
+    name: str = Field("seed_cnn", description="seed_cnn | resnet18 (small-image stem) | "
+                      "resnet18_imagenet (the standard stem, for images of 64 px and up)")
     dropout: float = Field(0.0, ge=0, lt=1)
 
 
@@ -169,13 +170,13 @@ class AutoscalingConfig(StrictModel):
     max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(8.0, gt=0, description="Requests in flight per "
                                            "replica that autoscaling aims for.")
-    upscale_delay_s: float = Field(3.0, ge=0, description="Load must stay high this long "
+    upscale_delay_s: float = Field(1.0, ge=0, description="Load must stay high this long "
                                    "before a replica is added (Serve's default is 30).")
     downscale_delay_s: float = Field(30.0, ge=0, description="Load must stay low this long "
                                      "before a replica is removed (Serve's default is 600).")
-    metrics_interval_s: float = Field(2.0, gt=0, description="How often replicas and handles "
+    metrics_interval_s: float = Field(1.0, gt=0, description="How often replicas and handles "
                                       "report their load (Serve's default is 10).")
-    look_back_period_s: float = Field(6.0, gt=0, description="Window the load is averaged "
+    look_back_period_s: float = Field(3.0, gt=0, description="Window the load is averaged "
                                       "over; longer than metrics_interval_s (Serve's default "
                                       "is 30).")
 
@@ -234,6 +235,9 @@ class ServeConfig(StrictModel):
                                 "this get 413.")
     top_k: int = Field(3, ge=1, description="Probabilities returned per instance.")
     prediction_log: PredictionLogConfig = Field(default_factory=PredictionLogConfig)
+    access_log: bool = Field(True, description="Serve's access log line per request, in "
+                             "Ray's log files (never on the console). Off saves CPU per "
+                             "request; the proxy's setting is fixed when Serve first starts.")
 
     @model_validator(mode="after")
     def _batches_can_fill(self) -> ServeConfig:

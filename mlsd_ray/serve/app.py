@@ -25,6 +25,7 @@ import asyncio
 import hashlib
 import hmac
 import os
+import time
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -36,6 +37,7 @@ from starlette.exceptions import HTTPException
 
 from mlsd_ray.core.config import PredictionLogConfig, ServeConfig
 from mlsd_ray.registry import PinnedModel
+from mlsd_ray.serve.metrics import ingress_metrics
 from mlsd_ray.serve.routers import ROUTER_CLASSES
 from mlsd_ray.serve.schemas import ClientError
 
@@ -219,12 +221,53 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return error_response(422, "invalid_request", str(exc.errors()))
 
 
+class RequestMetrics:
+    """Prometheus counts of HTTP requests by route template and status, and their latency
+    (serve/metrics.py's ingress metrics).
+
+    Plain ASGI: Starlette's `@app.middleware("http")` runs every request through a task group
+    and memory streams, which cost more CPU per request than the model's share of a batch.
+    The route is the template FastAPI matched (`/v2/models/{model_name}/infer`), so tags stay
+    few whatever paths clients send; unmatched paths count as "other".
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_note_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "other")
+            metrics = ingress_metrics()
+            metrics["requests"].inc(tags={"route": route, "status": str(status)})
+            metrics["latency"].observe(1000 * (time.perf_counter() - started),
+                                       tags={"route": route})
+
+
 def add_error_handlers(app: FastAPI, served: str) -> None:
     """Every error as `{"error": {"code", "message"}}` (both Serve apps share this); a 404 or
     405 names the task the app serves and its routes (`served`)."""
     app.add_exception_handler(ClientError, _client_error)
     app.add_exception_handler(HTTPException, _http_error_handler(served))
     app.add_exception_handler(RequestValidationError, _validation_error)
+
+
+def count_requests(app: FastAPI) -> None:
+    """Prometheus request counts and latency for every route of the app (RequestMetrics)."""
+    app.add_middleware(RequestMetrics)
 
 
 def authorize(request: Request, token_sha256: str | None) -> None:

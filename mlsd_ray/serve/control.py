@@ -60,6 +60,12 @@ def url_of(settings: ServeConfig) -> str:
     return f"http://{host}:{settings.port}"
 
 
+def serve_logging(settings: ServeConfig) -> dict:
+    """Serve's LoggingConfig for the proxy and the app: files only (quiet_serve_console keeps
+    the console clean), with or without the per-request access line."""
+    return {"enable_access_log": settings.access_log}
+
+
 def start(settings: ServeConfig, home: str | None = None, detach: bool = False,
           log: Callable[[str], None] = log_stderr) -> dict:
     """Deploy the app of the task that trained the model (its checkpoint says which) and wait
@@ -75,14 +81,16 @@ def start(settings: ServeConfig, home: str | None = None, detach: bool = False,
     cluster = _connect_for(home, settings, detach, log)
     _fresh_proxy_for_a_new_router(settings, home, log)
     serve.start(proxy_location=settings.proxy_location,
-                http_options={"host": settings.host, "port": settings.port})
+                http_options={"host": settings.host, "port": settings.port},
+                logging_config=serve_logging(settings))
     log(f"deploying {model.uri} ({task.name} task) as app {settings.app_name!r} "
         f"({settings.topology} topology, {settings.router} routing, "
         f"{settings.autoscaling.min_replicas}-"
         f"{settings.autoscaling.max_replicas} replicas)")
     started = time.perf_counter()
     served = task.serve_application(settings, model, home)
-    serve.run(served.application, name=settings.app_name, route_prefix=served.route_prefix)
+    serve.run(served.application, name=settings.app_name, route_prefix=served.route_prefix,
+              logging_config=serve_logging(settings))
     url = url_of(settings)
     health = wait_healthy(url, path=served.health_path)
     summary = {"url": url, "docs": f"{url}{served.route_prefix.rstrip('/')}/docs",
@@ -360,7 +368,8 @@ def deploy(model_ref: str, home: str | None = None, app_name: str = "mlsd",
     log(f"rolling update of {app_name!r}: {before['uri']} -> {model.uri}")
     started = time.perf_counter()
     served_app = task.serve_application(settings, model, state["home"])
-    serve.run(served_app.application, name=app_name, route_prefix=served_app.route_prefix)
+    serve.run(served_app.application, name=app_name, route_prefix=served_app.route_prefix,
+              logging_config=serve_logging(settings))
     served = get_json(f"{state['url']}{served_app.model_path}")
     state.update(model=model.as_dict(), serve=settings.model_dump(mode="json"),
                  served_version=served["model_version"])

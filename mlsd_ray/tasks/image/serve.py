@@ -46,6 +46,7 @@ from mlsd_ray.serve.app import (
     add_error_handlers,
     authorize,
     bind_app,
+    count_requests,
     error_response,
     read_body,
     token_sha256,
@@ -61,7 +62,6 @@ from mlsd_ray.serve.oip import (
 from mlsd_ray.serve.schemas import ClientError, ErrorResponse, parse_json
 from mlsd_ray.tasks.image import schemas
 
-ROUTES = ("/v1/predict", "/v1/health", "/v1/model")  # metric tags: other paths count as "other"
 DRIFT_REFRESH_S = 10.0
 
 
@@ -72,6 +72,7 @@ api = FastAPI(title="mlsd-ray", version=__version__,
 add_error_handlers(api, "the image task: POST /v1/predict, GET /v1/health, GET /v1/model, "
                         "and /v2 (the Open Inference Protocol)")
 add_open_inference_routes(api)
+count_requests(api)
 
 
 def load_served_model(model: PinnedModel, home: str | None) -> tuple[Any, dict]:
@@ -181,28 +182,6 @@ def _read_text(location: str) -> str:
     from mlsd_ray.core import storage
 
     return storage.read_text(location)
-
-
-@api.middleware("http")
-async def _count_requests(request: Request, call_next):
-    """Requests by route and status, and their latency, for Prometheus."""
-    started = time.perf_counter()
-    path = request.url.path
-    route = path if path in ROUTES else "/v2/infer" if _is_v2_infer(path) else "other"
-    status = 500
-    try:
-        response = await call_next(request)
-        status = response.status_code
-        return response
-    finally:
-        metrics = ingress_metrics()
-        metrics["requests"].inc(tags={"route": route, "status": str(status)})
-        metrics["latency"].observe(1000 * (time.perf_counter() - started),
-                                   tags={"route": route})
-
-
-def _is_v2_infer(path: str) -> bool:
-    return path.startswith("/v2/models/") and path.endswith("/infer")
 
 
 _PREDICT_BODY = {"requestBody": {"required": True, "content": {

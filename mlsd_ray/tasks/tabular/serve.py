@@ -46,6 +46,7 @@ from mlsd_ray.serve.app import (
     add_error_handlers,
     authorize,
     bind_app,
+    count_requests,
     error_response,
     read_body,
     token_sha256,
@@ -72,6 +73,7 @@ add_error_handlers(api, f"the tabular task: POST {PREFIX}/score, GET {PREFIX}/he
                         f"GET {PREFIX}/model, GET|PUT {PREFIX}/policy, PUT {PREFIX}/rules, "
                         "and /v2 (the Open Inference Protocol)")
 add_open_inference_routes(api)
+count_requests(api)
 # No `from __future__ import annotations` in this module: FastAPI inside a Serve ingress then
 # sees `request: Request` as the string "Request" and asks for a query parameter named request.
 
