@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -20,13 +21,22 @@ sys.path.insert(0, str(ROOT))
 
 
 def load_parser(doc: str) -> argparse.ArgumentParser:
-    """The options every serving benchmark takes: which model, where, and the load."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    """The options every serving benchmark takes: which model, where, and the load (a
+    benchmark may redefine --model and --users to take several)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     conflict_handler="resolve")
     parser.add_argument("--model", default="models:/digits-cnn@production")
     parser.add_argument("--home", default=None, help="MLSD_HOME holding the registry")
     parser.add_argument("--users", type=int, default=32, help="concurrent locust clients")
     parser.add_argument("--seconds", type=int, default=30, help="length of the load")
     return parser
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def start_local_ray() -> None:
@@ -67,8 +77,40 @@ def wait_for(url: str, timeout: float = 60) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
-def locust(host: str, users: int, seconds: int, body: bytes) -> dict:
-    """Run locust headless against `host`; requests/s, latency percentiles (ms), failures."""
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by these processes (gone ones count 0)."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def serve_pids() -> dict[str, list[int]]:
+    """Serve's HTTP proxies and replicas on this machine, by the title Ray gives them
+    (`ray::ProxyActor`, `ray::ServeReplica:APP:DEPLOYMENT`)."""
+    import psutil
+
+    found: dict[str, list[int]] = {}
+    for process in psutil.process_iter(["cmdline"]):
+        title = " ".join(process.info["cmdline"] or []).split(" ")[0]
+        if title.startswith(("ray::ServeReplica", "ray::ProxyActor")):
+            found.setdefault(title, []).append(process.pid)
+    return found
+
+
+def locust(host: str, users: int, seconds: int, body: bytes,
+           server_pids: dict[str, list[int]] | None = None) -> dict:
+    """Run locust headless against `host`; requests/s, latency percentiles (ms), failures,
+    and, given the server's processes (by name), their CPU milliseconds per answered request:
+    the cost that caps throughput once the cores are busy."""
+    server_pids = server_pids or {}
+    cpu_before = {name: cpu_seconds(pids) for name, pids in server_pids.items()}
     with tempfile.TemporaryDirectory() as tmp:
         payload = Path(tmp, "body.json")
         payload.write_bytes(body)
@@ -81,7 +123,12 @@ def locust(host: str, users: int, seconds: int, body: bytes) -> dict:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         with open(f"{prefix}_stats.csv") as handle:
             total = next(row for row in csv.DictReader(handle) if row["Name"] == "Aggregated")
+    requests = max(int(total["Request Count"]), 1)
+    cpu_ms = {name: round(1000 * (cpu_seconds(pids) - cpu_before[name]) / requests, 2)
+              for name, pids in server_pids.items()}
     return {"requests": int(total["Request Count"]), "failures": int(total["Failure Count"]),
             "requests_per_s": round(float(total["Requests/s"]), 1),
             "p50_ms": float(total["50%"]), "p95_ms": float(total["95%"]),
-            "p99_ms": float(total["99%"])}
+            "p99_ms": float(total["99%"]),
+            **({"server_cpu_ms_per_request": round(sum(cpu_ms.values()), 2),
+                "cpu_ms_per_request_by_process": cpu_ms} if server_pids else {})}

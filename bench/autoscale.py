@@ -2,11 +2,13 @@
 
 Serves the model with autoscaling (1..--max-replicas, short delays), sends 1 client for
 --warmup seconds, then --users clients for --seconds (locust, no think time), then nothing.
-Polls Serve's status every 0.5 s. Then redeploys with min_replicas 0, waits until no replica
-runs and times the first request (the cold start). Prints one JSON line: seconds from the step
-until a second replica is running, the most replicas seen, seconds from the end of the load until
-one replica is left, the replica count over time (changes only), locust's request and error
-counts, and the cold start.
+Polls Serve's status every 0.5 s: a replica counts as wanted from the moment it is starting
+(Serve's scale-up decision) and as serving once it runs. Then redeploys with min_replicas 0,
+waits until no replica runs and times the first request (the cold start). Prints one JSON
+line: seconds from the step until a second replica serves, split into the decision and the
+replica's start-up; the most replicas seen; seconds from the end of the load until one replica
+is left; the replica count over time (changes only); locust's request and error counts; and
+the cold start.
 
     python bench/autoscale.py [--model models:/digits-cnn@production] [--home DIR]
                               [--users 32] [--seconds 30] [--max-replicas 2]
@@ -22,12 +24,19 @@ import time
 from _serving import digit_body, load_parser, locust, model_checkpoint, start_local_ray
 
 
-def running_replicas(app: str = "mlsd", deployment: str = "Model") -> int:
+def replica_counts(app: str = "mlsd", deployment: str = "Model") -> tuple[int, int]:
+    """(running, wanted): replicas serving, and those serving or starting. A replica starts
+    once the controller has decided to scale up, so `wanted` rising marks the decision."""
     from ray import serve
 
     states = serve.status().applications[app].deployments[deployment].replica_states
-    return int(sum(count for state, count in states.items()
-                   if str(getattr(state, "value", state)) == "RUNNING"))
+    by_state = {str(getattr(state, "value", state)): int(count) for state, count in states.items()}
+    running = by_state.get("RUNNING", 0)
+    return running, running + by_state.get("STARTING", 0) + by_state.get("UPDATING", 0)
+
+
+def running_replicas() -> int:
+    return replica_counts()[0]
 
 
 class Timeline:
@@ -35,6 +44,7 @@ class Timeline:
 
     def __init__(self):
         self.samples: list[tuple[float, int]] = []
+        self.wanted: list[tuple[float, int]] = []
         self.started = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -42,14 +52,16 @@ class Timeline:
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((time.monotonic() - self.started, running_replicas()))
+            running, wanted = replica_counts()
+            self.samples.append((time.monotonic() - self.started, running))
+            self.wanted.append((self.samples[-1][0], wanted))
             time.sleep(0.5)
 
     def now(self) -> float:
         return time.monotonic() - self.started
 
-    def first(self, after: float, test) -> float | None:
-        return next((t for t, n in self.samples if t >= after and test(n)), None)
+    def first(self, after: float, test, series: str = "samples") -> float | None:
+        return next((t for t, n in getattr(self, series) if t >= after and test(n)), None)
 
     def changes(self) -> list[list[float]]:
         out, last = [], None
@@ -93,6 +105,8 @@ def main() -> None:
     parser.add_argument("--max-replicas", type=int, default=2)
     parser.add_argument("--downscale-delay", type=float, default=10.0)
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--autoscaling", nargs=2, action="append", metavar=("FIELD", "VALUE"),
+                        help="override a serve.autoscaling field, e.g. upscale_delay_s 2")
     args = parser.parse_args()
     model = model_checkpoint(args.model, args.home)
 
@@ -103,10 +117,13 @@ def main() -> None:
     from mlsd_ray.serve import control
 
     start_local_ray()
-    scaling = {"min_replicas": 1, "max_replicas": args.max_replicas,
-               "target_ongoing_requests": 8, "upscale_delay_s": 3.0,
-               "downscale_delay_s": args.downscale_delay, "metrics_interval_s": 2.0,
-               "look_back_period_s": 6.0}
+    from mlsd_ray.core.config import AutoscalingConfig
+
+    # serve.autoscaling's defaults (what `mlsd serve` uses), with this run's bounds
+    scaling = AutoscalingConfig(min_replicas=1, max_replicas=args.max_replicas,
+                                downscale_delay_s=args.downscale_delay).model_dump()
+    for name, value in args.autoscaling or []:
+        scaling[name] = float(value)
     settings = ServeConfig(model=model["uri"], port=args.port, num_cpus=0.5,
                            autoscaling=scaling)
     try:
@@ -124,12 +141,18 @@ def main() -> None:
         time.sleep(1)
         timeline.stop()
         up = timeline.first(step, lambda n: n >= 2)
+        decided = timeline.first(step, lambda n: n >= 2, series="wanted")
         down = timeline.first(quiet, lambda n: n <= 1)
         cold = cold_start(settings, args)
         print(json.dumps({
             "bench": "autoscale", "users": args.users, "load_seconds": args.seconds,
             "settings": scaling, "seconds_to_second_replica": round(up - step, 1)
             if up is not None else None,
+            # what the reaction is made of: Serve's decision, then the replica's start-up
+            "seconds_to_scale_up_decision": round(decided - step, 1)
+            if decided is not None else None,
+            "seconds_replica_start": round(up - decided, 1)
+            if up is not None and decided is not None else None,
             "max_replicas_seen": max(n for _, n in timeline.samples),
             "seconds_to_scale_down_after_load": round(down - quiet, 1)
             if down is not None else None,
