@@ -16,7 +16,7 @@ plot of requests/s against concurrency.
 
     python bench/serve_load.py [--model models:/digits-cnn@production ...] [--home DIR]
                                [--users 1 8 32] [--seconds 20] [--servers ...]
-                               [--variant default] [--plot serve_load.png]
+                               [--variant default] [--plot PNG]
 
 `--variant` measures Serve settings that may cut its CPU per request (VARIANTS below) for
 servers C and D, each on a fresh Ray.
@@ -182,7 +182,8 @@ def main() -> None:
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     parser.add_argument("--variant", choices=list(VARIANTS), default="default",
                         help="Serve settings for servers C and D")
-    parser.add_argument("--plot", default="serve_load.png", help="where the plot goes")
+    parser.add_argument("--plot", default=None,
+                        help="where the plot goes (default MLSD_HOME/bench/serve_load.png)")
     args = parser.parse_args()
     curves = {}
     for ref in args.model:
@@ -201,8 +202,18 @@ def main() -> None:
                           flush=True)
         print(json.dumps(ratios(model, results, max(args.users), args.variant)), flush=True)
         curves[model["uri"]] = results
-    plot(curves, args.users, args.plot)
-    print(json.dumps({"bench": "serve_load", "plot": os.path.abspath(args.plot)}), flush=True)
+    path = args.plot or default_plot_path(args.home)
+    plot(curves, args.users, path)
+    print(json.dumps({"bench": "serve_load", "plot": os.path.abspath(path)}), flush=True)
+
+
+def default_plot_path(home: str | None) -> str:
+    """MLSD_HOME/bench/serve_load.png: beside the models it served, outside the repository."""
+    from mlsd_ray.core import storage
+
+    folder = os.path.join(storage.home(home), "bench")
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, "serve_load.png")
 
 
 if __name__ == "__main__":
