@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import socket
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -59,6 +62,56 @@ class RayEchoFilter:
 
     def __getattr__(self, name: str):  # isatty, encoding, fileno: the real stream's
         return getattr(self.target, name)
+
+
+# A line Ray's C++ core writes itself:
+# "[2026-11-30 03:41:43,346 E 32216 32216] core_worker.cc:2465: ..."
+_NATIVE_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [DIWEF] \d+ \d+\] \S+:\d+: ")
+
+
+@contextlib.contextmanager
+def native_lines_off_console() -> Iterator[None]:
+    """While inside, the lines Ray's C++ core writes straight to this process's stderr (file
+    descriptor 2, past sys.stderr and RayEchoFilter) stay off the console; everything else on
+    stderr passes. Ray Data's actor pools make one on every run: "core_worker.cc:2465: Actor
+    with class name: 'MapWorker(...)' ... has constructor arguments in the object store and
+    max_restarts > 0". The driver's core log in Ray's logs (named once) keeps them. With
+    --verbose, stderr is left alone.
+
+    Enter it once Ray runs, around work that starts no process of its own: a child would
+    inherit the pipe as its stderr.
+    """
+    if _settings["verbose"]:
+        yield
+        return
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    console = os.dup(2)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    relay = threading.Thread(target=_relay_all_but_native_lines, args=(read_end, console),
+                             name="native-lines-filter", daemon=True)
+    relay.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(console, 2)  # closes the pipe's only write end: the relay drains it and ends
+        relay.join(timeout=5)
+        if not relay.is_alive():
+            os.close(console)
+
+
+def _relay_all_but_native_lines(read_end: int, console: int) -> None:
+    pending = b""
+    with os.fdopen(read_end, "rb", buffering=0) as pipe:
+        while chunk := pipe.read(65536):
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                if not _NATIVE_LINE.match(line):
+                    os.write(console, line + b"\n")
+    if pending and not _NATIVE_LINE.match(pending):
+        os.write(console, pending)
 
 
 def ensure_ray(home: str | None = None) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import sys
 
-from mlsd_ray.core.runtime import RayEchoFilter
+from mlsd_ray.core.runtime import RayEchoFilter, native_lines_off_console
 
 
 def test_ray_echoes_are_dropped_and_our_lines_kept_whole():
@@ -21,3 +23,17 @@ def test_ray_echoes_are_dropped_and_our_lines_kept_whole():
     assert out.getvalue() == ("epoch 1/2: train loss 1.9632\n"
                               "a line that mentions (raylet) in passing\nno newline yet")
     assert stream.encoding == out.encoding  # the rest is the real stream's
+
+
+def test_native_ray_lines_stay_off_stderr_and_the_rest_passes(capfd):
+    """What Ray's C++ core writes to file descriptor 2 itself (sys.stderr never sees it)."""
+    with native_lines_off_console():
+        os.write(2, b"[2026-11-30 03:41:43,346 E 32216 32216] core_worker.cc:2465: Actor with "
+                    b"class name: 'MapWorker(MapBatches(Predictor))' has constructor arguments\n")
+        print("predicting folder:x with models:/m/1", file=sys.stderr, flush=True)
+        os.write(2, b"a partial line, then the rest\n")
+    print("after", file=sys.stderr, flush=True)
+    err = capfd.readouterr().err
+    assert "core_worker.cc" not in err
+    assert err.splitlines() == ["predicting folder:x with models:/m/1",
+                                "a partial line, then the rest", "after"]
