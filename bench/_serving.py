@@ -6,7 +6,6 @@ import argparse
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,13 +29,6 @@ def load_parser(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--users", type=int, default=32, help="concurrent locust clients")
     parser.add_argument("--seconds", type=int, default=30, help="length of the load")
     return parser
-
-
-def free_port() -> int:
-    """A TCP port free on loopback now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_local_ray() -> None:

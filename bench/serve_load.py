@@ -35,7 +35,6 @@ from collections.abc import Iterator
 from _serving import (
     ROOT,
     digit_body,
-    free_port,
     load_parser,
     locust,
     model_checkpoint,
@@ -43,6 +42,8 @@ from _serving import (
     start_local_ray,
     wait_for,
 )
+
+from mlsd_ray.serve.control import free_port
 
 SERVERS = ("plain", "microbatch", "single", "split")
 MAX_BATCH, BATCH_WAIT_S = 32, 0.005

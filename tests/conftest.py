@@ -93,3 +93,21 @@ def image_folder(tmp_path) -> Path:
 def texts(values) -> list[str]:
     """A BYTES tensor as strings (Triton's client gives str from JSON, bytes from binary)."""
     return [v.decode() if isinstance(v, bytes) else v for v in values]
+
+
+def scrape_until(*needles: str, timeout_s: float = 60) -> str:
+    """Every Ray node's Prometheus metrics, once they hold all `needles` (export is periodic),
+    or as they are after `timeout_s`."""
+    import time
+
+    import requests
+
+    from mlsd_ray.serve import control
+
+    deadline, text = time.monotonic() + timeout_s, ""
+    while True:
+        text = "\n".join(requests.get(url, timeout=10).text
+                         for url in control.metrics_endpoints())
+        if all(needle in text for needle in needles) or time.monotonic() > deadline:
+            return text
+        time.sleep(2)

@@ -22,6 +22,7 @@ from mlsd_ray.cli.support import (
     TaskOption,
     VerboseOption,
     config_from,
+    predict_offline,
     run,
     with_flags,
 )
@@ -93,7 +94,7 @@ def _predict_inputs(cfg, inputs: str, model: str | None, home: str | None):
     resolved = registry.pin(model or cfg.serve.model, home)
     task = task_of_checkpoint(resolved.path)
     task.set_source(cfg, inputs)
-    summary = task.predict_offline(resolved, cfg, None, home, log_stderr)
+    summary = predict_offline(task, resolved, cfg, None, home)
     frame = pd.read_parquet(summary["out"])
     return frame[frame["status"] == "ok"].reset_index(drop=True)
 

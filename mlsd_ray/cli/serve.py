@@ -21,6 +21,7 @@ from mlsd_ray.cli.support import (
     TaskOption,
     VerboseOption,
     config_from,
+    predict_offline,
     run,
     with_flags,
 )
@@ -170,15 +171,11 @@ def predict(files: Annotated[list[Path] | None, typer.Argument(
         if not model:
             raise InputError("give --model (offline over --source) or --url with FILEs")
         from mlsd_ray import registry
-        from mlsd_ray.core import runtime
         from mlsd_ray.tasks import task_of_checkpoint
 
         resolved = registry.pin(model, home)
         chosen.task = task_of_checkpoint(resolved.path)
         chosen.task.set_source(cfg, source)
-        runtime.ensure_ray(home)
-        with runtime.native_lines_off_console():  # Ray Data's actor pool warns in C++
-            return chosen.task.predict_offline(resolved, cfg, str(out) if out else None,
-                                               home, log_stderr)
+        return predict_offline(chosen.task, resolved, cfg, str(out) if out else None, home)
 
     run(as_json, work, lambda result: chosen.task.render_prediction(result))

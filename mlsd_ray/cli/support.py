@@ -117,6 +117,17 @@ def with_flags(overrides: list[str] | None, flags: dict) -> list[str]:
     return list(overrides or []) + [f"{k}={v}" for k, v in flags.items() if v is not None]
 
 
+def predict_offline(task, model, cfg, out: str | None, home: str | None) -> dict:
+    """A task's offline prediction (`Task.predict_offline`) as the commands run it: Ray up
+    first, then Ray's own C++ lines about Ray Data's actor pool kept off the console
+    (`runtime.native_lines_off_console`; Ray's children must not inherit its pipe)."""
+    from mlsd_ray.core import runtime
+
+    runtime.ensure_ray(home)
+    with runtime.native_lines_off_console():
+        return task.predict_offline(model, cfg, out, home, log_stderr)
+
+
 def config_from(config: Path | None, overrides: list[str] | None, source: str | None,
                 example: str | None = None, label: str | None = None,
                 task: str | None = None):

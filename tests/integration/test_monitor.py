@@ -8,10 +8,8 @@ from __future__ import annotations
 import datetime as dt
 import shutil
 import socket
-import time
 
 import pytest
-import requests
 
 from mlsd_ray import registry
 from mlsd_ray.core.config import ServeConfig, load_config
@@ -24,7 +22,7 @@ from mlsd_ray.tasks import get_task
 from mlsd_ray.tasks.image.traffic import simulate_traffic
 from mlsd_ray.workflows.loop import BackgroundLoad
 from mlsd_ray.workflows.retrain import retrain
-from tests.conftest import SMALL_DIGITS
+from tests.conftest import SMALL_DIGITS, scrape_until
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -100,14 +98,8 @@ def test_an_empty_window_says_no_data(live):
 def test_serving_metrics_reach_prometheus(live):
     import ray  # noqa: F401  (the session's instance: ray.nodes() lists its metrics agent)
 
-    endpoints = control.metrics_endpoints()
-    assert endpoints
-    deadline, text = time.monotonic() + 60, ""
-    while time.monotonic() < deadline:
-        text = "\n".join(requests.get(url, timeout=10).text for url in endpoints)
-        if "ray_mlsd_predictions_total" in text and "ray_mlsd_batch_size_bucket" in text:
-            break
-        time.sleep(2)
+    assert control.metrics_endpoints()
+    text = scrape_until("ray_mlsd_predictions_total", "ray_mlsd_batch_size_bucket")
     assert 'ray_mlsd_requests_total{' in text and 'status="200"' in text
     assert 'route="/v1/predict"' in text  # the template FastAPI matched (serve/app.py)
     assert 'ray_mlsd_predictions_total{' in text and 'predicted_class="' in text

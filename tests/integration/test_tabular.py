@@ -17,7 +17,7 @@ from mlsd_ray.serve import control
 from mlsd_ray.tasks.tabular.prepare import prepare_table
 from mlsd_ray.tasks.tabular.preprocess import Featurizer
 from mlsd_ray.tasks.tabular.stage import run_tabular_train
-from tests.conftest import texts
+from tests.conftest import scrape_until, texts
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 FAST = ["train.epochs=4", "train.num_workers=2", "train.cpus_per_worker=0.5"]
@@ -312,20 +312,8 @@ def test_scored_records_are_logged_and_a_shifted_column_is_named_by_the_monitor(
     assert "| amount |" in open(alarm["outputs"]["report.md"]).read()
     # the app's requests reach Prometheus by route template and status (serve/app.py)
     scored = 'route="/v1/fraud/score"'
-    assert scored in scrape_until(scored) and 'status="200"' in scrape_until(scored)
-
-
-def scrape_until(needle: str, timeout_s: float = 60) -> str:
-    """Every node's Prometheus metrics, once they hold `needle` (export is periodic)."""
-    import time
-
-    deadline, text = time.monotonic() + timeout_s, ""
-    while time.monotonic() < deadline and needle not in text:
-        text = "\n".join(requests.get(url, timeout=10).text
-                         for url in control.metrics_endpoints())
-        if needle not in text:
-            time.sleep(2)
-    return text
+    text = scrape_until(scored)
+    assert scored in text and 'status="200"' in text
 
 
 def test_predict_offline_with_ray_data_and_online_from_a_csv(fraud_model, fraud_url,
