@@ -5,8 +5,9 @@ from sklearn.datasets import load_digits
 
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.tasks.image.data.transforms import Preprocessor
-from mlsd_ray.tasks.image.engine import NonFiniteLossError, Step, evaluate, train_one_epoch
+from mlsd_ray.tasks.image.engine import Step, evaluate, train_one_epoch
 from mlsd_ray.tasks.image.models import build_model
+from mlsd_ray.training.loop import NonFiniteLossError
 
 
 def digit_batches(images, labels, size=64):

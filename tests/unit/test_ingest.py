@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from mlsd_ray.core.config import TrainConfig
-from mlsd_ray.tasks.image.train import checkpoint_due
 from mlsd_ray.training.checkpoint import RANK_METRIC
 from mlsd_ray.training.ingest import MEMORY, STREAMING, IngestPlan, epoch_rows
+from mlsd_ray.training.loop import checkpoint_due
 
 
 @pytest.mark.parametrize("count, world", [(1259, 2), (1259, 3), (10, 4), (64, 1)])

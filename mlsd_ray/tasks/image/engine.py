@@ -1,7 +1,8 @@
 """One epoch of training and one pass of evaluation over plain iterables of batches.
 
-No Ray here: the Ray Train loop (train.py) feeds these functions its dataset shard, and the
-unit tests feed them lists. A batch is a dict with `image` (uint8 N×H×W×C) and `label` (int).
+No Ray here: the shared training loop (training/loop.py, through train.py's ImageEpochs) feeds
+these functions its dataset shard, and the unit tests feed them lists. A batch is a dict with
+`image` (uint8 N×H×W×C) and `label` (int).
 """
 
 from __future__ import annotations
@@ -15,10 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlsd_ray.tasks.image.data.transforms import Augmenter, Preprocessor
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf: training cannot continue from here."""
+from mlsd_ray.training.loop import NonFiniteLossError
 
 
 @dataclass

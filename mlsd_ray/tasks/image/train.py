@@ -1,17 +1,16 @@
 """Data-parallel CNN training with Ray Train: `train_loop_per_worker`, `build_trainer`, `run_train`.
 
 Each worker trains a DDP replica on its shard of the prepared train split (gloo on CPU, NCCL on
-GPU), evaluates on its shard of val, and the epoch's metrics are summed across workers. The
-splits come from the workers' memory when they fit, else from Ray Data (ingest.py). Rank 0
-writes a checkpoint every `checkpoint_every` epochs, at each new best and at the end (see
-checkpoint.py); Ray keeps the best `keep_checkpoints` by val accuracy plus the latest,
-restarts failed workers from the latest one, and resumes a run of the same name.
+GPU), evaluates on its shard of val, and the epoch's metrics are summed across workers: the
+shared loop of training/loop.py, with `ImageEpochs` for what is the CNN's own. The splits come
+from the workers' memory when they fit, else from Ray Data (ingest.py). Rank 0 writes a
+checkpoint every `checkpoint_every` epochs, at each new best and at the end; Ray keeps the best
+`keep_checkpoints` by val accuracy plus the latest, restarts failed workers from the latest
+one, and resumes a run of the same name.
 """
 
 from __future__ import annotations
 
-import math
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,33 +24,11 @@ from mlsd_ray.core.runtime import ensure_ray, log_stderr
 from mlsd_ray.tasks.image.checkpoint import load_model
 from mlsd_ray.tasks.image.data.prepare import PreparedDataset, prepare_dataset
 from mlsd_ray.tasks.image.data.transforms import Augmenter, Preprocessor
-from mlsd_ray.tasks.image.engine import (
-    NonFiniteLossError,
-    PassResult,
-    Step,
-    evaluate,
-    train_one_epoch,
-)
+from mlsd_ray.tasks.image.engine import PassResult, Step, evaluate, train_one_epoch
 from mlsd_ray.tasks.image.models import build_model
-from mlsd_ray.training.checkpoint import RANK_METRIC, load_train_state, save_checkpoint
-from mlsd_ray.training.host import current
-from mlsd_ray.training.ingest import (
-    WorkerData,
-    fits_in_memory,
-    memory_plan,
-    plan_ingest,
-)
-from mlsd_ray.training.loop import (
-    all_reduce_sums,
-    distributed,
-    fast_forward,
-    optimizer_for,
-    quiet_train_reports,
-    restore,
-    scheduler_for,
-    should_stop,
-    worker_nodes,
-)
+from mlsd_ray.training.checkpoint import RANK_METRIC, load_train_state
+from mlsd_ray.training.ingest import fits_in_memory, memory_plan, plan_ingest
+from mlsd_ray.training.loop import EpochScores, EpochTask, all_reduce_sums, run_epochs
 from mlsd_ray.training.progress import EpochRelay
 from mlsd_ray.training.trainer import (
     check_resources,
@@ -71,122 +48,63 @@ def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16
 
 
-def _replicas_in_sync(model: torch.nn.Module, device: torch.device) -> bool:
-    """Do all DDP replicas hold bit-identical weights? (Gathers one number per worker.)"""
-    if not distributed():
-        return True
-    with torch.no_grad():
-        weights = torch.cat([p.detach().double().flatten() for p in model.parameters()])
-        positions = torch.arange(1, len(weights) + 1, dtype=torch.float64, device=weights.device)
-        digest = (weights * positions).sum().to(device)
-    gathered = [torch.zeros((), dtype=torch.float64, device=device)
-                for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(gathered, digest)
-    return all(bool(g == gathered[0]) for g in gathered)
+class ImageEpochs(EpochTask):
+    """The CNN inside `run_epochs`: augmented uint8 images in, label-smoothed cross-entropy,
+    AMP on CUDA; scored by accuracy, and rank 0's validation confidences are what the
+    checkpoint keeps for a later drift check."""
+
+    val_metric = VAL_METRIC
+    throughput_metric = "images_per_second"
+    nan_advice = "or use train.amp=off"
+
+    def __init__(self, config: dict):
+        super().__init__(config)
+        self.preprocessor = Preprocessor.from_dict(config["preprocessing"])
+
+    def build_model(self) -> torch.nn.Module:
+        return build_model(**self.config["model"])
+
+    def start(self, host, cfg: TrainConfig) -> None:
+        autocast = _autocast_dtype(cfg, host.device)
+        self.scaler = torch.amp.GradScaler("cuda") if autocast == torch.float16 else None
+        self.label_smoothing = cfg.label_smoothing
+        augmenter = Augmenter(AugmentConfig(**self.config["augment"]),
+                              self.preprocessor.image_size)
+        self.step = Step(self.preprocessor, host.device, augmenter,
+                         channels_last=host.device.type == "cuda" and cfg.channels_last,
+                         autocast_dtype=autocast)
+
+    def train_epoch(self, model, batches, optimizer, scheduler) -> PassResult:
+        return train_one_epoch(model, batches, optimizer, self.step, scheduler,
+                               self.label_smoothing, self.scaler)
+
+    def validate(self, model, batches, rank: int) -> PassResult:
+        # Rank 0 keeps its validation confidences: the reference a drift check compares with.
+        return evaluate(model, batches, self.step, keep_predictions=rank == 0)
+
+    def scores(self, trained: PassResult, validated: PassResult,
+               device: torch.device) -> EpochScores:
+        train_loss, train_acc, samples = _global(trained, device)
+        val_loss, val_acc, _ = _global(validated, device)
+        return EpochScores(train_loss, val_loss, val_acc, samples,
+                           extra={"train_accuracy": train_acc},
+                           outputs=validated.confidences)
+
+    def checkpoint_contents(self, scores: EpochScores) -> tuple[dict, dict[str, dict]]:
+        return {"confidence": [round(c, 5) for c in scores.outputs]}, {}
 
 
-def _global(result: PassResult, device: torch.device) -> tuple[float, float]:
-    """Mean loss and accuracy over every worker's shard."""
+def _global(result: PassResult, device: torch.device) -> tuple[float, float, float]:
+    """Mean loss and accuracy over every worker's shard, and how many samples that is."""
     loss_sum, correct, seen = all_reduce_sums(
         [result.loss * result.samples, result.accuracy * result.samples, result.samples], device)
-    return loss_sum / max(seen, 1), correct / max(seen, 1)
-
-
-def _replica(config: dict, cfg: TrainConfig, host) -> torch.nn.Module:
-    """This worker's model: same seed on every worker (identical start), on device, in DDP."""
-    torch.manual_seed(cfg.seed)
-    model = build_model(**config["model"])
-    if config.get("init_from"):  # fine-tuning: start from these weights (a checkpoint folder)
-        state = torch.load(f"{config['init_from']}/model.pt", map_location="cpu",
-                           weights_only=True)
-        model.load_state_dict(state)
-    if host.device.type == "cuda" and cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = host.prepare(model)
-    return torch.compile(model) if cfg.compile else model
+    return loss_sum / max(seen, 1), correct / max(seen, 1), seen
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """The Ray Train loop: one DDP replica per worker (see the module docstring); in a
-    one-worker Tune trial, the trial's own process (training/host.py)."""
-    cfg = TrainConfig(**config["train"])
-    quiet_train_reports()
-    host = current()
-    rank, world, device = host.rank, host.world, host.device
-    preprocessor = Preprocessor.from_dict(config["preprocessing"])
-    model = _replica(config, cfg, host)
-    nodes = worker_nodes(rank)
-    per_worker_batch = max(1, cfg.batch_size // world)
-    steps = math.ceil(config["train_rows"] / world / per_worker_batch)
-    optimizer = optimizer_for(model, cfg)
-    scheduler = scheduler_for(optimizer, cfg, steps)
-    autocast = _autocast_dtype(cfg, device)
-    scaler = torch.amp.GradScaler("cuda") if autocast == torch.float16 else None
-    start_epoch, history = restore(host.latest_checkpoint(), model, optimizer)
-    fast_forward(scheduler, start_epoch * steps)
-    torch.manual_seed(cfg.seed * 1000 + rank + start_epoch)  # different augmentation per worker
-    augmenter = Augmenter(AugmentConfig(**config["augment"]), preprocessor.image_size)
-    step = Step(preprocessor, device, augmenter,
-                channels_last=device.type == "cuda" and cfg.channels_last, autocast_dtype=autocast)
-    data = WorkerData(config["ingest"], rank, world, host.dataset_shard)
-
-    for epoch in range(start_epoch, cfg.epochs):
-        clock = EpochClock()
-        batches = data.batches("train", per_worker_batch, shuffle_seed=cfg.seed + epoch)
-        try:
-            trained = train_one_epoch(model, batches, optimizer, step, scheduler,
-                                      cfg.label_smoothing, scaler)
-        except NonFiniteLossError as exc:
-            raise NonFiniteLossError(f"{exc} in epoch {epoch + 1}: lower train.lr "
-                                     f"(now {cfg.lr:g}) or use train.amp=off") from None
-        clock.lap("train")
-        # Rank 0 keeps its validation confidences: the reference a drift check compares with.
-        validated = evaluate(model, data.batches("val", per_worker_batch), step,
-                             keep_predictions=rank == 0)
-        train_loss, train_acc = _global(trained, device)
-        val_loss, val_acc = _global(validated, device)
-        clock.lap("validate")
-        metrics = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
-                   "val_loss": val_loss, VAL_METRIC: val_acc,
-                   RANK_METRIC: val_acc - 1e-4 * val_loss,
-                   "images_per_second": trained.samples * world / clock.laps["train"]}
-        stop = should_stop([*history, metrics], cfg.patience, VAL_METRIC)
-        save = checkpoint_due(history, metrics, cfg, stop)
-        if save:  # the weights a checkpoint keeps are every replica's: checked where it matters
-            metrics["replicas_in_sync"] = float(_replicas_in_sync(model, device))
-        history.append(metrics)
-        clock.lap("sync_check")
-        _report(history, model, optimizer, config, host, validated.confidences, nodes, save,
-                clock)
-        if stop:
-            break
-
-
-def checkpoint_due(history: list[dict], metrics: dict, cfg: TrainConfig, stop: bool) -> bool:
-    """Checkpoint this epoch? Every `checkpoint_every` epochs, at a new best rank score (so
-    the best epoch is always kept), and at the last epoch (so resuming continues after it)."""
-    last = stop or metrics["epoch"] == cfg.epochs
-    periodic = cfg.checkpoint_every and metrics["epoch"] % cfg.checkpoint_every == 0
-    best = all(metrics[RANK_METRIC] > h[RANK_METRIC] for h in history)
-    return bool(last or periodic or best)
-
-
-class EpochClock:
-    """Wall time of an epoch's phases, reported with its metrics (`time_<phase>_s`), so a slow
-    epoch shows where its time went (docs/performance.md)."""
-
-    def __init__(self):
-        self.started = self.mark = time.perf_counter()
-        self.laps: dict[str, float] = {}
-
-    def lap(self, phase: str) -> None:
-        now = time.perf_counter()
-        self.laps[phase] = now - self.mark
-        self.mark = now
-
-    def metrics(self) -> dict[str, float]:
-        return {**{f"time_{phase}_s": round(s, 4) for phase, s in self.laps.items()},
-                "epoch_seconds": time.perf_counter() - self.started}
+    """The Ray Train loop of the CNN (training/loop.py's `run_epochs`): one DDP replica per
+    worker; in a one-worker Tune trial, the trial's own process (training/host.py)."""
+    run_epochs(config, ImageEpochs(config))
 
 
 def epoch_line(metrics: dict, epochs: int) -> str:
@@ -194,23 +112,6 @@ def epoch_line(metrics: dict, epochs: int) -> str:
     return (f"epoch {metrics['epoch']}/{epochs}: train loss {metrics['train_loss']:.4f} "
             f"acc {metrics['train_accuracy']:.4f} | val loss {metrics['val_loss']:.4f} "
             f"acc {metrics[VAL_METRIC]:.4f} | {metrics['images_per_second']:.0f} img/s")
-
-
-def _report(history, model, optimizer, config, host, confidences: list[float],
-            nodes: list[dict], save: bool, clock: EpochClock) -> None:
-    """Every worker reports (a barrier); rank 0 attaches a checkpoint when `save`."""
-    with tempfile.TemporaryDirectory() as directory:
-        checkpoint = None
-        if host.rank == 0 and save:
-            state = {"epoch": history[-1]["epoch"], "optimizer": optimizer.state_dict(),
-                     "history": history, "worker_nodes": nodes}
-            reference = {**config["reference"],
-                         "confidence": [round(c, 5) for c in confidences]}
-            save_checkpoint(directory, model, config["model"], config["preprocessing"],
-                            reference, config["metadata"], state)
-            checkpoint = directory
-        clock.lap("checkpoint")
-        host.report({**history[-1], **clock.metrics()}, checkpoint)
 
 
 @dataclass

@@ -17,12 +17,12 @@ from mlsd_ray.core.runtime import ensure_ray, log_stderr
 from mlsd_ray.tasks.tabular import metrics as tm
 from mlsd_ray.tasks.tabular.prepare import PreparedTable, prepare_table
 from mlsd_ray.tasks.tabular.train import (
-    RANK_METRIC,
     VAL_SCORE,
     build_tabular_trainer,
     epoch_line,
     load_tabular,
 )
+from mlsd_ray.training.checkpoint import RANK_METRIC
 from mlsd_ray.training.progress import EpochRelay
 from mlsd_ray.training.trainer import check_resources, failure_message
 

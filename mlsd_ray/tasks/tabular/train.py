@@ -1,20 +1,18 @@
 """Data-parallel MLP training on a prepared table, with the CNN's trainer machinery.
 
-The same TorchTrainer (train.torch_trainer: scaling, placement, checkpoints ranked by
-RANK_METRIC, failures survived, resume by run name), the same optimizers, schedules, early
-stopping and DDP reductions; what differs is the batch (a float32 feature vector), the loss
-(class-weighted cross-entropy, or MSE on the standardised target), and the validation score
-(PR-AUC for binary, macro F1 for multiclass, R² for regression), computed over every worker's
-val rows gathered together. Each binary checkpoint carries its decision threshold, chosen on
-val (metrics.choose_threshold), in decision.json.
+The same TorchTrainer (training/trainer.py: scaling, placement, checkpoints ranked by
+RANK_METRIC, failures survived, resume by run name) and the same epoch loop
+(training/loop.py: optimizers, schedules, early stopping, checkpoints every N epochs and at
+each best, the replica check); `TabularEpochs` is what differs: the batch (a float32 feature
+vector), the loss (class-weighted cross-entropy, or MSE on the standardised target), and the
+validation score (PR-AUC for binary, macro F1 for multiclass, R² for regression), computed over
+every worker's val rows gathered together. Each binary checkpoint carries its decision
+threshold, chosen on val (metrics.choose_threshold), in decision.json.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,19 +28,14 @@ from mlsd_ray.tasks.tabular.metrics import choose_threshold, primary_score
 from mlsd_ray.tasks.tabular.monitoring import column_reference, output_reference
 from mlsd_ray.tasks.tabular.prepare import PreparedTable
 from mlsd_ray.tasks.tabular.preprocess import Featurizer
-from mlsd_ray.training.checkpoint import RANK_METRIC, save_checkpoint
-from mlsd_ray.training.host import current
-from mlsd_ray.training.ingest import WorkerData, plan_ingest
+from mlsd_ray.training.ingest import plan_ingest
 from mlsd_ray.training.loop import (
+    EpochScores,
+    EpochTask,
+    NonFiniteLossError,
     all_reduce_sums,
     distributed,
-    fast_forward,
-    optimizer_for,
-    quiet_train_reports,
-    restore,
-    scheduler_for,
-    should_stop,
-    worker_nodes,
+    run_epochs,
 )
 from mlsd_ray.training.trainer import materialize_splits, torch_trainer
 
@@ -109,7 +102,7 @@ def _epoch(model, batches, optimizer, scheduler, config, device) -> tuple[float,
         y = torch.as_tensor(batch["label"], device=device)
         loss = _loss(_outputs(model, x, config["task"]), y, config)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"the training loss became {loss.item()}: lower train.lr")
+            raise NonFiniteLossError(f"the training loss became {loss.item()}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -130,7 +123,18 @@ def predict(model: nn.Module, features: np.ndarray, config: dict) -> np.ndarray:
     return torch.softmax(outputs, dim=1).numpy()
 
 
-def _validate(model, batches, config, device) -> tuple[float, int, np.ndarray, np.ndarray]:
+@dataclass
+class ValPass:
+    """One worker's validation pass: loss total, rows, outputs (probabilities, or
+    predictions in the label's units) and labels."""
+
+    total: float
+    seen: int
+    outputs: np.ndarray
+    labels: np.ndarray
+
+
+def _validate(model, batches, config, device) -> ValPass:
     model.eval()
     total, seen, outputs, labels = 0.0, 0, [], []
     with torch.no_grad():
@@ -147,78 +151,63 @@ def _validate(model, batches, config, device) -> tuple[float, int, np.ndarray, n
             outputs.append(out.cpu().numpy())
             labels.append(batch["label"])
     if not outputs:
-        return total, seen, np.zeros((0,)), np.zeros((0,))
-    return total, seen, np.concatenate(outputs), np.concatenate(labels)
+        return ValPass(total, seen, np.zeros((0,)), np.zeros((0,)))
+    return ValPass(total, seen, np.concatenate(outputs), np.concatenate(labels))
 
 
-def tabular_loop_per_worker(config: dict) -> None:
-    """The Ray Train loop for tables: one DDP replica of the MLP per worker; in a one-worker
-    Tune trial, the trial's own process (training/host.py)."""
-    cfg = TrainConfig(**config["train"])
-    quiet_train_reports()
-    host = current()
-    rank, world, device = host.rank, host.world, host.device
-    torch.manual_seed(cfg.seed)
-    model = build_mlp(**config["model"])
-    if config.get("init_from"):  # fine-tuning: start from these weights (a checkpoint folder)
-        model.load_state_dict(torch.load(f"{config['init_from']}/model.pt", map_location="cpu",
-                                         weights_only=True))
-    model = host.prepare(model)
-    nodes = worker_nodes(rank)
-    per_worker_batch = max(1, cfg.batch_size // world)
-    steps = math.ceil(config["train_rows"] / world / per_worker_batch)
-    optimizer = optimizer_for(model, cfg)
-    scheduler = scheduler_for(optimizer, cfg, steps)
-    start_epoch, history = restore(host.latest_checkpoint(), model, optimizer)
-    fast_forward(scheduler, start_epoch * steps)
-    data = WorkerData(config["ingest"], rank, world, host.dataset_shard)
-    for epoch in range(start_epoch, cfg.epochs):
-        started = time.perf_counter()
-        batches = data.batches("train", per_worker_batch, shuffle_seed=cfg.seed + epoch)
-        train_total, train_seen = _epoch(model, batches, optimizer, scheduler, config, device)
-        val_total, val_seen, outputs, labels = _validate(
-            model, data.batches("val", 1024), config, device)
+class TabularEpochs(EpochTask):
+    """The MLP inside `run_epochs`: prepared feature vectors in, class-weighted cross-entropy
+    or MSE on the standardised target; scored over every worker's val rows gathered together
+    (PR-AUC, macro F1 or R²). A checkpoint keeps this epoch's validation outputs as its drift
+    reference and, for a binary label, the threshold chosen on them (decision.json)."""
+
+    val_metric = VAL_SCORE
+    throughput_metric = "rows_per_second"
+
+    def build_model(self) -> nn.Module:
+        return build_mlp(**self.config["model"])
+
+    def start(self, host, cfg: TrainConfig) -> None:
+        self.device = host.device
+
+    def val_batch_size(self, train_batch_size: int) -> int:
+        return 1024
+
+    def train_epoch(self, model, batches, optimizer, scheduler) -> tuple[float, int]:
+        return _epoch(model, batches, optimizer, scheduler, self.config, self.device)
+
+    def validate(self, model, batches, rank: int) -> ValPass:
+        return _validate(model, batches, self.config, self.device)
+
+    def scores(self, trained: tuple[float, int], validated: ValPass,
+               device: torch.device) -> EpochScores:
         train_total, train_seen, val_total, val_seen = all_reduce_sums(
-            [train_total, train_seen, val_total, val_seen], device)
-        outputs, labels = _gather(outputs), _gather(labels)
-        score = primary_score(config["task"], outputs, labels)
-        val_loss = val_total / max(val_seen, 1)
-        history.append({"epoch": epoch + 1, "train_loss": train_total / max(train_seen, 1),
-                        "val_loss": val_loss, VAL_SCORE: score,
-                        RANK_METRIC: score - 1e-4 * val_loss,
-                        "epoch_seconds": time.perf_counter() - started,
-                        "rows_per_second": train_seen / (time.perf_counter() - started)})
-        decision = None
+            [*trained, validated.total, validated.seen], device)
+        outputs, labels = _gather(validated.outputs), _gather(validated.labels)
+        score = primary_score(self.config["task"], outputs, labels)
+        return EpochScores(train_total / max(train_seen, 1), val_total / max(val_seen, 1),
+                           score, train_seen, outputs=(outputs, labels))
+
+    def checkpoint_contents(self, scores: EpochScores) -> tuple[dict, dict[str, dict]]:
+        config = self.config
+        outputs, labels = scores.outputs
+        decision = {}
         if config["task"] == "binary":
             decision = choose_threshold(outputs[:, 1], labels,
                                         ThresholdConfig(**config["threshold"]))
-        _report(history, model, optimizer, config, host, nodes, decision, outputs)
-        if should_stop(history, cfg.patience, VAL_SCORE):
-            break
+        reference = output_reference(outputs, config["task"], config["classes"],
+                                     decision.get("threshold"))
+        return reference, {"decision.json": {**decision, "task": config["task"],
+                                             "classes": config["classes"],
+                                             "label": config["label"],
+                                             "target_mean": config.get("target_mean"),
+                                             "target_std": config.get("target_std")}}
 
 
-def _report(history, model, optimizer, config, host, nodes, decision,
-            outputs: np.ndarray) -> None:
-    """Every worker reports; rank 0 attaches a checkpoint whose drift reference holds this
-    epoch's validation scores and predictions (tabular/monitoring.py)."""
-    metrics = dict(history[-1])
-    with tempfile.TemporaryDirectory() as directory:
-        checkpoint = None
-        if host.rank == 0:
-            state = {"epoch": metrics["epoch"], "optimizer": optimizer.state_dict(),
-                     "history": history, "worker_nodes": nodes}
-            reference = {**config["reference"], **output_reference(
-                outputs, config["task"], config["classes"], (decision or {}).get("threshold"))}
-            save_checkpoint(directory, model, config["model"], config["preprocessing"],
-                            reference, config["metadata"], state,
-                            extra={"decision.json": {**(decision or {}),
-                                                     "task": config["task"],
-                                                     "classes": config["classes"],
-                                                     "label": config["label"],
-                                                     "target_mean": config.get("target_mean"),
-                                                     "target_std": config.get("target_std")}})
-            checkpoint = directory
-        host.report(metrics, checkpoint)
+def tabular_loop_per_worker(config: dict) -> None:
+    """The Ray Train loop for tables (training/loop.py's `run_epochs`): one DDP replica of
+    the MLP per worker; in a one-worker Tune trial, the trial's own process."""
+    run_epochs(config, TabularEpochs(config))
 
 
 def epoch_line(metrics: dict, epochs: int) -> str:
