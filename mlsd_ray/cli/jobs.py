@@ -21,9 +21,10 @@ import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import typer
+from typer.core import TyperGroup
 
 from mlsd_ray.cli.support import (
     DryRunOption,
@@ -213,6 +214,7 @@ def deploy_job(config: JobConfigOption = None, set_: SetOption = None,
 
 def main(stage: str, argv: list[str] | None = None) -> None:
     """Entry point of jobs/STAGE.py: parse the stage's options, run it, exit with its code."""
-    command = typer.main.get_command(jobs).commands[stage]
+    group = cast(TyperGroup, typer.main.get_command(jobs))  # an app of several commands
+    command = group.commands[stage]
     plain_flags(command)
     command.main(args=argv, prog_name=f"jobs/{stage}.py")

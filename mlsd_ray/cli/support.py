@@ -14,13 +14,16 @@ import traceback
 from collections.abc import Callable
 from contextlib import redirect_stdout
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from mlsd_ray.core.config import load_config
 from mlsd_ray.core.errors import MlsdError
 from mlsd_ray.core.runtime import log_stderr
+
+if TYPE_CHECKING:
+    from mlsd_ray.tasks.base import Task
 
 ConfigOption = Annotated[Path | None, typer.Option(
     "--config", "-c", help="YAML config file (sections: data, ...).", dir_okay=False)]
@@ -144,9 +147,20 @@ def config_from(config: Path | None, overrides: list[str] | None, source: str | 
 class ChosenTask:
     """The task a command's `work` resolved from its config, for its `render` to use."""
 
-    task = None
+    _task: Task | None = None
 
-    def of(self, cfg):
+    @property
+    def task(self) -> Task:
+        """The chosen task: `run` renders only after `work` returned, so `work` chose one."""
+        if self._task is None:
+            raise RuntimeError("no task chosen yet: `work` chooses it before `render` runs")
+        return self._task
+
+    @task.setter
+    def task(self, task: Task) -> None:
+        self._task = task
+
+    def of(self, cfg) -> Task:
         """The task `cfg` names (and remember it)."""
         from mlsd_ray.tasks import get_task
 

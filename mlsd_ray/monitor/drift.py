@@ -113,10 +113,10 @@ def missing_shift(reference_rate: float, missing: pd.Series, cfg: MonitorConfig)
 
 def confidence_shift(reference: list[float], current: np.ndarray, cfg: MonitorConfig) -> dict:
     """Has mean confidence dropped against the reference's?"""
-    reference, current = np.asarray(reference, float), np.asarray(current, float)
-    test = stats.ks_2samp(reference, current)
-    drop = float(reference.mean() - current.mean())
-    return {"reference_mean": round(float(reference.mean()), 4),
+    ref, current = np.asarray(reference, float), np.asarray(current, float)
+    test = stats.ks_2samp(ref, current)
+    drop = float(ref.mean() - current.mean())
+    return {"reference_mean": round(float(ref.mean()), 4),
             "current_mean": round(float(current.mean()), 4), "drop": round(drop, 4),
             "ks_pvalue": float(test.pvalue),
             "drifted": bool(drop >= cfg.confidence_drop and test.pvalue < cfg.ks_alpha)}

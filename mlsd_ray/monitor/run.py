@@ -13,6 +13,7 @@ import io
 import json
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -67,9 +68,10 @@ def monitor(cfg: Config, home: str | None = None, since: str | None = "1h",
         location = log_location(cfg.serve.prediction_log, home)
         frame = read_log(location, start, end)
         log(f"{len(frame)} logged predictions in the window from {location}")
-    report = {"window": {"since": start.isoformat() if start else None,
-                         "until": end.isoformat() if end else None},
-              "rows": len(frame), "thresholds": cfg.monitor.model_dump(), "models": {}}
+    report: dict[str, Any] = {
+        "window": {"since": start.isoformat() if start else None,
+                   "until": end.isoformat() if end else None},
+        "rows": len(frame), "thresholds": cfg.monitor.model_dump(), "models": {}}
     if frame.empty:
         report.update(verdict=drift.NO_DATA, summary="no predictions in this window: nothing "
                       "to test (send traffic, or widen --since)")

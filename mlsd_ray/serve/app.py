@@ -27,6 +27,7 @@ import hmac
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,6 +35,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 from starlette.exceptions import HTTPException
+from starlette.types import ExceptionHandler
 
 from mlsd_ray.core.config import PredictionLogConfig, ServeConfig
 from mlsd_ray.registry import PinnedModel
@@ -68,6 +70,14 @@ class ReplicaSettings:
                    max(1, round(settings.num_cpus)), settings.prediction_log.model_dump())
 
 
+class BatchedMethod(Protocol):
+    """A method wrapped by `serve.batch`, which adds these setters (Ray's types omit them)."""
+
+    def set_max_batch_size(self, new_max_batch_size: int) -> None: ...
+
+    def set_batch_wait_timeout_s(self, new_batch_wait_timeout_s: float) -> None: ...
+
+
 class LoggingReplica:
     """What both apps' model deployments share: the prediction log the replica writes for
     `mlsd monitor` (rows are only queued on the request path, monitor/predlog.py), the
@@ -75,6 +85,8 @@ class LoggingReplica:
 
     log = None
     dropped_reported = 0
+    replica: str  # set by the task's `load`, with `metrics` (serve/metrics.py's model_metrics)
+    metrics: dict
 
     def _open_log(self, log_settings: dict | None, home: str | None) -> None:
         from mlsd_ray.monitor.predlog import PredictionLog, log_location
@@ -151,6 +163,9 @@ class ModelRoutes:
 
     model: LocalModel | RemoteModel
 
+    if TYPE_CHECKING:  # the task's model replica, which the routes class also inherits
+        def load(self, model: PinnedModel, replica: ReplicaSettings) -> None: ...
+
     def attach(self, model, replica: ReplicaSettings, sticky: bool) -> None:
         """`model` is a PinnedModel (single: load it here) or the Model deployment's handle."""
         if isinstance(model, PinnedModel):
@@ -181,14 +196,19 @@ def bind_app(classes: AppClasses, settings: ServeConfig, model: PinnedModel,
     replica = ReplicaSettings.from_config(settings, home)
     options = model_options(settings)
     if settings.topology == "single":
-        return serve.deployment(classes.routes, name=classes.model_name).options(
+        return _deployment(classes.routes, classes.model_name).options(
             **options).bind(model, replica, route_settings)
-    scorer = serve.deployment(classes.model, name=classes.model_name).options(
+    scorer = _deployment(classes.model, classes.model_name).options(
         **options).bind(model, replica)
-    return serve.deployment(classes.routes, name=classes.routes_name).options(
+    return _deployment(classes.routes, classes.routes_name).options(
         ray_actor_options={"num_cpus": settings.ingress_num_cpus},
         max_ongoing_requests=max(256, 4 * settings.max_ongoing_requests),
     ).bind(scorer, replica, route_settings)
+
+
+def _deployment(cls: type, name: str) -> serve.Deployment:
+    """`serve.deployment` applied to a class: Ray annotates only its decorator form."""
+    return cast(serve.Deployment, serve.deployment(cls, name=name))
 
 
 # ----------------------------------------------------------------------------- HTTP
@@ -260,9 +280,10 @@ class RequestMetrics:
 def add_error_handlers(app: FastAPI, served: str) -> None:
     """Every error as `{"error": {"code", "message"}}` (both Serve apps share this); a 404 or
     405 names the task the app serves and its routes (`served`)."""
-    app.add_exception_handler(ClientError, _client_error)
+    # Starlette types a handler as taking any Exception; it calls each with its own class only.
+    app.add_exception_handler(ClientError, cast(ExceptionHandler, _client_error))
     app.add_exception_handler(HTTPException, _http_error_handler(served))
-    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(RequestValidationError, cast(ExceptionHandler, _validation_error))
 
 
 def count_requests(app: FastAPI) -> None:
@@ -325,13 +346,15 @@ def build_app(args: dict) -> serve.Application:
 
 def model_options(settings: ServeConfig) -> dict:
     """The model deployment's options: autoscaling, concurrency, resources, router."""
-    options = {"autoscaling_config": settings.autoscaling.model_dump(),
-               "max_ongoing_requests": settings.max_ongoing_requests,
-               "ray_actor_options": {"num_cpus": settings.num_cpus,
-                                     "num_gpus": settings.num_gpus}}
+    options: dict[str, Any] = {
+        "autoscaling_config": settings.autoscaling.model_dump(),
+        "max_ongoing_requests": settings.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus}}
     router = ROUTER_CLASSES[settings.router]
     if router:
-        options["request_router_config"] = RequestRouterConfig(request_router_class=router)
+        # Ray annotates RequestRouterConfig's `**kwargs` as dict[str, Any] (each value a dict).
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class=router)  # type: ignore[arg-type]
     return options
 
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import functools
 
-LATENCY_MS_BOUNDS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
-BATCH_BOUNDS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+LATENCY_MS_BOUNDS: list[float] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
+BATCH_BOUNDS: list[float] = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
 @functools.cache

@@ -19,8 +19,9 @@ gives) and `v2_infer(tensors)`; this module parses and encodes the protocol once
 
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -28,6 +29,9 @@ from fastapi.responses import JSONResponse, Response
 
 from mlsd_ray import __version__
 from mlsd_ray.serve.schemas import ClientError
+
+if TYPE_CHECKING:
+    from mlsd_ray.serve.app import LocalModel, RemoteModel
 
 HEADER_LENGTH = "inference-header-content-length"
 DATATYPES: dict[str, Any] = {
@@ -256,6 +260,17 @@ class OpenInferenceRoutes:
     RemoteModel), `v2_signature(info)`, `async v2_infer(tensors: dict[str, np.ndarray],
     request_id) -> list[Tensor]`, `v2_max_body_bytes` and `_authorize(request)`."""
 
+    if TYPE_CHECKING:  # what the task's routes class provides
+        model: LocalModel | RemoteModel
+        v2_max_body_bytes: int
+
+        def v2_signature(self, info: dict) -> Signature: ...
+
+        async def v2_infer(self, tensors: dict[str, np.ndarray],
+                           request_id: str | None) -> list[Tensor]: ...
+
+        def _authorize(self, request: Request) -> None: ...
+
     async def v2_server(self) -> dict:
         return {"name": "mlsd-ray", "version": __version__,
                 "extensions": ["binary_tensor_data"]}
@@ -321,9 +336,10 @@ class OpenInferenceRoutes:
 def add_open_inference_routes(api: FastAPI) -> None:
     """Mount the V2 routes (methods of OpenInferenceRoutes) on a task's FastAPI app."""
     get, post = ["GET"], ["POST"]
-    routes = [("/v2", OpenInferenceRoutes.v2_server, get, "Server metadata (V2)"),
-              ("/v2/health/live", OpenInferenceRoutes.v2_live, get, "Liveness (V2)"),
-              ("/v2/health/ready", OpenInferenceRoutes.v2_ready, get, "Readiness (V2)")]
+    routes: list[tuple[str, Callable[..., Any], list[str], str]] = [
+        ("/v2", OpenInferenceRoutes.v2_server, get, "Server metadata (V2)"),
+        ("/v2/health/live", OpenInferenceRoutes.v2_live, get, "Liveness (V2)"),
+        ("/v2/health/ready", OpenInferenceRoutes.v2_ready, get, "Readiness (V2)")]
     for suffix in ("", "/versions/{version}"):
         model = "/v2/models/{name}" + suffix
         routes += [(model, OpenInferenceRoutes.v2_model, get, "Model metadata (V2)"),

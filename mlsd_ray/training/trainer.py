@@ -106,7 +106,8 @@ def torch_trainer(loop: Callable[[dict], None], config: dict, cfg: Config, run_n
                                                checkpoint_score_attribute=RANK_METRIC,
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            logging_config=LoggingConfig(log_level="WARNING"),
+            # Ray Train v2's RunConfig (mypy sees v1's, which ray.train replaces at import)
+            logging_config=LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]
             callbacks=callbacks),
         datasets=datasets if plan.mode == STREAMING else {},
         dataset_config=DataConfig(execution_options=ordered))

@@ -414,8 +414,9 @@ def run_tune(cfg: Config, home: str | None = None, log: Callable[[str], None] = 
     grid = tuner.fit()
     # Tune turns Ctrl-C into a saved, stopped experiment and returns normally; its handler
     # puts ours back only when it fired. A trial that ran reports at least one epoch.
+    results = [grid[i] for i in range(len(grid))]  # ResultGrid iterates by index
     never_ran = sum(r.metrics_dataframe is None or not len(r.metrics_dataframe)
-                    for r in grid if not r.error)
+                    for r in results if not r.error)
     if never_ran or (signal.getsignal(signal.SIGINT) is handler
                      and threading.current_thread() is threading.main_thread()
                      and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0"):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 
 class StageHeadings:
     """`== stage 2/6: train and register ==`: numbered against the stages this run will have
-    (tune, promote, serve and the monitoring loop depend on the options)."""
+    (tune, promote, serve and the monitoring loop depend on the options: a stage this run
+    skips is passed as False or None, e.g. `tune and "tune"`)."""
 
-    def __init__(self, *names: str | None):
+    def __init__(self, *names: str | Literal[False] | None):
         self.names = [name for name in names if name]
 
     def __call__(self, name: str) -> str:

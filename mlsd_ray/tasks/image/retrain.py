@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from typing import Literal, cast
 
 from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config
@@ -24,7 +25,9 @@ def retrain_data(cfg: Config, champion_dir: str, source: str, home: str | None,
     pre = champion.preprocessor
     new_cfg = cfg.model_copy(deep=True)
     new_cfg.data.source, new_cfg.data.name = source, None
-    new_cfg.data.image_size, new_cfg.data.channels = pre.image_size, pre.channels
+    # The champion was trained on 1 or 3 channels (pydantic checks the assignment).
+    new_cfg.data.image_size = pre.image_size
+    new_cfg.data.channels = cast(Literal[1, 3], pre.channels)
     new = prepare_dataset(new_cfg, home=home, log=log)
     check_classes(pre.class_names, new.manifest["class_names"], source)
     old = PreparedDataset.open(champion.metadata["dataset"]["path"])

@@ -26,12 +26,13 @@ import json
 import time
 import uuid
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
+from starlette.datastructures import UploadFile
 
 from mlsd_ray import __version__
 from mlsd_ray.core.config import ServeConfig
@@ -40,6 +41,7 @@ from mlsd_ray.serve.app import (
     REQUEST_ID_HEADER,
     SESSION_HEADER,
     AppClasses,
+    BatchedMethod,
     LoggingReplica,
     ModelRoutes,
     ReplicaSettings,
@@ -109,8 +111,9 @@ class ImageModel(LoggingReplica):
         # Replicas share the machine: no thread oversubscription.
         torch.set_num_threads(replica.threads)
         self.loaded, self.info = load_served_model(model, replica.home)
-        self.run_batch.set_max_batch_size(replica.max_batch_size)
-        self.run_batch.set_batch_wait_timeout_s(replica.batch_wait_timeout_s)
+        run_batch = cast(BatchedMethod, self.run_batch)  # serve.batch wrapped it
+        run_batch.set_max_batch_size(replica.max_batch_size)
+        run_batch.set_batch_wait_timeout_s(replica.batch_wait_timeout_s)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.metrics = model_metrics()
         self.version_tags = {"model_name": self.info["model_name"],
@@ -190,7 +193,8 @@ _PREDICT_BODY = {"requestBody": {"required": True, "content": {
         "type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
 
 
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 422, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 422, 503)}
 
 
 @serve.ingress(api)
@@ -303,7 +307,7 @@ class ImageApp(ImageModel, ModelRoutes, OpenInferenceRoutes):
             form = await Request(request.scope, replay).form(max_files=self.max_instances + 1)
         except Exception as exc:  # starlette's MultiPartException and parser errors
             raise ClientError(400, "malformed_multipart", f"cannot parse the form: {exc}") from exc
-        files = [value for _, value in form.multi_items() if hasattr(value, "read")]
+        files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
         if not files:
             raise ClientError(422, "empty_instances", "the form has no image files")
         if len(files) > self.max_instances:

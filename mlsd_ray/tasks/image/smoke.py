@@ -7,6 +7,7 @@ preprocessing read from the checkpoint, not the training code's copy of it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from mlsd_ray.core.config import ServeConfig
 from mlsd_ray.tasks.image.data.prepare import PreparedDataset
@@ -24,7 +25,7 @@ def serve_smoke_check(settings: ServeConfig, model: str, dataset_path: str, home
     from mlsd_ray.serve import control
     from mlsd_ray.serve.client import post_json
 
-    updates = {"model": model}
+    updates: dict[str, Any] = {"model": model}
     if not keep_serving and control.port_in_use(settings.host, settings.port):
         updates["port"] = control.free_port(settings.host)  # a check only: any port will do
     summary = control.start(settings.model_copy(update=updates), home, log=log)

@@ -33,7 +33,7 @@ DEFAULT_AMOUNT = {"none": 0.0, "rotate": 30.0, "noise": 40.0, "invert": 0.0, "im
 def _rotate(image: np.ndarray, degrees: float) -> np.ndarray:
     squeeze = image.shape[-1] == 1
     pil = Image.fromarray(image[..., 0] if squeeze else image)
-    rotated = np.asarray(pil.rotate(degrees, resample=Image.BILINEAR, fillcolor=0))
+    rotated = np.asarray(pil.rotate(degrees, resample=Image.Resampling.BILINEAR, fillcolor=0))
     return rotated[..., None] if squeeze else rotated
 
 

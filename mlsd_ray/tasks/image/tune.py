@@ -40,8 +40,9 @@ def cv_folds(dataset, k: int, seed: int, rows_per_block: int) -> list[dict]:
 
     from mlsd_ray.tasks.image.data.sources import blocks_from_columns
 
-    images, labels = zip(*(dataset.load_split(s) for s in ("train", "val")), strict=True)
-    images, labels = np.concatenate(images), np.concatenate(labels)
+    image_parts, label_parts = zip(*(dataset.load_split(s) for s in ("train", "val")),
+                                   strict=True)
+    images, labels = np.concatenate(image_parts), np.concatenate(label_parts)
     smallest = int(np.bincount(labels).min()) if len(labels) else 0
     if smallest < k:
         raise InputError(f"--cv {k}: the smallest class has {smallest} train+val images; "

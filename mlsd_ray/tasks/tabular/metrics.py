@@ -4,6 +4,7 @@ and the precision-recall curve as a PNG."""
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 from sklearn import metrics as skm
@@ -24,7 +25,7 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, cfg: ThresholdConfi
         return {"threshold": cfg.value, "objective": cfg.objective, "met": cfg.objective == "fixed"}
     precision, recall, thresholds = skm.precision_recall_curve(labels, scores)
     precision, recall = precision[:-1], recall[:-1]  # the last point has no threshold
-    chosen = {"objective": cfg.objective}
+    chosen: dict[str, Any] = {"objective": cfg.objective}
     if cfg.objective == "target_precision":
         ok = np.flatnonzero(precision >= cfg.target)
         index = ok[0] if len(ok) else int(np.argmax(precision))

@@ -77,7 +77,7 @@ def output_reference(outputs: np.ndarray, task: str, classes: list[str] | None,
     if len(scores):
         pick = np.random.default_rng(seed).permutation(len(scores))[:REFERENCE_ROWS]
         reference["scores"] = np.round(scores[np.sort(pick)], DECIMALS).tolist()
-    if predicted is not None:
+    if predicted is not None and classes is not None:  # classes are set when predicted is
         counts = pd.Series(predicted).value_counts()
         reference["label_counts"] = {str(c): int(counts.get(str(c), 0)) for c in classes}
     return reference

@@ -19,6 +19,7 @@ import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -160,14 +161,15 @@ def prepare_table(cfg: Config, home: str | None = None, force: bool = False,
     storage.write_text(storage.join(out, "quarantine.csv"), quarantine.to_csv(index=False))
     quality = quality_report(features[kept], plan, not_numbers, rows[table.label], classes,
                              int((~kept).sum()), reasons[~kept].value_counts().to_dict())
-    manifest = {"name": table.name, "fingerprint": fp, "source": t.source, "task": task,
-                "label": table.label, "classes": classes, "columns": plan,
-                "feature_names": featurizer.feature_names, "preprocessing": state,
-                "counts": {"rows": len(table.frame), "kept": int(kept.sum()),
-                           "quarantined": int((~kept).sum()),
-                           "splits": {s: len(f) for s, f in splits.items()}},
-                "label_stats": _label_stats(rows[table.label], task),
-                "unused_column_rules": unused}
+    manifest: dict[str, Any] = {
+        "name": table.name, "fingerprint": fp, "source": t.source, "task": task,
+        "label": table.label, "classes": classes, "columns": plan,
+        "feature_names": featurizer.feature_names, "preprocessing": state,
+        "counts": {"rows": len(table.frame), "kept": int(kept.sum()),
+                   "quarantined": int((~kept).sum()),
+                   "splits": {s: len(f) for s, f in splits.items()}},
+        "label_stats": _label_stats(rows[table.label], task),
+        "unused_column_rules": unused}
     storage.write_json(storage.join(out, "quality.json"), quality)
     storage.write_text(storage.join(out, "quality.md"), render_quality(manifest, quality))
     storage.write_text(storage.join(out, "config.yaml"), dump_yaml(cfg))

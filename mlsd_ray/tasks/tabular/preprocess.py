@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -147,7 +148,7 @@ class IterativeImputation(Preprocessor):
     def __init__(self, columns: list[str]):
         super().__init__()
         self.columns = columns
-        self._model = None
+        self._model: Any = None  # the fitted IterativeImputer, loaded from stats_ on first use
 
     def _fit(self, ds):
         import skops.io
@@ -243,7 +244,9 @@ def _jsonable(value):
 def fit_state(plan: list[dict], train_dataset) -> dict:
     """Fit the plan's preprocessors on a Ray Dataset of coerced columns; the state as JSON."""
     steps = _steps(plan)
-    chain = Chain(*[TYPES[s["type"]](**s["args"]) for s in steps])
+    # Ray annotates Chain's members as SerializablePreprocessorBase, yet it uses only the
+    # Preprocessor interface, which MedianImputer, IterativeImputation and Log1p implement.
+    chain = Chain(*[TYPES[s["type"]](**s["args"]) for s in steps])  # type: ignore[arg-type]
     if steps:
         chain.fit(train_dataset)
     for step, fitted in zip(steps, chain.preprocessors, strict=True):

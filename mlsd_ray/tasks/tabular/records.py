@@ -86,7 +86,7 @@ def check_record(record: dict, index: int, columns: list[dict], policy: dict,
             raise _fail(f"{where}: unknown field(s) {extra}; the model's fields are "
                         f"{sorted(known)}")
         notes.append(f"ignored field(s) {extra}")
-    clean = {}
+    clean: dict[str, Any] = {}
     for column in columns:
         name = column["name"]
         if name not in record and policy["on_missing_column"] == "reject":

@@ -19,7 +19,7 @@ from __future__ import annotations
 import ast
 import operator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -159,7 +159,7 @@ def _evaluate(node: ast.AST, record: dict[str, Any]) -> Any:
         return _CONSTANTS[node.id] if node.id in _CONSTANTS else record.get(node.id)
     if isinstance(node, (ast.List, ast.Tuple)):
         return [_evaluate(e, record) for e in node.elts]
-    return node.value  # ast.Constant
+    return cast(ast.Constant, node).value  # the only other node `_refused` lets through
 
 
 def _compare(node: ast.Compare, record: dict[str, Any]) -> bool:

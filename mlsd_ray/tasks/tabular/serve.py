@@ -29,7 +29,7 @@ import json
 import os
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from ray import serve
@@ -40,6 +40,7 @@ from mlsd_ray.registry import PinnedModel
 from mlsd_ray.serve.app import (
     REQUEST_ID_HEADER,
     AppClasses,
+    BatchedMethod,
     LoggingReplica,
     ModelRoutes,
     ReplicaSettings,
@@ -98,8 +99,9 @@ class TabularModel(LoggingReplica):
 
         torch.set_num_threads(replica.threads)
         self.loaded = load_tabular(model.checkpoint_here(replica.home))
-        self.run_batch.set_max_batch_size(replica.max_batch_size)
-        self.run_batch.set_batch_wait_timeout_s(replica.batch_wait_timeout_s)
+        run_batch = cast(BatchedMethod, self.run_batch)  # serve.batch wrapped it
+        run_batch.set_max_batch_size(replica.max_batch_size)
+        run_batch.set_batch_wait_timeout_s(replica.batch_wait_timeout_s)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.metrics = model_metrics()
         featurizer, decision = self.loaded.featurizer, self.loaded.decision

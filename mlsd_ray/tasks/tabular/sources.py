@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -88,7 +89,8 @@ def _file_table(kind: str, location: str, label: str | None) -> Table:
         raise InputError(f"{kind}:{location}: name the label column with --label COLUMN "
                          "(or tabular.label)")
     frame, name = read_file(kind, location)
-    return Table(frame, label, name)
+    # No label is refused above when the file exists, and by read_file when it does not.
+    return Table(frame, cast(str, label), name)
 
 
 def read_rows(spec: str, seed: int = 0) -> tuple[pd.DataFrame, str]:

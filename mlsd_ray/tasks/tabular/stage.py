@@ -31,6 +31,8 @@ def evaluate_outputs(task: str, outputs: np.ndarray, labels: np.ndarray,
                      threshold: float | None) -> dict:
     """The task's metrics on one split (outputs: probabilities, or predictions)."""
     if task == "binary":
+        if threshold is None:
+            raise ValueError("binary metrics need the decision threshold")
         return tm.binary_metrics(outputs[:, 1], labels, threshold)
     if task == "multiclass":
         return tm.multiclass_metrics(outputs, labels)
@@ -61,7 +63,7 @@ def baseline(cfg: Config, table: PreparedTable) -> dict:
         outputs = model.predict_proba(x["test"])
         chosen = (tm.choose_threshold(model.predict_proba(x["val"])[:, 1], y["val"],
                                       cfg.tabular.threshold) if task == "binary" else None)
-    result = evaluate_outputs(task, outputs, y["test"], chosen and chosen["threshold"])
+    result = evaluate_outputs(task, outputs, y["test"], chosen["threshold"] if chosen else None)
     result["fit_seconds"] = round(time.perf_counter() - started, 2)
     result["model"] = type(model).__name__
     if task == "binary":

@@ -21,6 +21,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -131,8 +132,9 @@ def simulate_table_traffic(url: str | None, table, shift: str = "none",
     size = len(frame) if count <= 0 else min(count, len(frame))
     frame = change.apply(frame.iloc[np.sort(rng.choice(len(frame), size, replace=False))],
                          rng)
-    summary = {"shift": change.kind, "column": change.column, "amount": change.amount,
-               "split": split, "seed": seed, "records": len(frame)}
+    summary: dict[str, Any] = {"shift": change.kind, "column": change.column,
+                               "amount": change.amount, "split": split, "seed": seed,
+                               "records": len(frame)}
     if save:
         Path(save).parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(save, index=False)

@@ -21,6 +21,7 @@ import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -128,7 +129,7 @@ def apply_decisions(batch: dict[str, np.ndarray], decisions: dict) -> dict[str, 
 
 def split_moments(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Ray Data batch function: per-split pixel moments of kept rows (for normalisation)."""
-    rows = {"split": [], "count": [], "sum": [], "sumsq": []}
+    rows: dict[str, list] = {"split": [], "count": [], "sum": [], "sumsq": []}
     for split in np.unique(batch["split"]):
         moments = channel_moments(batch["image"][batch["split"] == split])
         rows["split"].append(split)
@@ -254,8 +255,9 @@ def _finish(cfg, source, name, fp, out, rows, class_names, spec, moments, duplic
     preprocessing = Preprocessor(spec.image_size, spec.channels, train["mean"], train["std"],
                                  class_names).to_dict()
     split_counts = {s: int((rows["split"] == s).sum()) for s in SPLITS}
-    counts = {"input": int(len(rows)), "kept": sum(split_counts.values()),
-              "quarantined": int((rows["status"] != OK).sum()), "splits": split_counts}
+    counts: dict[str, Any] = {"input": int(len(rows)), "kept": sum(split_counts.values()),
+                              "quarantined": int((rows["status"] != OK).sum()),
+                              "splits": split_counts}
     if counts["input"] != counts["kept"] + counts["quarantined"]:
         raise WorkError(f"row accounting does not add up: {counts}")
     shape = [spec.image_size, spec.image_size, spec.channels]

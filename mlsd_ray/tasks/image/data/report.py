@@ -50,7 +50,7 @@ def build_quality(rows: pd.DataFrame, class_names: list[str], pixel_stats: dict,
     status, detail, orig_height, orig_width.
     """
     kept = rows[rows["status"] == "ok"]
-    per_class = {}
+    per_class: dict[str, dict[str, int]] = {}
     for index, name in enumerate(class_names):
         of_class = kept[kept["label"] == index]
         per_class[name] = {s: int((of_class["split"] == s).sum()) for s in SPLITS}
@@ -61,7 +61,7 @@ def build_quality(rows: pd.DataFrame, class_names: list[str], pixel_stats: dict,
     return {
         "warnings": _warnings(per_class, len(kept)),
         "classes": per_class,
-        "imbalance_ratio": round(max(totals) / min(totals), 3) if totals and min(totals) else None,
+        "imbalance_ratio": round(max(totals) / min(totals), 3) if min(totals, default=0) else None,
         "empty_classes": [n for n, c in per_class.items() if c["total"] == 0],
         "quarantine": {
             "total": int(len(quarantined)),

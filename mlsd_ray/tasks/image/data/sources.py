@@ -75,6 +75,13 @@ class Source(ABC):
     def check(self) -> None:
         """Raise InputError for inputs that are missing or unusable (no Ray needed)."""
 
+    @property
+    def _path(self) -> str:
+        """`arg` of a source that reads files: its `check` refused it without one."""
+        if not self.arg:
+            raise InputError(f"source {type(self).__name__} needs a path")
+        return self.arg
+
     def image_size(self) -> int:
         return self.cfg.image_size or self.default_size
 
@@ -219,10 +226,10 @@ class FolderSource(Source):
             raise InputError(f"folder {self.arg} has no files")
 
     def _list(self) -> list[tuple[str, pafs.FileInfo]]:
-        _, root = storage.filesystem(self.arg)
+        _, root = storage.filesystem(self._path)
         listed = []
-        for info in storage.list_files(self.arg):
-            relative = posixpath.relpath(info.path, root) if storage.is_uri(self.arg) else (
+        for info in storage.list_files(self._path):
+            relative = posixpath.relpath(info.path, root) if storage.is_uri(self._path) else (
                 os.path.relpath(info.path, root).replace(os.sep, "/"))
             if not _is_hidden(relative):
                 listed.append((relative, info))
@@ -230,7 +237,7 @@ class FolderSource(Source):
 
     @property
     def name(self) -> str:
-        return posixpath.basename(self.arg.rstrip("/")) or "folder"
+        return posixpath.basename(self._path.rstrip("/")) or "folder"
 
     def identity(self) -> dict:
         return {"kind": "folder", "root": self.arg,
@@ -245,10 +252,10 @@ class FolderSource(Source):
         return sorted({c for rel, _ in self._files if (c := self._label_of(rel)) is not None})
 
     def read(self, then: RowFn | None = None):
-        items = [{"id": rel, "source": storage.join(self.arg, rel), "label": self._label_of(rel),
+        items = [{"id": rel, "source": storage.join(self._path, rel), "label": self._label_of(rel),
                   "path": info.path} for rel, info in self._files]
         return _from_work_items(items, self.cfg.rows_per_task).map_batches(
-            read_files, fn_kwargs={"root": self.arg, "then": then}, batch_size=None,
+            read_files, fn_kwargs={"root": self._path, "then": then}, batch_size=None,
             batch_format="numpy")
 
 
@@ -336,7 +343,7 @@ class ParquetSource(Source):
 
     @property
     def name(self) -> str:
-        base = posixpath.basename(self.arg.rstrip("/"))
+        base = posixpath.basename(self._path.rstrip("/"))
         return base.removesuffix(".parquet") or "parquet"
 
     def identity(self) -> dict:
@@ -347,7 +354,7 @@ class ParquetSource(Source):
     def _labels(self) -> list:
         import pyarrow.parquet as pq
 
-        fs, _ = storage.filesystem(self.arg)
+        fs, _ = storage.filesystem(self._path)
         labels = []
         for info in self._files:
             with fs.open_input_file(info.path) as handle:
@@ -368,12 +375,12 @@ class ParquetSource(Source):
             relative = posixpath.relpath(info.path, self._root)
             for group in range(meta.num_row_groups):
                 items.append({"path": info.path, "relative": relative, "row_group": group,
-                              "offset": offset, "source": storage.join(self.arg, relative)
-                              if storage.is_dir(self.arg) else self.arg})
+                              "offset": offset, "source": storage.join(self._path, relative)
+                              if storage.is_dir(self._path) else self._path})
                 offset += meta.row_group(group).num_rows
         return _from_work_items(items, 1).map_batches(
             read_row_groups, batch_size=None, batch_format="numpy",
-            fn_kwargs={"root": self.arg, "image_column": self.cfg.image_column,
+            fn_kwargs={"root": self._path, "image_column": self.cfg.image_column,
                        "label_column": self.cfg.label_column,
                        "class_names": self.cfg.class_names, "then": then})
 

@@ -61,7 +61,7 @@ def is_missing(value) -> bool:
 
 def decode_bytes(data: bytes | None) -> np.ndarray:
     """Decode PNG/JPEG/... bytes to a uint8 H×W×C array, or raise Rejected."""
-    if is_missing(data):
+    if data is None or is_missing(data):
         raise Rejected(MISSING_IMAGE, "no image data (a null value)")
     try:
         with Image.open(io.BytesIO(data)) as img:
