@@ -4,7 +4,7 @@
     python3 run.py pipeline [ARGS]   `mlsd pipeline` on the embedded digits data
     python3 run.py test [--all] [ARGS]   the test suite (pytest ARGS); --all adds the slow tests
     python3 run.py setup             only create/refresh .venv
-    python3 run.py lint              ruff
+    python3 run.py lint              ruff and mypy (tests/unit/test_lint.py)
     python3 run.py bench [NAME] [ARGS]   bench/NAME.py (default data_throughput), e.g. serve_load
 
 Needs nothing but Python >= 3.10 (with its venv module). `.venv/` is created on first use and
@@ -27,8 +27,8 @@ STAMP = VENV / ".mlsd-installed"
 TASKS = {
     "pipeline": lambda args: [str(BIN / "mlsd"), "pipeline", *args],
     "test": lambda args: [str(BIN / "python"), "-m", "pytest", *test_selection(args)],
-    "lint": lambda args: [str(BIN / "ruff"), "check", "mlsd_ray", "tests", "bench", "jobs",
-                          "run.py", *args],
+    "lint": lambda args: [str(BIN / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "tests/unit/test_lint.py", *args],
     "bench": lambda args: [str(BIN / "python"), *bench_script(args)],
     "setup": None,
 }

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mlsd_ray.core import storage
 from mlsd_ray.core.errors import InputError
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.training.checkpoint import load_train_state
 
 EXPERIMENT = "mlsd"
@@ -59,12 +60,12 @@ def tracking_uri(home: str | None = None) -> str:
     """`MLFLOW_TRACKING_URI`, else a sqlite file under MLSD_HOME (which must be local then)."""
     if _USER_TRACKING_URI:
         return _USER_TRACKING_URI
-    root = storage.home(home)
-    if storage.is_uri(root):
-        raise InputError(f"MLSD_HOME is {root}: an embedded sqlite registry needs a local "
-                         "folder; set MLFLOW_TRACKING_URI to an MLflow server")
-    os.makedirs(root, exist_ok=True)
-    return f"sqlite:///{os.path.join(root, 'mlflow.db')}"
+    workspace = Workspace.at(home)
+    if storage.is_uri(workspace.root):
+        raise InputError(f"MLSD_HOME is {workspace.root}: an embedded sqlite registry needs a "
+                         "local folder; set MLFLOW_TRACKING_URI to an MLflow server")
+    os.makedirs(workspace.root, exist_ok=True)
+    return f"sqlite:///{workspace.mlflow_db}"
 
 
 def client(home: str | None = None):
@@ -82,7 +83,7 @@ def client(home: str | None = None):
     if mlflow_client.get_experiment_by_name(EXPERIMENT) is None:
         artifacts = None  # a server decides where its artifacts go
         if not _USER_TRACKING_URI:
-            artifacts = Path(storage.home(home), "mlflow-artifacts").as_uri()
+            artifacts = Workspace.at(home).mlflow_artifacts.as_uri()
         mlflow_client.create_experiment(EXPERIMENT, artifact_location=artifacts)
     mlflow.set_experiment(EXPERIMENT)
     return mlflow_client
@@ -268,7 +269,7 @@ def _local_copy(info: dict, home: str | None) -> str:
     """The registry-cache folder of the version `info` (a `show` result), downloaded once."""
     import mlflow
 
-    target = Path(storage.home(home), "registry-cache", info["name"], str(info["version"]))
+    target = Workspace.at(home).registry_cache / info["name"] / str(info["version"])
     if (target / "checksums.json").is_file():
         return str(target)
     # Download beside the target and rename into place: several Serve replicas may resolve

@@ -22,6 +22,7 @@ import pandas as pd
 
 from mlsd_ray.core import storage
 from mlsd_ray.core.config import PredictionLogConfig
+from mlsd_ray.core.workspace import Workspace
 
 BASE_COLUMNS = ("time", "request_id", "model_name", "model_version", "predicted_class",
                 "confidence", "latency_ms")
@@ -29,7 +30,7 @@ BASE_COLUMNS = ("time", "request_id", "model_name", "model_version", "predicted_
 
 def log_location(settings: PredictionLogConfig, home: str | None) -> str:
     """Where the log lives: the configured URI, else $MLSD_HOME/predictions."""
-    return settings.uri or storage.join(storage.home(home), "predictions")
+    return settings.uri or Workspace.at(home).predictions
 
 
 class PredictionLog:

@@ -22,6 +22,7 @@ from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.runtime import log_stderr
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.monitor import drift
 from mlsd_ray.monitor.predlog import log_location, read_log
 
@@ -92,7 +93,7 @@ def monitor(cfg: Config, home: str | None = None, since: str | None = "1h",
 
 def _write(report: dict, frame: pd.DataFrame, references: dict, home: str | None,
            out: str | None, log: Callable[[str], None]) -> None:
-    root = storage.join(storage.home(home), "monitor")
+    root = Workspace.at(home).monitor
     out = out or storage.join(root, time.strftime("%Y%m%d-%H%M%S"))
     report["outputs"] = {name: storage.join(out, name)
                          for name in ("report.json", "report.md", "histograms.png")}

@@ -25,19 +25,20 @@ from mlsd_ray.core import storage
 from mlsd_ray.core.config import ServeConfig
 from mlsd_ray.core.errors import InputError, WorkError
 from mlsd_ray.core.runtime import log_stderr, quiet_serve_console
+from mlsd_ray.core.workspace import Workspace
 
 HEALTH_TIMEOUT_S = 120.0
 
 
 def state_file(home: str | None, app_name: str) -> Path:
-    return Path(storage.home(home), "serve", f"{app_name}.json")
+    return Workspace.at(home).serve_state / f"{app_name}.json"
 
 
 def apps_serving(home: str | None, model_name: str) -> list[str]:
     """The recorded apps (state files under $MLSD_HOME/serve) that serve a version of the
     registered model `model_name`, by app name."""
     apps = []
-    for path in sorted(Path(storage.home(home), "serve").glob("*.json")):
+    for path in sorted(Workspace.at(home).serve_state.glob("*.json")):
         try:
             state = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -218,7 +219,7 @@ def start_head(home: str | None, log: Callable[[str], None],
     `python jobs/...` entrypoint runs in this environment (with torch, Ray and MLflow)."""
     ray_bin = Path(sys.executable).with_name("ray")
     port, dashboard = free_port(), free_port()
-    log_path = Path(storage.home(home), "serve", "ray-head.log")
+    log_path = Workspace.at(home).serve_state / "ray-head.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # Ports that default to fixed numbers get free ones: another Ray on this machine (a test
     # session, a user's `ray start`) holds 52365 and 10001, and a head whose dashboard agent

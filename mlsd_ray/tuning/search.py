@@ -31,6 +31,7 @@ from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config, apply_override, describe_errors, dump_yaml, parse_override
 from mlsd_ray.core.errors import InputError, Interrupted
 from mlsd_ray.core.runtime import ensure_ray, log_stderr
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks import get_task
 from mlsd_ray.training.checkpoint import RANK_METRIC
 
@@ -361,7 +362,7 @@ def run_tune(cfg: Config, home: str | None = None, log: Callable[[str], None] = 
 
 
     started = time.perf_counter()
-    root = storage.join(storage.home(home), "tune")
+    root = Workspace.at(home).searches
     if resume:
         name, cfg = resume, _saved_config(storage.join(root, resume))
     cfg = cfg.model_copy(deep=True)

@@ -19,8 +19,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.base import Task, TrafficRequest
 
 UNSHIFTED_COUNT = 200
@@ -104,7 +104,7 @@ def monitoring_loop(task: Task, cfg: Config, url: str, served_uri: str, prepared
     steps["monitor_unshifted"] = _monitor_window(cfg, home, since,
                                                  steps["traffic_unshifted"]["answered"], log)
 
-    incoming = storage.join(storage.home(home), "incoming", time.strftime("%Y%m%d-%H%M%S"))
+    incoming = Workspace.at(home).incoming(time.strftime("%Y%m%d-%H%M%S"))
     drill = task.drift_drill(prepared, incoming)
     since = _now()
     steps["traffic_shifted"] = task.simulate_traffic(prepared, replace(drill.traffic, url=url))

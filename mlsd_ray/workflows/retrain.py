@@ -31,6 +31,7 @@ from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.runtime import log_stderr
+from mlsd_ray.core.workspace import Workspace
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ def _roll_out(uri: str, model_name: str, cfg: Config, home: str | None,
 
 
 def _write_decision(decision: dict, home: str | None) -> dict:
-    out = storage.join(storage.home(home), "retrain", time.strftime("%Y%m%d-%H%M%S"))
+    out = Workspace.at(home).retrain(time.strftime("%Y%m%d-%H%M%S"))
     paths = {"json": storage.join(out, "decision.json"), "markdown": storage.join(out,
                                                                                   "decision.md")}
     rows = [f"| {who} | " + " | ".join(f"{decision['scores'][who][part]['score']:.4f}"

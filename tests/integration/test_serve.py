@@ -240,10 +240,12 @@ def test_consistent_hash_keeps_a_session_on_one_replica(served):
 
 
 def test_least_connections_prefers_the_idle_replica(served):
-    # Each batch waits 0.4 s to fill, so requests stay in flight long enough to be counted.
+    # Each batch waits 1.5 s to fill, so all 4 requests are in flight together and counted:
+    # with 0.4 s, a CI run on 2 busy cores once finished a batch before the 4th request was
+    # routed, which then saw 1 + 1 and went 3:1.
     deploy(served, fresh=True, router="least_connections", app_name="least_connections",
-           autoscaling=TWO, batch_wait_timeout_s=0.4, max_batch_size=64)
-    for _ in range(5):
+           autoscaling=TWO, batch_wait_timeout_s=1.5, max_batch_size=64)
+    for _ in range(3):
         counts = Counter(replicas_hit(served, 4, concurrency=4))
         assert sorted(counts.values()) == [2, 2], counts
 

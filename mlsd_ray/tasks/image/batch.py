@@ -17,6 +17,7 @@ import numpy as np
 
 from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.image.data.transforms import standardize
 from mlsd_ray.tasks.image.data.validate import Rejected, coerce_array, decode_bytes, is_missing
 
@@ -109,8 +110,8 @@ def predict_dataset(model: PinnedModel, cfg: Config, out: str | None, home: str 
     pre = load_model(model.checkpoint_here(home)).preprocessor
     source = parse_source(cfg.data.source, cfg.data)
     source.class_names()  # lists the inputs: a missing path fails here, before Ray
-    out = out or storage.join(storage.home(home), "batch-predictions",
-                              time.strftime("%Y%m%d-%H%M%S"))
+    out = out or Workspace.at(home).batch_predictions(
+        time.strftime("%Y%m%d-%H%M%S"))
     ensure_ray(home)
     actors = max(1, int(ray.available_resources().get("CPU", 1)))
     log(f"predicting {cfg.data.source} with {model.uri} on {actors} actor(s) -> {out}")

@@ -15,6 +15,7 @@ import numpy as np
 
 from mlsd_ray.core import storage
 from mlsd_ray.core.errors import InputError
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.image.data.prepare import PreparedDataset
 from mlsd_ray.training.checkpoint import load_train_state
 
@@ -139,7 +140,7 @@ def evaluate_checkpoint(checkpoint_dir: str, split: str = "test", home: str | No
     result = predict_split(loaded, dataset, split)  # the model is loaded (and verified) once
     class_names = dataset.manifest["class_names"]
     run = loaded.metadata["run_name"]
-    out = storage.join(storage.home(home), "reports", run, split)
+    out = Workspace.at(home).report(run, split)
     report = {"model": str(checkpoint_dir), "model_name": loaded.model_config["name"],
               "run_name": run, "split": split, "dataset": dataset.path,
               "samples": result.samples,

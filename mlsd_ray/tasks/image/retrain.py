@@ -10,6 +10,7 @@ from typing import Literal, cast
 
 from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.image.data.prepare import PreparedDataset, prepare_dataset
 from mlsd_ray.workflows.retrain import HoldoutScore, RetrainData, check_classes
 
@@ -74,7 +75,7 @@ def combine(parts: dict[str, list[PreparedDataset]], champion_pre: dict, name: s
     key = "|".join(f"{s}:{','.join(d.manifest['fingerprint'] for d in ds)}"
                    for s, ds in parts.items())
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:12]
-    out = storage.join(storage.home(home), "datasets", name, fingerprint)
+    out = Workspace.at(home).dataset(name, fingerprint)
     counts = {}
     for split, datasets in parts.items():
         tables = []

@@ -36,6 +36,7 @@ from starlette.datastructures import UploadFile
 
 from mlsd_ray import __version__
 from mlsd_ray.core.config import ServeConfig
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.registry import PinnedModel
 from mlsd_ray.serve.app import (
     REQUEST_ID_HEADER,
@@ -335,6 +336,6 @@ def app_from_config(settings: ServeConfig, model: PinnedModel,
     route_settings = {"max_instances": settings.max_instances,
                       "max_body_bytes": settings.max_body_bytes, "top_k": settings.top_k,
                       "router": settings.router,
-                      "drift_file": storage.join(storage.home(home), "monitor", "latest.json"),
+                      "drift_file": storage.join(Workspace.at(home).monitor, "latest.json"),
                       "token_sha256": token_sha256()}
     return bind_app(CLASSES, settings, model, home, route_settings)

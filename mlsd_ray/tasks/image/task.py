@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from mlsd_ray.core.errors import InputError
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.base import Log, ServedApp, Task, TrafficRequest
 
 if TYPE_CHECKING:
@@ -160,13 +161,12 @@ class ImageTask(Task):
         import numpy as np
         from sklearn.datasets import load_digits
 
-        from mlsd_ray.core import storage
         from mlsd_ray.tasks.image.data.sources import digits_uint8
         from mlsd_ray.tasks.image.traffic import save_folder, shift_images
 
         digits = load_digits()
         images = digits_uint8(digits.images[:300])[..., None]
-        folder = storage.join(home, "incoming", "smoke-rotated")
+        folder = Workspace.at(home).incoming("smoke-rotated")
         save_folder(shift_images(images, "rotate", 30.0, np.random.default_rng(0)),
                     digits.target[:300], [str(c) for c in range(10)], folder, "rotated")
         log(f"smoke: 300 rotated digits written to {folder}")

@@ -21,6 +21,7 @@ from mlsd_ray.core import storage
 from mlsd_ray.core.config import AugmentConfig, Config, TrainConfig
 from mlsd_ray.core.errors import WorkError
 from mlsd_ray.core.runtime import ensure_ray, log_stderr
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.image.checkpoint import load_model
 from mlsd_ray.tasks.image.data.prepare import PreparedDataset, prepare_dataset
 from mlsd_ray.tasks.image.data.transforms import Augmenter, Preprocessor
@@ -246,7 +247,7 @@ def run_train(cfg: Config, home: str | None = None, log: Callable[[str], None] =
     check_resources(cfg.train)
     name = run_name or cfg.train.run_name or (
         f"{dataset.manifest['name']}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    runs = storage.join(storage.home(home), "runs")
+    runs = Workspace.at(home).runs
     log(f"training {cfg.model.name} on {dataset.manifest['counts']['splits']['train']} images "
         f"with {cfg.train.num_workers} worker(s), {cfg.train.epochs} epochs; run {name} "
         f"under {runs}")

@@ -20,6 +20,7 @@ import pandas as pd
 
 from mlsd_ray.core import storage
 from mlsd_ray.core.errors import InputError
+from mlsd_ray.core.workspace import Workspace
 
 if TYPE_CHECKING:
     from mlsd_ray.registry import PinnedModel
@@ -66,8 +67,8 @@ def predict_table(model: PinnedModel, source: str, out: str | None, home: str | 
     from mlsd_ray.tasks.tabular.sources import read_rows
 
     frame, name = read_rows(source, seed)
-    out = out or storage.join(storage.home(home), "batch-predictions",
-                              time.strftime("%Y%m%d-%H%M%S"))
+    out = out or Workspace.at(home).batch_predictions(
+        time.strftime("%Y%m%d-%H%M%S"))
     ensure_ray(home)
     actors = max(1, int(ray.available_resources().get("CPU", 1)))
     log(f"predicting {len(frame)} rows of {name} with {model.uri} on {actors} actor(s) "

@@ -29,6 +29,7 @@ from mlsd_ray.core.config import Config, dump_yaml
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.runtime import ensure_ray, log_stderr
 from mlsd_ray.core.split import stratified_splits
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.tabular.preprocess import (
     Featurizer,
     coerce,
@@ -129,7 +130,7 @@ def prepare_table(cfg: Config, home: str | None = None, force: bool = False,
     t = cfg.tabular
     table = load_table(t.source, t.label, cfg.data.seed)
     fp = fingerprint(table, cfg)
-    out = storage.join(storage.home(home), "datasets", table.name, fp)
+    out = Workspace.at(home).dataset(table.name, fp)
     if not force and storage.exists(storage.join(out, "manifest.json")):
         log(f"reusing the prepared table {out}")
         return PreparedTable.open(out)

@@ -16,6 +16,7 @@ import pandas as pd
 from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config
 from mlsd_ray.core.errors import InputError
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.tabular.prepare import (
     SPLITS,
     PreparedTable,
@@ -69,7 +70,7 @@ def combine(parts: dict[str, list[PreparedTable]], champion: PreparedTable, name
     key = "|".join(f"{s}:{','.join(t.manifest['fingerprint'] for t in ts)}"
                    for s, ts in parts.items())
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:12]
-    out = storage.join(storage.home(home), "datasets", name, fingerprint)
+    out = Workspace.at(home).dataset(name, fingerprint)
     frames = {split: pd.concat([t.load_split(split)[columns] for t in tables],
                                ignore_index=True) for split, tables in parts.items()}
     for split in SPLITS:

@@ -36,6 +36,7 @@ from ray import serve
 
 from mlsd_ray import __version__
 from mlsd_ray.core.config import ServeConfig, TabularConfig
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.registry import PinnedModel
 from mlsd_ray.serve.app import (
     REQUEST_ID_HEADER,
@@ -352,9 +353,8 @@ class FraudApp(TabularModel, ModelRoutes, OpenInferenceRoutes):
 
 def policy_file(home: str | None, app_name: str) -> str:
     """Where the ingress keeps the policy last set (local to the machine, like the state file)."""
-    from mlsd_ray.core import storage
 
-    return os.path.join(storage.home(home), "serve", f"{app_name}-policy.json")
+    return str(Workspace.at(home).serve_state / f"{app_name}-policy.json")
 
 
 CLASSES = AppClasses(routes=FraudApp, model=TabularModel, routes_name="FraudIngress",

@@ -14,6 +14,7 @@ from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config
 from mlsd_ray.core.errors import WorkError
 from mlsd_ray.core.runtime import ensure_ray, log_stderr
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.tabular import metrics as tm
 from mlsd_ray.tasks.tabular.prepare import PreparedTable, prepare_table
 from mlsd_ray.tasks.tabular.train import (
@@ -139,7 +140,7 @@ def run_tabular_train(cfg: Config, home: str | None = None,
     check_resources(cfg.train)
     name = run_name or cfg.train.run_name or (
         f"{table.manifest['name']}-mlp-{time.strftime('%Y%m%d-%H%M%S')}")
-    runs = storage.join(storage.home(home), "runs")
+    runs = Workspace.at(home).runs
     log(f"training the MLP on {table.manifest['counts']['splits']['train']} rows × "
         f"{len(table.manifest['feature_names'])} features with {cfg.train.num_workers} "
         f"worker(s), {cfg.train.epochs} epochs; run {name} under {runs}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.base import Log, ServedApp, Task, TrafficRequest
 
 if TYPE_CHECKING:
@@ -76,7 +77,6 @@ class TabularTask(Task):
     def evaluate(self, checkpoint_dir: str, split: str, home: str | None,
                  dataset_path: str | None = None) -> dict:
         """The MLP at its stored threshold beside the baseline, on the test split."""
-        from mlsd_ray.core import storage
         from mlsd_ray.core.config import Config
         from mlsd_ray.core.errors import InputError
         from mlsd_ray.tasks.tabular.prepare import PreparedTable
@@ -87,7 +87,7 @@ class TabularTask(Task):
                              "(its threshold was chosen on val)")
         metadata = _metadata(checkpoint_dir)
         table = PreparedTable.open(dataset_path or metadata["dataset"]["path"])
-        out = storage.join(storage.home(home), "reports", metadata["run_name"], split)
+        out = Workspace.at(home).report(metadata["run_name"], split)
         report = evaluate_checkpoint(Config.model_validate(metadata["config"]), table,
                                      checkpoint_dir, out)
         return {**report, "model": checkpoint_dir, "run_name": metadata["run_name"],
@@ -187,7 +187,7 @@ class TabularTask(Task):
         from mlsd_ray.core import storage
         from mlsd_ray.tasks.tabular.sources import fraud_synth
 
-        path = storage.join(home, "incoming", "smoke-fraud.csv")
+        path = Workspace.at(home).incoming("smoke-fraud.csv")
         storage.write_text(path, fraud_synth(2000, seed=1).to_csv(index=False))
         log(f"smoke: 2000 new transactions written to {path}")
         return f"csv:{path}"

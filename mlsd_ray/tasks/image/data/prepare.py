@@ -31,6 +31,7 @@ from mlsd_ray.core.config import Config, dump_yaml
 from mlsd_ray.core.errors import InputError, WorkError
 from mlsd_ray.core.runtime import ensure_ray, log_stderr
 from mlsd_ray.core.split import SPLITS, resolve
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.image.data.report import (
     build_quality,
     pixel_statistics,
@@ -193,7 +194,7 @@ def prepare_dataset(cfg: Config, home: str | None = None, force: bool = False,
     source = parse_source(cfg.data.source, cfg.data)
     name = cfg.data.name or source.name
     fp = fingerprint(source, cfg)
-    out = storage.join(storage.home(home), "datasets", name, fp)
+    out = Workspace.at(home).dataset(name, fp)
     manifest_path = storage.join(out, "manifest.json")
     if not force and storage.exists(manifest_path):
         log(f"reusing the prepared dataset at {out} (same inputs and config; --force rebuilds)")

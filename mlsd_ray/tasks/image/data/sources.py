@@ -22,6 +22,7 @@ import pyarrow.fs as pafs
 from mlsd_ray.core import storage
 from mlsd_ray.core.config import DataConfig
 from mlsd_ray.core.errors import InputError
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.image.data.validate import is_missing
 
 SOURCES: dict[str, Callable[..., Source]] = {}
@@ -399,7 +400,7 @@ class TorchvisionSource(Source):
     def __post_init__(self):
         name, _, root = (self.arg or "").partition(":")
         self._key = name.lower().replace("-", "").replace("_", "")
-        self._root = _expand(root) or storage.join(storage.home(), "downloads", "torchvision")
+        self._root = _expand(root) or storage.join(Workspace.at().downloads, "torchvision")
 
     def check(self) -> None:
         if self._key not in TORCHVISION_DATASETS:
