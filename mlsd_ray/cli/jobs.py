@@ -21,7 +21,7 @@ import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, cast
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 from typer.core import TyperGroup
@@ -38,9 +38,13 @@ from mlsd_ray.cli.support import (
     TaskOption,
     TuneFirstOption,
     config_from,
+    json_ready,
     plain_flags,
 )
 from mlsd_ray.core.errors import InputError, MlsdError
+
+if TYPE_CHECKING:
+    from mlsd_ray.workflows.retrain import RetrainDecision
 
 STAGES = ("pipeline", "data", "train", "tune", "retrain", "deploy")
 RESULT_PREFIX = "MLSD_RESULT "
@@ -69,7 +73,8 @@ SmokeOption = Annotated[bool, typer.Option(
 JobConfigOption = Annotated[Path | None, typer.Option(
     "--config", "-c", help="YAML config file (default: $MLSD_CONFIG_YAML from `mlsd submit`, "
                            "else the defaults).", dir_okay=False)]
-Work = Callable[[object, str, Callable[[str], None]], dict]  # (config, home, log) -> summary
+# (config, home, log) -> the summary: a dict or a typed result (cli.support.json_ready)
+Work = Callable[[object, str, Callable[[str], None]], Any]
 
 jobs = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                    rich_markup_mode="markdown")
@@ -117,7 +122,7 @@ def run_job(stage: str, smoke: bool, home: str | None, config_of: Callable[[], o
     except Exception as exc:  # the job log is for operators: keep the trace
         traceback.print_exc()
         result, code = {"error": {"code": 1, "message": f"{type(exc).__name__}: {exc}"}}, 1
-    print(RESULT_PREFIX + json.dumps(result, default=str), flush=True)
+    print(RESULT_PREFIX + json.dumps(json_ready(result), default=str), flush=True)
     raise SystemExit(code)
 
 
@@ -188,7 +193,7 @@ def retrain_job(config: JobConfigOption = None, set_: SetOption = None,
                 model: ModelOption = None, dry_run: DryRunOption = False,
                 example: ExampleOption = None, task: TaskOption = None) -> None:
     """Train a challenger on new labelled data (--source) and promote it if better."""
-    def work(cfg, where, log) -> dict:
+    def work(cfg, where, log) -> RetrainDecision:
         from mlsd_ray.workflows.retrain import retrain
 
         new_data = source or (_task(cfg).smoke_retrain_source(where, log) if smoke else None)

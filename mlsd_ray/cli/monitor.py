@@ -5,7 +5,7 @@ Registered on the main app by mlsd_ray/cli/app.py.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -28,6 +28,9 @@ from mlsd_ray.cli.support import (
 )
 from mlsd_ray.core.runtime import log_stderr
 from mlsd_ray.tasks.base import TrafficRequest
+
+if TYPE_CHECKING:
+    from mlsd_ray.workflows.retrain import RetrainDecision
 
 DRIFT_EXIT_CODE = 3
 
@@ -175,7 +178,7 @@ def retrain(source: Annotated[str, typer.Option(
     dropped requests. Writes decision.json / decision.md under $MLSD_HOME/retrain/.
     """
 
-    def work() -> dict:
+    def work() -> RetrainDecision:
         from mlsd_ray.workflows.retrain import retrain as run_retrain
 
         cfg = config_from(config, with_flags(set_, {"retrain.mode": mode,
@@ -184,16 +187,14 @@ def retrain(source: Annotated[str, typer.Option(
                           example, task=task)
         return run_retrain(cfg, source, home, model, dry_run, log_stderr)
 
-    def render(decision: dict) -> None:
-        for who in ("champion", "challenger"):
-            score = decision["scores"][who]
-            print(f"{who:10s} {decision[who]}: holdout {decision['metric']} "
-                  f"{score['holdout']['score']:.4f} (old test {score['old_test']['score']:.4f}, "
-                  f"new {score['new_test']['score']:.4f})")
-        print(("PROMOTED: " if decision["promote"] else "kept the champion: ")
-              + decision["reason"])
-        if "rollout" in decision:
-            print(f"rollout: {decision['rollout']}")
-        print(f"decision: {decision['outputs']['markdown']}")
+    def render(decision: RetrainDecision) -> None:
+        for who, uri in (("champion", decision.champion), ("challenger", decision.challenger)):
+            score = decision.scores_of(who)
+            print(f"{who:10s} {uri}: holdout {decision.metric} {score.holdout.score:.4f} "
+                  f"(old test {score.old_test.score:.4f}, new {score.new_test.score:.4f})")
+        print(("PROMOTED: " if decision.promote else "kept the champion: ") + decision.reason)
+        if decision.rollout is not None:
+            print(f"rollout: {decision.rollout}")
+        print(f"decision: {decision.outputs['markdown']}")
 
     run(as_json, work, render, verbose=verbose)

@@ -7,6 +7,7 @@ command modules (mlsd_ray.cli.serve) can use it without importing the CLI itself
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -14,7 +15,7 @@ import traceback
 from collections.abc import Callable
 from contextlib import redirect_stdout
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -24,6 +25,8 @@ from mlsd_ray.core.runtime import log_stderr
 
 if TYPE_CHECKING:
     from mlsd_ray.tasks.base import Task
+
+Result = TypeVar("Result")
 
 ConfigOption = Annotated[Path | None, typer.Option(
     "--config", "-c", help="YAML config file (sections: data, ...).", dir_okay=False)]
@@ -71,9 +74,21 @@ VerboseOption = Annotated[bool, typer.Option(
                             "default they stay in Ray's log files, named once.")]
 
 
-def run(as_json: bool, work: Callable[[], dict], render: Callable[[dict], None],
+def json_ready(result: Any) -> Any:
+    """A stage's result as plain data for `--json` and a job's MLSD_RESULT line: a typed
+    result's `to_dict()`, else a dataclass's fields, else the value itself."""
+    if hasattr(result, "to_dict"):
+        return result.to_dict()
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        return dataclasses.asdict(result)
+    return result
+
+
+def run(as_json: bool, work: Callable[[], Result], render: Callable[[Result], None],
         verbose: bool = False) -> None:
-    """Run a stage with the CLI's contract: exit codes, JSON on stdout, no tracebacks for users."""
+    """Run a stage with the CLI's contract: exit codes, JSON on stdout, no tracebacks for users.
+    `work` returns the stage's result (a dict, or a typed result); `render` prints it for a
+    person, or with `as_json` it is printed as JSON (`json_ready`)."""
     from mlsd_ray.core import runtime
 
     runtime.configure(quiet=as_json, verbose=verbose)
@@ -93,7 +108,7 @@ def run(as_json: bool, work: Callable[[], dict], render: Callable[[dict], None],
         fail(as_json, 1, f"the work failed: {type(exc).__name__}: {exc}",
               "(set MLSD_DEBUG=1 for the full traceback)")
     if as_json:
-        print(json.dumps(result, default=str))
+        print(json.dumps(json_ready(result), default=str))
     else:
         render(result)
 

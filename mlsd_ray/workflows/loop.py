@@ -117,13 +117,14 @@ def monitoring_loop(task: Task, cfg: Config, url: str, served_uri: str, prepared
         return steps
 
     decision = retrain(cfg, drill.source, home, model=served_uri, log=log, roll_out=False)
-    steps["retrain"] = {key: decision[key] for key in ("champion", "challenger", "gain",
-                                                       "promote", "reason", "outputs")}
-    steps["retrain"]["holdout"] = {who: decision["scores"][who]["holdout"]["score"]
-                                   for who in ("champion", "challenger")}
-    if decision["promote"]:
+    steps["retrain"] = {"champion": decision.champion, "challenger": decision.challenger,
+                        "gain": decision.gain, "promote": decision.promote,
+                        "reason": decision.reason, "outputs": decision.outputs,
+                        "holdout": {"champion": decision.champion_scores.holdout.score,
+                                    "challenger": decision.challenger_scores.holdout.score}}
+    if decision.promote:
         with BackgroundLoad(task, prepared, url) as load:
-            steps["rollout"] = control.deploy(decision["challenger"], home, cfg.serve.app_name,
+            steps["rollout"] = control.deploy(decision.challenger, home, cfg.serve.app_name,
                                               log)
             time.sleep(1.0)  # a few answers from the new version while the load runs
         steps["rollout"]["load"] = load.totals

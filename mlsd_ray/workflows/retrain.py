@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mlsd_ray.core import storage
@@ -81,17 +81,74 @@ def challenger_config(cfg: Config, trained: dict, champion_name: str) -> Config:
     return Config.model_validate(tree)
 
 
-def holdout_scores(task, checkpoint_dir: str, parts: dict) -> dict:
-    """The task's score on each holdout part and on all of them together, and its name."""
+@dataclass(frozen=True)
+class Score:
+    """A score rounded for the decision, and how many rows (or images) it covers."""
+
+    score: float
+    samples: int
+
+
+@dataclass(frozen=True)
+class ModelScores:
+    """One model's score on the champion's old test split, on the new data's test split, and
+    on both together (the holdout that decides)."""
+
+    old_test: Score
+    new_test: Score
+    holdout: Score
+
+
+@dataclass
+class RetrainDecision:
+    """What `mlsd retrain` decided and why; decision.json is `to_dict()`.
+
+    `gain` is the challenger's holdout score minus the champion's (by `metric`); it is
+    promoted when `gain > margin`, unless `dry_run`. `rollout` is the rolling update of the
+    running app (or why there was none) when a promoted challenger was rolled out."""
+
+    champion: str
+    challenger: str
+    mode: str
+    source: str
+    task: str
+    metric: str
+    champion_scores: ModelScores
+    challenger_scores: ModelScores
+    gain: float
+    margin: float
+    promote: bool
+    dry_run: bool
+    alias: str
+    reason: str
+    rollout: dict | None = None
+    seconds: float = 0.0
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    def scores_of(self, who: str) -> ModelScores:
+        """"champion" or "challenger"'s scores."""
+        return self.champion_scores if who == "champion" else self.challenger_scores
+
+    def to_dict(self) -> dict:
+        """The JSON form (decision.json, `--json`): scores as {who: {"metric", part: {...}}}."""
+        plain = asdict(self)
+        scores = {who: {"metric": self.metric, **plain.pop(f"{who}_scores")}
+                  for who in ("champion", "challenger")}
+        if plain["rollout"] is None:
+            plain.pop("rollout")
+        return {**plain, "scores": scores}
+
+
+def holdout_scores(task, checkpoint_dir: str, parts: dict) -> tuple[str, ModelScores]:
+    """The task's metric name, and its score on each holdout part and on all of them."""
     scores = task.holdout_scores(checkpoint_dir, parts)
-    out = {name: {"score": round(s.score, 4), "samples": s.samples}
-           for name, s in scores.items()}
-    return {"metric": scores["holdout"].metric, **out}
+    rounded = {name: Score(round(s.score, 4), s.samples) for name, s in scores.items()}
+    return scores["holdout"].metric, ModelScores(**rounded)
 
 
 def retrain(cfg: Config, source: str, home: str | None = None, model: str | None = None,
             dry_run: bool = False, log: Callable[[str], None] = log_stderr,
-            roll_out: bool = True) -> dict:
+            roll_out: bool = True) -> RetrainDecision:
     """Train a challenger on `source`, compare, promote and roll out (see the module docstring).
 
     With `roll_out=False` a promoted challenger is not deployed (the pipeline deploys it itself,
@@ -122,28 +179,26 @@ def retrain(cfg: Config, source: str, home: str | None = None, model: str | None
     challenger_dir = registry.resolve(challenger_uri, home)
 
     holdout = {"old_test": data.old, "new_test": data.new}
-    scores = {"champion": holdout_scores(task, champion_dir, holdout),
-              "challenger": holdout_scores(task, challenger_dir, holdout)}
-    gain = scores["challenger"]["holdout"]["score"] - scores["champion"]["holdout"]["score"]
+    metric, champion_scores = holdout_scores(task, champion_dir, holdout)
+    _, challenger_scores = holdout_scores(task, challenger_dir, holdout)
+    gain = challenger_scores.holdout.score - champion_scores.holdout.score
     better = gain > cfg.retrain.margin
-    decision = {"champion": champion_info.uri, "challenger": challenger_uri, "mode": mode,
-                "source": source, "task": task.name, "metric": scores["champion"]["metric"],
-                "scores": scores, "gain": round(gain, 4),
-                "margin": cfg.retrain.margin, "promote": better and not dry_run,
-                "dry_run": dry_run, "alias": cfg.retrain.alias,
-                "reason": (f"challenger {'beats' if better else 'does not beat'} the champion "
-                           f"by more than {cfg.retrain.margin} "
-                           f"{scores['champion']['metric']} on the holdout ({gain:+.4f})")}
-    log(decision["reason"])
-    if decision["promote"]:
+    decision = RetrainDecision(
+        champion=champion_info.uri, challenger=challenger_uri, mode=mode, source=source,
+        task=task.name, metric=metric, champion_scores=champion_scores,
+        challenger_scores=challenger_scores, gain=round(gain, 4), margin=cfg.retrain.margin,
+        promote=better and not dry_run, dry_run=dry_run, alias=cfg.retrain.alias,
+        reason=(f"challenger {'beats' if better else 'does not beat'} the champion by more "
+                f"than {cfg.retrain.margin} {metric} on the holdout ({gain:+.4f})"))
+    log(decision.reason)
+    if decision.promote:
         version = int(trained["registered"]["version"])
         registry.promote(champion_info.name, version, cfg.retrain.alias, home)
         log(f"promoted {challenger_uri} to @{cfg.retrain.alias}")
         if roll_out:
-            decision["rollout"] = _roll_out(challenger_uri, champion_info.name, cfg, home,
-                                            log)
-    decision["seconds"] = round(time.perf_counter() - started, 1)
-    decision["outputs"] = _write_decision(decision, home)
+            decision.rollout = _roll_out(challenger_uri, champion_info.name, cfg, home, log)
+    decision.seconds = round(time.perf_counter() - started, 1)
+    decision.outputs = _write_decision(decision, home)
     return decision
 
 
@@ -162,23 +217,23 @@ def _roll_out(uri: str, model_name: str, cfg: Config, home: str | None,
     return control.deploy(uri, home, app, log)
 
 
-def _write_decision(decision: dict, home: str | None) -> dict:
+def _write_decision(decision: RetrainDecision, home: str | None) -> dict[str, str]:
     out = Workspace.at(home).retrain(time.strftime("%Y%m%d-%H%M%S"))
-    paths = {"json": storage.join(out, "decision.json"), "markdown": storage.join(out,
-                                                                                  "decision.md")}
-    rows = [f"| {who} | " + " | ".join(f"{decision['scores'][who][part]['score']:.4f}"
+    paths = {"json": storage.join(out, "decision.json"),
+             "markdown": storage.join(out, "decision.md")}
+    rows = [f"| {who} | " + " | ".join(f"{getattr(decision.scores_of(who), part).score:.4f}"
                                        for part in ("old_test", "new_test", "holdout")) + " |"
             for who in ("champion", "challenger")]
-    verdict = "promoted" if decision["promote"] else ("would promote (dry run)" if decision[
-        "dry_run"] and decision["gain"] > decision["margin"] else "rejected")
+    would = decision.dry_run and decision.gain > decision.margin
+    verdict = "promoted" if decision.promote else (
+        "would promote (dry run)" if would else "rejected")
     text = "\n".join([
         f"# Retrain decision: {verdict}", "",
-        f"Champion {decision['champion']}, challenger {decision['challenger']} "
-        f"({decision['mode']} on {decision['source']}).", "",
-        f"{decision['metric']} of each model:", "",
+        f"Champion {decision.champion}, challenger {decision.challenger} "
+        f"({decision.mode} on {decision.source}).", "",
+        f"{decision.metric} of each model:", "",
         "| model | old test | new holdout | all holdout |", "|---|---|---|---|", *rows, "",
-        decision["reason"] + ".", ""])
+        decision.reason + ".", ""])
     storage.write_text(paths["markdown"], text)
-    storage.write_json(paths["json"], decision)
+    storage.write_json(paths["json"], {**decision.to_dict(), "outputs": paths})
     return paths
-

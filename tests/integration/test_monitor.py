@@ -6,6 +6,7 @@ update under load, on the session's small digits model (tests/conftest.py).
 from __future__ import annotations
 
 import datetime as dt
+import json
 import shutil
 import socket
 
@@ -121,24 +122,27 @@ def test_retrain_rejects_a_weak_challenger_and_promotes_a_better_one(live, incom
     weak = cfg.model_copy(deep=True)
     weak.retrain.mode, weak.retrain.epochs, weak.retrain.lr = "scratch", 1, 1e-4
     rejected = retrain(weak, f"folder:{incoming}", home, log=lambda _: None)
-    assert not rejected["promote"] and rejected["gain"] <= weak.retrain.margin
+    assert not rejected.promote and rejected.gain <= weak.retrain.margin
     assert registry.show("models:/digits-cnn@production", home)["version"] == 1  # alias stays
 
     strong = cfg.model_copy(deep=True)
     strong.retrain.epochs = 4
     with BackgroundLoad(get_task("image"), live["dataset"], live["url"]) as load:
         decision = retrain(strong, f"folder:{incoming}", home, log=lambda _: None)
-    scores = decision["scores"]
-    assert decision["promote"], decision["reason"]
-    assert decision["metric"] == "accuracy"
-    assert scores["challenger"]["new_test"]["score"] > scores["champion"]["new_test"]["score"]
-    version = int(decision["challenger"].rsplit("/", 1)[1])
+    assert decision.promote, decision.reason
+    assert decision.metric == "accuracy"
+    assert decision.challenger_scores.new_test.score > decision.champion_scores.new_test.score
+    version = int(decision.challenger.rsplit("/", 1)[1])
     assert registry.show("models:/digits-cnn@production", home)["version"] == version
-    assert decision["rollout"]["served_version"] == str(version)
+    assert decision.rollout is not None and decision.rollout["served_version"] == str(version)
     assert load.totals["failed_requests"] == 0, load.totals["errors"]
     assert set(load.totals["model_versions"]) == {"1", str(version)}  # switched under load
-    with open(decision["outputs"]["markdown"]) as handle:
+    with open(decision.outputs["markdown"]) as handle:
         assert "promoted" in handle.read()
+    with open(decision.outputs["json"]) as handle:  # decision.json: the JSON form
+        saved = json.load(handle)
+    assert saved["scores"]["challenger"]["holdout"]["score"] == \
+        decision.challenger_scores.holdout.score and saved["promote"] is True
 
 
 def test_retrain_refuses_another_label_set(live, incoming):

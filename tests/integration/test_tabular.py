@@ -364,16 +364,16 @@ def test_retrain_on_new_rows_is_gated_and_rolls_the_app_over(fraud_model, fraud_
     registry.promote("fraud-mlp", 1, "production", home)  # the champion
     source = get_task("tabular").smoke_retrain_source(home, print)
     decision = retrain(cfg, source, home, log=print)
-    print(f"\nfraud retrain: {decision['reason']}; scores {decision['scores']}")
-    assert (decision["task"], decision["metric"]) == ("tabular", "pr_auc")
-    champion, challenger = decision["scores"]["champion"], decision["scores"]["challenger"]
-    assert challenger["holdout"]["samples"] == champion["holdout"]["samples"] > 1200
-    assert decision["promote"] == (decision["gain"] > cfg.retrain.margin)
+    print(f"\nfraud retrain: {decision.reason}; scores {decision.to_dict()['scores']}")
+    assert (decision.task, decision.metric) == ("tabular", "pr_auc")
+    champion, challenger = decision.champion_scores, decision.challenger_scores
+    assert challenger.holdout.samples == champion.holdout.samples > 1200
+    assert decision.promote == (decision.gain > cfg.retrain.margin)
     production = registry.show("models:/fraud-mlp@production", home)["version"]
     served = requests.get(f"{fraud_url}/model", timeout=10).json()["model_version"]
-    expected = decision["challenger"].rsplit("/", 1)[1] if decision["promote"] else "1"
+    expected = decision.challenger.rsplit("/", 1)[1] if decision.promote else "1"
     assert str(production) == served == expected
-    assert "pr_auc of each model" in open(decision["outputs"]["markdown"]).read()
+    assert "pr_auc of each model" in open(decision.outputs["markdown"]).read()
 
 
 def test_the_pipelines_monitoring_loop_runs_on_tables(fraud_model, fraud_url):
