@@ -192,7 +192,9 @@ def retrain(source: Annotated[str, typer.Option(
             score = decision.scores_of(who)
             print(f"{who:10s} {uri}: holdout {decision.metric} {score.holdout.score:.4f} "
                   f"(old test {score.old_test.score:.4f}, new {score.new_test.score:.4f})")
-        print(("PROMOTED: " if decision.promote else "kept the champion: ") + decision.reason)
+        would = decision.dry_run and decision.gain > decision.margin
+        print(("PROMOTED: " if decision.promote else "dry run, would promote: " if would
+               else "kept the champion: ") + decision.reason)
         if decision.rollout is not None:
             print(f"rollout: {decision.rollout}")
         print(f"decision: {decision.outputs['markdown']}")
