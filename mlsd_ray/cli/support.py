@@ -7,7 +7,6 @@ command modules (mlsd_ray.cli.serve) can use it without importing the CLI itself
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -76,12 +75,8 @@ VerboseOption = Annotated[bool, typer.Option(
 
 def json_ready(result: Any) -> Any:
     """A stage's result as plain data for `--json` and a job's MLSD_RESULT line: a typed
-    result's `to_dict()`, else a dataclass's fields, else the value itself."""
-    if hasattr(result, "to_dict"):
-        return result.to_dict()
-    if dataclasses.is_dataclass(result) and not isinstance(result, type):
-        return dataclasses.asdict(result)
-    return result
+    result's `to_dict()`, else the value itself (a dict)."""
+    return result.to_dict() if hasattr(result, "to_dict") else result
 
 
 def run(as_json: bool, work: Callable[[], Result], render: Callable[[Result], None],
@@ -162,18 +157,7 @@ def config_from(config: Path | None, overrides: list[str] | None, source: str | 
 class ChosenTask:
     """The task a command's `work` resolved from its config, for its `render` to use."""
 
-    _task: Task | None = None
-
-    @property
-    def task(self) -> Task:
-        """The chosen task: `run` renders only after `work` returned, so `work` chose one."""
-        if self._task is None:
-            raise RuntimeError("no task chosen yet: `work` chooses it before `render` runs")
-        return self._task
-
-    @task.setter
-    def task(self, task: Task) -> None:
-        self._task = task
+    task: Task  # set by `work` (through `of`); `run` renders only after `work` returned
 
     def of(self, cfg) -> Task:
         """The task `cfg` names (and remember it)."""
