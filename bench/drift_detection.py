@@ -47,7 +47,7 @@ def main() -> None:
         for seed in range(runs):
             since = now()
             sent = simulate_traffic(args.url, dataset, shift, count=args.count, seed=100 + seed)
-            assert sent["failed_requests"] == 0, sent["errors"]
+            assert sent.failed_requests == 0, sent.delivery
             time.sleep(wait)
             report = monitor(cfg, args.home, since=since, until=now(), log=lambda _: None)
             verdicts[report["verdict"]] += 1

@@ -30,6 +30,7 @@ from mlsd_ray.core.runtime import log_stderr
 from mlsd_ray.tasks.base import TrafficRequest
 
 if TYPE_CHECKING:
+    from mlsd_ray.monitor.traffic import TrafficReport
     from mlsd_ray.workflows.retrain import RetrainDecision
 
 DRIFT_EXIT_CODE = 3
@@ -137,20 +138,18 @@ def simulate_traffic(
     --example fraud (or --task tabular) rows go to the scoring app and a shift changes one
     column.
     """
-    chosen = ChosenTask()
-
-    def work() -> dict:
+    def work() -> TrafficReport:
         from mlsd_ray.core.errors import InputError
 
         cfg = config_from(config, set_, source, example, task=task)
         if split not in ("train", "val", "test"):
             raise InputError(f"--split {split!r}: choose train, val or test")
-        kind = chosen.of(cfg)
+        kind = ChosenTask().of(cfg)
         prepared = kind.prepare(cfg, home, log_stderr)
         return kind.simulate_traffic(prepared, TrafficRequest(
             url, shift, amount, column, count, split, seed, batch, concurrency, save))
 
-    run(as_json, work, lambda summary: chosen.task.render_traffic(summary))
+    run(as_json, work, lambda report: print(report.describe()))
 
 
 def retrain(source: Annotated[str, typer.Option(

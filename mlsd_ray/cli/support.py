@@ -74,9 +74,15 @@ VerboseOption = Annotated[bool, typer.Option(
 
 
 def json_ready(result: Any) -> Any:
-    """A stage's result as plain data for `--json` and a job's MLSD_RESULT line: a typed
-    result's `to_dict()`, else the value itself (a dict)."""
-    return result.to_dict() if hasattr(result, "to_dict") else result
+    """A stage's result as plain data for `--json` and a job's MLSD_RESULT line: typed
+    results (at any depth of a dict or list) become their `to_dict()`."""
+    if hasattr(result, "to_dict"):
+        return json_ready(result.to_dict())
+    if isinstance(result, dict):
+        return {key: json_ready(value) for key, value in result.items()}
+    if isinstance(result, (list, tuple)):
+        return [json_ready(value) for value in result]
+    return result
 
 
 def run(as_json: bool, work: Callable[[], Result], render: Callable[[Result], None],

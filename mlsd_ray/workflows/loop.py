@@ -15,13 +15,17 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from mlsd_ray.core.config import Config
 from mlsd_ray.core.workspace import Workspace
+from mlsd_ray.monitor.traffic import Delivery, TrafficReport
 from mlsd_ray.tasks.base import Task, TrafficRequest
+
+if TYPE_CHECKING:
+    from mlsd_ray.workflows.retrain import RetrainDecision
 
 UNSHIFTED_COUNT = 200
 
@@ -35,12 +39,60 @@ class DriftDrill:
     source: str
 
 
+@dataclass(frozen=True)
+class MonitorWindow:
+    """The monitor's verdict on the traffic of one step: drift or not, over how many rows,
+    the one-line summary and where the report was written."""
+
+    verdict: str
+    rows: int
+    summary: str | None
+    report: str | None
+
+
+@dataclass
+class Rollout:
+    """The rolling update to a promoted challenger (`update`: what serve.control.deploy
+    returned) and the steady load that ran through it."""
+
+    update: dict
+    load: Delivery
+
+
+@dataclass
+class LoopSteps:
+    """Each step's result: traffic and the monitor's verdict, unshifted then shifted; the
+    retrain decision (or why there was none); the rollout when the challenger won."""
+
+    traffic_unshifted: TrafficReport
+    monitor_unshifted: MonitorWindow
+    traffic_shifted: TrafficReport
+    monitor_shifted: MonitorWindow
+    retrain: RetrainDecision | None = None
+    retrain_skipped: str | None = None
+    rollout: Rollout | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        steps: dict[str, Any] = {
+            "traffic_unshifted": self.traffic_unshifted.to_dict(),
+            "monitor_unshifted": asdict(self.monitor_unshifted),
+            "traffic_shifted": self.traffic_shifted.to_dict(),
+            "monitor_shifted": asdict(self.monitor_shifted)}
+        if self.retrain_skipped:
+            steps["retrain"] = {"skipped": self.retrain_skipped}
+        elif self.retrain:
+            steps["retrain"] = self.retrain.to_dict()
+        if self.rollout:
+            steps["rollout"] = {**self.rollout.update, "load": self.rollout.load.to_dict()}
+        return steps
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat()
 
 
 def _monitor_window(cfg: Config, home: str | None, since: str, answered: int,
-                    log: Callable[[str], None]) -> dict:
+                    log: Callable[[str], None]) -> MonitorWindow:
     """Wait until the replicas have flushed `answered` rows to the prediction log, then test
     the window [since, now)."""
     from mlsd_ray.monitor.predlog import log_location, wait_for_rows
@@ -50,22 +102,20 @@ def _monitor_window(cfg: Config, home: str | None, since: str, answered: int,
                   answered, cfg.serve.prediction_log.flush_seconds + 10)
     report = monitor(cfg, home, since=since, until=_now(), log=log)
     log(f"monitor: {report['verdict']}: {report.get('summary', '')}")
-    return {"verdict": report["verdict"], "rows": report["rows"],
-            "summary": report.get("summary"),
-            "report": report.get("outputs", {}).get("report.md")}
+    return MonitorWindow(report["verdict"], report["rows"], report.get("summary"),
+                         report.get("outputs", {}).get("report.md"))
 
 
 class BackgroundLoad:
     """Steady traffic from another thread (a context manager), through the task's own
-    `simulate_traffic`: what a rolling update must not disturb. Counts requests, failures and
-    the versions that answered."""
+    `simulate_traffic`: what a rolling update must not disturb. `totals` counts requests,
+    failures and the versions that answered."""
 
     def __init__(self, task: Task, prepared, url: str, batch: int = 4):
         self.task, self.prepared, self.url, self.batch = task, prepared, url, batch
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
-        self.totals: dict = {"requests": 0, "failed_requests": 0,
-                             "model_versions": Counter(), "errors": []}
+        self.totals = Delivery()
 
     def _run(self) -> None:
         seed = 0
@@ -73,10 +123,8 @@ class BackgroundLoad:
             seed += 1
             sent = self.task.simulate_traffic(self.prepared, TrafficRequest(
                 self.url, count=self.batch, batch=self.batch, concurrency=1, seed=seed))
-            self.totals["requests"] += sent["requests"]
-            self.totals["failed_requests"] += sent["failed_requests"]
-            self.totals["model_versions"].update(sent["model_versions"])
-            self.totals["errors"] = (self.totals["errors"] + sent["errors"])[:5]
+            if sent.delivery:
+                self.totals.add(sent.delivery)
 
     def __enter__(self) -> BackgroundLoad:
         self.started = time.perf_counter()
@@ -86,84 +134,68 @@ class BackgroundLoad:
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join(timeout=60)
-        self.totals["seconds"] = round(time.perf_counter() - self.started, 2)
-        self.totals["model_versions"] = dict(self.totals["model_versions"])
+        self.totals.seconds = round(time.perf_counter() - self.started, 2)
 
 
 def monitoring_loop(task: Task, cfg: Config, url: str, served_uri: str, prepared,
-                    home: str | None, log: Callable[[str], None]) -> dict:
+                    home: str | None, log: Callable[[str], None]) -> LoopSteps:
     """Run the loop (see the module docstring) on the app at `url` serving `served_uri`, with
-    traffic from `prepared` (the task's prepared data); returns one entry per step."""
+    traffic from `prepared` (the task's prepared data)."""
     from mlsd_ray.serve import control
     from mlsd_ray.workflows.retrain import retrain
 
-    steps: dict = {}
     since = _now()
-    steps["traffic_unshifted"] = task.simulate_traffic(
-        prepared, TrafficRequest(url, count=UNSHIFTED_COUNT))
-    steps["monitor_unshifted"] = _monitor_window(cfg, home, since,
-                                                 steps["traffic_unshifted"]["answered"], log)
+    unshifted = task.simulate_traffic(prepared, TrafficRequest(url, count=UNSHIFTED_COUNT))
+    unshifted_window = _monitor_window(cfg, home, since, unshifted.answered, log)
 
     incoming = Workspace.at(home).incoming(time.strftime("%Y%m%d-%H%M%S"))
     drill = task.drift_drill(prepared, incoming)
     since = _now()
-    steps["traffic_shifted"] = task.simulate_traffic(prepared, replace(drill.traffic, url=url))
-    log(f"{drill.traffic.shift} traffic: {_quality(steps['traffic_shifted'])} (unshifted "
-        f"{_quality(steps['traffic_unshifted'])}); kept as new labelled data: {drill.source}")
-    steps["monitor_shifted"] = _monitor_window(cfg, home, since,
-                                               steps["traffic_shifted"]["answered"], log)
-    if steps["monitor_shifted"]["verdict"] != "drift":
-        steps["retrain"] = {"skipped": "no drift found"}
+    shifted = task.simulate_traffic(prepared, replace(drill.traffic, url=url))
+    log(f"{drill.traffic.shift} traffic: {shifted.quality()} (unshifted "
+        f"{unshifted.quality()}); kept as new labelled data: {drill.source}")
+    steps = LoopSteps(unshifted, unshifted_window, shifted,
+                      _monitor_window(cfg, home, since, shifted.answered, log))
+    if steps.monitor_shifted.verdict != "drift":
+        steps.retrain_skipped = "no drift found"
         return steps
 
-    decision = retrain(cfg, drill.source, home, model=served_uri, log=log, roll_out=False)
-    steps["retrain"] = {"champion": decision.champion, "challenger": decision.challenger,
-                        "gain": decision.gain, "promote": decision.promote,
-                        "reason": decision.reason, "outputs": decision.outputs,
-                        "holdout": {"champion": decision.champion_scores.holdout.score,
-                                    "challenger": decision.challenger_scores.holdout.score}}
-    if decision.promote:
+    steps.retrain = retrain(cfg, drill.source, home, model=served_uri, log=log, roll_out=False)
+    if steps.retrain.promote:
         with BackgroundLoad(task, prepared, url) as load:
-            steps["rollout"] = control.deploy(decision.challenger, home, cfg.serve.app_name,
-                                              log)
+            update = control.deploy(steps.retrain.challenger, home, cfg.serve.app_name, log)
             time.sleep(1.0)  # a few answers from the new version while the load runs
-        steps["rollout"]["load"] = load.totals
-        log(f"rolling update under load: {load.totals['requests']} requests, "
-            f"{load.totals['failed_requests']} failed, versions {load.totals['model_versions']}")
+        steps.rollout = Rollout(update, load.totals)
+        log(f"rolling update under load: {load.totals.requests} requests, "
+            f"{load.totals.failed_requests} failed, versions {load.totals.model_versions}")
     return steps
 
 
-def _quality(sent: dict) -> str:
-    """How the traffic was answered: accuracy where the task measures it, else outcomes."""
-    if sent.get("accuracy") is not None:
-        return f"accuracy {sent['accuracy']}"
-    return f"outcomes {sent.get('outcomes', {})}"
-
-
-def render_loop(steps: dict) -> None:
+def render_loop(steps: LoopSteps) -> None:
     """The monitoring loop as a step / result table."""
-    def traffic(sent: dict) -> str:
-        return (f"{sent['answered']} answered ({sent['shift']}), {_quality(sent)}, "
-                f"{sent['failed_requests']} failed requests")
+    def traffic(sent: TrafficReport) -> str:
+        return (f"{sent.answered} answered ({sent.shift}), {sent.quality()}, "
+                f"{sent.failed_requests} failed requests")
 
-    rows = [("unshifted traffic", traffic(steps["traffic_unshifted"])),
-            ("monitor", f"{steps['monitor_unshifted']['summary']}"),
-            ("shifted traffic", traffic(steps["traffic_shifted"])),
-            ("monitor", f"{steps['monitor_shifted']['summary']}")]
-    retrained = steps.get("retrain", {})
-    if "skipped" in retrained:
-        rows.append(("retrain", f"skipped: {retrained['skipped']}"))
-    elif retrained:
-        rows.append(("retrain", f"holdout score champion {retrained['holdout']['champion']:.4f}"
-                                f" -> challenger {retrained['holdout']['challenger']:.4f}: "
-                                + ("promoted " if retrained["promote"] else "rejected ")
-                                + retrained["challenger"]))
-    if "rollout" in steps:
-        rollout, load = steps["rollout"], steps["rollout"]["load"]
-        rows.append(("rolling update", f"{rollout['from']['uri']} -> {rollout['to']['uri']} in "
-                                       f"{rollout['seconds']} s under load: {load['requests']} "
-                                       f"requests, {load['failed_requests']} failed, answered "
-                                       f"by versions {load['model_versions']}"))
+    rows = [("unshifted traffic", traffic(steps.traffic_unshifted)),
+            ("monitor", f"{steps.monitor_unshifted.summary}"),
+            ("shifted traffic", traffic(steps.traffic_shifted)),
+            ("monitor", f"{steps.monitor_shifted.summary}")]
+    if steps.retrain_skipped:
+        rows.append(("retrain", f"skipped: {steps.retrain_skipped}"))
+    elif steps.retrain:
+        decision = steps.retrain
+        rows.append(("retrain", f"holdout score champion "
+                                f"{decision.champion_scores.holdout.score:.4f} -> challenger "
+                                f"{decision.challenger_scores.holdout.score:.4f}: "
+                                + ("promoted " if decision.promote else "rejected ")
+                                + decision.challenger))
+    if steps.rollout:
+        update, load = steps.rollout.update, steps.rollout.load
+        rows.append(("rolling update", f"{update['from']['uri']} -> {update['to']['uri']} in "
+                                       f"{update['seconds']} s under load: {load.requests} "
+                                       f"requests, {load.failed_requests} failed, answered "
+                                       f"by versions {load.model_versions}"))
     print("\nmonitoring loop:")
     for step, result in rows:
         print(f"  {step:18s} {result}")

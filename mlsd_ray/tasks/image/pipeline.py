@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from mlsd_ray.core.config import Config
 from mlsd_ray.core.runtime import log_stderr
 from mlsd_ray.tasks.image.data.prepare import prepare_dataset
 from mlsd_ray.workflows.stages import StageHeadings
+
+if TYPE_CHECKING:
+    from mlsd_ray.workflows.loop import LoopSteps
 
 LOOP = "monitor -> retrain -> rolling update"
 
@@ -52,6 +56,10 @@ def run_pipeline(cfg: Config, home: str | None = None, force: bool = False,
     stages["evaluate"] = evaluate_checkpoint(stages["train"]["checkpoint"], "test", home)
     registered = stages["train"].get("registered")
     if registered:
+        from mlsd_ray.registry import log_evaluation
+
+        # the report and plots join the registered version's run
+        log_evaluation(registered["run_id"], stages["evaluate"]["report"], "test", home)
         log(heading("promote"))
         stages["promote"] = promote_first(registered, home, log)
     if serve_check:
@@ -72,7 +80,7 @@ def run_pipeline(cfg: Config, home: str | None = None, force: bool = False,
 
 
 def _loop(cfg: Config, url: str, served_uri: str, home: str | None,
-          log: Callable[[str], None], dataset_path: str, heading: str) -> dict:
+          log: Callable[[str], None], dataset_path: str, heading: str) -> LoopSteps:
     from mlsd_ray.tasks import get_task
     from mlsd_ray.tasks.image.data.prepare import PreparedDataset
     from mlsd_ray.workflows.loop import monitoring_loop

@@ -7,17 +7,20 @@ preprocessing read from the checkpoint, not the training code's copy of it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlsd_ray.core.config import ServeConfig
 from mlsd_ray.tasks.image.data.prepare import PreparedDataset
+
+if TYPE_CHECKING:
+    from mlsd_ray.workflows.loop import LoopSteps
 
 SMOKE_IMAGES = 32
 
 
 def serve_smoke_check(settings: ServeConfig, model: str, dataset_path: str, home: str | None,
                       keep_serving: bool, log: Callable[[str], None],
-                      then: Callable[[str, str], dict] | None = None) -> dict:
+                      then: Callable[[str, str], LoopSteps] | None = None) -> dict:
     """Start the app on `model`, send SMOKE_IMAGES test images, report accuracy; then stop.
 
     `then(url, served_uri)` runs while the app is up (the monitoring loop); its result is

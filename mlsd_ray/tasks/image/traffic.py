@@ -16,15 +16,14 @@ trained on), so unshifted traffic looks like the training data and each shift is
 from __future__ import annotations
 
 import io
-import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from mlsd_ray.core.errors import InputError
+from mlsd_ray.monitor.traffic import Delivery, TrafficReport, deliver
 
 SHIFTS = ("none", "rotate", "noise", "invert", "imbalance")
 DEFAULT_AMOUNT = {"none": 0.0, "rotate": 30.0, "noise": 40.0, "invert": 0.0, "imbalance": 0.7}
@@ -79,43 +78,28 @@ def save_folder(images: np.ndarray, labels: np.ndarray, class_names: list[str],
     return len(images)
 
 
-def send(url: str, images: np.ndarray, labels: np.ndarray, class_names: list[str],
-         batch: int, concurrency: int) -> dict:
-    """POST the images as base64 PNGs, `batch` per request, `concurrency` requests at a time."""
-    from mlsd_ray.serve.client import b64_instance, post_json
+def send(url: str, images: np.ndarray, batch: int,
+         concurrency: int) -> tuple[Delivery, list[str | None]]:
+    """POST the images as base64 PNGs, `batch` per request, `concurrency` requests at a time;
+    the delivery and each image's predicted class name (None where its request failed)."""
+    from mlsd_ray.serve.client import b64_instance
 
-    endpoint = f"{url.rstrip('/')}/v1/predict"
     chunks = [range(start, min(start + batch, len(images)))
               for start in range(0, len(images), batch)]
-
-    def one(indices: range) -> tuple[list[str], str | None, str | None]:
-        body = {"instances": [b64_instance(png_bytes(images[i])) for i in indices]}
-        try:
-            answer = post_json(endpoint, body)
-        except Exception as exc:  # counted and reported, the run goes on
-            return [], None, f"{type(exc).__name__}: {exc}"
-        return [p["class_name"] for p in answer["predictions"]], answer["model_version"], None
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        results = list(pool.map(one, chunks))
-    seconds = time.perf_counter() - started
-    errors = [error for _, _, error in results if error]
-    correct = sum(predicted == class_names[labels[i]]
-                  for (names, _, _), indices in zip(results, chunks)
-                  for predicted, i in zip(names, indices))
-    answered = sum(len(names) for names, _, _ in results)
-    return {"requests": len(chunks), "failed_requests": len(errors), "errors": errors[:5],
-            "images_answered": answered, "answered": answered,
-            "accuracy": round(correct / answered, 4) if answered else None,
-            "model_versions": dict(Counter(v for _, v, _ in results if v)),
-            "seconds": round(seconds, 2),
-            "images_per_second": round(answered / seconds, 1) if seconds else None}
+    bodies = [{"instances": [b64_instance(png_bytes(images[i])) for i in chunk]}
+              for chunk in chunks]
+    delivery, answers = deliver(f"{url.rstrip('/')}/v1/predict", bodies, concurrency,
+                                lambda response: [p["class_name"] for p in response["predictions"]])
+    predicted: list[str | None] = [None] * len(images)
+    for chunk, names in zip(chunks, answers):
+        for i, name in zip(chunk, names):
+            predicted[i] = name
+    return delivery, predicted
 
 
 def simulate_traffic(url: str | None, dataset, shift: str = "none", amount: float | None = None,
                      count: int = 200, split: str = "test", seed: int = 0, batch: int = 8,
-                     concurrency: int = 4, save: str | None = None) -> dict:
+                     concurrency: int = 4, save: str | None = None) -> TrafficReport:
     """Sample, shift and send (and/or save) images from one split of a prepared dataset."""
     if shift not in SHIFTS:
         raise InputError(f"unknown shift {shift!r}; choose one of: {', '.join(SHIFTS)}")
@@ -127,12 +111,15 @@ def simulate_traffic(url: str | None, dataset, shift: str = "none", amount: floa
     picked = choose(labels, count if count > 0 else len(labels), shift, amount, rng)
     images, labels = shift_images(images[picked], shift, amount, rng), labels[picked]
     class_names = dataset.manifest["class_names"]
-    summary = {"shift": shift, "amount": amount, "split": split, "seed": seed,
-               "images": len(images),
-               "true_classes": dict(Counter(class_names[i] for i in labels.tolist()))}
+    report = TrafficReport("images", len(images), shift, amount, split, seed, url=url)
     if save:
-        summary["saved"] = {"folder": str(save), "images": save_folder(
-            images, labels, class_names, save, f"{shift}-{seed}")}
+        save_folder(images, labels, class_names, save, f"{shift}-{seed}")
+        report.saved = str(save)
     if url:
-        summary.update(url=url, **send(url, images, labels, class_names, batch, concurrency))
-    return summary
+        report.delivery, predicted = send(url, images, batch, concurrency)
+        answered = [(name, class_names[label]) for name, label in zip(predicted, labels)
+                    if name is not None]
+        report.outcomes = dict(Counter(name for name, _ in answered))
+        report.accuracy = (round(sum(name == truth for name, truth in answered) / len(answered), 4)
+                           if answered else None)
+    return report

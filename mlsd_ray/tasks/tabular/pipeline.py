@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from mlsd_ray.core.config import Config
 from mlsd_ray.core.runtime import log_stderr
+
+if TYPE_CHECKING:
+    from mlsd_ray.workflows.loop import LoopSteps
 
 SERVE_CHECK_ROWS = 64
 LOOP = "monitor -> retrain -> rolling update"
@@ -67,7 +71,7 @@ def run_tabular_pipeline(cfg: Config, home: str | None = None, force: bool = Fal
 
 
 def _loop(cfg: Config, table, home: str | None, log: Callable[[str], None], heading: str,
-          url: str, served_uri: str) -> dict:
+          url: str, served_uri: str) -> LoopSteps:
     from mlsd_ray.tasks import get_task
     from mlsd_ray.workflows.loop import monitoring_loop
 
@@ -77,7 +81,7 @@ def _loop(cfg: Config, table, home: str | None, log: Callable[[str], None], head
 
 def serve_check_fraud(cfg: Config, model: str, table, home: str | None,
                       log: Callable[[str], None], keep_serving: bool = False,
-                      then: Callable[[str, str], dict] | None = None) -> dict:
+                      then: Callable[[str, str], LoopSteps] | None = None) -> dict:
     """Start the fraud app on `model`, score test rows over HTTP (and, for a binary task, a
     transaction the example rules catch), compare with the offline scores, then stop the app
     (`keep_serving`: on serve.port, until Ctrl-C). `then(url, served_uri)` runs while the app

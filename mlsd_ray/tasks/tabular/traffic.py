@@ -16,17 +16,15 @@ source for the data and training stages.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from mlsd_ray.core.errors import InputError
+from mlsd_ray.monitor.traffic import Delivery, TrafficReport, deliver
 
 SHIFTS = ("none", "scale", "missing", "category")
 DEFAULT_AMOUNT = {"none": 0.0, "scale": 3.0, "missing": 0.5, "category": 0.8}
@@ -87,41 +85,25 @@ def records(frame: pd.DataFrame) -> list[dict]:
             for row in plain.to_dict("records")]
 
 
-def send(url: str, rows: list[dict], batch: int, concurrency: int) -> dict:
-    """POST the records, `batch` per request, `concurrency` requests at a time."""
-    from mlsd_ray.serve.client import post_json
+def send(url: str, rows: list[dict], batch: int,
+         concurrency: int) -> tuple[Delivery, Counter]:
+    """POST the records, `batch` per request, `concurrency` requests at a time; the delivery
+    and how often each outcome (decision, class or "value") came back."""
     from mlsd_ray.tasks.tabular.serve import PREFIX
 
-    endpoint = f"{url.rstrip('/')}{PREFIX}/score"
-    chunks = [rows[start:start + batch] for start in range(0, len(rows), batch)]
-
-    def one(chunk: list[dict]) -> tuple[list[dict], str | None, str | None]:
-        try:
-            answer = post_json(endpoint, {"records": chunk})
-        except Exception as exc:  # counted and reported, the run goes on
-            return [], None, f"{type(exc).__name__}: {exc}"
-        return answer["results"], answer["model_version"], None
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        results = list(pool.map(one, chunks))
-    seconds = time.perf_counter() - started
-    errors = [error for _, _, error in results if error]
-    answered = [r for answers, _, _ in results for r in answers]
-    outcomes = Counter(str(r.get("decision", r.get("class", "value"))) for r in answered)
-    return {"requests": len(chunks), "failed_requests": len(errors), "errors": errors[:5],
-            "records_answered": len(answered), "answered": len(answered),
-            "outcomes": dict(outcomes),
-            "model_versions": dict(Counter(v for _, v, _ in results if v)),
-            "seconds": round(seconds, 2),
-            "records_per_second": round(len(answered) / seconds, 1) if seconds else None}
+    bodies = [{"records": rows[start:start + batch]} for start in range(0, len(rows), batch)]
+    delivery, answers = deliver(f"{url.rstrip('/')}{PREFIX}/score", bodies, concurrency,
+                                lambda response: response["results"])
+    outcomes = Counter(str(r.get("decision", r.get("class", "value")))
+                       for results in answers for r in results)
+    return delivery, outcomes
 
 
 def simulate_table_traffic(url: str | None, table, shift: str = "none",
                            amount: float | None = None, column: str | None = None,
                            count: int = 200, split: str = "test", seed: int = 0,
                            batch: int = 8, concurrency: int = 4,
-                           save: str | None = None) -> dict:
+                           save: str | None = None) -> TrafficReport:
     """Sample, shift and send (and/or save) rows from one split of a prepared table."""
     if not url and not save:
         raise InputError("give --url to send traffic, --save FILE.csv to write it, or both")
@@ -132,15 +114,15 @@ def simulate_table_traffic(url: str | None, table, shift: str = "none",
     size = len(frame) if count <= 0 else min(count, len(frame))
     frame = change.apply(frame.iloc[np.sort(rng.choice(len(frame), size, replace=False))],
                          rng)
-    summary: dict[str, Any] = {"shift": change.kind, "column": change.column,
-                               "amount": change.amount, "split": split, "seed": seed,
-                               "records": len(frame)}
+    report = TrafficReport("records", len(frame), change.kind, change.amount, split, seed,
+                           column=change.column, url=url)
     if save:
         Path(save).parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(save, index=False)
-        summary["saved"] = {"file": str(save), "records": len(frame)}
+        report.saved = str(save)
     if url:
         # the model's columns only: ids and other dropped columns are not the model's input
         inputs = records(frame[[entry["name"] for entry in plan]])
-        summary.update(url=url, **send(url, inputs, batch, concurrency))
-    return summary
+        report.delivery, outcomes = send(url, inputs, batch, concurrency)
+        report.outcomes = dict(outcomes)
+    return report
