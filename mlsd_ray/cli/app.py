@@ -133,12 +133,15 @@ def evaluate(model: Annotated[str, typer.Option(
     chosen = ChosenTask()
 
     def work() -> dict:
-        from mlsd_ray.registry import resolve
+        from mlsd_ray.registry import log_evaluation, resolve, show
         from mlsd_ray.tasks import task_of_checkpoint
 
         path = resolve(model, home)
         chosen.task = task_of_checkpoint(path)  # the task that trained it: no flag needed
-        return chosen.task.evaluate(path, split, home, dataset)
+        summary = chosen.task.evaluate(path, split, home, dataset)
+        if model.startswith("models:/"):  # its report and plots join the version's run
+            log_evaluation(show(model, home)["run_id"], summary["report"], split, home)
+        return summary
 
     run(as_json, work, lambda summary: chosen.task.render_evaluation(summary), verbose=verbose)
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from mlsd_ray.core.errors import InputError
 
 if TYPE_CHECKING:
+    from mlsd_ray.monitor.traffic import TrafficReport
     from mlsd_ray.registry import PinnedModel
 
 Log = Callable[[str], None]
@@ -119,6 +120,12 @@ class Task(ABC):
         `settings` is the `serve` config section, with `settings.model` = `model.uri`."""
         raise self.not_offered("serve")
 
+    def predictor(self, checkpoint_dir: str) -> Callable[[Any], Any]:
+        """What the registered MLflow Model runs (mlsd_ray/registry/pyfunc.py): the model in
+        `checkpoint_dir` loaded once, as a function from a batch in the form of the version's
+        signature to the answers the task's Serve app gives for it."""
+        raise self.not_offered("MLflow model")
+
     def evaluate(self, checkpoint_dir: str, split: str, home: str | None,
                  dataset_path: str | None = None) -> dict:
         """Score the model in `checkpoint_dir` on a split of the dataset it was trained on
@@ -147,13 +154,10 @@ class Task(ABC):
 
         print(json.dumps(result, indent=2, default=str))
 
-    def simulate_traffic(self, prepared, request: TrafficRequest) -> dict:
-        """Send (or save) held-out inputs of `prepared` to a running app, with a shift."""
+    def simulate_traffic(self, prepared, request: TrafficRequest) -> TrafficReport:
+        """Send (or save) held-out inputs of `prepared` to a running app, with a shift
+        (sending through `monitor.traffic.deliver`)."""
         raise self.not_offered("simulate-traffic")
-
-    def render_traffic(self, summary: dict) -> None:
-        """Print what `simulate_traffic` sent and how the app answered."""
-        print(summary)
 
     # A retrain (retrain.py owns the gate) asks the champion's task for these three.
 

@@ -20,8 +20,11 @@ from collections.abc import Callable
 class EpochRelay:
     """Use `callback()` in the trainer's RunConfig and run `fit()` inside `with relay:`."""
 
-    def __init__(self, line: Callable[[dict], str], log: Callable[[str], None]):
-        self.line, self.log = line, log
+    def __init__(self, line: Callable[[dict], str], log: Callable[[str], None],
+                 observe: Callable[[dict], None] | None = None):
+        """`line` turns a report into its console line for `log`; `observe`, if given, gets
+        each report too (live tracking: registry/tracking.py)."""
+        self.line, self.log, self.observe = line, log, observe
         handle, self.path = tempfile.mkstemp(prefix="mlsd-epochs-", suffix=".jsonl")
         os.close(handle)
         self._stop = threading.Event()
@@ -59,7 +62,10 @@ class EpochRelay:
                 stopping = self._stop.is_set()  # read before the last drain: no line is lost
                 pending += reports.readline()
                 if pending.endswith("\n"):
-                    self.log(self.line(json.loads(pending)))
+                    metrics = json.loads(pending)
+                    self.log(self.line(metrics))
+                    if self.observe:
+                        self.observe(metrics)
                     pending = ""
                 elif stopping:
                     return

@@ -23,9 +23,9 @@ from PIL import Image
 from mlsd_ray import registry
 from mlsd_ray.core.config import ServeConfig, load_config
 from mlsd_ray.core.errors import InputError
-from mlsd_ray.registry import log_and_register
 from mlsd_ray.serve import control
 from mlsd_ray.serve.app import TOKEN_ENV
+from mlsd_ray.tasks.image.registry import log_and_register
 from tests.conftest import texts
 
 pytestmark = pytest.mark.usefixtures("ray_session")

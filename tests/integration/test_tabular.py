@@ -101,6 +101,13 @@ def test_evaluate_finds_the_task_in_the_checkpoint(fraud_model, tmp_path):
     assert report["mlp"]["pr_auc"] == pytest.approx(summary["test"]["pr_auc"])
     assert report["baseline"]["model"] == "HistGradientBoostingClassifier"
     assert open(report["report_md"]).read().startswith("# Evaluation on the test split")
+    from mlflow import MlflowClient
+
+    from mlsd_ray import registry
+
+    registry.client(home)  # the report and its plots joined the version's run
+    logged = MlflowClient().list_artifacts(summary["registered"]["run_id"], "evaluation/test")
+    assert {"report.json", "report.md"} <= {item.path.rsplit("/", 1)[1] for item in logged}
     on_val = subprocess.run([sys.executable, "-m", "mlsd_ray.cli", "evaluate", "--model",
                              summary["registered"]["uri"], "--split", "val", "--home", home],
                             capture_output=True, text=True, timeout=300)
@@ -172,6 +179,35 @@ def test_scores_decisions_and_rules_over_http(fraud_url):
                                                          "new_account_crypto"}
     assert risky["decision"] in ("review", "decline") and safe["decision"] == "approve"
     assert safe["rules_fired"] == []
+
+
+def test_the_version_is_an_mlflow_model_scoring_as_the_app_does(fraud_model, fraud_url):
+    """Plain MLflow loads models:/fraud-mlp/1: its signature is the table's columns; for
+    test rows it gives the scores the app gives, and the class at the model's threshold."""
+    import mlflow
+
+    from mlsd_ray import registry
+    from mlsd_ray.tasks.tabular.prepare import PreparedTable
+    from mlsd_ray.tasks.tabular.traffic import records
+
+    _, summary, home = fraud_model
+    mlflow.set_tracking_uri(registry.tracking_uri(home))
+    uri = summary["registered"]["uri"]
+    signature = mlflow.models.get_model_info(uri).signature
+    table = PreparedTable.open(summary["dataset"])
+    columns = [entry["name"] for entry in table.manifest["preprocessing"]["plan"]]
+    assert signature.inputs.input_names() == columns
+    assert signature.outputs.input_names()[:2] == ["score", "predicted_class"]
+
+    rows = table.load_split("test")[columns].head(12).reset_index(drop=True)  # < 4 KB bodies
+    answers = mlflow.pyfunc.load_model(uri).predict(rows)
+    served = requests.post(f"{fraud_url}/score", json={"records": records(rows)}, timeout=30)
+    assert served.status_code == 200, served.text
+    np.testing.assert_allclose(answers["score"], [r["score"] for r in served.json()["results"]],
+                               atol=1e-6)
+    threshold, classes = summary["decision"]["threshold"], table.manifest["classes"]
+    assert answers["predicted_class"].tolist() == [
+        str(classes[int(score >= threshold)]) for score in answers["score"]]
 
 
 def test_threshold_and_rules_change_live(fraud_url):
@@ -283,7 +319,7 @@ def test_scored_records_are_logged_and_a_shifted_column_is_named_by_the_monitor(
 
     since = dt.datetime.now(dt.timezone.utc)
     sent = simulate_table_traffic(root, table, count=300)
-    assert sent["failed_requests"] == 0 and sent["records_answered"] == 300
+    assert sent.failed_requests == 0 and sent.answered == 300 and sent.unit == "records"
     assert wait_for_rows(location, since, 300, timeout_s=30) == 300
     rows = read_log(location, since)
     assert rows["model_uri"].eq("models:/fraud-mlp/1").all()
@@ -393,20 +429,20 @@ def test_the_pipelines_monitoring_loop_runs_on_tables(fraud_model, fraud_url):
     steps = monitoring_loop(get_task("tabular"), cfg, fraud_url.removesuffix("/v1/fraud"),
                             served["uri"], PreparedTable.open(summary["dataset"]), home, print)
     render_loop(steps)
-    assert steps["traffic_unshifted"]["failed_requests"] == 0
-    assert steps["monitor_unshifted"]["rows"] == 200
-    assert steps["monitor_unshifted"]["verdict"] == "no drift"
-    shifted = steps["traffic_shifted"]
-    assert (shifted["shift"], shifted["column"], shifted["failed_requests"]) == (
-        "scale", "amount", 0)
-    assert steps["monitor_shifted"]["verdict"] == "drift"
-    assert "amount" in steps["monitor_shifted"]["summary"]
-    retrained = steps["retrain"]
-    assert retrained["challenger"].startswith("models:/fraud-mlp/")
-    assert retrained["promote"] == (retrained["gain"] > cfg.retrain.margin)
-    if retrained["promote"]:
-        assert steps["rollout"]["load"]["failed_requests"] == 0
-        assert steps["rollout"]["served_version"] == retrained["challenger"].rsplit("/", 1)[1]
+    assert steps.traffic_unshifted.failed_requests == 0
+    assert steps.monitor_unshifted.rows == 200
+    assert steps.monitor_unshifted.verdict == "no drift"
+    shifted = steps.traffic_shifted
+    assert (shifted.shift, shifted.column, shifted.failed_requests) == ("scale", "amount", 0)
+    assert steps.monitor_shifted.verdict == "drift"
+    assert "amount" in (steps.monitor_shifted.summary or "")
+    retrained = steps.retrain
+    assert retrained and retrained.challenger.startswith("models:/fraud-mlp/")
+    assert retrained.promote == (retrained.gain > cfg.retrain.margin)
+    if retrained.promote:
+        assert steps.rollout and steps.rollout.load.failed_requests == 0
+        assert steps.rollout.update["served_version"] == retrained.challenger.rsplit("/", 1)[1]
+    assert json.loads(json.dumps(steps.to_dict()))["retrain"]["promote"] == retrained.promote
 
 
 def test_diabetes_regression_beside_the_baseline(home):

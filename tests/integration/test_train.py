@@ -18,7 +18,7 @@ from mlsd_ray.core.config import load_config
 from mlsd_ray.core.errors import InputError, WorkError
 from mlsd_ray.tasks.image.checkpoint import load_model
 from mlsd_ray.tasks.image.evaluate import evaluate_checkpoint
-from mlsd_ray.tasks.image.train import run_train
+from mlsd_ray.tasks.image.train import run_train, train_and_register
 from mlsd_ray.training.checkpoint import load_train_state
 from mlsd_ray.training.trainer import check_resources
 
@@ -126,11 +126,24 @@ def test_tampered_checkpoint_is_refused(digits_model, tmp_path):
 
 
 def test_nan_loss_names_the_epoch_and_the_fix(home, digits_model):
+    """`mlsd train`'s path: the error names the epoch and the fix, and the MLflow run that
+    tracked it live ends FAILED, with its params and dataset."""
+    from mlflow import MlflowClient
+
+    from mlsd_ray import registry
+
     cfg = load_config(None, ["data.image_size=8", "data.augment.random_shift=1", "train.epochs=2",
                              "train.num_workers=1", "train.optimizer=sgd", "train.lr=1e6",
-                             "train.max_failures=0"])
+                             "train.max_failures=0", "train.run_name=diverges"])
     with pytest.raises(WorkError, match=r"loss became nan in epoch 1: lower train\.lr"):
-        run_train(cfg, home=home, dataset=digits_model.dataset)  # the session's prepared data
+        # the session's prepared data
+        train_and_register(cfg, home=home, dataset=digits_model.dataset, log=lambda _: None)
+    experiment = registry.client(home).get_experiment_by_name(registry.EXPERIMENT)
+    [run] = MlflowClient().search_runs([experiment.experiment_id],
+                                       "attributes.run_name = 'diverges'")
+    assert run.info.status == "FAILED" and run.data.params["train.lr"] == "1000000.0"
+    [tracked] = run.inputs.dataset_inputs
+    assert tracked.dataset.digest == digits_model.dataset.manifest["fingerprint"][:36]
 
 
 def test_more_workers_than_cpus_fails_fast():

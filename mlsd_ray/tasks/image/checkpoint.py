@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,6 +25,20 @@ class LoadedModel:
     model_config: dict
     reference: dict
     metadata: dict
+
+    def probabilities(self, pixels: torch.Tensor) -> np.ndarray:
+        """Class probabilities (N, K) for images already at the trained size in [0, 1]
+        (`preprocessor.to_tensor`): normalised as trained, one forward pass, softmax."""
+        with torch.inference_mode():
+            logits = self.model(self.preprocessor.normalize(pixels))
+            return torch.softmax(logits.float(), dim=1).numpy()
+
+    def predict(self, images: np.ndarray | list[np.ndarray]) -> np.ndarray:
+        """Class probabilities for a batch of uint8 images (N×H×W×C, or a list of H×W(×C)
+        of any size, resized as trained): what the Serve app answers for them and what the
+        registered MLflow Model returns."""
+        with torch.inference_mode():
+            return self.probabilities(self.preprocessor.to_tensor(images))
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> LoadedModel:

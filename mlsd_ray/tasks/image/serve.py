@@ -148,12 +148,11 @@ class ImageModel(LoggingReplica):
 
         from mlsd_ray.tasks.image.features import image_features
 
-        pre = self.loaded.preprocessor
         with torch.inference_mode():
-            pixels = pre.to_tensor(images)  # [0, 1] at the trained size: what features measure
-            logits = self.loaded.model(pre.normalize(pixels))
+            # [0, 1] at the trained size: what the features measure and the network takes
+            pixels = self.loaded.preprocessor.to_tensor(images)
             features = image_features(pixels.permute(0, 2, 3, 1).numpy())
-            return torch.softmax(logits.float(), dim=1).numpy(), features
+            return self.loaded.probabilities(pixels), features
 
     def _observe(self, requests: list[dict], probabilities: np.ndarray, features: dict) -> None:
         """Metrics and prediction-log rows for one batch (no I/O: the log writes elsewhere)."""

@@ -13,6 +13,7 @@ from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.base import Log, ServedApp, Task, TrafficRequest
 
 if TYPE_CHECKING:
+    from mlsd_ray.monitor.traffic import TrafficReport
     from mlsd_ray.registry import PinnedModel
 
 VAL_METRIC = "val_accuracy"  # train.VAL_METRIC, without importing torch
@@ -76,6 +77,12 @@ class ImageTask(Task):
         return ServedApp(app_from_config(settings, model, home), "/", "/v1/health", "/v1/model",
                          {"predict_url": "/v1/predict"})
 
+    def predictor(self, checkpoint_dir: str):
+        """uint8 images (N, H, W, C) -> class probabilities (N, K)."""
+        from mlsd_ray.tasks.image.checkpoint import load_model
+
+        return load_model(checkpoint_dir).predict
+
     def evaluate(self, checkpoint_dir: str, split: str, home: str | None,
                  dataset_path: str | None = None) -> dict:
         from mlsd_ray.tasks.image.evaluate import evaluate_checkpoint
@@ -114,7 +121,7 @@ class ImageTask(Task):
                   f"({max(answer['probabilities'].values()):.3f})")
         print(f"model {result['model_name']} version {result['model_version']}")
 
-    def simulate_traffic(self, prepared, request: TrafficRequest) -> dict:
+    def simulate_traffic(self, prepared, request: TrafficRequest) -> TrafficReport:
         from mlsd_ray.tasks.image.traffic import simulate_traffic
 
         if request.column:
@@ -122,16 +129,6 @@ class ImageTask(Task):
         return simulate_traffic(request.url, prepared, request.shift, request.amount,
                                 request.count, request.split, request.seed, request.batch,
                                 request.concurrency, request.save)
-
-    def render_traffic(self, summary: dict) -> None:
-        line = f"{summary['images']} images, shift {summary['shift']} ({summary['amount']:g})"
-        if "requests" in summary:
-            line += (f": {summary['requests']} requests, {summary['failed_requests']} failed, "
-                     f"accuracy {summary['accuracy']}, versions {summary['model_versions']}, "
-                     f"{summary['seconds']} s")
-        print(line)
-        if "saved" in summary:
-            print(f"saved to {summary['saved']['folder']}")
 
     def retrain_data(self, cfg, champion_dir: str, source: str, home: str | None, log: Log):
         from mlsd_ray.tasks.image.retrain import retrain_data

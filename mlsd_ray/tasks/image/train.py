@@ -221,37 +221,49 @@ def train_and_register(cfg: Config, home: str | None = None,
     `dataset` replaces preparing `cfg.data.source` (retraining passes a combined dataset);
     `init_from`, a checkpoint folder, starts from its weights (fine-tuning); `reference` is
     the data the drift reference describes (default: the training data)."""
-    from mlsd_ray.registry import log_and_register
+    from mlsd_ray.registry.tracking import LiveRun
+    from mlsd_ray.tasks.image.registry import log_and_register, run_params
 
-    result = run_train(cfg, home=home, log=log, run_name=run_name, dataset=dataset,
-                       init_from=init_from, reference=reference)
-    summary = result.summary()
-    if cfg.registry.auto_register:
-        dataset = PreparedDataset.open(result.dataset_path)
-        name = cfg.registry.model_name or f"{dataset.manifest['name']}-cnn"
-        summary["registered"] = log_and_register(result, cfg, dataset, name, home)
-        log(f"registered {summary['registered']['uri']}")
+    dataset = dataset or prepare_dataset(cfg, home=home, log=log)
+    run_name = run_name or default_run_name(cfg, dataset)
+    manifest = dataset.manifest
+    with LiveRun(home, run_name, run_params(cfg, dataset), dataset.path, manifest["fingerprint"],
+                 manifest["name"], enabled=cfg.registry.auto_register) as tracked:
+        result = run_train(cfg, home=home, log=log, run_name=run_name, dataset=dataset,
+                           init_from=init_from, reference=reference, observe=tracked.log_epoch)
+        summary = result.summary()
+        if cfg.registry.auto_register:
+            name = cfg.registry.model_name or f"{manifest['name']}-cnn"
+            summary["registered"] = log_and_register(result, cfg, dataset, name, home,
+                                                     live=True)
+            log(f"registered {summary['registered']['uri']}")
     return summary
+
+
+def default_run_name(cfg: Config, dataset: PreparedDataset) -> str:
+    """`train.run_name`, else <dataset>-<model>-<time>."""
+    return cfg.train.run_name or (
+        f"{dataset.manifest['name']}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def run_train(cfg: Config, home: str | None = None, log: Callable[[str], None] = log_stderr,
               run_name: str | None = None, dataset: PreparedDataset | None = None,
-              init_from: str | None = None,
-              reference: PreparedDataset | None = None) -> TrainResult:
-    """Prepare the data if needed, train, pick the best checkpoint, score it on test."""
+              init_from: str | None = None, reference: PreparedDataset | None = None,
+              observe: Callable[[dict], None] | None = None) -> TrainResult:
+    """Prepare the data if needed, train, pick the best checkpoint, score it on test.
+    `observe` gets each epoch's metrics on the driver as they arrive (live tracking)."""
     from ray.train import TrainingFailedError
 
     started = time.perf_counter()
     dataset = dataset or prepare_dataset(cfg, home=home, log=log)
     ensure_ray(home)
     check_resources(cfg.train)
-    name = run_name or cfg.train.run_name or (
-        f"{dataset.manifest['name']}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    name = run_name or default_run_name(cfg, dataset)
     runs = Workspace.at(home).runs
     log(f"training {cfg.model.name} on {dataset.manifest['counts']['splits']['train']} images "
         f"with {cfg.train.num_workers} worker(s), {cfg.train.epochs} epochs; run {name} "
         f"under {runs}")
-    relay = EpochRelay(lambda metrics: epoch_line(metrics, cfg.train.epochs), log)
+    relay = EpochRelay(lambda metrics: epoch_line(metrics, cfg.train.epochs), log, observe)
     trainer = build_trainer(cfg, dataset, name, runs, callbacks=[relay.callback()],
                             init_from=init_from, reference=reference, log=log)
     try:

@@ -24,6 +24,7 @@ from mlsd_ray.core.workspace import Workspace
 
 if TYPE_CHECKING:
     from mlsd_ray.registry import PinnedModel
+    from mlsd_ray.tasks.tabular.train import LoadedTabular
 
 OK = "ok"
 
@@ -54,6 +55,25 @@ class TablePredictor:
         frame["model_uri"], frame["model_name"] = self.model.uri, self.model.name
         frame["model_version"], frame["status"] = self.model.version, OK
         return frame
+
+
+def model_outputs(loaded: LoadedTabular, frame: pd.DataFrame) -> pd.DataFrame:
+    """What the registered MLflow Model answers for a frame of the model's columns: `score`
+    (the positive class's probability, the top class's, or the prediction) and, for
+    classifiers, `predicted_class` at the model's threshold and each class's probability.
+    The score is the Serve app's; the app's decision adds its policy and rules to it."""
+    from mlsd_ray.tasks.tabular.monitoring import predicted_classes, row_scores
+
+    decision = loaded.decision
+    task, classes = decision["task"], decision["classes"]
+    outputs = np.asarray(loaded.predict(frame), dtype=float)
+    answers = pd.DataFrame({"score": row_scores(outputs, task)})
+    predicted = predicted_classes(outputs, task, classes, decision.get("threshold"))
+    if predicted is not None:
+        answers["predicted_class"] = predicted
+        for index, name in enumerate(classes):
+            answers[f"probability_{name}"] = outputs[:, index]
+    return answers
 
 
 def predict_table(model: PinnedModel, source: str, out: str | None, home: str | None,

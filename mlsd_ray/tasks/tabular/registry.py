@@ -6,9 +6,33 @@ from __future__ import annotations
 import json
 
 from mlsd_ray.core.config import Config
-from mlsd_ray.registry import ARTIFACT_DIR, _flat, client, git_commit, new_version
+from mlsd_ray.registry import _flat, client, git_commit, log_checkpoint_model, new_version
 from mlsd_ray.tasks.tabular.prepare import PreparedTable
 from mlsd_ray.training.checkpoint import load_train_state
+
+EXAMPLE_ROWS = 3  # test-split rows stored with the model as its input example
+
+
+def table_signature(table: PreparedTable):
+    """The model's columns in (numbers as double, categories as string; each may be
+    missing, as the app imputes it), and `model_outputs`' columns out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    m = table.manifest
+    inputs = [ColSpec("string" if entry["kind"] == "categorical" else "double", entry["name"],
+                      required=False) for entry in m["preprocessing"]["plan"]]
+    outputs = [ColSpec("double", "score")]
+    if m["task"] != "regression":
+        outputs += [ColSpec("string", "predicted_class"),
+                    *(ColSpec("double", f"probability_{name}") for name in m["classes"])]
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
+
+
+def input_example(table: PreparedTable):
+    """The first test rows, model columns only (ids and the label are not inputs)."""
+    columns = [entry["name"] for entry in table.manifest["preprocessing"]["plan"]]
+    return table.load_split("test")[columns].head(EXAMPLE_ROWS).reset_index(drop=True)
 
 
 def _scalars(prefix: str, values: dict | None) -> dict:
@@ -16,11 +40,24 @@ def _scalars(prefix: str, values: dict | None) -> dict:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def run_params(cfg: Config, table: PreparedTable) -> dict:
+    """The params of a tabular training run: the training and table settings, the data."""
+    return {**_flat("train", cfg.train.model_dump()),
+            **_flat("tabular", cfg.tabular.model_dump(exclude={"columns"})),
+            "tabular.hidden": str(cfg.tabular.hidden),
+            "data.fingerprint": table.manifest["fingerprint"]}
+
+
 def register_tabular(summary: dict, cfg: Config, table: PreparedTable, model_name: str,
-                     home: str | None = None, nested: bool = False) -> dict:
-    """Log the run (params, per-epoch metrics, test and baseline metrics, checkpoint, report)
-    and register the checkpoint as a new version of `model_name`. `nested`: log the run as a
-    child of the active run (a search's best trial)."""
+                     home: str | None = None, nested: bool = False, live: bool = False) -> dict:
+    """Log the run (test and baseline metrics, the model, the evaluation report) and register
+    the checkpoint as a new version of `model_name`.
+
+    `live`: the run is the active one, opened with its params and fed each epoch while it
+    trained (registry/tracking.py); else a run is opened here (a child of the active run
+    when `nested`: a search's best trial) with the params and the history replayed."""
+    import contextlib
+
     import mlflow
 
     mlflow_client = client(home)
@@ -37,18 +74,18 @@ def register_tabular(summary: dict, cfg: Config, table: PreparedTable, model_nam
             "schema": json.dumps(schema)[:5000]}
     if summary.get("decision"):
         tags["threshold"] = f"{summary['decision']['threshold']:.6f}"
-    with mlflow.start_run(run_name=summary["run_name"], nested=nested) as run:
-        mlflow.log_params({**_flat("train", cfg.train.model_dump()),
-                           **_flat("tabular", cfg.tabular.model_dump(exclude={"columns"})),
-                           "tabular.hidden": str(cfg.tabular.hidden),
-                           "data.fingerprint": m["fingerprint"]})
-        for entry in history:
-            mlflow.log_metrics({k: v for k, v in entry.items() if k != "epoch"},
-                               step=int(entry["epoch"]))
+    opened = (contextlib.nullcontext(mlflow.active_run()) if live
+              else mlflow.start_run(run_name=summary["run_name"], nested=nested))
+    with opened as run:
+        if not live:
+            mlflow.log_params(run_params(cfg, table))
+            for entry in history:
+                mlflow.log_metrics({k: v for k, v in entry.items() if k != "epoch"},
+                                   step=int(entry["epoch"]))
         mlflow.log_metrics({**_scalars("test_", summary["test"]),
                             **_scalars("baseline_test_", summary.get("baseline"))})
         mlflow.set_tags(tags)
-        mlflow.log_artifacts(summary["checkpoint"], artifact_path=ARTIFACT_DIR)
+        log_checkpoint_model(summary["checkpoint"], table_signature(table), input_example(table))
         for path in summary["evaluation"].values():
             mlflow.log_artifact(path, artifact_path="evaluation")
         run_id = run.info.run_id

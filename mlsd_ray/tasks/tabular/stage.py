@@ -144,20 +144,27 @@ def run_tabular_train(cfg: Config, home: str | None = None,
     log(f"training the MLP on {table.manifest['counts']['splits']['train']} rows × "
         f"{len(table.manifest['feature_names'])} features with {cfg.train.num_workers} "
         f"worker(s), {cfg.train.epochs} epochs; run {name} under {runs}")
-    relay = EpochRelay(lambda metrics: epoch_line(metrics, cfg.train.epochs), log)
-    try:
-        with relay:
-            result = build_tabular_trainer(cfg, table, name, runs,
-                                           callbacks=[relay.callback()], log=log,
-                                           init_from=init_from, reference=reference).fit()
-    except TrainingFailedError as exc:
-        raise WorkError(f"training failed: {failure_message(exc)}") from exc
-    checkpoint, best = max(result.best_checkpoints, key=lambda cm: cm[1][RANK_METRIC])
-    summary = evaluated_summary(cfg, table, checkpoint.path, best, name, storage.join(runs, name),
-                                int(result.metrics["epoch"]), log)
-    summary["wall_seconds"] = round(time.perf_counter() - started, 1)
-    if cfg.registry.auto_register:
-        register(summary, cfg, table, home, log)
+    from mlsd_ray.registry.tracking import LiveRun
+    from mlsd_ray.tasks.tabular.registry import run_params
+
+    manifest = table.manifest
+    with LiveRun(home, name, run_params(cfg, table), table.path, manifest["fingerprint"],
+                 manifest["name"], enabled=cfg.registry.auto_register) as tracked:
+        relay = EpochRelay(lambda metrics: epoch_line(metrics, cfg.train.epochs), log,
+                           tracked.log_epoch)
+        try:
+            with relay:
+                result = build_tabular_trainer(cfg, table, name, runs,
+                                               callbacks=[relay.callback()], log=log,
+                                               init_from=init_from, reference=reference).fit()
+        except TrainingFailedError as exc:
+            raise WorkError(f"training failed: {failure_message(exc)}") from exc
+        checkpoint, best = max(result.best_checkpoints, key=lambda cm: cm[1][RANK_METRIC])
+        summary = evaluated_summary(cfg, table, checkpoint.path, best, name,
+                                    storage.join(runs, name), int(result.metrics["epoch"]), log)
+        summary["wall_seconds"] = round(time.perf_counter() - started, 1)
+        if cfg.registry.auto_register:
+            register(summary, cfg, table, home, log, live=True)
     return summary
 
 
@@ -181,12 +188,14 @@ def evaluated_summary(cfg: Config, table: PreparedTable, checkpoint: str, best: 
 
 
 def register(summary: dict, cfg: Config, table: PreparedTable, home: str | None,
-             log: Callable[[str], None], nested: bool = False) -> None:
-    """Log the run to MLflow and register its checkpoint (`summary["registered"]`)."""
+             log: Callable[[str], None], nested: bool = False, live: bool = False) -> None:
+    """Log the run to MLflow and register its checkpoint (`summary["registered"]`); `live`:
+    into the active run, which tracked the training (registry/tracking.py)."""
     from mlsd_ray.tasks.tabular.registry import register_tabular
 
     model_name = cfg.registry.model_name or f"{table.manifest['name']}-mlp"
-    summary["registered"] = register_tabular(summary, cfg, table, model_name, home, nested)
+    summary["registered"] = register_tabular(summary, cfg, table, model_name, home, nested,
+                                             live)
     log(f"registered {summary['registered']['uri']}")
 
 

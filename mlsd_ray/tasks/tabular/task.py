@@ -12,6 +12,7 @@ from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.base import Log, ServedApp, Task, TrafficRequest
 
 if TYPE_CHECKING:
+    from mlsd_ray.monitor.traffic import TrafficReport
     from mlsd_ray.registry import PinnedModel
 
 VAL_SCORE = "val_score"  # mlsd_ray.tasks.tabular.train.VAL_SCORE: PR-AUC, macro F1 or R²
@@ -74,6 +75,15 @@ class TabularTask(Task):
         trained = Config.model_validate(_metadata(model.path)["config"])
         return fraud_application(settings, trained.tabular, model, home)
 
+    def predictor(self, checkpoint_dir: str):
+        """A frame of the model's columns -> its score and class at the model's threshold
+        (binary), class probabilities and class (multiclass), or the prediction."""
+        from mlsd_ray.tasks.tabular.predict import model_outputs
+        from mlsd_ray.tasks.tabular.train import load_tabular
+
+        loaded = load_tabular(checkpoint_dir)
+        return lambda frame: model_outputs(loaded, frame)
+
     def evaluate(self, checkpoint_dir: str, split: str, home: str | None,
                  dataset_path: str | None = None) -> dict:
         """The MLP at its stored threshold beside the baseline, on the test split."""
@@ -132,25 +142,13 @@ class TabularTask(Task):
                   + (" ..." if len(outcomes) > 20 else ""))
             print(f"model {answer['model_name']} version {answer['model_version']}")
 
-    def simulate_traffic(self, prepared, request: TrafficRequest) -> dict:
+    def simulate_traffic(self, prepared, request: TrafficRequest) -> TrafficReport:
         from mlsd_ray.tasks.tabular.traffic import simulate_table_traffic
 
         return simulate_table_traffic(request.url, prepared, request.shift, request.amount,
                                       request.column, request.count, request.split,
                                       request.seed, request.batch, request.concurrency,
                                       request.save)
-
-    def render_traffic(self, summary: dict) -> None:
-        shifted = (f" of {summary['column']}" if summary["column"] else "")
-        line = f"{summary['records']} records, shift {summary['shift']}{shifted} " \
-               f"({summary['amount']:g})"
-        if "requests" in summary:
-            line += (f": {summary['requests']} requests, {summary['failed_requests']} failed, "
-                     f"answers {summary['outcomes']}, versions {summary['model_versions']}, "
-                     f"{summary['seconds']} s")
-        print(line)
-        if "saved" in summary:
-            print(f"saved to {summary['saved']['file']} (a csv: source)")
 
     def retrain_data(self, cfg, champion_dir: str, source: str, home: str | None, log: Log):
         from mlsd_ray.tasks.tabular.retrain import retrain_data

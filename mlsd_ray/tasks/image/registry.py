@@ -1,0 +1,75 @@
+"""Image models in the registry: the training run (params, per-epoch metrics, test accuracy)
+and the checkpoint as an MLflow Model whose signature is uint8 images in, class
+probabilities out, registered as a new version with its metrics and schema as tags."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from mlsd_ray.registry import _flat, client, git_commit, log_checkpoint_model, new_version
+from mlsd_ray.training.checkpoint import load_train_state
+
+EXAMPLE_IMAGES = 2  # test-split images stored with the model as its input example
+
+
+def image_signature(dataset):
+    """uint8 (-1, H, W, C) in, float32 class probabilities (-1, K) out: the trained size,
+    which is also what the model's input example has (other sizes are resized)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    shape = dataset.manifest["schema"]["image"]["shape"]
+    classes = len(dataset.manifest["class_names"])
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *shape))]),
+                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes))]))
+
+
+def run_params(cfg, dataset) -> dict:
+    """The params of an image training run: the model, the training settings, the data."""
+    return {**_flat("model", cfg.model.model_dump()), **_flat("train", cfg.train.model_dump()),
+            "data.source": cfg.data.source, "data.fingerprint": dataset.manifest["fingerprint"]}
+
+
+def log_and_register(result, cfg, dataset, model_name: str, home: str | None = None,
+                     nested: bool = False, live: bool = False) -> dict:
+    """Log a finished training run to MLflow and register its best checkpoint as a new version.
+
+    `live`: the run is the active one, opened with its params and fed each epoch while it
+    trained (registry/tracking.py); else a run is opened here and the history replayed into
+    it. `nested`: that run is a child of the active run (a tune search's best trial).
+    """
+    import contextlib
+
+    import mlflow
+
+    mlflow_client = client(home)
+    history = load_train_state(result.checkpoint_path)["history"]
+    manifest = dataset.manifest
+    schema = {"input": {"image": manifest["schema"]["image"], "accepts": "uint8 H×W×C or "
+                        "encoded PNG/JPEG; resized and normalised as in preprocessing.json"},
+              "output": {"class_index": "int", "class_name": manifest["class_names"],
+                         "probabilities": f"float[{len(manifest['class_names'])}]"}}
+    tags = {"data_fingerprint": manifest["fingerprint"], "dataset": dataset.path,
+            "git_commit": git_commit(), "run_name": result.run_name,
+            "val_accuracy": f"{result.metrics['val_accuracy']:.6f}",
+            "test_accuracy": f"{result.test_accuracy:.6f}", "best_epoch": str(result.best_epoch),
+            "model": cfg.model.name, "schema": json.dumps(schema)}
+    opened = (contextlib.nullcontext(mlflow.active_run()) if live
+              else mlflow.start_run(run_name=result.run_name, nested=nested))
+    with opened as run:
+        if not live:
+            mlflow.log_params(run_params(cfg, dataset))
+            for entry in history:
+                mlflow.log_metrics({k: v for k, v in entry.items() if k != "epoch"},
+                                   step=int(entry["epoch"]))
+        mlflow.log_metrics({"test_accuracy": result.test_accuracy,
+                            "best_val_accuracy": result.metrics["val_accuracy"]})
+        mlflow.set_tags(tags)
+        test_images, _ = dataset.load_split("test")
+        log_checkpoint_model(result.checkpoint_path, image_signature(dataset),
+                             test_images[:EXAMPLE_IMAGES])
+        run_id = run.info.run_id
+    return new_version(mlflow_client, model_name, run_id, tags,
+                       f"{cfg.model.name} on {manifest['name']} (mlsd-ray)")
