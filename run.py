@@ -36,10 +36,43 @@ TASKS = {
 
 def test_selection(args: list[str]) -> list[str]:
     """`test --all` adds the tests marked slow, which the default run (pyproject's addopts)
-    leaves out; CI runs them all."""
+    leaves out; CI runs them all. They start servers from Debian packages: installed first."""
     if "--all" not in args:
         return args
+    ensure_system_packages()
     return ["-m", "slow or not slow", *(a for a in args if a != "--all")]
+
+
+# Programs the slow tests start, and the Debian package of each.
+SYSTEM_PACKAGES = {"prometheus": "prometheus", "promtool": "prometheus"}
+
+
+def ensure_system_packages() -> None:
+    """Install the Debian packages of SYSTEM_PACKAGES that are missing (apt-get, as root or
+    through sudo); where that is not possible, say what to install and go on: the tests that
+    need them fail naming the package."""
+    import shutil
+
+    missing = sorted({package for program, package in SYSTEM_PACKAGES.items()
+                      if shutil.which(program) is None})
+    if not missing:
+        return
+    apt = shutil.which("apt-get")
+    sudo = [] if apt is None or os.geteuid() == 0 else ["sudo", "-n"]
+    if apt is None or (sudo and shutil.which("sudo") is None):
+        print(f"the slow tests need {', '.join(missing)}: install them (Debian/Ubuntu: "
+              f"apt-get install {' '.join(missing)})", file=sys.stderr, flush=True)
+        return
+    print(f"installing {', '.join(missing)} (apt-get) for the slow tests", file=sys.stderr,
+          flush=True)
+    quiet = {"stdout": subprocess.DEVNULL, "env": {**os.environ,
+                                                    "DEBIAN_FRONTEND": "noninteractive"}}
+    subprocess.run([*sudo, apt, "update", "-qq"], check=False, **quiet)
+    installed = subprocess.run([*sudo, apt, "install", "-y", "-qq", "--no-install-recommends",
+                                *missing], check=False, **quiet)
+    if installed.returncode != 0:
+        print(f"could not install {', '.join(missing)}; the tests that need them will fail",
+              file=sys.stderr, flush=True)
 
 
 def bench_script(args: list[str]) -> list[str]:

@@ -94,13 +94,15 @@ class LoggingReplica:
         settings = PredictionLogConfig(**(log_settings or {}))
         self.log = (PredictionLog(log_location(settings, home), settings, self.replica)
                     if settings.enabled else None)
+        if self.log is not None:
+            self.metrics["dropped"].set(0)
 
     def _record(self, rows: list[dict]) -> None:
         if self.log is None:
             return
         self.log.record(rows)
         if self.log.dropped > self.dropped_reported:
-            self.metrics["dropped"].inc(self.log.dropped - self.dropped_reported)
+            self.metrics["dropped"].set(self.log.dropped)
             self.dropped_reported = self.log.dropped
 
     def log_stats(self) -> dict | None:

@@ -8,7 +8,10 @@ replica and application tags and exports them from every node's metrics agent; n
     ray_mlsd_predictions_total{model_version, predicted_class}
     ray_mlsd_model_loaded{model_name, model_version}  1 on each replica serving that version
     ray_mlsd_drift_score{model_version}          latest `mlsd monitor` score (max feature PSI)
-    ray_mlsd_prediction_log_dropped_total        rows the bounded log buffer had to drop
+    ray_mlsd_prediction_log_dropped_rows         rows the bounded log buffer had to drop so
+                                                 far (a gauge from 0: the series exists
+                                                 before the first drop, so dashboards and
+                                                 alerts see 0, not "no data")
 
 Metrics are created inside a replica (Ray needs the replica's context), once per process.
 """
@@ -44,5 +47,5 @@ def model_metrics() -> dict:
                                    tag_keys=("model_version", "predicted_class")),
             "version": Gauge("mlsd_model_loaded", "1 for the model version this replica "
                              "serves.", tag_keys=("model_name", "model_version")),
-            "dropped": Counter("mlsd_prediction_log_dropped", "Prediction-log rows dropped "
-                               "because the buffer was full.")}
+            "dropped": Gauge("mlsd_prediction_log_dropped_rows", "Prediction-log rows this "
+                             "replica dropped so far because the buffer was full.")}

@@ -7,25 +7,33 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import shutil
 import socket
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
+import requests
+import yaml
 
 from mlsd_ray import registry
 from mlsd_ray.core.config import ServeConfig, load_config
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.monitor.predlog import log_location, wait_for_rows
 from mlsd_ray.monitor.run import monitor
-from mlsd_ray.registry import log_and_register, promote
+from mlsd_ray.registry import promote
 from mlsd_ray.serve import control
 from mlsd_ray.tasks import get_task
+from mlsd_ray.tasks.image.registry import log_and_register
 from mlsd_ray.tasks.image.traffic import simulate_traffic
 from mlsd_ray.workflows.loop import BackgroundLoad
 from mlsd_ray.workflows.retrain import retrain
 from tests.conftest import SMALL_DIGITS, scrape_until
 
 pytestmark = pytest.mark.usefixtures("ray_session")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def now() -> str:
@@ -59,9 +67,9 @@ def live(tmp_path_factory, digits_model):
 def traffic_then_monitor(live, shift: str, **options) -> dict:
     since = now()
     sent = simulate_traffic(live["url"], live["dataset"], shift, **options)
-    assert sent["failed_requests"] == 0, sent["errors"]
+    assert sent.failed_requests == 0, sent.delivery
     location = log_location(live["cfg"].serve.prediction_log, live["home"])
-    wait_for_rows(location, dt.datetime.fromisoformat(since), sent["images_answered"], 30)
+    wait_for_rows(location, dt.datetime.fromisoformat(since), sent.answered, 30)
     return monitor(live["cfg"], live["home"], since=since, until=now(), log=lambda _: None)
 
 
@@ -107,6 +115,75 @@ def test_serving_metrics_reach_prometheus(live):
     assert "ray_mlsd_request_latency_ms_bucket" in text and "ray_mlsd_batch_size_bucket" in text
 
 
+def dashboard_metric_names() -> set[str]:
+    """The series names the Grafana dashboard queries (ray_* in its PromQL expressions)."""
+    dashboard = json.loads((ROOT / "cluster/monitoring/grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    return {name for expr in exprs for name in re.findall(r"\bray_[a-z_]+", expr)}
+
+
+def prometheus_query(url: str, query: str) -> list[dict]:
+    answer = requests.get(f"{url}/api/v1/query", params={"query": query}, timeout=10).json()
+    assert answer["status"] == "success", answer
+    return answer["data"]["result"]
+
+
+@pytest.mark.slow  # needs Debian's prometheus package, which .ci/run installs
+def test_a_real_prometheus_scrapes_the_app_and_has_every_dashboard_metric(live, tmp_path):
+    """Debian's `prometheus`, with cluster/monitoring/prometheus.yml's scrape job (its
+    discovery file written here, naming the session's nodes), scrapes the live app while
+    traffic runs (after one `mlsd monitor` run, whose score the app publishes): PromQL through
+    Prometheus's HTTP API gives a non-zero request rate and the served model version, and
+    every metric the dashboard queries has been scraped."""
+    binary, promtool = shutil.which("prometheus"), shutil.which("promtool")
+    assert binary and promtool, "install Debian's prometheus package (.ci/run does)"
+    shipped = ROOT / "cluster/monitoring/prometheus.yml"
+    checked = subprocess.run([promtool, "check", "config", str(shipped)], capture_output=True,
+                             text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    config = yaml.safe_load(shipped.read_text())
+    targets = [url.split("//")[1].removesuffix("/metrics") for url in control.metrics_endpoints()]
+    (tmp_path / "targets.json").write_text(json.dumps([{"targets": targets}]))
+    config["global"]["scrape_interval"] = "1s"
+    config["scrape_configs"][0]["file_sd_configs"][0]["files"] = [str(tmp_path / "targets.json")]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    traffic_then_monitor(live, "none", count=60, seed=7)  # a drift score for the app to publish
+    port = control.free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+                               f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                               f"--web.listen-address=127.0.0.1:{port}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        rate, versions, missing = [], [], set(dashboard_metric_names())
+        deadline = time.monotonic() + 90
+        with BackgroundLoad(get_task("image"), live["dataset"], live["url"]):
+            while time.monotonic() < deadline and (not rate or not versions or missing):
+                time.sleep(2)
+                if server.poll() is not None:
+                    break
+                try:
+                    rate = [r for r in prometheus_query(
+                        url, 'sum(rate(ray_mlsd_requests_total{status="200"}[20s]))')
+                        if float(r["value"][1]) > 0]
+                    versions = prometheus_query(url, "sum by (model_version) "
+                                                     "(ray_mlsd_model_loaded)")
+                    names = requests.get(f"{url}/api/v1/label/__name__/values",
+                                         timeout=10).json()["data"]
+                except requests.ConnectionError:  # still starting
+                    continue
+                missing = dashboard_metric_names() - set(names)
+        assert server.poll() is None, server.communicate()[1][-2000:]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    print(f"\nPrometheus: {float(rate[0]['value'][1]):.1f} requests/s; versions "
+          f"{[v['metric'] for v in versions]}")
+    assert rate, "no request rate in Prometheus"
+    assert [v["metric"]["model_version"] for v in versions] == ["1"]
+    assert not missing, f"dashboard metrics never scraped: {sorted(missing)}"
+
+
 @pytest.fixture(scope="module")
 def incoming(live):
     """New labelled data: the train split rotated by 30°, sent as traffic and saved."""
@@ -135,8 +212,8 @@ def test_retrain_rejects_a_weak_challenger_and_promotes_a_better_one(live, incom
     version = int(decision.challenger.rsplit("/", 1)[1])
     assert registry.show("models:/digits-cnn@production", home)["version"] == version
     assert decision.rollout is not None and decision.rollout["served_version"] == str(version)
-    assert load.totals["failed_requests"] == 0, load.totals["errors"]
-    assert set(load.totals["model_versions"]) == {"1", str(version)}  # switched under load
+    assert load.totals.failed_requests == 0, load.totals.errors
+    assert set(load.totals.model_versions) == {"1", str(version)}  # switched under load
     with open(decision.outputs["markdown"]) as handle:
         assert "promoted" in handle.read()
     with open(decision.outputs["json"]) as handle:  # decision.json: the JSON form
