@@ -44,7 +44,8 @@ def test_selection(args: list[str]) -> list[str]:
 
 
 # Programs the slow tests start, and the Debian package of each.
-SYSTEM_PACKAGES = {"prometheus": "prometheus", "promtool": "prometheus"}
+SYSTEM_PACKAGES = {"prometheus": "prometheus", "promtool": "prometheus",
+                   "chromium": "chromium", "chromedriver": "chromium-driver"}
 
 
 def ensure_system_packages() -> None:

@@ -111,3 +111,43 @@ def scrape_until(*needles: str, timeout_s: float = 60) -> str:
         if all(needle in text for needle in needles) or time.monotonic() > deadline:
             return text
         time.sleep(2)
+
+
+ARTIFACTS = Path(os.environ.get("MLSD_TEST_ARTIFACTS",
+                                Path(__file__).resolve().parents[1] / "test-artifacts"))
+
+
+@pytest.fixture
+def browser():
+    """Debian's chromium, headless, driven by Selenium through Debian's chromedriver (no
+    driver download): the browser the pages to try a model are tested in."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    assert binary and driver_path, ("install Debian's chromium and chromium-driver packages "
+                                    "(`python3 run.py test --all` does)")
+    options = Options()
+    options.binary_location = binary
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                     "--window-size=1000,900"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def screenshot(driver, name: str) -> Path:
+    """Keep what the browser shows as a test artefact (test-artifacts/, or
+    $MLSD_TEST_ARTIFACTS)."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / name
+    driver.save_screenshot(str(path))
+    print(f"\nscreenshot: {path}")
+    return path

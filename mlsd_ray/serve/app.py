@@ -22,16 +22,18 @@ tasks/image/serve.py, tasks/tabular/serve.py; `Task.serve_application` binds it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import os
 import time
 from dataclasses import dataclass
+from importlib import resources
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 from starlette.exceptions import HTTPException
@@ -214,6 +216,17 @@ def _deployment(cls: type, name: str) -> serve.Deployment:
 
 
 # ----------------------------------------------------------------------------- HTTP
+
+
+@functools.cache
+def _page_text(name: str) -> str:
+    return resources.files("mlsd_ray.serve").joinpath("pages", name).read_text()
+
+
+def page(name: str) -> HTMLResponse:
+    """A page of serve/pages/ for a person to try the model in a browser: HTML and inline
+    JavaScript, no build step, calling the app's own API (so it shows the API's errors)."""
+    return HTMLResponse(_page_text(name))
 
 
 def error_response(status: int, code: str, message: str) -> JSONResponse:

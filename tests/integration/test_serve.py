@@ -26,7 +26,7 @@ from mlsd_ray.core.errors import InputError
 from mlsd_ray.serve import control
 from mlsd_ray.serve.app import TOKEN_ENV
 from mlsd_ray.tasks.image.registry import log_and_register
-from tests.conftest import texts
+from tests.conftest import screenshot, texts
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -167,6 +167,47 @@ def test_a_token_is_required_when_configured(served, monkeypatch):
     monkeypatch.delenv(TOKEN_ENV)
     deploy(served)
     assert predict(served, payload).status_code == 200
+
+
+@pytest.mark.slow  # a real browser: Debian's chromium, which `run.py test --all` installs
+def test_the_page_to_try_the_model_in_a_real_browser(served, monkeypatch, browser, tmp_path):
+    """GET / in chromium: a blank canvas is refused on the page; a drawn stroke without the
+    required token shows the API's 401 message; with it, the top classes, the version and
+    the latency appear; a file that is no image shows the API's 4xx message."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    monkeypatch.setenv(TOKEN_ENV, "s3cret")
+    deploy(served)
+    browser.get(f"{served['url']}/")
+    wait = WebDriverWait(browser, 60)
+    error = browser.find_element(By.ID, "error")
+
+    browser.find_element(By.ID, "predict").click()
+    assert "canvas is blank" in error.text
+
+    canvas = browser.find_element(By.ID, "canvas")
+    ActionChains(browser).move_to_element_with_offset(canvas, 10, -70).click_and_hold() \
+        .move_by_offset(0, 50).move_by_offset(0, 50).move_by_offset(0, 40).release().perform()
+    browser.find_element(By.ID, "predict").click()
+    wait.until(lambda _: error.text)
+    assert error.text.startswith("401: send 'Authorization: Bearer <token>'"), error.text
+
+    browser.find_element(By.ID, "token").send_keys("s3cret")
+    browser.find_element(By.ID, "predict").click()
+    about = wait.until(lambda driver: driver.find_elements(By.ID, "about"))[0]
+    assert "digits-cnn version 1" in about.text and " ms in the server" in about.text
+    rows = browser.find_elements(By.CSS_SELECTOR, "#top-k tr")
+    assert len(rows) == 3 and not error.text
+    assert browser.find_element(By.ID, "predicted").text.startswith("It is a ")
+    screenshot(browser, "page-image.png")
+
+    not_an_image = tmp_path / "notes.txt"
+    not_an_image.write_text("not an image")
+    browser.find_element(By.ID, "file").send_keys(str(not_an_image))
+    wait.until(lambda _: error.text)
+    assert error.text.startswith("422: instance 0: not a recognised image format"), error.text
 
 
 def test_rolling_deploy_to_version_2_fails_no_request(served):

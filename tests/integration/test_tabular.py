@@ -17,7 +17,7 @@ from mlsd_ray.serve import control
 from mlsd_ray.tasks.tabular.prepare import prepare_table
 from mlsd_ray.tasks.tabular.preprocess import Featurizer
 from mlsd_ray.tasks.tabular.stage import run_tabular_train
-from tests.conftest import scrape_until, texts
+from tests.conftest import scrape_until, screenshot, texts
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 FAST = ["train.epochs=4", "train.num_workers=2", "train.cpus_per_worker=0.5"]
@@ -208,6 +208,32 @@ def test_the_version_is_an_mlflow_model_scoring_as_the_app_does(fraud_model, fra
     threshold, classes = summary["decision"]["threshold"], table.manifest["classes"]
     assert answers["predicted_class"].tolist() == [
         str(classes[int(score >= threshold)]) for score in answers["score"]]
+
+
+@pytest.mark.slow  # a real browser: Debian's chromium, which `run.py test --all` installs
+def test_the_page_to_score_one_transaction_in_a_real_browser(fraud_url, browser):
+    """GET / on the fraud app in chromium: a form built from the model's columns; a risky
+    transaction typed in gets its score, decision and the rules that fired."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    browser.get(fraud_url.removesuffix("/v1/fraud") + "/")
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda driver: driver.find_elements(By.ID, "field-amount"))
+    for name, value in RECORD.items():
+        field = browser.find_element(By.ID, f"field-{name}")
+        if field.tag_name == "select":
+            Select(field).select_by_value(value)
+        else:
+            field.clear()
+            field.send_keys(str(value))
+    browser.find_element(By.ID, "score").click()
+    decision = wait.until(lambda driver: driver.find_elements(By.ID, "decision"))[0]
+    assert decision.text.split(" ")[0] in ("review", "decline"), decision.text
+    rules = browser.find_element(By.ID, "rules").text
+    assert "large_foreign_amount" in rules and "new_account_crypto" in rules, rules
+    assert not browser.find_element(By.ID, "error").text
+    screenshot(browser, "page-fraud.png")
 
 
 def test_threshold_and_rules_change_live(fraud_url):

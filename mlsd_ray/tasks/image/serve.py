@@ -30,7 +30,7 @@ from typing import Any, cast
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 from starlette.datastructures import UploadFile
 
@@ -51,6 +51,7 @@ from mlsd_ray.serve.app import (
     bind_app,
     count_requests,
     error_response,
+    page,
     read_body,
     token_sha256,
 )
@@ -258,6 +259,11 @@ class ImageApp(ImageModel, ModelRoutes, OpenInferenceRoutes):
                 "model_name": answer["model_name"], "model_version": answer["model_version"],
                 "latency_ms": round(1000 * (time.perf_counter() - started), 3),
                 "replica": answer["replica"], "request_id": request_id}
+
+    @api.get("/", include_in_schema=False)
+    async def try_it(self) -> HTMLResponse:
+        """A page to try the model: draw a digit or drop an image (serve/pages/image.html)."""
+        return page("image.html")
 
     @api.get("/v1/health", summary="200 once the model is loaded")
     async def health(self) -> JSONResponse:

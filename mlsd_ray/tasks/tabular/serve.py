@@ -32,6 +32,7 @@ import uuid
 from typing import Any, cast
 
 from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse
 from ray import serve
 
 from mlsd_ray import __version__
@@ -50,6 +51,7 @@ from mlsd_ray.serve.app import (
     bind_app,
     count_requests,
     error_response,
+    page,
     read_body,
     token_sha256,
 )
@@ -288,6 +290,11 @@ class FraudApp(TabularModel, ModelRoutes, OpenInferenceRoutes):
         else:
             result = {"prediction": round(float(output), 6)}
         return {**result, "notes": notes} if notes else result
+
+    @api.get("/", include_in_schema=False)
+    async def try_it(self) -> HTMLResponse:
+        """A page to try the model: one record in a form (serve/pages/fraud.html)."""
+        return page("fraud.html")
 
     @api.get(f"{PREFIX}/health", summary="200 once the model is loaded")
     async def health(self):
