@@ -67,9 +67,16 @@ class LiveRun:
             return
         import mlflow
 
-        status = ("FINISHED" if exc_type is None
-                  else "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
-        mlflow.end_run(status)
+        mlflow.end_run(_status(exc_type))
+
+
+def _status(exc_type) -> str:
+    """How a tracked run ended: FINISHED, KILLED (Ctrl-C, an interrupted search) or FAILED."""
+    from mlsd_ray.core.errors import Interrupted
+
+    if exc_type is None:
+        return "FINISHED"
+    return "KILLED" if issubclass(exc_type, (KeyboardInterrupt, Interrupted)) else "FAILED"
 
 
 def _dataset(path: str, fingerprint: str, name: str):
@@ -78,3 +85,90 @@ def _dataset(path: str, fingerprint: str, name: str):
     from mlflow.data.meta_dataset import MetaDataset
 
     return MetaDataset(resolve_dataset_source(path), name=name, digest=fingerprint[:36])
+
+
+class LiveSearch:
+    """The MLflow run of a Tune search, open while it searches, with a child run per trial
+    that `trial_callback()` (a Tune callback, run in the driver) opens when the trial starts,
+    feeds each reported epoch, and ends FINISHED or FAILED with the trial. `write_outputs`
+    (tuning/report.py) adds the best trial's score and registers its model into it."""
+
+    def __init__(self, home: str | None, name: str, params: dict[str, Any]):
+        self.home, self.name, self.params = home, name, params
+        self.run_id: str | None = None
+        self.trial_runs: dict[str, str] = {}  # Tune's trial id -> its MLflow run id
+        self._client = None
+
+    @property
+    def client(self):
+        """An MlflowClient on our store, made when first needed: Tune saves its callbacks
+        with the search's state, and a client (a database engine) does not pickle."""
+        if self._client is None:
+            from mlsd_ray.registry import client
+
+            self._client = client(self.home)
+        return self._client
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None}
+
+    def __enter__(self) -> LiveSearch:
+        import mlflow
+
+        from mlsd_ray.registry import EXPERIMENT
+
+        experiment = self.client.get_experiment_by_name(EXPERIMENT)
+        run = mlflow.start_run(run_name=self.name, experiment_id=experiment.experiment_id)
+        self.run_id = run.info.run_id
+        mlflow.log_params(self.params)
+        mlflow.set_tags({"mlsd.kind": "tune"})
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        import mlflow
+
+        for run_id in self.trial_runs.values():  # trials an interrupt left running
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                self.client.set_terminated(run_id, "KILLED")
+        mlflow.end_run(_status(exc_type))
+
+    def trial_callback(self, describe):
+        """A Tune callback: `describe(config)` names a trial's parameters."""
+        from mlflow.entities import Metric, Param
+        from ray.tune import Callback
+
+        search = self
+
+        def numbers(result: dict) -> list[tuple[str, float]]:
+            return [(k, float(v)) for k, v in result.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+        class TrialRuns(Callback):
+            def on_trial_start(self, iteration, trials, trial, **info):
+                run = search.client.create_run(
+                    search.client.get_run(search.run_id).info.experiment_id,
+                    run_name=f"trial {describe(trial.config)}",
+                    tags={"mlflow.parentRunId": search.run_id, "tune.trial_id": trial.trial_id})
+                search.trial_runs[trial.trial_id] = run.info.run_id
+                search.client.log_batch(run.info.run_id, params=[
+                    Param(k, str(v)[:500]) for k, v in trial.config.items()])
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                run_id = search.trial_runs.get(trial.trial_id)
+                if run_id is None:
+                    return
+                stamp, step = int(time.time() * 1000), int(result.get("epoch", 0))
+                search.client.log_batch(run_id, metrics=[
+                    Metric(k, v, stamp, step) for k, v in numbers(result)
+                    if not k.startswith(("time_", "timestamp", "training_iteration", "pid",
+                                         "iterations_since_restore", "epoch"))])
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                if trial.trial_id in search.trial_runs:
+                    search.client.set_terminated(search.trial_runs[trial.trial_id], "FINISHED")
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                if trial.trial_id in search.trial_runs:
+                    search.client.set_terminated(search.trial_runs[trial.trial_id], "FAILED")
+
+        return TrialRuns()

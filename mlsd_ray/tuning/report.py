@@ -139,8 +139,11 @@ def _table(rows: list[dict]) -> pd.DataFrame:
 
 
 def write_outputs(run, grid, base: Config, plan: dict, home: str | None,
-                  log: Callable[[str], None], register: bool, wall_seconds: float) -> dict:
-    """Write results.csv, curves.png, best.yaml, summary.json; log to MLflow; register."""
+                  log: Callable[[str], None], register: bool, wall_seconds: float,
+                  mlflow_run_id: str | None) -> dict:
+    """Write results.csv, curves.png, best.yaml, summary.json; add the best score to the
+    search's MLflow run (`mlflow_run_id`, the active run: its trials were tracked live) and
+    register the best trial's model in it."""
     rows, metric = trial_rows(grid, plan), plan["metric"]
     ok = [r for r in rows if r["status"] == "ok" and r[metric] is not None]
     if not ok:
@@ -171,7 +174,7 @@ def write_outputs(run, grid, base: Config, plan: dict, home: str | None,
                "configurations": [_config_line(r, cv, metric)
                                   for r in _table(rows).to_dict("records")],
                "wall_seconds": round(wall_seconds, 1), **outputs}
-    summary.update(_track(run, rows, best, best_cfg, home, log, register, metric))
+    summary.update(_track(run, best, best_cfg, home, log, register, metric, mlflow_run_id))
     storage.write_json(storage.join(run.path, "summary.json"), summary)
     return summary
 
@@ -185,38 +188,21 @@ def _config_line(row: dict, cv: bool, metric: str) -> dict:
     return line
 
 
-def _track(run, rows, best, best_cfg, home, log, register, metric: str) -> dict:
-    """MLflow: the search as a parent run, each trial a child; the best model registered."""
+def _track(run, best, best_cfg, home, log, register, metric: str,
+           mlflow_run_id: str | None) -> dict:
+    """MLflow: the best score and the search's outputs on the search's run; the best model
+    registered as a child of it."""
     import mlflow
 
-    from mlsd_ray.registry import client
+    mlflow.log_metric(f"best_{metric}", best[metric])
+    mlflow.set_tags({"path": run.path})
+    if not storage.is_uri(run.path):  # a local search folder: its table beside the runs
+        mlflow.log_artifact(storage.join(run.path, "results.csv"), artifact_path="search")
+    out: dict = {"mlflow_run_id": mlflow_run_id}
+    if register:
+        from mlsd_ray.tasks import get_task
 
-    client(home)
-    out = {}
-    with mlflow.start_run(run_name=run.name) as parent:
-        mlflow.log_params({"search": run.cfg.tune.search, "cv": run.cfg.tune.cv,
-                           "space": str(run.cfg.tune.space)[:500], "trials": len(rows)})
-        mlflow.log_metric(f"best_{metric}", best[metric])
-        mlflow.set_tags({"mlsd.kind": "tune", "path": run.path})
-        for row in rows:
-            if row is best and register and not run.cfg.tune.cv > 1:
-                continue  # logged below, as the registered run
-            _log_trial(row, metric)
-        out["mlflow_run_id"] = parent.info.run_id
-        if register:
-            from mlsd_ray.tasks import get_task
-
-            out.update(get_task(run.cfg.task).register_best_trial(run, best, best_cfg, home,
-                                                                  log))
+        out.update(get_task(run.cfg.task).register_best_trial(run, best, best_cfg, home, log))
     return out
 
 
-def _log_trial(row: dict, metric: str) -> None:
-    import mlflow
-
-    with mlflow.start_run(run_name=f"trial-{row['trial']}", nested=True):
-        mlflow.log_params(_params(row))
-        for epoch, value in row["curve"]:
-            mlflow.log_metric(metric, value, step=int(epoch))
-        mlflow.set_tags({"status": row["status"], "stopped_early": str(row["stopped_early"]),
-                         "error": row["error"][:250]})

@@ -32,6 +32,7 @@ from mlsd_ray.core.config import Config, apply_override, describe_errors, dump_y
 from mlsd_ray.core.errors import InputError, Interrupted
 from mlsd_ray.core.runtime import ensure_ray, log_stderr
 from mlsd_ray.core.workspace import Workspace
+from mlsd_ray.registry.tracking import LiveSearch
 from mlsd_ray.tasks import get_task
 from mlsd_ray.training.checkpoint import RANK_METRIC
 
@@ -382,6 +383,9 @@ def run_tune(cfg: Config, home: str | None = None, log: Callable[[str], None] = 
         f"{plan['scheduler']}, {plan['epochs']} epochs max, {concurrent} at a time, "
         f"{cfg.tune.workers_per_trial} worker(s) × {per_worker:g} CPU each"
         + (f", {cfg.tune.cv}-fold CV" if cfg.tune.cv > 1 else "") + f"); outputs in {run.path}")
+    search = LiveSearch(home, name, {"search": plan["search"], "scheduler": plan["scheduler"],
+                                     "cv": cfg.tune.cv, "space": str(cfg.tune.space)[:500],
+                                     "trials": plan["trials"]})
     if resume:
         if not tune.Tuner.can_restore(run.path):
             raise InputError(f"no tune run to resume at {run.path}")
@@ -410,7 +414,16 @@ def run_tune(cfg: Config, home: str | None = None, log: Callable[[str], None] = 
                                       failure_config=tune.FailureConfig(
                                           max_failures=cfg.train.max_failures),
                                       callbacks=[_progress(plan["trials"], log,
-                                                           plan["metric"])]))
+                                                           plan["metric"]),
+                                                 search.trial_callback(describe)]))
+    with search:  # the search's MLflow run, and a child per trial, live
+        return _search(tuner, run, base, plan, home, log, register, started, search)
+
+
+def _search(tuner, run: TuneRun, base: Config, plan: dict, home: str | None,
+            log: Callable[[str], None], register: bool, started: float,
+            search: LiveSearch) -> dict:
+    """Fit the tuner, refuse an interrupted search (its state saved), write the outputs."""
     handler = signal.getsignal(signal.SIGINT)
     grid = tuner.fit()
     # Tune turns Ctrl-C into a saved, stopped experiment and returns normally; its handler
@@ -421,12 +434,12 @@ def run_tune(cfg: Config, home: str | None = None, log: Callable[[str], None] = 
     if never_ran or (signal.getsignal(signal.SIGINT) is handler
                      and threading.current_thread() is threading.main_thread()
                      and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0"):
-        raise Interrupted(f"tune run {name} was interrupted; its state is saved: continue "
-                          f"with `mlsd tune --resume {name}`")
+        raise Interrupted(f"tune run {run.name} was interrupted; its state is saved: continue "
+                          f"with `mlsd tune --resume {run.name}`")
     from mlsd_ray.tuning.report import write_outputs
 
     return write_outputs(run, grid, base, plan, home, log, register,
-                         time.perf_counter() - started)
+                         time.perf_counter() - started, search.run_id)
 
 
 def _saved_config(path: str) -> Config:

@@ -39,13 +39,23 @@ def test_grid_search_keeps_good_trials_when_one_fails(home):
     again = run_train(best, home=home, run_name="from-best-yaml", log=lambda _: None)
     assert again.metrics["val_accuracy"] == pytest.approx(summary["best"]["val_accuracy"])
 
-    # MLflow: one parent run with a child per trial; the best trial registered
+    # MLflow: the search's run with a child per trial, tracked live (the failed one FAILED,
+    # each epoch's score logged as reported), and the best trial registered as a child
     assert summary["registered"]["uri"] == "models:/digits-cnn/1"
     assert [v["version"] for v in list_models(home)[0]["versions"]] == [1]
-    runs = client(home).search_runs([client(home).get_experiment_by_name("mlsd").experiment_id])
+    mlflow_client = client(home)
+    runs = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("mlsd").experiment_id])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") ==
                 summary["mlflow_run_id"]]
-    assert len(children) == 2
+    trials = [r for r in children if "tune.trial_id" in r.data.tags]
+    assert sorted(r.info.status for r in trials) == ["FAILED", "FINISHED"]
+    [finished] = [r for r in trials if r.info.status == "FINISHED"]
+    curve = mlflow_client.get_metric_history(finished.info.run_id, "val_accuracy")
+    assert [m.step for m in curve] == [1, 2]
+    assert max(m.value for m in curve) == pytest.approx(summary["best"]["val_accuracy"])
+    assert [r.info.run_id for r in children if r not in trials] == [
+        summary["registered"]["run_id"]]
+    assert mlflow_client.get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
 
 
 def test_asha_stops_weak_trials_early(home):
