@@ -9,7 +9,9 @@ when training does not finish. On success the task logs its model into it and re
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from mlsd_ray.core.runtime import log_stderr
@@ -172,3 +174,24 @@ class LiveSearch:
                     search.client.set_terminated(search.trial_runs[trial.trial_id], "FAILED")
 
         return TrialRuns()
+
+
+@contextlib.contextmanager
+def registration_run(run_name: str, params: dict[str, Any], checkpoint_dir: str, live: bool,
+                     nested: bool = False) -> Iterator[Any]:
+    """The MLflow run a trained model is registered from: the active run when it tracked the
+    training live (`LiveRun`), else one opened here (a child of the active run when `nested`:
+    a search's best trial) with the params and the training's history replayed into it."""
+    import mlflow
+
+    from mlsd_ray.training.checkpoint import load_train_state
+
+    if live:
+        yield mlflow.active_run()
+        return
+    with mlflow.start_run(run_name=run_name, nested=nested) as run:
+        mlflow.log_params(params)
+        for entry in load_train_state(checkpoint_dir)["history"]:
+            mlflow.log_metrics({k: v for k, v in entry.items() if k != "epoch"},
+                               step=int(entry["epoch"]))
+        yield run

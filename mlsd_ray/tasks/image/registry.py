@@ -9,7 +9,6 @@ import json
 import numpy as np
 
 from mlsd_ray.registry import _flat, client, git_commit, log_checkpoint_model, new_version
-from mlsd_ray.training.checkpoint import load_train_state
 
 EXAMPLE_IMAGES = 2  # test-split images stored with the model as its input example
 
@@ -40,12 +39,11 @@ def log_and_register(result, cfg, dataset, model_name: str, home: str | None = N
     trained (registry/tracking.py); else a run is opened here and the history replayed into
     it. `nested`: that run is a child of the active run (a tune search's best trial).
     """
-    import contextlib
-
     import mlflow
 
+    from mlsd_ray.registry.tracking import registration_run
+
     mlflow_client = client(home)
-    history = load_train_state(result.checkpoint_path)["history"]
     manifest = dataset.manifest
     schema = {"input": {"image": manifest["schema"]["image"], "accepts": "uint8 H×W×C or "
                         "encoded PNG/JPEG; resized and normalised as in preprocessing.json"},
@@ -56,14 +54,8 @@ def log_and_register(result, cfg, dataset, model_name: str, home: str | None = N
             "val_accuracy": f"{result.metrics['val_accuracy']:.6f}",
             "test_accuracy": f"{result.test_accuracy:.6f}", "best_epoch": str(result.best_epoch),
             "model": cfg.model.name, "schema": json.dumps(schema)}
-    opened = (contextlib.nullcontext(mlflow.active_run()) if live
-              else mlflow.start_run(run_name=result.run_name, nested=nested))
-    with opened as run:
-        if not live:
-            mlflow.log_params(run_params(cfg, dataset))
-            for entry in history:
-                mlflow.log_metrics({k: v for k, v in entry.items() if k != "epoch"},
-                                   step=int(entry["epoch"]))
+    with registration_run(result.run_name, run_params(cfg, dataset), result.checkpoint_path,
+                          live, nested) as run:
         mlflow.log_metrics({"test_accuracy": result.test_accuracy,
                             "best_val_accuracy": result.metrics["val_accuracy"]})
         mlflow.set_tags(tags)

@@ -8,7 +8,6 @@ import json
 from mlsd_ray.core.config import Config
 from mlsd_ray.registry import _flat, client, git_commit, log_checkpoint_model, new_version
 from mlsd_ray.tasks.tabular.prepare import PreparedTable
-from mlsd_ray.training.checkpoint import load_train_state
 
 EXAMPLE_ROWS = 3  # test-split rows stored with the model as its input example
 
@@ -56,13 +55,12 @@ def register_tabular(summary: dict, cfg: Config, table: PreparedTable, model_nam
     `live`: the run is the active one, opened with its params and fed each epoch while it
     trained (registry/tracking.py); else a run is opened here (a child of the active run
     when `nested`: a search's best trial) with the params and the history replayed."""
-    import contextlib
-
     import mlflow
+
+    from mlsd_ray.registry.tracking import registration_run
 
     mlflow_client = client(home)
     m = table.manifest
-    history = load_train_state(summary["checkpoint"])["history"]
     schema = {"input": {e["name"]: e["kind"] for e in m["columns"]},
               "output": {"task": m["task"], "classes": m["classes"]}}
     score = summary["score_name"]
@@ -74,14 +72,8 @@ def register_tabular(summary: dict, cfg: Config, table: PreparedTable, model_nam
             "schema": json.dumps(schema)[:5000]}
     if summary.get("decision"):
         tags["threshold"] = f"{summary['decision']['threshold']:.6f}"
-    opened = (contextlib.nullcontext(mlflow.active_run()) if live
-              else mlflow.start_run(run_name=summary["run_name"], nested=nested))
-    with opened as run:
-        if not live:
-            mlflow.log_params(run_params(cfg, table))
-            for entry in history:
-                mlflow.log_metrics({k: v for k, v in entry.items() if k != "epoch"},
-                                   step=int(entry["epoch"]))
+    with registration_run(summary["run_name"], run_params(cfg, table), summary["checkpoint"],
+                          live, nested) as run:
         mlflow.log_metrics({**_scalars("test_", summary["test"]),
                             **_scalars("baseline_test_", summary.get("baseline"))})
         mlflow.set_tags(tags)
