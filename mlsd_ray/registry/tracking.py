@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -86,7 +87,13 @@ def _dataset(path: str, fingerprint: str, name: str):
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    return MetaDataset(resolve_dataset_source(path), name=name, digest=fingerprint[:36])
+    # MLflow registers its local-file source twice (for "" and "file://" paths) and warns
+    # that a local path matches both; they are the same class, so the warning says nothing.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The specified dataset source can be "
+                                                  "interpreted in multiple ways")
+        source = resolve_dataset_source(path)
+    return MetaDataset(source, name=name, digest=fingerprint[:36])
 
 
 class LiveSearch:

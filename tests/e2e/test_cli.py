@@ -194,9 +194,14 @@ SMALL_TRAIN = ["train", "--source", "digits", "--set", "data.image_size=8", "--e
 
 def test_train_console_is_our_lines(tmp_path, cluster_env):
     """One line per epoch reaches the console from the train controller (a file on the
-    driver's node, not Ray's log forwarding); Ray's own lines stay in its logs."""
-    quiet = mlsd(*SMALL_TRAIN, "--home", str(tmp_path / "home"), env=cluster_env)
+    driver's node, not Ray's log forwarding); Ray's own lines stay in its logs, and the
+    MLflow tracking and registration print no warnings of MLflow's."""
+    assert SMALL_TRAIN[-2:] == ["--set", "registry.auto_register=false"]
+    registering = SMALL_TRAIN[:-2]  # so the run is tracked live in MLflow and registered
+    quiet = mlsd(*registering, "--home", str(tmp_path / "home"), env=cluster_env)
     assert quiet.returncode == 0, quiet.stderr
+    assert "registered models:/digits-cnn/1" in quiet.stderr
+    assert "Warning" not in quiet.stderr and "INFO mlflow" not in quiet.stderr, quiet.stderr
     lines = quiet.stderr.splitlines()
     assert [line.split(":")[0] for line in lines if line.startswith("epoch ")] == [
         "epoch 1/2", "epoch 2/2"]
