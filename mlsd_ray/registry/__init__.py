@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -115,13 +114,10 @@ def log_checkpoint_model(checkpoint_dir: str, signature, input_example) -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = os.path.join(scratch, ARTIFACT_DIR)
-        # MLflow warns that `predict` has no type hints (a signature is given instead) under
-        # its own "once" filter, which no filter of ours overrides: record it away, off the
-        # console. Requirements are given: inferring them runs the model in a subprocess.
-        with warnings.catch_warnings(record=True):
-            mlflow.pyfunc.save_model(model_dir, python_model=str(Path(__file__).with_name(
-                "pyfunc.py")), artifacts={CHECKPOINT: checkpoint_dir}, signature=signature,
-                input_example=input_example, pip_requirements=[f"mlsd-ray=={__version__}"])
+        # Requirements are given: inferring them runs the model in a subprocess (seconds).
+        mlflow.pyfunc.save_model(model_dir, python_model=str(Path(__file__).with_name(
+            "pyfunc.py")), artifacts={CHECKPOINT: checkpoint_dir}, signature=signature,
+            input_example=input_example, pip_requirements=[f"mlsd-ray=={__version__}"])
         mlflow.log_artifacts(model_dir, artifact_path=ARTIFACT_DIR)
 
 
