@@ -19,15 +19,15 @@ from mlsd_ray.core.runtime import log_stderr
 
 
 class LiveRun:
-    """`with LiveRun(home, run_name, params, dataset_path, fingerprint) as run:` ... fit with
-    `observe=run.log_epoch`; the run is the active MLflow run inside the block.
+    """`with LiveRun(home, run_name, params, dataset_path, fingerprint, dataset_name) as run:`
+    ... fit with `observe=run.log_epoch`; the run is the active MLflow run inside the block.
 
     Disabled (`enabled=False`: a training that is not registered), it does nothing."""
 
     def __init__(self, home: str | None, run_name: str, params: dict[str, Any],
                  dataset_path: str, fingerprint: str, dataset_name: str,
-                 enabled: bool = True, nested: bool = False):
-        self.home, self.run_name, self.params, self.nested = home, run_name, params, nested
+                 enabled: bool = True):
+        self.home, self.run_name, self.params = home, run_name, params
         self.dataset = (dataset_path, fingerprint, dataset_name)
         self.enabled, self.run_id = enabled, None
         self._warned = False
@@ -40,7 +40,7 @@ class LiveRun:
         from mlsd_ray.registry import client
 
         self.client = client(self.home)
-        run = mlflow.start_run(run_name=self.run_name, nested=self.nested)
+        run = mlflow.start_run(run_name=self.run_name)
         self.run_id = run.info.run_id
         mlflow.log_params(self.params)
         mlflow.log_input(_dataset(*self.dataset), context="training")
@@ -52,14 +52,9 @@ class LiveRun:
         the training."""
         if self.run_id is None:
             return
-        from mlflow.entities import Metric
-
-        stamp, step = int(time.time() * 1000), int(metrics.get("epoch", 0))
-        values = [Metric(key, float(value), stamp, step) for key, value in metrics.items()
-                  if key != "epoch" and isinstance(value, (int, float))
-                  and not isinstance(value, bool)]
+        step = int(metrics.get("epoch", 0))
         try:
-            self.client.log_batch(self.run_id, metrics=values)
+            self.client.log_batch(self.run_id, metrics=_epoch_metrics(metrics))
         except Exception as exc:  # tracking is a record of the training, not a part of it
             if not self._warned:
                 log_stderr(f"MLflow did not take epoch {step}'s metrics: {exc}")
@@ -71,6 +66,17 @@ class LiveRun:
         import mlflow
 
         mlflow.end_run(_status(exc_type))
+
+
+def _epoch_metrics(report: dict[str, Any], skip: tuple[str, ...] = ()) -> list:
+    """A report's numbers as MLflow metrics at step = its epoch (the epoch itself, booleans,
+    text and keys starting with one of `skip` left out)."""
+    from mlflow.entities import Metric
+
+    stamp, step = int(time.time() * 1000), int(report.get("epoch", 0))
+    return [Metric(key, float(value), stamp, step) for key, value in report.items()
+            if key != "epoch" and not key.startswith(skip)
+            and isinstance(value, (int, float)) and not isinstance(value, bool)]
 
 
 def _status(exc_type) -> str:
@@ -105,6 +111,7 @@ class LiveSearch:
     def __init__(self, home: str | None, name: str, params: dict[str, Any]):
         self.home, self.name, self.params = home, name, params
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
         self.trial_runs: dict[str, str] = {}  # Tune's trial id -> its MLflow run id
         self._client = None
 
@@ -126,8 +133,8 @@ class LiveSearch:
 
         from mlsd_ray.registry import EXPERIMENT
 
-        experiment = self.client.get_experiment_by_name(EXPERIMENT)
-        run = mlflow.start_run(run_name=self.name, experiment_id=experiment.experiment_id)
+        self.experiment_id = self.client.get_experiment_by_name(EXPERIMENT).experiment_id
+        run = mlflow.start_run(run_name=self.name, experiment_id=self.experiment_id)
         self.run_id = run.info.run_id
         mlflow.log_params(self.params)
         mlflow.set_tags({"mlsd.kind": "tune"})
@@ -143,20 +150,17 @@ class LiveSearch:
 
     def trial_callback(self, describe):
         """A Tune callback: `describe(config)` names a trial's parameters."""
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Param
         from ray.tune import Callback
 
         search = self
-
-        def numbers(result: dict) -> list[tuple[str, float]]:
-            return [(k, float(v)) for k, v in result.items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        tunes_own = ("time_", "timestamp", "training_iteration", "pid",
+                     "iterations_since_restore")  # Tune's bookkeeping, not the trial's
 
         class TrialRuns(Callback):
             def on_trial_start(self, iteration, trials, trial, **info):
                 run = search.client.create_run(
-                    search.client.get_run(search.run_id).info.experiment_id,
-                    run_name=f"trial {describe(trial.config)}",
+                    search.experiment_id, run_name=f"trial {describe(trial.config)}",
                     tags={"mlflow.parentRunId": search.run_id, "tune.trial_id": trial.trial_id})
                 search.trial_runs[trial.trial_id] = run.info.run_id
                 search.client.log_batch(run.info.run_id, params=[
@@ -164,13 +168,8 @@ class LiveSearch:
 
             def on_trial_result(self, iteration, trials, trial, result, **info):
                 run_id = search.trial_runs.get(trial.trial_id)
-                if run_id is None:
-                    return
-                stamp, step = int(time.time() * 1000), int(result.get("epoch", 0))
-                search.client.log_batch(run_id, metrics=[
-                    Metric(k, v, stamp, step) for k, v in numbers(result)
-                    if not k.startswith(("time_", "timestamp", "training_iteration", "pid",
-                                         "iterations_since_restore", "epoch"))])
+                if run_id is not None:
+                    search.client.log_batch(run_id, metrics=_epoch_metrics(result, tunes_own))
 
             def on_trial_complete(self, iteration, trials, trial, **info):
                 if trial.trial_id in search.trial_runs:
