@@ -50,10 +50,12 @@ def main() -> None:
             assert sent.failed_requests == 0, sent.delivery
             time.sleep(wait)
             report = monitor(cfg, args.home, since=since, until=now(), log=lambda _: None)
-            verdicts[report["verdict"]] += 1
-            for result in report["models"].values():
-                named.update(result["drifted_features"])
-                named.update(k for k in ("skew", "confidence") if result.get(k, {}).get("drifted"))
+            verdicts[report.verdict] += 1
+            for result in report.models.values():
+                named.update(result.drifted_features)
+                named.update(name for name, test in (("skew", result.skew),
+                                                     ("confidence", result.confidence))
+                             if test and test.drifted)
         results[shift] = {"runs": runs, "verdicts": dict(verdicts), "flagged": dict(named)}
         print(f"{shift}: {dict(verdicts)}; flagged {dict(named)}", flush=True)
     print(json.dumps({"benchmark": "drift_detection", "images_per_run": args.count,

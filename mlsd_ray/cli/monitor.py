@@ -30,6 +30,7 @@ from mlsd_ray.core.runtime import log_stderr
 from mlsd_ray.tasks.base import TrafficRequest
 
 if TYPE_CHECKING:
+    from mlsd_ray.monitor.run import MonitorReport
     from mlsd_ray.monitor.traffic import TrafficReport
     from mlsd_ray.workflows.retrain import RetrainDecision
 
@@ -61,29 +62,30 @@ def monitor(since: Annotated[str, typer.Option(
     validation's. Writes report.json, report.md and histograms.png under
     $MLSD_HOME/monitor/ and prints the verdict. Thresholds: the `monitor` config section.
     """
-    outcome: dict = {}
+    verdicts: list[str] = []
 
-    def work() -> dict:
+    def work() -> MonitorReport:
         from mlsd_ray.monitor.run import monitor as run_monitor
 
         cfg = config_from(config, set_, None, example, task=task)
         frame = None
         if inputs:
             frame = _predict_inputs(cfg, inputs, model, home)
-        outcome.update(run_monitor(cfg, home, None if inputs else since, until, frame))
-        return outcome
+        report = run_monitor(cfg, home, None if inputs else since, until, frame)
+        verdicts.append(report.verdict)
+        return report
 
-    def render(report: dict) -> None:
-        print(f"verdict: {report['verdict']} ({report['rows']} predictions)")
-        for uri, result in report.get("models", {}).items():
-            print(f"  {uri}: {result['summary']}")
-        if report.get("outputs"):
-            print(f"report: {report['outputs']['report.md']}")
-        elif report.get("summary"):
-            print(report["summary"])
+    def render(report: MonitorReport) -> None:
+        print(f"verdict: {report.verdict} ({report.rows} predictions)")
+        for uri, result in report.models.items():
+            print(f"  {uri}: {result.summary}")
+        if report.outputs:
+            print(f"report: {report.outputs['report.md']}")
+        elif report.summary:
+            print(report.summary)
 
     run(as_json, work, render, verbose=verbose)
-    if fail_on_drift and outcome.get("verdict") == "drift":
+    if fail_on_drift and verdicts == ["drift"]:
         raise typer.Exit(DRIFT_EXIT_CODE)
 
 
@@ -195,7 +197,12 @@ def retrain(source: Annotated[str, typer.Option(
         print(("PROMOTED: " if decision.promote else "dry run, would promote: " if would
                else "kept the champion: ") + decision.reason)
         if decision.rollout is not None:
-            print(f"rollout: {decision.rollout}")
+            update = decision.rollout
+            print(f"rolled out: app {update.app_name!r} {update.before.uri} -> "
+                  f"{update.after.uri} in {update.seconds} s, now serving version "
+                  f"{update.served_version}")
+        elif decision.rollout_skipped:
+            print(f"not rolled out: {decision.rollout_skipped}")
         print(f"decision: {decision.outputs['markdown']}")
 
     run(as_json, work, render, verbose=verbose)

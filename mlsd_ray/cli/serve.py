@@ -73,18 +73,17 @@ def serve(ctx: typer.Context, config: ConfigOption = None, set_: SetOption = Non
              "serve.autoscaling.max_replicas": max_replicas}
     overrides = with_flags(set_, flags)
 
-    def work() -> dict:
-        summary = control.start(config_from(config, overrides, None).serve, home, detach,
-                                log_stderr)
+    def work() -> control.RunningApp:
+        app = control.start(config_from(config, overrides, None).serve, home, detach,
+                            log_stderr)
         if not detach:
-            control.serve_until_interrupted(summary, log_stderr)
-        return summary
+            control.serve_until_interrupted(app, log_stderr)
+        return app
 
-    def render(summary: dict) -> None:
-        model_info = summary["model"]
-        print(f"serving {model_info['name']} version {model_info['version']} at "
-              f"{summary['url']} (healthy after {summary['seconds_to_healthy']} s)")
-        print(f"try: curl {summary['url']}{summary['model_path']}    API docs: {summary['docs']}")
+    def render(app: control.RunningApp) -> None:
+        print(f"serving {app.model.name} version {app.model.version} at {app.url} (healthy "
+              f"after {app.seconds_to_healthy} s)")
+        print(f"try: curl {app.url}{app.model_path}    API docs: {app.docs}")
         if detach:
             print("running in the background: `mlsd serve status`, `mlsd serve stop`")
 
@@ -97,12 +96,12 @@ def serve_status(home: HomeOption = None, app_name: AppOption = "mlsd",
     """The running app: its state, replicas per deployment and the served model version."""
     from mlsd_ray.serve import control
 
-    def render(result: dict) -> None:
-        print(f"{result['app_name']} at {result['url']}: {result['status']}, model version "
-              f"{result['model_version']} ({result['model']})")
-        for name, deployment in result["deployments"].items():
+    def render(result: control.AppStatus) -> None:
+        print(f"{result.app_name} at {result.url}: {result.status}, model version "
+              f"{result.model_version} ({result.model})")
+        for name, deployment in result.deployments.items():
             print(f"  {name}: {deployment['status']}, replicas {deployment['replicas']}")
-        print(f"Prometheus metrics: {', '.join(result['metrics'])}")
+        print(f"Prometheus metrics: {', '.join(result.metrics)}")
 
     run(as_json, lambda: control.status(home, app_name), render)
 
@@ -113,9 +112,9 @@ def serve_stop(home: HomeOption = None, app_name: AppOption = "mlsd",
     """Stop the app (and the local Ray head that `mlsd serve --detach` started, if any)."""
     from mlsd_ray.serve import control
 
-    def render(result: dict) -> None:
-        extra = " and the Ray head it started" if result["stopped_ray_head"] else ""
-        print(f"stopped {result['app_name']}{extra}")
+    def render(result: control.StoppedApp) -> None:
+        extra = " and the Ray head it started" if result.stopped_ray_head else ""
+        print(f"stopped {result.app_name}{extra}")
 
     run(as_json, lambda: control.stop(home, app_name), render)
 
@@ -131,9 +130,9 @@ def deploy(model: Annotated[str, typer.Option(
     """
     from mlsd_ray.serve import control
 
-    def render(result: dict) -> None:
-        print(f"{result['app_name']}: {result['from']['uri']} -> {result['to']['uri']} in "
-              f"{result['seconds']} s; now serving version {result['served_version']}")
+    def render(result: control.RollingUpdate) -> None:
+        print(f"{result.app_name}: {result.before.uri} -> {result.after.uri} in "
+              f"{result.seconds} s; now serving version {result.served_version}")
 
     run(as_json, lambda: control.deploy(model, home, app_name, log_stderr), render)
 

@@ -18,7 +18,9 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mlsd_ray import registry
 from mlsd_ray.core import storage
@@ -28,6 +30,140 @@ from mlsd_ray.core.runtime import log_stderr, quiet_serve_console
 from mlsd_ray.core.workspace import Workspace
 
 HEALTH_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class RayHead:
+    """The Ray instance an app runs on: its GCS address, plus the process group and dashboard
+    of the `ray start --head` that `mlsd serve --detach` started (None when it joined one)."""
+
+    ray_address: str
+    cluster_pid: int | None = None
+    dashboard: str | None = None
+
+    def to_dict(self) -> dict:
+        return {key: value for key, value in asdict(self).items()
+                if value is not None or key == "cluster_pid"}
+
+
+@dataclass
+class RunningApp:
+    """An app that `start` deployed: where it answers, what it serves, on which Ray. It is
+    recorded in $MLSD_HOME/serve/APP.json, which status, deploy and stop read back.
+
+    `endpoints` are full URLs by the task's names for them (e.g. "predict_url"); `settings`
+    is the ServeConfig it was started with, the model pinned to its version."""
+
+    app_name: str
+    task: str
+    url: str
+    route_prefix: str
+    model_path: str
+    model: registry.PinnedModel
+    served_version: str
+    settings: ServeConfig
+    head: RayHead
+    home: str
+    detached: bool = False
+    seconds_to_healthy: float = 0.0
+    endpoints: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def docs(self) -> str:
+        """The app's OpenAPI page."""
+        return f"{self.url}{self.route_prefix.rstrip('/')}/docs"
+
+    @property
+    def state_file(self) -> Path:
+        return state_file(self.home, self.app_name)
+
+    def endpoint(self, name: str) -> str:
+        """The full URL of one of the task's routes, e.g. endpoint("score_url")."""
+        if name not in self.endpoints:
+            raise WorkError(f"app {self.app_name!r} ({self.task} task) has no {name}; it has "
+                            f"{', '.join(sorted(self.endpoints)) or 'no named routes'}")
+        return self.endpoints[name]
+
+    def save(self) -> Path:
+        """Write the record that status, deploy and stop read."""
+        path = self.state_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+    def to_dict(self) -> dict:
+        """The record and `--json` form: flat, the endpoints beside the other fields."""
+        return {"url": self.url, "docs": self.docs, "app_name": self.app_name,
+                "task": self.task, "model": self.model.as_dict(),
+                "route_prefix": self.route_prefix, "model_path": self.model_path,
+                **self.endpoints, "seconds_to_healthy": self.seconds_to_healthy,
+                "detached": self.detached, **self.head.to_dict(),
+                "serve": self.settings.model_dump(mode="json"), "home": self.home,
+                "served_version": self.served_version, "state_file": str(self.state_file)}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> RunningApp:
+        """A record `to_dict` wrote (APP.json)."""
+        return cls(app_name=record["app_name"], task=record.get("task", "image"),
+                   url=record["url"], route_prefix=record.get("route_prefix", "/"),
+                   model_path=record.get("model_path", "/v1/model"),
+                   model=registry.PinnedModel(**record["model"]),
+                   served_version=str(record.get("served_version")),
+                   settings=ServeConfig.model_validate(record["serve"]),
+                   head=RayHead(record["ray_address"], record.get("cluster_pid"),
+                                record.get("dashboard")),
+                   home=record["home"], detached=bool(record.get("detached")),
+                   seconds_to_healthy=float(record.get("seconds_to_healthy", 0.0)),
+                   endpoints={key: value for key, value in record.items()
+                              if key.endswith("_url")})
+
+
+@dataclass(frozen=True)
+class AppStatus:
+    """`mlsd serve status`: the app's state, each deployment's state and replicas by state,
+    the version its model route reports, and every node's Prometheus endpoint."""
+
+    app_name: str
+    url: str
+    status: str
+    deployments: dict[str, dict[str, Any]]
+    model_version: str | None
+    model: str | None
+    ray_address: str
+    detached: bool
+    metrics: list[str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RollingUpdate:
+    """`mlsd deploy`: the app moved from one pinned model to another, and how long it took."""
+
+    app_name: str
+    url: str
+    before: registry.PinnedModel
+    after: registry.PinnedModel
+    served_version: str
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"app_name": self.app_name, "url": self.url, "from": self.before.as_dict(),
+                "to": self.after.as_dict(), "served_version": self.served_version,
+                "seconds": self.seconds}
+
+
+@dataclass(frozen=True)
+class StoppedApp:
+    """`mlsd serve stop`: which app, and whether the Ray head it started was stopped too."""
+
+    app_name: str
+    stopped_ray_head: bool
+
+    def to_dict(self) -> dict:
+        return {"app_name": self.app_name, "stopped": True,
+                "stopped_ray_head": self.stopped_ray_head}
 
 
 def state_file(home: str | None, app_name: str) -> Path:
@@ -48,12 +184,17 @@ def apps_serving(home: str | None, model_name: str) -> list[str]:
     return apps
 
 
-def read_state(home: str | None, app_name: str) -> dict:
+def read_state(home: str | None, app_name: str) -> RunningApp:
+    """The recorded app `app_name` (InputError when none is recorded)."""
     path = state_file(home, app_name)
     if not path.is_file():
         raise InputError(f"no running app {app_name!r} recorded in {path}; start one with "
                          "`mlsd serve --detach`")
-    return json.loads(path.read_text())
+    try:
+        return RunningApp.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"the record {path} of app {app_name!r} is unreadable ({exc}); "
+                         "remove it and start the app again") from exc
 
 
 def url_of(settings: ServeConfig) -> str:
@@ -68,7 +209,7 @@ def serve_logging(settings: ServeConfig) -> dict:
 
 
 def start(settings: ServeConfig, home: str | None = None, detach: bool = False,
-          log: Callable[[str], None] = log_stderr) -> dict:
+          log: Callable[[str], None] = log_stderr) -> RunningApp:
     """Deploy the app of the task that trained the model (its checkpoint says which) and wait
     until it answers its health check; returns where and what is served."""
     from ray import serve
@@ -94,34 +235,30 @@ def start(settings: ServeConfig, home: str | None = None, detach: bool = False,
               logging_config=serve_logging(settings))
     url = url_of(settings)
     health = wait_healthy(url, path=served.health_path)
-    summary = {"url": url, "docs": f"{url}{served.route_prefix.rstrip('/')}/docs",
-               "app_name": settings.app_name, "task": task.name, "model": model.as_dict(),
-               "route_prefix": served.route_prefix, "model_path": served.model_path,
-               **{name: f"{url}{path}" for name, path in served.endpoints.items()},
-               "seconds_to_healthy": round(time.perf_counter() - started, 2),
-               "detached": detach, **cluster, "serve": settings.model_dump(mode="json"),
-               "home": storage.home(home), "served_version": health["model_version"]}
-    path = state_file(home, settings.app_name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2))
-    summary["state_file"] = str(path)
-    return summary
+    app = RunningApp(app_name=settings.app_name, task=task.name, url=url,
+                     route_prefix=served.route_prefix, model_path=served.model_path,
+                     model=model, served_version=str(health["model_version"]),
+                     settings=settings, head=cluster, home=storage.home(home), detached=detach,
+                     seconds_to_healthy=round(time.perf_counter() - started, 2),
+                     endpoints={name: f"{url}{path}" for name, path in served.endpoints.items()})
+    app.save()
+    return app
 
 
-def serve_until_interrupted(summary: dict, log: Callable[[str], None] = log_stderr) -> None:
+def serve_until_interrupted(app: RunningApp, log: Callable[[str], None] = log_stderr) -> None:
     """Foreground mode: keep this driver (and so a local Ray) alive until Ctrl-C, then stop."""
     import ray
 
-    log(f"serving at {summary['url']} (docs {summary['docs']}); Ctrl-C stops")
+    log(f"serving at {app.url} (docs {app.docs}); Ctrl-C stops")
     try:
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
         log("stopping")
     finally:
-        remove_app(summary["app_name"])
+        remove_app(app.app_name)
         ray.shutdown()
-        state_file(summary["home"], summary["app_name"]).unlink(missing_ok=True)
+        app.state_file.unlink(missing_ok=True)
 
 
 def _fresh_proxy_for_a_new_router(settings: ServeConfig, home: str | None,
@@ -135,7 +272,7 @@ def _fresh_proxy_for_a_new_router(settings: ServeConfig, home: str | None,
     path = state_file(home, settings.app_name)
     if settings.topology != "single" or not path.is_file():
         return
-    before = json.loads(path.read_text()).get("serve", {})
+    before = json.loads(path.read_text()).get("serve", {})  # raw: any record, even a stale one
     if before.get("topology") != "single" or before.get("router") == settings.router:
         return
     current = serve.status()
@@ -165,7 +302,7 @@ def remove_app(app_name: str) -> None:
 
 
 def _connect_for(home: str | None, settings: ServeConfig, detach: bool,
-                 log: Callable[[str], None]) -> dict:
+                 log: Callable[[str], None]) -> RayHead:
     """Join Ray: RAY_ADDRESS, else (detached) a head we start, else a local in-process one."""
     import ray
 
@@ -175,13 +312,14 @@ def _connect_for(home: str | None, settings: ServeConfig, detach: bool,
         if not ray.is_initialized():  # an in-process Serve keeps its port across apps
             _check_port_free(settings)
         runtime.ensure_ray(home)
-        return {"ray_address": ray.get_runtime_context().gcs_address, "cluster_pid": None}
+        return RayHead(ray.get_runtime_context().gcs_address)
     _check_port_free(settings)
     head = start_head(home, log)
     try:
-        _join(head["ray_address"])
+        _join(head.ray_address)
     except BaseException:
-        stop_head(head["cluster_pid"], head["ray_address"], timeout=10)  # nobody can reach it
+        if head.cluster_pid is not None:  # nobody can reach it
+            stop_head(head.cluster_pid, head.ray_address, timeout=10)
         raise
     return head
 
@@ -212,7 +350,7 @@ def _check_port_free(settings: ServeConfig) -> None:
 
 
 def start_head(home: str | None, log: Callable[[str], None],
-               extra_args: tuple[str, ...] = ()) -> dict:
+               extra_args: tuple[str, ...] = ()) -> RayHead:
     """`ray start --head --block` in a new process group; returns its address and pid.
 
     This interpreter's bin directory goes first on the head's PATH, so that a Ray job's
@@ -243,8 +381,7 @@ def start_head(home: str | None, log: Callable[[str], None],
                             f"{log_path}")
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", dashboard)) == 0:
-                return {"ray_address": address, "cluster_pid": process.pid,
-                        "dashboard": f"http://127.0.0.1:{dashboard}"}
+                return RayHead(address, process.pid, f"http://127.0.0.1:{dashboard}")
         time.sleep(0.5)
     kill_group(process.pid)
     raise WorkError(f"the Ray head did not come up within 90 s; see {log_path}")
@@ -302,7 +439,7 @@ def get_json(url: str, timeout: float = 10) -> dict:
         return json.loads(response.read())
 
 
-def status(home: str | None = None, app_name: str = "mlsd") -> dict:
+def status(home: str | None = None, app_name: str = "mlsd") -> AppStatus:
     """What runs: app and deployment states, replica counts, the served version."""
     from ray import serve
 
@@ -313,7 +450,7 @@ def status(home: str | None = None, app_name: str = "mlsd") -> dict:
     apps = serve.status().applications
     if app_name not in apps:
         raise InputError(f"app {app_name!r} is not running in the Ray cluster at "
-                         f"{state['ray_address']}")
+                         f"{state.head.ray_address}")
     app = apps[app_name]
     deployments = {name: {"status": str(d.status.value if hasattr(d.status, "value")
                                         else d.status),
@@ -321,14 +458,16 @@ def status(home: str | None = None, app_name: str = "mlsd") -> dict:
                                        for k, v in d.replica_states.items()}}
                    for name, d in app.deployments.items()}
     try:
-        served = get_json(f"{state['url']}{state.get('model_path', '/v1/model')}")
+        served = get_json(f"{state.url}{state.model_path}")
     except (OSError, ValueError) as exc:
         served = {"error": str(exc)}
-    return {"app_name": app_name, "url": state["url"], "status": str(app.status.value if hasattr(
-        app.status, "value") else app.status), "deployments": deployments,
-        "model_version": served.get("model_version"), "model": served.get("uri"),
-        "ray_address": state["ray_address"], "detached": state["detached"],
-        "metrics": metrics_endpoints()}
+    version = served.get("model_version")
+    return AppStatus(app_name=app_name, url=state.url,
+                     status=str(app.status.value if hasattr(app.status, "value") else app.status),
+                     deployments=deployments,
+                     model_version=None if version is None else str(version),
+                     model=served.get("uri"), ray_address=state.head.ray_address,
+                     detached=state.detached, metrics=metrics_endpoints())
 
 
 def metrics_endpoints() -> list[str]:
@@ -339,18 +478,17 @@ def metrics_endpoints() -> list[str]:
             for node in ray.nodes() if node.get("Alive") and node.get("MetricsExportPort")]
 
 
-def _join_recorded(state: dict) -> None:
+def _join_recorded(state: RunningApp) -> None:
     try:
-        _join(state["ray_address"])
+        _join(state.head.ray_address)
     except ConnectionError as exc:
-        raise InputError(f"the Ray instance at {state['ray_address']} that served "
-                         f"{state['app_name']!r} is gone (stale record "
-                         f"{state_file(state['home'], state['app_name'])}); start again with "
-                         "`mlsd serve --detach`") from exc
+        raise InputError(f"the Ray instance at {state.head.ray_address} that served "
+                         f"{state.app_name!r} is gone (stale record {state.state_file}); start "
+                         "again with `mlsd serve --detach`") from exc
 
 
 def deploy(model_ref: str, home: str | None = None, app_name: str = "mlsd",
-           log: Callable[[str], None] = log_stderr) -> dict:
+           log: Callable[[str], None] = log_stderr) -> RollingUpdate:
     """Move the running app to another model version of the same task (a rolling update)."""
     from ray import serve
 
@@ -360,27 +498,27 @@ def deploy(model_ref: str, home: str | None = None, app_name: str = "mlsd",
     state = read_state(home, app_name)
     model = registry.pin(model_ref, home)
     task = task_of_checkpoint(model.path)
-    if task.name != state.get("task", "image"):
+    if task.name != state.task:
         raise InputError(f"{model_ref} is a {task.name} model; app {app_name!r} serves the "
-                         f"{state.get('task', 'image')} task: start another app for it")
-    settings = ServeConfig.model_validate({**state["serve"], "model": model.uri})
+                         f"{state.task} task: start another app for it")
+    settings = state.settings.model_copy(update={"model": model.uri})
     _join_recorded(state)
-    before = state["model"]
-    log(f"rolling update of {app_name!r}: {before['uri']} -> {model.uri}")
+    before = state.model
+    log(f"rolling update of {app_name!r}: {before.uri} -> {model.uri}")
     started = time.perf_counter()
-    served_app = task.serve_application(settings, model, state["home"])
+    served_app = task.serve_application(settings, model, state.home)
     serve.run(served_app.application, name=app_name, route_prefix=served_app.route_prefix,
               logging_config=serve_logging(settings))
-    served = get_json(f"{state['url']}{served_app.model_path}")
-    state.update(model=model.as_dict(), serve=settings.model_dump(mode="json"),
-                 served_version=served["model_version"])
-    state_file(home, app_name).write_text(json.dumps(state, indent=2))
-    return {"app_name": app_name, "url": state["url"], "from": before, "to": model.as_dict(),
-            "served_version": served["model_version"],
-            "seconds": round(time.perf_counter() - started, 2)}
+    served = get_json(f"{state.url}{served_app.model_path}")
+    state.model, state.settings = model, settings
+    state.served_version = str(served["model_version"])
+    state.save()
+    return RollingUpdate(app_name=app_name, url=state.url, before=before, after=model,
+                         served_version=state.served_version,
+                         seconds=round(time.perf_counter() - started, 2))
 
 
-def stop(home: str | None = None, app_name: str = "mlsd") -> dict:
+def stop(home: str | None = None, app_name: str = "mlsd") -> StoppedApp:
     """Delete the app; stop the Ray head too if `mlsd serve --detach` started it."""
     import ray
 
@@ -394,10 +532,10 @@ def stop(home: str | None = None, app_name: str = "mlsd") -> dict:
     finally:
         if ray.is_initialized():
             ray.shutdown()
-    if state.get("cluster_pid"):
-        stopped_cluster = stop_head(state["cluster_pid"], state["ray_address"])
+    if state.head.cluster_pid:
+        stopped_cluster = stop_head(state.head.cluster_pid, state.head.ray_address)
     state_file(home, app_name).unlink(missing_ok=True)
-    return {"app_name": app_name, "stopped": True, "stopped_ray_head": stopped_cluster}
+    return StoppedApp(app_name, stopped_cluster)
 
 
 def forget_recorded_cluster(address: str) -> None:

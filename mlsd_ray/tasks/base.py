@@ -20,6 +20,7 @@ from mlsd_ray.core.errors import InputError
 if TYPE_CHECKING:
     from mlsd_ray.monitor.traffic import TrafficReport
     from mlsd_ray.registry import PinnedModel
+    from mlsd_ray.serve.control import RunningApp
 
 Log = Callable[[str], None]
 
@@ -199,21 +200,22 @@ class Task(ABC):
     def deploy(self, cfg, model: str | None, smoke: bool, home: str, log: Log) -> dict:
         """Start the app on the cluster with `model`, or roll the running one over to it;
         `smoke` checks one prediction over HTTP (`smoke_prediction`), then removes the app
-        it started."""
+        it started. Returns the started app's record, plus the smoke prediction."""
         from mlsd_ray.serve import control
 
         settings = cfg.serve.model_copy(update={"model": model or cfg.serve.model})
-        summary = control.start(settings, home, detach=True, log=log)
+        app = control.start(settings, home, detach=True, log=log)
+        result = app.to_dict()
         if smoke:
-            summary["smoke_prediction"] = self.smoke_prediction(summary)
+            result["smoke_prediction"] = self.smoke_prediction(app)
             control.remove_app(settings.app_name)
-            control.state_file(home, settings.app_name).unlink(missing_ok=True)
+            app.state_file.unlink(missing_ok=True)
             log(f"smoke: predicted over HTTP, then removed app {settings.app_name!r}")
-        return summary
+        return result
 
-    def smoke_prediction(self, served: dict) -> dict:
-        """One prediction from the app `control.start` just started (`served`: its summary,
-        with its `url` and endpoints); what was sent and what came back."""
+    def smoke_prediction(self, served: RunningApp) -> dict:
+        """One prediction from the app `control.start` just started (`served`: where it
+        answers, and its endpoints); what was sent and what came back."""
         raise self.not_offered("deploy --smoke")
 
     # ------------------------------------------------------------------ the console

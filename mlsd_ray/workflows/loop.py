@@ -25,6 +25,7 @@ from mlsd_ray.monitor.traffic import Delivery, TrafficReport
 from mlsd_ray.tasks.base import Task, TrafficRequest
 
 if TYPE_CHECKING:
+    from mlsd_ray.serve.control import RollingUpdate
     from mlsd_ray.workflows.retrain import RetrainDecision
 
 UNSHIFTED_COUNT = 200
@@ -52,10 +53,9 @@ class MonitorWindow:
 
 @dataclass
 class Rollout:
-    """The rolling update to a promoted challenger (`update`: what serve.control.deploy
-    returned) and the steady load that ran through it."""
+    """The rolling update to a promoted challenger and the steady load that ran through it."""
 
-    update: dict
+    update: RollingUpdate
     load: Delivery
 
 
@@ -83,7 +83,8 @@ class LoopSteps:
         elif self.retrain:
             steps["retrain"] = self.retrain.to_dict()
         if self.rollout:
-            steps["rollout"] = {**self.rollout.update, "load": self.rollout.load.to_dict()}
+            steps["rollout"] = {**self.rollout.update.to_dict(),
+                                "load": self.rollout.load.to_dict()}
         return steps
 
 
@@ -101,9 +102,9 @@ def _monitor_window(cfg: Config, home: str | None, since: str, answered: int,
     wait_for_rows(log_location(cfg.serve.prediction_log, home), dt.datetime.fromisoformat(since),
                   answered, cfg.serve.prediction_log.flush_seconds + 10)
     report = monitor(cfg, home, since=since, until=_now(), log=log)
-    log(f"monitor: {report['verdict']}: {report.get('summary', '')}")
-    return MonitorWindow(report["verdict"], report["rows"], report.get("summary"),
-                         report.get("outputs", {}).get("report.md"))
+    log(f"monitor: {report.verdict}: {report.summary}")
+    return MonitorWindow(report.verdict, report.rows, report.summary,
+                         report.outputs.get("report.md"))
 
 
 class BackgroundLoad:
@@ -192,8 +193,8 @@ def render_loop(steps: LoopSteps) -> None:
                                 + decision.challenger))
     if steps.rollout:
         update, load = steps.rollout.update, steps.rollout.load
-        rows.append(("rolling update", f"{update['from']['uri']} -> {update['to']['uri']} in "
-                                       f"{update['seconds']} s under load: {load.requests} "
+        rows.append(("rolling update", f"{update.before.uri} -> {update.after.uri} in "
+                                       f"{update.seconds} s under load: {load.requests} "
                                        f"requests, {load.failed_requests} failed, answered "
                                        f"by versions {load.model_versions}"))
     print("\nmonitoring loop:")

@@ -25,13 +25,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.runtime import log_stderr
 from mlsd_ray.core.workspace import Workspace
+
+if TYPE_CHECKING:
+    from mlsd_ray.serve.control import RollingUpdate
 
 
 @dataclass(frozen=True)
@@ -104,8 +107,8 @@ class RetrainDecision:
     """What `mlsd retrain` decided and why; decision.json is `to_dict()`.
 
     `gain` is the challenger's holdout score minus the champion's (by `metric`); it is
-    promoted when `gain > margin`, unless `dry_run`. `rollout` is the rolling update of the
-    running app (or why there was none) when a promoted challenger was rolled out."""
+    promoted when `gain > margin`, unless `dry_run`. A promoted challenger is rolled out to
+    the running app that serves the model (`rollout`), or `rollout_skipped` says why not."""
 
     champion: str
     challenger: str
@@ -121,7 +124,8 @@ class RetrainDecision:
     dry_run: bool
     alias: str
     reason: str
-    rollout: dict | None = None
+    rollout: RollingUpdate | None = None
+    rollout_skipped: str | None = None
     seconds: float = 0.0
     outputs: dict[str, str] = field(default_factory=dict)
 
@@ -134,8 +138,11 @@ class RetrainDecision:
         plain = asdict(self)
         scores = {who: {"metric": self.metric, **plain.pop(f"{who}_scores")}
                   for who in ("champion", "challenger")}
-        if plain["rollout"] is None:
-            plain.pop("rollout")
+        plain.pop("rollout"), plain.pop("rollout_skipped")
+        if self.rollout is not None:
+            plain["rollout"] = self.rollout.to_dict()
+        elif self.rollout_skipped is not None:
+            plain["rollout"] = {"skipped": self.rollout_skipped}
         return {**plain, "scores": scores}
 
 
@@ -196,25 +203,26 @@ def retrain(cfg: Config, source: str, home: str | None = None, model: str | None
         registry.promote(champion_info.name, version, cfg.retrain.alias, home)
         log(f"promoted {challenger_uri} to @{cfg.retrain.alias}")
         if roll_out:
-            decision.rollout = _roll_out(challenger_uri, champion_info.name, cfg, home, log)
+            decision.rollout, decision.rollout_skipped = _roll_out(
+                challenger_uri, champion_info.name, cfg, home, log)
     decision.seconds = round(time.perf_counter() - started, 1)
     decision.outputs = _write_decision(decision, home)
     return decision
 
 
 def _roll_out(uri: str, model_name: str, cfg: Config, home: str | None,
-              log: Callable[[str], None]) -> dict:
+              log: Callable[[str], None]) -> tuple[RollingUpdate | None, str | None]:
     """Move the running Serve app that serves `model_name` (serve.app_name first, else any
-    recorded one: `mlsd serve` names its app after the config it ran with) to `uri`; a note
-    when none runs."""
+    recorded one: `mlsd serve` names its app after the config it ran with) to `uri`: the
+    rolling update, or why there was none."""
     from mlsd_ray.serve import control
 
     apps = control.apps_serving(home, model_name)
     if not apps:
-        return {"skipped": f"no running app serves {model_name}: the next `mlsd serve` "
-                           f"serves @{cfg.retrain.alias}"}
+        return None, (f"no running app serves {model_name}: the next `mlsd serve` serves "
+                      f"@{cfg.retrain.alias}")
     app = cfg.serve.app_name if cfg.serve.app_name in apps else apps[0]
-    return control.deploy(uri, home, app, log)
+    return control.deploy(uri, home, app, log), None
 
 
 def _write_decision(decision: RetrainDecision, home: str | None) -> dict[str, str]:

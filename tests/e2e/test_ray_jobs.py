@@ -44,11 +44,11 @@ def head(tmp_path_factory):
     # A fresh head answers on its dashboard port before its job agent takes jobs: wait for it
     # the way `mlsd submit` does, so that `ray job submit` (which does not wait) finds it ready.
     use_local_token()
-    client = JobSubmissionClient(started["dashboard"])
+    client = JobSubmissionClient(started.dashboard)
     ready = submit_when_ready(client, "python -c pass", {}, "ready", lambda line: None)
-    print(f"\nhead at {started['dashboard']} took its first job {ready}")
+    print(f"\nhead at {started.dashboard} took its first job {ready}")
     yield started
-    control.stop_head(started["cluster_pid"], started["ray_address"], timeout=10)
+    control.stop_head(started.cluster_pid, started.ray_address, timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def home(tmp_path_factory) -> str:
 
 @pytest.mark.slow
 def test_train_job_with_mlsd_submit(head, home):
-    result = run([str(BIN / "mlsd"), "submit", "train", "--address", head["dashboard"],
+    result = run([str(BIN / "mlsd"), "submit", "train", "--address", head.dashboard,
                   "--smoke", "--wait", "--json", "--home", home, "--set", "train.seed=1"])
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
@@ -73,7 +73,7 @@ def test_train_job_with_mlsd_submit(head, home):
 
 @pytest.mark.slow
 def test_train_job_with_ray_job_submit(head, home):
-    result = run([str(BIN / "ray"), "job", "submit", "--address", head["dashboard"],
+    result = run([str(BIN / "ray"), "job", "submit", "--address", head.dashboard,
                   "--working-dir", ".", "--runtime-env", "jobs/runtime-env/local.yaml", "--",
                   "python", "jobs/train.py", "--smoke", "--home", home], **token_auth())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -94,7 +94,7 @@ def test_train_job_with_ray_job_submit(head, home):
 
 @pytest.mark.slow
 def test_failing_job_exits_1_with_its_last_log_lines(head, home):
-    result = run([str(BIN / "mlsd"), "submit", "data", "--address", head["dashboard"],
+    result = run([str(BIN / "mlsd"), "submit", "data", "--address", head.dashboard,
                   "--wait", "--home", home, "--", "--source", "folder:/no/such/folder"])
     print(f"\nfailing job: exit {result.returncode}: {result.stderr.strip().splitlines()[-1]}")
     assert result.returncode == 1

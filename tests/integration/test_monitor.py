@@ -22,7 +22,7 @@ from mlsd_ray import registry
 from mlsd_ray.core.config import ServeConfig, load_config
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.monitor.predlog import log_location, wait_for_rows
-from mlsd_ray.monitor.run import monitor
+from mlsd_ray.monitor.run import MonitorReport, monitor
 from mlsd_ray.registry import promote
 from mlsd_ray.serve import control
 from mlsd_ray.tasks import get_task
@@ -59,12 +59,12 @@ def live(tmp_path_factory, digits_model):
                             ingress_num_cpus=0.1,
                             autoscaling={"min_replicas": 1, "max_replicas": 1},
                             prediction_log={"flush_seconds": 0.5})
-    summary = control.start(cfg.serve, home=home, log=lambda _: None)
-    yield {"home": home, "cfg": cfg, "dataset": dataset, "url": summary["url"], "root": root}
+    app = control.start(cfg.serve, home=home, log=lambda _: None)
+    yield {"home": home, "cfg": cfg, "dataset": dataset, "url": app.url, "root": root}
     serve.shutdown()
 
 
-def traffic_then_monitor(live, shift: str, **options) -> dict:
+def traffic_then_monitor(live, shift: str, **options) -> MonitorReport:
     since = now()
     sent = simulate_traffic(live["url"], live["dataset"], shift, **options)
     assert sent.failed_requests == 0, sent.delivery
@@ -75,33 +75,37 @@ def traffic_then_monitor(live, shift: str, **options) -> dict:
 
 def test_unshifted_traffic_is_logged_and_raises_no_drift(live):
     report = traffic_then_monitor(live, "none", count=150, seed=3)
-    assert report["rows"] == 150  # every image logged, once
-    result = report["models"]["models:/digits-cnn/1"]  # compared with version 1's reference
-    assert report["verdict"] == "no drift", result["summary"]
-    assert set(result["features"]) >= {"brightness", "orientation", "edges"}
+    assert report.rows == 150  # every image logged, once
+    result = report.models["models:/digits-cnn/1"]  # compared with version 1's reference
+    assert report.verdict == "no drift", result.summary
+    assert set(result.features) >= {"brightness", "orientation", "edges"}
     for name in ("report.json", "report.md", "histograms.png"):
-        with open(report["outputs"][name], "rb") as handle:
+        with open(report.outputs[name], "rb") as handle:
             assert len(handle.read()) > 100
+    written = json.loads(open(report.outputs["report.json"]).read())
+    assert written["models"]["models:/digits-cnn/1"]["features"]["edges"]["psi"] == \
+        result.features["edges"].psi
 
 
 @pytest.mark.parametrize("shift, feature", [("rotate", "orientation"), ("invert", "brightness"),
                                             ("noise", "edges")])
 def test_shifted_traffic_is_flagged_naming_the_feature(live, shift, feature):
     report = traffic_then_monitor(live, shift, count=150, seed=4)
-    result = report["models"]["models:/digits-cnn/1"]
-    assert report["verdict"] == "drift" and feature in result["drifted_features"]
-    assert feature in result["summary"]
+    result = report.models["models:/digits-cnn/1"]
+    assert report.verdict == "drift" and feature in result.drifted_features
+    assert feature in result.summary
 
 
 def test_imbalanced_traffic_is_flagged_as_skew(live):
     report = traffic_then_monitor(live, "imbalance", count=150, seed=5)
-    assert report["models"]["models:/digits-cnn/1"]["skew"]["drifted"]
+    skew = report.models["models:/digits-cnn/1"].skew
+    assert skew is not None and skew.drifted
 
 
 def test_an_empty_window_says_no_data(live):
     report = monitor(live["cfg"], live["home"], since="2000-01-01T00:00",
                      until="2000-01-02T00:00", log=lambda _: None)
-    assert report["verdict"] == "no data" and report["rows"] == 0
+    assert report.verdict == "no data" and report.rows == 0 and not report.outputs
 
 
 def test_serving_metrics_reach_prometheus(live):
@@ -214,7 +218,7 @@ def test_retrain_rejects_a_weak_challenger_and_promotes_a_better_one(live, incom
     assert decision.challenger_scores.new_test.score > decision.champion_scores.new_test.score
     version = int(decision.challenger.rsplit("/", 1)[1])
     assert registry.show("models:/digits-cnn@production", home)["version"] == version
-    assert decision.rollout is not None and decision.rollout["served_version"] == str(version)
+    assert decision.rollout is not None and decision.rollout.served_version == str(version)
     assert load.totals.failed_requests == 0, load.totals.errors
     assert set(load.totals.model_versions) == {"1", str(version)}  # switched under load
     with open(decision.outputs["markdown"]) as handle:

@@ -49,7 +49,8 @@ def served(tmp_path_factory, digits_model):
     serve.shutdown()
 
 
-def deploy(served, model="models:/digits-cnn/1", fresh: bool = False, **settings) -> dict:
+def deploy(served, model="models:/digits-cnn/1", fresh: bool = False,
+           **settings) -> control.RunningApp:
     """(Re)deploy the app; small CPU shares so two model replicas fit beside the test driver.
     `fresh` deletes the running apps first, so every replica starts at once instead of one
     after another as a rolling update replaces them (the router tests need no rollout). Each
@@ -76,8 +77,8 @@ def png_b64(image: np.ndarray) -> str:
 
 
 def test_predicts_arrays_pngs_and_uploads_with_the_model_version(served):
-    summary = deploy(served)
-    assert summary["served_version"] == "1" and summary["model"]["uri"] == "models:/digits-cnn/1"
+    app = deploy(served)
+    assert app.served_version == "1" and app.model.uri == "models:/digits-cnn/1"
     images, labels = served["images"][:40], served["labels"][:40]
 
     answer = predict(served, {"instances": [image.tolist() for image in images]})
@@ -234,7 +235,7 @@ def test_rolling_deploy_to_version_2_fails_no_request(served):
         stop.set()
         for worker in workers:
             worker.join()
-    assert moved["served_version"] == "2"
+    assert moved.served_version == "2" and moved.before.version == "1"
     assert set(statuses) == {200}, statuses
     assert versions[0] == "1" and versions[-1] == "2"
 

@@ -156,8 +156,8 @@ def fraud_url(fraud_model):
                                             "autoscaling": two, "max_body_bytes": 4096,
                                             "prediction_log": log})
     served = control.start(settings, home, log=print)  # its checkpoint says: tabular
-    assert (served["task"], served["route_prefix"]) == ("tabular", "/")
-    yield served["score_url"].removesuffix("/score")
+    assert (served.task, served.route_prefix) == ("tabular", "/")
+    yield served.endpoint("score_url").removesuffix("/score")
     control.remove_app(settings.app_name)  # and Serve with it: the next app picks its port
     control.state_file(home, settings.app_name).unlink(missing_ok=True)
 
@@ -351,8 +351,8 @@ def test_scored_records_are_logged_and_a_shifted_column_is_named_by_the_monitor(
     assert rows["model_uri"].eq("models:/fraud-mlp/1").all()
     assert {"input.amount", "input.country", "score", "predicted_class"} <= set(rows)
     calm = monitor(cfg, home, since=since.isoformat(), log=print)
-    print(f"\nunshifted: {calm['summary']}")
-    assert calm["verdict"] == "no drift"
+    print(f"\nunshifted: {calm.summary}")
+    assert calm.verdict == "no drift"
 
     since = dt.datetime.now(dt.timezone.utc)
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
@@ -366,12 +366,11 @@ def test_scored_records_are_logged_and_a_shifted_column_is_named_by_the_monitor(
     assert json.loads(shifted.stdout)["failed_requests"] == 0
     assert wait_for_rows(location, since, 300, timeout_s=30) == 300
     alarm = monitor(cfg, home, since=since.isoformat(), log=print)
-    print(f"scaled amounts: {alarm['summary']}")
-    assert alarm["verdict"] == "drift"
-    [model] = alarm["models"].values()
-    assert "amount" in model["drifted_features"] and "features drifted: amount" in \
-        model["summary"]
-    assert "| amount |" in open(alarm["outputs"]["report.md"]).read()
+    print(f"scaled amounts: {alarm.summary}")
+    assert alarm.verdict == "drift"
+    [model] = alarm.models.values()
+    assert "amount" in model.drifted_features and "features drifted: amount" in model.summary
+    assert "| amount |" in open(alarm.outputs["report.md"]).read()
     # the app's requests reach Prometheus by route template and status (serve/app.py)
     scored = 'route="/v1/fraud/score"'
     text = scrape_until(scored)
@@ -467,7 +466,7 @@ def test_the_pipelines_monitoring_loop_runs_on_tables(fraud_model, fraud_url):
     assert retrained.promote == (retrained.gain > cfg.retrain.margin)
     if retrained.promote:
         assert steps.rollout and steps.rollout.load.failed_requests == 0
-        assert steps.rollout.update["served_version"] == retrained.challenger.rsplit("/", 1)[1]
+        assert steps.rollout.update.served_version == retrained.challenger.rsplit("/", 1)[1]
     assert json.loads(json.dumps(steps.to_dict()))["retrain"]["promote"] == retrained.promote
 
 

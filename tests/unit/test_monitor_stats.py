@@ -69,7 +69,7 @@ def test_unshifted_samples_raise_no_alarm_in_19_of_20_draws(digits):
     for seed in range(20):
         pick = np.random.default_rng(seed).choice(np.arange(1200, 1797), 200, replace=False)
         result = drift.check_model(rows_for(images[pick], labels[pick]), reference, CFG)
-        alarms += result["verdict"] == drift.DRIFT
+        alarms += result.verdict == drift.DRIFT
     assert alarms <= 1
 
 
@@ -81,9 +81,9 @@ def test_each_shift_is_flagged_naming_the_feature(digits, shift, amount, expecte
     rng = np.random.default_rng(1)
     shifted = shift_images(images[1200:1400], shift, amount, rng)
     result = drift.check_model(rows_for(shifted, labels[1200:1400]), reference, CFG)
-    assert result["verdict"] == drift.DRIFT
-    assert expected in result["drifted_features"]
-    assert expected in drift.describe(result)
+    assert result.verdict == drift.DRIFT
+    assert expected in result.drifted_features
+    assert expected in result.summary
 
 
 def test_imbalanced_predictions_are_flagged_as_skew(digits):
@@ -91,7 +91,7 @@ def test_imbalanced_predictions_are_flagged_as_skew(digits):
     reference = reference_of(images[:1200], labels[:1200])
     pick = choose(labels[1200:], 200, "imbalance", 0.7, np.random.default_rng(0)) + 1200
     result = drift.check_model(rows_for(images[pick], labels[pick]), reference, CFG)
-    assert result["skew"]["drifted"] and result["skew"]["predicted_share"]["0"] > 0.6
+    assert result.skew and result.skew.drifted and result.skew.predicted_share["0"] > 0.6
 
 
 def test_a_confidence_drop_is_flagged(digits):
@@ -99,14 +99,14 @@ def test_a_confidence_drop_is_flagged(digits):
     reference = reference_of(images[:1200], labels[:1200])
     rows = rows_for(images[1200:1400], labels[1200:1400], confidence=0.5)
     result = drift.check_model(rows, reference, CFG)
-    assert result["confidence"]["drifted"] and result["verdict"] == drift.DRIFT
+    assert result.confidence and result.confidence.drifted and result.verdict == drift.DRIFT
 
 
 def test_too_few_rows_are_not_tested(digits):
     images, labels = digits
     result = drift.check_model(rows_for(images[:5], labels[:5]), reference_of(images, labels),
                                CFG)
-    assert result["verdict"] == drift.TOO_FEW and "min_samples" in result["note"]
+    assert result.verdict == drift.TOO_FEW and "min_samples" in (result.note or "")
 
 
 def test_prediction_log_buffers_bounds_and_flushes(tmp_path):
@@ -184,8 +184,7 @@ def test_unshifted_table_traffic_raises_no_alarm_in_19_of_20_draws(transactions)
     alarms = 0
     for seed in range(20):
         rows = frame.iloc[4000:].sample(300, random_state=seed)
-        alarms += drift.check_model(table_rows(rows, plan), reference, CFG)["verdict"] == \
-            drift.DRIFT
+        alarms += drift.check_model(table_rows(rows, plan), reference, CFG).verdict == drift.DRIFT
     assert alarms <= 1
 
 
@@ -203,16 +202,16 @@ def test_each_column_shift_is_flagged_naming_the_column(transactions, kind, colu
     shift = TableShift.of(kind, column, amount, plan)
     rows = shift.apply(frame.iloc[4000:4300], np.random.default_rng(0))
     result = drift.check_model(table_rows(rows, plan), reference, CFG)
-    assert result["verdict"] == drift.DRIFT
-    assert flagged in drift.describe(result)
-    others = set(result["drifted_features"]) | set(result["missing_changed"])
+    assert result.verdict == drift.DRIFT
+    assert flagged in result.summary
+    others = set(result.drifted_features) | set(result.missing_changed)
     assert others == {column}  # only the shifted column
 
 
 def test_a_category_never_seen_in_training_counts_apart():
     values = pd.Series(["a"] * 50 + ["zz"] * 50)
     result = drift.category_shift(values, {"a": 90, "b": 10}, CFG)
-    assert result["drifted"] and result["current_share"]["(unseen)"] == 0.5
+    assert result.drifted and result.current_share["(unseen)"] == 0.5
 
 
 @pytest.mark.parametrize("kind, column, amount, message", [

@@ -31,25 +31,25 @@ def serve_smoke_check(settings: ServeConfig, model: str, dataset_path: str, home
     updates: dict[str, Any] = {"model": model}
     if not keep_serving and control.port_in_use(settings.host, settings.port):
         updates["port"] = control.free_port(settings.host)  # a check only: any port will do
-    summary = control.start(settings.model_copy(update=updates), home, log=log)
+    app = control.start(settings.model_copy(update=updates), home, log=log)
     images, labels = PreparedDataset.open(dataset_path).load_split("test")
     images, labels = images[:SMOKE_IMAGES], labels[:SMOKE_IMAGES]
-    answer = post_json(f"{summary['url']}/v1/predict",
+    answer = post_json(app.endpoint("predict_url"),
                        {"instances": [image.tolist() for image in images]})
     predicted = [p["class_index"] for p in answer["predictions"]]
     correct = sum(int(p == y) for p, y in zip(predicted, labels))
-    result = {"url": summary["url"], "model_version": answer["model_version"],
+    result = {"url": app.url, "model_version": answer["model_version"],
               "images": len(predicted), "correct": correct,
               "accuracy": round(correct / len(predicted), 4),
-              "seconds_to_healthy": summary["seconds_to_healthy"], "kept_serving": keep_serving}
-    log(f"served {answer['model_name']} version {answer['model_version']} at {summary['url']}: "
+              "seconds_to_healthy": app.seconds_to_healthy, "kept_serving": keep_serving}
+    log(f"served {answer['model_name']} version {answer['model_version']} at {app.url}: "
         f"{correct}/{len(predicted)} test images right over HTTP")
     try:
         if then is not None:
-            result["loop"] = then(summary["url"], summary["model"]["uri"])
+            result["loop"] = then(app.url, app.model.uri)
     finally:
         if keep_serving:
-            control.serve_until_interrupted(summary, log)
+            control.serve_until_interrupted(app, log)
         else:
             control.remove_app(settings.app_name)
             control.state_file(home, settings.app_name).unlink(missing_ok=True)

@@ -15,6 +15,7 @@ from mlsd_ray.tasks.base import Log, ServedApp, Task, TrafficRequest
 if TYPE_CHECKING:
     from mlsd_ray.monitor.traffic import TrafficReport
     from mlsd_ray.registry import PinnedModel
+    from mlsd_ray.serve.control import RunningApp
 
 VAL_METRIC = "val_accuracy"  # train.VAL_METRIC, without importing torch
 
@@ -169,7 +170,7 @@ class ImageTask(Task):
         log(f"smoke: 300 rotated digits written to {folder}")
         return f"folder:{folder}"
 
-    def smoke_prediction(self, served: dict) -> dict:
+    def smoke_prediction(self, served: RunningApp) -> dict:
         """One embedded digit predicted over HTTP."""
         from sklearn.datasets import load_digits
 
@@ -178,7 +179,7 @@ class ImageTask(Task):
         from mlsd_ray.tasks.image.traffic import png_bytes
 
         image = digits_uint8(load_digits().images[0])[..., None]
-        answer = post_json(served["predict_url"],
+        answer = post_json(served.endpoint("predict_url"),
                            {"instances": [b64_instance(png_bytes(image))]})
         return {"label": "0", "predicted": answer["predictions"][0]["class_name"],
                 "model_version": answer["model_version"]}

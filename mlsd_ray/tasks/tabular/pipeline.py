@@ -94,21 +94,22 @@ def serve_check_fraud(cfg: Config, model: str, table, home: str | None,
     settings = cfg.serve.model_copy(update={"model": model})
     if not keep_serving and control.port_in_use(settings.host, settings.port):
         settings.port = control.free_port(settings.host)
-    summary = control.start(settings, home, log=log)  # the checkpoint's task: the fraud app
+    app = control.start(settings, home, log=log)  # the checkpoint's task: the fraud app
     try:
         test = table.load_split("test")
         rows = _check_rows(test, table.label, table.manifest["task"])
         records = [_record(row) for row in rows.drop(columns=[table.label]).to_dict("records")]
-        answer = post_json(summary["score_url"], {"records": records})
-        result = {"url": summary["score_url"], "model_version": answer["model_version"],
-                  "records": len(records), "seconds_to_healthy": summary["seconds_to_healthy"]}
-        offline = load_tabular(registry.resolve(summary["model"]["uri"], home)).predict(rows)
+        answer = post_json(app.endpoint("score_url"), {"records": records})
+        result = {"url": app.endpoint("score_url"), "model_version": answer["model_version"],
+                  "records": len(records), "seconds_to_healthy": app.seconds_to_healthy}
+        offline = load_tabular(registry.resolve(app.model.uri, home)).predict(rows)
         if table.manifest["task"] == "binary":
             result.update(_binary_check(answer, offline, rows[table.label].to_numpy()))
             log(f"served version {answer['model_version']}: decisions {result['decisions']} "
                 f"for {len(records)} test rows ({result['frauds']} positive)")
             if {"amount", "country"} <= set(records[0]):
-                result["example"] = _rule_example(summary["score_url"], records[-1], post_json)
+                result["example"] = _rule_example(app.endpoint("score_url"), records[-1],
+                                                  post_json)
                 log(f"a large foreign transaction: {result['example']['decision']}, score "
                     f"{result['example']['score']:.4f}, rules {result['example']['rules']}")
         else:
@@ -116,11 +117,11 @@ def serve_check_fraud(cfg: Config, model: str, table, home: str | None,
             result["max_abs_difference"] = float(np.nanmax(np.abs(served - offline.reshape(-1))))
             log(f"served version {answer['model_version']}: {len(records)} rows scored over HTTP")
         if then is not None:
-            result["loop"] = then(summary["url"], summary["model"]["uri"])
+            result["loop"] = then(app.url, app.model.uri)
         return result
     finally:
         if keep_serving:
-            control.serve_until_interrupted({**summary, "home": home}, log)
+            control.serve_until_interrupted(app, log)
         else:
             control.remove_app(settings.app_name)
             control.state_file(home, settings.app_name).unlink(missing_ok=True)

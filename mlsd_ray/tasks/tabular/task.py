@@ -14,6 +14,7 @@ from mlsd_ray.tasks.base import Log, ServedApp, Task, TrafficRequest
 if TYPE_CHECKING:
     from mlsd_ray.monitor.traffic import TrafficReport
     from mlsd_ray.registry import PinnedModel
+    from mlsd_ray.serve.control import RunningApp
 
 VAL_SCORE = "val_score"  # mlsd_ray.tasks.tabular.train.VAL_SCORE: PR-AUC, macro F1 or R²
 # The metrics a summary shows, by the name of the score the task ranks by.
@@ -190,15 +191,15 @@ class TabularTask(Task):
         log(f"smoke: 2000 new transactions written to {path}")
         return f"csv:{path}"
 
-    def smoke_prediction(self, served: dict) -> dict:
+    def smoke_prediction(self, served: RunningApp) -> dict:
         """One record built from the served model's own columns, scored over HTTP."""
         from mlsd_ray.serve.client import post_json
         from mlsd_ray.serve.control import get_json
 
-        columns = get_json(f"{served['url']}{served['model_path']}", timeout=30)["columns"]
+        columns = get_json(f"{served.url}{served.model_path}", timeout=30)["columns"]
         record = {c["name"]: (c["categories"] or ["x"])[0] if c["kind"] == "categorical"
                   else 1.0 for c in columns}
-        answer = post_json(served["score_url"], {"records": [record]})
+        answer = post_json(served.endpoint("score_url"), {"records": [record]})
         return {"record": record, "result": answer["results"][0],
                 "model_version": answer["model_version"]}
 
