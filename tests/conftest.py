@@ -65,7 +65,7 @@ def digits_model(tmp_path_factory, ray_session) -> TrainedDigits:
     home = str(tmp_path_factory.mktemp("digits-model") / "mlsd-home")
     cfg = load_config(None, [*SMALL_DIGITS, "train.epochs=4"])
     result = run_train(cfg, home=home, log=lambda _: None)
-    return TrainedDigits(cfg, result, PreparedDataset.open(result.dataset_path), home)
+    return TrainedDigits(cfg, result, PreparedDataset.open(result.dataset), home)
 
 
 def write_png(path: Path, array: np.ndarray) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -36,6 +36,9 @@ from mlsd_ray.cli.support import (
     with_flags,
 )
 from mlsd_ray.core.runtime import log_stderr
+
+if TYPE_CHECKING:
+    from mlsd_ray.tasks.base import TrainedModel
 
 app = typer.Typer(
     help="mlsd-ray: data preparation, distributed training and serving on Ray.\n\n"
@@ -106,11 +109,11 @@ def train(source: SourceOption = None, config: ConfigOption = None, set_: SetOpt
 
     chosen = ChosenTask()
 
-    def work() -> dict:
+    def work() -> TrainedModel:
         cfg = config_from(config, overrides, source, example, label, task)
         return chosen.of(cfg).train(cfg, home, log_stderr, run_name=run_name)
 
-    run(as_json, work, lambda summary: chosen.task.render_train(summary), verbose=verbose)
+    run(as_json, work, lambda trained: print(trained.describe()), verbose=verbose)
 
 
 @app.command()

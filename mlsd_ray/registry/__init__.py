@@ -140,8 +140,26 @@ def checkpoint_in(version_dir: str | Path) -> Path:
     return version_dir / flavor["artifacts"][CHECKPOINT]["path"]
 
 
+@dataclass(frozen=True)
+class RegisteredVersion:
+    """A version the registry just created: the model's name, the version number and the MLflow
+    run it was registered from (its metrics, params and evaluation live there)."""
+
+    name: str
+    version: int
+    run_id: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "version": self.version, "run_id": self.run_id,
+                "uri": self.uri}
+
+
 def new_version(mlflow_client, model_name: str, run_id: str, tags: dict,
-                description: str) -> dict:
+                description: str) -> RegisteredVersion:
     """Register the run's checkpoint artifact as the next version (creating the model)."""
     try:
         mlflow_client.get_registered_model(model_name)
@@ -149,15 +167,14 @@ def new_version(mlflow_client, model_name: str, run_id: str, tags: dict,
         mlflow_client.create_registered_model(model_name, description=description)
     version = mlflow_client.create_model_version(
         model_name, source=f"runs:/{run_id}/{ARTIFACT_DIR}", run_id=run_id, tags=tags)
-    return {"name": model_name, "version": int(version.version), "run_id": run_id,
-            "uri": f"models:/{model_name}/{version.version}"}
+    return RegisteredVersion(model_name, int(version.version), run_id)
 
 
-def promote_first(registered: dict, home: str | None, log) -> dict:
+def promote_first(registered: RegisteredVersion, home: str | None, log) -> dict:
     """A pipeline's promotion: version 1 of a new model becomes `production`; with earlier
     versions the alias stays where the user put it."""
-    name = registered["name"]
-    if not show(name, home)["aliases"] and registered["version"] == 1:
+    name = registered.name
+    if not show(name, home)["aliases"] and registered.version == 1:
         promoted = promote(name, 1, "production", home)
         log(f"promoted {name} version 1 to production (the first version)")
         return promoted

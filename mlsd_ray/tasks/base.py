@@ -19,7 +19,7 @@ from mlsd_ray.core.errors import InputError
 
 if TYPE_CHECKING:
     from mlsd_ray.monitor.traffic import TrafficReport
-    from mlsd_ray.registry import PinnedModel
+    from mlsd_ray.registry import PinnedModel, RegisteredVersion
     from mlsd_ray.serve.control import RunningApp
 
 Log = Callable[[str], None]
@@ -39,6 +39,43 @@ class ServedApp:
     health_path: str
     model_path: str
     endpoints: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class TrainedModel:
+    """What a task's training stage produced, whatever the task: the run, its best checkpoint
+    and epoch, the prepared dataset it trained on, and the registered version (with
+    registry.auto_register). A task's own result adds its scores to these."""
+
+    run_name: str
+    run_path: str
+    checkpoint: str
+    best_epoch: int
+    epochs_run: int
+    dataset: str
+    wall_seconds: float = 0.0
+    registered: RegisteredVersion | None = None
+
+    def model_uri(self) -> str:
+        """What to serve or evaluate: the registered version, else the checkpoint folder."""
+        return self.registered.uri if self.registered else self.checkpoint
+
+    def describe(self) -> str:
+        """The result for a person (`mlsd train` prints it); a task's result adds its scores."""
+        lines = [f"run {self.run_name}: best epoch {self.best_epoch} of {self.epochs_run}, "
+                 f"{self.wall_seconds:.1f} s", f"checkpoint: {self.checkpoint}"]
+        if self.registered:
+            lines.append(f"registered: {self.registered.uri}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        plain: dict[str, Any] = {
+            "run_name": self.run_name, "run_path": self.run_path, "checkpoint": self.checkpoint,
+            "best_epoch": self.best_epoch, "epochs_run": self.epochs_run,
+            "wall_seconds": round(self.wall_seconds, 1), "dataset": self.dataset}
+        if self.registered:
+            plain["registered"] = self.registered.to_dict()
+        return plain
 
 
 @dataclass(frozen=True)
@@ -106,8 +143,10 @@ class Task(ABC):
         raise self.not_offered("cross-validation")
 
     @abstractmethod
-    def train(self, cfg, home: str | None, log: Log, run_name: str | None = None) -> dict:
-        """The training stage: prepare if needed, train, evaluate, register (as configured)."""
+    def train(self, cfg, home: str | None, log: Log,
+              run_name: str | None = None) -> TrainedModel:
+        """The training stage: prepare if needed, train, evaluate, register (as configured).
+        Returns a `TrainedModel`, or the task's own subclass of it with its scores."""
 
     @abstractmethod
     def pipeline(self, cfg, home: str | None, log: Log, *, force: bool = False,
@@ -168,9 +207,9 @@ class Task(ABC):
         raise self.not_offered("retrain")
 
     def train_challenger(self, cfg, data, init_from: str | None, home: str | None,
-                         log: Log) -> dict:
-        """Train on `data.combined` (from the weights in `init_from`, when given), register,
-        and return the training summary with its `registered` entry."""
+                         log: Log) -> TrainedModel:
+        """Train on `data.combined` (from the weights in `init_from`, when given) and register
+        it: the result's `registered` is the challenger."""
         raise self.not_offered("retrain")
 
     def holdout_scores(self, checkpoint_dir: str, parts: dict) -> dict:
@@ -223,10 +262,6 @@ class Task(ABC):
     @abstractmethod
     def render_data(self, summary: dict) -> None:
         """Print the data stage's summary for a person."""
-
-    @abstractmethod
-    def render_train(self, summary: dict) -> None:
-        """Print the training stage's summary for a person."""
 
     @abstractmethod
     def render_pipeline(self, result: dict) -> None:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config
-from mlsd_ray.core.errors import InputError
+from mlsd_ray.core.errors import InputError, WorkError
 from mlsd_ray.core.runtime import log_stderr
 from mlsd_ray.core.workspace import Workspace
 
@@ -182,7 +182,9 @@ def retrain(cfg: Config, source: str, home: str | None = None, model: str | None
     fit_to_free_cpus(challenger_cfg.train, log)
     trained = task.train_challenger(challenger_cfg, data,
                                     champion_dir if mode == "finetune" else None, home, log)
-    challenger_uri = trained["registered"]["uri"]
+    if trained.registered is None:
+        raise WorkError(f"the {task.name} task's train_challenger registered no version")
+    challenger_uri = trained.registered.uri
     challenger_dir = registry.resolve(challenger_uri, home)
 
     holdout = {"old_test": data.old, "new_test": data.new}
@@ -199,7 +201,7 @@ def retrain(cfg: Config, source: str, home: str | None = None, model: str | None
                 f"than {cfg.retrain.margin} {metric} on the holdout ({gain:+.4f})"))
     log(decision.reason)
     if decision.promote:
-        version = int(trained["registered"]["version"])
+        version = trained.registered.version
         registry.promote(champion_info.name, version, cfg.retrain.alias, home)
         log(f"promoted {challenger_uri} to @{cfg.retrain.alias}")
         if roll_out:

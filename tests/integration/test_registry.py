@@ -20,11 +20,12 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 def test_two_trainings_make_two_versions_and_promote_moves_the_alias(home, digits_model):
     # version 1: the session's model, registered; version 2: `mlsd train`'s own path (train,
     # then log and register) on the same prepared data
-    first = {"registered": log_and_register(
-        digits_model.result, digits_model.cfg, digits_model.dataset, "digits-cnn", home)}
+    first = log_and_register(digits_model.result, digits_model.cfg, digits_model.dataset,
+                             "digits-cnn", home)
     cfg = load_config(None, [*SMALL_DIGITS, "train.epochs=1"])
     second = train_and_register(cfg, home=home, dataset=digits_model.dataset)
-    assert (first["registered"]["version"], second["registered"]["version"]) == (1, 2)
+    assert second.registered is not None
+    assert (first.version, second.registered.version) == (1, 2)
     assert (Path(home) / "mlflow.db").is_file()
     # artifacts live under MLSD_HOME, not in whatever folder the command ran from
     artifacts = list((Path(home) / "mlflow-artifacts").rglob("checksums.json"))
@@ -34,14 +35,14 @@ def test_two_trainings_make_two_versions_and_promote_moves_the_alias(home, digit
     assert model["name"] == "digits-cnn"
     assert [v["version"] for v in model["versions"]] == [2, 1]
     assert model["versions"][0]["data_fingerprint"] == model["versions"][1]["data_fingerprint"]
-    assert model["versions"][0]["test_accuracy"] == pytest.approx(second["test_accuracy"],
+    assert model["versions"][0]["test_accuracy"] == pytest.approx(second.test_accuracy,
                                                                   abs=1e-6)
 
     # `mlsd train`'s run was tracked live: each epoch logged while it trained, before the
     # version was registered; the dataset is its input, by fingerprint
     from mlflow import MlflowClient
 
-    run = MlflowClient().get_run(second["registered"]["run_id"])
+    run = MlflowClient().get_run(second.registered.run_id)
     [epoch] = MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")
     created = registry.show("digits-cnn/2", home)["created"]
     assert run.info.status == "FINISHED" and epoch.step == 1 and epoch.timestamp <= created
@@ -55,7 +56,7 @@ def test_two_trainings_make_two_versions_and_promote_moves_the_alias(home, digit
     assert shown["tags"]["git_commit"] and "schema" in shown["tags"]
 
     directory = registry.resolve("models:/digits-cnn@production", home)
-    assert load_model(directory).metadata["run_name"] == second["run_name"]
+    assert load_model(directory).metadata["run_name"] == second.run_name
     # a changed artifact in the local copy is refused, not loaded
     with open(Path(directory) / "preprocessing.json", "a") as handle:
         handle.write(" ")

@@ -70,18 +70,18 @@ def fraud_model(tmp_path_factory, ray_session):
 
 def test_mlp_beats_chance_beside_the_baseline(fraud_model):
     cfg, summary, _ = fraud_model
-    test, baseline = summary["test"], summary["baseline"]
+    test, baseline = summary.test, summary.baseline
     rate = test["positives"] / test["rows"]
     print(f"\nfraud MLP: PR-AUC {test['pr_auc']:.4f} ROC-AUC {test['roc_auc']:.4f} "
           f"(chance {rate:.4f}); baseline PR-AUC {baseline['pr_auc']:.4f} "
-          f"ROC-AUC {baseline['roc_auc']:.4f}; threshold {summary['decision']}")
+          f"ROC-AUC {baseline['roc_auc']:.4f}; threshold {summary.decision}")
     assert test["pr_auc"] > 5 * rate and test["roc_auc"] > 0.8
     assert baseline["model"] == "HistGradientBoostingClassifier" and baseline["pr_auc"] > rate
-    assert summary["decision"]["objective"] == "target_precision"
-    assert summary["registered"]["uri"] == "models:/fraud-mlp/1"
-    for path in summary["evaluation"].values():
+    assert summary.decision["objective"] == "target_precision"
+    assert summary.registered.uri == "models:/fraud-mlp/1"
+    for path in summary.evaluation.values():
         assert open(path, "rb").read(4)
-    assert open(summary["evaluation"]["pr_curve"], "rb").read(4) == b"\x89PNG"
+    assert open(summary.evaluation["pr_curve"], "rb").read(4) == b"\x89PNG"
 
 
 def test_evaluate_finds_the_task_in_the_checkpoint(fraud_model, tmp_path):
@@ -92,13 +92,13 @@ def test_evaluate_finds_the_task_in_the_checkpoint(fraud_model, tmp_path):
 
     _, summary, home = fraud_model
     result = subprocess.run([sys.executable, "-m", "mlsd_ray.cli", "evaluate", "--model",
-                             summary["registered"]["uri"], "--json", "--home", home],
+                             summary.registered.uri, "--json", "--home", home],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert (report["task"], report["split"], report["score_name"]) == ("binary", "test",
                                                                         "pr_auc")
-    assert report["mlp"]["pr_auc"] == pytest.approx(summary["test"]["pr_auc"])
+    assert report["mlp"]["pr_auc"] == pytest.approx(summary.test["pr_auc"])
     assert report["baseline"]["model"] == "HistGradientBoostingClassifier"
     assert open(report["report_md"]).read().startswith("# Evaluation on the test split")
     from mlflow import MlflowClient
@@ -106,10 +106,10 @@ def test_evaluate_finds_the_task_in_the_checkpoint(fraud_model, tmp_path):
     from mlsd_ray import registry
 
     registry.client(home)  # the report and its plots joined the version's run
-    logged = MlflowClient().list_artifacts(summary["registered"]["run_id"], "evaluation/test")
+    logged = MlflowClient().list_artifacts(summary.registered.run_id, "evaluation/test")
     assert {"report.json", "report.md"} <= {item.path.rsplit("/", 1)[1] for item in logged}
     on_val = subprocess.run([sys.executable, "-m", "mlsd_ray.cli", "evaluate", "--model",
-                             summary["registered"]["uri"], "--split", "val", "--home", home],
+                             summary.registered.uri, "--split", "val", "--home", home],
                             capture_output=True, text=True, timeout=300)
     assert on_val.returncode == 2 and "evaluated on its test split" in on_val.stderr
 
@@ -127,7 +127,7 @@ def test_mlsd_serve_serves_the_fraud_model(fraud_model, ray_session):
         return subprocess.run([sys.executable, "-m", "mlsd_ray.cli", *args, "--home", home],
                               capture_output=True, text=True, timeout=300, env=env)
 
-    started = mlsd("serve", "--model", summary["registered"]["uri"], "--detach", "--json",
+    started = mlsd("serve", "--model", summary.registered.uri, "--detach", "--json",
                    "--port", str(control.free_port()))
     assert started.returncode == 0, started.stderr
     app = json.loads(started.stdout)
@@ -151,7 +151,7 @@ def fraud_url(fraud_model):
     log = cfg.serve.prediction_log.model_copy(update={"flush_seconds": 0.5})
     # Two replicas (routes and model in each): a policy set through one reaches both.
     two = cfg.serve.autoscaling.model_copy(update={"min_replicas": 2, "max_replicas": 2})
-    settings = cfg.serve.model_copy(update={"model": summary["registered"]["uri"],
+    settings = cfg.serve.model_copy(update={"model": summary.registered.uri,
                                             "port": control.free_port(), "num_cpus": 0.25,
                                             "autoscaling": two, "max_body_bytes": 4096,
                                             "prediction_log": log})
@@ -192,9 +192,9 @@ def test_the_version_is_an_mlflow_model_scoring_as_the_app_does(fraud_model, fra
 
     _, summary, home = fraud_model
     mlflow.set_tracking_uri(registry.tracking_uri(home))
-    uri = summary["registered"]["uri"]
+    uri = summary.registered.uri
     signature = mlflow.models.get_model_info(uri).signature
-    table = PreparedTable.open(summary["dataset"])
+    table = PreparedTable.open(summary.dataset)
     columns = [entry["name"] for entry in table.manifest["preprocessing"]["plan"]]
     assert signature.inputs.input_names() == columns
     assert signature.outputs.input_names()[:2] == ["score", "predicted_class"]
@@ -205,7 +205,7 @@ def test_the_version_is_an_mlflow_model_scoring_as_the_app_does(fraud_model, fra
     assert served.status_code == 200, served.text
     np.testing.assert_allclose(answers["score"], [r["score"] for r in served.json()["results"]],
                                atol=1e-6)
-    threshold, classes = summary["decision"]["threshold"], table.manifest["classes"]
+    threshold, classes = summary.decision["threshold"], table.manifest["classes"]
     assert answers["predicted_class"].tolist() == [
         str(classes[int(score >= threshold)]) for score in answers["score"]]
 
@@ -341,7 +341,7 @@ def test_scored_records_are_logged_and_a_shifted_column_is_named_by_the_monitor(
     cfg, summary, home = fraud_model
     root = fraud_url.removesuffix("/v1/fraud")
     location = log_location(cfg.serve.prediction_log, home)
-    table = PreparedTable.open(summary["dataset"])
+    table = PreparedTable.open(summary.dataset)
 
     since = dt.datetime.now(dt.timezone.utc)
     sent = simulate_table_traffic(root, table, count=300)
@@ -452,7 +452,7 @@ def test_the_pipelines_monitoring_loop_runs_on_tables(fraud_model, fraud_url):
     cfg.serve.prediction_log.flush_seconds = 0.5
     served = requests.get(f"{fraud_url}/model", timeout=10).json()
     steps = monitoring_loop(get_task("tabular"), cfg, fraud_url.removesuffix("/v1/fraud"),
-                            served["uri"], PreparedTable.open(summary["dataset"]), home, print)
+                            served["uri"], PreparedTable.open(summary.dataset), home, print)
     render_loop(steps)
     assert steps.traffic_unshifted.failed_requests == 0
     assert steps.monitor_unshifted.rows == 200
@@ -476,11 +476,11 @@ def test_diabetes_regression_beside_the_baseline(home):
                              "train.cpus_per_worker=1", "registry.auto_register=false"],
                       example="fraud")
     summary = run_tabular_train(cfg, home=home)
-    mlp, baseline = summary["test"], summary["baseline"]
+    mlp, baseline = summary.test, summary.baseline
     print(f"\ndiabetes: MLP MSE {mlp['mse']:.1f} R² {mlp['r2']:.3f}; "
           f"HistGradientBoosting MSE {baseline['mse']:.1f} R² {baseline['r2']:.3f}")
-    assert summary["task"] == "regression" and mlp["r2"] > 0.25 and baseline["r2"] > 0.1
-    assert "pr_curve" not in summary["evaluation"]
+    assert summary.task == "regression" and mlp["r2"] > 0.25 and baseline["r2"] > 0.1
+    assert "pr_curve" not in summary.evaluation
 
 
 @pytest.mark.slow

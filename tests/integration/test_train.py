@@ -35,7 +35,7 @@ def test_two_workers_learn_digits_and_resume(home):
     first = run_train(cfg, home=home, run_name="digits-resume")
     assert first.epochs_run == 2
     assert first.metrics["val_accuracy"] > 0.5 and first.test_accuracy > 0.5  # chance: 0.1
-    checkpoint = Path(first.checkpoint_path)
+    checkpoint = Path(first.checkpoint)
     for name in ("model.pt", "model.json", "preprocessing.json", "reference.json",
                  "checksums.json", "train_state.pt"):
         assert (checkpoint / name).is_file()
@@ -51,13 +51,13 @@ def test_two_workers_learn_digits_and_resume(home):
                                        "train.cpus_per_worker=0.5"])
     resumed = run_train(longer, home=home, run_name="digits-resume")
     assert resumed.epochs_run == 3
-    history = load_train_state(resumed.checkpoint_path)["history"]
+    history = load_train_state(resumed.checkpoint)["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     # the two DDP replicas hold bit-identical weights whenever a checkpoint keeps them
     # (epoch 1 and 2: new best or last of the first run; epoch 3: last)
     assert [h.get("replicas_in_sync") for h in history] == [1.0, 1.0, 1.0]
 
-    summary = evaluate_checkpoint(resumed.checkpoint_path, "test", home=home)
+    summary = evaluate_checkpoint(resumed.checkpoint, "test", home=home)
     assert summary["samples"] == 269
     assert summary["accuracy"] == pytest.approx(resumed.test_accuracy)
     assert 0 < summary["macro_f1"] <= 1
@@ -68,7 +68,7 @@ def test_two_workers_learn_digits_and_resume(home):
     for png in ("confusion_matrix.png", "learning_curves.png"):
         assert Image.open(Path(summary["path"]) / png).size[0] > 300
     with pytest.raises(InputError, match="unknown split"):
-        evaluate_checkpoint(resumed.checkpoint_path, "holdout", home=home)
+        evaluate_checkpoint(resumed.checkpoint, "holdout", home=home)
 
 
 def test_a_killed_worker_restarts_from_the_last_checkpoint(home):
@@ -116,7 +116,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(home):
 
 
 def test_tampered_checkpoint_is_refused(digits_model, tmp_path):
-    checkpoint = shutil.copytree(digits_model.result.checkpoint_path, tmp_path / "checkpoint")
+    checkpoint = shutil.copytree(digits_model.result.checkpoint, tmp_path / "checkpoint")
     weights = checkpoint / "model.pt"
     state = torch.load(weights, weights_only=True)
     next(iter(state.values())).add_(1.0)

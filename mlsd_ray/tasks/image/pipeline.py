@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mlsd_ray.core.config import Config
 from mlsd_ray.core.runtime import log_stderr
@@ -42,7 +42,8 @@ def run_pipeline(cfg: Config, home: str | None = None, force: bool = False,
                             registers and "promote", serve_check and "serve",
                             serve_check and monitor_loop and registers and LOOP)
     log(heading("data"))
-    stages = {"data": prepare_dataset(cfg, home=home, force=force, log=log).summary()}
+    prepared = prepare_dataset(cfg, home=home, force=force, log=log)
+    stages: dict[str, Any] = {"data": prepared.summary()}
     if tune:
         from mlsd_ray.tuning.search import run_tune, trial_config
 
@@ -51,28 +52,27 @@ def run_pipeline(cfg: Config, home: str | None = None, force: bool = False,
         cfg = trial_config(cfg, stages["tune"]["best"]["params"])
         log(f"training with the best parameters: {stages['tune']['best']['params']}")
     log(heading("train and register"))
-    stages["train"] = train_and_register(cfg, home=home, log=log)
+    stages["train"] = trained = train_and_register(cfg, home=home, log=log)
     log(heading("evaluate"))
-    stages["evaluate"] = evaluate_checkpoint(stages["train"]["checkpoint"], "test", home)
-    registered = stages["train"].get("registered")
+    stages["evaluate"] = evaluate_checkpoint(trained.checkpoint, "test", home)
+    registered = trained.registered
     if registered:
         from mlsd_ray.registry import log_evaluation
 
         # the report and plots join the registered version's run
-        log_evaluation(registered["run_id"], stages["evaluate"]["report"], "test", home)
+        log_evaluation(registered.run_id, stages["evaluate"]["report"], "test", home)
         log(heading("promote"))
         stages["promote"] = promote_first(registered, home, log)
     if serve_check:
         from mlsd_ray.tasks.image.smoke import serve_smoke_check
 
         log(heading("serve"))
-        model = registered["uri"] if registered else stages["train"]["checkpoint"]
+        model = trained.model_uri()
         loop = None
         if monitor_loop and registered:  # retraining moves a registry alias: needs a version
             loop = functools.partial(_loop, cfg, home=home, log=log,
-                                     dataset_path=stages["train"]["dataset"],
-                                     heading=heading(LOOP))
-        stages["serve"] = serve_smoke_check(cfg.serve, model, stages["train"]["dataset"], home,
+                                     dataset_path=trained.dataset, heading=heading(LOOP))
+        stages["serve"] = serve_smoke_check(cfg.serve, model, trained.dataset, home,
                                             keep_serving, log, then=loop)
         if "loop" in stages["serve"]:
             stages["loop"] = stages["serve"].pop("loop")

@@ -8,7 +8,14 @@ import json
 
 import numpy as np
 
-from mlsd_ray.registry import _flat, client, git_commit, log_checkpoint_model, new_version
+from mlsd_ray.registry import (
+    RegisteredVersion,
+    _flat,
+    client,
+    git_commit,
+    log_checkpoint_model,
+    new_version,
+)
 
 EXAMPLE_IMAGES = 2  # test-split images stored with the model as its input example
 
@@ -32,7 +39,7 @@ def run_params(cfg, dataset) -> dict:
 
 
 def log_and_register(result, cfg, dataset, model_name: str, home: str | None = None,
-                     nested: bool = False, live: bool = False) -> dict:
+                     nested: bool = False, live: bool = False) -> RegisteredVersion:
     """Log a finished training run to MLflow and register its best checkpoint as a new version.
 
     `live`: the run is the active one, opened with its params and fed each epoch while it
@@ -54,13 +61,13 @@ def log_and_register(result, cfg, dataset, model_name: str, home: str | None = N
             "val_accuracy": f"{result.metrics['val_accuracy']:.6f}",
             "test_accuracy": f"{result.test_accuracy:.6f}", "best_epoch": str(result.best_epoch),
             "model": cfg.model.name, "schema": json.dumps(schema)}
-    with registration_run(result.run_name, run_params(cfg, dataset), result.checkpoint_path,
+    with registration_run(result.run_name, run_params(cfg, dataset), result.checkpoint,
                           live, nested) as run:
         mlflow.log_metrics({"test_accuracy": result.test_accuracy,
                             "best_val_accuracy": result.metrics["val_accuracy"]})
         mlflow.set_tags(tags)
         test_images, _ = dataset.load_split("test")
-        log_checkpoint_model(result.checkpoint_path, image_signature(dataset),
+        log_checkpoint_model(result.checkpoint, image_signature(dataset),
                              test_images[:EXAMPLE_IMAGES])
         run_id = run.info.run_id
     return new_version(mlflow_client, model_name, run_id, tags,

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from typing import Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config
 from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.image.data.prepare import PreparedDataset, prepare_dataset
 from mlsd_ray.workflows.retrain import HoldoutScore, RetrainData, check_classes
+
+if TYPE_CHECKING:
+    from mlsd_ray.tasks.image.train import TrainResult
 
 SPLITS = ("train", "val", "test")
 
@@ -41,7 +44,7 @@ def retrain_data(cfg: Config, champion_dir: str, source: str, home: str | None,
 
 
 def train_challenger(cfg: Config, data: RetrainData, init_from: str | None, home: str | None,
-                     log: Callable[[str], None]) -> dict:
+                     log: Callable[[str], None]) -> TrainResult:
     """Train and register the challenger on the combined data; its drift reference is the
     new data."""
     from mlsd_ray.tasks.image.train import train_and_register

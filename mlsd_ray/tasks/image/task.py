@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from mlsd_ray.monitor.traffic import TrafficReport
     from mlsd_ray.registry import PinnedModel
     from mlsd_ray.serve.control import RunningApp
+    from mlsd_ray.tasks.image.train import TrainResult
 
 VAL_METRIC = "val_accuracy"  # train.VAL_METRIC, without importing torch
 
@@ -58,7 +59,8 @@ class ImageTask(Task):
 
         return cv_folds(prepared, k, seed, rows_per_block)
 
-    def train(self, cfg, home: str | None, log: Log, run_name: str | None = None) -> dict:
+    def train(self, cfg, home: str | None, log: Log,
+              run_name: str | None = None) -> TrainResult:
         from mlsd_ray.tasks.image.train import train_and_register
 
         return train_and_register(cfg, home=home, log=log, run_name=run_name)
@@ -137,7 +139,7 @@ class ImageTask(Task):
         return retrain_data(cfg, champion_dir, source, home, log)
 
     def train_challenger(self, cfg, data, init_from: str | None, home: str | None,
-                         log: Log) -> dict:
+                         log: Log) -> TrainResult:
         from mlsd_ray.tasks.image.retrain import train_challenger
 
         return train_challenger(cfg, data, init_from, home, log)
@@ -187,16 +189,6 @@ class ImageTask(Task):
     def render_data(self, summary: dict) -> None:
         render_dataset(summary)
 
-    def render_train(self, summary: dict) -> None:
-        print(f"run {summary['run_name']}: best epoch {summary['best_epoch']} of "
-              f"{summary['epochs_run']}, val accuracy {summary['val_accuracy']:.4f}, "
-              f"test accuracy {summary['test_accuracy']:.4f}, {summary['wall_seconds']} s")
-        print(f"checkpoint: {summary['checkpoint']}")
-        print("workers: " + ", ".join(f"rank {n['rank']} on node {n['node_id'][:8]} ({n['ip']})"
-                                      for n in summary["worker_nodes"]))
-        if "registered" in summary:
-            print(f"registered: {summary['registered']['uri']}")
-
     def render_pipeline(self, result: dict) -> None:
         stages = result["stages"]
         render_dataset(stages["data"])
@@ -205,11 +197,11 @@ class ImageTask(Task):
             print(f"\ntuned {searched['trials']} trials ({searched['stopped_early']} stopped "
                   f"early): best {searched['best']['params']}, val accuracy "
                   f"{searched['best']['val_accuracy']:.4f}; results {searched['results']}")
-        train = stages["train"]
-        print(f"\ntrained {train['run_name']}: val accuracy {train['val_accuracy']:.4f}, "
-              f"test accuracy {train['test_accuracy']:.4f} in {train['wall_seconds']} s")
-        if "registered" in train:
-            print(f"registered: {train['registered']['uri']}")
+        train: TrainResult = stages["train"]
+        print(f"\ntrained {train.run_name}: val accuracy {train.metrics[VAL_METRIC]:.4f}, "
+              f"test accuracy {train.test_accuracy:.4f} in {train.wall_seconds:.1f} s")
+        if train.registered:
+            print(f"registered: {train.registered.uri}")
         evaluation = stages["evaluate"]
         print(f"evaluation: accuracy {evaluation['accuracy']:.4f}, macro F1 "
               f"{evaluation['macro_f1']:.4f}, SVC reference "

@@ -22,6 +22,7 @@ from mlsd_ray.core.config import AugmentConfig, Config, TrainConfig
 from mlsd_ray.core.errors import WorkError
 from mlsd_ray.core.runtime import ensure_ray, log_stderr
 from mlsd_ray.core.workspace import Workspace
+from mlsd_ray.tasks.base import TrainedModel
 from mlsd_ray.tasks.image.checkpoint import load_model
 from mlsd_ray.tasks.image.data.prepare import PreparedDataset, prepare_dataset
 from mlsd_ray.tasks.image.data.transforms import Augmenter, Preprocessor
@@ -115,27 +116,29 @@ def epoch_line(metrics: dict, epochs: int) -> str:
             f"acc {metrics[VAL_METRIC]:.4f} | {metrics['images_per_second']:.0f} img/s")
 
 
-@dataclass
-class TrainResult:
-    """What `mlsd train` produced: the run, its best checkpoint and the test-split score."""
+@dataclass(kw_only=True)
+class TrainResult(TrainedModel):
+    """What the image task's training produced: besides the run and its best checkpoint, the
+    best epoch's metrics, the test-split accuracy and the nodes each worker ran on."""
 
-    run_name: str
-    run_path: str
-    checkpoint_path: str
-    best_epoch: int
-    epochs_run: int
-    metrics: dict
+    metrics: dict[str, float]
     test_accuracy: float
-    wall_seconds: float
-    dataset_path: str
     worker_nodes: list[dict] = field(default_factory=list)
 
-    def summary(self) -> dict:
-        return {"run_name": self.run_name, "run_path": self.run_path,
-                "checkpoint": self.checkpoint_path, "best_epoch": self.best_epoch,
-                "epochs_run": self.epochs_run, "val_accuracy": self.metrics[VAL_METRIC],
-                "test_accuracy": self.test_accuracy, "wall_seconds": round(self.wall_seconds, 1),
-                "dataset": self.dataset_path, "worker_nodes": self.worker_nodes}
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "val_accuracy": self.metrics[VAL_METRIC],
+                "test_accuracy": self.test_accuracy, "worker_nodes": self.worker_nodes}
+
+    def describe(self) -> str:
+        lines = [f"run {self.run_name}: best epoch {self.best_epoch} of {self.epochs_run}, val "
+                 f"accuracy {self.metrics[VAL_METRIC]:.4f}, test accuracy "
+                 f"{self.test_accuracy:.4f}, {self.wall_seconds:.1f} s",
+                 f"checkpoint: {self.checkpoint}",
+                 "workers: " + ", ".join(f"rank {n['rank']} on node {n['node_id'][:8]} "
+                                         f"({n['ip']})" for n in self.worker_nodes)]
+        if self.registered:
+            lines.append(f"registered: {self.registered.uri}")
+        return "\n".join(lines)
 
 
 def _reference(dataset: PreparedDataset, seed: int = 0) -> dict:
@@ -215,7 +218,7 @@ def train_and_register(cfg: Config, home: str | None = None,
                        log: Callable[[str], None] = log_stderr,
                        run_name: str | None = None, dataset: PreparedDataset | None = None,
                        init_from: str | None = None,
-                       reference: PreparedDataset | None = None) -> dict:
+                       reference: PreparedDataset | None = None) -> TrainResult:
     """`mlsd train`: train, then log the run and register the best checkpoint (if configured).
 
     `dataset` replaces preparing `cfg.data.source` (retraining passes a combined dataset);
@@ -231,13 +234,11 @@ def train_and_register(cfg: Config, home: str | None = None,
                  manifest["name"], enabled=cfg.registry.auto_register) as tracked:
         result = run_train(cfg, home=home, log=log, run_name=run_name, dataset=dataset,
                            init_from=init_from, reference=reference, observe=tracked.log_epoch)
-        summary = result.summary()
         if cfg.registry.auto_register:
             name = cfg.registry.model_name or f"{manifest['name']}-cnn"
-            summary["registered"] = log_and_register(result, cfg, dataset, name, home,
-                                                     live=True)
-            log(f"registered {summary['registered']['uri']}")
-    return summary
+            result.registered = log_and_register(result, cfg, dataset, name, home, live=True)
+            log(f"registered {result.registered.uri}")
+    return result
 
 
 def default_run_name(cfg: Config, dataset: PreparedDataset) -> str:
@@ -275,6 +276,8 @@ def run_train(cfg: Config, home: str | None = None, log: Callable[[str], None] =
     with checkpoint.as_directory() as directory:
         test_accuracy = predict_split(load_model(directory), dataset, "test").accuracy
         nodes = load_train_state(directory).get("worker_nodes", [])
-    return TrainResult(name, storage.join(runs, name), checkpoint.path, int(metrics["epoch"]),
-                       int(result.metrics["epoch"]), metrics, test_accuracy,
-                       time.perf_counter() - started, dataset.path, nodes)
+    return TrainResult(run_name=name, run_path=storage.join(runs, name),
+                       checkpoint=checkpoint.path, best_epoch=int(metrics["epoch"]),
+                       epochs_run=int(result.metrics["epoch"]), dataset=dataset.path,
+                       wall_seconds=time.perf_counter() - started, metrics=metrics,
+                       test_accuracy=test_accuracy, worker_nodes=nodes)

@@ -25,13 +25,14 @@ def register_best_trial(run, best: dict, best_cfg, home: str | None, log) -> dic
         loaded = load_model(path)
         history = load_train_state(path)["history"]
         metrics = next(h for h in history if h["epoch"] == best["best_epoch"])
-        result = TrainResult(f"{run.name}-trial-{best['trial']}", run.path, path,
-                             best["best_epoch"], best["epochs_run"], metrics,
-                             predict_split(loaded, run.dataset, "test").accuracy, 0.0,
-                             run.dataset.path)
+        result = TrainResult(run_name=f"{run.name}-trial-{best['trial']}", run_path=run.path,
+                             checkpoint=path, best_epoch=best["best_epoch"],
+                             epochs_run=best["epochs_run"], dataset=run.dataset.path,
+                             metrics=metrics,
+                             test_accuracy=predict_split(loaded, run.dataset, "test").accuracy)
     registered = log_and_register(result, best_cfg, run.dataset, name, home, nested=True)
-    log(f"registered {registered['uri']} (test accuracy {result.test_accuracy:.4f})")
-    return {"registered": registered, "test_accuracy": result.test_accuracy}
+    log(f"registered {registered.uri} (test accuracy {result.test_accuracy:.4f})")
+    return {"registered": registered.to_dict(), "test_accuracy": result.test_accuracy}
 
 
 def cv_folds(dataset, k: int, seed: int, rows_per_block: int) -> list[dict]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -43,7 +43,7 @@ def run_tabular_pipeline(cfg: Config, home: str | None = None, force: bool = Fal
                             serve_check and monitor_loop and registers and LOOP)
     log(heading("data"))
     table = prepare_table(cfg, home=home, force=force, log=log)
-    stages = {"data": table.summary()}
+    stages: dict[str, Any] = {"data": table.summary()}
     if tune:
         from mlsd_ray.tuning.search import run_tune, trial_config
 
@@ -53,13 +53,14 @@ def run_tabular_pipeline(cfg: Config, home: str | None = None, force: bool = Fal
         log(f"training with the best parameters: {stages['tune']['best']['params']}")
     log(heading("train, evaluate, register"))
     stages["train"] = run_tabular_train(cfg, home=home, log=log, table=table)
-    registered = stages["train"].get("registered")
+    trained = stages["train"]
+    registered = trained.registered
     if registered:
         log(heading("promote"))
         stages["promote"] = promote_first(registered, home, log)
     if serve_check:
         log(heading("serve"))
-        model = registered["uri"] if registered else stages["train"]["checkpoint"]
+        model = trained.model_uri()
         loop = None
         if monitor_loop and registered:  # retraining moves a registry alias: needs a version
             loop = functools.partial(_loop, cfg, table, home, log, heading(LOOP))

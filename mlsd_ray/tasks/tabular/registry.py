@@ -4,10 +4,21 @@ the tabular task's metrics, the decision threshold and the input schema as versi
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from mlsd_ray.core.config import Config
-from mlsd_ray.registry import _flat, client, git_commit, log_checkpoint_model, new_version
+from mlsd_ray.registry import (
+    RegisteredVersion,
+    _flat,
+    client,
+    git_commit,
+    log_checkpoint_model,
+    new_version,
+)
 from mlsd_ray.tasks.tabular.prepare import PreparedTable
+
+if TYPE_CHECKING:
+    from mlsd_ray.tasks.tabular.stage import TabularTrainResult
 
 EXAMPLE_ROWS = 3  # test-split rows stored with the model as its input example
 
@@ -47,8 +58,9 @@ def run_params(cfg: Config, table: PreparedTable) -> dict:
             "data.fingerprint": table.manifest["fingerprint"]}
 
 
-def register_tabular(summary: dict, cfg: Config, table: PreparedTable, model_name: str,
-                     home: str | None = None, nested: bool = False, live: bool = False) -> dict:
+def register_tabular(summary: TabularTrainResult, cfg: Config, table: PreparedTable,
+                     model_name: str, home: str | None = None, nested: bool = False,
+                     live: bool = False) -> RegisteredVersion:
     """Log the run (test and baseline metrics, the model, the evaluation report) and register
     the checkpoint as a new version of `model_name`.
 
@@ -63,22 +75,22 @@ def register_tabular(summary: dict, cfg: Config, table: PreparedTable, model_nam
     m = table.manifest
     schema = {"input": {e["name"]: e["kind"] for e in m["columns"]},
               "output": {"task": m["task"], "classes": m["classes"]}}
-    score = summary["score_name"]
+    score = summary.score_name
     tags = {"task": m["task"], "data_fingerprint": m["fingerprint"], "dataset": table.path,
-            "git_commit": git_commit(), "run_name": summary["run_name"],
-            "val_score": f"{summary['val_score']:.6f}",
-            "test_score": f"{summary['test'][score]:.6f}", "score_name": score,
-            "best_epoch": str(summary["best_epoch"]), "model": "tabular_mlp",
+            "git_commit": git_commit(), "run_name": summary.run_name,
+            "val_score": f"{summary.val_score:.6f}",
+            "test_score": f"{summary.test[score]:.6f}", "score_name": score,
+            "best_epoch": str(summary.best_epoch), "model": "tabular_mlp",
             "schema": json.dumps(schema)[:5000]}
-    if summary.get("decision"):
-        tags["threshold"] = f"{summary['decision']['threshold']:.6f}"
-    with registration_run(summary["run_name"], run_params(cfg, table), summary["checkpoint"],
+    if summary.decision:
+        tags["threshold"] = f"{summary.decision['threshold']:.6f}"
+    with registration_run(summary.run_name, run_params(cfg, table), summary.checkpoint,
                           live, nested) as run:
-        mlflow.log_metrics({**_scalars("test_", summary["test"]),
-                            **_scalars("baseline_test_", summary.get("baseline"))})
+        mlflow.log_metrics({**_scalars("test_", summary.test),
+                            **_scalars("baseline_test_", summary.baseline)})
         mlflow.set_tags(tags)
-        log_checkpoint_model(summary["checkpoint"], table_signature(table), input_example(table))
-        for path in summary["evaluation"].values():
+        log_checkpoint_model(summary.checkpoint, table_signature(table), input_example(table))
+        for path in summary.evaluation.values():
             mlflow.log_artifact(path, artifact_path="evaluation")
         run_id = run.info.run_id
     return new_version(mlflow_client, model_name, run_id, tags,

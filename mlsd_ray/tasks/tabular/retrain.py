@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -25,6 +26,9 @@ from mlsd_ray.tasks.tabular.prepare import (
     prepare_table,
 )
 from mlsd_ray.workflows.retrain import HoldoutScore, RetrainData, check_classes
+
+if TYPE_CHECKING:
+    from mlsd_ray.tasks.tabular.stage import TabularTrainResult
 
 Log = Callable[[str], None]
 
@@ -85,7 +89,7 @@ def combine(parts: dict[str, list[PreparedTable]], champion: PreparedTable, name
 
 
 def train_challenger(cfg: Config, data: RetrainData, init_from: str | None, home: str | None,
-                     log: Log) -> dict:
+                     log: Log) -> TabularTrainResult:
     """Train, evaluate and register the challenger on the combined rows; its drift reference
     is the new table."""
     from mlsd_ray.tasks.tabular.stage import run_tabular_train

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -15,8 +17,10 @@ from mlsd_ray.core.config import Config
 from mlsd_ray.core.errors import WorkError
 from mlsd_ray.core.runtime import ensure_ray, log_stderr
 from mlsd_ray.core.workspace import Workspace
+from mlsd_ray.tasks.base import TrainedModel
 from mlsd_ray.tasks.tabular import metrics as tm
 from mlsd_ray.tasks.tabular.prepare import PreparedTable, prepare_table
+from mlsd_ray.tasks.tabular.task import SCORE_KEYS
 from mlsd_ray.tasks.tabular.train import (
     VAL_SCORE,
     build_tabular_trainer,
@@ -26,6 +30,45 @@ from mlsd_ray.tasks.tabular.train import (
 from mlsd_ray.training.checkpoint import RANK_METRIC
 from mlsd_ray.training.progress import EpochRelay
 from mlsd_ray.training.trainer import check_resources, failure_message
+
+
+@dataclass(kw_only=True)
+class TabularTrainResult(TrainedModel):
+    """What the tabular task's training produced: besides the run and its best checkpoint, the
+    kind of table (binary, multiclass, regression), the score runs are ranked by and its
+    validation value, the test metrics beside the baseline's, the decision threshold (binary)
+    and the evaluation's files (report, report_md, pr_curve)."""
+
+    task: str
+    score_name: str
+    val_score: float
+    test: dict[str, Any]
+    baseline: dict[str, Any] | None = None
+    decision: dict[str, Any] | None = None
+    evaluation: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "task": self.task, "score_name": self.score_name,
+                VAL_SCORE: self.val_score, "test": self.test, "baseline": self.baseline,
+                "decision": self.decision, "evaluation": self.evaluation}
+
+    def describe(self) -> str:
+        """The MLP beside the baseline, the decision, where the evaluation went."""
+        keys = SCORE_KEYS[self.score_name]
+        lines = [f"run {self.run_name}: best epoch {self.best_epoch} of {self.epochs_run}, "
+                 f"val {self.score_name} {self.val_score:.4f}, {self.wall_seconds:.1f} s",
+                 "test:      " + "  ".join(f"{k} {self.test[k]:.4f}" for k in keys)]
+        if self.baseline:
+            lines.append("baseline:  " + "  ".join(f"{k} {self.baseline[k]:.4f}" for k in keys)
+                         + f"  ({self.baseline['model']})")
+        if self.decision:
+            d = self.decision
+            lines.append(f"threshold {d['threshold']:.4f} ({d['objective']} {d.get('target')}, "
+                         f"{'met' if d['met'] else 'not met'} on val)")
+        lines += [f"{name}: {path}" for name, path in self.evaluation.items()]
+        if self.registered:
+            lines.append(f"registered: {self.registered.uri}")
+        return "\n".join(lines)
 
 
 def evaluate_outputs(task: str, outputs: np.ndarray, labels: np.ndarray,
@@ -126,7 +169,7 @@ def render_report(report: dict) -> str:
 def run_tabular_train(cfg: Config, home: str | None = None,
                       log: Callable[[str], None] = log_stderr, run_name: str | None = None,
                       table: PreparedTable | None = None, init_from: str | None = None,
-                      reference: PreparedTable | None = None) -> dict:
+                      reference: PreparedTable | None = None) -> TabularTrainResult:
     """Prepare if needed, train, evaluate the best checkpoint on test; register if configured.
 
     `table` replaces preparing `cfg.tabular.source` (retraining passes old and new rows
@@ -162,7 +205,7 @@ def run_tabular_train(cfg: Config, home: str | None = None,
         checkpoint, best = max(result.best_checkpoints, key=lambda cm: cm[1][RANK_METRIC])
         summary = evaluated_summary(cfg, table, checkpoint.path, best, name,
                                     storage.join(runs, name), int(result.metrics["epoch"]), log)
-        summary["wall_seconds"] = round(time.perf_counter() - started, 1)
+        summary.wall_seconds = time.perf_counter() - started
         if cfg.registry.auto_register:
             register(summary, cfg, table, home, log, live=True)
     return summary
@@ -170,33 +213,32 @@ def run_tabular_train(cfg: Config, home: str | None = None,
 
 def evaluated_summary(cfg: Config, table: PreparedTable, checkpoint: str, best: dict,
                       run_name: str, run_path: str, epochs_run: int,
-                      log: Callable[[str], None]) -> dict:
+                      log: Callable[[str], None]) -> TabularTrainResult:
     """A trained checkpoint's summary: its best epoch, its test metrics beside the
     baseline's, and where the evaluation went (under `run_path`/evaluation)."""
     log("evaluating on test" + (" beside the HistGradientBoosting baseline"
                                 if cfg.tabular.baseline else ""))
     evaluation = evaluate_checkpoint(cfg, table, checkpoint,
                                      storage.join(run_path, "evaluation"))
-    return {"run_name": run_name, "run_path": run_path, "checkpoint": checkpoint,
-            "best_epoch": int(best["epoch"]), "epochs_run": epochs_run,
-            "task": table.manifest["task"], "score_name": evaluation["score_name"],
-            VAL_SCORE: best[VAL_SCORE], "test": evaluation["mlp"],
-            "baseline": evaluation.get("baseline"), "decision": evaluation.get("decision"),
-            "evaluation": {k: evaluation[k] for k in ("report", "report_md", "pr_curve")
-                           if k in evaluation},
-            "dataset": table.path}
+    return TabularTrainResult(
+        run_name=run_name, run_path=run_path, checkpoint=checkpoint,
+        best_epoch=int(best["epoch"]), epochs_run=epochs_run, dataset=table.path,
+        task=table.manifest["task"], score_name=evaluation["score_name"],
+        val_score=float(best[VAL_SCORE]), test=evaluation["mlp"],
+        baseline=evaluation.get("baseline"), decision=evaluation.get("decision"),
+        evaluation={k: evaluation[k] for k in ("report", "report_md", "pr_curve")
+                    if k in evaluation})
 
 
-def register(summary: dict, cfg: Config, table: PreparedTable, home: str | None,
+def register(summary: TabularTrainResult, cfg: Config, table: PreparedTable, home: str | None,
              log: Callable[[str], None], nested: bool = False, live: bool = False) -> None:
-    """Log the run to MLflow and register its checkpoint (`summary["registered"]`); `live`:
+    """Log the run to MLflow and register its checkpoint (`summary.registered`); `live`:
     into the active run, which tracked the training (registry/tracking.py)."""
     from mlsd_ray.tasks.tabular.registry import register_tabular
 
     model_name = cfg.registry.model_name or f"{table.manifest['name']}-mlp"
-    summary["registered"] = register_tabular(summary, cfg, table, model_name, home, nested,
-                                             live)
-    log(f"registered {summary['registered']['uri']}")
+    summary.registered = register_tabular(summary, cfg, table, model_name, home, nested, live)
+    log(f"registered {summary.registered.uri}")
 
 
 def register_trial(run, best: dict, cfg: Config, home: str | None,
@@ -211,4 +253,5 @@ def register_trial(run, best: dict, cfg: Config, home: str | None,
                                 f"{run.name}-trial-{best['trial']}", run.path,
                                 best["epochs_run"], log)
     register(summary, cfg, run.dataset, home, log, nested=True)
-    return {"registered": summary["registered"], "test": summary["test"]}
+    assert summary.registered is not None  # register() sets it
+    return {"registered": summary.registered.to_dict(), "test": summary.test}

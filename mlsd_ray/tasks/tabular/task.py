@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from mlsd_ray.monitor.traffic import TrafficReport
     from mlsd_ray.registry import PinnedModel
     from mlsd_ray.serve.control import RunningApp
+    from mlsd_ray.tasks.tabular.stage import TabularTrainResult
 
 VAL_SCORE = "val_score"  # mlsd_ray.tasks.tabular.train.VAL_SCORE: PR-AUC, macro F1 or R²
 # The metrics a summary shows, by the name of the score the task ranks by.
@@ -53,7 +54,8 @@ class TabularTask(Task):
 
         return materialize_features(prepared)
 
-    def train(self, cfg, home: str | None, log: Log, run_name: str | None = None) -> dict:
+    def train(self, cfg, home: str | None, log: Log,
+              run_name: str | None = None) -> TabularTrainResult:
         from mlsd_ray.tasks.tabular.stage import run_tabular_train
 
         return run_tabular_train(cfg, home=home, log=log, run_name=run_name)
@@ -157,7 +159,7 @@ class TabularTask(Task):
         return retrain_data(cfg, champion_dir, source, home, log)
 
     def train_challenger(self, cfg, data, init_from: str | None, home: str | None,
-                         log: Log) -> dict:
+                         log: Log) -> TabularTrainResult:
         from mlsd_ray.tasks.tabular.retrain import train_challenger
 
         return train_challenger(cfg, data, init_from, home, log)
@@ -206,9 +208,6 @@ class TabularTask(Task):
     def render_data(self, summary: dict) -> None:
         render_table(summary)
 
-    def render_train(self, summary: dict) -> None:
-        render_tabular_train(summary)
-
     def render_pipeline(self, result: dict) -> None:
         render_tabular_pipeline(result["stages"])
 
@@ -243,27 +242,6 @@ def render_table(summary: dict) -> None:
     print(f"quality report: {summary['quality_report']}")
 
 
-def render_tabular_train(summary: dict) -> None:
-    """The MLP beside the baseline, the decision, where the evaluation went."""
-    score = summary["score_name"]
-    print(f"run {summary['run_name']}: best epoch {summary['best_epoch']} of "
-          f"{summary['epochs_run']}, val {score} {summary['val_score']:.4f}, "
-          f"{summary['wall_seconds']} s")
-    keys = SCORE_KEYS[score]
-    print("test:      " + "  ".join(f"{k} {summary['test'][k]:.4f}" for k in keys))
-    if summary.get("baseline"):
-        print("baseline:  " + "  ".join(f"{k} {summary['baseline'][k]:.4f}" for k in keys)
-              + f"  ({summary['baseline']['model']})")
-    if summary.get("decision"):
-        d = summary["decision"]
-        print(f"threshold {d['threshold']:.4f} ({d['objective']} {d.get('target')}, "
-              f"{'met' if d['met'] else 'not met'} on val)")
-    for name, path in summary["evaluation"].items():
-        print(f"{name}: {path}")
-    if "registered" in summary:
-        print(f"registered: {summary['registered']['uri']}")
-
-
 def render_tabular_pipeline(stages: dict) -> None:
     """Every stage of the tabular pipeline, one block each."""
     render_table(stages["data"])
@@ -271,7 +249,7 @@ def render_tabular_pipeline(stages: dict) -> None:
         searched = stages["tune"]
         print(f"\ntuned {searched['trials']} trials: best {searched['best']['params']}")
     print()
-    render_tabular_train(stages["train"])
+    print(stages["train"].describe())
     promoted = stages.get("promote", {})
     if "version" in promoted:
         print(f"production: models:/{promoted['name']}@production (version "
