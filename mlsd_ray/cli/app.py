@@ -263,7 +263,10 @@ def pipeline(source: SourceOption = None, config: ConfigOption = None, set_: Set
     chosen = ChosenTask()
 
     def work() -> dict:
+        from mlsd_ray.serve.control import prepare_ingress
+
         cfg = config_from(config, set_, source, example, label, task)
+        prepare_ingress(cfg.serve)  # its Ray starts at the data stage, long before serving
         return chosen.of(cfg).pipeline(cfg, home, log_stderr, force=force, tune=tune,
                                        serve_check=serve or keep_serving,
                                        keep_serving=keep_serving, monitor_loop=loop)

@@ -229,6 +229,13 @@ class ServeConfig(StrictModel):
     router: Literal["pow2", "round_robin", "least_connections", "consistent_hash"] = Field(
         "pow2", description="How a request finds a model replica (Serve's proxy picks it in "
         "the single topology, the ingress in the split one).")
+    ingress: Literal["proxy", "haproxy"] = Field(
+        "proxy", description="What takes HTTP requests. proxy: Serve's Python proxy, which "
+        "routes each request with `router`. haproxy: HAProxy (the binary ray[serve] installs) "
+        "forwards straight to each replica's own HTTP server, about 6x the requests/s of the "
+        "proxy on 2 cores (docs/benchmarks.md); it balances by least connections itself, so "
+        "`router` stays pow2, and the replicas' ports listen on all interfaces. Applies to a "
+        "Ray that mlsd starts; a cluster needs RAY_SERVE_ENABLE_HA_PROXY=1 where it starts.")
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     max_instances: int = Field(256, ge=1, description="Instances per request, at most.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Request bodies above "
@@ -244,6 +251,14 @@ class ServeConfig(StrictModel):
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError("max_ongoing_requests must be >= max_batch_size, or batches "
                              "never fill")
+        return self
+
+    @model_validator(mode="after")
+    def _haproxy_balances_itself(self) -> ServeConfig:
+        if self.ingress == "haproxy" and self.router != "pow2":
+            raise ValueError(f"serve.router={self.router} needs serve.ingress=proxy: with "
+                             "serve.ingress=haproxy, HAProxy picks the replica itself (least "
+                             "connections)")
         return self
 
 

@@ -8,6 +8,7 @@ local head with `ray start --head --block` in its own process group (or uses `RA
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -30,6 +31,7 @@ from mlsd_ray.core.runtime import log_stderr, quiet_serve_console
 from mlsd_ray.core.workspace import Workspace
 
 HEALTH_TIMEOUT_S = 120.0
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"  # read by Serve's processes when they start
 
 
 @dataclass(frozen=True)
@@ -309,12 +311,14 @@ def _connect_for(home: str | None, settings: ServeConfig, detach: bool,
     from mlsd_ray.core import runtime
 
     if ray.is_initialized() or os.environ.get("RAY_ADDRESS") or not detach:
+        _check_ingress(settings, ray.is_initialized(), log)
         if not ray.is_initialized():  # an in-process Serve keeps its port across apps
             _check_port_free(settings)
+            prepare_ingress(settings)
         runtime.ensure_ray(home)
         return RayHead(ray.get_runtime_context().gcs_address)
     _check_port_free(settings)
-    head = start_head(home, log)
+    head = start_head(home, log, environment=_ingress_environment(settings))
     try:
         _join(head.ray_address)
     except BaseException:
@@ -322,6 +326,31 @@ def _connect_for(home: str | None, settings: ServeConfig, detach: bool,
             stop_head(head.cluster_pid, head.ray_address, timeout=10)
         raise
     return head
+
+
+def _ingress_environment(settings: ServeConfig) -> dict[str, str]:
+    """What Serve's processes must see when Ray starts for `settings.ingress`."""
+    return {HAPROXY_ENV: "1"} if settings.ingress == "haproxy" else {}
+
+
+def prepare_ingress(settings: ServeConfig) -> None:
+    """Make the Ray that this process starts next serve through `settings.ingress` (a command
+    that starts Ray before it serves, such as the pipeline, calls this first)."""
+    os.environ.update(_ingress_environment(settings))
+
+
+def _check_ingress(settings: ServeConfig, running_here: bool,
+                   log: Callable[[str], None]) -> None:
+    """HAProxy is chosen when Serve's processes start: a Ray this process already runs without
+    it cannot switch (InputError); of a cluster's we only know what it was told."""
+    if settings.ingress != "haproxy" or os.environ.get(HAPROXY_ENV) == "1":
+        return
+    if running_here:
+        raise InputError(f"serve.ingress=haproxy needs a Ray started with {HAPROXY_ENV}=1; "
+                         "this process already runs one without it")
+    if os.environ.get("RAY_ADDRESS"):
+        log(f"serve.ingress=haproxy: the cluster at RAY_ADDRESS uses HAProxy only if it was "
+            f"started with {HAPROXY_ENV}=1")
 
 
 def port_in_use(host: str, port: int) -> str | None:
@@ -350,8 +379,10 @@ def _check_port_free(settings: ServeConfig) -> None:
 
 
 def start_head(home: str | None, log: Callable[[str], None],
-               extra_args: tuple[str, ...] = ()) -> RayHead:
-    """`ray start --head --block` in a new process group; returns its address and pid.
+               extra_args: tuple[str, ...] = (),
+               environment: dict[str, str] | None = None) -> RayHead:
+    """`ray start --head --block` in a new process group, with `environment` added to its
+    processes'; returns its address and pid.
 
     This interpreter's bin directory goes first on the head's PATH, so that a Ray job's
     `python jobs/...` entrypoint runs in this environment (with torch, Ray and MLflow)."""
@@ -367,8 +398,8 @@ def start_head(home: str | None, log: Callable[[str], None],
                f"--dashboard-agent-listen-port={free_port()}",
                f"--ray-client-server-port={free_port()}",
                "--include-dashboard=true", "--disable-usage-stats", *extra_args]
-    env = {**os.environ, "PATH": os.pathsep.join([str(ray_bin.parent),
-                                                  os.environ.get("PATH", "")])}
+    env = {**os.environ, **(environment or {}),
+           "PATH": os.pathsep.join([str(ray_bin.parent), os.environ.get("PATH", "")])}
     log(f"starting a local Ray head (log: {log_path})")
     with open(log_path, "ab") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
@@ -519,11 +550,15 @@ def deploy(model_ref: str, home: str | None = None, app_name: str = "mlsd",
 
 
 def stop(home: str | None = None, app_name: str = "mlsd") -> StoppedApp:
-    """Delete the app; stop the Ray head too if `mlsd serve --detach` started it."""
+    """Delete the app; stop the Ray head instead if `mlsd serve --detach` started it (the
+    app goes with it: shutting Serve down first waited up to 30 s for its controller)."""
     import ray
 
     state = read_state(home, app_name)
-    stopped_cluster = False
+    if state.head.cluster_pid:
+        stopped = stop_head(state.head.cluster_pid, state.head.ray_address)
+        state_file(home, app_name).unlink(missing_ok=True)
+        return StoppedApp(app_name, stopped)
     try:
         _join_recorded(state)
         remove_app(app_name)
@@ -532,10 +567,8 @@ def stop(home: str | None = None, app_name: str = "mlsd") -> StoppedApp:
     finally:
         if ray.is_initialized():
             ray.shutdown()
-    if state.head.cluster_pid:
-        stopped_cluster = stop_head(state.head.cluster_pid, state.head.ray_address)
     state_file(home, app_name).unlink(missing_ok=True)
-    return StoppedApp(app_name, stopped_cluster)
+    return StoppedApp(app_name, False)
 
 
 def forget_recorded_cluster(address: str) -> None:
@@ -560,27 +593,43 @@ def kill_group(pid: int, timeout: float = 30) -> bool:
         return False
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        _reap(pid)
         try:
             os.killpg(pid, 0)
         except ProcessLookupError:
             return True
-        time.sleep(0.5)
+        time.sleep(0.2)
     os.killpg(pid, signal.SIGKILL)
+    _reap(pid)
     return True
 
 
-def stop_head(pid: int, gcs_address: str, timeout: float = 30) -> bool:
-    """Stop a head that `start_head` started: its process group, what of it outlived the group,
-    and Ray's record of it. True if the group was still running."""
+def _reap(pid: int) -> None:
+    """Collect `pid`'s exit status when this process started it: until then an exited
+    `ray start` stays a zombie, which keeps its group alive for killpg (a head started and
+    stopped in one process waited out the whole timeout)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass  # not our child: its own parent (or init) reaps it
+
+
+def stop_head(pid: int, gcs_address: str, timeout: float = 10) -> bool:
+    """Stop a head that `start_head` started: its process group, what of it outlived the group
+    (Ray's processes and what they started, such as Serve's HAProxy, which would keep the app's
+    port), and Ray's record of it. True if the group was still running."""
+    processes = head_processes(gcs_address)  # before the group goes: then they are orphans
     stopped = kill_group(pid, timeout)
-    kill_head_processes(gcs_address)
+    for process in processes:
+        with contextlib.suppress(Exception):  # psutil.Error: already gone
+            process.kill()
     forget_recorded_cluster(gcs_address)
     return stopped
 
 
-def kill_head_processes(gcs_address: str) -> int:
-    """SIGKILL what is left of a head whose `ray start` died first: Ray processes that name
-    its GCS port and may sit outside the process group. Returns how many were killed."""
+def head_processes(gcs_address: str) -> list:
+    """The processes of a head (psutil.Process): those that name its GCS port, and everything
+    they started."""
     import psutil
 
     port = gcs_address.rpartition(":")[2]
@@ -589,12 +638,10 @@ def kill_head_processes(gcs_address: str) -> int:
         return arg == f"--gcs_server_port={port}" or (
             arg.startswith("--gcs-address=") and arg.endswith(f":{port}"))
 
-    killed = 0
+    found: dict[int, psutil.Process] = {}
     for process in psutil.process_iter(["cmdline"]):
         if any(of_this_head(arg) for arg in process.info["cmdline"] or []):
-            try:
-                process.kill()
-                killed += 1
-            except psutil.Error:
-                pass
-    return killed
+            found[process.pid] = process
+            with contextlib.suppress(psutil.Error):
+                found.update({child.pid: child for child in process.children(recursive=True)})
+    return list(found.values())
