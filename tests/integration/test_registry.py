@@ -87,7 +87,7 @@ def test_a_version_is_an_mlflow_model_that_plain_mlflow_loads_and_serves(home, d
 
     registered = log_and_register(digits_model.result, digits_model.cfg, digits_model.dataset,
                                   "digits-cnn", home)
-    registry.promote("digits-cnn", registered["version"], "production", home)
+    registry.promote("digits-cnn", registered.version, "production", home)
     tracking, uri = registry.tracking_uri(home), "models:/digits-cnn@production"
     mlflow.set_tracking_uri(tracking)
 
