@@ -228,10 +228,9 @@ def _render_tune(summary: dict) -> None:
     console.print(f"{summary['trials']} trials, {summary['stopped_early']} stopped early, "
                   f"{summary['failed']} failed, {summary['trial_epochs']} trial-epochs in "
                   f"{summary['wall_seconds']} s")
-    if "registered" in summary:
-        console.print(f"best: trial {summary['best']['trial']}, test accuracy "
-                      f"{summary['test_accuracy']:.4f}, registered "
-                      f"{summary['registered']['uri']}", soft_wrap=True)
+    if summary.get("registered"):
+        console.print(f"best: trial {summary['best']['trial']}, {summary['best_test']}, "
+                      f"registered {summary['registered']['uri']}", soft_wrap=True)
     for key in ("results", "curves", "best_config"):
         console.print(f"{key.replace('_', ' ')}: {summary[key]}", soft_wrap=True)
 

@@ -60,6 +60,11 @@ class TrainedModel:
         """What to serve or evaluate: the registered version, else the checkpoint folder."""
         return self.registered.uri if self.registered else self.checkpoint
 
+    def test_line(self) -> str:
+        """The test-split score in a few words ("test accuracy 0.9926"); a task's result
+        knows its metric."""
+        return "no test score"
+
     def describe(self) -> str:
         """The result for a person (`mlsd train` prints it); a task's result adds its scores."""
         lines = [f"run {self.run_name}: best epoch {self.best_epoch} of {self.epochs_run}, "
@@ -220,10 +225,11 @@ class Task(ABC):
         raise self.not_offered("retrain")
 
     def register_best_trial(self, run, best: dict, best_cfg, home: str | None,
-                            log: Log) -> dict:
+                            log: Log) -> TrainedModel:
         """Register a search's best trial (`best`: its row, with its `checkpoint`; `run`: the
-        search, with its `dataset`) as a version, logged as a child of the active MLflow run;
-        `{"registered": {...}, ...}`. Called when `registers_best_trial`."""
+        search, with its `dataset`) as a version, logged as a child of the active MLflow run:
+        the trial's `TrainedModel`, scored on test, with its `registered` version. Called when
+        `registers_best_trial`."""
         raise self.not_offered("tune registration")
 
     def drift_drill(self, prepared, incoming: str):

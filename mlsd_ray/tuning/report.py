@@ -202,7 +202,10 @@ def _track(run, best, best_cfg, home, log, register, metric: str,
     if register:
         from mlsd_ray.tasks import get_task
 
-        out.update(get_task(run.cfg.task).register_best_trial(run, best, best_cfg, home, log))
+        trained = get_task(run.cfg.task).register_best_trial(run, best, best_cfg, home, log)
+        # summary.json is plain data: the trial's model as its JSON form
+        out.update(best_model=trained.to_dict(), best_test=trained.test_line(),
+                   registered=trained.registered.to_dict() if trained.registered else None)
     return out
 
 

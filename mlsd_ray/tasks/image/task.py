@@ -100,7 +100,7 @@ class ImageTask(Task):
         print(f"plots: {summary['confusion_matrix_png']}, {summary['learning_curves_png']}")
 
     def register_best_trial(self, run, best: dict, best_cfg, home: str | None,
-                            log: Log) -> dict:
+                            log: Log) -> TrainResult:
         from mlsd_ray.tasks.image.tune import register_best_trial
 
         return register_best_trial(run, best, best_cfg, home, log)

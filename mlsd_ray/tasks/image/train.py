@@ -129,6 +129,9 @@ class TrainResult(TrainedModel):
         return {**super().to_dict(), "val_accuracy": self.metrics[VAL_METRIC],
                 "test_accuracy": self.test_accuracy, "worker_nodes": self.worker_nodes}
 
+    def test_line(self) -> str:
+        return f"test accuracy {self.test_accuracy:.4f}"
+
     def describe(self) -> str:
         lines = [f"run {self.run_name}: best epoch {self.best_epoch} of {self.epochs_run}, val "
                  f"accuracy {self.metrics[VAL_METRIC]:.4f}, test accuracy "

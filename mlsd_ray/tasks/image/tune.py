@@ -3,12 +3,17 @@ trial registered."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from mlsd_ray.core.errors import InputError
 
+if TYPE_CHECKING:
+    from mlsd_ray.tasks.image.train import TrainResult
 
-def register_best_trial(run, best: dict, best_cfg, home: str | None, log) -> dict:
+
+def register_best_trial(run, best: dict, best_cfg, home: str | None, log) -> TrainResult:
     """Register the best trial's checkpoint (its accuracy on test scored here); with CV,
     first refit the best configuration on the whole train split."""
     from mlsd_ray.tasks.image.checkpoint import load_model
@@ -30,9 +35,10 @@ def register_best_trial(run, best: dict, best_cfg, home: str | None, log) -> dic
                              epochs_run=best["epochs_run"], dataset=run.dataset.path,
                              metrics=metrics,
                              test_accuracy=predict_split(loaded, run.dataset, "test").accuracy)
-    registered = log_and_register(result, best_cfg, run.dataset, name, home, nested=True)
-    log(f"registered {registered.uri} (test accuracy {result.test_accuracy:.4f})")
-    return {"registered": registered.to_dict(), "test_accuracy": result.test_accuracy}
+    result.registered = log_and_register(result, best_cfg, run.dataset, name, home,
+                                         nested=True)
+    log(f"registered {result.registered.uri} ({result.test_line()})")
+    return result
 
 
 def cv_folds(dataset, k: int, seed: int, rows_per_block: int) -> list[dict]:

@@ -52,6 +52,9 @@ class TabularTrainResult(TrainedModel):
                 VAL_SCORE: self.val_score, "test": self.test, "baseline": self.baseline,
                 "decision": self.decision, "evaluation": self.evaluation}
 
+    def test_line(self) -> str:
+        return f"test {self.score_name} {self.test[self.score_name]:.4f}"
+
     def describe(self) -> str:
         """The MLP beside the baseline, the decision, where the evaluation went."""
         keys = SCORE_KEYS[self.score_name]
@@ -242,7 +245,7 @@ def register(summary: TabularTrainResult, cfg: Config, table: PreparedTable, hom
 
 
 def register_trial(run, best: dict, cfg: Config, home: str | None,
-                   log: Callable[[str], None]) -> dict:
+                   log: Callable[[str], None]) -> TabularTrainResult:
     """A search's best trial, evaluated on test beside the baseline and registered as a child
     of the search's MLflow run."""
     from mlsd_ray.training.checkpoint import load_train_state
@@ -253,5 +256,4 @@ def register_trial(run, best: dict, cfg: Config, home: str | None,
                                 f"{run.name}-trial-{best['trial']}", run.path,
                                 best["epochs_run"], log)
     register(summary, cfg, run.dataset, home, log, nested=True)
-    assert summary.registered is not None  # register() sets it
-    return {"registered": summary.registered.to_dict(), "test": summary.test}
+    return summary

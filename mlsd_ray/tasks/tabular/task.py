@@ -115,7 +115,7 @@ class TabularTask(Task):
         print(f"report: {summary['report_md']}")
 
     def register_best_trial(self, run, best: dict, best_cfg, home: str | None,
-                            log: Log) -> dict:
+                            log: Log) -> TabularTrainResult:
         from mlsd_ray.tasks.tabular.stage import register_trial
 
         return register_trial(run, best, best_cfg, home, log)
