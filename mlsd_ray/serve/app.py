@@ -86,7 +86,6 @@ class LoggingReplica:
     dropped-rows metric, and the last rows written when Serve shuts the replica down."""
 
     log = None
-    dropped_reported = 0
     replica: str  # set by the task's `load`, with `metrics` (serve/metrics.py's model_metrics)
     metrics: dict
 
@@ -96,16 +95,14 @@ class LoggingReplica:
         settings = PredictionLogConfig(**(log_settings or {}))
         self.log = (PredictionLog(log_location(settings, home), settings, self.replica)
                     if settings.enabled else None)
-        if self.log is not None:
-            self.metrics["dropped"].set(0)
 
     def _record(self, rows: list[dict]) -> None:
         if self.log is None:
             return
         self.log.record(rows)
-        if self.log.dropped > self.dropped_reported:
-            self.metrics["dropped"].set(self.log.dropped)
-            self.dropped_reported = self.log.dropped
+        # Set with every batch, zero included: a value set once in the replica's constructor
+        # never reached Ray's metrics agent (the gauge was missing from a fresh app's scrape).
+        self.metrics["dropped"].set(self.log.dropped)
 
     def log_stats(self) -> dict | None:
         return self.log.stats() if self.log else None

@@ -112,7 +112,10 @@ def test_serving_metrics_reach_prometheus(live):
     import ray  # noqa: F401  (the session's instance: ray.nodes() lists its metrics agent)
 
     assert control.metrics_endpoints()
-    text = scrape_until("ray_mlsd_predictions_total", "ray_mlsd_batch_size_bucket")
+    sent = simulate_traffic(live["url"], live["dataset"], "none", count=16, seed=9)
+    assert sent.failed_requests == 0  # its own traffic: the test passes alone, too
+    text = scrape_until("ray_mlsd_predictions_total", "ray_mlsd_batch_size_bucket",
+                        'route="/v1/predict"')
     assert 'ray_mlsd_requests_total{' in text and 'status="200"' in text
     assert 'route="/v1/predict"' in text  # the template FastAPI matched (serve/app.py)
     assert 'ray_mlsd_predictions_total{' in text and 'predicted_class="' in text
