@@ -27,6 +27,7 @@ import hashlib
 import hmac
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -81,13 +82,27 @@ class BatchedMethod(Protocol):
 
 
 class LoggingReplica:
-    """What both apps' model deployments share: the prediction log the replica writes for
-    `mlsd monitor` (rows are only queued on the request path, monitor/predlog.py), the
-    dropped-rows metric, and the last rows written when Serve shuts the replica down."""
+    """What both apps' model deployments share: each batch's metrics (`_count_batch`), the
+    prediction log the replica writes for `mlsd monitor` (rows are only queued on the request
+    path, monitor/predlog.py), the dropped-rows metric, and the last rows written when Serve
+    shuts the replica down."""
 
     log = None
     replica: str  # set by the task's `load`, with `metrics` (serve/metrics.py's model_metrics)
     metrics: dict
+    info: dict  # the served model's description: at least model_name and model_version
+
+    def _count_batch(self, size: int, predicted: list[str] | None) -> None:
+        """One forward pass for Prometheus: its size, the version this replica serves (set
+        with every batch: a value set once at start never reached Ray's metrics agent), and
+        the predictions by class (`predicted`: None for a model without classes)."""
+        version = str(self.info["model_version"])
+        self.metrics["batch"].observe(size)
+        self.metrics["version"].set(1, tags={"model_name": str(self.info["model_name"]),
+                                             "model_version": version})
+        for name, count in Counter(predicted or []).items():
+            self.metrics["predictions"].inc(count, tags={"model_version": version,
+                                                         "predicted_class": name})
 
     def _open_log(self, log_settings: dict | None, home: str | None) -> None:
         from mlsd_ray.monitor.predlog import PredictionLog, log_location

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -373,8 +374,13 @@ def test_scored_records_are_logged_and_a_shifted_column_is_named_by_the_monitor(
     assert "| amount |" in open(alarm.outputs["report.md"]).read()
     # the app's requests reach Prometheus by route template and status (serve/app.py)
     scored = 'route="/v1/fraud/score"'
-    text = scrape_until(scored)
+    text = scrape_until(scored, 'model_name="fraud-mlp"', "ray_mlsd_predictions_total{")
     assert scored in text and 'status="200"' in text
+    # the model's own series, as for images: the version it serves and answers by class
+    loaded = [line for line in text.splitlines() if line.startswith("ray_mlsd_model_loaded{")]
+    assert any('model_name="fraud-mlp"' in line and 'model_version="1"' in line
+               for line in loaded)
+    assert re.search(r'ray_mlsd_predictions_total\{[^}]*predicted_class="[^"]+"', text)
 
 
 def test_predict_offline_with_ray_data_and_online_from_a_csv(fraud_model, fraud_url,

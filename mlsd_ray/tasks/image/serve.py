@@ -25,7 +25,6 @@ import datetime as dt
 import json
 import time
 import uuid
-from collections import Counter
 from typing import Any, cast
 
 import numpy as np
@@ -118,8 +117,6 @@ class ImageModel(LoggingReplica):
         run_batch.set_batch_wait_timeout_s(replica.batch_wait_timeout_s)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.metrics = model_metrics()
-        self.version_tags = {"model_name": self.info["model_name"],
-                             "model_version": self.info["model_version"]}
         self._open_log(replica.log_settings, replica.home)
 
     def describe(self) -> dict:
@@ -159,11 +156,7 @@ class ImageModel(LoggingReplica):
         """Metrics and prediction-log rows for one batch (no I/O: the log writes elsewhere)."""
         classes, version = self.info["classes"], self.info["model_version"]
         predicted = probabilities.argmax(axis=1)
-        self.metrics["batch"].observe(len(predicted))
-        self.metrics["version"].set(1, tags=self.version_tags)
-        for index, count in Counter(predicted.tolist()).items():
-            self.metrics["predictions"].inc(count, tags={"model_version": version,
-                                                         "predicted_class": classes[index]})
+        self._count_batch(len(predicted), [classes[index] for index in predicted.tolist()])
         if self.log is None:
             return
         now = dt.datetime.now(dt.timezone.utc)

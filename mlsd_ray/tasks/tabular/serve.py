@@ -64,6 +64,7 @@ from mlsd_ray.serve.oip import (
     add_open_inference_routes,
 )
 from mlsd_ray.serve.schemas import ClientError, parse_json
+from mlsd_ray.tasks.tabular.monitoring import predicted_classes
 from mlsd_ray.tasks.tabular.records import check_record, records_from_json, records_from_tensors
 from mlsd_ray.tasks.tabular.rules import RulesError, decide, parse_rules
 
@@ -133,7 +134,8 @@ class TabularModel(LoggingReplica):
         records = [record for r in requests for record in r["records"]]
         frame = pd.DataFrame(records)
         outputs = await asyncio.to_thread(self.loaded.predict, frame)
-        self.metrics["batch"].observe(len(frame))
+        self._count_batch(len(frame), predicted_classes(
+            outputs, self.info["task"], self.info["classes"], self.info["threshold"]))
         self._log(requests, records, outputs)
         answers, start = [], 0
         for size in sizes:
