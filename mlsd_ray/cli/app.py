@@ -39,6 +39,7 @@ from mlsd_ray.core.runtime import log_stderr
 
 if TYPE_CHECKING:
     from mlsd_ray.tasks.base import TrainedModel
+    from mlsd_ray.workflows.stages import PipelineResult
 
 app = typer.Typer(
     help="mlsd-ray: data preparation, distributed training and serving on Ray.\n\n"
@@ -261,7 +262,7 @@ def pipeline(source: SourceOption = None, config: ConfigOption = None, set_: Set
     """
     chosen = ChosenTask()
 
-    def work() -> dict:
+    def work() -> PipelineResult:
         from mlsd_ray.serve.control import prepare_ingress
 
         cfg = config_from(config, set_, source, example, label, task)

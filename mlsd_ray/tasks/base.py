@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from mlsd_ray.monitor.traffic import TrafficReport
     from mlsd_ray.registry import PinnedModel, RegisteredVersion
     from mlsd_ray.serve.control import RunningApp
+    from mlsd_ray.workflows.stages import PipelineResult
 
 Log = Callable[[str], None]
 
@@ -156,7 +157,7 @@ class Task(ABC):
     @abstractmethod
     def pipeline(self, cfg, home: str | None, log: Log, *, force: bool = False,
                  tune: bool = False, serve_check: bool = True, keep_serving: bool = False,
-                 monitor_loop: bool = True) -> dict:
+                 monitor_loop: bool = True) -> PipelineResult:
         """Every stage end to end; `{"task": name, "stages": {stage: summary}}`."""
 
     def serve_application(self, settings, model: PinnedModel, home: str | None) -> ServedApp:
@@ -270,8 +271,8 @@ class Task(ABC):
         """Print the data stage's summary for a person."""
 
     @abstractmethod
-    def render_pipeline(self, result: dict) -> None:
-        """Print the pipeline's summaries for a person."""
+    def render_pipeline(self, result: PipelineResult) -> None:
+        """Print what the pipeline did, stage by stage, for a person."""
 
     # ------------------------------------------------------------------ helpers
 

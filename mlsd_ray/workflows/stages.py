@@ -1,8 +1,44 @@
-"""The pipelines' stage headings, numbered against the stages a run will have."""
+"""What every task's pipeline shares: its stage headings, numbered against the stages a run
+will have, and its typed result."""
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from mlsd_ray.tasks.base import TrainedModel
+    from mlsd_ray.workflows.loop import LoopSteps
+
+
+@dataclass
+class PipelineResult:
+    """What `mlsd pipeline` did, stage by stage; None for a stage this run skipped. `train` and
+    `loop` are typed; the others are their stage's JSON summary (the prepared data's, the
+    search's, the evaluation report, the promotion, the serve check)."""
+
+    task: str
+    data: dict[str, Any]
+    train: TrainedModel
+    tune: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None
+    promoted: dict[str, Any] | None = None
+    serve: dict[str, Any] | None = None
+    loop: LoopSteps | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """`--json`: {"task", "stages": {stage: summary}}, the stages in the order they ran."""
+        stages: dict[str, Any] = {"data": self.data}
+        if self.tune is not None:
+            stages["tune"] = self.tune
+        stages["train"] = self.train.to_dict()
+        for name, summary in (("evaluate", self.evaluation), ("promote", self.promoted),
+                              ("serve", self.serve)):
+            if summary is not None:
+                stages[name] = summary
+        if self.loop is not None:
+            stages["loop"] = self.loop.to_dict()
+        return {"task": self.task, "stages": stages}
 
 
 class StageHeadings:

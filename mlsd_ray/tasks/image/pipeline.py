@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mlsd_ray.core.config import Config
 from mlsd_ray.core.runtime import log_stderr
 from mlsd_ray.tasks.image.data.prepare import prepare_dataset
-from mlsd_ray.workflows.stages import StageHeadings
+from mlsd_ray.workflows.stages import PipelineResult, StageHeadings
 
 if TYPE_CHECKING:
     from mlsd_ray.workflows.loop import LoopSteps
@@ -27,8 +27,8 @@ LOOP = "monitor -> retrain -> rolling update"
 def run_pipeline(cfg: Config, home: str | None = None, force: bool = False,
                  log: Callable[[str], None] = log_stderr, tune: bool = False,
                  serve_check: bool = True, keep_serving: bool = False,
-                 monitor_loop: bool = True) -> dict:
-    """Run the stages end to end; returns one summary per stage.
+                 monitor_loop: bool = True) -> PipelineResult:
+    """Run the stages end to end; returns what each stage did.
 
     With `tune`, a search (cfg.tune) runs first and the final training uses its best
     parameters on top of `cfg` (so with the pipeline's own workers and epochs).
@@ -43,26 +43,27 @@ def run_pipeline(cfg: Config, home: str | None = None, force: bool = False,
                             serve_check and monitor_loop and registers and LOOP)
     log(heading("data"))
     prepared = prepare_dataset(cfg, home=home, force=force, log=log)
-    stages: dict[str, Any] = {"data": prepared.summary()}
+    searched = None
     if tune:
         from mlsd_ray.tuning.search import run_tune, trial_config
 
         log(heading("tune"))
-        stages["tune"] = run_tune(cfg, home=home, log=log, register=False)
-        cfg = trial_config(cfg, stages["tune"]["best"]["params"])
-        log(f"training with the best parameters: {stages['tune']['best']['params']}")
+        searched = run_tune(cfg, home=home, log=log, register=False)
+        cfg = trial_config(cfg, searched["best"]["params"])
+        log(f"training with the best parameters: {searched['best']['params']}")
     log(heading("train and register"))
-    stages["train"] = trained = train_and_register(cfg, home=home, log=log)
+    trained = train_and_register(cfg, home=home, log=log)
+    result = PipelineResult(task="image", data=prepared.summary(), tune=searched, train=trained)
     log(heading("evaluate"))
-    stages["evaluate"] = evaluate_checkpoint(trained.checkpoint, "test", home)
+    result.evaluation = evaluate_checkpoint(trained.checkpoint, "test", home)
     registered = trained.registered
     if registered:
         from mlsd_ray.registry import log_evaluation
 
         # the report and plots join the registered version's run
-        log_evaluation(registered.run_id, stages["evaluate"]["report"], "test", home)
+        log_evaluation(registered.run_id, result.evaluation["report"], "test", home)
         log(heading("promote"))
-        stages["promote"] = promote_first(registered, home, log)
+        result.promoted = promote_first(registered, home, log)
     if serve_check:
         from mlsd_ray.tasks.image.smoke import serve_smoke_check
 
@@ -72,11 +73,10 @@ def run_pipeline(cfg: Config, home: str | None = None, force: bool = False,
         if monitor_loop and registered:  # retraining moves a registry alias: needs a version
             loop = functools.partial(_loop, cfg, home=home, log=log,
                                      dataset_path=trained.dataset, heading=heading(LOOP))
-        stages["serve"] = serve_smoke_check(cfg.serve, model, trained.dataset, home,
-                                            keep_serving, log, then=loop)
-        if "loop" in stages["serve"]:
-            stages["loop"] = stages["serve"].pop("loop")
-    return {"stages": stages}
+        result.serve = serve_smoke_check(cfg.serve, model, trained.dataset, home,
+                                         keep_serving, log, then=loop)
+        result.loop = result.serve.pop("loop", None)
+    return result
 
 
 def _loop(cfg: Config, url: str, served_uri: str, home: str | None,

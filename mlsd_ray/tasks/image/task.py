@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from mlsd_ray.registry import PinnedModel
     from mlsd_ray.serve.control import RunningApp
     from mlsd_ray.tasks.image.train import TrainResult
+    from mlsd_ray.workflows.stages import PipelineResult
 
 VAL_METRIC = "val_accuracy"  # train.VAL_METRIC, without importing torch
 
@@ -67,7 +68,7 @@ class ImageTask(Task):
 
     def pipeline(self, cfg, home: str | None, log: Log, *, force: bool = False,
                  tune: bool = False, serve_check: bool = True, keep_serving: bool = False,
-                 monitor_loop: bool = True) -> dict:
+                 monitor_loop: bool = True) -> PipelineResult:
         from mlsd_ray.tasks.image.pipeline import run_pipeline
 
         return run_pipeline(cfg, home=home, force=force, log=log, tune=tune,
@@ -189,39 +190,38 @@ class ImageTask(Task):
     def render_data(self, summary: dict) -> None:
         render_dataset(summary)
 
-    def render_pipeline(self, result: dict) -> None:
-        stages = result["stages"]
-        render_dataset(stages["data"])
-        if "tune" in stages:
-            searched = stages["tune"]
+    def render_pipeline(self, result: PipelineResult) -> None:
+        render_dataset(result.data)
+        if result.tune is not None:
+            searched = result.tune
             print(f"\ntuned {searched['trials']} trials ({searched['stopped_early']} stopped "
                   f"early): best {searched['best']['params']}, val accuracy "
                   f"{searched['best']['val_accuracy']:.4f}; results {searched['results']}")
-        train: TrainResult = stages["train"]
-        print(f"\ntrained {train.run_name}: val accuracy {train.metrics[VAL_METRIC]:.4f}, "
-              f"test accuracy {train.test_accuracy:.4f} in {train.wall_seconds:.1f} s")
+        train = result.train
+        print(f"\ntrained {train.run_name}: {train.test_line()} in {train.wall_seconds:.1f} s")
         if train.registered:
             print(f"registered: {train.registered.uri}")
-        evaluation = stages["evaluate"]
-        print(f"evaluation: accuracy {evaluation['accuracy']:.4f}, macro F1 "
-              f"{evaluation['macro_f1']:.4f}, SVC reference "
-              f"{evaluation['baseline_accuracy']:.4f}; report {evaluation['report']}")
-        promoted = stages.get("promote", {})
+        evaluation = result.evaluation
+        if evaluation is not None:
+            print(f"evaluation: accuracy {evaluation['accuracy']:.4f}, macro F1 "
+                  f"{evaluation['macro_f1']:.4f}, SVC reference "
+                  f"{evaluation['baseline_accuracy']:.4f}; report {evaluation['report']}")
+        promoted = result.promoted or {}
         if "version" in promoted:
             print(f"production: models:/{promoted['name']}@production "
                   f"(version {promoted['version']})")
         elif promoted:
             print(promoted["skipped"])
-        if "serve" in stages:
-            served = stages["serve"]
+        if result.serve is not None:
+            served = result.serve
             print(f"serve check: {served['correct']}/{served['images']} test images right over "
                   f"HTTP from version {served['model_version']} at {served['url']}"
                   + ("" if served["kept_serving"] else " (stopped; `mlsd serve --detach` to "
                                                         "run it)"))
-        if "loop" in stages:
+        if result.loop is not None:
             from mlsd_ray.workflows.loop import render_loop
 
-            render_loop(stages["loop"])
+            render_loop(result.loop)
 
 
 def render_dataset(summary: dict) -> None:

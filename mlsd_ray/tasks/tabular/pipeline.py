@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from mlsd_ray.core.config import Config
 from mlsd_ray.core.runtime import log_stderr
+from mlsd_ray.workflows.stages import PipelineResult, StageHeadings
 
 if TYPE_CHECKING:
     from mlsd_ray.workflows.loop import LoopSteps
@@ -30,12 +31,11 @@ LOOP = "monitor -> retrain -> rolling update"
 def run_tabular_pipeline(cfg: Config, home: str | None = None, force: bool = False,
                          log: Callable[[str], None] = log_stderr, tune: bool = False,
                          serve_check: bool = True, keep_serving: bool = False,
-                         monitor_loop: bool = True) -> dict:
-    """Run the tabular stages; returns one summary per stage."""
+                         monitor_loop: bool = True) -> PipelineResult:
+    """Run the tabular stages; returns what each stage did."""
     from mlsd_ray.registry import promote_first
     from mlsd_ray.tasks.tabular.prepare import prepare_table
     from mlsd_ray.tasks.tabular.stage import run_tabular_train
-    from mlsd_ray.workflows.stages import StageHeadings
 
     registers = cfg.registry.auto_register
     heading = StageHeadings("data", tune and "tune", "train, evaluate, register",
@@ -43,32 +43,31 @@ def run_tabular_pipeline(cfg: Config, home: str | None = None, force: bool = Fal
                             serve_check and monitor_loop and registers and LOOP)
     log(heading("data"))
     table = prepare_table(cfg, home=home, force=force, log=log)
-    stages: dict[str, Any] = {"data": table.summary()}
+    searched = None
     if tune:
         from mlsd_ray.tuning.search import run_tune, trial_config
 
         log(heading("tune"))
-        stages["tune"] = run_tune(cfg, home=home, log=log, register=False)
-        cfg = trial_config(cfg, stages["tune"]["best"]["params"])
-        log(f"training with the best parameters: {stages['tune']['best']['params']}")
+        searched = run_tune(cfg, home=home, log=log, register=False)
+        cfg = trial_config(cfg, searched["best"]["params"])
+        log(f"training with the best parameters: {searched['best']['params']}")
     log(heading("train, evaluate, register"))
-    stages["train"] = run_tabular_train(cfg, home=home, log=log, table=table)
-    trained = stages["train"]
+    trained = run_tabular_train(cfg, home=home, log=log, table=table)
+    result = PipelineResult(task="tabular", data=table.summary(), tune=searched, train=trained)
     registered = trained.registered
     if registered:
         log(heading("promote"))
-        stages["promote"] = promote_first(registered, home, log)
+        result.promoted = promote_first(registered, home, log)
     if serve_check:
         log(heading("serve"))
         model = trained.model_uri()
         loop = None
         if monitor_loop and registered:  # retraining moves a registry alias: needs a version
             loop = functools.partial(_loop, cfg, table, home, log, heading(LOOP))
-        stages["serve"] = serve_check_fraud(cfg, model, table, home, log, keep_serving,
-                                            then=loop)
-        if "loop" in stages["serve"]:
-            stages["loop"] = stages["serve"].pop("loop")
-    return {"example": "tabular", "stages": stages}
+        result.serve = serve_check_fraud(cfg, model, table, home, log, keep_serving,
+                                         then=loop)
+        result.loop = result.serve.pop("loop", None)
+    return result
 
 
 def _loop(cfg: Config, table, home: str | None, log: Callable[[str], None], heading: str,

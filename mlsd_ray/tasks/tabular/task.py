@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from mlsd_ray.registry import PinnedModel
     from mlsd_ray.serve.control import RunningApp
     from mlsd_ray.tasks.tabular.stage import TabularTrainResult
+    from mlsd_ray.workflows.stages import PipelineResult
 
 VAL_SCORE = "val_score"  # mlsd_ray.tasks.tabular.train.VAL_SCORE: PR-AUC, macro F1 or R²
 # The metrics a summary shows, by the name of the score the task ranks by.
@@ -62,7 +63,7 @@ class TabularTask(Task):
 
     def pipeline(self, cfg, home: str | None, log: Log, *, force: bool = False,
                  tune: bool = False, serve_check: bool = True, keep_serving: bool = False,
-                 monitor_loop: bool = True) -> dict:
+                 monitor_loop: bool = True) -> PipelineResult:
         """The tabular pipeline, with the monitoring loop on the live app (`monitor_loop`)."""
         from mlsd_ray.tasks.tabular.pipeline import run_tabular_pipeline
 
@@ -208,8 +209,8 @@ class TabularTask(Task):
     def render_data(self, summary: dict) -> None:
         render_table(summary)
 
-    def render_pipeline(self, result: dict) -> None:
-        render_tabular_pipeline(result["stages"])
+    def render_pipeline(self, result: PipelineResult) -> None:
+        render_tabular_pipeline(result)
 
 
 def fraud_application(settings, tabular, model: PinnedModel, home: str | None) -> ServedApp:
@@ -242,20 +243,19 @@ def render_table(summary: dict) -> None:
     print(f"quality report: {summary['quality_report']}")
 
 
-def render_tabular_pipeline(stages: dict) -> None:
+def render_tabular_pipeline(result: PipelineResult) -> None:
     """Every stage of the tabular pipeline, one block each."""
-    render_table(stages["data"])
-    if "tune" in stages:
-        searched = stages["tune"]
-        print(f"\ntuned {searched['trials']} trials: best {searched['best']['params']}")
+    render_table(result.data)
+    if result.tune is not None:
+        print(f"\ntuned {result.tune['trials']} trials: best {result.tune['best']['params']}")
     print()
-    print(stages["train"].describe())
-    promoted = stages.get("promote", {})
+    print(result.train.describe())
+    promoted = result.promoted or {}
     if "version" in promoted:
         print(f"production: models:/{promoted['name']}@production (version "
               f"{promoted['version']})")
-    if "serve" in stages:
-        served = stages["serve"]
+    if result.serve is not None:
+        served = result.serve
         print(f"\nserve check at {served['url']}: {served['records']} rows, version "
               f"{served['model_version']}" + (f", decisions {served['decisions']}, "
                                               f"{served['frauds_flagged']}/{served['frauds']} "
@@ -266,7 +266,7 @@ def render_tabular_pipeline(stages: dict) -> None:
             e = served["example"]
             print(f"a large foreign transaction: {e['decision']} (score {e['score']:.4f}, "
                   f"rules {e['rules']})")
-    if "loop" in stages:
+    if result.loop is not None:
         from mlsd_ray.workflows.loop import render_loop
 
-        render_loop(stages["loop"])
+        render_loop(result.loop)
