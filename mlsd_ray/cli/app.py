@@ -31,6 +31,7 @@ from mlsd_ray.cli.support import (
     TuneFirstOption,
     VerboseOption,
     config_from,
+    exit_promptly,
     plain_flags,
     run,
     with_flags,
@@ -373,7 +374,7 @@ def main() -> None:
     """Console-script entry point."""
     command = typer.main.get_command(app)
     plain_flags(command)
-    command()
+    exit_promptly(command)
 
 
 if __name__ == "__main__":
