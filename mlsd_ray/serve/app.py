@@ -47,6 +47,7 @@ from mlsd_ray.serve.routers import ROUTER_CLASSES
 from mlsd_ray.serve.schemas import ClientError
 
 TOKEN_ENV = "MLSD_API_TOKEN"
+ADMIN_TOKEN_ENV = "MLSD_ADMIN_TOKEN"
 SESSION_HEADER = "x-session-id"
 REQUEST_ID_HEADER = "x-request-id"  # Serve's proxy sets it when the client did not
 
@@ -318,7 +319,7 @@ def count_requests(app: FastAPI) -> None:
     app.add_middleware(RequestMetrics)
 
 
-def authorize(request: Request, token_sha256: str | None) -> None:
+def authorize(request: Request, token_sha256: str | None, env: str = TOKEN_ENV) -> None:
     """401 unless the request carries the server's bearer token (when one is set)."""
     if not token_sha256:
         return
@@ -326,12 +327,24 @@ def authorize(request: Request, token_sha256: str | None) -> None:
     digest = hashlib.sha256(token.encode()).hexdigest()
     if scheme.lower() != "bearer" or not hmac.compare_digest(digest, token_sha256):
         raise ClientError(401, "unauthorized", f"send 'Authorization: Bearer <token>' "
-                                               f"with the server's {TOKEN_ENV}")
+                                               f"with the server's {env}")
 
 
-def token_sha256() -> str | None:
-    """The digest of MLSD_API_TOKEN, if set: replicas keep only the digest."""
-    token = os.environ.get(TOKEN_ENV)
+def authorize_change(request: Request, admin_sha256: str | None) -> None:
+    """Routes that change how the app decides (the fraud policy and rules) need the admin
+    token, and are off when none was set where the app started: an open API must not let
+    anyone who can score also rewrite the rules."""
+    if not admin_sha256:
+        raise ClientError(403, "changes_off", f"changing this over HTTP is off: start the app "
+                                              f"with {ADMIN_TOKEN_ENV} set, then send "
+                                              f"'Authorization: Bearer <that token>'")
+    authorize(request, admin_sha256, ADMIN_TOKEN_ENV)
+
+
+def token_sha256(env: str = TOKEN_ENV) -> str | None:
+    """The digest of the token in `env` (MLSD_API_TOKEN by default), if set: replicas keep
+    only the digest."""
+    token = os.environ.get(env)
     return hashlib.sha256(token.encode()).hexdigest() if token else None
 
 

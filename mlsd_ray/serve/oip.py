@@ -18,6 +18,7 @@ gives) and `v2_infer(tensors)`; this module parses and encodes the protocol once
 # `Request` type of the route methods below.
 
 import json
+import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -90,7 +91,9 @@ def parse_infer_request(body: bytes, header_length: str | None,
     json_part, binary = _split_body(body, header_length)
     try:
         request = json.loads(json_part)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except RecursionError:  # Python's parser recurses once per level of nesting
+        raise ProtocolError(400, "the inference request nests JSON too deeply") from None
+    except ValueError as exc:  # not JSON, not UTF-8, or an integer of over 4,300 digits
         raise ProtocolError(400, f"the inference request is not JSON: {exc}") from exc
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) \
             or not request["inputs"]:
@@ -121,18 +124,21 @@ def _input_tensor(entry: object, index: int, binary: bytes, offset: int,
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
         raise ProtocolError(400, f"input {index} needs a name, a datatype and a shape")
     name, datatype, shape = entry["name"], entry.get("datatype"), entry.get("shape")
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise ProtocolError(400, f"input {name!r}: datatype {datatype!r} is not one of "
                                  f"{', '.join(DATATYPES)}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool)
                                               and d >= 0 for d in shape):
         raise ProtocolError(400, f"input {name!r}: shape must be a list of sizes >= 0, "
                                  f"not {shape!r}")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)  # Python's integers: int64 would wrap [2**32, 2**32] to 0
     if count > max_elements:
         raise ProtocolError(413, f"input {name!r} has {count} elements; at most "
                                  f"{max_elements} per request")
-    size = (entry.get("parameters") or {}).get("binary_data_size")
+    parameters = entry.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise ProtocolError(400, f"input {name!r}: parameters must be an object")
+    size = parameters.get("binary_data_size")
     if size is None:
         return Tensor(name, datatype, _json_data(entry.get("data"), name, datatype, shape,
                                                  count)), 0
@@ -145,7 +151,10 @@ def _input_tensor(entry: object, index: int, binary: bytes, offset: int,
 
 def _json_data(data: object, name: str, datatype: str, shape: list[int],
                count: int) -> np.ndarray:
-    flat = list(_flatten(data)) if isinstance(data, list) else None
+    try:
+        flat = list(_flatten(data)) if isinstance(data, list) else None
+    except RecursionError:
+        raise ProtocolError(400, f"input {name!r}: data nests too deeply") from None
     if flat is None or len(flat) != count:
         found = "no data list" if flat is None else f"{len(flat)} values"
         raise ProtocolError(400, f"input {name!r}: shape {shape} holds {count} values; the "

@@ -34,5 +34,7 @@ def parse_json(body: bytes) -> object:
     """The body as JSON, or ClientError 400 naming where parsing stopped."""
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:  # Python's parser recurses once per level: [[[[... 150,000 deep
+        raise ClientError(400, "malformed_json", "request body nests JSON too deeply") from None
+    except ValueError as exc:  # not JSON, not UTF-8, or an integer of over 4,300 digits
         raise ClientError(400, "malformed_json", f"request body is not valid JSON: {exc}") from exc

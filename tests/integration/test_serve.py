@@ -145,6 +145,11 @@ def test_bad_requests_get_4xx_json_errors_and_serving_continues(served):
         assert answer.status_code == status, (code, answer.text)
         assert answer.json()["error"]["code"] == code, answer.text
         assert answer.json()["error"]["message"]
+    # bodies a fuzzer found that got a plain-text 500 before: now ours, 4xx
+    for status, body in ((400, b"[" * 2000 + b"]" * 2000), (422, b'{"instances": [[[]]]}')):
+        answer = requests.post(url, data=body, headers=JSON, timeout=60)
+        assert answer.status_code == status, (body[:20], answer.text)
+        assert answer.json()["error"]["message"]
     assert predict(served, {"instances": [good]}).status_code == 200
     missing = requests.get(f"{served['url']}/v2/predict", timeout=30)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"

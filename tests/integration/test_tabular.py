@@ -15,6 +15,7 @@ import requests
 
 from mlsd_ray.core.config import load_config
 from mlsd_ray.serve import control
+from mlsd_ray.serve.app import ADMIN_TOKEN_ENV
 from mlsd_ray.tasks.tabular.prepare import prepare_table
 from mlsd_ray.tasks.tabular.preprocess import Featurizer
 from mlsd_ray.tasks.tabular.stage import run_tabular_train
@@ -137,6 +138,10 @@ def test_mlsd_serve_serves_the_fraud_model(fraud_model, ray_session):
         answer = requests.post(app["score_url"], json={"records": [RECORD]}, timeout=30).json()
         assert answer["model_version"] == "1"
         assert answer["results"][0]["decision"] in ("approve", "review", "decline")
+        # started without MLSD_ADMIN_TOKEN: scoring is open, changing the rules is not
+        locked = requests.put(app["score_url"].removesuffix("/score") + "/rules",
+                              data="rules: []\n", timeout=10)
+        assert locked.status_code == 403 and "MLSD_ADMIN_TOKEN" in locked.text, locked.text
         status = mlsd("serve", "status", "--json")
         assert status.returncode == 0, status.stderr
         assert json.loads(status.stdout)["model_version"] == "1"
@@ -156,7 +161,11 @@ def fraud_url(fraud_model):
                                             "port": control.free_port(), "num_cpus": 0.25,
                                             "autoscaling": two, "max_body_bytes": 4096,
                                             "prediction_log": log})
-    served = control.start(settings, home, log=print)  # its checkpoint says: tabular
+    os.environ[ADMIN_TOKEN_ENV] = ADMIN_TOKEN  # read where the app starts: its replicas get
+    try:                                        # only the digest
+        served = control.start(settings, home, log=print)  # its checkpoint says: tabular
+    finally:
+        del os.environ[ADMIN_TOKEN_ENV]
     assert (served.task, served.route_prefix) == ("tabular", "/")
     yield served.endpoint("score_url").removesuffix("/score")
     control.remove_app(settings.app_name)  # and Serve with it: the next app picks its port
@@ -237,9 +246,16 @@ def test_the_page_to_score_one_transaction_in_a_real_browser(fraud_url, browser)
     screenshot(browser, "page-fraud.png")
 
 
+ADMIN_TOKEN = "admin-token-of-the-tests"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
 def test_threshold_and_rules_change_live(fraud_url):
     before = requests.get(f"{fraud_url}/policy", timeout=10).json()
-    changed = requests.put(f"{fraud_url}/policy", json={"threshold": 0.0}, timeout=10)
+    anyone = requests.put(f"{fraud_url}/policy", json={"threshold": 0.0}, timeout=10)
+    assert anyone.status_code == 401 and "MLSD_ADMIN_TOKEN" in anyone.text, anyone.text
+    changed = requests.put(f"{fraud_url}/policy", json={"threshold": 0.0}, headers=ADMIN,
+                           timeout=10)
     assert changed.status_code == 200 and changed.json()["threshold"] == 0.0
     replicas = set()
     for _ in range(12):  # the PUT reached one replica; the other reads the policy file
@@ -249,17 +265,21 @@ def test_threshold_and_rules_change_live(fraud_url):
         replicas.add(safe["replica"])
     assert len(replicas) == 2, replicas
     bad = requests.put(f"{fraud_url}/rules", data="rules:\n  - name: x\n    when: amount >> 1\n"
-                       "    action: review\n", timeout=10)
+                       "    action: review\n", headers=ADMIN, timeout=10)
     assert bad.status_code == 400 and "line 3" in bad.json()["error"]["message"]
     assert requests.get(f"{fraud_url}/policy", timeout=10).json()["rules"] == before["rules"]
+    huge = requests.put(f"{fraud_url}/rules", data="rules:\n  - name: huge\n    when: amount "
+                        "in [0] * 1000000000\n    action: review\n", headers=ADMIN, timeout=10)
+    assert huge.status_code == 400 and "rule 'huge'" in huge.json()["error"]["message"]
     good = requests.put(f"{fraud_url}/rules", data="rules:\n  - name: tiny\n    when: amount "
-                        "< 20\n    action: decline\n", timeout=10)
+                        "< 20\n    action: decline\n", headers=ADMIN, timeout=10)
     assert good.status_code == 200 and [r["name"] for r in good.json()["rules"]] == ["tiny"]
     fired = requests.post(f"{fraud_url}/score", json={"records": [SAFE]}, timeout=30).json()
     assert fired["results"][0]["decision"] == "decline"
-    requests.put(f"{fraud_url}/policy", json={"threshold": before["threshold"]}, timeout=10)
+    requests.put(f"{fraud_url}/policy", json={"threshold": before["threshold"]}, headers=ADMIN,
+                 timeout=10)
     requests.put(f"{fraud_url}/rules", data=open(
-        "mlsd_ray/examples/fraud-rules.yaml").read(), timeout=10)
+        "mlsd_ray/examples/fraud-rules.yaml").read(), headers=ADMIN, timeout=10)
 
 
 @pytest.mark.parametrize("body, headers, status, code", [

@@ -46,6 +46,15 @@ def test_binary_bytes_elements_are_length_prefixed():
     (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1000000], "data": []}]}', None,
      413, "at most 100"),
     (b'{"inputs": []}', None, 400, '"inputs" list'),
+    # each of these was a 500
+    (b"[" * 150_000, None, 400, "nests JSON too deeply"),
+    (b'{"inputs": [' + b"1" * 5000 + b"]}", None, 400, "4300 digits"),
+    (b'{"inputs": [{"name": "x", "datatype": ["FP32"], "shape": [1], "data": [1]}]}', None,
+     400, "datatype ['FP32']"),
+    (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [4294967296, 4294967296], '
+     b'"data": []}]}', None, 413, "18446744073709551616 elements"),
+    (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1], '
+     b'"parameters": [1]}]}', None, 400, "parameters must be an object"),
     (b"{}", "99", 400, "runs past the body"),
     (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], '
      b'"parameters": {"binary_data_size": 8}}]}\x00\x00', "JSON", 400, "runs past the 2 bytes"),

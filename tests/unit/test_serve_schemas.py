@@ -43,6 +43,8 @@ def test_arrays_and_pngs_decode_to_the_same_pixels():
     ({"instances": [[[-1, 0], [0, 0]]]}, 422, "out_of_range"),
     ({"instances": [np.zeros((1, 5)).tolist()]}, 422, "bad_shape"),
     ({"instances": [np.zeros((2000, 2)).tolist()]}, 422, "bad_shape"),
+    ({"instances": [[[]]]}, 422, "bad_shape"),  # no pixels (was a 500: min of nothing)
+    ({"instances": [[[[]]]]}, 422, "bad_shape"),
 ])
 def test_bad_instances_name_the_problem(payload, status, code):
     with pytest.raises(ClientError) as caught:
@@ -60,6 +62,13 @@ def test_the_failing_instance_is_named():
 def test_malformed_json_and_uploads():
     with pytest.raises(ClientError, match="not valid JSON") as caught:
         parse_json(b'{"instances": [')
+    assert caught.value.status == 400
+    # Both were 500s: Python's parser recurses per level, and refuses long integers
+    with pytest.raises(ClientError, match="nests JSON too deeply") as caught:
+        parse_json(b"[" * 150_000 + b"]" * 150_000)
+    assert caught.value.status == 400
+    with pytest.raises(ClientError, match="4300 digits") as caught:
+        parse_json(b'{"instances": [[[' + b"1" * 5000 + b"]]]}")
     assert caught.value.status == 400
     with pytest.raises(ClientError, match="not a recognised image"):
         schemas.decode_upload(b"GIF89a but not really", "x.gif")

@@ -9,9 +9,19 @@ A condition is a Python-like expression over the record's fields and `score` (th
 fraud probability): comparisons, `in` / `not in` a list, `and` / `or` / `not`, + - * / %,
 parentheses, numbers, strings, true/false/null. It is parsed once and evaluated by walking its
 syntax tree (never `eval`); anything else is refused when the file is loaded, with the line.
-A comparison with a missing (null) field is false. The decision is the strictest of the model's
-(approve below the threshold, review from it, decline from `decline_above`) and the actions of
-the rules that fired: decline > review > approve.
+A comparison with a missing (null) field is false.
+
+Sizes are bounded, because a rule runs on every scored record: a condition has at most
+MAX_CONDITION_CHARS characters and MAX_DEPTH levels; a constant at most MAX_CONSTANT characters
+or items; and what `+` and `*` make of strings and lists at most MAX_SEQUENCE. A rule whose
+constants alone go past a bound (`[0] * 1000000000`), or that repeats a constant sequence a
+record's number of times (`"x" * amount`), is refused when loaded, naming it. With values from a
+record, the bound is checked as the rule runs: past it, the rule does not apply to that record,
+as with a value of the wrong type. `%` is arithmetic only (no string formatting).
+
+The decision is the strictest of the model's (approve below the threshold, review from it,
+decline from `decline_above`) and the actions of the rules that fired: decline > review >
+approve.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ from __future__ import annotations
 import ast
 import operator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 import yaml
 
@@ -29,8 +39,41 @@ ACTIONS = ("approve", "review", "decline")
 RULE_KEYS = {"name", "when", "action"}
 _COMPARE = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt,
             ast.GtE: operator.ge, ast.Eq: operator.eq, ast.NotEq: operator.ne}
-_ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-               ast.Div: operator.truediv, ast.Mod: operator.mod}
+MAX_CONDITION_CHARS = 2_000
+MAX_DEPTH = 40
+MAX_CONSTANT = 1_000
+MAX_SEQUENCE = 10_000
+
+
+class TooLarge(ValueError):
+    """A string or list that a condition would make longer than MAX_SEQUENCE."""
+
+
+def _sized(value: Any) -> TypeGuard[str | bytes | list | tuple]:
+    return isinstance(value, (str, bytes, list, tuple))
+
+
+def _add(left: Any, right: Any) -> Any:
+    if _sized(left) and _sized(right) and len(left) + len(right) > MAX_SEQUENCE:
+        raise TooLarge(f"+ would make {len(left) + len(right)} items")
+    return left + right
+
+
+def _multiply(left: Any, right: Any) -> Any:
+    sequence, times = (left, right) if _sized(left) else (right, left)
+    if _sized(sequence) and isinstance(times, int) and len(sequence) * times > MAX_SEQUENCE:
+        raise TooLarge(f"* would make {len(sequence) * times} items")
+    return left * right
+
+
+def _modulo(left: Any, right: Any) -> Any:
+    if isinstance(left, (str, bytes)):  # "%099999999d" % 1 would format a 100 MB string
+        raise TypeError("% on text")
+    return left % right
+
+
+_ARITHMETIC = {ast.Add: _add, ast.Sub: operator.sub, ast.Mult: _multiply,
+               ast.Div: operator.truediv, ast.Mod: _modulo}
 _CONSTANTS = {"true": True, "false": False, "null": None, "True": True, "False": False,
               "None": None}
 
@@ -50,8 +93,8 @@ class Rule:
     def fires(self, record: dict[str, Any]) -> bool:
         try:
             return bool(_evaluate(self.tree.body, record))
-        except (TypeError, ZeroDivisionError, ValueError):
-            return False  # a value of the wrong type for this rule: it does not apply
+        except (TypeError, ZeroDivisionError, ValueError, OverflowError):
+            return False  # a value of the wrong type (or size) for this rule: it does not apply
 
 
 def parse_rules(text: str, fields: set[str] | None = None) -> list[Rule]:
@@ -118,9 +161,15 @@ def _rule(node, fields: set[str] | None) -> Rule:
 def compile_condition(text: str, line: int, name: str = "rule",
                       fields: set[str] | None = None) -> ast.Expression:
     """Parse and check one condition; RulesError naming the line, column and reason."""
+    if len(text) > MAX_CONDITION_CHARS:
+        raise RulesError(f"line {line}: rule {name!r}: the condition has {len(text)} "
+                         f"characters; at most {MAX_CONDITION_CHARS}")
     try:
         tree = ast.parse(text.strip(), mode="eval")
-    except SyntaxError as exc:
+    except (SyntaxError, RecursionError, MemoryError) as exc:
+        if not isinstance(exc, SyntaxError):
+            raise RulesError(f"line {line}: rule {name!r}: the condition nests too deeply "
+                             f"(at most {MAX_DEPTH} levels)") from None
         column = f" at column {exc.offset}" if exc.offset else ""
         raise RulesError(f"line {line}: rule {name!r}: syntax error in `when`{column}: "
                          f"{exc.msg}") from None
@@ -128,7 +177,68 @@ def compile_condition(text: str, line: int, name: str = "rule",
         problem = _refused(node, fields)
         if problem:
             raise RulesError(f"line {line}: rule {name!r}: {problem}")
+    problem = _too_deep(tree.body) or _too_large(tree.body)
+    if problem:
+        raise RulesError(f"line {line}: rule {name!r}: {problem}")
     return tree
+
+
+def _too_deep(node: ast.AST, depth: int = 0) -> str | None:
+    """Evaluation recurses once per level: a chain such as 1+1+...+1 would exhaust the stack."""
+    if depth > MAX_DEPTH:
+        return f"the condition nests too deeply (at most {MAX_DEPTH} levels)"
+    return next(filter(None, (_too_deep(child, depth + 1)
+                              for child in ast.iter_child_nodes(node))), None)
+
+
+def _too_large(node: ast.AST) -> str | None:
+    """Refuse a constant past MAX_CONSTANT and a `+` or `*` whose result could pass
+    MAX_SEQUENCE whatever the record holds (`_length`)."""
+    for child in ast.walk(node):
+        if isinstance(child, ast.Constant) and _sized(child.value) \
+                and len(child.value) > MAX_CONSTANT:
+            return f"a constant of {len(child.value)} characters; at most {MAX_CONSTANT}"
+        if isinstance(child, (ast.List, ast.Tuple)) and len(child.elts) > MAX_CONSTANT:
+            return f"a list of {len(child.elts)} items; at most {MAX_CONSTANT}"
+        if isinstance(child, ast.BinOp):
+            try:
+                length = _length(child)
+            except TooLarge as exc:
+                return f"`{ast.unparse(child)[:60]}` could make a sequence past " \
+                       f"{MAX_SEQUENCE} items ({exc})"
+            if length is not None and length > MAX_SEQUENCE:
+                return f"`{ast.unparse(child)[:60]}` makes a sequence of {length} items; " \
+                       f"at most {MAX_SEQUENCE}"
+    return None
+
+
+def _length(node: ast.AST) -> int | None:
+    """The most items `node` can evaluate to as a string or list (0: not a sequence), or None
+    when that depends on the record (a field's value; checked as the rule runs)."""
+    if isinstance(node, ast.Constant):
+        return len(node.value) if _sized(node.value) else 0
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return len(node.elts)
+    if isinstance(node, ast.Name):
+        return 0 if node.id in _CONSTANTS else None
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        left, right = _length(node.left), _length(node.right)
+        return None if left is None or right is None else left + right
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
+        return _repeated(node)
+    return 0
+
+
+def _repeated(node: ast.BinOp) -> int | None:
+    left, right = _length(node.left), _length(node.right)
+    for sequence, times in ((left, node.right), (right, node.left)):
+        if sequence:  # a known sequence, repeated `times` times
+            if isinstance(times, ast.Constant) and isinstance(times.value, int):
+                return sequence * max(times.value, 0)
+            if _length(times) is None:
+                raise TooLarge("repeated a record's number of times")
+            return sequence
+    return None if left is None or right is None else 0
 
 
 def _refused(node: ast.AST, fields: set[str] | None) -> str | None:

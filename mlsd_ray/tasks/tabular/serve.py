@@ -8,6 +8,8 @@ Protocol's under `/v2`: serve/oip.py):
     PUT  /v1/fraud/policy   {"threshold": 0.4, "decline_above": 0.95}: changed at once
     PUT  /v1/fraud/rules    a rules YAML body: checked, then in force; a bad file is refused
                             with its line and reason, and the rules in force stay
+                            (both PUTs need MLSD_ADMIN_TOKEN: 403 when the app started
+                            without one, 401 without it in `Authorization: Bearer`)
     /v2/...                 one [N] tensor per column (FP64, or BYTES for a category), or
                             `records` BYTES [N] of JSON objects, in; `score` FP32 and
                             `decision` BYTES (binary), `probabilities` and `class`
@@ -40,6 +42,7 @@ from mlsd_ray.core.config import ServeConfig, TabularConfig
 from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.registry import PinnedModel
 from mlsd_ray.serve.app import (
+    ADMIN_TOKEN_ENV,
     REQUEST_ID_HEADER,
     AppClasses,
     BatchedMethod,
@@ -48,6 +51,7 @@ from mlsd_ray.serve.app import (
     ReplicaSettings,
     add_error_handlers,
     authorize,
+    authorize_change,
     bind_app,
     count_requests,
     error_response,
@@ -327,7 +331,7 @@ class FraudApp(TabularModel, ModelRoutes, OpenInferenceRoutes):
     @api.put(f"{PREFIX}/policy",
              summary="Change the threshold or decline_above, without a restart")
     async def put_policy(self, request: Request) -> dict:
-        authorize(request, self.settings["token_sha256"])
+        authorize_change(request, self.settings["admin_sha256"])
         _require_json(request)
         body = parse_json(await read_body(request, self.settings["max_body_bytes"]))
         await self._model_info()
@@ -347,7 +351,7 @@ class FraudApp(TabularModel, ModelRoutes, OpenInferenceRoutes):
     @api.put(f"{PREFIX}/rules",
              summary="Replace the rules (a YAML body); a bad file changes nothing")
     async def put_rules(self, request: Request) -> dict:
-        authorize(request, self.settings["token_sha256"])
+        authorize_change(request, self.settings["admin_sha256"])
         text = (await read_body(request, self.settings["max_body_bytes"])).decode(
             "utf-8", errors="replace")
         info = await self._model_info()
@@ -379,7 +383,8 @@ def fraud_app(settings: ServeConfig, tabular: TabularConfig, model: PinnedModel,
     parse_rules(rules_text)  # a bad file fails the deploy, with its line
     route_settings = {
         "max_instances": settings.max_instances, "max_body_bytes": settings.max_body_bytes,
-        "token_sha256": token_sha256(), "model_uri": settings.model, "rules_text": rules_text,
+        "token_sha256": token_sha256(), "admin_sha256": token_sha256(ADMIN_TOKEN_ENV),
+        "model_uri": settings.model, "rules_text": rules_text,
         "decline_above": tabular.decline_above,
         "policy_file": policy_file(home, settings.app_name),
         **tabular.model_dump(include={"on_missing_column", "on_extra_column",

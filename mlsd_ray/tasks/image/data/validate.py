@@ -123,6 +123,8 @@ def coerce_array(value, pixel_range: str = "auto") -> np.ndarray:
         raise Rejected(BAD_SHAPE, f"pixels are not a rectangular array: {exc}") from exc
     if array.dtype.kind not in "uifb":
         raise Rejected(BAD_SHAPE, f"pixels have non-numeric dtype {array.dtype}")
+    if array.size == 0:
+        raise Rejected(BAD_SHAPE, f"no pixels: an array of shape {list(array.shape)}")
     return _scale_to_uint8(_as_hwc(array), pixel_range)
 
 
