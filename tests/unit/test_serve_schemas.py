@@ -76,6 +76,32 @@ def test_malformed_json_and_uploads():
         schemas.decode_upload(b"", "empty.png")
 
 
+def png_declaring(width: int, height: int) -> bytes:
+    """A 2×2 PNG whose header claims width×height pixels (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    data = bytearray(base64.b64decode(png(np.zeros((2, 2), dtype=np.uint8))))
+    struct.pack_into(">II", data, 16, width, height)  # IHDR data starts at byte 16
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("side, words", [
+    (9_000, "9000×9000 pixels declared"),  # 81 MB decoded, under Pillow's own bomb limit
+    (30_000, "could be decompression bomb"),  # Pillow refuses 900 million pixels itself
+])
+def test_a_decompression_bomb_is_refused_from_its_header(side, words):
+    bomb = png_declaring(side, side)
+    assert len(bomb) < 100
+    for decode in (lambda: schemas.decode_upload(bomb, "bomb.png"),
+                   lambda: schemas.instances_from_json(
+                       {"instances": [{"b64": base64.b64encode(bomb).decode()}]}, 2)):
+        with pytest.raises(ClientError, match=words) as caught:
+            decode()
+        assert caught.value.status == 422
+
+
 def test_top_k_orders_classes_by_probability():
     answers = schemas.top_k(np.array([[0.1, 0.7, 0.2]]), ["a", "b", "c"], k=2)
     assert answers == [{"class_index": 1, "class_name": "b",

@@ -64,7 +64,7 @@ def decode_instance(item: object, index: int) -> np.ndarray:
     """One instance -> uint8 H×W×C, or ClientError 422 naming the instance and the problem."""
     try:
         if isinstance(item, dict):
-            image = decode_bytes(_b64_bytes(item, index))
+            image = decode_bytes(_b64_bytes(item, index), MAX_SIDE)
         elif isinstance(item, list):
             image = coerce_array(item)
         else:
@@ -112,7 +112,7 @@ def decode_upload(data: bytes, name: str) -> np.ndarray:
     if not data:
         raise ClientError(422, "empty_file", f"uploaded file {name!r} is empty")
     try:
-        return check_size(decode_bytes(data), f"file {name!r}")
+        return check_size(decode_bytes(data, MAX_SIDE), f"file {name!r}")
     except Rejected as exc:
         raise ClientError(422, exc.reason, f"file {name!r}: {exc.detail}") from exc
 

@@ -59,12 +59,18 @@ def is_missing(value) -> bool:
     return value is None or (isinstance(value, (float, np.floating)) and math.isnan(value))
 
 
-def decode_bytes(data: bytes | None) -> np.ndarray:
-    """Decode PNG/JPEG/... bytes to a uint8 H×W×C array, or raise Rejected."""
+def decode_bytes(data: bytes | None, max_side: int | None = None) -> np.ndarray:
+    """Decode PNG/JPEG/... bytes to a uint8 H×W×C array, or raise Rejected.
+
+    `max_side` refuses larger images from their header, before decoding any pixel: a few KB
+    of PNG can declare 30,000×30,000 pixels (a decompression bomb)."""
     if data is None or is_missing(data):
         raise Rejected(MISSING_IMAGE, "no image data (a null value)")
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if max_side is not None and max(img.size) > max_side:
+                raise Rejected(BAD_SHAPE, f"{img.size[1]}×{img.size[0]} pixels declared; "
+                                          f"sides must be at most {max_side}")
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # camera photos: upright, as people see
             target = _MODE_TO.get(img.mode)
