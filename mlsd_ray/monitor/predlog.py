@@ -6,12 +6,14 @@ A row holds the time, request id, model name and version, the summary features o
 (monitor/features.py), the predicted class, its confidence and the request's latency. Logging
 never blocks a request: `record` only appends to a bounded in-memory buffer (rows past the bound
 are dropped and counted); a daemon thread writes the buffer once it holds `flush_rows` rows or
-its oldest row waited `flush_seconds`; `close` writes what is left (Serve calls the replica's
-`__del__` on shutdown).
+its oldest row waited `flush_seconds`; `close` writes what is left: Serve calls the replica's
+`__del__` on shutdown, and a replica killed with SIGTERM runs it at exit. Only SIGKILL loses
+rows: those of the last flush interval at most (README.md, "Prediction log").
 """
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import io
 import threading
@@ -50,6 +52,9 @@ class PredictionLog:
         self.closed = False
         self.thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
         self.thread.start()
+        # A replica that gets SIGTERM exits through SystemExit (Ray's worker handler), which
+        # runs atexit: the buffered rows are written then too, not only on Serve's shutdown.
+        atexit.register(self.close)
 
     def record(self, rows: list[dict]) -> None:
         """Queue rows for writing; O(rows), no I/O. Rows past the buffer bound are dropped."""
@@ -93,7 +98,9 @@ class PredictionLog:
         return len(rows)
 
     def close(self) -> None:
-        """Stop the writer thread and write what is left."""
+        """Stop the writer thread and write what is left (again: a no-op)."""
+        if self.closed and not self.rows:
+            return
         self.closed = True
         self.wake.set()
         self.thread.join(timeout=10)
