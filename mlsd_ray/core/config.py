@@ -215,6 +215,12 @@ class ServeConfig(StrictModel):
                                         "fill.")
     max_ongoing_requests: int = Field(64, ge=1, description="Per model replica; must be >= "
                                       "max_batch_size for batches to fill.")
+    max_queued_requests: int = Field(
+        256, ge=-1, description="Requests that may wait for a model replica (all replicas at "
+        "max_ongoing_requests) before Serve answers 503 with Retry-After; -1: no bound.")
+    request_timeout_s: float | None = Field(
+        30.0, gt=0, description="A request not answered after this long in a replica gets "
+        "504 with a JSON error; null: no limit.")
     num_cpus: float = Field(0.5, ge=0, description="CPUs per model replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica.")
     proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = Field(

@@ -48,6 +48,7 @@ from mlsd_ray.serve.schemas import ClientError
 
 TOKEN_ENV = "MLSD_API_TOKEN"
 ADMIN_TOKEN_ENV = "MLSD_ADMIN_TOKEN"
+OVERLOAD_RETRY_AFTER_S = 1  # seconds, in the Retry-After of a 503 past serve.max_queued_requests
 SESSION_HEADER = "x-session-id"
 REQUEST_ID_HEADER = "x-request-id"  # Serve's proxy sets it when the client did not
 
@@ -57,21 +58,23 @@ REQUEST_ID_HEADER = "x-request-id"  # Serve's proxy sets it when the client did 
 
 @dataclass(frozen=True)
 class ReplicaSettings:
-    """What a model replica needs besides the model: its MLSD_HOME, batching, torch threads
-    and the prediction log's settings."""
+    """What a model replica needs besides the model: its MLSD_HOME, batching, torch threads,
+    the prediction log's settings and the time a request may take in it."""
 
     home: str
     max_batch_size: int
     batch_wait_timeout_s: float
     threads: int
     log_settings: dict
+    request_timeout_s: float | None = None
 
     @classmethod
     def from_config(cls, settings: ServeConfig, home: str | None) -> ReplicaSettings:
         from mlsd_ray.core import storage
 
         return cls(storage.home(home), settings.max_batch_size, settings.batch_wait_timeout_s,
-                   max(1, round(settings.num_cpus)), settings.prediction_log.model_dump())
+                   max(1, round(settings.num_cpus)), settings.prediction_log.model_dump(),
+                   settings.request_timeout_s)
 
 
 class BatchedMethod(Protocol):
@@ -156,6 +159,7 @@ class RemoteModel:
     async def run_batch(self, payload: dict, session_key: str | None = None) -> dict:
         """One retry when the replica died under us: predictions are idempotent."""
         from ray.exceptions import ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import BackPressureError
 
         handle = self._handle
         if self._sticky and session_key is not None:
@@ -163,6 +167,9 @@ class RemoteModel:
         for attempt in range(2):
             try:
                 return await handle.run_batch.remote(payload)
+            except BackPressureError as exc:  # past serve.max_queued_requests, as the proxy says
+                raise ClientError(503, "overloaded", f"{exc.message} Try again shortly.",
+                                  {"Retry-After": str(OVERLOAD_RETRY_AFTER_S)}) from exc
             except (RayActorError, ActorUnavailableError) as exc:
                 if attempt:
                     raise ClientError(503, "model_unavailable",
@@ -185,6 +192,7 @@ class ModelRoutes:
 
     def attach(self, model, replica: ReplicaSettings, sticky: bool) -> None:
         """`model` is a PinnedModel (single: load it here) or the Model deployment's handle."""
+        RequestTimeLimit.seconds = replica.request_timeout_s  # one replica per process
         if isinstance(model, PinnedModel):
             self.load(model, replica)
             self.model = LocalModel(self)
@@ -242,14 +250,15 @@ def page(name: str) -> HTMLResponse:
     return HTMLResponse(_page_text(name))
 
 
-def error_response(status: int, code: str, message: str) -> JSONResponse:
+def error_response(status: int, code: str, message: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
     """The JSON error every app answers with."""
-    return JSONResponse(status_code=status, content={"error": {"code": code,
-                                                               "message": message}})
+    return JSONResponse(status_code=status, headers=headers,
+                        content={"error": {"code": code, "message": message}})
 
 
 async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
-    return error_response(exc.status, exc.code, exc.message)
+    return error_response(exc.status, exc.code, exc.message, exc.headers)
 
 
 def _http_error_handler(served: str):
@@ -305,6 +314,40 @@ class RequestMetrics:
                                        tags={"route": route})
 
 
+class RequestTimeLimit:
+    """A request still unanswered after `serve.request_timeout_s` in this replica gets 504
+    with our JSON error body, and its work is cancelled (a batch already running finishes for
+    the others in it). A response already started is left to finish.
+
+    Plain ASGI, like RequestMetrics. `seconds` is set once the replica knows its settings
+    (`ModelRoutes.attach`); None: no limit."""
+
+    seconds: float | None = None
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not self.seconds:
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_noting_start(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await asyncio.wait_for(self.app(scope, receive, send_noting_start), self.seconds)
+        except asyncio.TimeoutError:
+            if started:
+                raise
+            response = error_response(504, "timeout", f"no answer within {self.seconds:g} s "
+                                                      "(serve.request_timeout_s); try again")
+            await response(scope, receive, send)
+
+
 def add_error_handlers(app: FastAPI, served: str) -> None:
     """Every error as `{"error": {"code", "message"}}` (both Serve apps share this); a 404 or
     405 names the task the app serves and its routes (`served`)."""
@@ -315,8 +358,10 @@ def add_error_handlers(app: FastAPI, served: str) -> None:
 
 
 def count_requests(app: FastAPI) -> None:
-    """Prometheus request counts and latency for every route of the app (RequestMetrics)."""
-    app.add_middleware(RequestMetrics)
+    """Prometheus request counts and latency for every route of the app (RequestMetrics),
+    within the time limit (RequestTimeLimit), so that its 504s are counted too."""
+    app.add_middleware(RequestTimeLimit)
+    app.add_middleware(RequestMetrics)  # added last: outermost
 
 
 def authorize(request: Request, token_sha256: str | None, env: str = TOKEN_ENV) -> None:
@@ -389,6 +434,9 @@ def model_options(settings: ServeConfig) -> dict:
     options: dict[str, Any] = {
         "autoscaling_config": settings.autoscaling.model_dump(),
         "max_ongoing_requests": settings.max_ongoing_requests,
+        "max_queued_requests": settings.max_queued_requests,
+        # past the queue: 503 with Retry-After (the proxy's answer, or ours in RemoteModel)
+        "backpressure_config": {"status_code": 503, "retry_after_s": OVERLOAD_RETRY_AFTER_S},
         "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus}}
     router = ROUTER_CLASSES[settings.router]
     if router:

@@ -13,9 +13,11 @@ from pydantic import BaseModel
 class ClientError(Exception):
     """Something the client sent is wrong: becomes `{"error": {"code", "message"}}` + 4xx."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"code": self.code, "message": self.message}}

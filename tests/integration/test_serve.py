@@ -162,6 +162,37 @@ def test_bad_requests_get_4xx_json_errors_and_serving_continues(served):
 JSON = {"content-type": "application/json"}
 
 
+def test_overload_is_a_503_with_retry_after_and_a_slow_answer_a_504(served):
+    """A replica that holds 3 requests (1 in progress, 2 queued) gets a burst of 4x that: each
+    is answered 200, or 503 with Retry-After; no other status. A time limit shorter than the
+    work of a request: 504 with our JSON error, and the app goes on answering."""
+    heavy = {"instances": [np.kron(image[:, :, 0], np.ones((4, 4), dtype=np.uint8)).tolist()
+                           for image in served["images"][:256]]}  # 256 images of 64×64
+    body = json.dumps(heavy).encode()
+    # single: Serve's proxy refuses; split: our ingress does, with our JSON error
+    for topology in ("single", "split"):
+        deploy(served, topology=topology, max_batch_size=1, max_ongoing_requests=1,
+               max_queued_requests=2)
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda _: requests.post(
+                f"{served['url']}/v1/predict", data=body, headers=JSON, timeout=120),
+                range(12)))
+        statuses = sorted(a.status_code for a in answers)
+        print(f"\n{topology}: 12 at once into room for 3: {statuses}")
+        assert set(statuses) <= {200, 503} and 200 in statuses and 503 in statuses, statuses
+        refused = [a for a in answers if a.status_code == 503]
+        assert all(a.headers.get("retry-after") == "1" for a in refused)
+        if topology == "split":
+            assert all(a.json()["error"]["code"] == "overloaded" for a in refused)
+
+    deploy(served, request_timeout_s=0.05)
+    slow = requests.post(f"{served['url']}/v1/predict", data=body, headers=JSON, timeout=60)
+    assert slow.status_code == 504, slow.text
+    assert slow.json()["error"]["code"] == "timeout"
+    assert "serve.request_timeout_s" in slow.json()["error"]["message"]
+    assert predict(served, {"instances": [served["images"][0].tolist()]}).status_code == 200
+
+
 def test_a_token_is_required_when_configured(served, monkeypatch):
     monkeypatch.setenv(TOKEN_ENV, "s3cret")
     deploy(served)
