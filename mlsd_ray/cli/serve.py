@@ -62,7 +62,8 @@ def serve(ctx: typer.Context, config: ConfigOption = None, set_: SetOption = Non
 
     Runs until Ctrl-C, or with --detach returns once the app answers its health check. The alias is
     pinned to its version at start; move versions with `mlsd deploy`. Set MLSD_API_TOKEN to
-    require `Authorization: Bearer <token>`. Subcommands: `status`, `stop`.
+    require `Authorization: Bearer <token>`, and MLSD_ADMIN_TOKEN to allow changing the fraud
+    policy and rules over HTTP (off without it). Subcommands: `status`, `stop`.
     """
     if ctx.invoked_subcommand is not None:
         return
