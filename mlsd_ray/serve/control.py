@@ -627,11 +627,15 @@ def stop_head(pid: int, gcs_address: str, timeout: float = 10) -> bool:
     """Stop a head that `start_head` started: its process group, what of it outlived the group
     (Ray's processes and what they started, such as Serve's HAProxy, which would keep the app's
     port), and Ray's record of it. True if the group was still running."""
+    import psutil
+
     processes = head_processes(gcs_address)  # before the group goes: then they are orphans
     stopped = kill_group(pid, timeout)
     for process in processes:
         with contextlib.suppress(Exception):  # psutil.Error: already gone
             process.kill()
+    # Gone, not only signalled: the app's port is free once HAProxy has exited.
+    psutil.wait_procs(processes, timeout=timeout)
     forget_recorded_cluster(gcs_address)
     return stopped
 
