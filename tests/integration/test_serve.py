@@ -193,6 +193,52 @@ def test_overload_is_a_503_with_retry_after_and_a_slow_answer_a_504(served):
     assert predict(served, {"instances": [served["images"][0].tolist()]}).status_code == 200
 
 
+def replica_processes(app_name: str) -> list:
+    """The psutil processes of the app's live replicas (their actors name the app)."""
+    import psutil
+    import ray
+    from ray.util.state import list_actors
+
+    alive = list_actors(address=ray.get_runtime_context().gcs_address,
+                        filters=[("state", "=", "ALIVE")])
+    return [psutil.Process(a.pid) for a in alive
+            if a.class_name.startswith("ServeReplica:") and f":{app_name}:" in a.class_name]
+
+
+def test_hostile_bodies_get_4xx_and_the_replica_holds(served):
+    """A 70 MB body, a gzip bomb, a PNG decompression bomb and a form of 10,000 parts: each
+    gets a 4xx; the replica is the same process afterwards and grew by under 200 MB."""
+    import gzip
+
+    from tests.unit.test_serve_schemas import png_declaring
+
+    deploy(served)
+    [replica] = replica_processes("mlsd")
+    before = replica.memory_info().rss
+    url = f"{served['url']}/v1/predict"
+    bomb = base64.b64encode(png_declaring(9_000, 9_000)).decode()
+    zipped = gzip.compress(b'{"instances": [' + b"[[0, 0], [0, 0]], " * 2_000_000 + b"[[0]]]}")
+    parts = "".join(f"--b\r\nContent-Disposition: form-data; name=f{i}\r\n\r\nx\r\n"
+                    for i in range(10_000)) + "--b--\r\n"
+    cases = {
+        "70 MB body": dict(data=b" " * (70 * 2**20), headers=JSON),
+        "gzip bomb": dict(data=zipped, headers={**JSON, "Content-Encoding": "gzip"}),
+        "PNG bomb": dict(json={"instances": [{"b64": bomb}]}),
+        "10,000 parts": dict(data=parts.encode(),
+                             headers={"content-type": "multipart/form-data; boundary=b"}),
+    }
+    for case, kwargs in cases.items():
+        answer = requests.post(url, timeout=120, **kwargs)
+        print(f"\n{case}: {answer.status_code} {answer.text[:100]}")
+        assert 400 <= answer.status_code < 500, (case, answer.text[:300])
+        assert answer.json()["error"]["message"], case
+    [after] = replica_processes("mlsd")
+    grown = (after.memory_info().rss - before) / 2**20
+    print(f"replica {after.pid} (was {replica.pid}) grew by {grown:.0f} MB")
+    assert after.pid == replica.pid and grown < 200
+    assert predict(served, {"instances": [served["images"][0].tolist()]}).status_code == 200
+
+
 def test_a_token_is_required_when_configured(served, monkeypatch):
     monkeypatch.setenv(TOKEN_ENV, "s3cret")
     deploy(served)
