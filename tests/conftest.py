@@ -90,6 +90,20 @@ def image_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "images")
 
 
+def png_declaring(width: int, height: int) -> bytes:
+    """A 2×2 PNG whose header claims width×height pixels (a decompression bomb's header)."""
+    import io
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((2, 2), dtype=np.uint8)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    struct.pack_into(">II", data, 16, width, height)  # IHDR data starts at byte 16
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
 def texts(values) -> list[str]:
     """A BYTES tensor as strings (Triton's client gives str from JSON, bytes from binary)."""
     return [v.decode() if isinstance(v, bytes) else v for v in values]

@@ -158,7 +158,8 @@ class Task(ABC):
     def pipeline(self, cfg, home: str | None, log: Log, *, force: bool = False,
                  tune: bool = False, serve_check: bool = True, keep_serving: bool = False,
                  monitor_loop: bool = True) -> PipelineResult:
-        """Every stage end to end; `{"task": name, "stages": {stage: summary}}`."""
+        """Every stage end to end: what each did (`PipelineResult`; its `to_dict` is
+        `{"task": name, "stages": {stage: summary}}`)."""
 
     def serve_application(self, settings, model: PinnedModel, home: str | None) -> ServedApp:
         """The Serve application for `model`, pinned to one version (`model.path`: its

@@ -7,8 +7,22 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from mlsd_ray.core.config import Config
     from mlsd_ray.tasks.base import TrainedModel
     from mlsd_ray.workflows.loop import LoopSteps
+
+
+def search_first(cfg: Config, home: str | None,
+                 log: Callable[[str], None]) -> tuple[Config, dict[str, Any]]:
+    """`mlsd pipeline --tune`: search `cfg.tune` (nothing registered), and the config the final
+    training then uses: the best parameters on top of `cfg`; with the search's summary."""
+    from mlsd_ray.tuning.search import run_tune, trial_config
+
+    searched = run_tune(cfg, home=home, log=log, register=False)
+    log(f"training with the best parameters: {searched['best']['params']}")
+    return trial_config(cfg, searched["best"]["params"]), searched
 
 
 @dataclass

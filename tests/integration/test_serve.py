@@ -26,7 +26,7 @@ from mlsd_ray.core.errors import InputError
 from mlsd_ray.serve import control
 from mlsd_ray.serve.app import TOKEN_ENV
 from mlsd_ray.tasks.image.registry import log_and_register
-from tests.conftest import screenshot, texts
+from tests.conftest import png_declaring, screenshot, texts
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -209,8 +209,6 @@ def test_hostile_bodies_get_4xx_and_the_replica_holds(served):
     """A 70 MB body, a gzip bomb, a PNG decompression bomb and a form of 10,000 parts: each
     gets a 4xx; the replica is the same process afterwards and grew by under 200 MB."""
     import gzip
-
-    from tests.unit.test_serve_schemas import png_declaring
 
     deploy(served)
     [replica] = replica_processes("mlsd")

@@ -12,6 +12,7 @@ from PIL import Image
 from mlsd_ray.core.config import ServeConfig
 from mlsd_ray.serve.schemas import ClientError, parse_json
 from mlsd_ray.tasks.image import schemas
+from tests.conftest import png_declaring
 
 
 def png(array: np.ndarray) -> str:
@@ -74,17 +75,6 @@ def test_malformed_json_and_uploads():
         schemas.decode_upload(b"GIF89a but not really", "x.gif")
     with pytest.raises(ClientError, match="is empty"):
         schemas.decode_upload(b"", "empty.png")
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A 2×2 PNG whose header claims width×height pixels (a decompression bomb's header)."""
-    import struct
-    import zlib
-
-    data = bytearray(base64.b64decode(png(np.zeros((2, 2), dtype=np.uint8))))
-    struct.pack_into(">II", data, 16, width, height)  # IHDR data starts at byte 16
-    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
-    return bytes(data)
 
 
 @pytest.mark.parametrize("side, words", [

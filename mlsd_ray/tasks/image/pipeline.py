@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from mlsd_ray.core.config import Config
 from mlsd_ray.core.runtime import log_stderr
 from mlsd_ray.tasks.image.data.prepare import prepare_dataset
-from mlsd_ray.workflows.stages import PipelineResult, StageHeadings
+from mlsd_ray.workflows.stages import PipelineResult, StageHeadings, search_first
 
 if TYPE_CHECKING:
     from mlsd_ray.workflows.loop import LoopSteps
@@ -45,12 +45,8 @@ def run_pipeline(cfg: Config, home: str | None = None, force: bool = False,
     prepared = prepare_dataset(cfg, home=home, force=force, log=log)
     searched = None
     if tune:
-        from mlsd_ray.tuning.search import run_tune, trial_config
-
         log(heading("tune"))
-        searched = run_tune(cfg, home=home, log=log, register=False)
-        cfg = trial_config(cfg, searched["best"]["params"])
-        log(f"training with the best parameters: {searched['best']['params']}")
+        cfg, searched = search_first(cfg, home, log)
     log(heading("train and register"))
     trained = train_and_register(cfg, home=home, log=log)
     result = PipelineResult(task="image", data=prepared.summary(), tune=searched, train=trained)

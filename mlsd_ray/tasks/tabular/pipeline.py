@@ -19,7 +19,7 @@ import pandas as pd
 
 from mlsd_ray.core.config import Config
 from mlsd_ray.core.runtime import log_stderr
-from mlsd_ray.workflows.stages import PipelineResult, StageHeadings
+from mlsd_ray.workflows.stages import PipelineResult, StageHeadings, search_first
 
 if TYPE_CHECKING:
     from mlsd_ray.workflows.loop import LoopSteps
@@ -45,12 +45,8 @@ def run_tabular_pipeline(cfg: Config, home: str | None = None, force: bool = Fal
     table = prepare_table(cfg, home=home, force=force, log=log)
     searched = None
     if tune:
-        from mlsd_ray.tuning.search import run_tune, trial_config
-
         log(heading("tune"))
-        searched = run_tune(cfg, home=home, log=log, register=False)
-        cfg = trial_config(cfg, searched["best"]["params"])
-        log(f"training with the best parameters: {searched['best']['params']}")
+        cfg, searched = search_first(cfg, home, log)
     log(heading("train, evaluate, register"))
     trained = run_tabular_train(cfg, home=home, log=log, table=table)
     result = PipelineResult(task="tabular", data=table.summary(), tune=searched, train=trained)

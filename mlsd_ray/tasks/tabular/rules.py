@@ -166,10 +166,10 @@ def compile_condition(text: str, line: int, name: str = "rule",
                          f"characters; at most {MAX_CONDITION_CHARS}")
     try:
         tree = ast.parse(text.strip(), mode="eval")
-    except (SyntaxError, RecursionError, MemoryError) as exc:
-        if not isinstance(exc, SyntaxError):
-            raise RulesError(f"line {line}: rule {name!r}: the condition nests too deeply "
-                             f"(at most {MAX_DEPTH} levels)") from None
+    except (RecursionError, MemoryError):  # the parser's own stack, past MAX_DEPTH anyway
+        raise RulesError(f"line {line}: rule {name!r}: the condition nests too deeply "
+                         f"(at most {MAX_DEPTH} levels)") from None
+    except SyntaxError as exc:
         column = f" at column {exc.offset}" if exc.offset else ""
         raise RulesError(f"line {line}: rule {name!r}: syntax error in `when`{column}: "
                          f"{exc.msg}") from None
