@@ -26,6 +26,7 @@ def ray_session():
 
     from mlsd_ray.core import runtime
 
+    runtime.tune_serve_recovery()  # read when Ray starts: before ray.init
     ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False,
              object_store_memory=512 * 1024**2, logging_level="WARNING")
     runtime.ensure_ray()  # applies our DataContext settings to the running instance
@@ -102,6 +103,38 @@ def png_declaring(width: int, height: int) -> bytes:
     struct.pack_into(">II", data, 16, width, height)  # IHDR data starts at byte 16
     struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
     return bytes(data)
+
+
+def actor_processes(class_prefix: str) -> list:
+    """The psutil processes of this session's live Ray actors whose class name starts with
+    `class_prefix`: "ServeReplica:<app>:" for an app's replicas, "ServeController",
+    "ProxyActor"."""
+    import psutil
+    import ray
+    from ray.util.state import list_actors
+
+    alive = list_actors(address=ray.get_runtime_context().gcs_address,
+                        filters=[("state", "=", "ALIVE")], limit=1000)
+    return [psutil.Process(a.pid) for a in alive if a.class_name.startswith(class_prefix)]
+
+
+def fuzz_openapi(url: str, report_dir: Path, seconds: int = 20) -> tuple[int, str]:
+    """Schemathesis, every check, against `url`/openapi.json over real HTTP for about
+    `seconds`: its exit code and console output (the summary is at the end). Its JUnit
+    report goes to `report_dir`."""
+    import subprocess
+    import sys
+
+    config = Path(__file__).with_name("schemathesis.toml")
+    command = [str(Path(sys.executable).with_name("schemathesis")), "--config-file",
+               str(config), "run",
+               f"{url}/openapi.json", "--checks", "all", "--max-time", str(seconds),
+               "--seed", "0", "--workers", "1", "--no-color", "--request-timeout", "30",
+               "--generation-database", "none", "--report", "junit",
+               "--report-dir", str(report_dir)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 240,
+                          cwd=report_dir)  # where it keeps its .schemathesis/ cache
+    return done.returncode, done.stdout + done.stderr
 
 
 def texts(values) -> list[str]:

@@ -38,6 +38,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ExceptionHandler
 
 from mlsd_ray.core.config import PredictionLogConfig, ServeConfig
@@ -261,6 +262,14 @@ async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
     return error_response(exc.status, exc.code, exc.message, exc.headers)
 
 
+def error_for_path(path: str, status: int, code: str, message: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """Our JSON error, in the Open Inference Protocol's shape (`{"error": "..."}`) under /v2."""
+    if path == "/v2" or path.startswith("/v2/"):
+        return JSONResponse(status_code=status, headers=headers, content={"error": message})
+    return error_response(status, code, message, headers)
+
+
 def _http_error_handler(served: str):
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed"}
@@ -268,10 +277,23 @@ def _http_error_handler(served: str):
         if exc.status_code in codes:  # e.g. a request meant for another task's app
             message = (f"{message}: {request.method} {request.url.path}; this app serves "
                        f"{served}")
-        return error_response(exc.status_code, codes.get(exc.status_code, "http_error"),
-                              message)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # RFC 9110: Allow lists every method the path takes
+            headers["Allow"] = _allowed_methods(request)
+        return error_for_path(request.url.path, exc.status_code,
+                              codes.get(exc.status_code, "http_error"), message, headers)
 
     return http_error
+
+
+def _allowed_methods(request: Request) -> str:
+    """The methods of every route whose path matches the request's. (Starlette's own 405
+    names the first such route's only: GET for a path with a GET and a PUT route.)"""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if route.matches(request.scope)[0] != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -343,8 +365,9 @@ class RequestTimeLimit:
         except asyncio.TimeoutError:
             if started:
                 raise
-            response = error_response(504, "timeout", f"no answer within {self.seconds:g} s "
-                                                      "(serve.request_timeout_s); try again")
+            response = error_for_path(scope["path"], 504, "timeout",
+                                      f"no answer within {self.seconds:g} s "
+                                      "(serve.request_timeout_s); try again")
             await response(scope, receive, send)
 
 

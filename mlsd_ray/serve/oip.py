@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from mlsd_ray import __version__
-from mlsd_ray.serve.schemas import ClientError
+from mlsd_ray.serve.schemas import ClientError, ProtocolErrorResponse, documented_errors
 
 if TYPE_CHECKING:
     from mlsd_ray.serve.app import LocalModel, RemoteModel
@@ -357,4 +357,5 @@ def add_open_inference_routes(api: FastAPI) -> None:
                    (model + "/infer", OpenInferenceRoutes.v2_infer_route, post,
                     "Inference (V2): JSON or binary tensors")]
     for path, endpoint, methods, summary in routes:
-        api.add_api_route(path, endpoint, methods=methods, summary=summary)
+        api.add_api_route(path, endpoint, methods=methods, summary=summary,
+                          responses=documented_errors(ProtocolErrorResponse))

@@ -6,6 +6,7 @@ shapes live with the task: tasks/image/schemas.py, tasks/tabular/records.py.)"""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -30,6 +31,22 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class ProtocolErrorResponse(BaseModel):
+    """The Open Inference Protocol's error body, which /v2 answers with."""
+
+    error: str
+
+
+# Every status an app's route may answer besides 200: its OpenAPI lists them, so a client (and
+# schemathesis, in CI) knows them all. 503: overloaded; 504: serve.request_timeout_s passed.
+ERROR_STATUSES = (400, 401, 403, 404, 413, 415, 422, 503, 504)
+
+
+def documented_errors(body: type[BaseModel] = ErrorResponse) -> dict[int | str, dict[str, Any]]:
+    """A route's OpenAPI `responses`: each status of ERROR_STATUSES with its error body."""
+    return {status: {"model": body} for status in ERROR_STATUSES}
 
 
 def parse_json(body: bytes) -> object:

@@ -26,7 +26,7 @@ from mlsd_ray.core.errors import InputError
 from mlsd_ray.serve import control
 from mlsd_ray.serve.app import TOKEN_ENV
 from mlsd_ray.tasks.image.registry import log_and_register
-from tests.conftest import png_declaring, screenshot, texts
+from tests.conftest import actor_processes, fuzz_openapi, png_declaring, screenshot, texts
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -151,8 +151,13 @@ def test_bad_requests_get_4xx_json_errors_and_serving_continues(served):
         assert answer.status_code == status, (body[:20], answer.text)
         assert answer.json()["error"]["message"]
     assert predict(served, {"instances": [good]}).status_code == 200
-    missing = requests.get(f"{served['url']}/v2/predict", timeout=30)
+    missing = requests.get(f"{served['url']}/v1/nope", timeout=30)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    # under /v2, in the Open Inference Protocol's shape: {"error": "..."}
+    missing = requests.get(f"{served['url']}/v2/predict", timeout=30)
+    assert missing.status_code == 404 and "Not Found" in missing.json()["error"]
+    wrong_method = requests.delete(f"{served['url']}/v1/predict", timeout=30)
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
     # a request meant for the fraud app: the answer says which task this app serves
     other = requests.post(f"{served['url']}/v1/fraud/score", json={"records": []}, timeout=30)
     assert other.status_code == 404, other.text
@@ -193,48 +198,52 @@ def test_overload_is_a_503_with_retry_after_and_a_slow_answer_a_504(served):
     assert predict(served, {"instances": [served["images"][0].tolist()]}).status_code == 200
 
 
-def replica_processes(app_name: str) -> list:
-    """The psutil processes of the app's live replicas (their actors name the app)."""
-    import psutil
-    import ray
-    from ray.util.state import list_actors
-
-    alive = list_actors(address=ray.get_runtime_context().gcs_address,
-                        filters=[("state", "=", "ALIVE")])
-    return [psutil.Process(a.pid) for a in alive
-            if a.class_name.startswith("ServeReplica:") and f":{app_name}:" in a.class_name]
-
-
 def test_hostile_bodies_get_4xx_and_the_replica_holds(served):
-    """A 70 MB body, a gzip bomb, a PNG decompression bomb and a form of 10,000 parts: each
-    gets a 4xx; the replica is the same process afterwards and grew by under 200 MB."""
+    """A 70 MB body, JSON nested 150,000 deep (to /v1 and to /v2), a gzip bomb, a PNG
+    decompression bomb and a form of 10,000 parts: each gets a 4xx; the replica is the same
+    process afterwards and grew by under 200 MB."""
     import gzip
 
     deploy(served)
-    [replica] = replica_processes("mlsd")
+    [replica] = actor_processes("ServeReplica:mlsd:")
     before = replica.memory_info().rss
-    url = f"{served['url']}/v1/predict"
     bomb = base64.b64encode(png_declaring(9_000, 9_000)).decode()
     zipped = gzip.compress(b'{"instances": [' + b"[[0, 0], [0, 0]], " * 2_000_000 + b"[[0]]]}")
     parts = "".join(f"--b\r\nContent-Disposition: form-data; name=f{i}\r\n\r\nx\r\n"
                     for i in range(10_000)) + "--b--\r\n"
+    deep = b'{"instances": ' + b"[" * 150_000 + b"]" * 150_000 + b"}"
     cases = {
         "70 MB body": dict(data=b" " * (70 * 2**20), headers=JSON),
+        "JSON 150,000 deep": dict(data=deep, headers=JSON),
+        "JSON 150,000 deep to /v2": dict(data=b'{"inputs": ' + b"[" * 150_000, headers=JSON,
+                                         path="/v2/models/digits-cnn/infer"),
         "gzip bomb": dict(data=zipped, headers={**JSON, "Content-Encoding": "gzip"}),
         "PNG bomb": dict(json={"instances": [{"b64": bomb}]}),
         "10,000 parts": dict(data=parts.encode(),
                              headers={"content-type": "multipart/form-data; boundary=b"}),
     }
     for case, kwargs in cases.items():
-        answer = requests.post(url, timeout=120, **kwargs)
+        path = kwargs.pop("path", "/v1/predict")
+        answer = requests.post(served["url"] + path, timeout=120, **kwargs)
         print(f"\n{case}: {answer.status_code} {answer.text[:100]}")
         assert 400 <= answer.status_code < 500, (case, answer.text[:300])
-        assert answer.json()["error"]["message"], case
-    [after] = replica_processes("mlsd")
+        error = answer.json()["error"]  # /v1: {"code", "message"}; /v2: the protocol's string
+        assert error if path.startswith("/v2") else error["message"], case
+    [after] = actor_processes("ServeReplica:mlsd:")
     grown = (after.memory_info().rss - before) / 2**20
     print(f"replica {after.pid} (was {replica.pid}) grew by {grown:.0f} MB")
     assert after.pid == replica.pid and grown < 200
     assert predict(served, {"instances": [served["images"][0].tolist()]}).status_code == 200
+
+
+@pytest.mark.slow  # schemathesis for 20 s
+def test_schemathesis_finds_no_server_error(served, tmp_path):
+    """Generated requests for every operation of /openapi.json, all of schemathesis's checks:
+    no 5xx, and every answer matches the schema the app publishes."""
+    deploy(served)
+    code, output = fuzz_openapi(served["url"], tmp_path)
+    print(output[output.find("SUMMARY"):])
+    assert code == 0, output[-6000:]
 
 
 def test_a_token_is_required_when_configured(served, monkeypatch):

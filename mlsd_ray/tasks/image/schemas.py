@@ -19,11 +19,18 @@ from mlsd_ray.tasks.image.data.validate import Rejected, coerce_array, decode_by
 MAX_SIDE = 1024  # pixels: a larger instance is refused before it reaches the model
 
 
+class EncodedImage(BaseModel):
+    """A PNG or JPEG file in base64."""
+
+    b64: str
+
+
 class PredictRequest(BaseModel):
     """`POST /v1/predict` with a JSON body (documented in OpenAPI; decoding is ours)."""
 
-    instances: list = Field(..., description="Numeric arrays (H×W or H×W×C) or "
-                            '{"b64": "<base64 PNG/JPEG>"} objects.', min_length=1)
+    instances: list[list | EncodedImage] = Field(
+        ..., description="Numeric arrays (H×W or H×W×C) or "
+        '{"b64": "<base64 PNG/JPEG>"} objects.', min_length=1)
 
 
 class Prediction(BaseModel):
@@ -147,3 +154,21 @@ def top_k(probabilities: np.ndarray, class_names: list[str], k: int) -> list[dic
                         "probabilities": {class_names[i]: round(float(row[i]), 6)
                                           for i in order}})
     return answers
+
+
+def inline_schema(model: type[BaseModel]) -> dict:
+    """`model`'s JSON schema with its `$defs` written in place: an OpenAPI request body given
+    as `openapi_extra` cannot point into a `$defs` of its own."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            if set(node) == {"$ref"} and node["$ref"].startswith("#/$defs/"):
+                return inline(defs[node["$ref"].removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        return node
+
+    return inline(schema)

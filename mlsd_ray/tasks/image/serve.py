@@ -62,7 +62,7 @@ from mlsd_ray.serve.oip import (
     TensorSpec,
     add_open_inference_routes,
 )
-from mlsd_ray.serve.schemas import ClientError, ErrorResponse, parse_json
+from mlsd_ray.serve.schemas import ClientError, documented_errors, parse_json
 from mlsd_ray.tasks.image import schemas
 
 DRIFT_REFRESH_S = 10.0
@@ -182,13 +182,12 @@ def _read_text(location: str) -> str:
 
 
 _PREDICT_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": schemas.PredictRequest.model_json_schema()},
+    "application/json": {"schema": schemas.inline_schema(schemas.PredictRequest)},
     "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {
         "type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 422, 503)}
+_ERRORS = documented_errors()
 
 
 @serve.ingress(api)
@@ -258,7 +257,7 @@ class ImageApp(ImageModel, ModelRoutes, OpenInferenceRoutes):
         """A page to try the model: draw a digit or drop an image (serve/pages/image.html)."""
         return page("image.html")
 
-    @api.get("/v1/health", summary="200 once the model is loaded")
+    @api.get("/v1/health", responses=_ERRORS, summary="200 once the model is loaded")
     async def health(self) -> JSONResponse:
         try:
             info = await asyncio.wait_for(self.model.describe(), timeout=30)

@@ -67,7 +67,7 @@ from mlsd_ray.serve.oip import (
     TensorSpec,
     add_open_inference_routes,
 )
-from mlsd_ray.serve.schemas import ClientError, parse_json
+from mlsd_ray.serve.schemas import ClientError, documented_errors, parse_json
 from mlsd_ray.tasks.tabular.monitoring import predicted_classes
 from mlsd_ray.tasks.tabular.records import check_record, records_from_json, records_from_tensors
 from mlsd_ray.tasks.tabular.rules import RulesError, decide, parse_rules
@@ -82,6 +82,28 @@ add_error_handlers(api, f"the tabular task: POST {PREFIX}/score, GET {PREFIX}/he
                         f"GET {PREFIX}/model, GET|PUT {PREFIX}/policy, PUT {PREFIX}/rules, "
                         "and /v2 (the Open Inference Protocol)")
 add_open_inference_routes(api)
+_ERRORS = documented_errors()
+
+
+def _json_body(schema: dict) -> dict:
+    """A route's OpenAPI request body (the routes read and check the body themselves)."""
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": schema}}}}
+
+
+_SCORE_BODY = _json_body({
+    "type": "object", "required": ["records"],
+    "properties": {"records": {"type": "array", "minItems": 1, "items": {
+        "type": "object", "description": "A transaction: column name -> value; a missing "
+        "column is imputed, an unknown one ignored (both noted in the result)."}}}})
+_POLICY_BODY = _json_body({
+    "type": "object", "minProperties": 1, "additionalProperties": False,
+    "properties": {"threshold": {"type": "number", "minimum": 0, "maximum": 1},
+                   "decline_above": {"type": ["number", "null"], "minimum": 0,
+                                     "maximum": 1}}})
+_RULES_BODY = {"requestBody": {"required": True, "content": {"application/yaml": {
+    "schema": {"type": "string", "description": "The rules file (see "
+               "mlsd_ray/examples/fraud-rules.yaml)"}}}}}
 count_requests(api)
 # No `from __future__ import annotations` in this module: FastAPI inside a Serve ingress then
 # sees `request: Request` as the string "Request" and asks for a query parameter named request.
@@ -223,7 +245,7 @@ class FraudApp(TabularModel, ModelRoutes, OpenInferenceRoutes):
             self.policy["threshold"] = self.served["threshold"]
         return self.served
 
-    @api.post(f"{PREFIX}/score",
+    @api.post(f"{PREFIX}/score", responses=_ERRORS, openapi_extra=_SCORE_BODY,
               summary="Score transactions: a decision, score and rules per record")
     async def score(self, request: Request) -> dict:
         started, received = time.perf_counter(), time.time()
@@ -302,7 +324,7 @@ class FraudApp(TabularModel, ModelRoutes, OpenInferenceRoutes):
         """A page to try the model: one record in a form (serve/pages/fraud.html)."""
         return page("fraud.html")
 
-    @api.get(f"{PREFIX}/health", summary="200 once the model is loaded")
+    @api.get(f"{PREFIX}/health", responses=_ERRORS, summary="200 once the model is loaded")
     async def health(self):
         try:
             info = await asyncio.wait_for(self.model.describe(), timeout=30)
@@ -311,7 +333,8 @@ class FraudApp(TabularModel, ModelRoutes, OpenInferenceRoutes):
         return {"status": "ok", "model_name": info["model_name"],
                 "model_version": info["model_version"]}
 
-    @api.get(f"{PREFIX}/model", summary="The served version, its input columns and the policy")
+    @api.get(f"{PREFIX}/model", responses=_ERRORS,
+             summary="The served version, its input columns and the policy")
     async def model_info(self, request: Request) -> dict:
         authorize(request, self.settings["token_sha256"])
         return {**await self._model_info(), "policy": self._public_policy()}
@@ -322,13 +345,14 @@ class FraudApp(TabularModel, ModelRoutes, OpenInferenceRoutes):
                 "rules": [{"name": r.name, "when": r.when, "action": r.action}
                           for r in self.policy["rules"]]}
 
-    @api.get(f"{PREFIX}/policy", summary="The threshold and rules in force")
+    @api.get(f"{PREFIX}/policy", responses=_ERRORS,
+             summary="The threshold and rules in force")
     async def get_policy(self, request: Request) -> dict:
         authorize(request, self.settings["token_sha256"])
         await self._model_info()
         return self._public_policy()
 
-    @api.put(f"{PREFIX}/policy",
+    @api.put(f"{PREFIX}/policy", responses=_ERRORS, openapi_extra=_POLICY_BODY,
              summary="Change the threshold or decline_above, without a restart")
     async def put_policy(self, request: Request) -> dict:
         authorize_change(request, self.settings["admin_sha256"])
@@ -348,7 +372,7 @@ class FraudApp(TabularModel, ModelRoutes, OpenInferenceRoutes):
         self._save_policy()
         return self._public_policy()
 
-    @api.put(f"{PREFIX}/rules",
+    @api.put(f"{PREFIX}/rules", responses=_ERRORS, openapi_extra=_RULES_BODY,
              summary="Replace the rules (a YAML body); a bad file changes nothing")
     async def put_rules(self, request: Request) -> dict:
         authorize_change(request, self.settings["admin_sha256"])
