@@ -45,7 +45,8 @@ def test_selection(args: list[str]) -> list[str]:
 
 # Programs the slow tests start, and the Debian package of each.
 SYSTEM_PACKAGES = {"prometheus": "prometheus", "promtool": "prometheus",
-                   "chromium": "chromium", "chromedriver": "chromium-driver"}
+                   "chromium": "chromium", "chromedriver": "chromium-driver",
+                   "redis-server": "redis-server"}
 
 
 def ensure_system_packages() -> None:

@@ -242,6 +242,12 @@ class ServeConfig(StrictModel):
         "proxy on 2 cores (docs/benchmarks.md); it balances by least connections itself, so "
         "`router` stays pow2, and the replicas' ports listen on all interfaces. Applies to a "
         "Ray that mlsd starts; a cluster needs RAY_SERVE_ENABLE_HA_PROXY=1 where it starts.")
+    gcs_redis: str | None = Field(
+        None, pattern=r"^[^\s:]+:\d+$", description="host:port of a Redis server that keeps "
+        "the Ray head's cluster state (Ray's GCS fault tolerance) for a head that `mlsd serve "
+        "--detach` starts: its GCS can then restart while the app goes on answering. Its "
+        "password, if any, comes from MLSD_REDIS_PASSWORD. A cluster sets this where it starts "
+        "its head (cluster/).")
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     max_instances: int = Field(256, ge=1, description="Instances per request, at most.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Request bodies above "

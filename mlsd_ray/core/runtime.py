@@ -129,6 +129,7 @@ def ensure_ray(home: str | None = None) -> None:
     _quiet_ray_data_console()
     _tune_data_context()
     _tune_train_controller()
+    tune_serve_recovery()
     if not ray.is_initialized():
         to_console = _settings["verbose"] and not _settings["quiet"]
         quiet_token_notice()
@@ -182,14 +183,21 @@ def _address() -> str | None:
         recorded = Path(recorded_cluster_file()).read_text().strip()
     except OSError:
         return None
-    host, _, port = recorded.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=2).close()
-    except (OSError, ValueError):
+    if not reachable(recorded):
         log_stderr(f"note: {recorded_cluster_file()} names a Ray cluster at {recorded} that is "
                    "gone; starting a new local one")
         return "local"
     return None
+
+
+def reachable(address: str, timeout: float = 2) -> bool:
+    """Whether something accepts TCP connections at `address` (host:port)."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _tune_train_controller() -> None:
@@ -203,6 +211,17 @@ def _tune_train_controller() -> None:
     """
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+def tune_serve_recovery() -> None:
+    """Serve settings that its controller reads from the environment of the Ray this process
+    starts (a cluster sets them where it starts its head); a user's own values win.
+
+    The controller health-checks each HTTP proxy every 10 s by default and replaces one after
+    3 failed checks: a SIGKILLed proxy left the port dark for 27 s (docs/reliability.md).
+    Every 2 s, a dead proxy is replaced in about 10 s; a check is one small call.
+    """
+    os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S", "2")
 
 
 def _tune_data_context() -> None:

@@ -27,7 +27,7 @@ from mlsd_ray import registry
 from mlsd_ray.core import storage
 from mlsd_ray.core.config import ServeConfig
 from mlsd_ray.core.errors import InputError, WorkError
-from mlsd_ray.core.runtime import log_stderr, quiet_serve_console
+from mlsd_ray.core.runtime import log_stderr, quiet_serve_console, reachable
 from mlsd_ray.core.workspace import Workspace
 
 HEALTH_TIMEOUT_S = 120.0
@@ -318,7 +318,9 @@ def _connect_for(home: str | None, settings: ServeConfig, detach: bool,
         runtime.ensure_ray(home)
         return RayHead(ray.get_runtime_context().gcs_address)
     _check_port_free(settings)
-    head = start_head(home, log, environment=_ingress_environment(settings))
+    environment, extra_args = _fault_tolerance(settings)
+    head = start_head(home, log, extra_args, {**_ingress_environment(settings), **environment},
+                      block=settings.gcs_redis is None)
     try:
         _join(head.ray_address)
     except BaseException:
@@ -340,6 +342,26 @@ def _ingress_environment(settings: ServeConfig) -> dict[str, str]:
     if settings.ingress != "haproxy":
         return {}
     return {HAPROXY_ENV: "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": HAPROXY_DRAIN_S}
+
+
+# How long Serve's controller waits on the GCS's key-value store before a control call (a
+# deploy) fails. Serve's default is to wait as long as Ray does, so a deploy sent while the
+# GCS was down hung; with this it fails and says so.
+SERVE_KV_TIMEOUT_S = "10"
+REDIS_PASSWORD_ENV = "MLSD_REDIS_PASSWORD"
+
+
+def _fault_tolerance(settings: ServeConfig) -> tuple[dict[str, str], tuple[str, ...]]:
+    """The environment and `ray start` flags of a head whose GCS keeps its state in the Redis
+    of `settings.gcs_redis` (Ray's GCS fault tolerance); none without one."""
+    if settings.gcs_redis is None:
+        return {}, ()
+    environment = {"RAY_REDIS_ADDRESS": settings.gcs_redis,
+                   # fixed, so that a head started again (not only its GCS) finds its state
+                   "RAY_external_storage_namespace": f"mlsd-{settings.app_name}",
+                   "RAY_SERVE_KV_TIMEOUT_S": SERVE_KV_TIMEOUT_S}
+    password = os.environ.get(REDIS_PASSWORD_ENV)
+    return environment, (f"--redis-password={password}",) if password else ()
 
 
 def prepare_ingress(settings: ServeConfig) -> None:
@@ -389,12 +411,19 @@ def _check_port_free(settings: ServeConfig) -> None:
 
 def start_head(home: str | None, log: Callable[[str], None],
                extra_args: tuple[str, ...] = (),
-               environment: dict[str, str] | None = None) -> RayHead:
+               environment: dict[str, str] | None = None, block: bool = True) -> RayHead:
     """`ray start --head --block` in a new process group, with `environment` added to its
-    processes'; returns its address and pid.
+    processes'; returns its address and the group's pid.
+
+    Without `block`, `ray start` returns once the head runs and leaves its processes in the
+    group: then one of them (the GCS, for GCS fault tolerance) can die and be started again
+    alone, where `--block` would stop all of them.
 
     This interpreter's bin directory goes first on the head's PATH, so that a Ray job's
     `python jobs/...` entrypoint runs in this environment (with torch, Ray and MLflow)."""
+    from mlsd_ray.core import runtime
+
+    runtime.tune_serve_recovery()  # into os.environ, which the head's processes inherit
     ray_bin = Path(sys.executable).with_name("ray")
     port, dashboard = free_port(), free_port()
     log_path = Workspace.at(home).serve_state / "ray-head.log"
@@ -402,7 +431,8 @@ def start_head(home: str | None, log: Callable[[str], None],
     # Ports that default to fixed numbers get free ones: another Ray on this machine (a test
     # session, a user's `ray start`) holds 52365 and 10001, and a head whose dashboard agent
     # cannot bind takes no jobs ("No available agent to submit job").
-    command = [str(ray_bin), "start", "--head", "--block", f"--port={port}",
+    command = [str(ray_bin), "start", "--head", *(["--block"] if block else []),
+               f"--port={port}",
                "--node-ip-address=127.0.0.1", f"--dashboard-port={dashboard}",
                f"--dashboard-agent-listen-port={free_port()}",
                f"--ray-client-server-port={free_port()}",
@@ -416,7 +446,7 @@ def start_head(home: str | None, log: Callable[[str], None],
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        if process.poll() is not None:
+        if process.poll() not in (None, 0) or (block and process.returncode is not None):
             raise WorkError(f"`ray start --head` exited with {process.returncode}; see "
                             f"{log_path}")
         with socket.socket() as probe:
@@ -519,6 +549,12 @@ def metrics_endpoints() -> list[str]:
 
 
 def _join_recorded(state: RunningApp) -> None:
+    """Join the Ray the app was started on; a clear error, at once, if its GCS is down."""
+    if state.head.cluster_pid and not reachable(state.head.ray_address) and \
+            head_processes(state.head.ray_address):
+        raise WorkError(f"the Ray head at {state.head.ray_address} runs, but its GCS does not "
+                        f"answer (down or restarting); {state.app_name!r} goes on answering "
+                        f"on {state.url}: try again once the GCS is back")
     try:
         _join(state.head.ray_address)
     except ConnectionError as exc:

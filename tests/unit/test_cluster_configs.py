@@ -101,6 +101,13 @@ def test_kuberay_manifest_has_what_kuberay_requires(name):
                    "RayService": "rayClusterConfig"}[kind]
     cluster = spec if cluster_key is None else spec[cluster_key]
     assert check_cluster_spec(cluster, f"{name}:spec") == []
+    if kind in ("RayCluster", "RayService"):  # long-lived: the head may restart (GCS FT)
+        fault_tolerance = cluster["gcsFaultToleranceOptions"]
+        assert re.fullmatch(r"[\w.-]+:\d+", fault_tolerance["redisAddress"])
+        assert fault_tolerance["externalStorageNamespace"]
+        head_env = {e["name"]: e["value"] for e in
+                    cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+        assert float(head_env["RAY_SERVE_KV_TIMEOUT_S"]) > 0
     if kind == "RayCluster":
         assert spec["enableInTreeAutoscaling"] is True
         groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
