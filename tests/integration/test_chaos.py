@@ -97,9 +97,10 @@ def test_a_replica_killed_every_10_s_for_60_s(app):
     flushing = app.settings.prediction_log
     logged = wait_for_rows(log_location(flushing, app.home), since, answered,
                            timeout_s=flushing.flush_seconds + 5)
-    # what one replica answers in one flush interval (its buffer at most), per kill
+    # per kill, what one replica answers in one flush interval (its writer looks each second
+    # whether the oldest row waited flush_seconds): its buffer at most
     bound = len(replaced_s) * min(flushing.flush_rows,
-                                  answered / seconds / REPLICAS * flushing.flush_seconds)
+                                  answered / seconds / REPLICAS * (flushing.flush_seconds + 1))
     report("SIGKILL a model replica every 10 s, 6 times", tallies,
            replaced_s=[round(s, 1) for s in replaced_s],
            memory_mb={k: [round(v) for v in series] for k, series in memory.items()},
@@ -148,9 +149,8 @@ def test_the_http_proxy_killed_and_restarted(app):
         time.sleep(3)
     report("SIGKILL the HTTP proxy once", tallies, answering_again_s=round(answering_s, 1),
            after_restart_success=round(steady.success_rate, 4))
-    assert new_proxy.pid != proxy.pid
+    assert new_proxy.pid != proxy.pid and answering_s < 30
     assert steady.success_rate == 1.0, steady.outcomes
-    assert answering_s < 60
 
 
 def _answers(url: str, body: bytes) -> bool:
