@@ -69,6 +69,18 @@ def digits_model(tmp_path_factory, ray_session) -> TrainedDigits:
     return TrainedDigits(cfg, result, PreparedDataset.open(result.dataset), home)
 
 
+@pytest.fixture(scope="session")
+def digits_registered(tmp_path_factory, digits_model) -> str:
+    """An MLSD_HOME where the session's digits model is models:/digits-cnn/1 (the export and
+    explain tests read it; neither changes it)."""
+    from mlsd_ray.tasks.image.registry import log_and_register
+
+    home = str(tmp_path_factory.mktemp("digits-registered") / "mlsd-home")
+    log_and_register(digits_model.result, digits_model.cfg, digits_model.dataset, "digits-cnn",
+                     home)
+    return home
+
+
 def write_png(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)

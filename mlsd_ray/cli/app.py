@@ -39,7 +39,9 @@ from mlsd_ray.cli.support import (
 from mlsd_ray.core.runtime import log_stderr
 
 if TYPE_CHECKING:
-    from mlsd_ray.tasks.base import TrainedModel
+    from mlsd_ray.explain import ExplanationResult
+    from mlsd_ray.export import ExportResult
+    from mlsd_ray.tasks.base import Evaluation, TrainedModel
     from mlsd_ray.workflows.stages import PipelineResult
 
 app = typer.Typer(
@@ -135,20 +137,84 @@ def evaluate(model: Annotated[str, typer.Option(
     precision, recall, F1; macro F1; or MSE, MAE, R²) beside the HistGradientBoosting baseline,
     on the test split. Writes report.json and report.md under $MLSD_HOME/reports/RUN_NAME/SPLIT/.
     """
-    chosen = ChosenTask()
 
-    def work() -> dict:
+    def work() -> Evaluation:
         from mlsd_ray.registry import log_evaluation, resolve, show
         from mlsd_ray.tasks import task_of_checkpoint
 
         path = resolve(model, home)
-        chosen.task = task_of_checkpoint(path)  # the task that trained it: no flag needed
-        summary = chosen.task.evaluate(path, split, home, dataset)
+        # the task that trained it: no flag needed
+        evaluation = task_of_checkpoint(path).evaluate(path, split, home, dataset)
         if model.startswith("models:/"):  # its report and plots join the version's run
-            log_evaluation(show(model, home)["run_id"], summary["report"], split, home)
-        return summary
+            log_evaluation(show(model, home)["run_id"], evaluation.report, split, home)
+        return evaluation
 
-    run(as_json, work, lambda summary: chosen.task.render_evaluation(summary), verbose=verbose)
+    run(as_json, work, lambda evaluation: print(evaluation.describe()), verbose=verbose)
+
+
+@app.command()
+def explain(model: Annotated[str, typer.Option(
+                "--model", help="models:/NAME/VERSION, models:/NAME@ALIAS or a checkpoint "
+                                "directory.")],
+            source: Annotated[str | None, typer.Option(
+                "--source", help="Inputs to explain (a --source SPEC, as `mlsd data` takes); "
+                                 "default: the model's own test split.")] = None,
+            label: Annotated[str | None, typer.Option(
+                "--label", help="Only inputs of this class (e.g. 7).")] = None,
+            count: Annotated[int, typer.Option("--n", help="How many inputs.")] = 8,
+            out: Annotated[str | None, typer.Option(
+                "--out", help="Folder (default $MLSD_HOME/explanations/RUN/TIME).")] = None,
+            home: HomeOption = None, as_json: JsonOption = False,
+            verbose: VerboseOption = False) -> None:
+    """Show why the model answered what it did, and check that the explanation is sound.
+
+    Images: Integrated Gradients and Grad-CAM (on the last convolution) for the predicted
+    class, drawn over each input (overlays/*.png). Two sanity checks, with a figure each: the
+    maps of a copy of the model with random weights must differ from the trained model's
+    (rank correlation < 0.5), and deleting the most-attributed pixels first must lower the
+    predicted class's probability faster than deleting pixels in a random order.
+    explanations.json has every figure's numbers.
+    """
+
+    def work() -> ExplanationResult:
+        from mlsd_ray.registry import resolve
+        from mlsd_ray.tasks import task_of_checkpoint
+
+        path = resolve(model, home)
+        return task_of_checkpoint(path).explain(path, source, label, count, out, home)
+
+    run(as_json, work, lambda result: print(result.describe()), verbose=verbose)
+
+
+@app.command()
+def export(model: Annotated[str, typer.Option(
+               "--model", help="models:/NAME/VERSION, models:/NAME@ALIAS or a checkpoint "
+                               "directory.")],
+           out: Annotated[Path, typer.Option(
+               "--out", help="Folder for the model file and metadata.json.")],
+           fmt: Annotated[str, typer.Option("--format", help="onnx | torchscript")] = "onnx",
+           quantize: Annotated[str | None, typer.Option(
+               "--quantize", help="int8: ONNX Runtime's static quantisation, calibrated on "
+                                  "training images (ONNX only).")] = None,
+           home: HomeOption = None, as_json: JsonOption = False) -> None:
+    """Write a model for places without Python's training stack: ONNX or TorchScript.
+
+    The file holds the served computation (images: uint8 N×H×W×C at the trained size in,
+    class probabilities out; scaling, normalisation and softmax inside). metadata.json beside
+    it says what goes in and out and what to do outside the model (resize). The export is
+    checked on the test split against PyTorch: fp32 must agree on every top-1 answer, int8
+    may lose at most 0.5 points of accuracy; otherwise nothing is written. A models:/ URI gets
+    the folder logged beside its version in MLflow (export/FORMAT) and a tag naming it.
+    """
+
+    def work() -> ExportResult:
+        from mlsd_ray.registry import resolve
+        from mlsd_ray.tasks import task_of_checkpoint
+
+        path = resolve(model, home)
+        return task_of_checkpoint(path).export(path, fmt, quantize, str(out), model, home)
+
+    run(as_json, work, lambda result: print(result.describe()))
 
 
 @app.command()

@@ -242,6 +242,10 @@ class ServeConfig(StrictModel):
         "proxy on 2 cores (docs/benchmarks.md); it balances by least connections itself, so "
         "`router` stays pow2, and the replicas' ports listen on all interfaces. Applies to a "
         "Ray that mlsd starts; a cluster needs RAY_SERVE_ENABLE_HA_PROXY=1 where it starts.")
+    runtime: Literal["torch", "onnxruntime"] = Field(
+        "torch", description="What runs the network in a model replica: torch (eager), or "
+        "onnxruntime: the replica exports the served computation to ONNX when it starts "
+        "(as `mlsd export` does) and runs it with ONNX Runtime. Image models only.")
     gcs_redis: str | None = Field(
         None, pattern=r"^[^\s:]+:\d+$", description="host:port of a Redis server that keeps "
         "the Ray head's cluster state (Ray's GCS fault tolerance) for a head that `mlsd serve "

@@ -78,6 +78,10 @@ class Workspace:
         """One retrain's promotion decision."""
         return self._under("retrain", stamp)
 
+    def explanations(self, run: str, stamp: str) -> str:
+        """One `mlsd explain` of a run's model: overlays, sanity figures, JSON."""
+        return self._under("explanations", run, stamp)
+
     def batch_predictions(self, name: str) -> str:
         """An offline prediction run's outputs."""
         return self._under("batch-predictions", name)

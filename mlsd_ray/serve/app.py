@@ -38,7 +38,6 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 from starlette.exceptions import HTTPException
-from starlette.routing import Match
 from starlette.types import ExceptionHandler
 
 from mlsd_ray.core.config import PredictionLogConfig, ServeConfig
@@ -68,6 +67,7 @@ class ReplicaSettings:
     threads: int
     log_settings: dict
     request_timeout_s: float | None = None
+    runtime: str = "torch"  # what runs the network: torch, or onnxruntime (serve.runtime)
 
     @classmethod
     def from_config(cls, settings: ServeConfig, home: str | None) -> ReplicaSettings:
@@ -75,7 +75,7 @@ class ReplicaSettings:
 
         return cls(storage.home(home), settings.max_batch_size, settings.batch_wait_timeout_s,
                    max(1, round(settings.num_cpus)), settings.prediction_log.model_dump(),
-                   settings.request_timeout_s)
+                   settings.request_timeout_s, settings.runtime)
 
 
 class BatchedMethod(Protocol):
@@ -279,21 +279,35 @@ def _http_error_handler(served: str):
                        f"{served}")
         headers = dict(exc.headers or {})
         if exc.status_code == 405:  # RFC 9110: Allow lists every method the path takes
-            headers["Allow"] = _allowed_methods(request)
+            headers["Allow"] = _allowed_methods(request, headers.get("Allow", ""))
         return error_for_path(request.url.path, exc.status_code,
                               codes.get(exc.status_code, "http_error"), message, headers)
 
     return http_error
 
 
-def _allowed_methods(request: Request) -> str:
-    """The methods of every route whose path matches the request's. (Starlette's own 405
-    names the first such route's only: GET for a path with a GET and a PUT route.)"""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        if route.matches(request.scope)[0] != Match.NONE:
-            methods |= set(getattr(route, "methods", None) or ())
-    return ", ".join(sorted(methods))
+def _allowed_methods(request: Request, raised: str) -> str:
+    """The methods of every route whose path matches the request's; `raised`, Starlette's own
+    Allow, when none does. (Starlette names the first such route's only: GET for a path with
+    a GET and a PUT route.) Serve's ingress moves the app's routes into a router that FastAPI
+    includes as one node (`_IncludedRouter`, its `original_router` holds them)."""
+    path = request.scope.get("path", "")
+    methods = {method for route in _all_routes(request.app.router.routes)
+               if route.path_regex.match(path) for method in route.methods or ()}
+    return ", ".join(sorted(methods)) if methods else raised
+
+
+def _all_routes(routes) -> list:
+    """The routes with a path and methods, also inside nested routers."""
+    found = []
+    for route in routes:
+        nested = getattr(getattr(route, "original_router", None), "routes", None) or \
+            getattr(route, "routes", None)
+        if nested:
+            found += _all_routes(nested)
+        elif getattr(route, "path_regex", None) is not None and hasattr(route, "methods"):
+            found.append(route)
+    return found
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

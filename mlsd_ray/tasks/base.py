@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from mlsd_ray.core.errors import InputError
 
 if TYPE_CHECKING:
+    from mlsd_ray.explain import ExplanationResult
+    from mlsd_ray.export import ExportResult
     from mlsd_ray.monitor.traffic import TrafficReport
     from mlsd_ray.registry import PinnedModel, RegisteredVersion
     from mlsd_ray.serve.control import RunningApp
@@ -82,6 +84,49 @@ class TrainedModel:
         if self.registered:
             plain["registered"] = self.registered.to_dict()
         return plain
+
+
+@dataclass(frozen=True)
+class SmokePrediction:
+    """One prediction over HTTP from an app just started: what was sent (`sent`: what it
+    is, for a person), what came back, and from which model version."""
+
+    sent: Any
+    answer: Any
+    model_version: str
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What `deploy` did: the app it started (or rolled over), and the smoke prediction if
+    one was asked for (the app was removed after it)."""
+
+    app: RunningApp
+    smoke: SmokePrediction | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The app's record, plus `smoke_prediction`."""
+        record = self.app.to_dict()
+        if self.smoke is not None:
+            record["smoke_prediction"] = asdict(self.smoke)
+        return record
+
+
+class Evaluation(Protocol):
+    """What a task's `evaluate` returns: a split's scores and where its report went.
+    `mlsd evaluate` prints `describe()`, or `to_dict()` with --json."""
+
+    @property
+    def split(self) -> str: ...
+
+    @property
+    def report(self) -> str:
+        """The report a person opens (report.md)."""
+        ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    def describe(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -174,14 +219,24 @@ class Task(ABC):
         raise self.not_offered("MLflow model")
 
     def evaluate(self, checkpoint_dir: str, split: str, home: str | None,
-                 dataset_path: str | None = None) -> dict:
+                 dataset_path: str | None = None) -> Evaluation:
         """Score the model in `checkpoint_dir` on a split of the dataset it was trained on
         (or of `dataset_path`); write the report under home/reports/RUN/SPLIT."""
         raise self.not_offered("evaluate")
 
-    def render_evaluation(self, summary: dict) -> None:
-        """Print an evaluation's summary for a person."""
-        print(f"report: {summary.get('report', summary)}")
+    def explain(self, checkpoint_dir: str, source: str | None, label: str | None, count: int,
+                out: str | None, home: str | None) -> ExplanationResult:
+        """`mlsd explain`: attributions for `count` inputs (the model's test split, or
+        `source`; with `label`, of that class only), drawn and checked for sanity
+        (mlsd_ray/explain), written into `out`."""
+        raise self.not_offered("explain")
+
+    def export(self, checkpoint_dir: str, fmt: str, quantize: str | None, out: str,
+               model_uri: str, home: str | None) -> ExportResult:
+        """`mlsd export`: the served computation of the model in `checkpoint_dir` as `fmt`
+        (mlsd_ray/export: onnx or torchscript; `quantize` int8) with a metadata JSON in
+        `out`, checked against PyTorch on the test split, registered beside `model_uri`."""
+        raise self.not_offered("export")
 
     def predict_offline(self, model: PinnedModel, cfg, out: str | None, home: str | None,
                         log: Log) -> dict:
@@ -244,23 +299,23 @@ class Task(ABC):
         """`retrain --smoke`'s new labelled data: written under `home`, returned as a source."""
         raise self.not_offered("retrain")
 
-    def deploy(self, cfg, model: str | None, smoke: bool, home: str, log: Log) -> dict:
+    def deploy(self, cfg, model: str | None, smoke: bool, home: str, log: Log) -> Deployment:
         """Start the app on the cluster with `model`, or roll the running one over to it;
         `smoke` checks one prediction over HTTP (`smoke_prediction`), then removes the app
-        it started. Returns the started app's record, plus the smoke prediction."""
+        it started."""
         from mlsd_ray.serve import control
 
         settings = cfg.serve.model_copy(update={"model": model or cfg.serve.model})
         app = control.start(settings, home, detach=True, log=log)
-        result = app.to_dict()
-        if smoke:
-            result["smoke_prediction"] = self.smoke_prediction(app)
-            control.remove_app(settings.app_name)
-            app.state_file.unlink(missing_ok=True)
-            log(f"smoke: predicted over HTTP, then removed app {settings.app_name!r}")
-        return result
+        if not smoke:
+            return Deployment(app)
+        checked = self.smoke_prediction(app)
+        control.remove_app(settings.app_name)
+        app.state_file.unlink(missing_ok=True)
+        log(f"smoke: predicted over HTTP, then removed app {settings.app_name!r}")
+        return Deployment(app, checked)
 
-    def smoke_prediction(self, served: RunningApp) -> dict:
+    def smoke_prediction(self, served: RunningApp) -> SmokePrediction:
         """One prediction from the app `control.start` just started (`served`: where it
         answers, and its endpoints); what was sent and what came back."""
         raise self.not_offered("deploy --smoke")

@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from mlsd_ray.core.config import Config
-    from mlsd_ray.tasks.base import TrainedModel
+    from mlsd_ray.tasks.base import Evaluation, TrainedModel
     from mlsd_ray.workflows.loop import LoopSteps
 
 
@@ -27,15 +27,15 @@ def search_first(cfg: Config, home: str | None,
 
 @dataclass
 class PipelineResult:
-    """What `mlsd pipeline` did, stage by stage; None for a stage this run skipped. `train` and
-    `loop` are typed; the others are their stage's JSON summary (the prepared data's, the
-    search's, the evaluation report, the promotion, the serve check)."""
+    """What `mlsd pipeline` did, stage by stage; None for a stage this run skipped. `train`,
+    `evaluation` and `loop` are typed; the others are their stage's JSON summary (the prepared
+    data's, the search's, the promotion, the serve check)."""
 
     task: str
     data: dict[str, Any]
     train: TrainedModel
     tune: dict[str, Any] | None = None
-    evaluation: dict[str, Any] | None = None
+    evaluation: Evaluation | None = None
     promoted: dict[str, Any] | None = None
     serve: dict[str, Any] | None = None
     loop: LoopSteps | None = None
@@ -46,7 +46,8 @@ class PipelineResult:
         if self.tune is not None:
             stages["tune"] = self.tune
         stages["train"] = self.train.to_dict()
-        for name, summary in (("evaluate", self.evaluation), ("promote", self.promoted),
+        evaluation = self.evaluation.to_dict() if self.evaluation is not None else None
+        for name, summary in (("evaluate", evaluation), ("promote", self.promoted),
                               ("serve", self.serve)):
             if summary is not None:
                 stages[name] = summary

@@ -121,6 +121,22 @@ def assert_same_prediction(got: dict, expected: dict) -> None:
                                                            abs=1e-4), name
 
 
+def test_onnxruntime_replicas_answer_as_torch_ones(served):
+    """serve.runtime=onnxruntime: the replica exports the network when it starts and runs it
+    with ONNX Runtime; the same top class and probabilities within 1e-4 of torch's."""
+    payload = {"instances": [image.tolist() for image in served["images"][:16]]}
+    deploy(served)
+    by_torch = predict(served, payload).json()["predictions"]
+    deploy(served, runtime="onnxruntime")
+    answer = predict(served, payload)
+    assert answer.status_code == 200, answer.text
+    assert requests.get(f"{served['url']}/v1/model", timeout=30).json()["runtime"] == \
+        "onnxruntime"
+    for torch_one, onnx_one in zip(by_torch, answer.json()["predictions"]):
+        assert onnx_one["class_index"] == torch_one["class_index"]
+        assert onnx_one["probabilities"] == pytest.approx(torch_one["probabilities"], abs=1e-4)
+
+
 def test_bad_requests_get_4xx_json_errors_and_serving_continues(served):
     deploy(served, max_instances=4, max_body_bytes=4096)
     url = f"{served['url']}/v1/predict"

@@ -103,6 +103,7 @@ def test_evaluate_finds_the_task_in_the_checkpoint(fraud_model, tmp_path):
     assert report["mlp"]["pr_auc"] == pytest.approx(summary.test["pr_auc"])
     assert report["baseline"]["model"] == "HistGradientBoostingClassifier"
     assert open(report["report_md"]).read().startswith("# Evaluation on the test split")
+    assert json.load(open(report["report"]))["mlp"]["pr_auc"] == report["mlp"]["pr_auc"]
     from mlflow import MlflowClient
 
     from mlsd_ray import registry
@@ -114,6 +115,33 @@ def test_evaluate_finds_the_task_in_the_checkpoint(fraud_model, tmp_path):
                              summary.registered.uri, "--split", "val", "--home", home],
                             capture_output=True, text=True, timeout=300)
     assert on_val.returncode == 2 and "evaluated on its test split" in on_val.stderr
+
+
+def test_explain_ranks_the_planted_fraud_signals_first(fraud_model, tmp_path):
+    """`mlsd explain` on the fraud model: permutation importance on its test split puts
+    columns the generator made fraud depend on (tasks/tabular/sources.py:_risk) above
+    customer_age, whose weight there is 40x smaller than amount's; each explained record
+    gets its columns' Integrated Gradients and a chart."""
+    import subprocess
+    import sys
+
+    _, summary, home = fraud_model
+    result = subprocess.run([sys.executable, "-m", "mlsd_ray.cli", "explain", "--model",
+                             summary.registered.uri, "--n", "3", "--label", "1", "--out",
+                             str(tmp_path / "why"), "--json", "--home", home],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    explained = json.loads(result.stdout)
+    importance = explained["importance"]
+    print(f"\npermutation importance (PR-AUC drop): {importance}")
+    planted = {"amount", "merchant_category", "country", "device_type", "hour", "velocity_1h",
+               "account_age_days"}
+    assert list(importance)[0] in planted and "customer_age" not in list(importance)[:3]
+    records = json.loads((tmp_path / "why" / "explanations.json").read_text())["explanations"]
+    assert len(records) == 3 and all(r["record"]["is_fraud"] == 1 for r in records)
+    assert set(records[0]["attributions"]) == set(importance)
+    for path in explained["overlays"] + explained["figures"]:
+        assert open(path, "rb").read(4) == b"\x89PNG", path
 
 
 def test_mlsd_serve_serves_the_fraud_model(fraud_model, ray_session):

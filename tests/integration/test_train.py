@@ -57,16 +57,16 @@ def test_two_workers_learn_digits_and_resume(home):
     # (epoch 1 and 2: new best or last of the first run; epoch 3: last)
     assert [h.get("replicas_in_sync") for h in history] == [1.0, 1.0, 1.0]
 
-    summary = evaluate_checkpoint(resumed.checkpoint, "test", home=home)
-    assert summary["samples"] == 269
-    assert summary["accuracy"] == pytest.approx(resumed.test_accuracy)
-    assert 0 < summary["macro_f1"] <= 1
-    assert summary["baseline_accuracy"] > 0.9  # the SVC reference row, fitted in the same run
-    report = json.loads((Path(summary["path"]) / "report.json").read_text())
+    evaluation = evaluate_checkpoint(resumed.checkpoint, "test", home=home)
+    assert evaluation.samples == 269
+    assert evaluation.accuracy == pytest.approx(resumed.test_accuracy)
+    assert 0 < evaluation.macro_f1 <= 1
+    assert evaluation.baseline_accuracy > 0.9  # the SVC reference row, fitted in the same run
+    report = json.loads((Path(evaluation.path) / "report.json").read_text())
     assert len(report["metrics"]["per_class"]) == 10
     assert sum(map(sum, report["metrics"]["confusion_matrix"])) == 269
-    for png in ("confusion_matrix.png", "learning_curves.png"):
-        assert Image.open(Path(summary["path"]) / png).size[0] > 300
+    for png in ("confusion_matrix.png", "learning_curves.png", "class_attribution.png"):
+        assert Image.open(Path(evaluation.path) / png).size[0] > 300
     with pytest.raises(InputError, match="unknown split"):
         evaluate_checkpoint(resumed.checkpoint, "holdout", home=home)
 

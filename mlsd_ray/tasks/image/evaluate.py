@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -121,14 +122,49 @@ def _markdown(report: dict) -> str:
     lines += [f"| {r['class']} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} | "
               f"{r['support']} |" for r in m["per_class"]]
     lines += ["", "![confusion matrix](confusion_matrix.png)", "",
-              "![learning curves](learning_curves.png)", ""]
+              "![learning curves](learning_curves.png)", "",
+              "![where the model looks, per class](class_attribution.png)", ""]
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class ImageEvaluation:
+    """A classifier's scores on one split beside the SVC reference, and the files written
+    (report.md, and report.json beside it, the two plots) in `path`."""
+
+    split: str
+    samples: int
+    accuracy: float
+    macro_f1: float
+    macro_precision: float
+    macro_recall: float
+    baseline_accuracy: float
+    path: str
+    report: str
+    confusion_matrix_png: str
+    learning_curves_png: str
+    attribution_png: str  # where the model looks, per class (tasks/image/explain.py)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def headline(self) -> str:
+        return (f"accuracy {self.accuracy:.4f}, macro F1 {self.macro_f1:.4f}, SVC reference "
+                f"{self.baseline_accuracy:.4f}")
+
+    def describe(self) -> str:
+        return (f"{self.split}: {self.samples} images, {self.headline()}\n"
+                f"report: {self.report}\n"
+                f"plots: {self.confusion_matrix_png}, {self.learning_curves_png}, "
+                f"{self.attribution_png}")
+
+
 def evaluate_checkpoint(checkpoint_dir: str, split: str = "test", home: str | None = None,
-                        dataset_path: str | None = None) -> dict:
-    """Write report.json, report.md, confusion_matrix.png, learning_curves.png; return a summary."""
+                        dataset_path: str | None = None) -> ImageEvaluation:
+    """Write report.json, report.md, confusion_matrix.png, learning_curves.png and
+    class_attribution.png."""
     from mlsd_ray.tasks.image.checkpoint import load_model
+    from mlsd_ray.tasks.image.explain import class_attribution_png
     from mlsd_ray.tasks.image.train import predict_split
 
     if not Path(checkpoint_dir).is_dir():
@@ -153,10 +189,15 @@ def evaluate_checkpoint(checkpoint_dir: str, split: str = "test", home: str | No
     storage.write_bytes(storage.join(out, "confusion_matrix.png"),
                         confusion_png(report["metrics"]["confusion_matrix"], class_names))
     storage.write_bytes(storage.join(out, "learning_curves.png"), curves_png(history))
+    images, labels = dataset.load_split(split)
+    storage.write_bytes(storage.join(out, "class_attribution.png"),
+                        class_attribution_png(loaded, images, labels))
     m = report["metrics"]
-    return {"report": storage.join(out, "report.md"), "path": out, "split": split,
-            "samples": result.samples, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
-            "macro_precision": m["macro_precision"], "macro_recall": m["macro_recall"],
-            "baseline_accuracy": report["baseline"]["accuracy"],
-            "confusion_matrix_png": storage.join(out, "confusion_matrix.png"),
-            "learning_curves_png": storage.join(out, "learning_curves.png")}
+    return ImageEvaluation(
+        split=split, samples=result.samples, accuracy=m["accuracy"], macro_f1=m["macro_f1"],
+        macro_precision=m["macro_precision"], macro_recall=m["macro_recall"],
+        baseline_accuracy=report["baseline"]["accuracy"], path=out,
+        report=storage.join(out, "report.md"),
+        confusion_matrix_png=storage.join(out, "confusion_matrix.png"),
+        learning_curves_png=storage.join(out, "learning_curves.png"),
+        attribution_png=storage.join(out, "class_attribution.png"))

@@ -51,13 +51,13 @@ def run_pipeline(cfg: Config, home: str | None = None, force: bool = False,
     trained = train_and_register(cfg, home=home, log=log)
     result = PipelineResult(task="image", data=prepared.summary(), tune=searched, train=trained)
     log(heading("evaluate"))
-    result.evaluation = evaluate_checkpoint(trained.checkpoint, "test", home)
+    result.evaluation = evaluation = evaluate_checkpoint(trained.checkpoint, "test", home)
     registered = trained.registered
     if registered:
         from mlsd_ray.registry import log_evaluation
 
         # the report and plots join the registered version's run
-        log_evaluation(registered.run_id, result.evaluation["report"], "test", home)
+        log_evaluation(registered.run_id, evaluation.report, "test", home)
         log(heading("promote"))
         result.promoted = promote_first(registered, home, log)
     if serve_check:

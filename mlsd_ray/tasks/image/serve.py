@@ -112,6 +112,12 @@ class ImageModel(LoggingReplica):
         # Replicas share the machine: no thread oversubscription.
         torch.set_num_threads(replica.threads)
         self.loaded, self.info = load_served_model(model, replica.home)
+        self.probabilities = self.loaded.probabilities
+        if replica.runtime == "onnxruntime":
+            from mlsd_ray.tasks.image.export import onnx_runtime_probabilities
+
+            self.probabilities = onnx_runtime_probabilities(self.loaded, replica.threads)
+        self.info["runtime"] = replica.runtime
         run_batch = cast(BatchedMethod, self.run_batch)  # serve.batch wrapped it
         run_batch.set_max_batch_size(replica.max_batch_size)
         run_batch.set_batch_wait_timeout_s(replica.batch_wait_timeout_s)
@@ -150,7 +156,7 @@ class ImageModel(LoggingReplica):
             # [0, 1] at the trained size: what the features measure and the network takes
             pixels = self.loaded.preprocessor.to_tensor(images)
             features = image_features(pixels.permute(0, 2, 3, 1).numpy())
-            return self.loaded.probabilities(pixels), features
+            return self.probabilities(pixels), features
 
     def _observe(self, requests: list[dict], probabilities: np.ndarray, features: dict) -> None:
         """Metrics and prediction-log rows for one batch (no I/O: the log writes elsewhere)."""

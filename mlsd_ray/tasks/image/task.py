@@ -10,12 +10,15 @@ from typing import TYPE_CHECKING
 
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.workspace import Workspace
-from mlsd_ray.tasks.base import Log, ServedApp, Task, TrafficRequest
+from mlsd_ray.tasks.base import Log, ServedApp, SmokePrediction, Task, TrafficRequest
 
 if TYPE_CHECKING:
+    from mlsd_ray.explain import ExplanationResult
+    from mlsd_ray.export import ExportResult
     from mlsd_ray.monitor.traffic import TrafficReport
     from mlsd_ray.registry import PinnedModel
     from mlsd_ray.serve.control import RunningApp
+    from mlsd_ray.tasks.image.evaluate import ImageEvaluation
     from mlsd_ray.tasks.image.train import TrainResult
     from mlsd_ray.workflows.stages import PipelineResult
 
@@ -88,23 +91,28 @@ class ImageTask(Task):
         return load_model(checkpoint_dir).predict
 
     def evaluate(self, checkpoint_dir: str, split: str, home: str | None,
-                 dataset_path: str | None = None) -> dict:
+                 dataset_path: str | None = None) -> ImageEvaluation:
         from mlsd_ray.tasks.image.evaluate import evaluate_checkpoint
 
         return evaluate_checkpoint(checkpoint_dir, split, home, dataset_path)
-
-    def render_evaluation(self, summary: dict) -> None:
-        print(f"{summary['split']}: {summary['samples']} images, accuracy "
-              f"{summary['accuracy']:.4f}, macro F1 {summary['macro_f1']:.4f} "
-              f"(SVC reference {summary['baseline_accuracy']:.4f})")
-        print(f"report: {summary['report']}")
-        print(f"plots: {summary['confusion_matrix_png']}, {summary['learning_curves_png']}")
 
     def register_best_trial(self, run, best: dict, best_cfg, home: str | None,
                             log: Log) -> TrainResult:
         from mlsd_ray.tasks.image.tune import register_best_trial
 
         return register_best_trial(run, best, best_cfg, home, log)
+
+    def explain(self, checkpoint_dir: str, source: str | None, label: str | None, count: int,
+                out: str | None, home: str | None) -> ExplanationResult:
+        from mlsd_ray.tasks.image.explain import explain_checkpoint
+
+        return explain_checkpoint(checkpoint_dir, source, label, count, out, home)
+
+    def export(self, checkpoint_dir: str, fmt: str, quantize: str | None, out: str,
+               model_uri: str, home: str | None) -> ExportResult:
+        from mlsd_ray.tasks.image.export import export_image_model
+
+        return export_image_model(checkpoint_dir, fmt, quantize, out, model_uri, home)
 
     def predict_offline(self, model: PinnedModel, cfg, out: str | None, home: str | None,
                         log: Log) -> dict:
@@ -173,8 +181,8 @@ class ImageTask(Task):
         log(f"smoke: 300 rotated digits written to {folder}")
         return f"folder:{folder}"
 
-    def smoke_prediction(self, served: RunningApp) -> dict:
-        """One embedded digit predicted over HTTP."""
+    def smoke_prediction(self, served: RunningApp) -> SmokePrediction:
+        """One embedded digit (a 0) predicted over HTTP."""
         from sklearn.datasets import load_digits
 
         from mlsd_ray.serve.client import b64_instance, post_json
@@ -184,13 +192,16 @@ class ImageTask(Task):
         image = digits_uint8(load_digits().images[0])[..., None]
         answer = post_json(served.endpoint("predict_url"),
                            {"instances": [b64_instance(png_bytes(image))]})
-        return {"label": "0", "predicted": answer["predictions"][0]["class_name"],
-                "model_version": answer["model_version"]}
+        return SmokePrediction(sent="the first embedded digit, a 0",
+                               answer=answer["predictions"][0],
+                               model_version=str(answer["model_version"]))
 
     def render_data(self, summary: dict) -> None:
         render_dataset(summary)
 
     def render_pipeline(self, result: PipelineResult) -> None:
+        from mlsd_ray.tasks.image.evaluate import ImageEvaluation
+
         render_dataset(result.data)
         if result.tune is not None:
             searched = result.tune
@@ -202,10 +213,8 @@ class ImageTask(Task):
         if train.registered:
             print(f"registered: {train.registered.uri}")
         evaluation = result.evaluation
-        if evaluation is not None:
-            print(f"evaluation: accuracy {evaluation['accuracy']:.4f}, macro F1 "
-                  f"{evaluation['macro_f1']:.4f}, SVC reference "
-                  f"{evaluation['baseline_accuracy']:.4f}; report {evaluation['report']}")
+        if isinstance(evaluation, ImageEvaluation):
+            print(f"evaluation: {evaluation.headline()}; report {evaluation.report}")
         promoted = result.promoted or {}
         if "version" in promoted:
             print(f"production: models:/{promoted['name']}@production "

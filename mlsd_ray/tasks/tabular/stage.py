@@ -119,8 +119,53 @@ def baseline(cfg: Config, table: PreparedTable) -> dict:
     return {"metrics": result, "scores": outputs, "labels": y["test"]}
 
 
-def evaluate_checkpoint(cfg: Config, table: PreparedTable, directory: str, out: str) -> dict:
-    """The MLP's test metrics at its stored threshold, the baseline's, the PR curve PNG."""
+@dataclass(frozen=True)
+class TabularEvaluation:
+    """The test split scored: the MLP at its stored threshold and the baseline (metric name ->
+    value), the decision (binary tables), and the files written in `path`."""
+
+    task: str
+    split: str
+    score_name: str
+    mlp: dict[str, Any]
+    baseline: dict[str, Any] | None
+    decision: dict[str, Any] | None
+    path: str
+    report: str  # report.md
+    report_json: str
+    pr_curve: str | None
+    importance: dict[str, float]  # test score drop per shuffled column (tasks/tabular/explain.py)
+    importance_png: str
+    model: str = ""  # the checkpoint evaluated, and its run (set by `mlsd evaluate`)
+    run_name: str = ""
+
+    def files(self) -> dict[str, str]:
+        """The files by kind: report (JSON), report_md, pr_curve (binary tables)."""
+        named = {"report": self.report_json, "report_md": self.report, "pr_curve": self.pr_curve,
+                 "importance": self.importance_png}
+        return {kind: path for kind, path in named.items() if path}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "split": self.split, "score_name": self.score_name,
+                "mlp": self.mlp, "baseline": self.baseline, "decision": self.decision,
+                "permutation_importance": self.importance, "model": self.model,
+                "run_name": self.run_name, "path": self.path, **self.files()}
+
+    def describe(self) -> str:
+        keys = SCORE_KEYS[self.score_name]
+        lines = [f"{self.split} ({self.task}):",
+                 "MLP:       " + "  ".join(f"{k} {self.mlp[k]:.4f}" for k in keys)]
+        if self.baseline:
+            lines.append("baseline:  " + "  ".join(f"{k} {self.baseline[k]:.4f}" for k in keys))
+        return "\n".join([*lines, f"report: {self.report}"])
+
+
+def evaluate_checkpoint(cfg: Config, table: PreparedTable, directory: str,
+                        out: str) -> TabularEvaluation:
+    """The MLP's test metrics at its stored threshold, the baseline's, the PR curve PNG, and
+    each column's permutation importance with its chart."""
+    from mlsd_ray.tasks.tabular.explain import importance_chart, permutation_importance
+
     loaded = load_tabular(directory)
     test = table.load_split("test")
     task, labels = table.manifest["task"], test[table.label].to_numpy()
@@ -139,14 +184,21 @@ def evaluate_checkpoint(cfg: Config, table: PreparedTable, directory: str, out: 
         report["baseline"] = reference["metrics"]
         if task == "binary":
             curves["HistGradientBoosting"] = (reference["scores"][:, 1], reference["labels"])
-    outputs_paths = {"report": storage.join(out, "report.json"),
-                     "report_md": storage.join(out, "report.md")}
-    if curves:
-        outputs_paths["pr_curve"] = storage.join(out, "pr_curve.png")
-        storage.write_bytes(outputs_paths["pr_curve"], tm.pr_curve_png(curves, mlp))
-    storage.write_text(outputs_paths["report"], json.dumps(report, indent=2))
-    storage.write_text(outputs_paths["report_md"], render_report(report))
-    return {**report, **outputs_paths}
+    pr_curve = storage.join(out, "pr_curve.png") if curves else None
+    if pr_curve:
+        storage.write_bytes(pr_curve, tm.pr_curve_png(curves, mlp))
+    report["permutation_importance"] = permutation_importance(loaded, test, labels, task)
+    importance_png = storage.join(out, "importance.png")
+    storage.write_bytes(importance_png,
+                        importance_chart(report["permutation_importance"], task))
+    report_json, report_md = storage.join(out, "report.json"), storage.join(out, "report.md")
+    storage.write_text(report_json, json.dumps(report, indent=2))
+    storage.write_text(report_md, render_report(report))
+    return TabularEvaluation(task=task, split="test", score_name=report["score_name"], mlp=mlp,
+                             baseline=report.get("baseline"), decision=report.get("decision"),
+                             path=out, report=report_md, report_json=report_json,
+                             pr_curve=pr_curve, importance=report["permutation_importance"],
+                             importance_png=importance_png)
 
 
 def render_report(report: dict) -> str:
@@ -166,6 +218,13 @@ def render_report(report: dict) -> str:
         c = report["mlp"]["confusion"]
         lines += ["", f"MLP confusion at threshold {report['mlp']['threshold']:.4f}: "
                       f"TN {c['tn']}, FP {c['fp']}, FN {c['fn']}, TP {c['tp']}"]
+    importance = report.get("permutation_importance") or {}
+    if importance:
+        lines += ["", "## Permutation importance", "",
+                  f"The drop of test {report['score_name']} when a column is shuffled.", "",
+                  "| column | drop |", "|---|---|"]
+        lines += [f"| {column} | {drop:.4f} |" for column, drop in importance.items()]
+        lines += ["", "![permutation importance](importance.png)"]
     return "\n".join(lines) + "\n"
 
 
@@ -226,11 +285,9 @@ def evaluated_summary(cfg: Config, table: PreparedTable, checkpoint: str, best: 
     return TabularTrainResult(
         run_name=run_name, run_path=run_path, checkpoint=checkpoint,
         best_epoch=int(best["epoch"]), epochs_run=epochs_run, dataset=table.path,
-        task=table.manifest["task"], score_name=evaluation["score_name"],
-        val_score=float(best[VAL_SCORE]), test=evaluation["mlp"],
-        baseline=evaluation.get("baseline"), decision=evaluation.get("decision"),
-        evaluation={k: evaluation[k] for k in ("report", "report_md", "pr_curve")
-                    if k in evaluation})
+        task=evaluation.task, score_name=evaluation.score_name,
+        val_score=float(best[VAL_SCORE]), test=evaluation.mlp, baseline=evaluation.baseline,
+        decision=evaluation.decision, evaluation=evaluation.files())
 
 
 def register(summary: TabularTrainResult, cfg: Config, table: PreparedTable, home: str | None,

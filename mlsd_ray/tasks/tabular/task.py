@@ -6,16 +6,18 @@ this class is the face the commands, jobs and searches see.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from mlsd_ray.core.workspace import Workspace
-from mlsd_ray.tasks.base import Log, ServedApp, Task, TrafficRequest
+from mlsd_ray.tasks.base import Log, ServedApp, SmokePrediction, Task, TrafficRequest
 
 if TYPE_CHECKING:
+    from mlsd_ray.explain import ExplanationResult
     from mlsd_ray.monitor.traffic import TrafficReport
     from mlsd_ray.registry import PinnedModel
     from mlsd_ray.serve.control import RunningApp
-    from mlsd_ray.tasks.tabular.stage import TabularTrainResult
+    from mlsd_ray.tasks.tabular.stage import TabularEvaluation, TabularTrainResult
     from mlsd_ray.workflows.stages import PipelineResult
 
 VAL_SCORE = "val_score"  # mlsd_ray.tasks.tabular.train.VAL_SCORE: PR-AUC, macro F1 or R²
@@ -75,7 +77,11 @@ class TabularTask(Task):
         """The fraud scoring app (threshold, rules, policy) with the `tabular` section the
         model was trained with, from its checkpoint."""
         from mlsd_ray.core.config import Config
+        from mlsd_ray.core.errors import InputError
 
+        if settings.runtime != "torch":
+            raise InputError(f"serve.runtime={settings.runtime} runs image models; the tabular "
+                             "task's replicas run torch (serve.runtime=torch)")
         trained = Config.model_validate(_metadata(model.path)["config"])
         return fraud_application(settings, trained.tabular, model, home)
 
@@ -89,7 +95,7 @@ class TabularTask(Task):
         return lambda frame: model_outputs(loaded, frame)
 
     def evaluate(self, checkpoint_dir: str, split: str, home: str | None,
-                 dataset_path: str | None = None) -> dict:
+                 dataset_path: str | None = None) -> TabularEvaluation:
         """The MLP at its stored threshold beside the baseline, on the test split."""
         from mlsd_ray.core.config import Config
         from mlsd_ray.core.errors import InputError
@@ -102,18 +108,15 @@ class TabularTask(Task):
         metadata = _metadata(checkpoint_dir)
         table = PreparedTable.open(dataset_path or metadata["dataset"]["path"])
         out = Workspace.at(home).report(metadata["run_name"], split)
-        report = evaluate_checkpoint(Config.model_validate(metadata["config"]), table,
-                                     checkpoint_dir, out)
-        return {**report, "model": checkpoint_dir, "run_name": metadata["run_name"],
-                "path": out}
+        evaluation = evaluate_checkpoint(Config.model_validate(metadata["config"]), table,
+                                         checkpoint_dir, out)
+        return replace(evaluation, model=checkpoint_dir, run_name=metadata["run_name"])
 
-    def render_evaluation(self, summary: dict) -> None:
-        keys = SCORE_KEYS[summary["score_name"]]
-        print(f"{summary['split']} ({summary['task']}):")
-        print("MLP:       " + "  ".join(f"{k} {summary['mlp'][k]:.4f}" for k in keys))
-        if summary.get("baseline"):
-            print("baseline:  " + "  ".join(f"{k} {summary['baseline'][k]:.4f}" for k in keys))
-        print(f"report: {summary['report_md']}")
+    def explain(self, checkpoint_dir: str, source: str | None, label: str | None, count: int,
+                out: str | None, home: str | None) -> ExplanationResult:
+        from mlsd_ray.tasks.tabular.explain import explain_table
+
+        return explain_table(checkpoint_dir, source, label, count, out, home)
 
     def register_best_trial(self, run, best: dict, best_cfg, home: str | None,
                             log: Log) -> TabularTrainResult:
@@ -194,7 +197,7 @@ class TabularTask(Task):
         log(f"smoke: 2000 new transactions written to {path}")
         return f"csv:{path}"
 
-    def smoke_prediction(self, served: RunningApp) -> dict:
+    def smoke_prediction(self, served: RunningApp) -> SmokePrediction:
         """One record built from the served model's own columns, scored over HTTP."""
         from mlsd_ray.serve.client import post_json
         from mlsd_ray.serve.control import get_json
@@ -203,8 +206,8 @@ class TabularTask(Task):
         record = {c["name"]: (c["categories"] or ["x"])[0] if c["kind"] == "categorical"
                   else 1.0 for c in columns}
         answer = post_json(served.endpoint("score_url"), {"records": [record]})
-        return {"record": record, "result": answer["results"][0],
-                "model_version": answer["model_version"]}
+        return SmokePrediction(sent=record, answer=answer["results"][0],
+                               model_version=str(answer["model_version"]))
 
     def render_data(self, summary: dict) -> None:
         render_table(summary)

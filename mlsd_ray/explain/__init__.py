@@ -1,0 +1,138 @@
+"""`mlsd explain`: why a model answered what it did, with checks that the explanation is
+about the model and not about the input alone.
+
+A task computes attributions (tasks/image/explain.py: Captum's Integrated Gradients and
+Grad-CAM). This package holds what is shared: the typed result, the two sanity checks of
+Adebayo et al. (2018) and of the deletion metric, and their thresholds.
+
+- Model randomisation: the maps of the trained model and of the same architecture with
+  random weights are compared by Spearman rank correlation (`rank_correlation`). An
+  explanation that does not change (correlation near 1) shows the input, not the model.
+- Deletion: the input's most-attributed pixels are set to the baseline a fraction at a time
+  and the predicted class's probability is followed; it must fall faster (a smaller area under
+  the curve) than when pixels are deleted in a random order.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlsd_ray.core import storage
+
+MAX_RANDOMISED_CORRELATION = 0.5  # above: the maps barely depend on the weights
+DELETION_STEPS = 11  # fractions 0, 0.1, ..., 1 of the pixels deleted
+
+
+@dataclass(frozen=True)
+class SanityChecks:
+    """The two checks, per attribution method (e.g. "integrated_gradients", "grad_cam")."""
+
+    randomised_correlation: dict[str, float]  # mean Spearman rho, trained vs random weights
+    deletion_auc: dict[str, float]  # mean probability over the deletion curve
+    random_deletion_auc: float  # the same, pixels deleted in a random order
+
+    def passed(self) -> dict[str, bool]:
+        return {method: rho < MAX_RANDOMISED_CORRELATION
+                and self.deletion_auc[method] < self.random_deletion_auc
+                for method, rho in self.randomised_correlation.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed(),
+                "max_randomised_correlation": MAX_RANDOMISED_CORRELATION}
+
+    def describe(self) -> list[str]:
+        return [f"{method}: rank correlation with a randomised model {rho:.3f} (must be < "
+                f"{MAX_RANDOMISED_CORRELATION}); deletion AUC {self.deletion_auc[method]:.3f} "
+                f"against {self.random_deletion_auc:.3f} in random order: "
+                f"{'passed' if self.passed()[method] else 'FAILED'}"
+                for method, rho in self.randomised_correlation.items()]
+
+
+@dataclass(frozen=True)
+class ExplanationResult:
+    """What `mlsd explain` wrote: one overlay per input, the sanity figures, and JSON."""
+
+    out: str
+    explained: int
+    overlays: list[str]  # one picture per input: a map over an image, a record's bar chart
+    figures: list[str]  # the sanity figures, or the importance chart
+    json_file: str
+    sanity: SanityChecks | None = None  # attribution maps (images)
+    importance: dict[str, float] | None = None  # permutation importance per column (tables)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "sanity": self.sanity.to_dict() if self.sanity else None}
+
+    def describe(self) -> str:
+        lines = [f"explained {self.explained} input(s) -> {self.out}",
+                 f"per input: {self.overlays[0]}" + (f" ... ({len(self.overlays)})"
+                                                     if len(self.overlays) > 1 else ""),
+                 *[f"figure: {figure}" for figure in self.figures],
+                 f"json: {self.json_file}"]
+        if self.importance:
+            lines.append("permutation importance: " + ", ".join(
+                f"{column} {drop:.4f}" for column, drop in self.importance.items()))
+        return "\n".join(lines + (self.sanity.describe() if self.sanity else []))
+
+
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over inputs of Spearman's rho between maps `a` and `b` (N × anything), signed,
+    over the positions where either is non-zero: where both are exactly 0 (Integrated
+    Gradients on a pixel equal to its baseline, whatever the weights) says nothing about the
+    model. A constant map is uncorrelated with anything (rho 0)."""
+    from scipy.stats import spearmanr
+
+    values = []
+    for x, y in zip(a, b):
+        x, y = x.ravel(), y.ravel()
+        kept = (x != 0) | (y != 0)
+        x, y = x[kept], y[kept]
+        constant = len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0
+        values.append(0.0 if constant else float(spearmanr(x, y).statistic))
+    return float(np.mean(values))
+
+
+def deletion_order(attributions: np.ndarray) -> np.ndarray:
+    """Pixel indices (over H×W) from most to least attributed, per input: N × H·W."""
+    per_pixel = np.abs(attributions).sum(axis=1).reshape(len(attributions), -1)
+    return np.argsort(-per_pixel, axis=1, kind="stable")
+
+
+def deletion_curve(probability, inputs: np.ndarray, orders: np.ndarray, targets: np.ndarray,
+                   baseline: float = 0.0) -> np.ndarray:
+    """The target's probability as pixels are deleted in `orders` (N × H·W), at
+    DELETION_STEPS fractions: N × steps. `probability(inputs N×C×H×W) -> N×K`."""
+    count, channels, height, width = inputs.shape
+    curves = np.zeros((count, DELETION_STEPS))
+    for step, fraction in enumerate(np.linspace(0, 1, DELETION_STEPS)):
+        deleted = inputs.copy().reshape(count, channels, height * width)
+        cut = int(round(fraction * height * width))
+        for row in range(count):
+            deleted[row][:, orders[row, :cut]] = baseline
+        answers = probability(deleted.reshape(inputs.shape))
+        curves[:, step] = answers[np.arange(count), targets]
+    return curves
+
+
+def figure_png(figure) -> bytes:
+    """A matplotlib figure as PNG bytes; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def write_output(out: str, name: str, data: bytes) -> str:
+    """Write `data` as `name` (may hold folders) under `out`, a folder or URI; its path."""
+    path = storage.join(out, name)
+    if not storage.is_uri(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    storage.write_bytes(path, data)
+    return path
