@@ -149,6 +149,9 @@ class LocalModel:
     async def describe(self) -> dict:
         return self._replica.describe()
 
+    async def explain(self, payload: dict) -> dict:
+        return await self._replica.explain_batch(payload)
+
 
 class RemoteModel:
     """The model deployment behind an ingress (split topology), through its handle."""
@@ -179,6 +182,9 @@ class RemoteModel:
 
     async def describe(self) -> dict:
         return await self._handle.describe.remote()
+
+    async def explain(self, payload: dict) -> dict:
+        return await self._handle.explain_batch.remote(payload)
 
 
 class ModelRoutes:

@@ -40,8 +40,9 @@ class ProtocolErrorResponse(BaseModel):
 
 
 # Every status an app's route may answer besides 200: its OpenAPI lists them, so a client (and
-# schemathesis, in CI) knows them all. 503: overloaded; 504: serve.request_timeout_s passed.
-ERROR_STATUSES = (400, 401, 403, 404, 413, 415, 422, 503, 504)
+# schemathesis, in CI) knows them all. 429: past serve.explain_per_second; 503: overloaded;
+# 504: serve.request_timeout_s passed.
+ERROR_STATUSES = (400, 401, 403, 404, 413, 415, 422, 429, 503, 504)
 
 
 def documented_errors(body: type[BaseModel] = ErrorResponse) -> dict[int | str, dict[str, Any]]:
@@ -57,3 +58,29 @@ def parse_json(body: bytes) -> object:
         raise ClientError(400, "malformed_json", "request body nests JSON too deeply") from None
     except ValueError as exc:  # not JSON, not UTF-8, or an integer of over 4,300 digits
         raise ClientError(400, "malformed_json", f"request body is not valid JSON: {exc}") from exc
+
+
+class RateLimit:
+    """At most `per_second` calls a second, in bursts of up to max(1, per_second): a token
+    bucket. `take()` raises ClientError 429 with Retry-After when it is empty."""
+
+    def __init__(self, per_second: float, setting: str):
+        import time
+
+        self.per_second, self.setting = per_second, setting
+        self.capacity = max(1.0, per_second)
+        self.tokens, self.at = self.capacity, time.monotonic()
+
+    def take(self) -> None:
+        import math
+        import time
+
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.per_second)
+        self.at = now
+        if self.tokens < 1:
+            wait = math.ceil((1 - self.tokens) / self.per_second)
+            raise ClientError(429, "rate_limited", f"at most {self.per_second:g} requests per "
+                              f"second here ({self.setting}); try again in {wait} s",
+                              {"Retry-After": str(wait)})
+        self.tokens -= 1

@@ -137,6 +137,36 @@ def test_onnxruntime_replicas_answer_as_torch_ones(served):
         assert onnx_one["probabilities"] == pytest.approx(torch_one["probabilities"], abs=1e-4)
 
 
+def test_explain_answers_maps_refuses_an_unknown_class_and_is_rate_limited(served):
+    """POST /v1/explain: an H×W map per method for each image, for the predicted class or the
+    one asked; a class the model does not have is a 422; past serve.explain_per_second, 429
+    with Retry-After; in both topologies."""
+    images = [image.tolist() for image in served["images"][:2]]
+    url = f"{served['url']}/v1/explain"
+    for topology in ("single", "split"):
+        deploy(served, topology=topology, explain_per_second=1)
+        answer = requests.post(url, json={"instances": images}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        [first, second] = answer.json()["explanations"]
+        assert first["explained"] == first["predicted"]
+        assert np.asarray(first["integrated_gradients"]).shape == (8, 8)
+        assert np.asarray(second["grad_cam"]).shape == (8, 8)
+        time.sleep(1.1)  # the bucket holds one request a second
+        asked = requests.post(url, json={"instances": images[:1], "class_index": 3}, timeout=60)
+        assert asked.status_code == 200 and asked.json()["explanations"][0]["explained"] == "3"
+        limited = requests.post(url, json={"instances": images[:1]}, timeout=60)
+        assert limited.status_code == 429 and limited.headers["retry-after"] == "1", \
+            limited.text
+        time.sleep(1.1)
+        unknown = requests.post(url, json={"instances": images[:1], "class_index": 10},
+                                timeout=60)
+        assert unknown.status_code == 422, unknown.text
+        assert unknown.json()["error"]["code"] == "bad_class_index"
+    deploy(served, explain_per_second=0)
+    off = requests.post(url, json={"instances": images[:1]}, timeout=60)
+    assert off.status_code == 403 and off.json()["error"]["code"] == "explain_off"
+
+
 def test_bad_requests_get_4xx_json_errors_and_serving_continues(served):
     deploy(served, max_instances=4, max_body_bytes=4096)
     url = f"{served['url']}/v1/predict"

@@ -95,6 +95,24 @@ def randomised(classifier: NormalizedClassifier) -> NormalizedClassifier:
     return twin.eval()
 
 
+def explain_pixels(classifier: NormalizedClassifier, pixels: torch.Tensor, names: list[str],
+                   class_index: int | None) -> list[dict]:
+    """What POST /v1/explain answers per image: the predicted class, the class explained (the
+    predicted one, or `class_index`), its probability, and each method's map (H×W, summed over
+    channels). `pixels`: N×C×H×W in [0, 1] at the trained size."""
+    with torch.no_grad():
+        probabilities = classifier(pixels).numpy()
+    predicted = probabilities.argmax(1)
+    targets = predicted if class_index is None else np.full(len(pixels), class_index)
+    maps = attribute(classifier, pixels.clone().requires_grad_(True), torch.from_numpy(targets))
+    return [{"predicted": names[int(predicted[i])], "explained": names[int(targets[i])],
+             "class_index": int(targets[i]),
+             "probability": round(float(probabilities[i, targets[i]]), 5),
+             **{method: np.round(maps[method][i].sum(axis=0), 5).tolist()
+                for method in METHODS}}
+            for i in range(len(pixels))]
+
+
 def explain_images(loaded: LoadedModel, images: np.ndarray, labels: list[str],
                    sources: list[str], out: str) -> ExplanationResult:
     """Explain each uint8 image (N×H×W×C at the trained size) for its predicted class; write

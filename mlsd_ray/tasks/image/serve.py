@@ -62,7 +62,7 @@ from mlsd_ray.serve.oip import (
     TensorSpec,
     add_open_inference_routes,
 )
-from mlsd_ray.serve.schemas import ClientError, documented_errors, parse_json
+from mlsd_ray.serve.schemas import ClientError, RateLimit, documented_errors, parse_json
 from mlsd_ray.tasks.image import schemas
 
 DRIFT_REFRESH_S = 10.0
@@ -127,6 +127,19 @@ class ImageModel(LoggingReplica):
 
     def describe(self) -> dict:
         return {**self.info, "replica": self.replica, "prediction_log": self.log_stats()}
+
+    async def explain_batch(self, payload: dict) -> dict:
+        """{"images": [uint8 arrays], "class_index": int | None} -> attributions per image
+        (tasks/image/explain.py), off the event loop."""
+        from mlsd_ray.tasks.image.explain import explain_pixels, explainable
+
+        if getattr(self, "explainer", None) is None:
+            self.explainer = explainable(self.loaded)
+        pixels = self.loaded.preprocessor.to_tensor(payload["images"])
+        answers = await asyncio.to_thread(explain_pixels, self.explainer, pixels,
+                                          self.info["classes"], payload["class_index"])
+        return {"explanations": answers, "model_name": self.info["model_name"],
+                "model_version": self.info["model_version"], "replica": self.replica}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def run_batch(self, requests: list[dict]) -> list[dict]:
@@ -194,6 +207,13 @@ _PREDICT_BODY = {"requestBody": {"required": True, "content": {
 
 
 _ERRORS = documented_errors()
+MAX_EXPLAINED = 16  # images per POST /v1/explain
+_EXPLAIN_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    **schemas.inline_schema(schemas.PredictRequest),
+    "properties": {**schemas.inline_schema(schemas.PredictRequest)["properties"],
+                   "class_index": {"type": "integer", "minimum": 0,
+                                   "description": "The class to explain (default: the "
+                                                  "predicted one)."}}}}}}}
 
 
 @serve.ingress(api)
@@ -210,6 +230,8 @@ class ImageApp(ImageModel, ModelRoutes, OpenInferenceRoutes):
         self.drift_file = settings.get("drift_file")
         self.drift_read_at = -DRIFT_REFRESH_S
         self.v2_max_body_bytes = self.max_body_bytes
+        rate = settings.get("explain_per_second", 0)
+        self.explain_limit = RateLimit(rate, "serve.explain_per_second") if rate else None
         self.attach(model, replica, sticky=self.sticky)
 
     def v2_signature(self, info: dict) -> Signature:
@@ -257,6 +279,27 @@ class ImageApp(ImageModel, ModelRoutes, OpenInferenceRoutes):
                 "model_name": answer["model_name"], "model_version": answer["model_version"],
                 "latency_ms": round(1000 * (time.perf_counter() - started), 3),
                 "replica": answer["replica"], "request_id": request_id}
+
+    @api.post("/v1/explain", responses=_ERRORS, openapi_extra=_EXPLAIN_BODY,
+              summary="Why the model answered: Integrated Gradients and Grad-CAM per image")
+    async def explain_route(self, request: Request) -> dict:
+        """JSON `{"instances": [...], "class_index": K (optional: the predicted class)}`:
+        per image, each method's H×W map at the trained size. Rate-limited
+        (serve.explain_per_second): it costs about 35 forward passes per image."""
+        self._authorize(request)
+        if self.explain_limit is None:
+            raise ClientError(403, "explain_off", "POST /v1/explain is off here "
+                                                  "(serve.explain_per_second: 0)")
+        self.explain_limit.take()
+        body = parse_json(await read_body(request, self.max_body_bytes))
+        class_index = body.get("class_index") if isinstance(body, dict) else None
+        classes = (await self.model.describe())["classes"]
+        if class_index is not None and (isinstance(class_index, bool) or not isinstance(
+                class_index, int) or not 0 <= class_index < len(classes)):
+            raise ClientError(422, "bad_class_index", f"class_index {class_index!r}: the model "
+                              f"has classes 0..{len(classes) - 1} ({', '.join(classes)})")
+        images = schemas.instances_from_json(body, min(self.max_instances, MAX_EXPLAINED))
+        return await self.model.explain({"images": images, "class_index": class_index})
 
     @api.get("/", include_in_schema=False)
     async def try_it(self) -> HTMLResponse:
@@ -337,6 +380,7 @@ def app_from_config(settings: ServeConfig, model: PinnedModel,
     from mlsd_ray.core import storage
 
     route_settings = {"max_instances": settings.max_instances,
+                      "explain_per_second": settings.explain_per_second,
                       "max_body_bytes": settings.max_body_bytes, "top_k": settings.top_k,
                       "router": settings.router,
                       "drift_file": storage.join(Workspace.at(home).monitor, "latest.json"),
