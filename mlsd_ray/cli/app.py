@@ -168,12 +168,14 @@ def explain(model: Annotated[str, typer.Option(
             verbose: VerboseOption = False) -> None:
     """Show why the model answered what it did, and check that the explanation is sound.
 
-    Images: Integrated Gradients and Grad-CAM (on the last convolution) for the predicted
-    class, drawn over each input (overlays/*.png). Two sanity checks, with a figure each: the
-    maps of a copy of the model with random weights must differ from the trained model's
-    (rank correlation < 0.5), and deleting the most-attributed pixels first must lower the
-    predicted class's probability faster than deleting pixels in a random order.
-    explanations.json has every figure's numbers.
+    Images: Integrated Gradients and Grad-CAM (on the last rectified feature maps) for the
+    predicted class, drawn over each input (overlays/*.png). Two sanity checks, with a figure
+    each: the maps of a copy of the model with random weights must differ from the trained
+    model's (rank correlation < 0.5), and deleting the most-attributed pixels first must
+    lower the predicted class's probability faster than deleting pixels in a random order.
+    Tables: permutation importance on the test split (importance.png) and, per record,
+    Integrated Gradients summed per column (records/*.png). explanations.json has every
+    figure's numbers.
     """
 
     def work() -> ExplanationResult:
