@@ -179,9 +179,12 @@ def explain(model: Annotated[str, typer.Option(
     """
 
     def work() -> ExplanationResult:
+        from mlsd_ray.core.errors import InputError
         from mlsd_ray.registry import resolve
         from mlsd_ray.tasks import task_of_checkpoint
 
+        if count < 1:
+            raise InputError(f"--n must be at least 1, got {count}")
         path = resolve(model, home)
         return task_of_checkpoint(path).explain(path, source, label, count, out, home)
 

@@ -6,6 +6,8 @@ shapes live with the task: tasks/image/schemas.py, tasks/tabular/records.py.)"""
 from __future__ import annotations
 
 import json
+import math
+import time
 from typing import Any
 
 from pydantic import BaseModel
@@ -65,16 +67,11 @@ class RateLimit:
     bucket. `take()` raises ClientError 429 with Retry-After when it is empty."""
 
     def __init__(self, per_second: float, setting: str):
-        import time
-
         self.per_second, self.setting = per_second, setting
         self.capacity = max(1.0, per_second)
         self.tokens, self.at = self.capacity, time.monotonic()
 
     def take(self) -> None:
-        import math
-        import time
-
         now = time.monotonic()
         self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.per_second)
         self.at = now

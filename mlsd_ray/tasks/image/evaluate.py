@@ -165,7 +165,7 @@ def evaluate_checkpoint(checkpoint_dir: str, split: str = "test", home: str | No
     class_attribution.png."""
     from mlsd_ray.tasks.image.checkpoint import load_model
     from mlsd_ray.tasks.image.explain import class_attribution_png
-    from mlsd_ray.tasks.image.train import predict_split
+    from mlsd_ray.tasks.image.train import predict_images
 
     if not Path(checkpoint_dir).is_dir():
         raise InputError(f"no checkpoint at {checkpoint_dir}")
@@ -173,7 +173,8 @@ def evaluate_checkpoint(checkpoint_dir: str, split: str = "test", home: str | No
     dataset = PreparedDataset.open(dataset_path or loaded.metadata["dataset"]["path"])
     if split not in dataset.manifest["counts"]["splits"]:
         raise InputError(f"unknown split {split!r}; choose train, val or test")
-    result = predict_split(loaded, dataset, split)  # the model is loaded (and verified) once
+    images, labels = dataset.load_split(split)  # once, for the scores and the attributions
+    result = predict_images(loaded, images, labels)  # the model is loaded (and verified) once
     class_names = dataset.manifest["class_names"]
     run = loaded.metadata["run_name"]
     out = Workspace.at(home).report(run, split)
@@ -189,7 +190,6 @@ def evaluate_checkpoint(checkpoint_dir: str, split: str = "test", home: str | No
     storage.write_bytes(storage.join(out, "confusion_matrix.png"),
                         confusion_png(report["metrics"]["confusion_matrix"], class_names))
     storage.write_bytes(storage.join(out, "learning_curves.png"), curves_png(history))
-    images, labels = dataset.load_split(split)
     storage.write_bytes(storage.join(out, "class_attribution.png"),
                         class_attribution_png(loaded, images, labels))
     m = report["metrics"]

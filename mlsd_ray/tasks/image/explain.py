@@ -296,8 +296,6 @@ def explain_checkpoint(checkpoint_dir: str, source: str | None, label: str | Non
     from mlsd_ray.core.workspace import Workspace
     from mlsd_ray.tasks.image.checkpoint import load_model
 
-    if count < 1:
-        raise InputError(f"--n must be at least 1, got {count}")
     loaded = load_model(checkpoint_dir)
     names = loaded.preprocessor.class_names
     if label is not None and label not in names:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from mlsd_ray.core import storage
@@ -210,7 +211,11 @@ def _split_columns(dataset: PreparedDataset, split: str) -> dict:
 
 def predict_split(loaded, dataset: PreparedDataset, split: str) -> PassResult:
     """A loaded checkpoint's predictions on one split of a prepared dataset, on the CPU."""
-    images, labels = dataset.load_split(split)
+    return predict_images(loaded, *dataset.load_split(split))
+
+
+def predict_images(loaded, images: np.ndarray, labels: np.ndarray) -> PassResult:
+    """A loaded checkpoint's predictions on labelled uint8 images, on the CPU."""
     batches = [{"image": images[i:i + 512], "label": labels[i:i + 512]}
                for i in range(0, len(images), 512)]
     return evaluate(loaded.model, batches, Step(loaded.preprocessor, torch.device("cpu")),

@@ -90,8 +90,6 @@ def explain_table(checkpoint_dir: str, source: str | None, label: str | None, co
     from mlsd_ray.core.workspace import Workspace
     from mlsd_ray.tasks.tabular.prepare import PreparedTable
 
-    if count < 1:
-        raise InputError(f"--n must be at least 1, got {count}")
     loaded = load_tabular(checkpoint_dir)
     table = PreparedTable.open(loaded.metadata["dataset"]["path"])
     task, test = table.manifest["task"], table.load_split("test")
