@@ -40,8 +40,10 @@ def home(tmp_path) -> str:
     return str(tmp_path / "mlsd-home")
 
 
-# Small digits (8×8) that still learn in a few epochs: for tests of the plumbing around a model.
-SMALL_DIGITS = ["data.image_size=8", "data.augment.random_shift=1", "train.num_workers=1",
+# Small digits (8×8) that still learn in a few epochs: for tests of the plumbing around a model,
+# trained in the test's process (train.num_workers=0: no Ray Train start-up, about 10 s a fit);
+# tests/integration/test_train.py trains with Ray Train's workers.
+SMALL_DIGITS = ["data.image_size=8", "data.augment.random_shift=1", "train.num_workers=0",
                 "train.lr=0.005", "train.max_failures=0"]
 
 
@@ -57,7 +59,7 @@ class TrainedDigits:
 
 @pytest.fixture(scope="session")
 def digits_model(tmp_path_factory, ray_session) -> TrainedDigits:
-    """One small digits model (4 epochs, 1 worker), trained once per session and shared by
+    """One small digits model (4 epochs, in this process), trained once per session and shared by
     the serve, monitor and registry tests; each registers it into an MLSD_HOME of its own."""
     from mlsd_ray.core.config import load_config
     from mlsd_ray.tasks.image.data.prepare import PreparedDataset
@@ -130,7 +132,7 @@ def actor_processes(class_prefix: str) -> list:
     return [psutil.Process(a.pid) for a in alive if a.class_name.startswith(class_prefix)]
 
 
-def fuzz_openapi(url: str, report_dir: Path, seconds: int = 20) -> tuple[int, str]:
+def fuzz_openapi(url: str, report_dir: Path, seconds: int = 10) -> tuple[int, str]:
     """Schemathesis, every check, against `url`/openapi.json over real HTTP for about
     `seconds`: its exit code and console output (the summary is at the end). Its JUnit
     report goes to `report_dir`."""

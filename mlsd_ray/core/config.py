@@ -92,7 +92,10 @@ class ModelConfig(StrictModel):
 class TrainConfig(StrictModel):
     """Distributed training with Ray Train."""
 
-    num_workers: int = Field(2, ge=1, description="Data-parallel workers (DDP replicas).")
+    num_workers: int = Field(2, ge=0, description="Data-parallel workers (DDP replicas), each "
+                             "a Ray Train worker; 0 trains in the calling process on all its "
+                             "cores, without Ray Train's start-up (one machine, fastest for "
+                             "small models).")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(

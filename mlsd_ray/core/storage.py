@@ -98,3 +98,10 @@ def list_files(location: str) -> list[pafs.FileInfo]:
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
 
+
+
+def list_dirs(location: str) -> list[str]:
+    """The names of the directories right under `location`, sorted."""
+    fs, path = filesystem(location)
+    infos = fs.get_file_info(pafs.FileSelector(path))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config, TrainConfig
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.runtime import log_stderr
@@ -73,7 +74,8 @@ def torch_trainer(loop: Callable[[dict], None], config: dict, cfg: Config, run_n
                   log: Callable[[str], None] | None = None):
     """The TorchTrainer every model shares: scaling, placement, checkpoints kept by
     RANK_METRIC, failures survived, and the splits in the workers' memory or streamed from
-    `datasets` (as `plan` says; the plan is told to `log`)."""
+    `datasets` (as `plan` says; the plan is told to `log`). `train.num_workers: 0` gives the
+    InProcessTrainer instead, which runs `loop` in this process (training/local.py)."""
     from ray.data import ExecutionOptions
     from ray.train import (
         CheckpointConfig,
@@ -92,6 +94,13 @@ def torch_trainer(loop: Callable[[dict], None], config: dict, cfg: Config, run_n
     config["train_rows"], config["ingest"] = plan.train_rows, plan
     if log:
         log(plan.describe())
+    if cfg.train.num_workers == 0:
+        from mlsd_ray.training.local import InProcessTrainer
+
+        return InProcessTrainer(loop, config, storage.join(storage_path, run_name),
+                                cfg.train.keep_checkpoints, cfg.train.max_failures,
+                                datasets if plan.mode == STREAMING else {}, cfg.train.use_gpu,
+                                callbacks)
     resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
     return TorchTrainer(
         loop,
@@ -111,6 +120,13 @@ def torch_trainer(loop: Callable[[dict], None], config: dict, cfg: Config, run_n
             callbacks=callbacks),
         datasets=datasets if plan.mode == STREAMING else {},
         dataset_config=DataConfig(execution_options=ordered))
+
+
+def where_it_trains(cfg: TrainConfig) -> str:
+    """How the run is laid out, for its first console line."""
+    if cfg.num_workers == 0:
+        return "in this process (train.num_workers=0)"
+    return f"with {cfg.num_workers} worker(s)"
 
 
 def failure_message(error: BaseException) -> str:

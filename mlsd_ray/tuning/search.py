@@ -252,7 +252,7 @@ def _fit(task, cfg: Config, dataset, name: str, storage_path: str, datasets: dic
     callbacks = [TuneReportCallback()] if to_tune else []
     trainer = task.trainer(cfg, dataset, name, storage_path, datasets=datasets,
                            callbacks=callbacks)
-    if cfg.train.num_workers == 1:
+    if cfg.train.num_workers <= 1:
         host = TrialProcess(datasets, cfg.train.use_gpu, round(cfg.train.cpus_per_worker),
                             to_tune)
         with hosting(host):
@@ -349,7 +349,7 @@ def _trainable(run: TuneRun, plan: dict, per_worker_cpu: float):
                                     datasets=datasets, folds=folds,
                                     storage_path=run.train_runs)
     resources = {"cpu": TRIAL_DRIVER_CPU}
-    if base.train.num_workers == 1:  # the trial's own process trains (run_trial)
+    if base.train.num_workers <= 1:  # the trial's own process trains (run_trial)
         resources = {"cpu": TRIAL_DRIVER_CPU + per_worker_cpu,
                      **({"gpu": 1} if base.train.use_gpu else {})}
     return tune.with_resources(function, resources), base

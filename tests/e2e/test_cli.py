@@ -20,6 +20,9 @@ from mlsd_ray.serve import control
 from mlsd_ray.serve.control import free_port
 from tests.conftest import make_image_folder, write_png
 
+RAY_NOISE = ("Execution plan", "Starting execution of Dataset", "(TrainController",
+             "(RayTrainWorker", "(SplitCoordinator", "Token authentication is enabled")
+
 
 def mlsd(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mlsd_ray.cli", *args], capture_output=True,
@@ -96,6 +99,7 @@ def test_pipeline_on_digits(tmp_path, cluster_env):
                   "--set", "train.cpus_per_worker=0.5", "--set", "retrain.epochs=1",
                   "--set", "serve.prediction_log.flush_seconds=0.5", env=cluster_env)
     assert result.returncode == 0, result.stderr
+    check_console_is_ours(result.stderr)
     stages = json.loads(result.stdout)["stages"]
     data = stages["data"]
     assert data["counts"]["input"] == 1797
@@ -124,6 +128,19 @@ def test_pipeline_on_digits(tmp_path, cluster_env):
     assert served["model_version"] == "1" and not served["kept_serving"]
     check_monitoring_loop(stages["loop"])
     check_serve_commands(home, cluster_env, tmp_path, str(production))
+
+
+def check_console_is_ours(console: str) -> None:
+    """One line per epoch reaches the console from the train controller (a file on the
+    driver's node, not Ray's log forwarding); Ray's own lines stay in its logs, and the
+    MLflow tracking and registration print no warnings of MLflow's."""
+    lines = console.splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("epoch ")] == [
+        "epoch 1/2", "epoch 2/2", "epoch 1/1"]  # the training, then the loop's retraining
+    assert "registered models:/digits-cnn/1" in console and "fit in memory" in console
+    assert "Warning" not in console and "INFO mlflow" not in console, console
+    assert sum(line.startswith("Ray's logs: ") for line in lines) <= 1  # named once (if ours)
+    assert not [line for line in lines if any(noise in line for noise in RAY_NOISE)], lines
 
 
 def check_monitoring_loop(loop: dict) -> None:
@@ -233,31 +250,8 @@ def test_serving_through_haproxy_answers_and_stops_cleanly(tmp_path, digits_mode
                 if p.info["name"] == "haproxy" and p.info["status"] != psutil.STATUS_ZOMBIE]
 
 
-RAY_NOISE = ("Execution plan", "Starting execution of Dataset", "(TrainController",
-             "(RayTrainWorker", "(SplitCoordinator", "Token authentication is enabled")
-
-
 SMALL_TRAIN = ["train", "--source", "digits", "--set", "data.image_size=8", "--epochs", "2",
-               "--num-workers", "1", "--set", "registry.auto_register=false"]
-
-
-def test_train_console_is_our_lines(tmp_path, cluster_env):
-    """One line per epoch reaches the console from the train controller (a file on the
-    driver's node, not Ray's log forwarding); Ray's own lines stay in its logs, and the
-    MLflow tracking and registration print no warnings of MLflow's."""
-    assert SMALL_TRAIN[-2:] == ["--set", "registry.auto_register=false"]
-    registering = SMALL_TRAIN[:-2]  # so the run is tracked live in MLflow and registered
-    quiet = mlsd(*registering, "--home", str(tmp_path / "home"), env=cluster_env)
-    assert quiet.returncode == 0, quiet.stderr
-    assert "registered models:/digits-cnn/1" in quiet.stderr
-    assert "Warning" not in quiet.stderr and "INFO mlflow" not in quiet.stderr, quiet.stderr
-    lines = quiet.stderr.splitlines()
-    assert [line.split(":")[0] for line in lines if line.startswith("epoch ")] == [
-        "epoch 1/2", "epoch 2/2"]
-    assert sum(line.startswith("Ray's logs: ") for line in lines) <= 1  # named once (if ours)
-    assert "fit in memory" in quiet.stderr
-    assert not [line for line in lines if any(noise in line for noise in RAY_NOISE)], lines
-    assert "test accuracy" in quiet.stdout
+               "--num-workers", "0", "--set", "registry.auto_register=false"]
 
 
 @pytest.mark.slow
@@ -364,7 +358,7 @@ def test_a_users_task_from_its_own_package_trains_serves_predicts_and_is_monitor
     assert sum(summary["counts"]["splits"].values()) == 600
 
     trained = mlsd("train", *task, "--source", f"csv:{tmp_path / 'loans.csv'}", "--epochs", "4",
-                   "--num-workers", "1", "--set", "registry.model_name=loans-mlp", "--json",
+                   "--num-workers", "0", "--set", "registry.model_name=loans-mlp", "--json",
                    "--home", home, env=env)
     assert trained.returncode == 0, trained.stderr
     uri = json.loads(trained.stdout)["registered"]["uri"]

@@ -282,7 +282,7 @@ def test_hostile_bodies_get_4xx_and_the_replica_holds(served):
     assert predict(served, {"instances": [served["images"][0].tolist()]}).status_code == 200
 
 
-@pytest.mark.slow  # schemathesis for 20 s
+@pytest.mark.slow  # schemathesis for 10 s
 def test_schemathesis_finds_no_server_error(served, tmp_path):
     """Generated requests for every operation of /openapi.json, all of schemathesis's checks:
     no 5xx, and every answer matches the schema the app publishes."""

@@ -133,7 +133,7 @@ def test_nan_loss_names_the_epoch_and_the_fix(home, digits_model):
     from mlsd_ray import registry
 
     cfg = load_config(None, ["data.image_size=8", "data.augment.random_shift=1", "train.epochs=2",
-                             "train.num_workers=1", "train.optimizer=sgd", "train.lr=1e6",
+                             "train.num_workers=0", "train.optimizer=sgd", "train.lr=1e6",
                              "train.max_failures=0", "train.run_name=diverges"])
     with pytest.raises(WorkError, match=r"loss became nan in epoch 1: lower train\.lr"):
         # the session's prepared data

@@ -38,6 +38,7 @@ from mlsd_ray.training.trainer import (
     failure_message,
     materialize_splits,
     torch_trainer,
+    where_it_trains,
 )
 
 VAL_METRIC = "val_accuracy"
@@ -270,7 +271,7 @@ def run_train(cfg: Config, home: str | None = None, log: Callable[[str], None] =
     name = run_name or default_run_name(cfg, dataset)
     runs = Workspace.at(home).runs
     log(f"training {cfg.model.name} on {dataset.manifest['counts']['splits']['train']} images "
-        f"with {cfg.train.num_workers} worker(s), {cfg.train.epochs} epochs; run {name} "
+        f"{where_it_trains(cfg.train)}, {cfg.train.epochs} epochs; run {name} "
         f"under {runs}")
     relay = EpochRelay(lambda metrics: epoch_line(metrics, cfg.train.epochs), log, observe)
     trainer = build_trainer(cfg, dataset, name, runs, callbacks=[relay.callback()],

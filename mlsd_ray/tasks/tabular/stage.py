@@ -29,7 +29,7 @@ from mlsd_ray.tasks.tabular.train import (
 )
 from mlsd_ray.training.checkpoint import RANK_METRIC
 from mlsd_ray.training.progress import EpochRelay
-from mlsd_ray.training.trainer import check_resources, failure_message
+from mlsd_ray.training.trainer import check_resources, failure_message, where_it_trains
 
 
 @dataclass(kw_only=True)
@@ -247,8 +247,8 @@ def run_tabular_train(cfg: Config, home: str | None = None,
         f"{table.manifest['name']}-mlp-{time.strftime('%Y%m%d-%H%M%S')}")
     runs = Workspace.at(home).runs
     log(f"training the MLP on {table.manifest['counts']['splits']['train']} rows × "
-        f"{len(table.manifest['feature_names'])} features with {cfg.train.num_workers} "
-        f"worker(s), {cfg.train.epochs} epochs; run {name} under {runs}")
+        f"{len(table.manifest['feature_names'])} features {where_it_trains(cfg.train)}, "
+        f"{cfg.train.epochs} epochs; run {name} under {runs}")
     from mlsd_ray.registry.tracking import LiveRun
     from mlsd_ray.tasks.tabular.registry import run_params
 
