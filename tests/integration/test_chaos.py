@@ -31,6 +31,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
 APP = "chaos"
 REPLICAS = 3
+# CI kills 3 times (30 s); docs/reliability.md's figures are runs of 6 (60 s):
+# MLSD_CHAOS_KILLS=6 python3 run.py test --all tests/integration/test_chaos.py
+KILLS = int(os.environ.get("MLSD_CHAOS_KILLS", "3"))
 JSON = {"content-type": "application/json"}
 
 
@@ -71,8 +74,8 @@ def rss_mb(process) -> float:
     return process.memory_info().rss / 2**20
 
 
-def test_a_replica_killed_every_10_s_for_60_s(app):
-    """SIGKILL a random one of 3 model replicas every 10 s for 60 s under load: Serve
+def test_a_replica_killed_every_10_s(app):
+    """SIGKILL a random one of 3 model replicas every 10 s, KILLS times, under load: Serve
     replaces each within 30 s, a client with one retry loses almost nothing, neither the
     proxy nor the controller keeps growing, and the prediction log loses at most what a
     killed replica had buffered: one flush interval of its rows."""
@@ -83,7 +86,7 @@ def test_a_replica_killed_every_10_s_for_60_s(app):
     since = dt.datetime.now(dt.timezone.utc)
     started = time.monotonic()
     with under_load(url, body) as tallies:
-        for _ in range(6):
+        for _ in range(KILLS):
             time.sleep(max(0.0, 10 - sum(replaced_s[-1:])))
             victim = random.choice(actor_processes(f"ServeReplica:{APP}:"))
             os.kill(victim.pid, signal.SIGKILL)
@@ -101,7 +104,7 @@ def test_a_replica_killed_every_10_s_for_60_s(app):
     # whether the oldest row waited flush_seconds): its buffer at most
     bound = len(replaced_s) * min(flushing.flush_rows,
                                   answered / seconds / REPLICAS * (flushing.flush_seconds + 1))
-    report("SIGKILL a model replica every 10 s, 6 times", tallies,
+    report(f"SIGKILL a model replica every 10 s, {KILLS} times", tallies,
            replaced_s=[round(s, 1) for s in replaced_s],
            memory_mb={k: [round(v) for v in series] for k, series in memory.items()},
            log_rows_lost=answered - logged, log_rows_lost_bound=round(bound))
