@@ -2,13 +2,14 @@
 
 Prepares digits once (untimed), then for each seed runs, one after the other:
 - bench/bare_digits.py: one process, no Ray, 2 threads, the same splits, model and recipe;
-- `mlsd train` with 2 workers × 1 CPU (the default), registration off (the same work).
-Both are timed from process start to the test accuracy printed. Steady-state images/s is the
+- `mlsd train` for each of `--workers` (registration off, the same work): 2 Ray Train workers
+  × 1 CPU (the default) and 0 (the loop in the `mlsd` process, training/local.py).
+Each is timed from process start to the test accuracy printed. Steady-state images/s is the
 median over epochs 2..N of each epoch's training phase (for `mlsd train`: from the run's
-history). Prints one JSON line per seed and a summary line with the ratios. Targets: wall
-<= 2x bare, images/s >= 0.9x bare, test accuracy as bare's.
+history). Prints one JSON line per seed and layout, and a summary line per layout with the
+ratios. Targets: wall <= 2x bare, images/s >= 0.9x bare, test accuracy as bare's.
 
-    python bench/train_throughput.py [--seeds 0,1,2] [--epochs 30] [--home DIR]
+    python bench/train_throughput.py [--seeds 0,1,2] [--epochs 30] [--workers 2,0] [--home DIR]
 """
 
 from __future__ import annotations
@@ -46,45 +47,64 @@ def steady_rate(checkpoint: str) -> float:
     return statistics.median(rates[1:] or rates)
 
 
-def one_seed(seed: int, epochs: int, dataset: str, env: dict) -> dict:
+def one_seed(seed: int, epochs: int, workers: list[int], dataset: str, env: dict) -> list[dict]:
+    """Bare PyTorch, then `mlsd train` with each number of workers: one row per layout."""
     bare, bare_wall = timed_json([sys.executable, "bench/bare_digits.py", "--dataset", dataset,
                                   "--seed", str(seed), "--epochs", str(epochs)], env)
-    ours, ours_wall = timed_json([*MLSD, "train", "--json", "--epochs", str(epochs),
-                                  "--set", f"train.seed={seed}",
-                                  "--set", "registry.auto_register=false"], env)
-    ours_rate = steady_rate(ours["checkpoint"])
-    return {"benchmark": "train_throughput", "seed": seed, "epochs": epochs,
-            "bare_wall_s": round(bare_wall, 1), "mlsd_wall_s": round(ours_wall, 1),
+    rows = []
+    for count in workers:
+        ours, ours_wall = timed_json([*MLSD, "train", "--json", "--epochs", str(epochs),
+                                      "--num-workers", str(count),
+                                      "--set", f"train.seed={seed}",
+                                      "--set", "registry.auto_register=false"], env)
+        ours_rate = steady_rate(ours["checkpoint"])
+        rows.append({
+            "benchmark": "train_throughput", "seed": seed, "epochs": epochs,
+            "num_workers": count, "bare_wall_s": round(bare_wall, 1),
+            "mlsd_wall_s": round(ours_wall, 1),
             "wall_ratio_mlsd_over_bare": round(ours_wall / bare_wall, 2),
             "bare_images_per_s": bare["images_per_second"],
             "mlsd_images_per_s": round(ours_rate, 1),
             "rate_ratio_mlsd_over_bare": round(ours_rate / bare["images_per_second"], 3),
             "bare_test_accuracy": bare["test_accuracy"],
-            "mlsd_test_accuracy": round(ours["test_accuracy"], 4)}
+            "mlsd_test_accuracy": round(ours["test_accuracy"], 4)})
+    return rows
+
+
+def summary(rows: list[dict], count: int) -> dict:
+    """The ratios of one layout over every seed."""
+    mine = [r for r in rows if r["num_workers"] == count]
+    return {
+        "benchmark": "train_throughput_summary", "num_workers": count,
+        "seeds": [r["seed"] for r in mine],
+        "wall_ratio_mlsd_over_bare": round(statistics.mean(
+            r["wall_ratio_mlsd_over_bare"] for r in mine), 2),
+        "rate_ratio_mlsd_over_bare": round(statistics.mean(
+            r["rate_ratio_mlsd_over_bare"] for r in mine), 3),
+        "mlsd_test_accuracy": [r["mlsd_test_accuracy"] for r in mine],
+        "bare_test_accuracy": [r["bare_test_accuracy"] for r in mine],
+        "targets": {"wall_ratio_max": 2.0, "rate_ratio_min": 0.9}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--workers", default="2,0",
+                        help="train.num_workers of each `mlsd train` run (0: in its process)")
     parser.add_argument("--home", default=None, help="MLSD_HOME (default: a temporary one)")
     args = parser.parse_args()
+    workers = [int(w) for w in args.workers.split(",")]
     with tempfile.TemporaryDirectory() as scratch:
         env = {**os.environ, "MLSD_HOME": args.home or scratch}
         dataset, _ = timed_json([*MLSD, "data", "--json"], env)
-        rows = []
+        rows: list[dict] = []
         for seed in (int(s) for s in args.seeds.split(",")):
-            rows.append(one_seed(seed, args.epochs, dataset["path"], env))
-            print(json.dumps(rows[-1]), flush=True)
-    print(json.dumps({
-        "benchmark": "train_throughput_summary", "seeds": [r["seed"] for r in rows],
-        "wall_ratio_mlsd_over_bare": round(statistics.mean(
-            r["wall_ratio_mlsd_over_bare"] for r in rows), 2),
-        "rate_ratio_mlsd_over_bare": round(statistics.mean(
-            r["rate_ratio_mlsd_over_bare"] for r in rows), 3),
-        "mlsd_test_accuracy": [r["mlsd_test_accuracy"] for r in rows],
-        "bare_test_accuracy": [r["bare_test_accuracy"] for r in rows],
-        "targets": {"wall_ratio_max": 2.0, "rate_ratio_min": 0.9}}))
+            for row in one_seed(seed, args.epochs, workers, dataset["path"], env):
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    for count in workers:
+        print(json.dumps(summary(rows, count)))
 
 
 if __name__ == "__main__":

@@ -90,7 +90,9 @@ def data(source: SourceOption = None, config: ConfigOption = None, set_: SetOpti
 def train(source: SourceOption = None, config: ConfigOption = None, set_: SetOption = None,
           home: HomeOption = None, as_json: JsonOption = False, verbose: VerboseOption = False,
           num_workers: Annotated[int | None, typer.Option(
-              "--num-workers", help="Data-parallel workers (train.num_workers).")] = None,
+              "--num-workers", help="Data-parallel Ray Train workers (train.num_workers); 0 "
+              "trains in this process, without Ray Train's start-up (one machine, small "
+              "models).")] = None,
           use_gpu: Annotated[bool, typer.Option(
               "--use-gpu", help="One GPU per worker; NCCL (train.use_gpu).")] = False,
           cpus_per_worker: Annotated[float | None, typer.Option(
