@@ -37,10 +37,22 @@ TASKS = {
 def test_selection(args: list[str]) -> list[str]:
     """`test --all` adds the tests marked slow, which the default run (pyproject's addopts)
     leaves out; CI runs them all. They start servers from Debian packages: installed first."""
+    chosen = [*parallel(args), *(a for a in args if a != "--all")]
     if "--all" not in args:
-        return args
+        return chosen
     ensure_system_packages()
-    return ["-m", "slow or not slow", *(a for a in args if a != "--all")]
+    return ["-m", "slow or not slow", *chosen]
+
+
+def parallel(args: list[str]) -> list[str]:
+    """Test files spread over one pytest process per core, up to 4 (pytest-xdist; each has
+    its own Ray). Most of a test is one process starting or importing at a time, so one
+    pytest keeps 2 cores about half busy; two keep them 85 % busy (docs/performance.md).
+    ARGS that say otherwise (-n, -p no:xdist, or --pdb, which needs one process) win."""
+    if any(a.startswith(("-n", "--numprocesses", "--pdb")) or a == "no:xdist" for a in args):
+        return []
+    workers = min(4, os.cpu_count() or 1)
+    return ["-n", str(workers), "--dist", "loadfile"] if workers > 1 else []
 
 
 # Programs the slow tests start, and the Debian package of each.
