@@ -246,9 +246,10 @@ class ServeConfig(StrictModel):
         "`router` stays pow2, and the replicas' ports listen on all interfaces. Applies to a "
         "Ray that mlsd starts; a cluster needs RAY_SERVE_ENABLE_HA_PROXY=1 where it starts.")
     explain_per_second: float = Field(
-        2.0, ge=0, description="POST /v1/explain (Integrated Gradients and Grad-CAM, about "
-        "35 forward passes per image) answers at most this many requests per second per "
-        "replica; past it 429 with Retry-After. 0 turns the route off (403).")
+        2.0, ge=0, description="POST /v1/explain (images: Integrated Gradients and Grad-CAM, "
+        "about 35 forward passes per image) and /v1/fraud/explain (tables: Integrated "
+        "Gradients per column) answer at most this many requests per second per replica; "
+        "past it 429 with Retry-After. 0 turns the routes off (403).")
     runtime: Literal["torch", "onnxruntime"] = Field(
         "torch", description="What runs the network in a model replica: torch (eager), or "
         "onnxruntime: the replica exports the served computation to ONNX when it starts "

@@ -219,6 +219,39 @@ def test_scores_decisions_and_rules_over_http(fraud_url):
     assert safe["rules_fired"] == []
 
 
+def test_explain_names_each_columns_share_and_is_rate_limited(fraud_url):
+    """POST /v1/fraud/explain: per record, every input column's attribution to the fraud
+    score, largest first; the risky record's score owes more to its planted signals (amount,
+    new account, crypto) than the safe one's; bad records get the /score errors; past
+    serve.explain_per_second (2 per replica, 2 replicas) a burst gets 429 with Retry-After."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    answer = requests.post(f"{fraud_url}/explain", json={"records": [RECORD, SAFE]},
+                           timeout=30)
+    assert answer.status_code == 200, answer.text
+    risky, safe = answer.json()["explanations"]
+    print(f"\nrisky: {risky}\nsafe: {safe}")
+    assert set(risky["attributions"]) == set(RECORD) and risky["explained"] == "score of '1'"
+    assert risky["output"] > safe["output"]
+    shares = list(risky["attributions"].values())
+    assert shares == sorted(shares, key=abs, reverse=True)
+    planted = ("amount", "account_age_days", "merchant_category")
+    assert sum(risky["attributions"][c] for c in planted) > sum(
+        safe["attributions"][c] for c in planted)
+    bad = requests.post(f"{fraud_url}/explain", timeout=30,
+                        json={"records": [{**RECORD, "amount": "lots"}]})
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_record", bad.text
+
+    def one(_):
+        return requests.post(f"{fraud_url}/explain", json={"records": [SAFE]}, timeout=30)
+
+    with ThreadPoolExecutor(12) as pool:
+        burst = list(pool.map(one, range(12)))
+    codes = sorted(r.status_code for r in burst)
+    assert set(codes) == {200, 429}, codes
+    assert all(r.headers["retry-after"] == "1" for r in burst if r.status_code == 429)
+
+
 def test_the_version_is_an_mlflow_model_scoring_as_the_app_does(fraud_model, fraud_url):
     """Plain MLflow loads models:/fraud-mlp/1: its signature is the table's columns; for
     test rows it gives the scores the app gives, and the class at the model's threshold."""

@@ -67,7 +67,7 @@ from mlsd_ray.serve.oip import (
     TensorSpec,
     add_open_inference_routes,
 )
-from mlsd_ray.serve.schemas import ClientError, documented_errors, parse_json
+from mlsd_ray.serve.schemas import ClientError, RateLimit, documented_errors, parse_json
 from mlsd_ray.tasks.tabular.monitoring import predicted_classes
 from mlsd_ray.tasks.tabular.records import check_record, records_from_json, records_from_tensors
 from mlsd_ray.tasks.tabular.rules import RulesError, decide, parse_rules
@@ -96,6 +96,7 @@ _SCORE_BODY = _json_body({
     "properties": {"records": {"type": "array", "minItems": 1, "items": {
         "type": "object", "description": "A transaction: column name -> value; a missing "
         "column is imputed, an unknown one ignored (both noted in the result)."}}}})
+MAX_EXPLAINED = 64  # records per POST /v1/fraud/explain
 _POLICY_BODY = _json_body({
     "type": "object", "minProperties": 1, "additionalProperties": False,
     "properties": {"threshold": {"type": "number", "minimum": 0, "maximum": 1},
@@ -148,6 +149,26 @@ class TabularModel(LoggingReplica):
 
     def describe(self) -> dict:
         return {**self.info, "replica": self.replica, "prediction_log": self.log_stats()}
+
+    async def explain_batch(self, payload: dict) -> dict:
+        """{"records": checked records} -> per record, Integrated Gradients summed per input
+        column (tasks/tabular/explain.py), and the output they explain; off the event loop."""
+        import pandas as pd
+
+        from mlsd_ray.tasks.tabular.explain import record_attributions
+
+        frame = pd.DataFrame(payload["records"])
+        task = self.info["task"]
+        outputs = await asyncio.to_thread(self.loaded.predict, frame)
+        attributions = await asyncio.to_thread(record_attributions, self.loaded, frame, task)
+        explained = {"binary": f"score of {self.info['classes'][1]!r}",
+                     "multiclass": "probability of the predicted class"}.get(task, "prediction")
+        answers = [{"attributions": columns, "explained": explained,
+                    "output": round(float(output[1] if task == "binary" else
+                                          (max(output) if task == "multiclass" else output)), 6)}
+                   for columns, output in zip(attributions, outputs.tolist(), strict=True)]
+        return {"explanations": answers, "model_name": self.info["model_name"],
+                "model_version": self.info["model_version"], "replica": self.replica}
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def run_batch(self, requests: list[dict]) -> list[dict]:
@@ -204,6 +225,8 @@ class FraudApp(TabularModel, ModelRoutes, OpenInferenceRoutes):
         self.policy_stamp = self._policy_stamp()
         self.policy = self._initial_policy()
         self.v2_max_body_bytes = settings["max_body_bytes"]
+        rate = settings["explain_per_second"]
+        self.explain_limit = RateLimit(rate, "serve.explain_per_second") if rate else None
         self.attach(model, replica, sticky=False)
 
     def _initial_policy(self) -> dict:
@@ -260,6 +283,30 @@ class FraudApp(TabularModel, ModelRoutes, OpenInferenceRoutes):
                 "threshold": self.policy["threshold"], "replica": answer["replica"],
                 "request_id": request_id,
                 "latency_ms": round(1000 * (time.perf_counter() - started), 3)}
+
+    @api.post(f"{PREFIX}/explain", responses=_ERRORS, openapi_extra=_SCORE_BODY,
+              summary="Why each transaction got its score: attributions per input column")
+    async def explain(self, request: Request) -> dict:
+        """`{"records": [...]}` as for /score: per record, each input column's share of the
+        score (Integrated Gradients on the MLP, summed over a column's encoded features),
+        largest first. Rate-limited (serve.explain_per_second): each record costs
+        IG_STEPS (32) forward and backward passes."""
+        authorize(request, self.settings["token_sha256"])
+        if self.explain_limit is None:
+            raise ClientError(403, "explain_off", f"POST {PREFIX}/explain is off here "
+                                                  "(serve.explain_per_second: 0)")
+        self.explain_limit.take()
+        _require_json(request)
+        body = parse_json(await read_body(request, self.settings["max_body_bytes"]))
+        records = records_from_json(body, min(self.settings["max_instances"], MAX_EXPLAINED))
+        info = await self._model_info()
+        checked = [check_record(r, i, info["columns"], self.settings, info["label"])
+                   for i, r in enumerate(records)]
+        answer = await self.model.explain({"records": [clean for clean, _ in checked]})
+        for explanation, (_, notes) in zip(answer["explanations"], checked, strict=True):
+            if notes:
+                explanation["notes"] = notes
+        return answer
 
     async def _score_records(self, records: list[dict], request_id: str,
                              received: float) -> tuple[list[dict], dict, dict]:
@@ -410,6 +457,7 @@ def fraud_app(settings: ServeConfig, tabular: TabularConfig, model: PinnedModel,
         "token_sha256": token_sha256(), "admin_sha256": token_sha256(ADMIN_TOKEN_ENV),
         "model_uri": settings.model, "rules_text": rules_text,
         "decline_above": tabular.decline_above,
+        "explain_per_second": settings.explain_per_second,
         "policy_file": policy_file(home, settings.app_name),
         **tabular.model_dump(include={"on_missing_column", "on_extra_column",
                                       "on_unseen_category", "on_nan"})}
