@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import urllib.request
 
 import pytest
@@ -30,13 +32,24 @@ SMALL_TRAINING = ["--source", "digits", "--set", "data.image_size=8",
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def node_args():
+    """NODE with a Ray temp dir of this cluster's own: a head records itself as the machine's
+    current cluster in its temp dir, and another test's head (pytest-xdist runs files side by
+    side) would find this one there in the shared /tmp/ray."""
+    temp_dir = tempfile.mkdtemp(prefix="ray-multinode-", dir="/tmp")  # short: socket paths
+    yield {**NODE, "temp_dir": temp_dir}
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(node_args):
     """A head and a second node of 1 CPU each, on this machine (the same IP address)."""
     from ray.cluster_utils import Cluster
 
     nodes = Cluster(initialize_head=True, connect=False,
-                    head_node_args={**NODE, "include_dashboard": True, "dashboard_port": None})
-    nodes.add_node(**NODE)
+                    head_node_args={**node_args, "include_dashboard": True,
+                                    "dashboard_port": None})
+    nodes.add_node(**node_args)
     nodes.wait_for_nodes()
     yield nodes
     nodes.shutdown()
@@ -119,9 +132,9 @@ def test_serve_replicas_on_two_nodes_answer(cluster, home, trained):
         assert stopped.returncode == 0, stopped.stderr
 
 
-def test_cluster_of_two_machines_refuses_a_node_local_home(cluster, home, trained):
+def test_cluster_of_two_machines_refuses_a_node_local_home(cluster, node_args, home, trained):
     """A node with another IP address (127.0.0.2) makes the cluster span two "machines"."""
-    cluster.add_node(**NODE, node_ip_address="127.0.0.2")
+    cluster.add_node(**node_args, node_ip_address="127.0.0.2")
     cluster.wait_for_nodes()
     result = mlsd(cluster, "train", "--home", home, *SMALL_TRAINING)
     print(f"\nexit {result.returncode}: {result.stderr.strip().splitlines()[-1][:300]}")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -38,9 +40,14 @@ def token_auth() -> dict:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """`ray start --head --block` with 2 CPUs in its own process group."""
+    """`ray start --head --block` with 2 CPUs in its own process group, and a Ray temp dir of
+    its own: a job's supervisor finds its head through the temp dir's record of the current
+    cluster, which another test's head (pytest-xdist runs files side by side) would replace
+    in the shared /tmp/ray."""
     logs = str(tmp_path_factory.mktemp("head"))
-    started = control.start_head(logs, lambda line: None, ("--num-cpus=2",))
+    temp_dir = tempfile.mkdtemp(prefix="ray-jobs-", dir="/tmp")  # short: Ray's socket paths
+    started = control.start_head(logs, lambda line: None,
+                                 ("--num-cpus=2", f"--temp-dir={temp_dir}"))
     # A fresh head answers on its dashboard port before its job agent takes jobs: wait for it
     # the way `mlsd submit` does, so that `ray job submit` (which does not wait) finds it ready.
     use_local_token()
@@ -51,6 +58,7 @@ def head(tmp_path_factory):
     # The head's raylet takes ~9 s to shut down gracefully on SIGTERM; nothing of this
     # throwaway head needs it.
     control.stop_head(started.cluster_pid, started.ray_address, timeout=1)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
