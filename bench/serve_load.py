@@ -4,6 +4,7 @@
     (B) microbatch  the same, with an in-process micro-batcher (batch size and wait as Serve's)
     (C) single      our Serve app, `serve.topology: single` (routes and model in one replica)
     (D) split       our Serve app, `serve.topology: split` (an ingress replica in front)
+    (E) single_ort  (C) with `serve.runtime: onnxruntime` (the network exported to ONNX)
 
 Locust (headless, closed loop, no think time, one real test digit per request, resized by each
 server to the model's input) drives each server for the same time at each concurrency. Each
@@ -11,15 +12,15 @@ server and model runs on one CPU's worth of torch threads. Prints JSON lines: th
 forward rate at batch 1 and 32 (the batch curve, no HTTP), one line per server and
 concurrency (requests/s, p50/p95/p99, failures, the server's CPU ms per request from its
 processes' CPU time), then per model the ratios at the highest concurrency
-(`single_over_plain` C/A, `single_over_microbatch` C/B, `split_over_single` D/C), and writes a
-plot of requests/s against concurrency.
+(`single_over_plain` C/A, `single_over_microbatch` C/B, `split_over_single` D/C,
+`onnxruntime_over_torch` E/C), and writes a plot of requests/s against concurrency.
 
     python bench/serve_load.py [--model models:/digits-cnn@production ...] [--home DIR]
                                [--users 1 8 32] [--seconds 20] [--servers ...]
                                [--variant default] [--plot PNG]
 
 `--variant` measures Serve settings that may cut its CPU per request (VARIANTS below) for
-servers C and D, each on a fresh Ray.
+servers C, D and E, each on a fresh Ray.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from _serving import (
 
 from mlsd_ray.serve.control import free_port
 
-SERVERS = ("plain", "microbatch", "single", "split")
+SERVERS = ("plain", "microbatch", "single", "split", "single_ort")
 MAX_BATCH, BATCH_WAIT_S = 32, 0.005
 
 # name: (environment of the Ray processes, ServeConfig fields), each against the default.
@@ -102,9 +103,10 @@ def plain_server(checkpoint: str, microbatch: bool) -> Iterator[tuple[str, dict]
 
 
 @contextlib.contextmanager
-def serve_app(model_uri: str, home: str | None, topology: str,
-              variant: str) -> Iterator[tuple[str, dict]]:
-    """Our app on a fresh local Ray, one model replica of one CPU; yields URL and pids."""
+def serve_app(model_uri: str, home: str | None, topology: str, variant: str,
+              runtime: str = "torch") -> Iterator[tuple[str, dict]]:
+    """Our app on a fresh local Ray, one model replica of one CPU, its network run by
+    `runtime`; yields URL and pids."""
     import ray
     from ray import serve
 
@@ -119,7 +121,7 @@ def serve_app(model_uri: str, home: str | None, topology: str,
     settings = ServeConfig(model=model_uri, port=port, num_cpus=1, max_batch_size=MAX_BATCH,
                            max_ongoing_requests=64, batch_wait_timeout_s=BATCH_WAIT_S,
                            autoscaling={"min_replicas": 1, "max_replicas": 1},
-                           topology=topology, **fields)
+                           topology=topology, runtime=runtime, **fields)
     try:
         control.start(settings, home=home, log=lambda _: None)
         yield f"http://127.0.0.1:{port}", serve_pids()
@@ -133,6 +135,8 @@ def serve_app(model_uri: str, home: str | None, topology: str,
 def server(name: str, model: dict, home: str | None, variant: str):
     if name in ("plain", "microbatch"):
         return plain_server(model["checkpoint"], microbatch=name == "microbatch")
+    if name == "single_ort":
+        return serve_app(model["uri"], home, "single", variant, runtime="onnxruntime")
     return serve_app(model["uri"], home, name, variant)
 
 
@@ -151,6 +155,7 @@ def ratios(model: dict, results: dict, users: int, variant: str) -> dict:
             "single_over_plain": ratio("single", "plain"),
             "single_over_microbatch": ratio("single", "microbatch"),
             "split_over_single": ratio("split", "single"),
+            "onnxruntime_over_torch": ratio("single_ort", "single"),
             "errors": sum(run["failures"] for run in results.values())}
 
 
@@ -185,7 +190,7 @@ def main() -> None:
     parser.set_defaults(seconds=20)
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     parser.add_argument("--variant", choices=list(VARIANTS), default="default",
-                        help="Serve settings for servers C and D")
+                        help="Serve settings for servers C, D and E")
     parser.add_argument("--plot", default=None,
                         help="where the plot goes (default MLSD_HOME/bench/serve_load.png)")
     args = parser.parse_args()
