@@ -202,15 +202,17 @@ def export(model: Annotated[str, typer.Option(
            fmt: Annotated[str, typer.Option("--format", help="onnx | torchscript")] = "onnx",
            quantize: Annotated[str | None, typer.Option(
                "--quantize", help="int8: ONNX Runtime's static quantisation, calibrated on "
-                                  "training images (ONNX only).")] = None,
+                                  "training images (ONNX, image models only).")] = None,
            home: HomeOption = None, as_json: JsonOption = False) -> None:
     """Write a model for places without Python's training stack: ONNX or TorchScript.
 
     The file holds the served computation (images: uint8 N×H×W×C at the trained size in,
-    class probabilities out; scaling, normalisation and softmax inside). metadata.json beside
-    it says what goes in and out and what to do outside the model (resize). The export is
-    checked on the test split against PyTorch: fp32 must agree on every top-1 answer, int8
-    may lose at most 0.5 points of accuracy; otherwise nothing is written. A models:/ URI gets
+    class probabilities out; scaling, normalisation and softmax inside. Tables: the prepared
+    feature matrix in, probabilities or predictions out). metadata.json beside it says what
+    goes in and out and what to do outside the model (images: resize; tables: one recipe per
+    feature, numbers only, that builds the matrix from records). The export is checked on the
+    test split against PyTorch: fp32 must agree on every top-1 answer, int8 may lose at most
+    0.5 points of accuracy; otherwise nothing is written. A models:/ URI gets
     the folder logged beside its version in MLflow (export/FORMAT) and a tag naming it.
     """
 

@@ -1,6 +1,6 @@
 """Several Ray nodes on this machine (`ray.cluster_utils.Cluster`), driven by the CLI through
-RAY_ADDRESS as on a real cluster: training workers spread over two nodes train the same model as
-workers packed on one; Serve replicas on two nodes both answer; a cluster whose nodes have
+RAY_ADDRESS as on a real cluster: training workers spread over two nodes learn, their replicas
+identical at every checkpoint; Serve replicas on two nodes both answer; a cluster whose nodes have
 different IP addresses (two "machines") refuses a node-local MLSD_HOME at start.
 
 Run with `-s` to see which nodes the workers and replicas ran on.
@@ -72,27 +72,26 @@ def short(node_id: str) -> str:
 
 @pytest.fixture(scope="module")
 def trained(cluster, home) -> dict:
-    runs = {}
-    for strategy in ("SPREAD", "STRICT_PACK"):
-        result = mlsd(cluster, "train", "--json", "--home", home, *SMALL_TRAINING,
-                      "--set", f"train.placement_strategy={strategy}", "--run-name", strategy)
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[strategy] = json.loads(result.stdout)
-    return runs
+    """Two workers spread over the two nodes (placement SPREAD)."""
+    result = mlsd(cluster, "train", "--json", "--home", home, *SMALL_TRAINING,
+                  "--set", "train.placement_strategy=SPREAD", "--run-name", "SPREAD")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"SPREAD": json.loads(result.stdout)}
 
 
-def test_spread_workers_run_on_two_nodes_and_train_the_same_model(trained):
-    for strategy, summary in trained.items():
-        print(f"\n{strategy}: " + ", ".join(f"rank {n['rank']} on node {short(n['node_id'])}"
-                                             for n in summary["worker_nodes"])
-              + f"; val {summary['val_accuracy']:.4f}, test {summary['test_accuracy']:.4f}")
-    spread, packed = trained["SPREAD"], trained["STRICT_PACK"]
+def test_spread_workers_run_on_two_nodes_and_learn(trained):
+    """Ranks on two nodes (DDP over gloo between them) train a model that learned, and the
+    replicas held bit-identical weights at every checkpoint (replicas_in_sync)."""
+    from mlsd_ray.training.checkpoint import load_train_state
+
+    spread = trained["SPREAD"]
+    print("\nSPREAD: " + ", ".join(f"rank {n['rank']} on node {short(n['node_id'])}"
+                                   for n in spread["worker_nodes"])
+          + f"; val {spread['val_accuracy']:.4f}, test {spread['test_accuracy']:.4f}")
     assert len({n["node_id"] for n in spread["worker_nodes"]}) == 2
-    assert len({n["node_id"] for n in packed["worker_nodes"]}) == 1
     assert spread["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
-    # Same config and seed, blocks dealt in a fixed order: placement does not change the model.
-    assert spread["test_accuracy"] == pytest.approx(packed["test_accuracy"], abs=0.01)
-    assert spread["val_accuracy"] == pytest.approx(packed["val_accuracy"], abs=0.01)
+    history = load_train_state(spread["checkpoint"])["history"]
+    assert [h.get("replicas_in_sync") for h in history] == [1.0, 1.0]  # both checkpointed
 
 
 def test_serve_replicas_on_two_nodes_answer(cluster, home, trained):

@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from mlsd_ray.core.config import load_config
+from mlsd_ray.core.errors import InputError
 from mlsd_ray.serve import control
 from mlsd_ray.serve.app import ADMIN_TOKEN_ENV
 from mlsd_ray.tasks.tabular.prepare import prepare_table
@@ -250,6 +251,64 @@ def test_explain_names_each_columns_share_and_is_rate_limited(fraud_url):
     codes = sorted(r.status_code for r in burst)
     assert set(codes) == {200, 429}, codes
     assert all(r.headers["retry-after"] == "1" for r in burst if r.status_code == 429)
+
+
+# docs/export.md's script for tables: numpy and onnxruntime, nothing of mlsd_ray
+NUMPY_SCORES = """
+import json, math, sys
+import numpy as np, onnxruntime as ort
+
+folder, records = sys.argv[1], json.loads(sys.argv[2])
+meta = json.load(open(f"{folder}/metadata.json"))
+
+def features(record):
+    row = []
+    for f in meta["input"]["features"]:
+        v = record.get(f["column"])
+        if f["kind"] == "number":
+            t = None if v is None else (math.copysign(math.log1p(abs(v)), v) if f["log"] else v)
+            row.append(f["if_missing"] if t is None else f["weight"] * t + f["bias"])
+        else:
+            row.append(float((f["if_missing"] if v is None else str(v)) == f["equals"]))
+    return row
+
+session = ort.InferenceSession(f"{folder}/{meta['model_file']}")
+x = np.nan_to_num(np.array([features(r) for r in records], np.float32))
+print(json.dumps(session.run(None, {"features": x})[0][:, 1].tolist()))
+"""
+
+
+def test_onnx_export_gives_the_apps_scores_with_numpy_alone(fraud_model, fraud_url, tmp_path):
+    """`mlsd export` of the fraud model: the MLP as ONNX and its preparation as a recipe of
+    numbers in metadata.json, checked on the test split; a script with numpy and onnxruntime
+    only gives the scores the app gives, for a record with a missing column too. int8 is
+    refused, saying why."""
+    import subprocess
+    import sys
+
+    from mlsd_ray.registry import resolve
+    from mlsd_ray.tasks import get_task
+
+    _, summary, home = fraud_model
+    uri = summary.registered.uri
+    out = tmp_path / "fraud-onnx"
+    result = get_task("tabular").export(resolve(uri, home), "onnx", None, str(out), uri, home)
+    print(f"\n{result.describe()}")
+    assert result.parity.top1_agreement == 1.0 and result.parity.max_abs_diff < 1e-3
+    assert result.parity.samples > 1000 and result.registered
+    records = [RECORD, SAFE, {k: v for k, v in SAFE.items() if k != "amount"}]
+    scored = requests.post(f"{fraud_url}/score", json={"records": records}, timeout=30).json()
+    script = subprocess.run([sys.executable, "-c", NUMPY_SCORES, str(out), json.dumps(records)],
+                            capture_output=True, text=True, timeout=120)
+    assert script.returncode == 0, script.stderr
+    reproduced = json.loads(script.stdout)
+    served = [r["score"] for r in scored["results"]]
+    print(f"served {served}, numpy + onnxruntime {reproduced}")
+    assert reproduced == pytest.approx(served, abs=1e-3)
+
+    with pytest.raises(InputError, match="int8 is for image models"):
+        get_task("tabular").export(resolve(uri, home), "onnx", "int8", str(tmp_path / "q"),
+                                   uri, home)
 
 
 def test_the_version_is_an_mlflow_model_scoring_as_the_app_does(fraud_model, fraud_url):

@@ -29,58 +29,18 @@ FAST = ["data.image_size=8", "data.augment.random_shift=1", "train.batch_size=64
         "data.augment.rotation_deg=0"]
 
 
-def test_two_workers_learn_digits_and_resume(home):
-    cfg = load_config(None, FAST + ["train.epochs=2", "train.num_workers=2",
-                                    "train.cpus_per_worker=0.5"])
-    first = run_train(cfg, home=home, run_name="digits-resume")
-    assert first.epochs_run == 2
-    assert first.metrics["val_accuracy"] > 0.5 and first.test_accuracy > 0.5  # chance: 0.1
-    checkpoint = Path(first.checkpoint)
-    for name in ("model.pt", "model.json", "preprocessing.json", "reference.json",
-                 "checksums.json", "train_state.pt"):
-        assert (checkpoint / name).is_file()
-    loaded = load_model(checkpoint)
-    assert loaded.model_config["num_classes"] == 10
-    assert loaded.preprocessor.class_names == [str(d) for d in range(10)]
-    assert sum(loaded.reference["label_counts"].values()) == 1259  # the drift reference
-    assert len(loaded.reference["features"]["orientation"]) == 1259
-    assert all(0 < c <= 1 for c in loaded.reference["confidence"])
-
-    # the same run name with more epochs continues after epoch 2, not from scratch
-    longer = load_config(None, FAST + ["train.epochs=3", "train.num_workers=2",
-                                       "train.cpus_per_worker=0.5"])
-    resumed = run_train(longer, home=home, run_name="digits-resume")
-    assert resumed.epochs_run == 3
-    history = load_train_state(resumed.checkpoint)["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3]
-    # the two DDP replicas hold bit-identical weights whenever a checkpoint keeps them
-    # (epoch 1 and 2: new best or last of the first run; epoch 3: last)
-    assert [h.get("replicas_in_sync") for h in history] == [1.0, 1.0, 1.0]
-
-    evaluation = evaluate_checkpoint(resumed.checkpoint, "test", home=home)
-    assert evaluation.samples == 269
-    assert evaluation.accuracy == pytest.approx(resumed.test_accuracy)
-    assert 0 < evaluation.macro_f1 <= 1
-    assert evaluation.baseline_accuracy > 0.9  # the SVC reference row, fitted in the same run
-    report = json.loads((Path(evaluation.path) / "report.json").read_text())
-    assert len(report["metrics"]["per_class"]) == 10
-    assert sum(map(sum, report["metrics"]["confusion_matrix"])) == 269
-    for png in ("confusion_matrix.png", "learning_curves.png", "class_attribution.png"):
-        assert Image.open(Path(evaluation.path) / png).size[0] > 300
-    with pytest.raises(InputError, match="unknown split"):
-        evaluate_checkpoint(resumed.checkpoint, "holdout", home=home)
-
-
-def test_a_killed_worker_restarts_from_the_last_checkpoint(home):
-    """SIGKILL one training worker mid-run: the run restarts it and still finishes. The splits
-    stream through Ray Data here (in_memory_limit_mb=0), the path for data that does not fit
-    in memory: the other tests take the in-memory one."""
+def test_two_workers_learn_survive_a_killed_worker_and_resume(home):
+    """Two DDP workers on the prepared digits. SIGKILL one mid-run: the run restarts it from
+    the last checkpoint and finishes. The splits stream through Ray Data in that run
+    (in_memory_limit_mb=0), the path for data that does not fit in memory. Then the same run
+    name with one epoch more continues after the last epoch (from memory, the default path),
+    and the checkpoint and its evaluation hold what serving and monitoring read."""
     import ray
     from ray.util.state import list_actors
 
-    cfg = load_config(None, FAST + ["train.epochs=5", "train.num_workers=2",
-                                    "train.cpus_per_worker=0.5", "train.max_failures=1",
-                                    "train.in_memory_limit_mb=0"])
+    workers = ["train.num_workers=2", "train.cpus_per_worker=0.5"]
+    cfg = load_config(None, FAST + workers + ["train.epochs=5", "train.max_failures=1",
+                                              "train.in_memory_limit_mb=0"])
     run_dir = Path(home) / "runs" / "digits-killed"
     killed = []
 
@@ -95,24 +55,58 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(home):
         # last `ray start` cluster, which need not be this session's.
         alive = list_actors(address=ray.get_runtime_context().gcs_address,
                             filters=[("state", "=", "ALIVE")])
-        workers = [a for a in alive
-                   if a.class_name.endswith("RayTrainWorker")]
-        if workers:
-            os.kill(workers[-1].pid, signal.SIGKILL)
-            killed.append(workers[-1].pid)
+        training = [a for a in alive if a.class_name.endswith("RayTrainWorker")]
+        if training:
+            os.kill(training[-1].pid, signal.SIGKILL)
+            killed.append(training[-1].pid)
 
     killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     killer.start()
     said: list[str] = []
-    result = run_train(cfg, home=home, run_name="digits-killed", log=said.append)
+    first = run_train(cfg, home=home, run_name="digits-killed", log=said.append)
     killer.join(timeout=5)
     assert any("streamed through Ray Data every epoch" in line for line in said), said
     assert killed, "no training worker was found to kill"
     assert ray.is_initialized()
-    assert result.epochs_run == 5
+    assert first.epochs_run == 5
     latest = checkpoints()[-1]  # Ray keeps the latest checkpoint beside the best ones
     history = load_train_state(latest)["history"]
     assert [h["epoch"] for h in history] == list(range(1, 6))  # resumed, not restarted at 1
+    assert first.metrics["val_accuracy"] > 0.5 and first.test_accuracy > 0.5  # chance: 0.1
+
+    # the same run name with more epochs continues after epoch 5, not from scratch
+    longer = load_config(None, FAST + workers + ["train.epochs=6"])
+    resumed = run_train(longer, home=home, run_name="digits-killed")
+    assert resumed.epochs_run == 6
+    history = load_train_state(checkpoints()[-1])["history"]
+    assert [h["epoch"] for h in history] == list(range(1, 7))
+    # the two DDP replicas hold bit-identical weights whenever a checkpoint keeps them
+    synced = [h["replicas_in_sync"] for h in history if "replicas_in_sync" in h]
+    assert synced == [1.0] * len(synced) and "replicas_in_sync" in history[-1]
+
+    checkpoint = Path(resumed.checkpoint)
+    for name in ("model.pt", "model.json", "preprocessing.json", "reference.json",
+                 "checksums.json", "train_state.pt"):
+        assert (checkpoint / name).is_file()
+    loaded = load_model(checkpoint)
+    assert loaded.model_config["num_classes"] == 10
+    assert loaded.preprocessor.class_names == [str(d) for d in range(10)]
+    assert sum(loaded.reference["label_counts"].values()) == 1259  # the drift reference
+    assert len(loaded.reference["features"]["orientation"]) == 1259
+    assert all(0 < c <= 1 for c in loaded.reference["confidence"])
+
+    evaluation = evaluate_checkpoint(resumed.checkpoint, "test", home=home)
+    assert evaluation.samples == 269
+    assert evaluation.accuracy == pytest.approx(resumed.test_accuracy)
+    assert 0 < evaluation.macro_f1 <= 1
+    assert evaluation.baseline_accuracy > 0.9  # the SVC reference row, fitted in the same run
+    report = json.loads((Path(evaluation.path) / "report.json").read_text())
+    assert len(report["metrics"]["per_class"]) == 10
+    assert sum(map(sum, report["metrics"]["confusion_matrix"])) == 269
+    for png in ("confusion_matrix.png", "learning_curves.png", "class_attribution.png"):
+        assert Image.open(Path(evaluation.path) / png).size[0] > 300
+    with pytest.raises(InputError, match="unknown split"):
+        evaluate_checkpoint(resumed.checkpoint, "holdout", home=home)
 
 
 def test_tampered_checkpoint_is_refused(digits_model, tmp_path):

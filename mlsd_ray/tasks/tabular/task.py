@@ -14,6 +14,7 @@ from mlsd_ray.tasks.base import Log, ServedApp, SmokePrediction, Task, TrafficRe
 
 if TYPE_CHECKING:
     from mlsd_ray.explain import ExplanationResult
+    from mlsd_ray.export import ExportResult
     from mlsd_ray.monitor.traffic import TrafficReport
     from mlsd_ray.registry import PinnedModel
     from mlsd_ray.serve.control import RunningApp
@@ -117,6 +118,12 @@ class TabularTask(Task):
         from mlsd_ray.tasks.tabular.explain import explain_table
 
         return explain_table(checkpoint_dir, source, label, count, out, home)
+
+    def export(self, checkpoint_dir: str, fmt: str, quantize: str | None, out: str,
+               model_uri: str, home: str | None) -> ExportResult:
+        from mlsd_ray.tasks.tabular.export import export_tabular_model
+
+        return export_tabular_model(checkpoint_dir, fmt, quantize, out, model_uri, home)
 
     def register_best_trial(self, run, best: dict, best_cfg, home: str | None,
                             log: Log) -> TabularTrainResult:
