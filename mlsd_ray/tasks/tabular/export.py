@@ -120,10 +120,11 @@ def recipe_features(records: list[dict], recipe: list[dict]) -> np.ndarray:
             value = record.get(feature["column"])
             missing = value is None or (isinstance(value, float) and math.isnan(value))
             if feature["kind"] == "number":
-                t = None if missing else (_signed_log(float(value)) if feature["log"]
-                                          else float(value))
-                row.append(feature["if_missing"] if t is None else
-                           feature["weight"] * t + feature["bias"])
+                if missing:
+                    row.append(feature["if_missing"])
+                    continue
+                t = _signed_log(float(value)) if feature["log"] else float(value)
+                row.append(feature["weight"] * t + feature["bias"])
             else:
                 value = feature["if_missing"] if missing else str(value)
                 row.append(1.0 if value == feature["equals"] else 0.0)
