@@ -118,15 +118,16 @@ def recipe_features(records: list[dict], recipe: list[dict]) -> np.ndarray:
         row = []
         for feature in recipe:
             value = record.get(feature["column"])
-            missing = value is None or (isinstance(value, float) and math.isnan(value))
+            if isinstance(value, float) and math.isnan(value):
+                value = None
             if feature["kind"] == "number":
-                if missing:
+                if value is None:
                     row.append(feature["if_missing"])
                     continue
                 t = _signed_log(float(value)) if feature["log"] else float(value)
                 row.append(feature["weight"] * t + feature["bias"])
             else:
-                value = feature["if_missing"] if missing else str(value)
+                value = feature["if_missing"] if value is None else str(value)
                 row.append(1.0 if value == feature["equals"] else 0.0)
         rows.append(row)
     return np.nan_to_num(np.asarray(rows, dtype=np.float32))
