@@ -168,6 +168,36 @@ def run_onnx(session, inputs: np.ndarray, batch: int = 256) -> np.ndarray:
                            for i in range(0, len(inputs), batch)])
 
 
+def save_torchscript(module, example, path: str | Path) -> None:
+    """`module` (in eval mode) traced on `example` and saved as TorchScript."""
+    import torch
+
+    with torch.inference_mode():
+        traced = torch.jit.trace(module, example)
+    traced.save(str(path))
+
+
+def run_model_file(path: str | Path, inputs: np.ndarray, batch: int = 256) -> np.ndarray:
+    """An exported model's single output for `inputs`, in batches: ONNX Runtime for a .onnx
+    file, libtorch for TorchScript."""
+    if str(path).endswith(".onnx"):
+        return run_onnx(onnx_session(path), inputs, batch)
+    import torch
+
+    module = torch.jit.load(str(path))
+    with torch.inference_mode():
+        return np.concatenate([module(torch.from_numpy(np.ascontiguousarray(
+            inputs[i:i + batch]))).numpy() for i in range(0, len(inputs), batch)])
+
+
+def check_top1(checked: Parity, fmt: str, inputs: str) -> None:
+    """InputError when the fp32 export's top class differs from PyTorch's on any input."""
+    if checked.top1_agreement < 1.0:
+        raise InputError(f"the {fmt} model's top class differs from PyTorch's on "
+                         f"{round((1 - checked.top1_agreement) * checked.samples)} of "
+                         f"{checked.samples} test {inputs}: nothing written")
+
+
 def quantize_int8(fp32: str | Path, int8: str | Path,
                   calibration: Iterable[np.ndarray], input_name: str) -> None:
     """ONNX Runtime's static int8 quantisation (QDQ, per-channel weights), its activation

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from mlsd_ray import export
-from mlsd_ray.core.errors import InputError
 from mlsd_ray.export import ExportResult
 from mlsd_ray.tasks.image.checkpoint import LoadedModel, load_model
 from mlsd_ray.tasks.image.data.prepare import PreparedDataset
@@ -92,14 +91,11 @@ def export_image_model(checkpoint_dir: str, fmt: str, quantize: str | None, out:
     with tempfile.TemporaryDirectory(prefix="mlsd-export-") as scratch:
         built, fp32_size = _build(ServedClassifier(loaded).eval(), fmt, quantize, dataset,
                                   Path(scratch), images[:2])
-        checked = export.parity(reference, _probabilities(built, images), labels)
+        checked = export.parity(reference, export.run_model_file(built, images), labels)
         if quantize:
             export.check_int8(checked)
-        elif checked.top1_agreement < 1.0:
-            raise InputError(
-                f"the {fmt} model's top class differs from PyTorch's on "
-                f"{round((1 - checked.top1_agreement) * checked.samples)} of "
-                f"{checked.samples} test images: nothing written")
+        else:
+            export.check_top1(checked, fmt, "images")
         metadata = _metadata(loaded, fmt, quantize, built.name, model_uri, checked)
         export.write_folder(out, {
             built.name: lambda path: shutil.copyfile(built, path),
@@ -119,9 +115,7 @@ def _build(served: ServedClassifier, fmt: str, quantize: str | None,
     """The model file in `scratch`, and the fp32 ONNX model's size when it was quantised."""
     example = torch.from_numpy(np.ascontiguousarray(sample))
     if fmt == "torchscript":
-        with torch.inference_mode():
-            traced = torch.jit.trace(served, example)
-        traced.save(str(scratch / "model.torchscript.pt"))
+        export.save_torchscript(served, example, scratch / "model.torchscript.pt")
         return scratch / "model.torchscript.pt", None
     fp32 = scratch / "model.onnx"
     export.export_onnx(served, example, fp32, INPUT, OUTPUT)
@@ -133,19 +127,6 @@ def _build(served: ServedClassifier, fmt: str, quantize: str | None,
     int8 = scratch / "model.int8.onnx"
     export.quantize_int8(fp32, int8, calibration, INPUT)
     return int8, fp32.stat().st_size
-
-
-def _probabilities(model_file: Path, images: np.ndarray) -> np.ndarray:
-    if model_file.suffix == ".onnx":
-        return export.run_onnx(export.onnx_session(model_file), images)
-    return _torchscript_probabilities(model_file, images)
-
-
-def _torchscript_probabilities(path: Path, images: np.ndarray) -> np.ndarray:
-    module = torch.jit.load(str(path))
-    with torch.inference_mode():
-        return np.concatenate([module(torch.from_numpy(np.ascontiguousarray(images[i:i + 256])))
-                               .numpy() for i in range(0, len(images), 256)])
 
 
 def _metadata(loaded: LoadedModel, fmt: str, quantize: str | None, model_file: str,

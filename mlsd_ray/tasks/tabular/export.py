@@ -153,7 +153,8 @@ def export_tabular_model(checkpoint_dir: str, fmt: str, quantize: str | None, ou
     served = ServedTable(loaded).eval()
     with tempfile.TemporaryDirectory(prefix="mlsd-export-") as scratch:
         built = _build(served, fmt, task, Path(scratch), recipe_features(records[:2], recipe))
-        checked = _parity(loaded.predict(test), _run(built, recipe_features(records, recipe)),
+        checked = _parity(loaded.predict(test),
+                          export.run_model_file(built, recipe_features(records, recipe)),
                           labels, task)
         _check(checked, fmt, task)
         metadata = _metadata(loaded, recipe, fmt, built.name, model_uri, checked)
@@ -171,20 +172,10 @@ def _build(served: ServedTable, fmt: str, task: str, scratch: Path,
            sample: np.ndarray) -> Path:
     example = torch.from_numpy(sample)
     if fmt == "torchscript":
-        with torch.inference_mode():
-            traced = torch.jit.trace(served, example)
-        traced.save(str(scratch / "model.torchscript.pt"))
+        export.save_torchscript(served, example, scratch / "model.torchscript.pt")
         return scratch / "model.torchscript.pt"
     export.export_onnx(served, example, scratch / "model.onnx", INPUT, output_name(task))
     return scratch / "model.onnx"
-
-
-def _run(model_file: Path, features: np.ndarray) -> np.ndarray:
-    if model_file.suffix == ".onnx":
-        return export.run_onnx(export.onnx_session(model_file), features)
-    module = torch.jit.load(str(model_file))
-    with torch.inference_mode():
-        return module(torch.from_numpy(features)).numpy()
 
 
 def _parity(reference: np.ndarray, exported: np.ndarray, labels: np.ndarray,
@@ -204,10 +195,7 @@ def _parity(reference: np.ndarray, exported: np.ndarray, labels: np.ndarray,
 
 
 def _check(checked: export.Parity, fmt: str, task: str) -> None:
-    if checked.top1_agreement < 1.0:
-        raise InputError(f"the {fmt} model's top class differs from PyTorch's on "
-                         f"{round((1 - checked.top1_agreement) * checked.samples)} of "
-                         f"{checked.samples} test records: nothing written")
+    export.check_top1(checked, fmt, "records")
     if task == "regression" and checked.max_abs_diff > 1e-3 * max(1.0, abs(
             checked.accuracy_torch)):
         raise InputError(f"the {fmt} model's predictions differ from PyTorch's by up to "
