@@ -93,7 +93,8 @@ def run(as_json: bool, work: Callable[[], Result], render: Callable[[Result], No
     from mlsd_ray.core import runtime
 
     runtime.configure(quiet=as_json, verbose=verbose)
-    stdout = sys.stderr if as_json else sys.stdout if verbose else runtime.RayEchoFilter(sys.stdout)
+    console = sys.stderr if as_json else sys.stdout  # with --json, stdout is the result's
+    stdout = console if verbose else runtime.RayEchoFilter(console)
     try:
         with redirect_stdout(stdout):
             result = work()

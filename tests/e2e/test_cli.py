@@ -21,7 +21,8 @@ from mlsd_ray.serve.control import free_port
 from tests.conftest import make_image_folder, write_png
 
 RAY_NOISE = ("Execution plan", "Starting execution of Dataset", "(TrainController",
-             "(RayTrainWorker", "(SplitCoordinator", "Token authentication is enabled")
+             "(RayTrainWorker", "(SplitCoordinator", "Token authentication is enabled",
+             "(raylet)")
 
 
 def mlsd(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
