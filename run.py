@@ -45,13 +45,15 @@ def test_selection(args: list[str]) -> list[str]:
 
 
 def parallel(args: list[str]) -> list[str]:
-    """Test files spread over one pytest process per core, up to 4 (pytest-xdist; each has
-    its own Ray). Most of a test is one process starting or importing at a time, so one
-    pytest keeps 2 cores about half busy; two keep them 85 % busy (docs/performance.md).
+    """Test files spread over pytest processes, one more than the cores, up to 4
+    (pytest-xdist; each has its own Ray). Most of a test is one process starting or importing
+    at a time, or a wait (a replica killed every 10 s, a GCS down for 20 s): one pytest keeps
+    2 cores about half busy, two 85 % (docs/performance.md), and a third fills the waits.
     ARGS that say otherwise (-n, -p no:xdist, or --pdb, which needs one process) win."""
     if any(a.startswith(("-n", "--numprocesses", "--pdb")) or a == "no:xdist" for a in args):
         return []
-    workers = min(4, os.cpu_count() or 1)
+    cores = os.cpu_count() or 1
+    workers = min(4, cores + 1) if cores > 1 else 1
     return ["-n", str(workers), "--dist", "loadfile"] if workers > 1 else []
 
 

@@ -13,42 +13,6 @@ from PIL import Image
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-# Seconds each long test file takes in the whole suite (`run.py test --all`, two pytest
-# workers on 2 cores, measured at 17bce1c). `run.py test` spreads whole files over the workers
-# (--dist loadfile), and a worker that takes a long file last finishes alone while the other
-# core idles: there, the last 62 s of the suite ran on one worker. So files run longest first
-# (the longest-processing-time rule) and the short ones fill in at the end. A file not listed
-# counts as short; a stale figure only costs speed.
-FILE_SECONDS = {
-    "tests/e2e/test_cli.py": 273, "tests/integration/test_tabular.py": 209,
-    "tests/integration/test_serve.py": 191, "tests/e2e/test_ray_jobs.py": 121,
-    "tests/integration/test_chaos.py": 85, "tests/integration/test_tune.py": 84,
-    "tests/e2e/test_multinode.py": 68, "tests/e2e/test_gcs_fault_tolerance.py": 60,
-    "tests/integration/test_train.py": 53, "tests/integration/test_monitor.py": 47,
-    "tests/integration/test_prepare.py": 26, "tests/integration/test_explain.py": 20,
-    "tests/integration/test_export.py": 14, "tests/unit/test_lint.py": 13,
-    "tests/integration/test_registry.py": 9, "tests/unit/test_predlog.py": 8,
-    "tests/unit/test_monitor_stats.py": 8,
-}
-
-
-def pytest_configure(config):
-    """Keep the collection order below when pytest-xdist hands out files: its default
-    reorders them by their number of tests, which puts the long end-to-end files last."""
-    if hasattr(config.option, "loadscopereorder"):
-        config.option.loadscopereorder = False
-
-
-def pytest_collection_modifyitems(config, items):
-    """Longest files first (FILE_SECONDS); within a file, and among the short files, the
-    collection order stays (the sort is stable)."""
-    root = Path(config.rootpath)
-
-    def file_seconds(item) -> int:
-        return FILE_SECONDS.get(Path(item.path).relative_to(root).as_posix(), 0)
-
-    items.sort(key=lambda item: -file_seconds(item))
-
 
 @pytest.fixture(scope="session")
 def ray_session():
