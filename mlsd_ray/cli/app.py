@@ -421,10 +421,14 @@ def submit(ctx: typer.Context,
     from mlsd_ray.cli.submit import check_stage
     from mlsd_ray.cli.submit import submit as submit_job
 
+    # The --set values go along as the job's own --set too: it layers the sent config, then
+    # --smoke, then --set, so a user's value wins over the smoke run's, as it does here.
+    sets = [arg for override in set_ or [] for arg in ("--set", override)]
+
     def work() -> dict:
         check_stage(stage)
-        return submit_job(stage, address, config_from(config, set_, None), list(ctx.args),
-                          runtime_env, home, smoke, wait, log_stderr)
+        return submit_job(stage, address, config_from(config, set_, None),
+                          [*sets, *ctx.args], runtime_env, home, smoke, wait, log_stderr)
 
     def render(summary: dict) -> None:
         print(f"job {summary['job_id']}: {summary['status']}"

@@ -80,8 +80,9 @@ def test_train_job_with_mlsd_submit(head, home):
     print(f"\nmlsd submit: {summary['job_id']} {summary['status']} in {summary['seconds']} s, "
           f"registered {registered['uri']}")
     assert summary["result"]["test_accuracy"] > 0.5
-    # the config sent from here was the one used there
+    # the config sent from here was the one used there, --set winning over --smoke's values
     assert "epoch 2/2" in result.stderr
+    assert "in this process (train.num_workers=0)" in result.stderr, result.stderr[-3000:]
 
 
 @pytest.mark.slow
