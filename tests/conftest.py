@@ -59,13 +59,31 @@ class TrainedDigits:
 
 @pytest.fixture(scope="session")
 def digits_model(tmp_path_factory, ray_session) -> TrainedDigits:
-    """One small digits model (4 epochs, in this process), trained once per session and shared by
-    the serve, monitor and registry tests; each registers it into an MLSD_HOME of its own."""
+    """One small digits model (4 epochs, in the test's process), trained once per test run and
+    shared by the serve, monitor, registry, chaos and fault tests, which only read its
+    checkpoint and data (each registers it into an MLSD_HOME of its own). Under pytest-xdist
+    the first worker to need it trains it into the run's shared temp folder, under a lock,
+    and the others read what it saved there."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # one pytest process: nothing to share
+        return train_digits(tmp_path_factory.mktemp("digits-model"))
+    import fcntl
+    import pickle
+
+    shared = tmp_path_factory.getbasetemp().parent  # this run's folder, one per xdist worker
+    saved = shared / "digits-model.pickle"
+    with open(shared / "digits-model.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not saved.exists():
+            saved.write_bytes(pickle.dumps(train_digits(shared / "digits-model")))
+        return pickle.loads(saved.read_bytes())
+
+
+def train_digits(folder: Path) -> TrainedDigits:
     from mlsd_ray.core.config import load_config
     from mlsd_ray.tasks.image.data.prepare import PreparedDataset
     from mlsd_ray.tasks.image.train import run_train
 
-    home = str(tmp_path_factory.mktemp("digits-model") / "mlsd-home")
+    home = str(folder / "mlsd-home")
     cfg = load_config(None, [*SMALL_DIGITS, "train.epochs=4"])
     result = run_train(cfg, home=home, log=lambda _: None)
     return TrainedDigits(cfg, result, PreparedDataset.open(result.dataset), home)

@@ -133,18 +133,30 @@ def submit(stage: str, address: str | None, cfg: Config, args: list[str],
 def submit_when_ready(client, entrypoint: str, env: dict, stage: str,
                        log: Callable[[str], None]) -> str:
     """submit_job, retried while the head's job agent is still starting: a head answers on its
-    dashboard port a few seconds before it accepts jobs ("No available agent to submit job")."""
+    dashboard port a few seconds before it accepts jobs ("No available agent to submit job"),
+    and on a busy machine its dashboard may close the connection without an answer. A retry
+    reuses the submission id, so a job the head did take is not submitted twice."""
+    from requests.exceptions import ConnectionError as DroppedConnection
+
     deadline = time.monotonic() + AGENT_WAIT_S
     submission_id = f"mlsd-{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    dropped = False
     while True:
         try:
             return client.submit_job(entrypoint=entrypoint, runtime_env=env,
                                      submission_id=submission_id, metadata={"mlsd_stage": stage})
+        except DroppedConnection as exc:
+            if time.monotonic() > deadline:
+                raise WorkError(f"the cluster did not take the job: {exc}") from None
+            dropped = True
+            log("the cluster's dashboard closed the connection; retrying")
         except RuntimeError as exc:
+            if dropped and "already exists" in str(exc):
+                return submission_id  # the dropped attempt got through
             if "No available agent" not in str(exc) or time.monotonic() > deadline:
                 raise WorkError(f"the cluster did not take the job: {exc}") from None
             log("the cluster's job agent is still starting; retrying")
-            time.sleep(2)
+        time.sleep(2)
 
 
 def use_local_token() -> None:

@@ -69,9 +69,9 @@ def test_digits_end_to_end(home):
 
     again = prepare_dataset(load_config(), home=home)
     assert again.reused and again.path == dataset.path
-    # 180 read tasks instead of 2, finishing in any order: the rows keep the source's order,
+    # 60 read tasks instead of 2, finishing in any order: the rows keep the source's order,
     # because training deals them by position (the same seed must train the same model)
-    forced = prepare_dataset(load_config(None, ["data.rows_per_task=10"]), home=home,
+    forced = prepare_dataset(load_config(None, ["data.rows_per_task=30"]), home=home,
                              force=True)
     assert not forced.reused and forced.path == dataset.path
     assert forced.manifest["counts"] == counts

@@ -142,3 +142,32 @@ def test_fraud_example_config_runs_as_tabular_jobs(capsys):
     assert cfg.data.source == "digits"
     code, result, _ = run_job("retrain", ["--config", "mlsd_ray/examples/fraud.yaml"], capsys)
     assert code == 2 and "retrain needs --source SPEC" in result["error"]["message"]
+
+
+class StartingHead:
+    """A job client whose head drops the first connections, as a busy, just-started head's
+    dashboard did; `took_first` says whether a dropped attempt reached the job manager."""
+
+    def __init__(self, drops: int, took_first: bool):
+        self.drops, self.took_first, self.ids = drops, took_first, []
+
+    def submit_job(self, entrypoint, runtime_env, submission_id, metadata):
+        from requests.exceptions import ConnectionError as DroppedConnection
+
+        self.ids.append(submission_id)
+        if len(self.ids) <= self.drops:
+            raise DroppedConnection("Remote end closed connection without response")
+        if self.took_first:
+            raise RuntimeError(f"Job with submission_id {submission_id} already exists.")
+        return submission_id
+
+
+@pytest.mark.parametrize("took_first", [False, True])
+def test_a_dropped_connection_is_retried_under_the_same_submission_id(monkeypatch, took_first):
+    from mlsd_ray.cli import submit
+
+    monkeypatch.setattr(submit.time, "sleep", lambda seconds: None)
+    head, said = StartingHead(drops=2, took_first=took_first), []
+    job_id = submit.submit_when_ready(head, "python jobs/train.py", {}, "train", said.append)
+    assert job_id == head.ids[0] == head.ids[-1] and len(head.ids) == 3
+    assert said == ["the cluster's dashboard closed the connection; retrying"] * 2
