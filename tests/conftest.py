@@ -14,11 +14,13 @@ from PIL import Image
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-# Files that mostly wait (the GCS down for 20 s, a replica killed every 10 s) go to the
-# pytest-xdist workers first, so that the other files keep the cores busy around them. By
-# xdist's own rule (files with the most tests first) they came last: the GCS test then ran
-# alone for the last 68 s of the suite.
-WAIT_FIRST = ("tests/e2e/test_gcs_fault_tolerance.py", "tests/integration/test_chaos.py")
+# Files that mostly wait go to the pytest-xdist workers first, so that the other files keep
+# the cores busy around them: a job on a Ray head of its own (the first `mlsd submit` job took
+# 170-220 s beside two other pytest workers), the GCS down for 20 s, a replica killed every
+# 10 s. By xdist's own rule (the files with the most tests first) they came last, and the
+# suite's last minutes ran on one worker.
+WAIT_FIRST = ("tests/e2e/test_ray_jobs.py", "tests/e2e/test_gcs_fault_tolerance.py",
+              "tests/integration/test_chaos.py")
 
 
 def pytest_configure(config):
@@ -175,7 +177,14 @@ def actor_processes(class_prefix: str) -> list:
 
     alive = list_actors(address=ray.get_runtime_context().gcs_address,
                         filters=[("state", "=", "ALIVE")], limit=1000)
-    return [psutil.Process(a.pid) for a in alive if a.class_name.startswith(class_prefix)]
+    processes = []
+    for actor in alive:
+        if actor.class_name.startswith(class_prefix):
+            try:
+                processes.append(psutil.Process(actor.pid))
+            except psutil.NoSuchProcess:  # killed, and the GCS has not heard yet
+                continue
+    return processes
 
 
 def fuzz_openapi(url: str, report_dir: Path, seconds: int = 10) -> tuple[int, str]:

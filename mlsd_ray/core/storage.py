@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import uuid
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -70,10 +71,24 @@ def read_bytes(location: str) -> bytes:
 
 
 def write_bytes(location: str, data: bytes) -> None:
+    """Write `data` at `location` whole or not at all, for readers in other processes: `mlsd
+    monitor` read a prediction-log file that a replica had created but not yet written (0
+    bytes). On a local disk the bytes go to a partial file beside it, which is then renamed
+    (atomic); an object store's upload appears whole by itself."""
     fs, path = filesystem(location)
     fs.create_dir(posixpath.dirname(path), recursive=True)
-    with fs.open_output_stream(path) as stream:
-        stream.write(data)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        with fs.open_output_stream(path) as stream:
+            stream.write(data)
+        return
+    partial = f"{path}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open_output_stream(partial) as stream:
+            stream.write(data)
+        fs.move(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
 
 
 def read_text(location: str) -> str:

@@ -1,3 +1,5 @@
+import pytest
+
 from mlsd_ray.core import storage
 
 
@@ -25,3 +27,15 @@ def test_round_trip_through_a_file_uri(tmp_path):
         str(tmp_path / "deep" / "dir" / "x.json")]
     storage.delete_dir(f"file://{tmp_path}/deep")
     assert not storage.exists(location)
+
+
+def test_a_write_appears_whole_and_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "day" / "rows.parquet"
+    storage.write_bytes(str(target), b"x" * 1000)
+    storage.write_bytes(str(target), b"y" * 10)  # replaced whole
+    assert target.read_bytes() == b"y" * 10
+    assert [p.name for p in target.parent.iterdir()] == ["rows.parquet"]
+    (tmp_path / "taken").mkdir()  # the rename fails: no partial file is left behind
+    with pytest.raises(OSError):
+        storage.write_bytes(str(tmp_path / "taken"), b"z")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["day", "taken"]
