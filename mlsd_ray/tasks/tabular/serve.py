@@ -38,6 +38,7 @@ from fastapi.responses import HTMLResponse
 from ray import serve
 
 from mlsd_ray import __version__
+from mlsd_ray.core import storage
 from mlsd_ray.core.config import ServeConfig, TabularConfig
 from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.registry import PinnedModel
@@ -249,12 +250,9 @@ class FraudApp(TabularModel, ModelRoutes, OpenInferenceRoutes):
             return None
 
     def _save_policy(self) -> None:
-        os.makedirs(os.path.dirname(self.policy_file), exist_ok=True)
-        public = {k: v for k, v in self.policy.items() if k != "rules"}
-        temporary = f"{self.policy_file}.{os.getpid()}.tmp"  # replicas may write at once
-        with open(temporary, "w") as handle:
-            json.dump(public, handle)
-        os.replace(temporary, self.policy_file)
+        # whole or not at all (storage.write_bytes): replicas may write, and read, at once
+        storage.write_json(self.policy_file,
+                           {k: v for k, v in self.policy.items() if k != "rules"})
         self.policy_stamp = self._policy_stamp()
 
     async def _model_info(self) -> dict:
