@@ -122,9 +122,12 @@ def ensure_environment() -> None:
     STAMP.write_text(requirements_digest())
 
 
-# Compiles every installed module once, on every core.
-COMPILE = ("import compileall, sysconfig; "
-           "compileall.compile_dir(sysconfig.get_paths()['purelib'], quiet=2, workers=0)")
+# Compiles every installed module once, on every core, except the packages' own test suites
+# (pandas/tests, sympy/*/tests, ...: 4,000 of 21,000 files, never imported here; 24 s -> 16 s).
+# The pattern starts at site-packages: a checkout under a folder named test/ compiles too.
+COMPILE = ("import compileall, re, sysconfig; lib = sysconfig.get_paths()['purelib']; "
+           "compileall.compile_dir(lib, quiet=2, workers=0, "
+           r"rx=re.compile(re.escape(lib) + r'[\\/].+[\\/]tests?[\\/]'))")
 
 
 def compile_bytecode() -> None:
