@@ -154,37 +154,43 @@ class LocalModel:
 
 
 class RemoteModel:
-    """The model deployment behind an ingress (split topology), through its handle."""
+    """The model deployment behind an ingress (split topology), through its handle. Every
+    call maps the handle's failures to HTTP answers: past serve.max_queued_requests a 503
+    with Retry-After, as Serve's proxy answers in the single topology; a replica that died
+    under a prediction is retried once (predictions are idempotent)."""
 
     def __init__(self, handle, sticky: bool):
         self._handle = handle
         self._sticky = sticky  # consistent hashing: route by the session key
 
     async def run_batch(self, payload: dict, session_key: str | None = None) -> dict:
-        """One retry when the replica died under us: predictions are idempotent."""
-        from ray.exceptions import ActorUnavailableError, RayActorError
-        from ray.serve.exceptions import BackPressureError
-
         handle = self._handle
         if self._sticky and session_key is not None:
             handle = handle.options(session_id=session_key)
-        for attempt in range(2):
+        return await self._call(handle.run_batch, payload, retries=1)
+
+    async def describe(self) -> dict:
+        return await self._call(self._handle.describe)
+
+    async def explain(self, payload: dict) -> dict:
+        return await self._call(self._handle.explain_batch, payload)
+
+    @staticmethod
+    async def _call(method, *args, retries: int = 0):
+        from ray.exceptions import ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import BackPressureError
+
+        for attempt in range(retries + 1):
             try:
-                return await handle.run_batch.remote(payload)
-            except BackPressureError as exc:  # past serve.max_queued_requests, as the proxy says
+                return await method.remote(*args)
+            except BackPressureError as exc:
                 raise ClientError(503, "overloaded", f"{exc.message} Try again shortly.",
                                   {"Retry-After": str(OVERLOAD_RETRY_AFTER_S)}) from exc
             except (RayActorError, ActorUnavailableError) as exc:
-                if attempt:
+                if attempt == retries:
                     raise ClientError(503, "model_unavailable",
                                       f"model replica unavailable: {exc}") from exc
         raise AssertionError("unreachable")
-
-    async def describe(self) -> dict:
-        return await self._handle.describe.remote()
-
-    async def explain(self, payload: dict) -> dict:
-        return await self._handle.explain_batch.remote(payload)
 
 
 class ModelRoutes:
