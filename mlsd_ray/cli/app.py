@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from mlsd_ray.explain import ExplanationResult
     from mlsd_ray.export import ExportResult
     from mlsd_ray.tasks.base import Evaluation, TrainedModel
+    from mlsd_ray.tuning.report import TuneSummary
     from mlsd_ray.workflows.stages import PipelineResult
 
 app = typer.Typer(
@@ -272,7 +273,7 @@ def tune(source: SourceOption = None, config: ConfigOption = None, set_: SetOpti
              "tune.reduction_factor": reduction_factor}
     overrides = with_flags(set_, flags)
 
-    def work() -> dict:
+    def work() -> TuneSummary:
         # Trials' worker logs stay in Ray's files (unless --verbose); we print a line per
         # trial and summarise any errors.
         cfg = config_from(config, overrides, source, example, label, task)
@@ -283,18 +284,18 @@ def tune(source: SourceOption = None, config: ConfigOption = None, set_: SetOpti
     run(as_json, work, _render_tune, verbose=verbose)
 
 
-def _render_tune(summary: dict) -> None:
+def _render_tune(summary: TuneSummary) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    cv = summary["cv"] > 1
-    table = Table(title=f"tune {summary['name']}: {summary['search']} search, scheduler "
-                        f"{summary['scheduler']}")
-    metric = summary.get("metric", "val_accuracy")
+    cv = summary.cv > 1
+    table = Table(title=f"tune {summary.name}: {summary.search} search, scheduler "
+                        f"{summary.scheduler}")
+    metric = summary.metric
     for column in ("trial", "parameters", "epochs", "stopped early",
                    "val acc (mean ± std)" if cv else f"best {metric.replace('_', ' ')}"):
         table.add_column(column)
-    for line in summary["configurations"]:
+    for line in summary.configurations:
         score = "failed" if line["status"] != "ok" else (
             f"{line['cv_mean']:.4f} ± {line['cv_std']:.4f}" if cv
             else f"{line[metric]:.4f}")
@@ -302,14 +303,15 @@ def _render_tune(summary: dict) -> None:
                       "yes" if line["stopped_early"] else "", score)
     console = Console()
     console.print(table)
-    console.print(f"{summary['trials']} trials, {summary['stopped_early']} stopped early, "
-                  f"{summary['failed']} failed, {summary['trial_epochs']} trial-epochs in "
-                  f"{summary['wall_seconds']} s")
-    if summary.get("registered"):
-        console.print(f"best: trial {summary['best']['trial']}, {summary['best_test']}, "
-                      f"registered {summary['registered']['uri']}", soft_wrap=True)
-    for key in ("results", "curves", "best_config"):
-        console.print(f"{key.replace('_', ' ')}: {summary[key]}", soft_wrap=True)
+    console.print(f"{summary.trials} trials, {summary.stopped_early} stopped early, "
+                  f"{summary.failed} failed, {summary.trial_epochs} trial-epochs in "
+                  f"{summary.wall_seconds} s")
+    if summary.registered:
+        console.print(f"best: trial {summary.best.trial}, {summary.best_test}, "
+                      f"registered {summary.registered['uri']}", soft_wrap=True)
+    for label, path in (("results", summary.results), ("curves", summary.curves),
+                        ("best config", summary.best_config)):
+        console.print(f"{label}: {path}", soft_wrap=True)
 
 
 @app.command()

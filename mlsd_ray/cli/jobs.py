@@ -44,6 +44,7 @@ from mlsd_ray.cli.support import (
 from mlsd_ray.core.errors import InputError, MlsdError
 
 if TYPE_CHECKING:
+    from mlsd_ray.tuning.report import TuneSummary
     from mlsd_ray.workflows.retrain import RetrainDecision
 
 STAGES = ("pipeline", "data", "train", "tune", "retrain", "deploy")
@@ -161,7 +162,7 @@ def tune_job(config: JobConfigOption = None, set_: SetOption = None,
              source: SourceOption = None, example: ExampleOption = None,
              label: LabelOption = None, task: TaskOption = None) -> None:
     """Search hyperparameters with Ray Tune and register the best model."""
-    def work(cfg, where, log) -> dict:
+    def work(cfg, where, log) -> TuneSummary:
         from mlsd_ray.tuning.search import run_tune
 
         return run_tune(cfg, home=where, log=log)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 
@@ -13,6 +15,71 @@ from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config, dump_yaml
 from mlsd_ray.core.errors import WorkError
 from mlsd_ray.training.checkpoint import RANK_METRIC
+
+
+@dataclass
+class BestTrial:
+    """The search's best trial: its score on the task's metric (`TuneSummary.metric`) at its
+    best epoch, and its parameters; with cross-validation, the folds' mean and spread."""
+
+    trial: str
+    score: float
+    best_epoch: int | None
+    epochs_run: int
+    params: dict[str, Any]
+    cv_mean: float | None = None
+    cv_std: float | None = None
+
+    def to_dict(self, metric: str) -> dict[str, Any]:
+        """As summary.json has it: the score under the metric's own name."""
+        plain: dict[str, Any] = {"trial": self.trial, metric: self.score,
+                                 "best_epoch": self.best_epoch, "epochs_run": self.epochs_run}
+        if self.cv_mean is not None:
+            plain.update(cv_mean=self.cv_mean, cv_std=self.cv_std)
+        return {**plain, "params": self.params}
+
+
+@dataclass
+class TuneSummary:
+    """What `mlsd tune` did: the search, its trials, the best one, the files written under
+    `path`, the MLflow run, and (when registered) the best trial's model. `configurations`
+    holds one line per trial, best first (`to_dict` is summary.json and `--json`)."""
+
+    name: str
+    path: str
+    search: str
+    scheduler: str
+    cv: int
+    trials: int
+    finished: int
+    stopped_early: int
+    failed: int
+    trial_epochs: int
+    max_epochs: int
+    metric: str
+    best: BestTrial
+    configurations: list[dict[str, Any]]
+    wall_seconds: float
+    results: str
+    curves: str
+    best_config: str
+    mlflow_run_id: str | None = None
+    best_model: dict[str, Any] | None = None
+    best_test: str | None = None
+    registered: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        plain = {name: getattr(self, name) for name in (
+            "name", "path", "search", "scheduler", "cv", "trials", "finished", "stopped_early",
+            "failed", "trial_epochs", "max_epochs", "metric")}
+        plain["best"] = self.best.to_dict(self.metric)
+        plain.update(configurations=self.configurations, wall_seconds=self.wall_seconds,
+                     results=self.results, curves=self.curves, best_config=self.best_config,
+                     mlflow_run_id=self.mlflow_run_id)
+        if self.best_model is not None:
+            plain.update(best_model=self.best_model, best_test=self.best_test,
+                         registered=self.registered)
+        return plain
 
 
 def trial_rows(grid, plan: dict) -> list[dict]:
@@ -140,7 +207,7 @@ def _table(rows: list[dict]) -> pd.DataFrame:
 
 def write_outputs(run, grid, base: Config, plan: dict, home: str | None,
                   log: Callable[[str], None], register: bool, wall_seconds: float,
-                  mlflow_run_id: str | None) -> dict:
+                  mlflow_run_id: str | None) -> TuneSummary:
     """Write results.csv, curves.png, best.yaml, summary.json; add the best score to the
     search's MLflow run (`mlflow_run_id`, the active run: its trials were tracked live) and
     register the best trial's model in it."""
@@ -151,32 +218,32 @@ def write_outputs(run, grid, base: Config, plan: dict, home: str | None,
     cv = run.cfg.tune.cv > 1
     best = max(ok, key=lambda r: r[RANK_METRIC])
     best_cfg = best_config(base, best, run.cfg)
-    outputs = {"results": storage.join(run.path, "results.csv"),
-               "curves": storage.join(run.path, "curves.png"),
-               "best_config": storage.join(run.path, "best.yaml")}
-    storage.write_text(outputs["results"], _table(rows).to_csv(index=False))
-    storage.write_bytes(outputs["curves"], curves_png(rows, cv))
-    storage.write_text(outputs["best_config"],
-                       f"# best of tune run {run.name}: trial {best['trial']}, {metric} "
-                       f"{best[metric]:.4f}\n# train it: mlsd train --config "
-                       f"{outputs['best_config']}\n" + dump_yaml(best_cfg))
-    summary = {"name": run.name, "path": run.path, "search": plan["search"],
-               "scheduler": plan["scheduler"], "cv": run.cfg.tune.cv,
-               "trials": len(rows), "finished": len(ok),
-               "stopped_early": sum(bool(r["stopped_early"]) for r in rows),
-               "failed": sum(r["status"] == "error" for r in rows),
-               "trial_epochs": int(sum(r["epochs_run"] for r in rows)),
-               "max_epochs": plan["epochs"],
-               "metric": metric,
-               "best": {k: best.get(k) for k in ("trial", metric, "best_epoch", "epochs_run",
-                                                 "cv_mean", "cv_std") if k in best}
-               | {"params": _params(best)},
-               "configurations": [_config_line(r, cv, metric)
-                                  for r in _table(rows).to_dict("records")],
-               "wall_seconds": round(wall_seconds, 1), **outputs}
-    summary.update(_track(run, best, best_cfg, home, log, register, metric, mlflow_run_id))
-    storage.write_json(storage.join(run.path, "summary.json"), summary)
+    results, curves = storage.join(run.path, "results.csv"), storage.join(run.path, "curves.png")
+    best_yaml = storage.join(run.path, "best.yaml")
+    storage.write_text(results, _table(rows).to_csv(index=False))
+    storage.write_bytes(curves, curves_png(rows, cv))
+    storage.write_text(best_yaml, f"# best of tune run {run.name}: trial {best['trial']}, "
+                                  f"{metric} {best[metric]:.4f}\n# train it: mlsd train "
+                                  f"--config {best_yaml}\n" + dump_yaml(best_cfg))
+    summary = TuneSummary(
+        name=run.name, path=run.path, search=plan["search"], scheduler=plan["scheduler"],
+        cv=run.cfg.tune.cv, trials=len(rows), finished=len(ok),
+        stopped_early=sum(bool(r["stopped_early"]) for r in rows),
+        failed=sum(r["status"] == "error" for r in rows),
+        trial_epochs=int(sum(r["epochs_run"] for r in rows)), max_epochs=plan["epochs"],
+        metric=metric, best=_best_trial(best, metric),
+        configurations=[_config_line(r, cv, metric) for r in _table(rows).to_dict("records")],
+        wall_seconds=round(wall_seconds, 1), results=results, curves=curves,
+        best_config=best_yaml, mlflow_run_id=mlflow_run_id)
+    _track(summary, run, best, best_cfg, home, log, register)
+    storage.write_json(storage.join(run.path, "summary.json"), summary.to_dict())
     return summary
+
+
+def _best_trial(row: dict, metric: str) -> BestTrial:
+    return BestTrial(trial=row["trial"], score=row[metric], best_epoch=row["best_epoch"],
+                     epochs_run=row["epochs_run"], params=_params(row),
+                     cv_mean=row.get("cv_mean"), cv_std=row.get("cv_std"))
 
 
 def _config_line(row: dict, cv: bool, metric: str) -> dict:
@@ -188,24 +255,20 @@ def _config_line(row: dict, cv: bool, metric: str) -> dict:
     return line
 
 
-def _track(run, best, best_cfg, home, log, register, metric: str,
-           mlflow_run_id: str | None) -> dict:
+def _track(summary: TuneSummary, run, best: dict, best_cfg, home: str | None,
+           log: Callable[[str], None], register: bool) -> None:
     """MLflow: the best score and the search's outputs on the search's run; the best model
-    registered as a child of it."""
+    registered as a child of it (recorded in `summary`)."""
     import mlflow
 
-    mlflow.log_metric(f"best_{metric}", best[metric])
+    mlflow.log_metric(f"best_{summary.metric}", summary.best.score)
     mlflow.set_tags({"path": run.path})
     if not storage.is_uri(run.path):  # a local search folder: its table beside the runs
-        mlflow.log_artifact(storage.join(run.path, "results.csv"), artifact_path="search")
-    out: dict = {"mlflow_run_id": mlflow_run_id}
+        mlflow.log_artifact(summary.results, artifact_path="search")
     if register:
         from mlsd_ray.tasks import get_task
 
         trained = get_task(run.cfg.task).register_best_trial(run, best, best_cfg, home, log)
         # summary.json is plain data: the trial's model as its JSON form
-        out.update(best_model=trained.to_dict(), best_test=trained.test_line(),
-                   registered=trained.registered.to_dict() if trained.registered else None)
-    return out
-
-
+        summary.best_model, summary.best_test = trained.to_dict(), trained.test_line()
+        summary.registered = trained.registered.to_dict() if trained.registered else None

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,6 +35,9 @@ from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.registry.tracking import LiveSearch
 from mlsd_ray.tasks import get_task
 from mlsd_ray.training.checkpoint import RANK_METRIC
+
+if TYPE_CHECKING:
+    from mlsd_ray.tuning.report import TuneSummary
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint")
 # The Tune function itself only waits on its trainer; the CPUs go to the Train workers.
@@ -356,7 +359,8 @@ def _trainable(run: TuneRun, plan: dict, per_worker_cpu: float):
 
 
 def run_tune(cfg: Config, home: str | None = None, log: Callable[[str], None] = log_stderr,
-             name: str | None = None, resume: str | None = None, register: bool = True) -> dict:
+             name: str | None = None, resume: str | None = None,
+             register: bool = True) -> TuneSummary:
     """`mlsd tune`: search, write the outputs, register the best trial's model."""
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
@@ -422,7 +426,7 @@ def run_tune(cfg: Config, home: str | None = None, log: Callable[[str], None] = 
 
 def _search(tuner, run: TuneRun, base: Config, plan: dict, home: str | None,
             log: Callable[[str], None], register: bool, started: float,
-            search: LiveSearch) -> dict:
+            search: LiveSearch) -> TuneSummary:
     """Fit the tuner, refuse an interrupted search (its state saved), write the outputs."""
     handler = signal.getsignal(signal.SIGINT)
     grid = tuner.fit()

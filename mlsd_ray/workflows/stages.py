@@ -11,18 +11,19 @@ if TYPE_CHECKING:
 
     from mlsd_ray.core.config import Config
     from mlsd_ray.tasks.base import Evaluation, TrainedModel
+    from mlsd_ray.tuning.report import TuneSummary
     from mlsd_ray.workflows.loop import LoopSteps
 
 
 def search_first(cfg: Config, home: str | None,
-                 log: Callable[[str], None]) -> tuple[Config, dict[str, Any]]:
+                 log: Callable[[str], None]) -> tuple[Config, TuneSummary]:
     """`mlsd pipeline --tune`: search `cfg.tune` (nothing registered), and the config the final
     training then uses: the best parameters on top of `cfg`; with the search's summary."""
     from mlsd_ray.tuning.search import run_tune, trial_config
 
     searched = run_tune(cfg, home=home, log=log, register=False)
-    log(f"training with the best parameters: {searched['best']['params']}")
-    return trial_config(cfg, searched["best"]["params"]), searched
+    log(f"training with the best parameters: {searched.best.params}")
+    return trial_config(cfg, searched.best.params), searched
 
 
 @dataclass
@@ -34,7 +35,7 @@ class PipelineResult:
     task: str
     data: dict[str, Any]
     train: TrainedModel
-    tune: dict[str, Any] | None = None
+    tune: TuneSummary | None = None
     evaluation: Evaluation | None = None
     promoted: dict[str, Any] | None = None
     serve: dict[str, Any] | None = None
@@ -44,7 +45,7 @@ class PipelineResult:
         """`--json`: {"task", "stages": {stage: summary}}, the stages in the order they ran."""
         stages: dict[str, Any] = {"data": self.data}
         if self.tune is not None:
-            stages["tune"] = self.tune
+            stages["tune"] = self.tune.to_dict()
         stages["train"] = self.train.to_dict()
         evaluation = self.evaluation.to_dict() if self.evaluation is not None else None
         for name, summary in (("evaluate", evaluation), ("promote", self.promoted),

@@ -651,14 +651,14 @@ def test_tune_searches_the_tabular_model(home, capsys):
                              "tune.space={train.lr: [0.003, 0.03]}", "tune.scheduler=none"],
                       example="fraud")
     summary = run_tune(cfg, home=home)
-    print(f"\ntabular tune: {summary['configurations']}")
-    assert summary["metric"] == "val_score" and summary["finished"] == 2
-    assert summary["best"]["val_score"] > 0.8  # PR-AUC on breast cancer: far above chance
-    assert open(summary["best_config"]).read().count("lr")
+    print(f"\ntabular tune: {summary.configurations}")
+    assert summary.metric == "val_score" and summary.finished == 2
+    assert summary.best.score > 0.8  # PR-AUC on breast cancer: far above chance
+    assert open(summary.best_config).read().count("lr")
     # the best trial is registered, with its test metrics beside the baseline's
-    assert summary["registered"]["uri"] == "models:/fraud-mlp/1"
-    assert summary["best_model"]["test"]["pr_auc"] > 0.8
-    assert summary["best_test"].startswith("test pr_auc 0.")
+    assert summary.registered["uri"] == "models:/fraud-mlp/1"
+    assert summary.best_model["test"]["pr_auc"] > 0.8
+    assert summary.best_test.startswith("test pr_auc 0.")
     from mlsd_ray.cli.app import _render_tune
 
     _render_tune(summary)  # what `mlsd tune` prints: it once read an image-only key

@@ -205,9 +205,9 @@ class ImageTask(Task):
         render_dataset(result.data)
         if result.tune is not None:
             searched = result.tune
-            print(f"\ntuned {searched['trials']} trials ({searched['stopped_early']} stopped "
-                  f"early): best {searched['best']['params']}, val accuracy "
-                  f"{searched['best']['val_accuracy']:.4f}; results {searched['results']}")
+            print(f"\ntuned {searched.trials} trials ({searched.stopped_early} stopped "
+                  f"early): best {searched.best.params}, val accuracy "
+                  f"{searched.best.score:.4f}; results {searched.results}")
         train = result.train
         print(f"\ntrained {train.run_name}: {train.test_line()} in {train.wall_seconds:.1f} s")
         if train.registered:

@@ -257,7 +257,7 @@ def render_tabular_pipeline(result: PipelineResult) -> None:
     """Every stage of the tabular pipeline, one block each."""
     render_table(result.data)
     if result.tune is not None:
-        print(f"\ntuned {result.tune['trials']} trials: best {result.tune['best']['params']}")
+        print(f"\ntuned {result.tune.trials} trials: best {result.tune.best.params}")
     print()
     print(result.train.describe())
     promoted = result.promoted or {}
