@@ -29,8 +29,8 @@ def search_first(cfg: Config, home: str | None,
 @dataclass
 class PipelineResult:
     """What `mlsd pipeline` did, stage by stage; None for a stage this run skipped. `train`,
-    `evaluation` and `loop` are typed; the others are their stage's JSON summary (the prepared
-    data's, the search's, the promotion, the serve check)."""
+    `tune`, `evaluation` and `loop` are typed; the others are their stage's JSON summary (the
+    prepared data's, the promotion, the serve check)."""
 
     task: str
     data: dict[str, Any]
