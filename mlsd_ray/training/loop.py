@@ -25,6 +25,7 @@ from typing import Any, ClassVar, cast
 import torch
 
 from mlsd_ray.core.config import TrainConfig
+from mlsd_ray.core.memory import reuse_freed_memory
 from mlsd_ray.training.checkpoint import (
     RANK_METRIC,
     load_train_state,
@@ -250,6 +251,7 @@ def run_epochs(config: dict, task: EpochTask) -> None:
     its metrics (a barrier), and rank 0 attaches a checkpoint when `checkpoint_due`."""
     cfg = TrainConfig(**config["train"])
     quiet_train_reports()
+    reuse_freed_memory()  # else every step maps and faults in its activations (core/memory.py)
     host = current()
     rank, world, device = host.rank, host.world, host.device
     model = _replica(task, config, cfg, host)

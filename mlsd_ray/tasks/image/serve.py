@@ -107,10 +107,7 @@ class ImageModel(LoggingReplica):
         self.load(model, replica)
 
     def load(self, model: PinnedModel, replica: ReplicaSettings) -> None:
-        import torch
-
-        # Replicas share the machine: no thread oversubscription.
-        torch.set_num_threads(replica.threads)
+        replica.claim_process()
         self.loaded, self.info = load_served_model(model, replica.home)
         self.probabilities = self.loaded.probabilities
         if replica.runtime == "onnxruntime":

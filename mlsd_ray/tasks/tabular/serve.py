@@ -125,11 +125,9 @@ class TabularModel(LoggingReplica):
         self.load(model, replica)
 
     def load(self, model: PinnedModel, replica: ReplicaSettings) -> None:
-        import torch
-
         from mlsd_ray.tasks.tabular.train import load_tabular
 
-        torch.set_num_threads(replica.threads)
+        replica.claim_process()
         self.loaded = load_tabular(model.checkpoint_here(replica.home))
         run_batch = cast(BatchedMethod, self.run_batch)  # serve.batch wrapped it
         run_batch.set_max_batch_size(replica.max_batch_size)
