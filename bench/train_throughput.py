@@ -2,6 +2,8 @@
 
 Prepares digits once (untimed), then for each seed runs, one after the other:
 - bench/bare_digits.py: one process, no Ray, 2 threads, the same splits, model and recipe;
+- bench/bare_digits.py --workers N for each layout of N >= 2 workers: the same script as plain
+  PyTorch DDP (N gloo processes), which shows what data parallelism itself costs here;
 - `mlsd train` for each of `--workers` (registration off, the same work): 2 Ray Train workers
   × 1 CPU (the default) and 0 (the loop in the `mlsd` process, training/local.py).
 Each is timed from process start to the test accuracy printed. Steady-state images/s is the
@@ -47,10 +49,28 @@ def steady_rate(checkpoint: str) -> float:
     return statistics.median(rates[1:] or rates)
 
 
+def bare_run(seed: int, epochs: int, dataset: str, env: dict, workers: int = 1
+             ) -> tuple[dict, float]:
+    """bench/bare_digits.py: one process with 2 threads, or `workers` plain DDP processes."""
+    return timed_json([sys.executable, "bench/bare_digits.py", "--dataset", dataset,
+                       "--seed", str(seed), "--epochs", str(epochs),
+                       "--workers", str(workers)], env)
+
+
+def ddp_columns(ddp: dict, ddp_wall: float, ours_wall: float, ours_rate: float) -> dict:
+    """The row's comparison with plain PyTorch DDP in the same layout."""
+    return {"bare_ddp_wall_s": round(ddp_wall, 1),
+            "bare_ddp_images_per_s": ddp["images_per_second"],
+            "bare_ddp_test_accuracy": ddp["test_accuracy"],
+            "wall_ratio_mlsd_over_bare_ddp": round(ours_wall / ddp_wall, 2),
+            "rate_ratio_mlsd_over_bare_ddp": round(ours_rate / ddp["images_per_second"], 3)}
+
+
 def one_seed(seed: int, epochs: int, workers: list[int], dataset: str, env: dict) -> list[dict]:
-    """Bare PyTorch, then `mlsd train` with each number of workers: one row per layout."""
-    bare, bare_wall = timed_json([sys.executable, "bench/bare_digits.py", "--dataset", dataset,
-                                  "--seed", str(seed), "--epochs", str(epochs)], env)
+    """Bare PyTorch (and plain DDP for each layout of several workers), then `mlsd train` with
+    each number of workers: one row per layout."""
+    bare, bare_wall = bare_run(seed, epochs, dataset, env)
+    ddp = {count: bare_run(seed, epochs, dataset, env, count) for count in workers if count > 1}
     rows = []
     for count in workers:
         ours, ours_wall = timed_json([*MLSD, "train", "--json", "--epochs", str(epochs),
@@ -68,12 +88,19 @@ def one_seed(seed: int, epochs: int, workers: list[int], dataset: str, env: dict
             "rate_ratio_mlsd_over_bare": round(ours_rate / bare["images_per_second"], 3),
             "bare_test_accuracy": bare["test_accuracy"],
             "mlsd_test_accuracy": round(ours["test_accuracy"], 4)})
+        if count in ddp:
+            rows[-1].update(ddp_columns(*ddp[count], ours_wall, ours_rate))
     return rows
 
 
 def summary(rows: list[dict], count: int) -> dict:
     """The ratios of one layout over every seed."""
     mine = [r for r in rows if r["num_workers"] == count]
+    against_ddp = {} if count < 2 else {
+        "rate_ratio_mlsd_over_bare_ddp": round(statistics.mean(
+            r["rate_ratio_mlsd_over_bare_ddp"] for r in mine), 3),
+        "rate_ratio_bare_ddp_over_bare": round(statistics.mean(
+            r["bare_ddp_images_per_s"] / r["bare_images_per_s"] for r in mine), 3)}
     return {
         "benchmark": "train_throughput_summary", "num_workers": count,
         "seeds": [r["seed"] for r in mine],
@@ -82,7 +109,7 @@ def summary(rows: list[dict], count: int) -> dict:
         "rate_ratio_mlsd_over_bare": round(statistics.mean(
             r["rate_ratio_mlsd_over_bare"] for r in mine), 3),
         "mlsd_test_accuracy": [r["mlsd_test_accuracy"] for r in mine],
-        "bare_test_accuracy": [r["bare_test_accuracy"] for r in mine],
+        "bare_test_accuracy": [r["bare_test_accuracy"] for r in mine], **against_ddp,
         "targets": {"wall_ratio_max": 2.0, "rate_ratio_min": 0.9}}
 
 
