@@ -149,7 +149,7 @@ def evaluate(model: Annotated[str, typer.Option(
         # the task that trained it: no flag needed
         evaluation = task_of_checkpoint(path).evaluate(path, split, home, dataset)
         if model.startswith("models:/"):  # its report and plots join the version's run
-            log_evaluation(show(model, home)["run_id"], evaluation.report, split, home)
+            log_evaluation(show(model, home).run_id, evaluation.report, split, home)
         return evaluation
 
     run(as_json, work, lambda evaluation: print(evaluation.describe()), verbose=verbose)
@@ -308,7 +308,7 @@ def _render_tune(summary: TuneSummary) -> None:
                   f"{summary.wall_seconds} s")
     if summary.registered:
         console.print(f"best: trial {summary.best.trial}, {summary.best_test}, "
-                      f"registered {summary.registered['uri']}", soft_wrap=True)
+                      f"registered {summary.registered.uri}", soft_wrap=True)
     for label, path in (("results", summary.results), ("curves", summary.curves),
                         ("best config", summary.best_config)):
         console.print(f"{label}: {path}", soft_wrap=True)
@@ -360,17 +360,17 @@ app.add_typer(models_app, name="models")
 @models_app.command("list")
 def models_list(home: HomeOption = None, as_json: JsonOption = False) -> None:
     """Registered models, their versions (newest first), metrics and aliases."""
-    from mlsd_ray.registry import list_models
+    from mlsd_ray.registry import RegisteredModel, list_models
 
-    def render(result: dict) -> None:
+    def render(result: dict[str, list[RegisteredModel]]) -> None:
         if not result["models"]:
             print("no registered models yet: run `mlsd train`")
         for model in result["models"]:
-            print(model["name"])
-            for v in model["versions"]:
-                aliases = f"  @{', @'.join(v['aliases'])}" if v["aliases"] else ""
-                print(f"  v{v['version']}: val {v['val_accuracy']}, test {v['test_accuracy']}, "
-                      f"data {v['data_fingerprint']}{aliases}")
+            print(model.name)
+            for v in model.versions:
+                aliases = f"  @{', @'.join(v.aliases)}" if v.aliases else ""
+                print(f"  v{v.version}: val {v.val_accuracy}, test {v.test_accuracy}, "
+                      f"data {v.data_fingerprint}{aliases}")
 
     run(as_json, lambda: {"models": list_models(home)}, render)
 
@@ -381,7 +381,7 @@ def models_show(ref: Annotated[str, typer.Argument(help="NAME, NAME/VERSION or N
     """One registered version with its tags (metrics, data fingerprint, git commit, schema)."""
     from mlsd_ray.registry import show
 
-    run(as_json, lambda: show(ref, home), lambda r: print(json.dumps(r, indent=2)))
+    run(as_json, lambda: show(ref, home), lambda r: print(json.dumps(r.to_dict(), indent=2)))
 
 
 @models_app.command("promote")
@@ -393,7 +393,7 @@ def models_promote(name: Annotated[str, typer.Argument(help="Registered model na
     from mlsd_ray.registry import promote
 
     run(as_json, lambda: promote(name, version, alias, home),
-         lambda r: print(f"{r['name']}@{alias} -> version {r['version']}"))
+         lambda r: print(f"{r.name}@{alias} -> version {r.version}"))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -255,8 +255,8 @@ def register_export(model_uri: str, out: str | Path, fmt: str, home: str | None)
     version = show(model_uri, home)
     mlflow_client = client(home)
     artifact_path = f"export/{fmt}"
-    mlflow_client.log_artifacts(version["run_id"], str(out), artifact_path)
-    location = f"runs:/{version['run_id']}/{artifact_path}"
-    mlflow_client.set_model_version_tag(version["name"], str(version["version"]),
-                                        f"export_{fmt}", location)
+    mlflow_client.log_artifacts(version.run_id, str(out), artifact_path)
+    location = f"runs:/{version.run_id}/{artifact_path}"
+    mlflow_client.set_model_version_tag(version.name, str(version.version), f"export_{fmt}",
+                                        location)
     return location

@@ -170,44 +170,119 @@ def new_version(mlflow_client, model_name: str, run_id: str, tags: dict,
     return RegisteredVersion(model_name, int(version.version), run_id)
 
 
-def promote_first(registered: RegisteredVersion, home: str | None, log) -> dict:
+@dataclass(frozen=True)
+class ModelVersion:
+    """One registered version as the registry reports it (`show`, `promote`, `list_models`):
+    its number and aliases, the task that trained it, the metrics and provenance tagged on it
+    at registration, the MLflow run it came from and where its artifact lives."""
+
+    name: str
+    version: int
+    aliases: list[str]
+    task: str
+    val_accuracy: float | None
+    test_accuracy: float | None
+    val_score: float | None
+    test_score: float | None
+    data_fingerprint: str | None
+    git_commit: str | None
+    run_id: str
+    created: int
+    source: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    @property
+    def metrics(self) -> dict[str, float | None]:
+        """The scores tagged at registration (accuracy for images, the task's score)."""
+        return {"val_accuracy": self.val_accuracy, "test_accuracy": self.test_accuracy,
+                "val_score": self.val_score, "test_score": self.test_score}
+
+    def listed(self) -> dict:
+        """A version in `mlsd models list --json`: without the name, tags and URI."""
+        return {"version": self.version, "aliases": self.aliases, **self.metrics,
+                "task": self.task, "data_fingerprint": self.data_fingerprint,
+                "git_commit": self.git_commit, "run_id": self.run_id, "created": self.created,
+                "source": self.source}
+
+    def to_dict(self) -> dict:
+        """`mlsd models show --json`."""
+        return {**self.listed(), "name": self.name, "tags": self.tags, "uri": self.uri}
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A registered model: its aliases ({alias: version}) and versions, newest first."""
+
+    name: str
+    aliases: dict[str, str]
+    versions: list[ModelVersion]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "aliases": self.aliases,
+                "versions": [v.listed() for v in self.versions]}
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What a pipeline's promotion did: the version now at `production`, or why none moved."""
+
+    promoted: ModelVersion | None = None
+    skipped: str | None = None
+
+    def to_dict(self) -> dict:
+        return self.promoted.to_dict() if self.promoted else {"skipped": self.skipped}
+
+    def describe(self) -> str:
+        if self.promoted is None:
+            return str(self.skipped)
+        return f"production: models:/{self.promoted.name}@production (version " \
+               f"{self.promoted.version})"
+
+
+def promote_first(registered: RegisteredVersion, home: str | None, log) -> Promotion:
     """A pipeline's promotion: version 1 of a new model becomes `production`; with earlier
     versions the alias stays where the user put it."""
     name = registered.name
-    if not show(name, home)["aliases"] and registered.version == 1:
+    if not show(name, home).aliases and registered.version == 1:
         promoted = promote(name, 1, "production", home)
         log(f"promoted {name} version 1 to production (the first version)")
-        return promoted
-    return {"skipped": f"{name} already has versions; promote one with `mlsd models promote`"}
+        return Promotion(promoted=promoted)
+    return Promotion(skipped=f"{name} already has versions; promote one with "
+                             "`mlsd models promote`")
 
 
-def _version_info(version, aliases: dict) -> dict:
-    return {"version": int(version.version),
-            "aliases": sorted(a for a, v in aliases.items() if int(v) == int(version.version)),
-            "val_accuracy": _number(version.tags.get("val_accuracy")),
-            "test_accuracy": _number(version.tags.get("test_accuracy")),
-            "task": version.tags.get("task", "image"),
-            "val_score": _number(version.tags.get("val_score")),
-            "test_score": _number(version.tags.get("test_score")),
-            "data_fingerprint": version.tags.get("data_fingerprint"),
-            "git_commit": version.tags.get("git_commit"), "run_id": version.run_id,
-            "created": version.creation_timestamp, "source": version.source}
+def _version(name: str, version, aliases: dict) -> ModelVersion:
+    """An MLflow ModelVersion as ours."""
+    tags = dict(version.tags)
+    return ModelVersion(
+        name=name, version=int(version.version),
+        aliases=sorted(a for a, v in aliases.items() if int(v) == int(version.version)),
+        task=tags.get("task", "image"),
+        val_accuracy=_number(tags.get("val_accuracy")),
+        test_accuracy=_number(tags.get("test_accuracy")),
+        val_score=_number(tags.get("val_score")), test_score=_number(tags.get("test_score")),
+        data_fingerprint=tags.get("data_fingerprint"), git_commit=tags.get("git_commit"),
+        run_id=version.run_id, created=version.creation_timestamp, source=version.source,
+        tags=tags)
 
 
 def _number(text):
     return float(text) if text not in (None, "") else None
 
 
-def list_models(home: str | None = None) -> list[dict]:
+def list_models(home: str | None = None) -> list[RegisteredModel]:
     """Every registered model with its versions (newest first) and aliases."""
     mlflow_client = client(home)
     models = []
     for model in mlflow_client.search_registered_models():
         aliases = dict(model.aliases or {})
         versions = mlflow_client.search_model_versions(f"name='{model.name}'")
-        models.append({"name": model.name, "aliases": aliases,
-                       "versions": sorted((_version_info(v, aliases)
-                                           for v in versions), key=lambda v: -v["version"])})
+        models.append(RegisteredModel(model.name, aliases, sorted(
+            (_version(model.name, v, aliases) for v in versions), key=lambda v: -v.version)))
     return models
 
 
@@ -221,7 +296,7 @@ def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
     return name, version or None, None
 
 
-def show(ref: str, home: str | None = None) -> dict:
+def show(ref: str, home: str | None = None) -> ModelVersion:
     """One version (by number or alias; the newest when neither is given), with its tags."""
     mlflow_client = client(home)
     name, version, alias = parse_model_ref(ref)
@@ -236,12 +311,11 @@ def show(ref: str, home: str | None = None) -> dict:
                         key=lambda v: int(v.version))
     except Exception as exc:  # MlflowException: no such model, version or alias
         raise InputError(f"no registered model version {ref!r} in {tracking_uri(home)}") from exc
-    info = _version_info(found, dict(model.aliases or {}))
-    info.update(name=name, tags=dict(found.tags), uri=f"models:/{name}/{found.version}")
-    return info
+    return _version(name, found, dict(model.aliases or {}))
 
 
-def promote(name: str, version: int, alias: str = "production", home: str | None = None) -> dict:
+def promote(name: str, version: int, alias: str = "production",
+            home: str | None = None) -> ModelVersion:
     """Point `alias` at `version` (one atomic update in the store)."""
     mlflow_client = client(home)
     show(f"{name}/{version}", home)  # a clear error for a missing model or version
@@ -258,10 +332,8 @@ def pin(ref: str, home: str | None = None) -> PinnedModel:
 
     if ref.startswith("models:/"):
         info = show(ref, home)
-        path = _local_copy(info, home)
-        metrics = {key: info[key] for key in ("val_accuracy", "test_accuracy", "val_score",
-                                              "test_score")}
-        return PinnedModel(info["uri"], info["name"], str(info["version"]), path, metrics)
+        return PinnedModel(info.uri, info.name, str(info.version), _local_copy(info, home),
+                           info.metrics)
     path = os.path.abspath(ref)
     if not os.path.isdir(path):
         raise InputError(f"model {ref!r} is neither models:/NAME[/VERSION|@ALIAS] nor a "
@@ -283,18 +355,18 @@ def resolve(ref: str, home: str | None = None) -> str:
     return _local_copy(show(ref, home), home)
 
 
-def _local_copy(info: dict, home: str | None) -> str:
+def _local_copy(info: ModelVersion, home: str | None) -> str:
     """The registry-cache folder of the version `info` (a `show` result), downloaded once."""
     import mlflow
 
-    target = Workspace.at(home).registry_cache / info["name"] / str(info["version"])
+    target = Workspace.at(home).registry_cache / info.name / str(info.version)
     if (checkpoint_in(target) / "checksums.json").is_file():
         return str(checkpoint_in(target))
     # Download beside the target and rename into place: several Serve replicas may resolve
     # the same version at once, and none may see a half-written folder.
-    staging = Path(tempfile.mkdtemp(prefix=f"{info['version']}.", dir=_made(target.parent)))
+    staging = Path(tempfile.mkdtemp(prefix=f"{info.version}.", dir=_made(target.parent)))
     try:
-        mlflow.artifacts.download_artifacts(artifact_uri=info["source"], dst_path=str(staging))
+        mlflow.artifacts.download_artifacts(artifact_uri=info.source, dst_path=str(staging))
         downloaded = staging / ARTIFACT_DIR  # download keeps the artifact folder's name
         os.rename(downloaded if downloaded.is_dir() else staging, target)
     except OSError:

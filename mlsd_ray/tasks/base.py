@@ -112,6 +112,23 @@ class Deployment:
         return record
 
 
+@dataclass(kw_only=True)
+class ServeCheck(ABC):
+    """The pipeline's serve check: the app started on the new model answered test inputs over
+    HTTP. Each task adds what it compared; `describe()` is its line in the pipeline's output."""
+
+    url: str
+    model_version: str
+    seconds_to_healthy: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"url": self.url, "model_version": self.model_version,
+                "seconds_to_healthy": self.seconds_to_healthy}
+
+    @abstractmethod
+    def describe(self) -> str: ...
+
+
 class Evaluation(Protocol):
     """What a task's `evaluate` returns: a split's scores and where its report went.
     `mlsd evaluate` prints `describe()`, or `to_dict()` with --json."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -15,6 +15,9 @@ from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config, dump_yaml
 from mlsd_ray.core.errors import WorkError
 from mlsd_ray.training.checkpoint import RANK_METRIC
+
+if TYPE_CHECKING:
+    from mlsd_ray.registry import RegisteredVersion
 
 
 @dataclass
@@ -66,7 +69,7 @@ class TuneSummary:
     mlflow_run_id: str | None = None
     best_model: dict[str, Any] | None = None
     best_test: str | None = None
-    registered: dict[str, Any] | None = None
+    registered: RegisteredVersion | None = None
 
     def to_dict(self) -> dict[str, Any]:
         plain = {name: getattr(self, name) for name in (
@@ -78,7 +81,7 @@ class TuneSummary:
                      mlflow_run_id=self.mlflow_run_id)
         if self.best_model is not None:
             plain.update(best_model=self.best_model, best_test=self.best_test,
-                         registered=self.registered)
+                         registered=self.registered.to_dict() if self.registered else None)
         return plain
 
 
@@ -271,4 +274,4 @@ def _track(summary: TuneSummary, run, best: dict, best_cfg, home: str | None,
         trained = get_task(run.cfg.task).register_best_trial(run, best, best_cfg, home, log)
         # summary.json is plain data: the trial's model as its JSON form
         summary.best_model, summary.best_test = trained.to_dict(), trained.test_line()
-        summary.registered = trained.registered.to_dict() if trained.registered else None
+        summary.registered = trained.registered

@@ -10,7 +10,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from mlsd_ray.core.config import Config
-    from mlsd_ray.tasks.base import Evaluation, TrainedModel
+    from mlsd_ray.registry import Promotion
+    from mlsd_ray.tasks.base import Evaluation, ServeCheck, TrainedModel
     from mlsd_ray.tuning.report import TuneSummary
     from mlsd_ray.workflows.loop import LoopSteps
 
@@ -28,17 +29,16 @@ def search_first(cfg: Config, home: str | None,
 
 @dataclass
 class PipelineResult:
-    """What `mlsd pipeline` did, stage by stage; None for a stage this run skipped. `train`,
-    `tune`, `evaluation` and `loop` are typed; the others are their stage's JSON summary (the
-    prepared data's, the promotion, the serve check)."""
+    """What `mlsd pipeline` did, stage by stage; None for a stage this run skipped. Every
+    stage but `data` is typed; `data` is the prepared data's JSON summary."""
 
     task: str
     data: dict[str, Any]
     train: TrainedModel
     tune: TuneSummary | None = None
     evaluation: Evaluation | None = None
-    promoted: dict[str, Any] | None = None
-    serve: dict[str, Any] | None = None
+    promoted: Promotion | None = None
+    serve: ServeCheck | None = None
     loop: LoopSteps | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -48,8 +48,9 @@ class PipelineResult:
             stages["tune"] = self.tune.to_dict()
         stages["train"] = self.train.to_dict()
         evaluation = self.evaluation.to_dict() if self.evaluation is not None else None
-        for name, summary in (("evaluate", evaluation), ("promote", self.promoted),
-                              ("serve", self.serve)):
+        promoted = self.promoted.to_dict() if self.promoted is not None else None
+        serve = self.serve.to_dict() if self.serve is not None else None
+        for name, summary in (("evaluate", evaluation), ("promote", promoted), ("serve", serve)):
             if summary is not None:
                 stages[name] = summary
         if self.loop is not None:

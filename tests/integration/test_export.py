@@ -58,10 +58,10 @@ def test_onnx_gives_the_served_answers_and_is_registered_beside_the_version(
     from mlsd_ray import registry
 
     registry.client(digits_registered)
-    run_id = registry.show("models:/digits-cnn/1", digits_registered)["run_id"]
+    run_id = registry.show("models:/digits-cnn/1", digits_registered).run_id
     logged = {item.path for item in MlflowClient().list_artifacts(run_id, "export/onnx")}
     assert logged == {"export/onnx/model.onnx", "export/onnx/metadata.json"}
-    assert registry.show("models:/digits-cnn/1", digits_registered)["tags"]["export_onnx"] == \
+    assert registry.show("models:/digits-cnn/1", digits_registered).tags["export_onnx"] == \
         exported["registered"]
 
 

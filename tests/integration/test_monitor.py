@@ -210,7 +210,7 @@ def test_retrain_rejects_a_weak_challenger_and_promotes_a_better_one(live, incom
     weak.retrain.mode, weak.retrain.epochs, weak.retrain.lr = "scratch", 1, 1e-4
     rejected = retrain(weak, f"folder:{incoming}", home, log=lambda _: None)
     assert not rejected.promote and rejected.gain <= weak.retrain.margin
-    assert registry.show("models:/digits-cnn@production", home)["version"] == 1  # alias stays
+    assert registry.show("models:/digits-cnn@production", home).version == 1  # alias stays
 
     strong = cfg.model_copy(deep=True)
     strong.retrain.epochs = 4
@@ -220,7 +220,7 @@ def test_retrain_rejects_a_weak_challenger_and_promotes_a_better_one(live, incom
     assert decision.metric == "accuracy"
     assert decision.challenger_scores.new_test.score > decision.champion_scores.new_test.score
     version = int(decision.challenger.rsplit("/", 1)[1])
-    assert registry.show("models:/digits-cnn@production", home)["version"] == version
+    assert registry.show("models:/digits-cnn@production", home).version == version
     assert decision.rollout is not None and decision.rollout.served_version == str(version)
     assert load.totals.failed_requests == 0, load.totals.errors
     assert set(load.totals.model_versions) == {"1", str(version)}  # switched under load

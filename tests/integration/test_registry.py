@@ -32,11 +32,10 @@ def test_two_trainings_make_two_versions_and_promote_moves_the_alias(home, digit
     assert len(artifacts) == 2 and not Path("mlruns").exists()
 
     [model] = registry.list_models(home)
-    assert model["name"] == "digits-cnn"
-    assert [v["version"] for v in model["versions"]] == [2, 1]
-    assert model["versions"][0]["data_fingerprint"] == model["versions"][1]["data_fingerprint"]
-    assert model["versions"][0]["test_accuracy"] == pytest.approx(second.test_accuracy,
-                                                                  abs=1e-6)
+    assert model.name == "digits-cnn"
+    assert [v.version for v in model.versions] == [2, 1]
+    assert model.versions[0].data_fingerprint == model.versions[1].data_fingerprint
+    assert model.versions[0].test_accuracy == pytest.approx(second.test_accuracy, abs=1e-6)
 
     # `mlsd train`'s run was tracked live: each epoch logged while it trained, before the
     # version was registered; the dataset is its input, by fingerprint
@@ -44,16 +43,19 @@ def test_two_trainings_make_two_versions_and_promote_moves_the_alias(home, digit
 
     run = MlflowClient().get_run(second.registered.run_id)
     [epoch] = MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")
-    created = registry.show("digits-cnn/2", home)["created"]
+    created = registry.show("digits-cnn/2", home).created
     assert run.info.status == "FINISHED" and epoch.step == 1 and epoch.timestamp <= created
     assert [i.dataset.digest for i in run.inputs.dataset_inputs] == [
         digits_model.dataset.manifest["fingerprint"][:36]]
 
-    assert registry.promote("digits-cnn", 1, "production", home)["version"] == 1
-    assert registry.promote("digits-cnn", 2, "production", home)["version"] == 2
+    assert registry.promote("digits-cnn", 1, "production", home).version == 1
+    assert registry.promote("digits-cnn", 2, "production", home).version == 2
     shown = registry.show("digits-cnn@production", home)
-    assert shown["version"] == 2 and shown["aliases"] == ["production"]
-    assert shown["tags"]["git_commit"] and "schema" in shown["tags"]
+    assert shown.version == 2 and shown.aliases == ["production"]
+    assert shown.tags["git_commit"] and "schema" in shown.tags
+    # --json keeps its shape: the version's fields, its name, tags and URI
+    assert shown.to_dict()["uri"] == "models:/digits-cnn/2"
+    assert set(model.to_dict()["versions"][0]) == set(shown.to_dict()) - {"name", "tags", "uri"}
 
     directory = registry.resolve("models:/digits-cnn@production", home)
     assert load_model(directory).metadata["run_name"] == second.run_name

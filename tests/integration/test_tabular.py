@@ -590,7 +590,7 @@ def test_retrain_on_new_rows_is_gated_and_rolls_the_app_over(fraud_model, fraud_
     champion, challenger = decision.champion_scores, decision.challenger_scores
     assert challenger.holdout.samples == champion.holdout.samples > 1200
     assert decision.promote == (decision.gain > cfg.retrain.margin)
-    production = registry.show("models:/fraud-mlp@production", home)["version"]
+    production = registry.show("models:/fraud-mlp@production", home).version
     served = requests.get(f"{fraud_url}/model", timeout=10).json()["model_version"]
     expected = decision.challenger.rsplit("/", 1)[1] if decision.promote else "1"
     assert str(production) == served == expected
@@ -656,7 +656,7 @@ def test_tune_searches_the_tabular_model(home, capsys):
     assert summary.best.score > 0.8  # PR-AUC on breast cancer: far above chance
     assert open(summary.best_config).read().count("lr")
     # the best trial is registered, with its test metrics beside the baseline's
-    assert summary.registered["uri"] == "models:/fraud-mlp/1"
+    assert summary.registered.uri == "models:/fraud-mlp/1"
     assert summary.best_model["test"]["pr_auc"] > 0.8
     assert summary.best_test.startswith("test pr_auc 0.")
     from mlsd_ray.cli.app import _render_tune

@@ -44,8 +44,8 @@ def test_grid_search_keeps_good_trials_when_one_fails(home):
 
     # MLflow: the search's run with a child per trial, tracked live (the failed one FAILED,
     # each epoch's score logged as reported), and the best trial registered as a child
-    assert summary.registered["uri"] == "models:/digits-cnn/1"
-    assert [v["version"] for v in list_models(home)[0]["versions"]] == [1]
+    assert summary.registered.uri == "models:/digits-cnn/1"
+    assert [v.version for v in list_models(home)[0].versions] == [1]
     mlflow_client = client(home)
     runs = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("mlsd").experiment_id])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") ==
@@ -57,7 +57,7 @@ def test_grid_search_keeps_good_trials_when_one_fails(home):
     assert [m.step for m in curve] == [1, 2]
     assert max(m.value for m in curve) == pytest.approx(summary.best.score)
     assert [r.info.run_id for r in children if r not in trials] == [
-        summary.registered["run_id"]]
+        summary.registered.run_id]
     assert mlflow_client.get_run(summary.mlflow_run_id).info.status == "FINISHED"
 
 
@@ -96,7 +96,7 @@ def test_cross_validation_reports_mean_and_spread(home):
     assert line["cv_mean"] == pytest.approx(sum(line["fold_scores"]) / 2)
     assert line["cv_std"] >= 0
     # the best configuration is refitted on the whole train split and registered
-    assert summary.registered["version"] == 1
+    assert summary.registered.version == 1
     written = json.loads(Path(summary.path, "summary.json").read_text())
     assert written == json.loads(json.dumps(summary.to_dict(), default=str))  # the same
     assert written["best"]["cv_mean"] == summary.best.cv_mean and "val_accuracy" in written["best"]

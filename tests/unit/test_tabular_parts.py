@@ -204,3 +204,30 @@ def test_records_are_checked_as_configured():
         with pytest.raises(ClientError) as error:
             records_from_json(body, max_records=2)
         assert error.value.status == status
+
+
+def test_the_serve_checks_summary_keeps_its_json_and_says_what_it_found():
+    from mlsd_ray.tasks.tabular.pipeline import DecisionCheck, RuleExample, TabularServeCheck
+
+    regression = TabularServeCheck(url="http://127.0.0.1:8000/v1/fraud/score",
+                                   model_version="3", seconds_to_healthy=4.5, records=64,
+                                   max_abs_difference=2e-7)
+    assert regression.to_dict() == {
+        "url": "http://127.0.0.1:8000/v1/fraud/score", "model_version": "3", "records": 64,
+        "seconds_to_healthy": 4.5, "max_abs_difference": 2e-7}
+    assert regression.describe().endswith("64 rows, version 3; max |HTTP - offline| 2.00e-07")
+
+    binary = TabularServeCheck(
+        url="u", model_version="1", seconds_to_healthy=1.0, records=64,
+        max_abs_difference=1e-6,
+        decided=DecisionCheck(decisions={"approve": 50, "review": 10, "decline": 4},
+                              frauds=16, frauds_flagged=13, threshold=0.42),
+        example=RuleExample({"amount": 12000.0}, "review", 0.31, ["large_foreign"]))
+    plain = binary.to_dict()
+    assert list(plain) == ["url", "model_version", "records", "seconds_to_healthy", "decisions",
+                           "frauds", "frauds_flagged", "max_abs_difference", "threshold",
+                           "example"]
+    assert plain["example"] == {"record": {"amount": 12000.0}, "decision": "review",
+                                "score": 0.31, "rules": ["large_foreign"]}
+    assert "13/16 positives flagged" in binary.describe()
+    assert "a large foreign transaction: review (score 0.3100" in binary.describe()

@@ -69,9 +69,8 @@ def run_pipeline(cfg: Config, home: str | None = None, force: bool = False,
         if monitor_loop and registered:  # retraining moves a registry alias: needs a version
             loop = functools.partial(_loop, cfg, home=home, log=log,
                                      dataset_path=trained.dataset, heading=heading(LOOP))
-        result.serve = serve_smoke_check(cfg.serve, model, trained.dataset, home,
-                                         keep_serving, log, then=loop)
-        result.loop = result.serve.pop("loop", None)
+        result.serve, result.loop = serve_smoke_check(cfg.serve, model, trained.dataset, home,
+                                                      keep_serving, log, then=loop)
     return result
 
 

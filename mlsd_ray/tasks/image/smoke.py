@@ -7,9 +7,11 @@ preprocessing read from the checkpoint, not the training code's copy of it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mlsd_ray.core.config import ServeConfig
+from mlsd_ray.tasks.base import ServeCheck
 from mlsd_ray.tasks.image.data.prepare import PreparedDataset
 
 if TYPE_CHECKING:
@@ -18,13 +20,39 @@ if TYPE_CHECKING:
 SMOKE_IMAGES = 32
 
 
+@dataclass(kw_only=True)
+class ImageServeCheck(ServeCheck):
+    """How many of the test images sent over HTTP the served model classified right, and
+    whether the app was left running (`--keep-serving`)."""
+
+    images: int
+    correct: int
+    kept_serving: bool
+
+    @property
+    def accuracy(self) -> float:
+        return round(self.correct / self.images, 4)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"url": self.url, "model_version": self.model_version, "images": self.images,
+                "correct": self.correct, "accuracy": self.accuracy,
+                "seconds_to_healthy": self.seconds_to_healthy,
+                "kept_serving": self.kept_serving}
+
+    def describe(self) -> str:
+        stopped = "" if self.kept_serving else " (stopped; `mlsd serve --detach` to run it)"
+        return (f"serve check: {self.correct}/{self.images} test images right over HTTP from "
+                f"version {self.model_version} at {self.url}{stopped}")
+
+
 def serve_smoke_check(settings: ServeConfig, model: str, dataset_path: str, home: str | None,
                       keep_serving: bool, log: Callable[[str], None],
-                      then: Callable[[str, str], LoopSteps] | None = None) -> dict:
+                      then: Callable[[str, str], LoopSteps] | None = None
+                      ) -> tuple[ImageServeCheck, LoopSteps | None]:
     """Start the app on `model`, send SMOKE_IMAGES test images, report accuracy; then stop.
 
     `then(url, served_uri)` runs while the app is up (the monitoring loop); its result is
-    returned under "loop", and the app is stopped even when it fails."""
+    returned beside the check, and the app is stopped even when it fails."""
     from mlsd_ray.serve import control
     from mlsd_ray.serve.client import post_json
 
@@ -38,19 +66,17 @@ def serve_smoke_check(settings: ServeConfig, model: str, dataset_path: str, home
                        {"instances": [image.tolist() for image in images]})
     predicted = [p["class_index"] for p in answer["predictions"]]
     correct = sum(int(p == y) for p, y in zip(predicted, labels))
-    result = {"url": app.url, "model_version": answer["model_version"],
-              "images": len(predicted), "correct": correct,
-              "accuracy": round(correct / len(predicted), 4),
-              "seconds_to_healthy": app.seconds_to_healthy, "kept_serving": keep_serving}
+    check = ImageServeCheck(url=app.url, model_version=str(answer["model_version"]),
+                            seconds_to_healthy=app.seconds_to_healthy, images=len(predicted),
+                            correct=correct, kept_serving=keep_serving)
     log(f"served {answer['model_name']} version {answer['model_version']} at {app.url}: "
         f"{correct}/{len(predicted)} test images right over HTTP")
     try:
-        if then is not None:
-            result["loop"] = then(app.url, app.model.uri)
+        loop = then(app.url, app.model.uri) if then is not None else None
     finally:
         if keep_serving:
             control.serve_until_interrupted(app, log)
         else:
             control.remove_app(settings.app_name)
             control.state_file(home, settings.app_name).unlink(missing_ok=True)
-    return result
+    return check, loop

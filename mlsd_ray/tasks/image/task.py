@@ -215,18 +215,10 @@ class ImageTask(Task):
         evaluation = result.evaluation
         if isinstance(evaluation, ImageEvaluation):
             print(f"evaluation: {evaluation.headline()}; report {evaluation.report}")
-        promoted = result.promoted or {}
-        if "version" in promoted:
-            print(f"production: models:/{promoted['name']}@production "
-                  f"(version {promoted['version']})")
-        elif promoted:
-            print(promoted["skipped"])
+        if result.promoted is not None:
+            print(result.promoted.describe())
         if result.serve is not None:
-            served = result.serve
-            print(f"serve check: {served['correct']}/{served['images']} test images right over "
-                  f"HTTP from version {served['model_version']} at {served['url']}"
-                  + ("" if served["kept_serving"] else " (stopped; `mlsd serve --detach` to "
-                                                        "run it)"))
+            print(result.serve.describe())
         if result.loop is not None:
             from mlsd_ray.workflows.loop import render_loop
 

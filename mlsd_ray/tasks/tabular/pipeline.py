@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from mlsd_ray.core.config import Config
 from mlsd_ray.core.runtime import log_stderr
+from mlsd_ray.tasks.base import ServeCheck
 from mlsd_ray.workflows.stages import PipelineResult, StageHeadings, search_first
 
 if TYPE_CHECKING:
@@ -26,6 +28,64 @@ if TYPE_CHECKING:
 
 SERVE_CHECK_ROWS = 64
 LOOP = "monitor -> retrain -> rolling update"
+
+
+@dataclass(frozen=True)
+class RuleExample:
+    """A transaction built to trip the example rules, and what the app decided for it."""
+
+    record: dict[str, Any]
+    decision: str
+    score: float
+    rules: list[str]
+
+
+@dataclass(kw_only=True)
+class DecisionCheck:
+    """A binary task's served decisions on the test rows: how many of each, how many of the
+    positives were flagged (reviewed or declined), at which threshold."""
+
+    decisions: dict[str, int]
+    frauds: int
+    frauds_flagged: int
+    threshold: float
+
+
+@dataclass(kw_only=True)
+class TabularServeCheck(ServeCheck):
+    """Test rows scored over HTTP against the same model offline (the largest difference);
+    for a binary task also the decisions and, where the columns allow, a rule example."""
+
+    records: int
+    max_abs_difference: float
+    decided: DecisionCheck | None = None
+    example: RuleExample | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        plain: dict[str, Any] = {"url": self.url, "model_version": self.model_version,
+                                 "records": self.records,
+                                 "seconds_to_healthy": self.seconds_to_healthy}
+        if self.decided is not None:
+            plain.update(decisions=self.decided.decisions, frauds=self.decided.frauds,
+                         frauds_flagged=self.decided.frauds_flagged)
+        plain["max_abs_difference"] = self.max_abs_difference
+        if self.decided is not None:
+            plain["threshold"] = self.decided.threshold
+        if self.example is not None:
+            plain["example"] = asdict(self.example)
+        return plain
+
+    def describe(self) -> str:
+        line = f"serve check at {self.url}: {self.records} rows, version {self.model_version}"
+        if self.decided is not None:
+            line += (f", decisions {self.decided.decisions}, {self.decided.frauds_flagged}/"
+                     f"{self.decided.frauds} positives flagged")
+        line += f"; max |HTTP - offline| {self.max_abs_difference:.2e}"
+        if self.example is not None:
+            e = self.example
+            line += (f"\na large foreign transaction: {e.decision} (score {e.score:.4f}, "
+                     f"rules {e.rules})")
+        return line
 
 
 def run_tabular_pipeline(cfg: Config, home: str | None = None, force: bool = False,
@@ -60,9 +120,8 @@ def run_tabular_pipeline(cfg: Config, home: str | None = None, force: bool = Fal
         loop = None
         if monitor_loop and registered:  # retraining moves a registry alias: needs a version
             loop = functools.partial(_loop, cfg, table, home, log, heading(LOOP))
-        result.serve = serve_check_fraud(cfg, model, table, home, log, keep_serving,
-                                         then=loop)
-        result.loop = result.serve.pop("loop", None)
+        result.serve, result.loop = serve_check_fraud(cfg, model, table, home, log,
+                                                      keep_serving, then=loop)
     return result
 
 
@@ -77,11 +136,12 @@ def _loop(cfg: Config, table, home: str | None, log: Callable[[str], None], head
 
 def serve_check_fraud(cfg: Config, model: str, table, home: str | None,
                       log: Callable[[str], None], keep_serving: bool = False,
-                      then: Callable[[str, str], LoopSteps] | None = None) -> dict:
+                      then: Callable[[str, str], LoopSteps] | None = None
+                      ) -> tuple[TabularServeCheck, LoopSteps | None]:
     """Start the fraud app on `model`, score test rows over HTTP (and, for a binary task, a
     transaction the example rules catch), compare with the offline scores, then stop the app
     (`keep_serving`: on serve.port, until Ctrl-C). `then(url, served_uri)` runs while the app
-    is up (the monitoring loop); its result is the summary's "loop"."""
+    is up (the monitoring loop); its result is returned beside the check."""
     from mlsd_ray import registry
     from mlsd_ray.serve import control
     from mlsd_ray.serve.client import post_json
@@ -95,26 +155,27 @@ def serve_check_fraud(cfg: Config, model: str, table, home: str | None,
         test = table.load_split("test")
         rows = _check_rows(test, table.label, table.manifest["task"])
         records = [_record(row) for row in rows.drop(columns=[table.label]).to_dict("records")]
-        answer = post_json(app.endpoint("score_url"), {"records": records})
-        result = {"url": app.endpoint("score_url"), "model_version": answer["model_version"],
-                  "records": len(records), "seconds_to_healthy": app.seconds_to_healthy}
+        url = app.endpoint("score_url")
+        answer = post_json(url, {"records": records})
+        check = TabularServeCheck(url=url, model_version=str(answer["model_version"]),
+                                  seconds_to_healthy=app.seconds_to_healthy,
+                                  records=len(records), max_abs_difference=0.0)
         offline = load_tabular(registry.resolve(app.model.uri, home)).predict(rows)
         if table.manifest["task"] == "binary":
-            result.update(_binary_check(answer, offline, rows[table.label].to_numpy()))
-            log(f"served version {answer['model_version']}: decisions {result['decisions']} "
-                f"for {len(records)} test rows ({result['frauds']} positive)")
+            check.decided, check.max_abs_difference = _binary_check(
+                answer, offline, rows[table.label].to_numpy())
+            log(f"served version {answer['model_version']}: decisions "
+                f"{check.decided.decisions} for {len(records)} test rows "
+                f"({check.decided.frauds} positive)")
             if {"amount", "country"} <= set(records[0]):
-                result["example"] = _rule_example(app.endpoint("score_url"), records[-1],
-                                                  post_json)
-                log(f"a large foreign transaction: {result['example']['decision']}, score "
-                    f"{result['example']['score']:.4f}, rules {result['example']['rules']}")
+                check.example = e = _rule_example(url, records[-1], post_json)
+                log(f"a large foreign transaction: {e.decision}, score {e.score:.4f}, "
+                    f"rules {e.rules}")
         else:
             served = np.array([r.get("prediction", np.nan) for r in answer["results"]])
-            result["max_abs_difference"] = float(np.nanmax(np.abs(served - offline.reshape(-1))))
+            check.max_abs_difference = float(np.nanmax(np.abs(served - offline.reshape(-1))))
             log(f"served version {answer['model_version']}: {len(records)} rows scored over HTTP")
-        if then is not None:
-            result["loop"] = then(app.url, app.model.uri)
-        return result
+        return check, then(app.url, app.model.uri) if then is not None else None
     finally:
         if keep_serving:
             control.serve_until_interrupted(app, log)
@@ -137,19 +198,22 @@ def _record(row: dict) -> dict:
     return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
 
 
-def _binary_check(answer: dict, offline: np.ndarray, labels: np.ndarray) -> dict:
+def _binary_check(answer: dict, offline: np.ndarray, labels: np.ndarray
+                  ) -> tuple[DecisionCheck, float]:
+    """The served decisions, and the largest |served score - offline score|."""
     scores = np.array([r["score"] for r in answer["results"]])
     decisions = [r["decision"] for r in answer["results"]]
     flagged = np.array([d != "approve" for d in decisions])
-    return {"decisions": {d: decisions.count(d) for d in ("approve", "review", "decline")},
-            "frauds": int(labels.sum()), "frauds_flagged": int((flagged & (labels == 1)).sum()),
-            "max_abs_difference": float(np.max(np.abs(scores - offline[:, 1]))),
-            "threshold": answer["threshold"]}
+    decided = DecisionCheck(
+        decisions={d: decisions.count(d) for d in ("approve", "review", "decline")},
+        frauds=int(labels.sum()), frauds_flagged=int((flagged & (labels == 1)).sum()),
+        threshold=answer["threshold"])
+    return decided, float(np.max(np.abs(scores - offline[:, 1])))
 
 
-def _rule_example(url: str, record: dict, post_json) -> dict:
+def _rule_example(url: str, record: dict, post_json) -> RuleExample:
     """One transaction that the example rules review: a large amount from abroad."""
     example = {**record, "amount": 12000.0, "country": "NG", "velocity_1h": 1.0}
     answer = post_json(url, {"records": [example]})["results"][0]
-    return {"record": example, "decision": answer["decision"], "score": answer["score"],
-            "rules": [r["name"] for r in answer.get("rules_fired", [])]}
+    return RuleExample(example, answer["decision"], answer["score"],
+                       [r["name"] for r in answer.get("rules_fired", [])])

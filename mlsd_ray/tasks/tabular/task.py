@@ -260,22 +260,10 @@ def render_tabular_pipeline(result: PipelineResult) -> None:
         print(f"\ntuned {result.tune.trials} trials: best {result.tune.best.params}")
     print()
     print(result.train.describe())
-    promoted = result.promoted or {}
-    if "version" in promoted:
-        print(f"production: models:/{promoted['name']}@production (version "
-              f"{promoted['version']})")
+    if result.promoted is not None and result.promoted.promoted is not None:
+        print(result.promoted.describe())
     if result.serve is not None:
-        served = result.serve
-        print(f"\nserve check at {served['url']}: {served['records']} rows, version "
-              f"{served['model_version']}" + (f", decisions {served['decisions']}, "
-                                              f"{served['frauds_flagged']}/{served['frauds']} "
-                                              "positives flagged" if "decisions" in served
-                                              else "")
-              + f"; max |HTTP - offline| {served['max_abs_difference']:.2e}")
-        if "example" in served:
-            e = served["example"]
-            print(f"a large foreign transaction: {e['decision']} (score {e['score']:.4f}, "
-                  f"rules {e['rules']})")
+        print(f"\n{result.serve.describe()}")
     if result.loop is not None:
         from mlsd_ray.workflows.loop import render_loop
 
