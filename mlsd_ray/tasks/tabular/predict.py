@@ -35,9 +35,11 @@ class TablePredictor:
     def __init__(self, model: PinnedModel, home: str | None):
         import torch
 
+        from mlsd_ray.core.memory import reuse_freed_memory
         from mlsd_ray.tasks.tabular.train import load_tabular
 
         torch.set_num_threads(1)  # one actor per CPU: parallelism comes from the pool
+        reuse_freed_memory()  # each batch's tensors reuse the last one's (core/memory.py)
         self.loaded = load_tabular(model.checkpoint_here(home))
         self.model = model
 
