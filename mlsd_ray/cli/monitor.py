@@ -101,7 +101,7 @@ def _predict_inputs(cfg, inputs: str, model: str | None, home: str | None):
     task = task_of_checkpoint(resolved.path)
     task.set_source(cfg, inputs)
     summary = predict_offline(task, resolved, cfg, None, home)
-    frame = pd.read_parquet(summary["out"])
+    frame = pd.read_parquet(summary.out)
     return frame[frame["status"] == "ok"].reset_index(drop=True)
 
 

@@ -6,7 +6,7 @@ Registered on the main app by mlsd_ray/cli/app.py.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -26,6 +26,9 @@ from mlsd_ray.cli.support import (
     with_flags,
 )
 from mlsd_ray.core.runtime import log_stderr
+
+if TYPE_CHECKING:
+    from mlsd_ray.tasks.base import OfflinePrediction
 
 AppOption = Annotated[str, typer.Option("--app", help="Serve application name.")]
 
@@ -162,7 +165,7 @@ def predict(files: Annotated[list[Path] | None, typer.Argument(
 
     chosen = ChosenTask()
 
-    def work() -> dict:
+    def work() -> dict | OfflinePrediction:
         cfg = config_from(config, with_flags(set_, {}), None, example, task=task)
         if url:
             if not files:

@@ -23,7 +23,9 @@ from mlsd_ray.core.errors import MlsdError
 from mlsd_ray.core.runtime import log_stderr
 
 if TYPE_CHECKING:
-    from mlsd_ray.tasks.base import Task
+    from mlsd_ray.core.config import Config
+    from mlsd_ray.registry import PinnedModel
+    from mlsd_ray.tasks.base import OfflinePrediction, Task
 
 Result = TypeVar("Result")
 
@@ -166,7 +168,8 @@ def with_flags(overrides: list[str] | None, flags: dict) -> list[str]:
     return list(overrides or []) + [f"{k}={v}" for k, v in flags.items() if v is not None]
 
 
-def predict_offline(task, model, cfg, out: str | None, home: str | None) -> dict:
+def predict_offline(task: Task, model: PinnedModel, cfg: Config, out: str | None,
+                    home: str | None) -> OfflinePrediction:
     """A task's offline prediction (`Task.predict_offline`) as the commands run it: Ray up
     first, then Ray's own C++ lines about Ray Data's actor pool kept off the console
     (`runtime.native_lines_off_console`; Ray's children must not inherit its pipe)."""

@@ -113,6 +113,45 @@ class Deployment:
 
 
 @dataclass(kw_only=True)
+class OfflinePrediction:
+    """What `mlsd predict --model URI --source SPEC` did: where the predictions table went
+    (parquet, a `status` per row), how many rows were predicted and how many refused (by
+    reason, where the task checks its inputs), the classes predicted, and the model's scores on
+    the rows that came with a label (e.g. accuracy, pr_auc or r2)."""
+
+    out: str
+    rows: int
+    predicted: int
+    seconds: float
+    labelled: int
+    rejected: dict[str, int] | None = None
+    predicted_classes: dict[str, int] | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rows_per_second(self) -> float | None:
+        return round(self.rows / self.seconds, 1) if self.seconds else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """`--json`: the counts, then the scores as top-level keys."""
+        plain: dict[str, Any] = {"out": self.out, "rows": self.rows,
+                                 "predicted": self.predicted}
+        if self.rejected is not None:
+            plain["rejected"] = self.rejected
+        plain.update(labelled=self.labelled, seconds=round(self.seconds, 2),
+                     rows_per_second=self.rows_per_second)
+        if self.predicted_classes is not None:
+            plain["predicted_classes"] = self.predicted_classes
+        return {**plain, **self.scores}
+
+    def describe(self) -> str:
+        refused = f", refused {self.rejected}" if self.rejected else ""
+        scored = f"; on {self.labelled} labelled rows: {self.scores}" if self.scores else ""
+        return (f"{self.predicted} of {self.rows} rows predicted in {self.seconds:.2f} s"
+                f"{refused} -> {self.out}{scored}")
+
+
+@dataclass(kw_only=True)
 class ServeCheck(ABC):
     """The pipeline's serve check: the app started on the new model answered test inputs over
     HTTP. Each task adds what it compared; `describe()` is its line in the pipeline's output."""
@@ -256,21 +295,23 @@ class Task(ABC):
         raise self.not_offered("export")
 
     def predict_offline(self, model: PinnedModel, cfg, out: str | None, home: str | None,
-                        log: Log) -> dict:
+                        log: Log) -> OfflinePrediction:
         """`mlsd predict --model URI --source SPEC`: every input of the task's source in `cfg`
-        predicted by `model` (pinned to one version), written as parquet under
-        `out` with the prediction-log columns and a `status` per row; returns a summary with
-        `out`."""
+        predicted by `model` (pinned to one version), written as parquet under `out` with the
+        prediction-log columns and a `status` per row."""
         raise self.not_offered("predict")
 
     def predict_online(self, url: str, files: list) -> dict:
         """`mlsd predict --url URL FILE...`: the files' inputs sent to the running app."""
         raise self.not_offered("predict --url")
 
-    def render_prediction(self, result: dict) -> None:
+    def render_prediction(self, result: dict | OfflinePrediction) -> None:
         """Print a prediction's summary (offline) or answers (online) for a person."""
         import json
 
+        if isinstance(result, OfflinePrediction):
+            print(result.describe())
+            return
         print(json.dumps(result, indent=2, default=str))
 
     def simulate_traffic(self, prepared, request: TrafficRequest) -> TrafficReport:

@@ -539,7 +539,10 @@ def test_batch_predict_over_a_folder_keeps_bad_files(served, tmp_path):
     out = str(tmp_path / "predictions")
     model = registry.pin("models:/digits-cnn/1", served["home"])
     summary = predict_dataset(model, cfg, out, served["home"], lambda _: None)
-    assert summary["rows"] == 31 and summary["predicted"] == 30
-    assert summary["rejected"] == {"corrupt_image": 1}
-    assert summary["accuracy"] > 0.7
-    assert json.loads(json.dumps(summary))  # plain data: the CLI prints it as JSON
+    assert summary.rows == 31 and summary.predicted == 30
+    assert summary.rejected == {"corrupt_image": 1}
+    assert summary.scores["accuracy"] > 0.7
+    plain = json.loads(json.dumps(summary.to_dict()))  # what `mlsd predict --json` prints
+    assert plain["rows"] == 31 and plain["rejected"] == {"corrupt_image": 1}
+    assert plain["accuracy"] == summary.scores["accuracy"]
+    assert "30 of 31 rows predicted" in summary.describe()

@@ -18,6 +18,7 @@ import numpy as np
 from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config
 from mlsd_ray.core.workspace import Workspace
+from mlsd_ray.tasks.base import OfflinePrediction
 from mlsd_ray.tasks.image.data.transforms import standardize
 from mlsd_ray.tasks.image.data.validate import Rejected, coerce_array, decode_bytes, is_missing
 
@@ -99,7 +100,7 @@ class Predictor:
 
 
 def predict_dataset(model: PinnedModel, cfg: Config, out: str | None, home: str | None,
-                    log: Callable[[str], None]) -> dict:
+                    log: Callable[[str], None]) -> OfflinePrediction:
     """Predict every row of `cfg.data.source` with `model` (serve/control.py's
     `registry.pin` pins one); write parquet; return counts and accuracy."""
     import ray
@@ -131,16 +132,14 @@ def predict_dataset(model: PinnedModel, cfg: Config, out: str | None, home: str 
                      time.perf_counter() - started)
 
 
-def summarize(frame, out: str, seconds: float) -> dict:
+def summarize(frame, out: str, seconds: float) -> OfflinePrediction:
     """Counts, rejection reasons and (where labels are known) accuracy of a predictions table."""
     ok = frame[frame["status"] == OK]
     labelled = ok[ok["label"] != ""]
-    summary = {"out": out, "rows": len(frame), "predicted": len(ok),
-               "rejected": frame.loc[frame["status"] != OK, "status"].value_counts().to_dict(),
-               "labelled": len(labelled), "seconds": round(seconds, 2),
-               "rows_per_second": round(len(frame) / seconds, 1) if seconds else None,
-               "predicted_classes": ok["predicted_class"].value_counts().sort_index().to_dict()}
-    if len(labelled):
-        summary["accuracy"] = round(float((labelled["label"] == labelled["predicted_class"])
-                                          .mean()), 4)
-    return summary
+    scores = {} if not len(labelled) else {"accuracy": round(float(
+        (labelled["label"] == labelled["predicted_class"]).mean()), 4)}
+    return OfflinePrediction(
+        out=out, rows=len(frame), predicted=len(ok), seconds=seconds, labelled=len(labelled),
+        rejected=frame.loc[frame["status"] != OK, "status"].value_counts().to_dict(),
+        predicted_classes=ok["predicted_class"].value_counts().sort_index().to_dict(),
+        scores=scores)

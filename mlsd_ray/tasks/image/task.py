@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING
 
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.workspace import Workspace
-from mlsd_ray.tasks.base import Log, ServedApp, SmokePrediction, Task, TrafficRequest
+from mlsd_ray.tasks.base import (
+    Log,
+    OfflinePrediction,
+    ServedApp,
+    SmokePrediction,
+    Task,
+    TrafficRequest,
+)
 
 if TYPE_CHECKING:
     from mlsd_ray.explain import ExplanationResult
@@ -115,7 +122,7 @@ class ImageTask(Task):
         return export_image_model(checkpoint_dir, fmt, quantize, out, model_uri, home)
 
     def predict_offline(self, model: PinnedModel, cfg, out: str | None, home: str | None,
-                        log: Log) -> dict:
+                        log: Log) -> OfflinePrediction:
         from mlsd_ray.tasks.image.batch import predict_dataset
 
         return predict_dataset(model, cfg, out, home, log)
@@ -125,8 +132,8 @@ class ImageTask(Task):
 
         return predict_files(url, files)
 
-    def render_prediction(self, result: dict) -> None:
-        if "predictions" not in result:
+    def render_prediction(self, result: dict | OfflinePrediction) -> None:
+        if isinstance(result, OfflinePrediction):
             return super().render_prediction(result)
         for path, answer in zip(result["files"], result["predictions"]):
             print(f"{path}: {answer['class_name']} "

@@ -21,6 +21,7 @@ import pandas as pd
 from mlsd_ray.core import storage
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.workspace import Workspace
+from mlsd_ray.tasks.base import OfflinePrediction
 
 if TYPE_CHECKING:
     from mlsd_ray.registry import PinnedModel
@@ -79,7 +80,7 @@ def model_outputs(loaded: LoadedTabular, frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def predict_table(model: PinnedModel, source: str, out: str | None, home: str | None,
-                  log: Callable[[str], None], seed: int = 0) -> dict:
+                  log: Callable[[str], None], seed: int = 0) -> OfflinePrediction:
     """Predict every row of `source` with `model` (pinned to one version);
     write parquet under `out`; return counts and, for labelled rows, the model's score."""
     import ray
@@ -107,20 +108,17 @@ def predict_table(model: PinnedModel, source: str, out: str | None, home: str | 
     return summarize(written, model, str(out), time.perf_counter() - started)
 
 
-def summarize(frame: pd.DataFrame, model: PinnedModel, out: str, seconds: float) -> dict:
+def summarize(frame: pd.DataFrame, model: PinnedModel, out: str,
+              seconds: float) -> OfflinePrediction:
     """Counts, predicted classes and (for labelled rows) the model's ranking score."""
     decision = storage.read_json(storage.join(model.path, "decision.json"))
-    summary = {"out": out, "rows": len(frame), "predicted": int((frame["status"] == OK).sum()),
-               "seconds": round(seconds, 2),
-               "rows_per_second": round(len(frame) / seconds, 1) if seconds else None}
-    if decision["task"] != "regression":
-        summary["predicted_classes"] = frame["predicted_class"].value_counts().sort_index() \
-            .to_dict()
     labelled = frame[frame["label"].notna()]
-    summary["labelled"] = len(labelled)
-    if len(labelled):
-        summary.update(_scores(decision, labelled))
-    return summary
+    classes = None if decision["task"] == "regression" else (
+        frame["predicted_class"].value_counts().sort_index().to_dict())
+    return OfflinePrediction(out=out, rows=len(frame),
+                             predicted=int((frame["status"] == OK).sum()), seconds=seconds,
+                             labelled=len(labelled), predicted_classes=classes,
+                             scores=_scores(decision, labelled) if len(labelled) else {})
 
 
 def _class_name(value, classes: set[str]) -> str:

@@ -10,7 +10,14 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from mlsd_ray.core.workspace import Workspace
-from mlsd_ray.tasks.base import Log, ServedApp, SmokePrediction, Task, TrafficRequest
+from mlsd_ray.tasks.base import (
+    Log,
+    OfflinePrediction,
+    ServedApp,
+    SmokePrediction,
+    Task,
+    TrafficRequest,
+)
 
 if TYPE_CHECKING:
     from mlsd_ray.explain import ExplanationResult
@@ -132,7 +139,7 @@ class TabularTask(Task):
         return register_trial(run, best, best_cfg, home, log)
 
     def predict_offline(self, model: PinnedModel, cfg, out: str | None, home: str | None,
-                        log: Log) -> dict:
+                        log: Log) -> OfflinePrediction:
         from mlsd_ray.tasks.tabular.predict import predict_table
 
         return predict_table(model, cfg.tabular.source, out, home, log, cfg.data.seed)
@@ -142,13 +149,9 @@ class TabularTask(Task):
 
         return predict_files(url, files)
 
-    def render_prediction(self, result: dict) -> None:
-        if "files" not in result:
-            scores = {k: result[k] for k in ("accuracy", "pr_auc", "r2") if k in result}
-            print(f"{result['predicted']} of {result['rows']} rows predicted in "
-                  f"{result['seconds']} s -> {result['out']}"
-                  + (f"; on {result['labelled']} labelled rows: {scores}" if scores else ""))
-            return
+    def render_prediction(self, result: dict | OfflinePrediction) -> None:
+        if isinstance(result, OfflinePrediction):
+            return super().render_prediction(result)
         for answer in result["files"]:
             outcomes = [r.get("decision", r.get("class", r.get("prediction")))
                         for r in answer["results"]]
