@@ -41,7 +41,7 @@ from mlsd_ray.core.runtime import log_stderr
 if TYPE_CHECKING:
     from mlsd_ray.explain import ExplanationResult
     from mlsd_ray.export import ExportResult
-    from mlsd_ray.tasks.base import Evaluation, TrainedModel
+    from mlsd_ray.tasks.base import DataSummary, Evaluation, TrainedModel
     from mlsd_ray.tuning.report import TuneSummary
     from mlsd_ray.workflows.stages import PipelineResult
 
@@ -80,7 +80,7 @@ def data(source: SourceOption = None, config: ConfigOption = None, set_: SetOpti
     """
     chosen = ChosenTask()
 
-    def work() -> dict:
+    def work() -> DataSummary:
         cfg = config_from(config, set_, source, example, label, task)
         return chosen.of(cfg).prepare(cfg, home, log_stderr, force=force).summary()
 

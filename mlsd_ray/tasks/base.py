@@ -168,6 +168,17 @@ class ServeCheck(ABC):
     def describe(self) -> str: ...
 
 
+class DataSummary(Protocol):
+    """What a task's data stage prepared, as `mlsd data` reports it: `path`, the prepared
+    data's folder; `to_dict()` for `--json` (the task's `render_data` prints it for a
+    person)."""
+
+    @property
+    def path(self) -> str: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
 class Evaluation(Protocol):
     """What a task's `evaluate` returns: a split's scores and where its report went.
     `mlsd evaluate` prints `describe()`, or `to_dict()` with --json."""
@@ -232,7 +243,7 @@ class Task(ABC):
     @abstractmethod
     def prepare(self, cfg, home: str | None, log: Log, force: bool = False) -> Any:
         """The data stage: validate, quarantine, split; returns the prepared data, which has
-        `.summary() -> dict` and the attributes the task's trainer reads."""
+        `.summary() -> DataSummary` and the attributes the task's trainer reads."""
 
     @abstractmethod
     def trainer(self, cfg, prepared, run_name: str, storage_path: str,
@@ -381,7 +392,7 @@ class Task(ABC):
     # ------------------------------------------------------------------ the console
 
     @abstractmethod
-    def render_data(self, summary: dict) -> None:
+    def render_data(self, summary: DataSummary) -> None:
         """Print the data stage's summary for a person."""
 
     @abstractmethod

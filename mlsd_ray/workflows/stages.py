@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
     from mlsd_ray.core.config import Config
     from mlsd_ray.registry import Promotion
-    from mlsd_ray.tasks.base import Evaluation, ServeCheck, TrainedModel
+    from mlsd_ray.tasks.base import DataSummary, Evaluation, ServeCheck, TrainedModel
     from mlsd_ray.tuning.report import TuneSummary
     from mlsd_ray.workflows.loop import LoopSteps
 
@@ -30,10 +30,10 @@ def search_first(cfg: Config, home: str | None,
 @dataclass
 class PipelineResult:
     """What `mlsd pipeline` did, stage by stage; None for a stage this run skipped. Every
-    stage but `data` is typed; `data` is the prepared data's JSON summary."""
+    stage is typed, and `to_dict()` is `mlsd pipeline --json`."""
 
     task: str
-    data: dict[str, Any]
+    data: DataSummary
     train: TrainedModel
     tune: TuneSummary | None = None
     evaluation: Evaluation | None = None
@@ -43,7 +43,7 @@ class PipelineResult:
 
     def to_dict(self) -> dict[str, Any]:
         """`--json`: {"task", "stages": {stage: summary}}, the stages in the order they ran."""
-        stages: dict[str, Any] = {"data": self.data}
+        stages: dict[str, Any] = {"data": self.data.to_dict()}
         if self.tune is not None:
             stages["tune"] = self.tune.to_dict()
         stages["train"] = self.train.to_dict()

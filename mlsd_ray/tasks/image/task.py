@@ -6,11 +6,12 @@ retrain.py, serve/); this class is the face the commands, jobs and searches see.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.base import (
+    DataSummary,
     Log,
     OfflinePrediction,
     ServedApp,
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from mlsd_ray.monitor.traffic import TrafficReport
     from mlsd_ray.registry import PinnedModel
     from mlsd_ray.serve.control import RunningApp
+    from mlsd_ray.tasks.image.data.prepare import DatasetSummary
     from mlsd_ray.tasks.image.evaluate import ImageEvaluation
     from mlsd_ray.tasks.image.train import TrainResult
     from mlsd_ray.workflows.stages import PipelineResult
@@ -203,13 +205,13 @@ class ImageTask(Task):
                                answer=answer["predictions"][0],
                                model_version=str(answer["model_version"]))
 
-    def render_data(self, summary: dict) -> None:
-        render_dataset(summary)
+    def render_data(self, summary: DataSummary) -> None:
+        render_dataset(cast("DatasetSummary", summary))
 
     def render_pipeline(self, result: PipelineResult) -> None:
         from mlsd_ray.tasks.image.evaluate import ImageEvaluation
 
-        render_dataset(result.data)
+        render_dataset(cast("DatasetSummary", result.data))
         if result.tune is not None:
             searched = result.tune
             print(f"\ntuned {searched.trials} trials ({searched.stopped_early} stopped "
@@ -232,26 +234,26 @@ class ImageTask(Task):
             render_loop(result.loop)
 
 
-def render_dataset(summary: dict) -> None:
+def render_dataset(summary: DatasetSummary) -> None:
     """The data stage's counts, classes and where its outputs are."""
     from rich.console import Console
     from rich.table import Table
 
-    counts = summary["counts"]
-    table = Table(title=f"dataset {summary['name']} ({summary['fingerprint']})"
-                        + (" — reused" if summary["reused"] else ""))
+    counts = summary.counts
+    table = Table(title=f"dataset {summary.name} ({summary.fingerprint})"
+                        + (" — reused" if summary.reused else ""))
     for column in ("input", "kept", "quarantined", "train", "val", "test"):
         table.add_column(column, justify="right")
-    table.add_row(*(str(v) for v in (counts["input"], counts["kept"], counts["quarantined"],
-                                     *counts["splits"].values())))
+    table.add_row(*(str(v) for v in (counts.input, counts.kept, counts.quarantined,
+                                     *counts.splits.values())))
     console = Console()
     console.print(table)
-    for reason, count in summary["quarantine_by_reason"].items():
+    for reason, count in summary.quarantine_by_reason.items():
         console.print(f"  quarantined {count} × {reason}")
-    for warning in summary["warnings"]:
+    for warning in summary.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}")
-    console.print(f"classes: {len(summary['class_names'])}, images stored as "
-                  f"{'×'.join(map(str, summary['image_shape']))} uint8")
-    console.print(f"quality report: {summary['quality_report']}", soft_wrap=True)
-    console.print(f"examples: {summary['samples']}", soft_wrap=True)
-    console.print(f"output: {summary['path']}", soft_wrap=True)
+    console.print(f"classes: {len(summary.class_names)}, images stored as "
+                  f"{'×'.join(map(str, summary.image_shape))} uint8")
+    console.print(f"quality report: {summary.quality_report}", soft_wrap=True)
+    console.print(f"examples: {summary.samples}", soft_wrap=True)
+    console.print(f"output: {summary.path}", soft_wrap=True)

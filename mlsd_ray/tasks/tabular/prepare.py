@@ -18,7 +18,7 @@ import hashlib
 import io
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,38 @@ from mlsd_ray.tasks.tabular.sources import Table, load_table
 
 SPLITS = ("train", "val", "test")
 REGRESSION_MIN_VALUES = 20
+
+
+@dataclass(frozen=True)
+class TableCounts:
+    """Rows read, kept and quarantined, and the kept rows in each split."""
+
+    rows: int
+    kept: int
+    quarantined: int
+    splits: dict[str, int]
+
+
+@dataclass(frozen=True)
+class TableSummary:
+    """What `mlsd data` prepared from a table: where, from which inputs, the task inferred or
+    chosen, the label and its classes, the counts, the number of features after preparation,
+    and the quality report."""
+
+    path: str
+    name: str
+    fingerprint: str
+    reused: bool
+    task: str
+    label: str
+    classes: list[Any] | None
+    counts: TableCounts
+    features: int
+    quality_report: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """`mlsd data --json`."""
+        return asdict(self)
 
 
 @dataclass
@@ -72,13 +104,14 @@ class PreparedTable:
     def label(self) -> str:
         return self.manifest["label"]
 
-    def summary(self) -> dict:
+    def summary(self) -> TableSummary:
+        """What `mlsd data` reports."""
         m = self.manifest
-        return {"path": self.path, "name": m["name"], "fingerprint": m["fingerprint"],
-                "reused": self.reused, "task": m["task"], "label": m["label"],
-                "classes": m["classes"], "counts": m["counts"],
-                "features": len(m["feature_names"]), "quality_report":
-                storage.join(self.path, "quality.md")}
+        return TableSummary(path=self.path, name=m["name"], fingerprint=m["fingerprint"],
+                            reused=self.reused, task=m["task"], label=m["label"],
+                            classes=m["classes"], counts=TableCounts(**m["counts"]),
+                            features=len(m["feature_names"]),
+                            quality_report=storage.join(self.path, "quality.md"))
 
 
 def infer_task(labels: pd.Series, requested: str) -> str:

@@ -7,10 +7,11 @@ this class is the face the commands, jobs and searches see.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.base import (
+    DataSummary,
     Log,
     OfflinePrediction,
     ServedApp,
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from mlsd_ray.monitor.traffic import TrafficReport
     from mlsd_ray.registry import PinnedModel
     from mlsd_ray.serve.control import RunningApp
+    from mlsd_ray.tasks.tabular.prepare import TableSummary
     from mlsd_ray.tasks.tabular.stage import TabularEvaluation, TabularTrainResult
     from mlsd_ray.workflows.stages import PipelineResult
 
@@ -219,8 +221,8 @@ class TabularTask(Task):
         return SmokePrediction(sent=record, answer=answer["results"][0],
                                model_version=str(answer["model_version"]))
 
-    def render_data(self, summary: dict) -> None:
-        render_table(summary)
+    def render_data(self, summary: DataSummary) -> None:
+        render_table(cast("TableSummary", summary))
 
     def render_pipeline(self, result: PipelineResult) -> None:
         render_tabular_pipeline(result)
@@ -247,18 +249,18 @@ def _metadata(checkpoint_dir: str) -> dict:
     return storage.read_json(storage.join(checkpoint_dir, "metadata.json"))
 
 
-def render_table(summary: dict) -> None:
+def render_table(summary: TableSummary) -> None:
     """The prepared table: task, label, rows, features, where it went."""
-    print(f"table {summary['name']} ({summary['task']}, label {summary['label']!r}): "
-          f"{summary['counts']['splits']} rows, {summary['features']} features, "
-          f"{summary['counts']['quarantined']} quarantined")
-    print(f"prepared: {summary['path']}" + (" (reused)" if summary["reused"] else ""))
-    print(f"quality report: {summary['quality_report']}")
+    print(f"table {summary.name} ({summary.task}, label {summary.label!r}): "
+          f"{summary.counts.splits} rows, {summary.features} features, "
+          f"{summary.counts.quarantined} quarantined")
+    print(f"prepared: {summary.path}" + (" (reused)" if summary.reused else ""))
+    print(f"quality report: {summary.quality_report}")
 
 
 def render_tabular_pipeline(result: PipelineResult) -> None:
     """Every stage of the tabular pipeline, one block each."""
-    render_table(result.data)
+    render_table(cast("TableSummary", result.data))
     if result.tune is not None:
         print(f"\ntuned {result.tune.trials} trials: best {result.tune.best.params}")
     print()

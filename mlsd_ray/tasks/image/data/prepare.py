@@ -20,7 +20,7 @@ import hashlib
 import io
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -53,6 +53,39 @@ _NOT_IN_FINGERPRINT = {"augment", "name", "rows_per_task"}
 
 def _plural(count: int, one: str, many: str) -> str:
     return f"{count} {one if count == 1 else many}"
+
+
+@dataclass(frozen=True)
+class ImageCounts:
+    """Rows read, kept and quarantined, and the kept rows in each split."""
+
+    input: int
+    kept: int
+    quarantined: int
+    splits: dict[str, int]
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """What `mlsd data` prepared from images: where, from which inputs (name, fingerprint,
+    whether an earlier identical preparation was reused), the counts, why rows were
+    quarantined, warnings, the classes and stored image shape, and the files to open."""
+
+    path: str
+    name: str
+    fingerprint: str
+    reused: bool
+    counts: ImageCounts
+    quarantine_by_reason: dict[str, int]
+    warnings: list[str]
+    class_names: list[str]
+    image_shape: list[int]
+    quality_report: str
+    samples: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """`mlsd data --json`."""
+        return asdict(self)
 
 
 @dataclass
@@ -92,17 +125,16 @@ class PreparedDataset:
         images = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.uint8)
         return images.reshape(table.num_rows, *shape), table.column("label").to_numpy()
 
-    def summary(self) -> dict:
-        """What `mlsd data --json` prints."""
-        return {"path": self.path, "name": self.manifest["name"],
-                "fingerprint": self.manifest["fingerprint"], "reused": self.reused,
-                "counts": self.manifest["counts"],
-                "quarantine_by_reason": self.manifest["quarantine_by_reason"],
-                "warnings": self.manifest["warnings"],
-                "class_names": self.manifest["class_names"],
-                "image_shape": self.manifest["schema"]["image"]["shape"],
-                "quality_report": storage.join(self.path, "quality.md"),
-                "samples": storage.join(self.path, "samples.png")}
+    def summary(self) -> DatasetSummary:
+        """What `mlsd data` reports."""
+        m = self.manifest
+        return DatasetSummary(
+            path=self.path, name=m["name"], fingerprint=m["fingerprint"], reused=self.reused,
+            counts=ImageCounts(**m["counts"]), quarantine_by_reason=m["quarantine_by_reason"],
+            warnings=m["warnings"], class_names=m["class_names"],
+            image_shape=m["schema"]["image"]["shape"],
+            quality_report=storage.join(self.path, "quality.md"),
+            samples=storage.join(self.path, "samples.png"))
 
 
 def fingerprint(source: Source, cfg: Config) -> str:
