@@ -238,3 +238,21 @@ def test_retrain_refuses_another_label_set(live, incoming):
     shutil.rmtree(partial / "9")
     with pytest.raises(InputError, match=r"missing from it: \['9'\]"):
         retrain(live["cfg"], f"folder:{partial}", live["home"], log=lambda _: None)
+
+
+def test_monitor_checks_a_set_of_inputs_instead_of_the_log(live, incoming, ray_session):
+    """`mlsd monitor --inputs SPEC`: the inputs predicted offline (Ray Data), then tested
+    against the model's training reference; rotated digits are drift, named by feature."""
+    import os
+    import sys
+
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    done = subprocess.run(
+        [sys.executable, "-m", "mlsd_ray.cli", "monitor", "--inputs", f"folder:{incoming}",
+         "--model", "models:/digits-cnn/1", "--home", live["home"], "--json"],
+        capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    result = report["models"]["models:/digits-cnn/1"]
+    assert report["rows"] == len(list(incoming.rglob("*.png")))
+    assert report["verdict"] == "drift" and "orientation" in result["drifted_features"]
