@@ -117,9 +117,45 @@ def ensure_environment() -> None:
     print("installing mlsd-ray and its dependencies (the first time takes several minutes)",
           file=sys.stderr, flush=True)
     subprocess.run([*pip, "install", "--quiet", "--upgrade", "pip"], check=True, cwd=ROOT)
-    subprocess.run([*pip, "install", "--no-compile", "-e", ".[dev]"], check=True, cwd=ROOT)
+    pip_install([*pip, "install", "--no-compile", "-e", ".[dev]"])
     compile_bytecode()
     STAMP.write_text(requirements_digest())
+
+
+PIP_LOG = VENV / "pip-install.log"
+
+
+def pip_install(command: list[str]) -> None:
+    """Run pip with its log in PIP_LOG and one line of progress on the console instead of its
+    several hundred (rewritten in place on a terminal; a line per 50 packages otherwise). On
+    failure, the log's last 40 lines are printed and CalledProcessError raised."""
+    interactive = sys.stderr.isatty()
+
+    def status(text: str, keep: bool) -> None:
+        """On a terminal, `text` replaces the line (and stays when `keep`); else only a kept
+        line is printed."""
+        if interactive:
+            print(f"\r{text}\033[K", end="\n" if keep else "", file=sys.stderr, flush=True)
+        elif keep:
+            print(text, file=sys.stderr, flush=True)
+
+    collected = 0
+    with open(PIP_LOG, "w") as log, subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=ROOT) as pip:
+        for line in pip.stdout or ():
+            log.write(line)
+            if line.startswith("Collecting "):
+                collected += 1
+                status(f"  resolving: {collected} packages ({line.split()[1]})",
+                       keep=not interactive and collected % 50 == 0)
+            elif line.startswith("Installing collected packages"):
+                status(f"  installing {collected} packages (torch is the largest)", keep=True)
+    if pip.returncode != 0:
+        tail = PIP_LOG.read_text().splitlines()[-40:]
+        print("\n".join(["", *tail, f"(the whole log: {PIP_LOG})"]), file=sys.stderr, flush=True)
+        raise subprocess.CalledProcessError(pip.returncode, command)
+    print(f"  installed (pip's log: {PIP_LOG})", file=sys.stderr, flush=True)
 
 
 # Compiles every installed module once, on every core, except the packages' own test suites
