@@ -44,3 +44,13 @@ def reuse_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
                 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def claim_cpus_for_torch(threads: int) -> None:
+    """Set up a process whose work is torch on the CPU (a model replica, an offline-prediction
+    actor): `threads` torch threads, since such processes share the machine, and freed tensors
+    kept for the next batch (`reuse_freed_memory`)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    reuse_freed_memory()

@@ -36,7 +36,8 @@ def _mmapped_blocks(mode: str) -> int:
     return int(done.stdout.strip())
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="mallopt and mallinfo2 are glibc's; other C libraries are left alone")
 def test_a_step_sized_tensor_comes_from_the_heap_once_set():
     assert _mmapped_blocks("default") == 1  # glibc's default: its own mapping, unmapped on free
     assert _mmapped_blocks("reuse") == 0

@@ -56,13 +56,10 @@ class Predictor:
     """An actor holding the model; one call per batch of decoded rows."""
 
     def __init__(self, model: PinnedModel, home: str | None):
-        import torch
-
-        from mlsd_ray.core.memory import reuse_freed_memory
+        from mlsd_ray.core.memory import claim_cpus_for_torch
         from mlsd_ray.tasks.image.checkpoint import load_model
 
-        torch.set_num_threads(1)  # one actor per CPU: parallelism comes from the pool
-        reuse_freed_memory()  # each batch's tensors reuse the last one's (core/memory.py)
+        claim_cpus_for_torch(1)  # one actor per CPU: parallelism comes from the pool
         self.loaded = load_model(model.checkpoint_here(home))
         self.model = model  # {"uri", "name", "version"}: pinned, for `mlsd monitor --inputs`
 

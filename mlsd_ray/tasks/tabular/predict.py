@@ -34,13 +34,10 @@ class TablePredictor:
     """An actor holding the model and its fitted preparation; one call per batch of rows."""
 
     def __init__(self, model: PinnedModel, home: str | None):
-        import torch
-
-        from mlsd_ray.core.memory import reuse_freed_memory
+        from mlsd_ray.core.memory import claim_cpus_for_torch
         from mlsd_ray.tasks.tabular.train import load_tabular
 
-        torch.set_num_threads(1)  # one actor per CPU: parallelism comes from the pool
-        reuse_freed_memory()  # each batch's tensors reuse the last one's (core/memory.py)
+        claim_cpus_for_torch(1)  # one actor per CPU: parallelism comes from the pool
         self.loaded = load_tabular(model.checkpoint_here(home))
         self.model = model
 
