@@ -225,6 +225,10 @@ class ServeConfig(StrictModel):
         30.0, gt=0, description="A request not answered after this long in a replica gets "
         "504 with a JSON error; null: no limit.")
     num_cpus: float = Field(0.5, ge=0, description="CPUs per model replica.")
+    health_check_period_s: float = Field(
+        2.0, gt=0, description="How often the Serve controller checks each replica; a "
+        "replica that died is replaced after at most this long plus its start (Serve's own "
+        "default is 10 s).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica.")
     proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = Field(
         "EveryNode", description="Which nodes run an HTTP proxy on `port` (fixed when Serve "

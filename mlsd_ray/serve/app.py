@@ -248,6 +248,7 @@ def bind_app(classes: AppClasses, settings: ServeConfig, model: PinnedModel,
         **options).bind(model, replica)
     return _deployment(classes.routes, classes.routes_name).options(
         ray_actor_options={"num_cpus": settings.ingress_num_cpus},
+        health_check_period_s=settings.health_check_period_s,
         max_ongoing_requests=max(256, 4 * settings.max_ongoing_requests),
     ).bind(scorer, replica, route_settings)
 
@@ -494,6 +495,7 @@ def model_options(settings: ServeConfig) -> dict:
         "max_queued_requests": settings.max_queued_requests,
         # past the queue: 503 with Retry-After (the proxy's answer, or ours in RemoteModel)
         "backpressure_config": {"status_code": 503, "retry_after_s": OVERLOAD_RETRY_AFTER_S},
+        "health_check_period_s": settings.health_check_period_s,
         "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus}}
     router = ROUTER_CLASSES[settings.router]
     if router:
