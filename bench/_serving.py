@@ -12,11 +12,15 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+if TYPE_CHECKING:
+    from mlsd_ray.core.workspace import Workspace
 
 
 def load_parser(doc: str) -> argparse.ArgumentParser:
@@ -38,13 +42,13 @@ def start_local_ray() -> None:
     ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, logging_level="ERROR")
 
 
-def model_checkpoint(ref: str, home: str | None) -> dict:
+def model_checkpoint(ref: str, workspace: Workspace) -> dict:
     """The registered model to serve and its local checkpoint; exits 2 with the fix if none."""
     from mlsd_ray import registry
     from mlsd_ray.core.errors import InputError
 
     try:
-        model = registry.pin(ref, home)
+        model = registry.pin(ref, workspace)
         return {**model.as_dict(), "checkpoint": model.path}
     except InputError as exc:
         sys.exit(f"{exc}\nrun `mlsd pipeline` first (or pass --model / --home)")

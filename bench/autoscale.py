@@ -23,6 +23,8 @@ import time
 
 from _serving import digit_body, load_parser, locust, model_checkpoint, start_local_ray
 
+from mlsd_ray.core.workspace import Workspace
+
 
 def replica_counts(app: str = "mlsd", deployment: str = "Model") -> tuple[int, int]:
     """(running, wanted): replicas serving, and those serving or starting. A replica starts
@@ -84,7 +86,7 @@ def cold_start(settings, args) -> dict:
 
     scaling = {**settings.autoscaling.model_dump(), "min_replicas": 0, "downscale_delay_s": 5.0}
     control.start(type(settings).model_validate({**settings.model_dump(), "autoscaling": scaling}),
-                  home=args.home, log=lambda _: None)
+                  workspace=args.workspace, log=lambda _: None)
     deadline = time.monotonic() + 120
     while running_replicas() > 0 and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -108,7 +110,8 @@ def main() -> None:
     parser.add_argument("--autoscaling", nargs=2, action="append", metavar=("FIELD", "VALUE"),
                         help="override a serve.autoscaling field, e.g. upscale_delay_s 2")
     args = parser.parse_args()
-    model = model_checkpoint(args.model, args.home)
+    args.workspace = Workspace.at(args.home)  # resolved once, handed down
+    model = model_checkpoint(args.model, args.workspace)
 
     import ray
     from ray import serve
@@ -127,7 +130,7 @@ def main() -> None:
     settings = ServeConfig(model=model["uri"], port=args.port, num_cpus=0.5,
                            autoscaling=scaling)
     try:
-        control.start(settings, home=args.home, log=lambda _: None)
+        control.start(settings, workspace=args.workspace, log=lambda _: None)
         url = f"http://127.0.0.1:{args.port}"
         timeline = Timeline()
         warm = locust(url, 1, args.warmup, digit_body())

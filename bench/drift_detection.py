@@ -16,6 +16,7 @@ import time
 from collections import Counter
 
 from mlsd_ray.core.config import load_config
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.monitor.run import monitor
 from mlsd_ray.tasks.image.data.prepare import prepare_dataset
 from mlsd_ray.tasks.image.traffic import simulate_traffic
@@ -35,9 +36,10 @@ def main() -> None:
     parser.add_argument("--flush-wait", type=float, default=None, help="seconds to wait for "
                         "the log flush (default serve.prediction_log.flush_seconds + 1.5)")
     args = parser.parse_args()
+    args.workspace = Workspace.at(args.home)  # resolved once, handed down
 
     cfg = load_config(None, [])
-    dataset = prepare_dataset(cfg, home=args.home, log=lambda _: None)
+    dataset = prepare_dataset(cfg, workspace=args.workspace, log=lambda _: None)
     wait = args.flush_wait or cfg.serve.prediction_log.flush_seconds + 1.5
     results = {}
     plan = [("none", args.runs)] + [(s, args.shifted_runs)
@@ -49,7 +51,7 @@ def main() -> None:
             sent = simulate_traffic(args.url, dataset, shift, count=args.count, seed=100 + seed)
             assert sent.failed_requests == 0, sent.delivery
             time.sleep(wait)
-            report = monitor(cfg, args.home, since=since, until=now(), log=lambda _: None)
+            report = monitor(cfg, args.workspace, since=since, until=now(), log=lambda _: None)
             verdicts[report.verdict] += 1
             for result in report.models.values():
                 named.update(result.drifted_features)

@@ -19,6 +19,8 @@ import time
 from _serving import digit_body, load_parser, locust, model_checkpoint, start_local_ray
 from autoscale import running_replicas
 
+from mlsd_ray.core.workspace import Workspace
+
 
 def model_replica_pids() -> list[int]:
     from ray.util.state import list_actors
@@ -32,7 +34,8 @@ def main() -> None:
     parser.add_argument("--kill-after", type=float, default=10.0)
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
-    model = model_checkpoint(args.model, args.home)
+    args.workspace = Workspace.at(args.home)  # resolved once, handed down
+    model = model_checkpoint(args.model, args.workspace)
 
     import ray
     from ray import serve
@@ -45,7 +48,7 @@ def main() -> None:
                            autoscaling={"min_replicas": 2, "max_replicas": 2})
     result: dict = {}
     try:
-        control.start(settings, home=args.home, log=lambda _: None)
+        control.start(settings, workspace=args.workspace, log=lambda _: None)
         load = threading.Thread(target=lambda: result.update(locust(
             f"http://127.0.0.1:{args.port}", args.users, args.seconds, digit_body())))
         load.start()

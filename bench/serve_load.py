@@ -44,6 +44,7 @@ from _serving import (
     wait_for,
 )
 
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.serve.control import free_port
 
 SERVERS = ("plain", "microbatch", "single", "split", "single_ort")
@@ -103,7 +104,7 @@ def plain_server(checkpoint: str, microbatch: bool) -> Iterator[tuple[str, dict]
 
 
 @contextlib.contextmanager
-def serve_app(model_uri: str, home: str | None, topology: str, variant: str,
+def serve_app(model_uri: str, workspace: Workspace, topology: str, variant: str,
               runtime: str = "torch") -> Iterator[tuple[str, dict]]:
     """Our app on a fresh local Ray, one model replica of one CPU, its network run by
     `runtime`; yields URL and pids."""
@@ -123,7 +124,7 @@ def serve_app(model_uri: str, home: str | None, topology: str, variant: str,
                            autoscaling={"min_replicas": 1, "max_replicas": 1},
                            topology=topology, runtime=runtime, **fields)
     try:
-        control.start(settings, home=home, log=lambda _: None)
+        control.start(settings, workspace=workspace, log=lambda _: None)
         yield f"http://127.0.0.1:{port}", serve_pids()
     finally:
         serve.shutdown()
@@ -132,12 +133,12 @@ def serve_app(model_uri: str, home: str | None, topology: str, variant: str,
             os.environ.pop(name) if value is None else os.environ.update({name: value})
 
 
-def server(name: str, model: dict, home: str | None, variant: str):
+def server(name: str, model: dict, workspace: Workspace, variant: str):
     if name in ("plain", "microbatch"):
         return plain_server(model["checkpoint"], microbatch=name == "microbatch")
     if name == "single_ort":
-        return serve_app(model["uri"], home, "single", variant, runtime="onnxruntime")
-    return serve_app(model["uri"], home, name, variant)
+        return serve_app(model["uri"], workspace, "single", variant, runtime="onnxruntime")
+    return serve_app(model["uri"], workspace, name, variant)
 
 
 def ratios(model: dict, results: dict, users: int, variant: str) -> dict:
@@ -194,14 +195,15 @@ def main() -> None:
     parser.add_argument("--plot", default=None,
                         help="where the plot goes (default MLSD_HOME/bench/serve_load.png)")
     args = parser.parse_args()
+    args.workspace = Workspace.at(args.home)  # resolved once, handed down
     curves = {}
     for ref in args.model:
-        model = model_checkpoint(ref, args.home)
+        model = model_checkpoint(ref, args.workspace)
         print(json.dumps({"bench": "serve_load", "model": model["uri"], "system": "bare_forward",
                           **batch_curve(model["checkpoint"])}), flush=True)
         results: dict = {}
         for name in args.servers:
-            with server(name, model, args.home, args.variant) as (url, pids):
+            with server(name, model, args.workspace, args.variant) as (url, pids):
                 for users in args.users:
                     run = locust(url, users, args.seconds, digit_body(), server_pids=pids)
                     results[(name, users)] = run
@@ -211,16 +213,14 @@ def main() -> None:
                           flush=True)
         print(json.dumps(ratios(model, results, max(args.users), args.variant)), flush=True)
         curves[model["uri"]] = results
-    path = args.plot or default_plot_path(args.home)
+    path = args.plot or default_plot_path(args.workspace)
     plot(curves, args.users, path)
     print(json.dumps({"bench": "serve_load", "plot": os.path.abspath(path)}), flush=True)
 
 
-def default_plot_path(home: str | None) -> str:
+def default_plot_path(workspace: Workspace) -> str:
     """MLSD_HOME/bench/serve_load.png: beside the models it served, outside the repository."""
-    from mlsd_ray.core import storage
-
-    folder = os.path.join(storage.home(home), "bench")
+    folder = os.path.join(workspace.root, "bench")
     os.makedirs(folder, exist_ok=True)
     return os.path.join(folder, "serve_load.png")
 

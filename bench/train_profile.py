@@ -68,6 +68,7 @@ def main() -> None:
 
     from mlsd_ray.core.config import load_config
     from mlsd_ray.core.runtime import configure, ensure_ray
+    from mlsd_ray.core.workspace import Workspace
     from mlsd_ray.tasks.image.data.prepare import prepare_dataset
     from mlsd_ray.tasks.image.models import build_model
     from mlsd_ray.tasks.image.train import (
@@ -83,16 +84,17 @@ def main() -> None:
     cfg = load_config(None, [f"train.epochs={args.epochs}", f"train.num_workers={args.workers}",
                              "registry.auto_register=false", *args.overrides])
     quiet = lambda _: None  # noqa: E731
-    with tempfile.TemporaryDirectory() as home:
+    with tempfile.TemporaryDirectory() as folder:
+        workspace = Workspace.at(folder)
         configure(verbose=False)
-        ensure_ray(home)
+        ensure_ray(workspace)
         mark = clock(phases, "Ray start", mark)
-        dataset = prepare_dataset(cfg, home=home, log=quiet)
+        dataset = prepare_dataset(cfg, workspace=workspace, log=quiet)
         mark = clock(phases, "data stage (mlsd data; reused by mlsd train)", mark)
         reports: list[dict] = []  # every epoch's report, as the driver hears it
         relay = EpochRelay(lambda m: reports.append(m) or epoch_line(m, cfg.train.epochs),
                            quiet)
-        trainer = build_trainer(cfg, dataset, "profile", f"{home}/runs",
+        trainer = build_trainer(cfg, dataset, "profile", workspace.runs,
                                 callbacks=[relay.callback()], log=quiet)
         mark = clock(phases, "ingest plan (splits into the object store), loop config", mark)
         with relay:

@@ -19,17 +19,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlsd_ray.core.config import load_config  # noqa: E402
+from mlsd_ray.core.workspace import Workspace  # noqa: E402
 from mlsd_ray.tuning.search import run_tune  # noqa: E402
 
 SPACE = "{train.lr: {loguniform: [1.0e-4, 3.0e-2]}, train.batch_size: [32, 64, 128]}"
 
 
-def search(home: str, scheduler: str, args) -> dict:
+def search(workspace: Workspace, scheduler: str, args) -> dict:
     cfg = load_config(None, [f"tune.space={SPACE}", f"tune.num_samples={args.samples}",
                              f"tune.max_epochs={args.epochs}", f"tune.scheduler={scheduler}",
                              f"tune.grace_period={args.grace_period}",
                              "tune.reduction_factor=3", "registry.auto_register=false"])
-    summary = run_tune(cfg, home=home, name=f"bench-{scheduler}", log=lambda _: None,
+    summary = run_tune(cfg, workspace=workspace, name=f"bench-{scheduler}", log=lambda _: None,
                        register=False)
     return {"trial_epochs": summary["trial_epochs"], "wall_s": summary["wall_seconds"],
             "best_val_accuracy": round(summary["best"]["val_accuracy"], 4),
@@ -42,9 +43,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--grace-period", type=int, default=2)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as home:
-        none = search(home, "none", args)
-        asha = search(home, "asha", args)
+    with tempfile.TemporaryDirectory() as folder:
+        workspace = Workspace.at(folder)
+        none = search(workspace, "none", args)
+        asha = search(workspace, "asha", args)
     print(json.dumps({
         "bench": "tune_asha", "samples": args.samples, "max_epochs": args.epochs,
         "none": none, "asha": asha,

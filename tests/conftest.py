@@ -55,11 +55,13 @@ def ray_session():
     import ray
 
     from mlsd_ray.core import runtime
+    from mlsd_ray.core.workspace import Workspace
 
     runtime.tune_serve_recovery()  # read when Ray starts: before ray.init
     ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False,
              object_store_memory=512 * 1024**2, logging_level="WARNING")
-    runtime.ensure_ray()  # applies our DataContext settings to the running instance
+    # applies our DataContext settings to the running instance
+    runtime.ensure_ray(Workspace.at())
     runtime.set_progress_bars(False)
     yield ray
     ray.shutdown()
@@ -67,7 +69,16 @@ def ray_session():
 
 @pytest.fixture
 def home(tmp_path) -> str:
+    """A test's MLSD_HOME, for the CLI's --home."""
     return str(tmp_path / "mlsd-home")
+
+
+@pytest.fixture
+def workspace(home):
+    """The test's MLSD_HOME as the stages take it."""
+    from mlsd_ray.core.workspace import Workspace
+
+    return Workspace.at(home)
 
 
 # Small digits (8×8) that still learn in a few epochs: for tests of the plumbing around a model,
@@ -85,6 +96,12 @@ class TrainedDigits:
     result: object  # mlsd_ray.tasks.image.train.TrainResult
     dataset: object  # mlsd_ray.tasks.image.data.prepare.PreparedDataset
     home: str
+
+    @property
+    def workspace(self):
+        from mlsd_ray.core.workspace import Workspace
+
+        return Workspace.at(self.home)
 
 
 @pytest.fixture(scope="session")
@@ -110,12 +127,13 @@ def digits_model(tmp_path_factory, ray_session) -> TrainedDigits:
 
 def train_digits(folder: Path) -> TrainedDigits:
     from mlsd_ray.core.config import load_config
+    from mlsd_ray.core.workspace import Workspace
     from mlsd_ray.tasks.image.data.prepare import PreparedDataset
     from mlsd_ray.tasks.image.train import run_train
 
     home = str(folder / "mlsd-home")
     cfg = load_config(None, [*SMALL_DIGITS, "train.epochs=4"])
-    result = run_train(cfg, home=home, log=lambda _: None)
+    result = run_train(cfg, workspace=Workspace.at(home), log=lambda _: None)
     return TrainedDigits(cfg, result, PreparedDataset.open(result.dataset), home)
 
 
@@ -123,11 +141,12 @@ def train_digits(folder: Path) -> TrainedDigits:
 def digits_registered(tmp_path_factory, digits_model) -> str:
     """An MLSD_HOME where the session's digits model is models:/digits-cnn/1 (the export and
     explain tests read it; neither changes it)."""
+    from mlsd_ray.core.workspace import Workspace
     from mlsd_ray.tasks.image.registry import log_and_register
 
     home = str(tmp_path_factory.mktemp("digits-registered") / "mlsd-home")
     log_and_register(digits_model.result, digits_model.cfg, digits_model.dataset, "digits-cnn",
-                     home)
+                     Workspace.at(home))
     return home
 
 

@@ -37,6 +37,7 @@ from mlsd_ray.cli.support import (
     with_flags,
 )
 from mlsd_ray.core.runtime import log_stderr
+from mlsd_ray.core.workspace import Workspace
 
 if TYPE_CHECKING:
     from mlsd_ray.explain import ExplanationResult
@@ -78,11 +79,12 @@ def data(source: SourceOption = None, config: ConfigOption = None, set_: SetOpti
     output unless --force. With --example fraud: a table, checked, split and with its Ray Data
     preprocessors (imputation, scaling, encoding) fitted on the train split.
     """
+    workspace = Workspace.at(home)
     chosen = ChosenTask()
 
     def work() -> DataSummary:
         cfg = config_from(config, set_, source, example, label, task)
-        return chosen.of(cfg).prepare(cfg, home, log_stderr, force=force).summary()
+        return chosen.of(cfg).prepare(cfg, workspace, log_stderr, force=force).summary()
 
     run(as_json, work, lambda summary: chosen.task.render_data(summary), verbose=verbose)
 
@@ -110,6 +112,7 @@ def train(source: SourceOption = None, config: ConfigOption = None, set_: SetOpt
     $MLSD_HOME/runs/RUN_NAME/; keeps the best by the task's val score, survives worker
     failures, and reports the best checkpoint's scores on the test split.
     """
+    workspace = Workspace.at(home)
     flags = {"train.num_workers": num_workers, "train.cpus_per_worker": cpus_per_worker,
              "train.epochs": epochs, "train.use_gpu": True if use_gpu else None}
     overrides = with_flags(set_, flags)
@@ -118,7 +121,7 @@ def train(source: SourceOption = None, config: ConfigOption = None, set_: SetOpt
 
     def work() -> TrainedModel:
         cfg = config_from(config, overrides, source, example, label, task)
-        return chosen.of(cfg).train(cfg, home, log_stderr, run_name=run_name)
+        return chosen.of(cfg).train(cfg, workspace, log_stderr, run_name=run_name)
 
     run(as_json, work, lambda trained: print(trained.describe()), verbose=verbose)
 
@@ -140,16 +143,17 @@ def evaluate(model: Annotated[str, typer.Option(
     precision, recall, F1; macro F1; or MSE, MAE, R²) beside the HistGradientBoosting baseline,
     on the test split. Writes report.json and report.md under $MLSD_HOME/reports/RUN_NAME/SPLIT/.
     """
+    workspace = Workspace.at(home)
 
     def work() -> Evaluation:
         from mlsd_ray.registry import log_evaluation, resolve, show
         from mlsd_ray.tasks import task_of_checkpoint
 
-        path = resolve(model, home)
+        path = resolve(model, workspace)
         # the task that trained it: no flag needed
-        evaluation = task_of_checkpoint(path).evaluate(path, split, home, dataset)
+        evaluation = task_of_checkpoint(path).evaluate(path, split, workspace, dataset)
         if model.startswith("models:/"):  # its report and plots join the version's run
-            log_evaluation(show(model, home).run_id, evaluation.report, split, home)
+            log_evaluation(show(model, workspace).run_id, evaluation.report, split, workspace)
         return evaluation
 
     run(as_json, work, lambda evaluation: print(evaluation.describe()), verbose=verbose)
@@ -180,6 +184,7 @@ def explain(model: Annotated[str, typer.Option(
     Integrated Gradients summed per column (records/*.png). explanations.json has every
     figure's numbers.
     """
+    workspace = Workspace.at(home)
 
     def work() -> ExplanationResult:
         from mlsd_ray.core.errors import InputError
@@ -188,8 +193,8 @@ def explain(model: Annotated[str, typer.Option(
 
         if count < 1:
             raise InputError(f"--n must be at least 1, got {count}")
-        path = resolve(model, home)
-        return task_of_checkpoint(path).explain(path, source, label, count, out, home)
+        path = resolve(model, workspace)
+        return task_of_checkpoint(path).explain(path, source, label, count, out, workspace)
 
     run(as_json, work, lambda result: print(result.describe()), verbose=verbose)
 
@@ -216,13 +221,14 @@ def export(model: Annotated[str, typer.Option(
     0.5 points of accuracy; otherwise nothing is written. A models:/ URI gets
     the folder logged beside its version in MLflow (export/FORMAT) and a tag naming it.
     """
+    workspace = Workspace.at(home)
 
     def work() -> ExportResult:
         from mlsd_ray.registry import resolve
         from mlsd_ray.tasks import task_of_checkpoint
 
-        path = resolve(model, home)
-        return task_of_checkpoint(path).export(path, fmt, quantize, str(out), model, home)
+        path = resolve(model, workspace)
+        return task_of_checkpoint(path).export(path, fmt, quantize, str(out), model, workspace)
 
     run(as_json, work, lambda result: print(result.describe()))
 
@@ -265,6 +271,7 @@ def tune(source: SourceOption = None, config: ConfigOption = None, set_: SetOpti
     `mlsd train --config best.yaml`) and summary.json under $MLSD_HOME/tune/NAME/, logs a parent
     MLflow run with a child per trial, and registers the best trial's model.
     """
+    workspace = Workspace.at(home)
     from mlsd_ray.tuning.search import parse_param, run_tune
 
     flags = {"tune.search": search, "tune.num_samples": num_samples, "tune.scheduler": scheduler,
@@ -279,7 +286,7 @@ def tune(source: SourceOption = None, config: ConfigOption = None, set_: SetOpti
         cfg = config_from(config, overrides, source, example, label, task)
         if param:
             cfg.tune.space = dict(parse_param(p) for p in param)
-        return run_tune(cfg, home=home, log=log_stderr, name=name, resume=resume)
+        return run_tune(cfg, workspace=workspace, log=log_stderr, name=name, resume=resume)
 
     run(as_json, work, _render_tune, verbose=verbose)
 
@@ -338,6 +345,7 @@ def pipeline(source: SourceOption = None, config: ConfigOption = None, set_: Set
     Train and a HistGradientBoosting reference -> threshold for the target precision ->
     register -> serve /v1/fraud/score with the rules engine, score test transactions -> stop.
     """
+    workspace = Workspace.at(home)
     chosen = ChosenTask()
 
     def work() -> PipelineResult:
@@ -345,7 +353,7 @@ def pipeline(source: SourceOption = None, config: ConfigOption = None, set_: Set
 
         cfg = config_from(config, set_, source, example, label, task)
         prepare_ingress(cfg.serve)  # its Ray starts at the data stage, long before serving
-        return chosen.of(cfg).pipeline(cfg, home, log_stderr, force=force, tune=tune,
+        return chosen.of(cfg).pipeline(cfg, workspace, log_stderr, force=force, tune=tune,
                                        serve_check=serve or keep_serving,
                                        keep_serving=keep_serving, monitor_loop=loop)
 
@@ -360,6 +368,7 @@ app.add_typer(models_app, name="models")
 @models_app.command("list")
 def models_list(home: HomeOption = None, as_json: JsonOption = False) -> None:
     """Registered models, their versions (newest first), metrics and aliases."""
+    workspace = Workspace.at(home)
     from mlsd_ray.registry import RegisteredModel, list_models
 
     def render(result: dict[str, list[RegisteredModel]]) -> None:
@@ -372,16 +381,17 @@ def models_list(home: HomeOption = None, as_json: JsonOption = False) -> None:
                 print(f"  v{v.version}: val {v.val_accuracy}, test {v.test_accuracy}, "
                       f"data {v.data_fingerprint}{aliases}")
 
-    run(as_json, lambda: {"models": list_models(home)}, render)
+    run(as_json, lambda: {"models": list_models(workspace)}, render)
 
 
 @models_app.command("show")
 def models_show(ref: Annotated[str, typer.Argument(help="NAME, NAME/VERSION or NAME@ALIAS")],
                 home: HomeOption = None, as_json: JsonOption = False) -> None:
     """One registered version with its tags (metrics, data fingerprint, git commit, schema)."""
+    workspace = Workspace.at(home)
     from mlsd_ray.registry import show
 
-    run(as_json, lambda: show(ref, home), lambda r: print(json.dumps(r.to_dict(), indent=2)))
+    run(as_json, lambda: show(ref, workspace), lambda r: print(json.dumps(r.to_dict(), indent=2)))
 
 
 @models_app.command("promote")
@@ -390,9 +400,10 @@ def models_promote(name: Annotated[str, typer.Argument(help="Registered model na
                    alias: Annotated[str, typer.Option("--alias")] = "production",
                    home: HomeOption = None, as_json: JsonOption = False) -> None:
     """Move an alias (default `production`) to a version."""
+    workspace = Workspace.at(home)
     from mlsd_ray.registry import promote
 
-    run(as_json, lambda: promote(name, version, alias, home),
+    run(as_json, lambda: promote(name, version, alias, workspace),
          lambda r: print(f"{r.name}@{alias} -> version {r.version}"))
 
 

@@ -42,6 +42,7 @@ from mlsd_ray.cli.support import (
     plain_flags,
 )
 from mlsd_ray.core.errors import InputError, MlsdError
+from mlsd_ray.core.workspace import Workspace
 
 if TYPE_CHECKING:
     from mlsd_ray.tuning.report import TuneSummary
@@ -74,17 +75,16 @@ SmokeOption = Annotated[bool, typer.Option(
 JobConfigOption = Annotated[Path | None, typer.Option(
     "--config", "-c", help="YAML config file (default: $MLSD_CONFIG_YAML from `mlsd submit`, "
                            "else the defaults).", dir_okay=False)]
-# (config, home, log) -> the summary: a dict or a typed result (cli.support.json_ready)
-Work = Callable[[object, str, Callable[[str], None]], Any]
+# (config, workspace, log) -> the summary: a dict or a typed result (cli.support.json_ready)
+Work = Callable[[object, Workspace, Callable[[str], None]], Any]
 
 jobs = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                    rich_markup_mode="markdown")
 
 
-def job_home(home: str | None) -> str:
-    from mlsd_ray.core import storage
-
-    return storage.home(home or os.environ.get("MLSD_HOME")
+def job_workspace(home: str | None) -> Workspace:
+    """The job's workspace: --home, else $MLSD_HOME, else ~/mlsd-home on the driver's node."""
+    return Workspace.at(home or os.environ.get("MLSD_HOME")
                         or os.path.expanduser(DEFAULT_JOB_HOME))
 
 
@@ -114,8 +114,8 @@ def run_job(stage: str, smoke: bool, home: str | None, config_of: Callable[[], o
 
     configure()  # the job's log, like the console, shows our lines (no download bars)
     try:
-        cfg, where = config_of(), job_home(home)
-        log_stderr(f"job {stage}{' (smoke)' if smoke else ''}: outputs under {where}")
+        cfg, where = config_of(), job_workspace(home)
+        log_stderr(f"job {stage}{' (smoke)' if smoke else ''}: outputs under {where.root}")
         result, code = work(cfg, where, log_stderr), 0
     except MlsdError as exc:
         result, code = {"error": {"code": exc.exit_code, "message": str(exc)}}, exc.exit_code
@@ -165,7 +165,7 @@ def tune_job(config: JobConfigOption = None, set_: SetOption = None,
     def work(cfg, where, log) -> TuneSummary:
         from mlsd_ray.tuning.search import run_tune
 
-        return run_tune(cfg, home=where, log=log)
+        return run_tune(cfg, workspace=where, log=log)
 
     run_job("tune", smoke, home,
             lambda: job_config("tune", smoke, config, set_, source, example, label, task), work)

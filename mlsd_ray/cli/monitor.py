@@ -27,6 +27,7 @@ from mlsd_ray.cli.support import (
     with_flags,
 )
 from mlsd_ray.core.runtime import log_stderr
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.base import TrafficRequest
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ def monitor(since: Annotated[str, typer.Option(
     validation's. Writes report.json, report.md and histograms.png under
     $MLSD_HOME/monitor/ and prints the verdict. Thresholds: the `monitor` config section.
     """
+    workspace = Workspace.at(home)
     verdicts: list[str] = []
 
     def work() -> MonitorReport:
@@ -70,8 +72,8 @@ def monitor(since: Annotated[str, typer.Option(
         cfg = config_from(config, set_, None, example, task=task)
         frame = None
         if inputs:
-            frame = _predict_inputs(cfg, inputs, model, home)
-        report = run_monitor(cfg, home, None if inputs else since, until, frame)
+            frame = _predict_inputs(cfg, inputs, model, workspace)
+        report = run_monitor(cfg, workspace, None if inputs else since, until, frame)
         verdicts.append(report.verdict)
         return report
 
@@ -89,7 +91,7 @@ def monitor(since: Annotated[str, typer.Option(
         raise typer.Exit(DRIFT_EXIT_CODE)
 
 
-def _predict_inputs(cfg, inputs: str, model: str | None, home: str | None):
+def _predict_inputs(cfg, inputs: str, model: str | None, workspace: Workspace):
     """Offline predictions of a source, shaped like prediction-log rows (the model's task,
     from its checkpoint, predicts them)."""
     import pandas as pd
@@ -97,10 +99,10 @@ def _predict_inputs(cfg, inputs: str, model: str | None, home: str | None):
     from mlsd_ray import registry
     from mlsd_ray.tasks import task_of_checkpoint
 
-    resolved = registry.pin(model or cfg.serve.model, home)
+    resolved = registry.pin(model or cfg.serve.model, workspace)
     task = task_of_checkpoint(resolved.path)
     task.set_source(cfg, inputs)
-    summary = predict_offline(task, resolved, cfg, None, home)
+    summary = predict_offline(task, resolved, cfg, None, workspace)
     frame = pd.read_parquet(summary.out)
     return frame[frame["status"] == "ok"].reset_index(drop=True)
 
@@ -140,6 +142,8 @@ def simulate_traffic(
     --example fraud (or --task tabular) rows go to the scoring app and a shift changes one
     column.
     """
+    workspace = Workspace.at(home)
+
     def work() -> TrafficReport:
         from mlsd_ray.core.errors import InputError
 
@@ -147,7 +151,7 @@ def simulate_traffic(
         if split not in ("train", "val", "test"):
             raise InputError(f"--split {split!r}: choose train, val or test")
         kind = ChosenTask().of(cfg)
-        prepared = kind.prepare(cfg, home, log_stderr)
+        prepared = kind.prepare(cfg, workspace, log_stderr)
         return kind.simulate_traffic(prepared, TrafficRequest(
             url, shift, amount, column, count, split, seed, batch, concurrency, save))
 
@@ -178,6 +182,7 @@ def retrain(source: Annotated[str, typer.Option(
     promoted challenger takes the alias and a running `mlsd serve` app rolls over to it with no
     dropped requests. Writes decision.json / decision.md under $MLSD_HOME/retrain/.
     """
+    workspace = Workspace.at(home)
 
     def work() -> RetrainDecision:
         from mlsd_ray.workflows.retrain import retrain as run_retrain
@@ -186,7 +191,7 @@ def retrain(source: Annotated[str, typer.Option(
                                                     "retrain.epochs": epochs,
                                                     "retrain.margin": margin}), None,
                           example, task=task)
-        return run_retrain(cfg, source, home, model, dry_run, log_stderr)
+        return run_retrain(cfg, source, workspace, model, dry_run, log_stderr)
 
     def render(decision: RetrainDecision) -> None:
         for who, uri in (("champion", decision.champion), ("challenger", decision.challenger)):

@@ -26,9 +26,10 @@ from mlsd_ray.cli.support import (
     with_flags,
 )
 from mlsd_ray.core.runtime import log_stderr
+from mlsd_ray.core.workspace import Workspace
 
 if TYPE_CHECKING:
-    from mlsd_ray.tasks.base import OfflinePrediction
+    from mlsd_ray.tasks.base import OfflinePrediction, OnlinePrediction
 
 AppOption = Annotated[str, typer.Option("--app", help="Serve application name.")]
 
@@ -68,6 +69,7 @@ def serve(ctx: typer.Context, config: ConfigOption = None, set_: SetOption = Non
     require `Authorization: Bearer <token>`, and MLSD_ADMIN_TOKEN to allow changing the fraud
     policy and rules over HTTP (off without it). Subcommands: `status`, `stop`.
     """
+    workspace = Workspace.at(home)
     if ctx.invoked_subcommand is not None:
         return
     from mlsd_ray.serve import control
@@ -78,7 +80,7 @@ def serve(ctx: typer.Context, config: ConfigOption = None, set_: SetOption = Non
     overrides = with_flags(set_, flags)
 
     def work() -> control.RunningApp:
-        app = control.start(config_from(config, overrides, None).serve, home, detach,
+        app = control.start(config_from(config, overrides, None).serve, workspace, detach,
                             log_stderr)
         if not detach:
             control.serve_until_interrupted(app, log_stderr)
@@ -98,6 +100,7 @@ def serve(ctx: typer.Context, config: ConfigOption = None, set_: SetOption = Non
 def serve_status(home: HomeOption = None, app_name: AppOption = "mlsd",
                  as_json: JsonOption = False) -> None:
     """The running app: its state, replicas per deployment and the served model version."""
+    workspace = Workspace.at(home)
     from mlsd_ray.serve import control
 
     def render(result: control.AppStatus) -> None:
@@ -107,20 +110,21 @@ def serve_status(home: HomeOption = None, app_name: AppOption = "mlsd",
             print(f"  {name}: {deployment['status']}, replicas {deployment['replicas']}")
         print(f"Prometheus metrics: {', '.join(result.metrics)}")
 
-    run(as_json, lambda: control.status(home, app_name), render)
+    run(as_json, lambda: control.status(workspace, app_name), render)
 
 
 @serve_app.command("stop")
 def serve_stop(home: HomeOption = None, app_name: AppOption = "mlsd",
                as_json: JsonOption = False) -> None:
     """Stop the app (and the local Ray head that `mlsd serve --detach` started, if any)."""
+    workspace = Workspace.at(home)
     from mlsd_ray.serve import control
 
     def render(result: control.StoppedApp) -> None:
         extra = " and the Ray head it started" if result.stopped_ray_head else ""
         print(f"stopped {result.app_name}{extra}")
 
-    run(as_json, lambda: control.stop(home, app_name), render)
+    run(as_json, lambda: control.stop(workspace, app_name), render)
 
 
 def deploy(model: Annotated[str, typer.Option(
@@ -132,13 +136,14 @@ def deploy(model: Annotated[str, typer.Option(
     Serve starts replicas of the new version and retires the old ones as the new become healthy;
     every answer carries the version that produced it.
     """
+    workspace = Workspace.at(home)
     from mlsd_ray.serve import control
 
     def render(result: control.RollingUpdate) -> None:
         print(f"{result.app_name}: {result.before.uri} -> {result.after.uri} in "
               f"{result.seconds} s; now serving version {result.served_version}")
 
-    run(as_json, lambda: control.deploy(model, home, app_name, log_stderr), render)
+    run(as_json, lambda: control.deploy(model, workspace, app_name, log_stderr), render)
 
 
 def predict(files: Annotated[list[Path] | None, typer.Argument(
@@ -161,11 +166,12 @@ def predict(files: Annotated[list[Path] | None, typer.Argument(
     its task. Online: `mlsd predict --url URL FILE...` sends images, or with --example fraud
     (or --task tabular) the rows of CSV files to the scoring app.
     """
+    workspace = Workspace.at(home)
     from mlsd_ray.core.errors import InputError
 
     chosen = ChosenTask()
 
-    def work() -> dict | OfflinePrediction:
+    def work() -> OfflinePrediction | OnlinePrediction:
         cfg = config_from(config, with_flags(set_, {}), None, example, task=task)
         if url:
             if not files:
@@ -176,9 +182,9 @@ def predict(files: Annotated[list[Path] | None, typer.Argument(
         from mlsd_ray import registry
         from mlsd_ray.tasks import task_of_checkpoint
 
-        resolved = registry.pin(model, home)
+        resolved = registry.pin(model, workspace)
         chosen.task = task_of_checkpoint(resolved.path)
         chosen.task.set_source(cfg, source)
-        return predict_offline(chosen.task, resolved, cfg, str(out) if out else None, home)
+        return predict_offline(chosen.task, resolved, cfg, str(out) if out else None, workspace)
 
-    run(as_json, work, lambda result: chosen.task.render_prediction(result))
+    run(as_json, work, lambda result: print(result.describe()))

@@ -21,6 +21,7 @@ import typer
 from mlsd_ray.core.config import load_config
 from mlsd_ray.core.errors import MlsdError
 from mlsd_ray.core.runtime import log_stderr
+from mlsd_ray.core.workspace import Workspace
 
 if TYPE_CHECKING:
     from mlsd_ray.core.config import Config
@@ -169,15 +170,15 @@ def with_flags(overrides: list[str] | None, flags: dict) -> list[str]:
 
 
 def predict_offline(task: Task, model: PinnedModel, cfg: Config, out: str | None,
-                    home: str | None) -> OfflinePrediction:
+                    workspace: Workspace) -> OfflinePrediction:
     """A task's offline prediction (`Task.predict_offline`) as the commands run it: Ray up
     first, then Ray's own C++ lines about Ray Data's actor pool kept off the console
     (`runtime.native_lines_off_console`; Ray's children must not inherit its pipe)."""
     from mlsd_ray.core import runtime
 
-    runtime.ensure_ray(home)
+    runtime.ensure_ray(workspace)
     with runtime.native_lines_off_console():
-        return task.predict_offline(model, cfg, out, home, log_stderr)
+        return task.predict_offline(model, cfg, out, workspace, log_stderr)
 
 
 def config_from(config: Path | None, overrides: list[str] | None, source: str | None,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mlsd_ray.core import storage
 from mlsd_ray.core.errors import InputError
+from mlsd_ray.core.workspace import Workspace
 
 SHARED_ENV = "MLSD_SHARED_STORAGE"
 # Mount types whose files every machine that mounts them sees.
@@ -77,15 +78,15 @@ def tracking_path(uri: str) -> str | None:
     return uri.removeprefix("file://")
 
 
-def storage_problems(home: str, tracking_uri: str, machines: list[str],
+def storage_problems(root: str, tracking_uri: str, machines: list[str],
                      fs_type: Callable[[str], str | None] = mount_type) -> list[str]:
     """What is not shared across `machines` (empty on one machine or when all is shared)."""
     if len(machines) < 2 or os.environ.get(SHARED_ENV) == "1":
         return []
     problems = []
-    why = local_only(home, fs_type)
+    why = local_only(root, fs_type)
     if why:
-        problems.append(f"MLSD_HOME is {home}, {why}")
+        problems.append(f"MLSD_HOME is {root}, {why}")
     path = tracking_path(tracking_uri)
     if path is not None:
         why = local_only(path, fs_type)
@@ -94,14 +95,14 @@ def storage_problems(home: str, tracking_uri: str, machines: list[str],
     return problems
 
 
-def check_shared_storage(home: str | None = None) -> None:
+def check_shared_storage(workspace: Workspace) -> None:
     """InputError (exit 2) when the cluster spans machines and the outputs would not be shared."""
     machines = cluster_machines()
     if len(machines) < 2:
         return
     from mlsd_ray.registry import tracking_uri
 
-    problems = storage_problems(storage.home(home), tracking_uri(home), machines)
+    problems = storage_problems(workspace.root, tracking_uri(workspace), machines)
     if problems:
         raise InputError(
             f"this Ray cluster spans {len(machines)} machines ({', '.join(machines)}), but "

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
+from mlsd_ray.core.workspace import Workspace
+
 _settings = {"quiet": False, "verbose": False}
 
 
@@ -114,9 +116,9 @@ def _relay_all_but_native_lines(read_end: int, console: int) -> None:
         os.write(console, pending)
 
 
-def ensure_ray(home: str | None = None) -> None:
+def ensure_ray(workspace: Workspace) -> None:
     """Start or join Ray unless this process already did; on a cluster that spans machines,
-    check that `home` (MLSD_HOME) and the MLflow store are shared (cluster.py), else exit 2.
+    check that the workspace (MLSD_HOME) and the MLflow store are shared (cluster.py), else exit 2.
 
     The dashboard is on because Tune's early stopping, Ray jobs and `serve deploy` need it
     (without it, trials stopped early by ASHA leak their Train reservations and the search
@@ -139,7 +141,7 @@ def ensure_ray(home: str | None = None) -> None:
             log_stderr(f"Ray's logs: {ray_logs_dir()} (--verbose prints them here)")
     from mlsd_ray.core.cluster import check_shared_storage
 
-    check_shared_storage(home)
+    check_shared_storage(workspace)
 
 
 def quiet_token_notice() -> None:

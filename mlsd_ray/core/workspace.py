@@ -1,9 +1,13 @@
 """The layout of MLSD_HOME: where each stage keeps what it writes, in one place.
 
 `Workspace.at(home)` resolves the root once (`--home`, else `$MLSD_HOME`, else ./mlsd-home; a
-path or a URI, see storage.py) and names every location under it. A stage asks the workspace
-for "the runs folder" or "this dataset's folder" instead of joining folder names itself, so
-the layout below is the only place that knows them:
+path or a URI, see storage.py) and names every location under it. The edges build it: each
+`mlsd` command, each Ray job (cli/jobs.py) and Serve's application builder (serve/app.py
+`build_app`). Every stage below them takes the `Workspace` as an argument and never resolves
+a home again; it is a frozen dataclass of one string, so it travels to Ray actors and Serve
+replicas as it is. A stage asks the workspace for "the runs folder" or "this dataset's
+folder" instead of joining folder names itself, so the layout below is the only place that
+knows them:
 
     datasets/<name>/<fingerprint>/   prepared splits, quarantine, quality report (data stage)
     runs/<run>/                      Ray Train's checkpoints and results (train)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from mlsd_ray.core.errors import InputError
+from mlsd_ray.core.workspace import Workspace
 
 FORMATS = ("onnx", "torchscript")
 QUANTIZATIONS = ("int8",)
@@ -245,15 +246,15 @@ def write_folder(out: str | Path, files: dict[str, Callable[[Path], object]]) ->
     return out
 
 
-def register_export(model_uri: str, out: str | Path, fmt: str, home: str | None) -> str | None:
+def register_export(model_uri: str, out: str | Path, fmt: str, workspace: Workspace) -> str | None:
     """Log the export folder into the MLflow run of the version `model_uri` names (under
     export/<fmt>) and tag the version with where it is; None for a checkpoint folder."""
     if not model_uri.startswith("models:/"):
         return None
     from mlsd_ray.registry import client, show
 
-    version = show(model_uri, home)
-    mlflow_client = client(home)
+    version = show(model_uri, workspace)
+    mlflow_client = client(workspace)
     artifact_path = f"export/{fmt}"
     mlflow_client.log_artifacts(version.run_id, str(out), artifact_path)
     location = f"runs:/{version.run_id}/{artifact_path}"

@@ -30,9 +30,9 @@ BASE_COLUMNS = ("time", "request_id", "model_name", "model_version", "predicted_
                 "confidence", "latency_ms")
 
 
-def log_location(settings: PredictionLogConfig, home: str | None) -> str:
+def log_location(settings: PredictionLogConfig, workspace: Workspace) -> str:
     """Where the log lives: the configured URI, else $MLSD_HOME/predictions."""
-    return settings.uri or Workspace.at(home).predictions
+    return settings.uri or workspace.predictions
 
 
 class PredictionLog:

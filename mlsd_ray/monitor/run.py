@@ -51,12 +51,12 @@ class MonitorReport:
         return {**plain, "outputs": self.outputs} if self.outputs else plain
 
 
-def load_reference(model_uri: str, home: str | None) -> dict:
+def load_reference(model_uri: str, workspace: Workspace) -> dict:
     """The reference profile stored in a model version's checkpoint (checksums verified)."""
     from mlsd_ray import registry
     from mlsd_ray.training.checkpoint import verify
 
-    directory = registry.resolve(model_uri, home)
+    directory = registry.resolve(model_uri, workspace)
     verify(directory)
     return storage.read_json(storage.join(directory, "reference.json"))
 
@@ -84,13 +84,13 @@ def window(since: str | None, until: str | None) -> tuple[dt.datetime | None, dt
     return parse(since), parse(until)
 
 
-def monitor(cfg: Config, home: str | None = None, since: str | None = "1h",
+def monitor(cfg: Config, workspace: Workspace, since: str | None = "1h",
             until: str | None = None, frame: pd.DataFrame | None = None, out: str | None = None,
             log: Callable[[str], None] = log_stderr) -> MonitorReport:
     """Test the window (or `frame`, e.g. batch predictions) and write the reports."""
     start, end = window(since, until)
     if frame is None:
-        location = log_location(cfg.serve.prediction_log, home)
+        location = log_location(cfg.serve.prediction_log, workspace)
         frame = read_log(location, start, end)
         log(f"{len(frame)} logged predictions in the window from {location}")
     report = MonitorReport(since=start.isoformat() if start else None,
@@ -100,7 +100,7 @@ def monitor(cfg: Config, home: str | None = None, since: str | None = "1h",
         report.summary = ("no predictions in this window: nothing to test (send traffic, or "
                           "widen --since)")
         return report
-    references = {uri: load_reference(uri, home) for uri in frame["model_uri"].unique()}
+    references = {uri: load_reference(uri, workspace) for uri in frame["model_uri"].unique()}
     for uri, rows in frame.groupby("model_uri", sort=False):
         result = drift.check_model(rows, references[uri], cfg.monitor)
         result.model_version = str(rows["model_version"].iloc[0])
@@ -109,13 +109,13 @@ def monitor(cfg: Config, home: str | None = None, since: str | None = "1h",
     report.verdict = (drift.DRIFT if drift.DRIFT in verdicts else drift.NO_DRIFT
                       if drift.NO_DRIFT in verdicts else drift.TOO_FEW)
     report.summary = "; ".join(f"{uri}: {m.summary}" for uri, m in report.models.items())
-    _write(report, frame, references, home, out, log)
+    _write(report, frame, references, workspace, out, log)
     return report
 
 
-def _write(report: MonitorReport, frame: pd.DataFrame, references: dict, home: str | None,
+def _write(report: MonitorReport, frame: pd.DataFrame, references: dict, workspace: Workspace,
            out: str | None, log: Callable[[str], None]) -> None:
-    root = Workspace.at(home).monitor
+    root = workspace.monitor
     out = out or storage.join(root, time.strftime("%Y%m%d-%H%M%S"))
     report.outputs = {name: storage.join(out, name)
                       for name in ("report.json", "report.md", "histograms.png")}

@@ -46,7 +46,7 @@ class PinnedModel:
     def as_dict(self) -> dict:
         return asdict(self)
 
-    def checkpoint_here(self, home: str | None) -> str:
+    def checkpoint_here(self, workspace: Workspace) -> str:
         """The checkpoint on this machine: `path` when this machine sees it (the one that
         pinned it, or a shared MLSD_HOME), else the registry's copy, downloaded here.
 
@@ -54,14 +54,14 @@ class PinnedModel:
         2.5 s of every Serve replica's start on 2 cores (docs/performance.md)."""
         if os.path.isfile(os.path.join(self.path, "checksums.json")):
             return self.path
-        return resolve(self.uri, home)
+        return resolve(self.uri, workspace)
 
 
-def tracking_uri(home: str | None = None) -> str:
+def tracking_uri(workspace: Workspace) -> str:
     """`MLFLOW_TRACKING_URI`, else a sqlite file under MLSD_HOME (which must be local then)."""
     if _USER_TRACKING_URI:
         return _USER_TRACKING_URI
-    workspace = Workspace.at(home)
+    workspace = workspace
     if storage.is_uri(workspace.root):
         raise InputError(f"MLSD_HOME is {workspace.root}: an embedded sqlite registry needs a "
                          "local folder; set MLFLOW_TRACKING_URI to an MLflow server")
@@ -69,22 +69,22 @@ def tracking_uri(home: str | None = None) -> str:
     return f"sqlite:///{workspace.mlflow_db}"
 
 
-def client(home: str | None = None):
-    """An MlflowClient on our store, with the `mlsd` experiment created (artifacts in home)."""
+def client(workspace: Workspace):
+    """An MlflowClient on our store, with the `mlsd` experiment (artifacts in the workspace)."""
     import logging
 
     import mlflow
     from mlflow import MlflowClient
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # schema migrations log at INFO
-    mlflow.set_tracking_uri(tracking_uri(home))
+    mlflow.set_tracking_uri(tracking_uri(workspace))
     if _USER_TRACKING_URI is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)  # see _USER_TRACKING_URI
     mlflow_client = MlflowClient()
     if mlflow_client.get_experiment_by_name(EXPERIMENT) is None:
         artifacts = None  # a server decides where its artifacts go
         if not _USER_TRACKING_URI:
-            artifacts = Workspace.at(home).mlflow_artifacts.as_uri()
+            artifacts = workspace.mlflow_artifacts.as_uri()
         mlflow_client.create_experiment(EXPERIMENT, artifact_location=artifacts)
     mlflow.set_experiment(EXPERIMENT)
     return mlflow_client
@@ -121,10 +121,10 @@ def log_checkpoint_model(checkpoint_dir: str, signature, input_example) -> None:
         mlflow.log_artifacts(model_dir, artifact_path=ARTIFACT_DIR)
 
 
-def log_evaluation(run_id: str, report_file: str, split: str, home: str | None) -> None:
+def log_evaluation(run_id: str, report_file: str, split: str, workspace: Workspace) -> None:
     """Attach an evaluation (every file of `report_file`'s folder: report, plots) to the
     MLflow run of the version it evaluated, under evaluation/<split>."""
-    client(home).log_artifacts(run_id, os.path.dirname(report_file), f"evaluation/{split}")
+    client(workspace).log_artifacts(run_id, os.path.dirname(report_file), f"evaluation/{split}")
 
 
 def checkpoint_in(version_dir: str | Path) -> Path:
@@ -243,12 +243,12 @@ class Promotion:
                f"{self.promoted.version})"
 
 
-def promote_first(registered: RegisteredVersion, home: str | None, log) -> Promotion:
+def promote_first(registered: RegisteredVersion, workspace: Workspace, log) -> Promotion:
     """A pipeline's promotion: version 1 of a new model becomes `production`; with earlier
     versions the alias stays where the user put it."""
     name = registered.name
-    if not show(name, home).aliases and registered.version == 1:
-        promoted = promote(name, 1, "production", home)
+    if not show(name, workspace).aliases and registered.version == 1:
+        promoted = promote(name, 1, "production", workspace)
         log(f"promoted {name} version 1 to production (the first version)")
         return Promotion(promoted=promoted)
     return Promotion(skipped=f"{name} already has versions; promote one with "
@@ -274,9 +274,9 @@ def _number(text):
     return float(text) if text not in (None, "") else None
 
 
-def list_models(home: str | None = None) -> list[RegisteredModel]:
+def list_models(workspace: Workspace) -> list[RegisteredModel]:
     """Every registered model with its versions (newest first) and aliases."""
-    mlflow_client = client(home)
+    mlflow_client = client(workspace)
     models = []
     for model in mlflow_client.search_registered_models():
         aliases = dict(model.aliases or {})
@@ -296,9 +296,9 @@ def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
     return name, version or None, None
 
 
-def show(ref: str, home: str | None = None) -> ModelVersion:
+def show(ref: str, workspace: Workspace) -> ModelVersion:
     """One version (by number or alias; the newest when neither is given), with its tags."""
-    mlflow_client = client(home)
+    mlflow_client = client(workspace)
     name, version, alias = parse_model_ref(ref)
     try:
         model = mlflow_client.get_registered_model(name)
@@ -310,20 +310,20 @@ def show(ref: str, home: str | None = None) -> ModelVersion:
             found = max(mlflow_client.search_model_versions(f"name='{name}'"),
                         key=lambda v: int(v.version))
     except Exception as exc:  # MlflowException: no such model, version or alias
-        raise InputError(f"no registered model version {ref!r} in {tracking_uri(home)}") from exc
+        raise InputError(f"no registered model version {ref!r} in "
+                         f"{tracking_uri(workspace)}") from exc
     return _version(name, found, dict(model.aliases or {}))
 
 
-def promote(name: str, version: int, alias: str = "production",
-            home: str | None = None) -> ModelVersion:
+def promote(name: str, version: int, alias: str, workspace: Workspace) -> ModelVersion:
     """Point `alias` at `version` (one atomic update in the store)."""
-    mlflow_client = client(home)
-    show(f"{name}/{version}", home)  # a clear error for a missing model or version
+    mlflow_client = client(workspace)
+    show(f"{name}/{version}", workspace)  # a clear error for a missing model or version
     mlflow_client.set_registered_model_alias(name, alias, str(version))
-    return show(f"{name}@{alias}", home)
+    return show(f"{name}@{alias}", workspace)
 
 
-def pin(ref: str, home: str | None = None) -> PinnedModel:
+def pin(ref: str, workspace: Workspace) -> PinnedModel:
     """Pin a model reference (`models:/NAME[/VERSION|@ALIAS]` or a checkpoint folder) to one
     version before deploying or using it (an alias may move later); its checkpoint is
     downloaded and checked now, so a broken artifact fails here. InputError (exit 2) when the
@@ -331,8 +331,8 @@ def pin(ref: str, home: str | None = None) -> PinnedModel:
     from mlsd_ray.training.checkpoint import verify
 
     if ref.startswith("models:/"):
-        info = show(ref, home)
-        return PinnedModel(info.uri, info.name, str(info.version), _local_copy(info, home),
+        info = show(ref, workspace)
+        return PinnedModel(info.uri, info.name, str(info.version), _local_copy(info, workspace),
                            info.metrics)
     path = os.path.abspath(ref)
     if not os.path.isdir(path):
@@ -342,7 +342,7 @@ def pin(ref: str, home: str | None = None) -> PinnedModel:
     return PinnedModel(path, os.path.basename(path), "local", path)
 
 
-def resolve(ref: str, home: str | None = None) -> str:
+def resolve(ref: str, workspace: Workspace) -> str:
     """A local checkpoint directory for a path or a `models:/NAME/VERSION|@ALIAS` URI.
 
     Registry artifacts are downloaded once into $MLSD_HOME/registry-cache/NAME/VERSION and
@@ -352,14 +352,14 @@ def resolve(ref: str, home: str | None = None) -> str:
         if not Path(ref).is_dir():
             raise InputError(f"no checkpoint at {ref}")
         return ref
-    return _local_copy(show(ref, home), home)
+    return _local_copy(show(ref, workspace), workspace)
 
 
-def _local_copy(info: ModelVersion, home: str | None) -> str:
+def _local_copy(info: ModelVersion, workspace: Workspace) -> str:
     """The registry-cache folder of the version `info` (a `show` result), downloaded once."""
     import mlflow
 
-    target = Workspace.at(home).registry_cache / info.name / str(info.version)
+    target = workspace.registry_cache / info.name / str(info.version)
     if (checkpoint_in(target) / "checksums.json").is_file():
         return str(checkpoint_in(target))
     # Download beside the target and rename into place: several Serve replicas may resolve

@@ -16,18 +16,19 @@ from collections.abc import Iterator
 from typing import Any
 
 from mlsd_ray.core.runtime import log_stderr
+from mlsd_ray.core.workspace import Workspace
 
 
 class LiveRun:
-    """`with LiveRun(home, run_name, params, dataset_path, fingerprint, dataset_name) as run:`
+    """`with LiveRun(workspace, run_name, params, dataset_path, fingerprint, dataset_name) as run:`
     ... fit with `observe=run.log_epoch`; the run is the active MLflow run inside the block.
 
     Disabled (`enabled=False`: a training that is not registered), it does nothing."""
 
-    def __init__(self, home: str | None, run_name: str, params: dict[str, Any],
+    def __init__(self, workspace: Workspace, run_name: str, params: dict[str, Any],
                  dataset_path: str, fingerprint: str, dataset_name: str,
                  enabled: bool = True):
-        self.home, self.run_name, self.params = home, run_name, params
+        self.workspace, self.run_name, self.params = workspace, run_name, params
         self.dataset = (dataset_path, fingerprint, dataset_name)
         self.enabled, self.run_id = enabled, None
         self._warned = False
@@ -39,7 +40,7 @@ class LiveRun:
 
         from mlsd_ray.registry import client
 
-        self.client = client(self.home)
+        self.client = client(self.workspace)
         run = mlflow.start_run(run_name=self.run_name)
         self.run_id = run.info.run_id
         mlflow.log_params(self.params)
@@ -108,8 +109,8 @@ class LiveSearch:
     feeds each reported epoch, and ends FINISHED or FAILED with the trial. `write_outputs`
     (tuning/report.py) adds the best trial's score and registers its model into it."""
 
-    def __init__(self, home: str | None, name: str, params: dict[str, Any]):
-        self.home, self.name, self.params = home, name, params
+    def __init__(self, workspace: Workspace, name: str, params: dict[str, Any]):
+        self.workspace, self.name, self.params = workspace, name, params
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.trial_runs: dict[str, str] = {}  # Tune's trial id -> its MLflow run id
@@ -122,7 +123,7 @@ class LiveSearch:
         if self._client is None:
             from mlsd_ray.registry import client
 
-            self._client = client(self.home)
+            self._client = client(self.workspace)
         return self._client
 
     def __getstate__(self) -> dict[str, Any]:

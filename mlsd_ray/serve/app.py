@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ExceptionHandler
 
 from mlsd_ray.core.config import PredictionLogConfig, ServeConfig
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.registry import PinnedModel
 from mlsd_ray.serve.metrics import ingress_metrics
 from mlsd_ray.serve.routers import ROUTER_CLASSES
@@ -58,10 +59,10 @@ REQUEST_ID_HEADER = "x-request-id"  # Serve's proxy sets it when the client did 
 
 @dataclass(frozen=True)
 class ReplicaSettings:
-    """What a model replica needs besides the model: its MLSD_HOME, batching, torch threads,
+    """What a model replica needs besides the model: its workspace, batching, torch threads,
     the prediction log's settings and the time a request may take in it."""
 
-    home: str
+    workspace: Workspace
     max_batch_size: int
     batch_wait_timeout_s: float
     threads: int
@@ -70,10 +71,8 @@ class ReplicaSettings:
     runtime: str = "torch"  # what runs the network: torch, or onnxruntime (serve.runtime)
 
     @classmethod
-    def from_config(cls, settings: ServeConfig, home: str | None) -> ReplicaSettings:
-        from mlsd_ray.core import storage
-
-        return cls(storage.home(home), settings.max_batch_size, settings.batch_wait_timeout_s,
+    def from_config(cls, settings: ServeConfig, workspace: Workspace) -> ReplicaSettings:
+        return cls(workspace, settings.max_batch_size, settings.batch_wait_timeout_s,
                    max(1, round(settings.num_cpus)), settings.prediction_log.model_dump(),
                    settings.request_timeout_s, settings.runtime)
 
@@ -117,11 +116,11 @@ class LoggingReplica:
             self.metrics["predictions"].inc(count, tags={"model_version": version,
                                                          "predicted_class": name})
 
-    def _open_log(self, log_settings: dict | None, home: str | None) -> None:
+    def _open_log(self, log_settings: dict | None, workspace: Workspace) -> None:
         from mlsd_ray.monitor.predlog import PredictionLog, log_location
 
         settings = PredictionLogConfig(**(log_settings or {}))
-        self.log = (PredictionLog(log_location(settings, home), settings, self.replica)
+        self.log = (PredictionLog(log_location(settings, workspace), settings, self.replica)
                     if settings.enabled else None)
 
     def _record(self, rows: list[dict]) -> None:
@@ -234,12 +233,12 @@ class AppClasses:
 
 
 def bind_app(classes: AppClasses, settings: ServeConfig, model: PinnedModel,
-             home: str | None, route_settings: dict) -> serve.Application:
+             workspace: Workspace, route_settings: dict) -> serve.Application:
     """The application in the configured topology. Single: one deployment named after the
     model (the routes and the batched model together) with the model's options (autoscaling,
     router, CPUs). Split: the routes as `routes_name` (one ingress replica) in front of the
     model deployment."""
-    replica = ReplicaSettings.from_config(settings, home)
+    replica = ReplicaSettings.from_config(settings, workspace)
     options = model_options(settings)
     if settings.topology == "single":
         return _deployment(classes.routes, classes.model_name).options(
@@ -474,17 +473,18 @@ def _too_large(size: int, limit: int) -> ClientError:
 
 
 def build_app(args: dict) -> serve.Application:
-    """Application builder: args = the `serve` config keys plus optional `home`. Builds the
-    app of the task that trained `model` (its checkpoint says which), as `mlsd serve` does."""
+    """Application builder: args = the `serve` config keys plus optional `home` (the MLSD_HOME
+    of `serve run` configs; the workspace is resolved here, once). Builds the app of the task
+    that trained `model` (its checkpoint says which), as `mlsd serve` does."""
     from mlsd_ray import registry
     from mlsd_ray.tasks import task_of_checkpoint
 
     args = dict(args)
-    home = args.pop("home", None)
+    workspace = Workspace.at(args.pop("home", None))
     settings = ServeConfig.model_validate(args)
-    model = registry.pin(settings.model, home)
+    model = registry.pin(settings.model, workspace)
     task = task_of_checkpoint(model.path)
-    return task.serve_application(settings, model, home).application
+    return task.serve_application(settings, model, workspace).application
 
 
 def model_options(settings: ServeConfig) -> dict:

@@ -39,12 +39,11 @@ def b64_instance(data: bytes) -> dict:
 
 
 def predict_files(url: str, files: list[Path]) -> dict:
-    """Send image files as base64 instances in one request."""
+    """Send image files as base64 instances in one request; the app's answer (JSON)."""
     instances = []
     for path in files:
         try:
             instances.append(b64_instance(Path(path).read_bytes()))
         except OSError as exc:
             raise InputError(f"cannot read {path}: {exc.strerror}") from exc
-    answer = post_json(f"{url.rstrip('/')}/v1/predict", {"instances": instances})
-    return {"url": url, "files": [str(p) for p in files], **answer}
+    return post_json(f"{url.rstrip('/')}/v1/predict", {"instances": instances})

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from mlsd_ray import registry
-from mlsd_ray.core import storage
 from mlsd_ray.core.config import ServeConfig
 from mlsd_ray.core.errors import InputError, WorkError
 from mlsd_ray.core.runtime import log_stderr, quiet_serve_console, reachable
@@ -65,7 +64,7 @@ class RunningApp:
     served_version: str
     settings: ServeConfig
     head: RayHead
-    home: str
+    workspace: Workspace
     detached: bool = False
     seconds_to_healthy: float = 0.0
     endpoints: dict[str, str] = field(default_factory=dict)
@@ -77,7 +76,7 @@ class RunningApp:
 
     @property
     def state_file(self) -> Path:
-        return state_file(self.home, self.app_name)
+        return state_file(self.workspace, self.app_name)
 
     def endpoint(self, name: str) -> str:
         """The full URL of one of the task's routes, e.g. endpoint("score_url")."""
@@ -100,7 +99,7 @@ class RunningApp:
                 "route_prefix": self.route_prefix, "model_path": self.model_path,
                 **self.endpoints, "seconds_to_healthy": self.seconds_to_healthy,
                 "detached": self.detached, **self.head.to_dict(),
-                "serve": self.settings.model_dump(mode="json"), "home": self.home,
+                "serve": self.settings.model_dump(mode="json"), "home": self.workspace.root,
                 "served_version": self.served_version, "state_file": str(self.state_file)}
 
     @classmethod
@@ -114,7 +113,7 @@ class RunningApp:
                    settings=ServeConfig.model_validate(record["serve"]),
                    head=RayHead(record["ray_address"], record.get("cluster_pid"),
                                 record.get("dashboard")),
-                   home=record["home"], detached=bool(record.get("detached")),
+                   workspace=Workspace(record["home"]), detached=bool(record.get("detached")),
                    seconds_to_healthy=float(record.get("seconds_to_healthy", 0.0)),
                    endpoints={key: value for key, value in record.items()
                               if key.endswith("_url")})
@@ -168,15 +167,15 @@ class StoppedApp:
                 "stopped_ray_head": self.stopped_ray_head}
 
 
-def state_file(home: str | None, app_name: str) -> Path:
-    return Workspace.at(home).serve_state / f"{app_name}.json"
+def state_file(workspace: Workspace, app_name: str) -> Path:
+    return workspace.serve_state / f"{app_name}.json"
 
 
-def apps_serving(home: str | None, model_name: str) -> list[str]:
+def apps_serving(workspace: Workspace, model_name: str) -> list[str]:
     """The recorded apps (state files under $MLSD_HOME/serve) that serve a version of the
     registered model `model_name`, by app name."""
     apps = []
-    for path in sorted(Workspace.at(home).serve_state.glob("*.json")):
+    for path in sorted(workspace.serve_state.glob("*.json")):
         try:
             state = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -186,9 +185,9 @@ def apps_serving(home: str | None, model_name: str) -> list[str]:
     return apps
 
 
-def read_state(home: str | None, app_name: str) -> RunningApp:
+def read_state(workspace: Workspace, app_name: str) -> RunningApp:
     """The recorded app `app_name` (InputError when none is recorded)."""
-    path = state_file(home, app_name)
+    path = state_file(workspace, app_name)
     if not path.is_file():
         raise InputError(f"no running app {app_name!r} recorded in {path}; start one with "
                          "`mlsd serve --detach`")
@@ -210,7 +209,7 @@ def serve_logging(settings: ServeConfig) -> dict:
     return {"enable_access_log": settings.access_log}
 
 
-def start(settings: ServeConfig, home: str | None = None, detach: bool = False,
+def start(settings: ServeConfig, workspace: Workspace, detach: bool = False,
           log: Callable[[str], None] = log_stderr) -> RunningApp:
     """Deploy the app of the task that trained the model (its checkpoint says which) and wait
     until it answers its health check; returns where and what is served."""
@@ -219,11 +218,11 @@ def start(settings: ServeConfig, home: str | None = None, detach: bool = False,
     from mlsd_ray.tasks import task_of_checkpoint
 
     quiet_serve_console()
-    model = registry.pin(settings.model, home)
+    model = registry.pin(settings.model, workspace)
     task = task_of_checkpoint(model.path)
     settings = settings.model_copy(update={"model": model.uri})
-    cluster = _connect_for(home, settings, detach, log)
-    _fresh_proxy_for_a_new_router(settings, home, log)
+    cluster = _connect_for(workspace, settings, detach, log)
+    _fresh_proxy_for_a_new_router(settings, workspace, log)
     serve.start(proxy_location=settings.proxy_location,
                 http_options={"host": settings.host, "port": settings.port},
                 logging_config=serve_logging(settings))
@@ -232,7 +231,7 @@ def start(settings: ServeConfig, home: str | None = None, detach: bool = False,
         f"{settings.autoscaling.min_replicas}-"
         f"{settings.autoscaling.max_replicas} replicas)")
     started = time.perf_counter()
-    served = task.serve_application(settings, model, home)
+    served = task.serve_application(settings, model, workspace)
     serve.run(served.application, name=settings.app_name, route_prefix=served.route_prefix,
               logging_config=serve_logging(settings))
     url = url_of(settings)
@@ -240,7 +239,8 @@ def start(settings: ServeConfig, home: str | None = None, detach: bool = False,
     app = RunningApp(app_name=settings.app_name, task=task.name, url=url,
                      route_prefix=served.route_prefix, model_path=served.model_path,
                      model=model, served_version=str(health["model_version"]),
-                     settings=settings, head=cluster, home=storage.home(home), detached=detach,
+                     settings=settings, head=cluster, workspace=workspace,
+                     detached=detach,
                      seconds_to_healthy=round(time.perf_counter() - started, 2),
                      endpoints={name: f"{url}{path}" for name, path in served.endpoints.items()})
     app.save()
@@ -263,7 +263,7 @@ def serve_until_interrupted(app: RunningApp, log: Callable[[str], None] = log_st
         app.state_file.unlink(missing_ok=True)
 
 
-def _fresh_proxy_for_a_new_router(settings: ServeConfig, home: str | None,
+def _fresh_proxy_for_a_new_router(settings: ServeConfig, workspace: Workspace,
                                   log: Callable[[str], None]) -> None:
     """In the single topology Serve's HTTP proxy routes to the model replicas, and it builds a
     deployment's router once and keeps it while it lives (Ray 2.60 caches its handle by
@@ -271,7 +271,7 @@ def _fresh_proxy_for_a_new_router(settings: ServeConfig, home: str | None,
     restarted Serve when no other app runs on it, and a clear refusal when one does."""
     from ray import serve
 
-    path = state_file(home, settings.app_name)
+    path = state_file(workspace, settings.app_name)
     if settings.topology != "single" or not path.is_file():
         return
     before = json.loads(path.read_text()).get("serve", {})  # raw: any record, even a stale one
@@ -303,7 +303,7 @@ def remove_app(app_name: str) -> None:
         serve.shutdown()
 
 
-def _connect_for(home: str | None, settings: ServeConfig, detach: bool,
+def _connect_for(workspace: Workspace, settings: ServeConfig, detach: bool,
                  log: Callable[[str], None]) -> RayHead:
     """Join Ray: RAY_ADDRESS, else (detached) a head we start, else a local in-process one."""
     import ray
@@ -315,14 +315,15 @@ def _connect_for(home: str | None, settings: ServeConfig, detach: bool,
         if not ray.is_initialized():  # an in-process Serve keeps its port across apps
             _check_port_free(settings)
             prepare_ingress(settings)
-        runtime.ensure_ray(home)
+        runtime.ensure_ray(workspace)
         return RayHead(ray.get_runtime_context().gcs_address)
     _check_port_free(settings)
     environment, extra_args = _fault_tolerance(settings)
-    head = start_head(home, log, extra_args, {**_ingress_environment(settings), **environment},
+    head = start_head(workspace, log, extra_args,
+                      {**_ingress_environment(settings), **environment},
                       block=settings.gcs_redis is None)
     try:
-        _join(head.ray_address)
+        _join(head.ray_address, workspace)
     except BaseException:
         if head.cluster_pid is not None:  # nobody can reach it
             stop_head(head.cluster_pid, head.ray_address, timeout=10)
@@ -409,7 +410,7 @@ def _check_port_free(settings: ServeConfig) -> None:
                          "another with --port (or stop what uses it, e.g. `mlsd serve stop`)")
 
 
-def start_head(home: str | None, log: Callable[[str], None],
+def start_head(workspace: Workspace, log: Callable[[str], None],
                extra_args: tuple[str, ...] = (),
                environment: dict[str, str] | None = None, block: bool = True) -> RayHead:
     """`ray start --head --block` in a new process group, with `environment` added to its
@@ -426,7 +427,7 @@ def start_head(home: str | None, log: Callable[[str], None],
     runtime.tune_serve_recovery()  # into os.environ, which the head's processes inherit
     ray_bin = Path(sys.executable).with_name("ray")
     port, dashboard = free_port(), free_port()
-    log_path = Workspace.at(home).serve_state / "ray-head.log"
+    log_path = workspace.serve_state / "ray-head.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # Ports that default to fixed numbers get free ones: another Ray on this machine (a test
     # session, a user's `ray start`) holds 52365 and 10001, and a head whose dashboard agent
@@ -457,7 +458,7 @@ def start_head(home: str | None, log: Callable[[str], None],
     raise WorkError(f"the Ray head did not come up within 90 s; see {log_path}")
 
 
-def _join(address: str) -> None:
+def _join(address: str, workspace: Workspace) -> None:
     """Connect to a head on this machine by its recorded address.
 
     Ray turns token authentication on for a local head when a token exists (~/.ray/auth_token),
@@ -480,7 +481,7 @@ def _join(address: str) -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    runtime.ensure_ray()
+    runtime.ensure_ray(workspace)
 
 
 def wait_healthy(url: str, timeout: float = HEALTH_TIMEOUT_S, path: str = "/v1/health") -> dict:
@@ -509,13 +510,13 @@ def get_json(url: str, timeout: float = 10) -> dict:
         return json.loads(response.read())
 
 
-def status(home: str | None = None, app_name: str = "mlsd") -> AppStatus:
+def status(workspace: Workspace, app_name: str = "mlsd") -> AppStatus:
     """What runs: app and deployment states, replica counts, the served version."""
     from ray import serve
 
     quiet_serve_console()
 
-    state = read_state(home, app_name)
+    state = read_state(workspace, app_name)
     _join_recorded(state)
     apps = serve.status().applications
     if app_name not in apps:
@@ -556,14 +557,14 @@ def _join_recorded(state: RunningApp) -> None:
                         f"answer (down or restarting); {state.app_name!r} goes on answering "
                         f"on {state.url}: try again once the GCS is back")
     try:
-        _join(state.head.ray_address)
+        _join(state.head.ray_address, state.workspace)
     except ConnectionError as exc:
         raise InputError(f"the Ray instance at {state.head.ray_address} that served "
                          f"{state.app_name!r} is gone (stale record {state.state_file}); start "
                          "again with `mlsd serve --detach`") from exc
 
 
-def deploy(model_ref: str, home: str | None = None, app_name: str = "mlsd",
+def deploy(model_ref: str, workspace: Workspace, app_name: str = "mlsd",
            log: Callable[[str], None] = log_stderr) -> RollingUpdate:
     """Move the running app to another model version of the same task (a rolling update)."""
     from ray import serve
@@ -571,8 +572,8 @@ def deploy(model_ref: str, home: str | None = None, app_name: str = "mlsd",
     from mlsd_ray.tasks import task_of_checkpoint
 
     quiet_serve_console()
-    state = read_state(home, app_name)
-    model = registry.pin(model_ref, home)
+    state = read_state(workspace, app_name)
+    model = registry.pin(model_ref, workspace)
     task = task_of_checkpoint(model.path)
     if task.name != state.task:
         raise InputError(f"{model_ref} is a {task.name} model; app {app_name!r} serves the "
@@ -582,7 +583,7 @@ def deploy(model_ref: str, home: str | None = None, app_name: str = "mlsd",
     before = state.model
     log(f"rolling update of {app_name!r}: {before.uri} -> {model.uri}")
     started = time.perf_counter()
-    served_app = task.serve_application(settings, model, state.home)
+    served_app = task.serve_application(settings, model, state.workspace)
     serve.run(served_app.application, name=app_name, route_prefix=served_app.route_prefix,
               logging_config=serve_logging(settings))
     served = get_json(f"{state.url}{served_app.model_path}")
@@ -594,15 +595,15 @@ def deploy(model_ref: str, home: str | None = None, app_name: str = "mlsd",
                          seconds=round(time.perf_counter() - started, 2))
 
 
-def stop(home: str | None = None, app_name: str = "mlsd") -> StoppedApp:
+def stop(workspace: Workspace, app_name: str = "mlsd") -> StoppedApp:
     """Delete the app; stop the Ray head instead if `mlsd serve --detach` started it (the
     app goes with it: shutting Serve down first waited up to 30 s for its controller)."""
     import ray
 
-    state = read_state(home, app_name)
+    state = read_state(workspace, app_name)
     if state.head.cluster_pid:
         stopped = stop_head(state.head.cluster_pid, state.head.ray_address)
-        state_file(home, app_name).unlink(missing_ok=True)
+        state_file(workspace, app_name).unlink(missing_ok=True)
         return StoppedApp(app_name, stopped)
     try:
         _join_recorded(state)
@@ -612,7 +613,7 @@ def stop(home: str | None = None, app_name: str = "mlsd") -> StoppedApp:
     finally:
         if ray.is_initialized():
             ray.shutdown()
-    state_file(home, app_name).unlink(missing_ok=True)
+    state_file(workspace, app_name).unlink(missing_ok=True)
     return StoppedApp(app_name, False)
 
 

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from mlsd_ray.core.errors import InputError
+from mlsd_ray.core.workspace import Workspace
 
 if TYPE_CHECKING:
     from mlsd_ray.explain import ExplanationResult
@@ -151,6 +152,20 @@ class OfflinePrediction:
                 f"{refused} -> {self.out}{scored}")
 
 
+class OnlinePrediction(ABC):
+    """What `mlsd predict --url URL FILE...` got back from the running app: `to_dict()` is
+    what `--json` prints (the app's answers as they came, with the URL and the files) and
+    `describe()` what a person reads."""
+
+    @abstractmethod
+    def to_dict(self) -> dict[str, Any]:
+        """The answers for `--json`."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """One line per file (or input), then the model version that answered."""
+
+
 @dataclass(kw_only=True)
 class ServeCheck(ABC):
     """The pipeline's serve check: the app started on the new model answered test inputs over
@@ -241,7 +256,7 @@ class Task(ABC):
     # ------------------------------------------------------------------ stages
 
     @abstractmethod
-    def prepare(self, cfg, home: str | None, log: Log, force: bool = False) -> Any:
+    def prepare(self, cfg, workspace: Workspace, log: Log, force: bool = False) -> Any:
         """The data stage: validate, quarantine, split; returns the prepared data, which has
         `.summary() -> DataSummary` and the attributes the task's trainer reads."""
 
@@ -261,21 +276,21 @@ class Task(ABC):
         raise self.not_offered("cross-validation")
 
     @abstractmethod
-    def train(self, cfg, home: str | None, log: Log,
+    def train(self, cfg, workspace: Workspace, log: Log,
               run_name: str | None = None) -> TrainedModel:
         """The training stage: prepare if needed, train, evaluate, register (as configured).
         Returns a `TrainedModel`, or the task's own subclass of it with its scores."""
 
     @abstractmethod
-    def pipeline(self, cfg, home: str | None, log: Log, *, force: bool = False,
+    def pipeline(self, cfg, workspace: Workspace, log: Log, *, force: bool = False,
                  tune: bool = False, serve_check: bool = True, keep_serving: bool = False,
                  monitor_loop: bool = True) -> PipelineResult:
         """Every stage end to end: what each did (`PipelineResult`; its `to_dict` is
         `{"task": name, "stages": {stage: summary}}`)."""
 
-    def serve_application(self, settings, model: PinnedModel, home: str | None) -> ServedApp:
+    def serve_application(self, settings, model: PinnedModel, workspace: Workspace) -> ServedApp:
         """The Serve application for `model`, pinned to one version (`model.path`: its
-        checkpoint on this machine; replicas load it with `model.checkpoint_here(home)`);
+        checkpoint on this machine; replicas load it with `model.checkpoint_here(workspace)`);
         `settings` is the `serve` config section, with `settings.model` = `model.uri`."""
         raise self.not_offered("serve")
 
@@ -285,45 +300,36 @@ class Task(ABC):
         signature to the answers the task's Serve app gives for it."""
         raise self.not_offered("MLflow model")
 
-    def evaluate(self, checkpoint_dir: str, split: str, home: str | None,
+    def evaluate(self, checkpoint_dir: str, split: str, workspace: Workspace,
                  dataset_path: str | None = None) -> Evaluation:
         """Score the model in `checkpoint_dir` on a split of the dataset it was trained on
-        (or of `dataset_path`); write the report under home/reports/RUN/SPLIT."""
+        (or of `dataset_path`); write the report in the workspace (`Workspace.report`)."""
         raise self.not_offered("evaluate")
 
     def explain(self, checkpoint_dir: str, source: str | None, label: str | None, count: int,
-                out: str | None, home: str | None) -> ExplanationResult:
+                out: str | None, workspace: Workspace) -> ExplanationResult:
         """`mlsd explain`: attributions for `count` inputs (the model's test split, or
         `source`; with `label`, of that class only), drawn and checked for sanity
         (mlsd_ray/explain), written into `out`."""
         raise self.not_offered("explain")
 
     def export(self, checkpoint_dir: str, fmt: str, quantize: str | None, out: str,
-               model_uri: str, home: str | None) -> ExportResult:
+               model_uri: str, workspace: Workspace) -> ExportResult:
         """`mlsd export`: the served computation of the model in `checkpoint_dir` as `fmt`
         (mlsd_ray/export: onnx or torchscript; `quantize` int8) with a metadata JSON in
         `out`, checked against PyTorch on the test split, registered beside `model_uri`."""
         raise self.not_offered("export")
 
-    def predict_offline(self, model: PinnedModel, cfg, out: str | None, home: str | None,
+    def predict_offline(self, model: PinnedModel, cfg, out: str | None, workspace: Workspace,
                         log: Log) -> OfflinePrediction:
         """`mlsd predict --model URI --source SPEC`: every input of the task's source in `cfg`
         predicted by `model` (pinned to one version), written as parquet under `out` with the
         prediction-log columns and a `status` per row."""
         raise self.not_offered("predict")
 
-    def predict_online(self, url: str, files: list) -> dict:
+    def predict_online(self, url: str, files: list) -> OnlinePrediction:
         """`mlsd predict --url URL FILE...`: the files' inputs sent to the running app."""
         raise self.not_offered("predict --url")
-
-    def render_prediction(self, result: dict | OfflinePrediction) -> None:
-        """Print a prediction's summary (offline) or answers (online) for a person."""
-        import json
-
-        if isinstance(result, OfflinePrediction):
-            print(result.describe())
-            return
-        print(json.dumps(result, indent=2, default=str))
 
     def simulate_traffic(self, prepared, request: TrafficRequest) -> TrafficReport:
         """Send (or save) held-out inputs of `prepared` to a running app, with a shift
@@ -332,12 +338,12 @@ class Task(ABC):
 
     # A retrain (retrain.py owns the gate) asks the champion's task for these three.
 
-    def retrain_data(self, cfg, champion_dir: str, source: str, home: str | None, log: Log):
+    def retrain_data(self, cfg, champion_dir: str, source: str, workspace: Workspace, log: Log):
         """The new data `source` prepared in the champion's form (InputError when its labels
         differ), and the champion's data plus the new: a `retrain.RetrainData`."""
         raise self.not_offered("retrain")
 
-    def train_challenger(self, cfg, data, init_from: str | None, home: str | None,
+    def train_challenger(self, cfg, data, init_from: str | None, workspace: Workspace,
                          log: Log) -> TrainedModel:
         """Train on `data.combined` (from the weights in `init_from`, when given) and register
         it: the result's `registered` is the challenger."""
@@ -350,7 +356,7 @@ class Task(ABC):
         split once."""
         raise self.not_offered("retrain")
 
-    def register_best_trial(self, run, best: dict, best_cfg, home: str | None,
+    def register_best_trial(self, run, best: dict, best_cfg, workspace: Workspace,
                             log: Log) -> TrainedModel:
         """Register a search's best trial (`best`: its row, with its `checkpoint`; `run`: the
         search, with its `dataset`) as a version, logged as a child of the active MLflow run:
@@ -364,18 +370,19 @@ class Task(ABC):
         and the source spec that retraining reads it from."""
         raise self.not_offered("monitoring loop")
 
-    def smoke_retrain_source(self, home: str, log: Log) -> str:
-        """`retrain --smoke`'s new labelled data: written under `home`, returned as a source."""
+    def smoke_retrain_source(self, workspace: Workspace, log: Log) -> str:
+        """`retrain --smoke`'s new labelled data: written in the workspace, returned as a source."""
         raise self.not_offered("retrain")
 
-    def deploy(self, cfg, model: str | None, smoke: bool, home: str, log: Log) -> Deployment:
+    def deploy(self, cfg, model: str | None, smoke: bool, workspace: Workspace,
+               log: Log) -> Deployment:
         """Start the app on the cluster with `model`, or roll the running one over to it;
         `smoke` checks one prediction over HTTP (`smoke_prediction`), then removes the app
         it started."""
         from mlsd_ray.serve import control
 
         settings = cfg.serve.model_copy(update={"model": model or cfg.serve.model})
-        app = control.start(settings, home, detach=True, log=log)
+        app = control.start(settings, workspace, detach=True, log=log)
         if not smoke:
             return Deployment(app)
         checked = self.smoke_prediction(app)

@@ -14,6 +14,7 @@ import pandas as pd
 from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config, dump_yaml
 from mlsd_ray.core.errors import WorkError
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.training.checkpoint import RANK_METRIC
 
 if TYPE_CHECKING:
@@ -208,7 +209,7 @@ def _table(rows: list[dict]) -> pd.DataFrame:
     return frame.sort_values(RANK_METRIC, ascending=False, na_position="last")
 
 
-def write_outputs(run, grid, base: Config, plan: dict, home: str | None,
+def write_outputs(run, grid, base: Config, plan: dict, workspace: Workspace,
                   log: Callable[[str], None], register: bool, wall_seconds: float,
                   mlflow_run_id: str | None) -> TuneSummary:
     """Write results.csv, curves.png, best.yaml, summary.json; add the best score to the
@@ -238,7 +239,7 @@ def write_outputs(run, grid, base: Config, plan: dict, home: str | None,
         configurations=[_config_line(r, cv, metric) for r in _table(rows).to_dict("records")],
         wall_seconds=round(wall_seconds, 1), results=results, curves=curves,
         best_config=best_yaml, mlflow_run_id=mlflow_run_id)
-    _track(summary, run, best, best_cfg, home, log, register)
+    _track(summary, run, best, best_cfg, workspace, log, register)
     storage.write_json(storage.join(run.path, "summary.json"), summary.to_dict())
     return summary
 
@@ -258,7 +259,7 @@ def _config_line(row: dict, cv: bool, metric: str) -> dict:
     return line
 
 
-def _track(summary: TuneSummary, run, best: dict, best_cfg, home: str | None,
+def _track(summary: TuneSummary, run, best: dict, best_cfg, workspace: Workspace,
            log: Callable[[str], None], register: bool) -> None:
     """MLflow: the best score and the search's outputs on the search's run; the best model
     registered as a child of it (recorded in `summary`)."""
@@ -271,7 +272,7 @@ def _track(summary: TuneSummary, run, best: dict, best_cfg, home: str | None,
     if register:
         from mlsd_ray.tasks import get_task
 
-        trained = get_task(run.cfg.task).register_best_trial(run, best, best_cfg, home, log)
+        trained = get_task(run.cfg.task).register_best_trial(run, best, best_cfg, workspace, log)
         # summary.json is plain data: the trial's model as its JSON form
         summary.best_model, summary.best_test = trained.to_dict(), trained.test_line()
         summary.registered = trained.registered

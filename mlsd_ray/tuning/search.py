@@ -358,7 +358,7 @@ def _trainable(run: TuneRun, plan: dict, per_worker_cpu: float):
     return tune.with_resources(function, resources), base
 
 
-def run_tune(cfg: Config, home: str | None = None, log: Callable[[str], None] = log_stderr,
+def run_tune(cfg: Config, workspace: Workspace, log: Callable[[str], None] = log_stderr,
              name: str | None = None, resume: str | None = None,
              register: bool = True) -> TuneSummary:
     """`mlsd tune`: search, write the outputs, register the best trial's model."""
@@ -367,16 +367,16 @@ def run_tune(cfg: Config, home: str | None = None, log: Callable[[str], None] = 
 
 
     started = time.perf_counter()
-    root = Workspace.at(home).searches
+    root = workspace.searches
     if resume:
         name, cfg = resume, _saved_config(storage.join(root, resume))
     cfg = cfg.model_copy(deep=True)
     cfg.tune.space = validate_space(cfg.tune.space, cfg.tune.search, cfg)
     plan = search_plan(cfg)
     task = get_task(cfg.task)
-    dataset = task.prepare(cfg, home, log)
+    dataset = task.prepare(cfg, workspace, log)
     register = register and task.registers_best_trial
-    ensure_ray(home)
+    ensure_ray(workspace)
     name = name or f"{dataset.manifest['name']}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
     run = TuneRun(name, storage.join(root, name), cfg, dataset)
     concurrent, per_worker = trial_resources(cfg, plan["trials"])
@@ -387,7 +387,7 @@ def run_tune(cfg: Config, home: str | None = None, log: Callable[[str], None] = 
         f"{plan['scheduler']}, {plan['epochs']} epochs max, {concurrent} at a time, "
         f"{cfg.tune.workers_per_trial} worker(s) × {per_worker:g} CPU each"
         + (f", {cfg.tune.cv}-fold CV" if cfg.tune.cv > 1 else "") + f"); outputs in {run.path}")
-    search = LiveSearch(home, name, {"search": plan["search"], "scheduler": plan["scheduler"],
+    search = LiveSearch(workspace, name, {"search": plan["search"], "scheduler": plan["scheduler"],
                                      "cv": cfg.tune.cv, "space": str(cfg.tune.space)[:500],
                                      "trials": plan["trials"]})
     if resume:
@@ -421,10 +421,10 @@ def run_tune(cfg: Config, home: str | None = None, log: Callable[[str], None] = 
                                                            plan["metric"]),
                                                  search.trial_callback(describe)]))
     with search:  # the search's MLflow run, and a child per trial, live
-        return _search(tuner, run, base, plan, home, log, register, started, search)
+        return _search(tuner, run, base, plan, workspace, log, register, started, search)
 
 
-def _search(tuner, run: TuneRun, base: Config, plan: dict, home: str | None,
+def _search(tuner, run: TuneRun, base: Config, plan: dict, workspace: Workspace,
             log: Callable[[str], None], register: bool, started: float,
             search: LiveSearch) -> TuneSummary:
     """Fit the tuner, refuse an interrupted search (its state saved), write the outputs."""
@@ -442,7 +442,7 @@ def _search(tuner, run: TuneRun, base: Config, plan: dict, home: str | None,
                           f"with `mlsd tune --resume {run.name}`")
     from mlsd_ray.tuning.report import write_outputs
 
-    return write_outputs(run, grid, base, plan, home, log, register,
+    return write_outputs(run, grid, base, plan, workspace, log, register,
                          time.perf_counter() - started, search.run_id)
 
 

@@ -92,16 +92,17 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat()
 
 
-def _monitor_window(cfg: Config, home: str | None, since: str, answered: int,
+def _monitor_window(cfg: Config, workspace: Workspace, since: str, answered: int,
                     log: Callable[[str], None]) -> MonitorWindow:
     """Wait until the replicas have flushed `answered` rows to the prediction log, then test
     the window [since, now)."""
     from mlsd_ray.monitor.predlog import log_location, wait_for_rows
     from mlsd_ray.monitor.run import monitor
 
-    wait_for_rows(log_location(cfg.serve.prediction_log, home), dt.datetime.fromisoformat(since),
-                  answered, cfg.serve.prediction_log.flush_seconds + 10)
-    report = monitor(cfg, home, since=since, until=_now(), log=log)
+    wait_for_rows(log_location(cfg.serve.prediction_log, workspace),
+                  dt.datetime.fromisoformat(since), answered,
+                  cfg.serve.prediction_log.flush_seconds + 10)
+    report = monitor(cfg, workspace, since=since, until=_now(), log=log)
     log(f"monitor: {report.verdict}: {report.summary}")
     return MonitorWindow(report.verdict, report.rows, report.summary,
                          report.outputs.get("report.md"))
@@ -139,7 +140,7 @@ class BackgroundLoad:
 
 
 def monitoring_loop(task: Task, cfg: Config, url: str, served_uri: str, prepared,
-                    home: str | None, log: Callable[[str], None]) -> LoopSteps:
+                    workspace: Workspace, log: Callable[[str], None]) -> LoopSteps:
     """Run the loop (see the module docstring) on the app at `url` serving `served_uri`, with
     traffic from `prepared` (the task's prepared data)."""
     from mlsd_ray.serve import control
@@ -147,24 +148,24 @@ def monitoring_loop(task: Task, cfg: Config, url: str, served_uri: str, prepared
 
     since = _now()
     unshifted = task.simulate_traffic(prepared, TrafficRequest(url, count=UNSHIFTED_COUNT))
-    unshifted_window = _monitor_window(cfg, home, since, unshifted.answered, log)
+    unshifted_window = _monitor_window(cfg, workspace, since, unshifted.answered, log)
 
-    incoming = Workspace.at(home).incoming(time.strftime("%Y%m%d-%H%M%S"))
+    incoming = workspace.incoming(time.strftime("%Y%m%d-%H%M%S"))
     drill = task.drift_drill(prepared, incoming)
     since = _now()
     shifted = task.simulate_traffic(prepared, replace(drill.traffic, url=url))
     log(f"{drill.traffic.shift} traffic: {shifted.quality()} (unshifted "
         f"{unshifted.quality()}); kept as new labelled data: {drill.source}")
     steps = LoopSteps(unshifted, unshifted_window, shifted,
-                      _monitor_window(cfg, home, since, shifted.answered, log))
+                      _monitor_window(cfg, workspace, since, shifted.answered, log))
     if steps.monitor_shifted.verdict != "drift":
         steps.retrain_skipped = "no drift found"
         return steps
 
-    steps.retrain = retrain(cfg, drill.source, home, model=served_uri, log=log, roll_out=False)
+    steps.retrain = retrain(cfg, drill.source, workspace, model=served_uri, log=log, roll_out=False)
     if steps.retrain.promote:
         with BackgroundLoad(task, prepared, url) as load:
-            update = control.deploy(steps.retrain.challenger, home, cfg.serve.app_name, log)
+            update = control.deploy(steps.retrain.challenger, workspace, cfg.serve.app_name, log)
             time.sleep(1.0)  # a few answers from the new version while the load runs
         steps.rollout = Rollout(update, load.totals)
         log(f"rolling update under load: {load.totals.requests} requests, "

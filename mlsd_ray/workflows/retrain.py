@@ -153,7 +153,7 @@ def holdout_scores(task, checkpoint_dir: str, parts: dict) -> tuple[str, ModelSc
     return scores["holdout"].metric, ModelScores(**rounded)
 
 
-def retrain(cfg: Config, source: str, home: str | None = None, model: str | None = None,
+def retrain(cfg: Config, source: str, workspace: Workspace, model: str | None = None,
             dry_run: bool = False, log: Callable[[str], None] = log_stderr,
             roll_out: bool = True) -> RetrainDecision:
     """Train a challenger on `source`, compare, promote and roll out (see the module docstring).
@@ -166,26 +166,26 @@ def retrain(cfg: Config, source: str, home: str | None = None, model: str | None
     from mlsd_ray.training.trainer import fit_to_free_cpus
 
     started = time.perf_counter()
-    champion_info = registry.pin(model or cfg.serve.model, home)
+    champion_info = registry.pin(model or cfg.serve.model, workspace)
     if champion_info.version == "local":
         raise InputError("retrain needs a registered champion (models:/NAME@ALIAS), not a "
                          "checkpoint folder: gated promotion moves a registry alias")
-    champion_dir = champion_info.checkpoint_here(home)
+    champion_dir = champion_info.checkpoint_here(workspace)
     task = task_of_checkpoint(champion_dir)
     trained_with = storage.read_json(storage.join(champion_dir, "metadata.json"))["config"]
     log(f"champion {champion_info.uri} ({task.name} task); new data {source}")
 
-    data = task.retrain_data(cfg, champion_dir, source, home, log)
+    data = task.retrain_data(cfg, champion_dir, source, workspace, log)
     mode = cfg.retrain.mode
     challenger_cfg = challenger_config(cfg, trained_with, champion_info.name)
-    ensure_ray(home)
+    ensure_ray(workspace)
     fit_to_free_cpus(challenger_cfg.train, log)
     trained = task.train_challenger(challenger_cfg, data,
-                                    champion_dir if mode == "finetune" else None, home, log)
+                                    champion_dir if mode == "finetune" else None, workspace, log)
     if trained.registered is None:
         raise WorkError(f"the {task.name} task's train_challenger registered no version")
     challenger_uri = trained.registered.uri
-    challenger_dir = registry.resolve(challenger_uri, home)
+    challenger_dir = registry.resolve(challenger_uri, workspace)
 
     holdout = {"old_test": data.old, "new_test": data.new}
     metric, champion_scores = holdout_scores(task, champion_dir, holdout)
@@ -202,33 +202,33 @@ def retrain(cfg: Config, source: str, home: str | None = None, model: str | None
     log(decision.reason)
     if decision.promote:
         version = trained.registered.version
-        registry.promote(champion_info.name, version, cfg.retrain.alias, home)
+        registry.promote(champion_info.name, version, cfg.retrain.alias, workspace)
         log(f"promoted {challenger_uri} to @{cfg.retrain.alias}")
         if roll_out:
             decision.rollout, decision.rollout_skipped = _roll_out(
-                challenger_uri, champion_info.name, cfg, home, log)
+                challenger_uri, champion_info.name, cfg, workspace, log)
     decision.seconds = round(time.perf_counter() - started, 1)
-    decision.outputs = _write_decision(decision, home)
+    decision.outputs = _write_decision(decision, workspace)
     return decision
 
 
-def _roll_out(uri: str, model_name: str, cfg: Config, home: str | None,
+def _roll_out(uri: str, model_name: str, cfg: Config, workspace: Workspace,
               log: Callable[[str], None]) -> tuple[RollingUpdate | None, str | None]:
     """Move the running Serve app that serves `model_name` (serve.app_name first, else any
     recorded one: `mlsd serve` names its app after the config it ran with) to `uri`: the
     rolling update, or why there was none."""
     from mlsd_ray.serve import control
 
-    apps = control.apps_serving(home, model_name)
+    apps = control.apps_serving(workspace, model_name)
     if not apps:
         return None, (f"no running app serves {model_name}: the next `mlsd serve` serves "
                       f"@{cfg.retrain.alias}")
     app = cfg.serve.app_name if cfg.serve.app_name in apps else apps[0]
-    return control.deploy(uri, home, app, log), None
+    return control.deploy(uri, workspace, app, log), None
 
 
-def _write_decision(decision: RetrainDecision, home: str | None) -> dict[str, str]:
-    out = Workspace.at(home).retrain(time.strftime("%Y%m%d-%H%M%S"))
+def _write_decision(decision: RetrainDecision, workspace: Workspace) -> dict[str, str]:
+    out = workspace.retrain(time.strftime("%Y%m%d-%H%M%S"))
     paths = {"json": storage.join(out, "decision.json"),
              "markdown": storage.join(out, "decision.md")}
     rows = [f"| {who} | " + " | ".join(f"{getattr(decision.scores_of(who), part).score:.4f}"

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from mlsd_ray.core.workspace import Workspace
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -16,13 +18,13 @@ if TYPE_CHECKING:
     from mlsd_ray.workflows.loop import LoopSteps
 
 
-def search_first(cfg: Config, home: str | None,
+def search_first(cfg: Config, workspace: Workspace,
                  log: Callable[[str], None]) -> tuple[Config, TuneSummary]:
     """`mlsd pipeline --tune`: search `cfg.tune` (nothing registered), and the config the final
     training then uses: the best parameters on top of `cfg`; with the search's summary."""
     from mlsd_ray.tuning.search import run_tune, trial_config
 
-    searched = run_tune(cfg, home=home, log=log, register=False)
+    searched = run_tune(cfg, workspace=workspace, log=log, register=False)
     log(f"training with the best parameters: {searched.best.params}")
     return trial_config(cfg, searched.best.params), searched
 

@@ -19,6 +19,7 @@ import pytest
 from ray.job_submission import JobSubmissionClient
 
 from mlsd_ray.cli.submit import submit_when_ready, use_local_token
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.serve import control
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,7 +45,7 @@ def head(tmp_path_factory):
     its own: a job's supervisor finds its head through the temp dir's record of the current
     cluster, which another test's head (pytest-xdist runs files side by side) would replace
     in the shared /tmp/ray."""
-    logs = str(tmp_path_factory.mktemp("head"))
+    logs = Workspace.at(str(tmp_path_factory.mktemp("head")))  # its serve/ray-head.log
     temp_dir = tempfile.mkdtemp(prefix="ray-jobs-", dir="/tmp")  # short: Ray's socket paths
     started = control.start_head(logs, lambda line: None,
                                  ("--num-cpus=2", f"--temp-dir={temp_dir}"))

@@ -21,6 +21,7 @@ import pytest
 import requests
 
 from mlsd_ray.core.config import ServeConfig
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.monitor.predlog import log_location, wait_for_rows
 from mlsd_ray.serve import control
 from mlsd_ray.tasks.image.registry import log_and_register
@@ -42,7 +43,7 @@ class ChaosApp:
     url: str  # of POST /v1/predict
     body: bytes  # a request for one image
     settings: ServeConfig
-    home: str
+    workspace: Workspace
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +51,16 @@ def app(tmp_path_factory, digits_model) -> Iterator[ChaosApp]:
     """The session's digits model served by 3 replicas."""
     from ray import serve
 
-    home = str(tmp_path_factory.mktemp("chaos") / "mlsd-home")
+    workspace = Workspace.at(str(tmp_path_factory.mktemp("chaos") / "mlsd-home"))
     log_and_register(digits_model.result, digits_model.cfg, digits_model.dataset,
-                     "digits-cnn", home)
+                     "digits-cnn", workspace)
     images, _ = digits_model.dataset.load_split("test")
     settings = ServeConfig(model="models:/digits-cnn/1", app_name=APP, port=control.free_port(),
                            num_cpus=0.1, autoscaling={"min_replicas": REPLICAS,
                                                       "max_replicas": REPLICAS})
-    running = control.start(settings, home=home, log=lambda _: None)
+    running = control.start(settings, workspace=workspace, log=lambda _: None)
     body = json.dumps({"instances": [images[0].tolist()]}).encode()
-    yield ChaosApp(f"{running.url}/v1/predict", body, settings, home)
+    yield ChaosApp(f"{running.url}/v1/predict", body, settings, workspace)
     serve.shutdown()
 
 
@@ -98,7 +99,7 @@ def test_a_replica_killed_every_10_s(app):
     seconds = time.monotonic() - started
     answered = tallies[0].outcomes[200] + tallies[1].outcomes[200]
     flushing = app.settings.prediction_log
-    logged = wait_for_rows(log_location(flushing, app.home), since, answered,
+    logged = wait_for_rows(log_location(flushing, app.workspace), since, answered,
                            timeout_s=flushing.flush_seconds + 5)
     # per kill, what one replica answers in one flush interval (its writer looks each second
     # whether the oldest row waited flush_seconds): its buffer at most

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.image.checkpoint import load_model
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "export.md"
@@ -57,11 +58,12 @@ def test_onnx_gives_the_served_answers_and_is_registered_beside_the_version(
 
     from mlsd_ray import registry
 
-    registry.client(digits_registered)
-    run_id = registry.show("models:/digits-cnn/1", digits_registered).run_id
+    workspace = Workspace.at(digits_registered)
+    registry.client(workspace)
+    run_id = registry.show("models:/digits-cnn/1", workspace).run_id
     logged = {item.path for item in MlflowClient().list_artifacts(run_id, "export/onnx")}
     assert logged == {"export/onnx/model.onnx", "export/onnx/metadata.json"}
-    assert registry.show("models:/digits-cnn/1", digits_registered).tags["export_onnx"] == \
+    assert registry.show("models:/digits-cnn/1", workspace).tags["export_onnx"] == \
         exported["registered"]
 
 

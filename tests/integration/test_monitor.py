@@ -21,6 +21,7 @@ import yaml
 from mlsd_ray import registry
 from mlsd_ray.core.config import ServeConfig, load_config
 from mlsd_ray.core.errors import InputError
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.monitor.predlog import log_location, wait_for_rows
 from mlsd_ray.monitor.run import MonitorReport, monitor
 from mlsd_ray.registry import promote
@@ -50,8 +51,9 @@ def live(tmp_path_factory, digits_model):
     cfg = load_config(None, [*SMALL_DIGITS, "train.epochs=4",
                              "serve.prediction_log.flush_seconds=0.5"])
     dataset = digits_model.dataset
-    log_and_register(digits_model.result, cfg, dataset, "digits-cnn", home)
-    promote("digits-cnn", 1, "production", home)
+    workspace = Workspace.at(home)
+    log_and_register(digits_model.result, cfg, dataset, "digits-cnn", workspace)
+    promote("digits-cnn", 1, "production", workspace)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -59,8 +61,9 @@ def live(tmp_path_factory, digits_model):
                             ingress_num_cpus=0.1,
                             autoscaling={"min_replicas": 1, "max_replicas": 1},
                             prediction_log={"flush_seconds": 0.5})
-    app = control.start(cfg.serve, home=home, log=lambda _: None)
-    yield {"home": home, "cfg": cfg, "dataset": dataset, "url": app.url, "root": root}
+    app = control.start(cfg.serve, workspace=workspace, log=lambda _: None)
+    yield {"home": home, "workspace": workspace, "cfg": cfg, "dataset": dataset, "url": app.url,
+           "root": root}
     serve.shutdown()
 
 
@@ -68,9 +71,9 @@ def traffic_then_monitor(live, shift: str, **options) -> MonitorReport:
     since = now()
     sent = simulate_traffic(live["url"], live["dataset"], shift, **options)
     assert sent.failed_requests == 0, sent.delivery
-    location = log_location(live["cfg"].serve.prediction_log, live["home"])
+    location = log_location(live["cfg"].serve.prediction_log, live["workspace"])
     wait_for_rows(location, dt.datetime.fromisoformat(since), sent.answered, 30)
-    return monitor(live["cfg"], live["home"], since=since, until=now(), log=lambda _: None)
+    return monitor(live["cfg"], live["workspace"], since=since, until=now(), log=lambda _: None)
 
 
 def test_unshifted_traffic_is_logged_and_raises_no_drift(live):
@@ -103,7 +106,7 @@ def test_imbalanced_traffic_is_flagged_as_skew(live):
 
 
 def test_an_empty_window_says_no_data(live):
-    report = monitor(live["cfg"], live["home"], since="2000-01-01T00:00",
+    report = monitor(live["cfg"], live["workspace"], since="2000-01-01T00:00",
                      until="2000-01-02T00:00", log=lambda _: None)
     assert report.verdict == "no data" and report.rows == 0 and not report.outputs
 
@@ -204,23 +207,23 @@ def incoming(live):
 
 
 def test_retrain_rejects_a_weak_challenger_and_promotes_a_better_one(live, incoming):
-    home, cfg = live["home"], live["cfg"]
+    workspace, cfg = live["workspace"], live["cfg"]
 
     weak = cfg.model_copy(deep=True)
     weak.retrain.mode, weak.retrain.epochs, weak.retrain.lr = "scratch", 1, 1e-4
-    rejected = retrain(weak, f"folder:{incoming}", home, log=lambda _: None)
+    rejected = retrain(weak, f"folder:{incoming}", workspace, log=lambda _: None)
     assert not rejected.promote and rejected.gain <= weak.retrain.margin
-    assert registry.show("models:/digits-cnn@production", home).version == 1  # alias stays
+    assert registry.show("models:/digits-cnn@production", workspace).version == 1  # alias stays
 
     strong = cfg.model_copy(deep=True)
     strong.retrain.epochs = 4
     with BackgroundLoad(get_task("image"), live["dataset"], live["url"]) as load:
-        decision = retrain(strong, f"folder:{incoming}", home, log=lambda _: None)
+        decision = retrain(strong, f"folder:{incoming}", workspace, log=lambda _: None)
     assert decision.promote, decision.reason
     assert decision.metric == "accuracy"
     assert decision.challenger_scores.new_test.score > decision.champion_scores.new_test.score
     version = int(decision.challenger.rsplit("/", 1)[1])
-    assert registry.show("models:/digits-cnn@production", home).version == version
+    assert registry.show("models:/digits-cnn@production", workspace).version == version
     assert decision.rollout is not None and decision.rollout.served_version == str(version)
     assert load.totals.failed_requests == 0, load.totals.errors
     assert set(load.totals.model_versions) == {"1", str(version)}  # switched under load
@@ -237,7 +240,7 @@ def test_retrain_refuses_another_label_set(live, incoming):
     shutil.copytree(incoming, partial, dirs_exist_ok=True)
     shutil.rmtree(partial / "9")
     with pytest.raises(InputError, match=r"missing from it: \['9'\]"):
-        retrain(live["cfg"], f"folder:{partial}", live["home"], log=lambda _: None)
+        retrain(live["cfg"], f"folder:{partial}", live["workspace"], log=lambda _: None)
 
 
 def test_monitor_checks_a_set_of_inputs_instead_of_the_log(live, incoming, ray_session):

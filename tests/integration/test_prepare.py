@@ -16,6 +16,7 @@ from PIL import Image
 
 from mlsd_ray.core.config import load_config
 from mlsd_ray.core.errors import InputError
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.image.data.prepare import prepare_dataset
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -31,8 +32,8 @@ def images_of(table: pa.Table, shape) -> np.ndarray:
         [np.asarray(x).reshape(shape) for x in column.to_pylist()])
 
 
-def test_digits_end_to_end(home):
-    dataset = prepare_dataset(load_config(), home=home)
+def test_digits_end_to_end(workspace):
+    dataset = prepare_dataset(load_config(), workspace=workspace)
     m = dataset.manifest
     counts = m["counts"]
     assert counts["input"] == 1797
@@ -42,7 +43,7 @@ def test_digits_end_to_end(home):
     for name in ("manifest.json", "quality.json", "quality.md", "config.yaml", "samples.png"):
         assert (Path(dataset.path) / name).is_file()
     assert Image.open(Path(dataset.path) / "samples.png").size[0] > 100
-    assert Path(dataset.path).parent.parent == Path(home) / "datasets"
+    assert Path(dataset.path).parent.parent == Path(workspace.root) / "datasets"
 
     train = read_split(dataset, "train")
     assert train.num_rows == counts["splits"]["train"]
@@ -67,22 +68,22 @@ def test_digits_end_to_end(home):
     assert quality["imbalance_ratio"] == pytest.approx(183 / 174, abs=1e-3)
     assert sum(c["total"] for c in quality["classes"].values()) == counts["kept"]
 
-    again = prepare_dataset(load_config(), home=home)
+    again = prepare_dataset(load_config(), workspace=workspace)
     assert again.reused and again.path == dataset.path
     # 60 read tasks instead of 2, finishing in any order: the rows keep the source's order,
     # because training deals them by position (the same seed must train the same model)
-    forced = prepare_dataset(load_config(None, ["data.rows_per_task=30"]), home=home,
+    forced = prepare_dataset(load_config(None, ["data.rows_per_task=30"]), workspace=workspace,
                              force=True)
     assert not forced.reused and forced.path == dataset.path
     assert forced.manifest["counts"] == counts
     for split in ("train", "val", "test"):
         order = read_split(forced, split).column("id").to_pylist()
         assert order == sorted(order), f"{split} rows are not in the source's order"
-    changed = prepare_dataset(load_config(None, ["data.seed=1"]), home=home)
+    changed = prepare_dataset(load_config(None, ["data.seed=1"]), workspace=workspace)
     assert changed.path != dataset.path
 
 
-def test_folder_with_corrupt_and_unlabeled_files(tmp_path, home):
+def test_folder_with_corrupt_and_unlabeled_files(tmp_path, workspace):
     from tests.conftest import make_image_folder, write_png
 
     root = make_image_folder(tmp_path / "imgs", per_class=10)
@@ -92,7 +93,7 @@ def test_folder_with_corrupt_and_unlabeled_files(tmp_path, home):
     shutil.copy(root / "cat" / "cat000.png", root / "dog" / "zz-copy-of-cat.png")
 
     dataset = prepare_dataset(load_config(None, [f"data.source=folder:{root}",
-                                                 "data.image_size=16"]), home=home)
+                                                 "data.image_size=16"]), workspace=workspace)
     counts = dataset.manifest["counts"]
     assert counts["input"] == 34 and counts["kept"] == 30 and counts["quarantined"] == 4
     assert dataset.manifest["quarantine_by_reason"] == {
@@ -112,31 +113,32 @@ def test_folder_with_corrupt_and_unlabeled_files(tmp_path, home):
     assert "corrupt_image" in (Path(dataset.path) / "quality.md").read_text()
 
 
-def test_unknown_labels_with_declared_classes(image_folder, home):
+def test_unknown_labels_with_declared_classes(image_folder, workspace):
     cfg = load_config(None, [f"data.source=folder:{image_folder}", "data.class_names=[cat, dog]"])
-    dataset = prepare_dataset(cfg, home=home)
+    dataset = prepare_dataset(cfg, workspace=workspace)
     assert dataset.manifest["quarantine_by_reason"] == {"unknown_label": 10}
     assert dataset.manifest["counts"]["kept"] == 20
 
 
-def test_folder_without_a_valid_image_is_bad_input(tmp_path, home):
+def test_folder_without_a_valid_image_is_bad_input(tmp_path, workspace):
     (tmp_path / "bad" / "a").mkdir(parents=True)
     (tmp_path / "bad" / "a" / "x.png").write_bytes(b"nope")
     with pytest.raises(InputError, match="no valid image.*1 corrupt_image"):
-        prepare_dataset(load_config(None, [f"data.source=folder:{tmp_path / 'bad'}"]), home=home)
+        prepare_dataset(load_config(None, [f"data.source=folder:{tmp_path / 'bad'}"]),
+                        workspace=workspace)
 
 
-def test_files_outside_class_folders_have_no_label(tmp_path, home):
+def test_files_outside_class_folders_have_no_label(tmp_path, workspace):
     from tests.conftest import write_png
 
     for i in range(2):
         write_png(tmp_path / "flat" / f"{i}.png", np.full((6, 6, 3), i, np.uint8))
     with pytest.raises(InputError, match="no valid image.*2 missing_label"):
         prepare_dataset(load_config(None, [f"data.source=folder:{tmp_path / 'flat'}"]),
-                        home=home)
+                        workspace=workspace)
 
 
-def test_parquet_bytes_and_arrays(tmp_path, home):
+def test_parquet_bytes_and_arrays(tmp_path, workspace):
     rng = np.random.default_rng(0)
     encoded = []
     for _ in range(30):
@@ -149,7 +151,7 @@ def test_parquet_bytes_and_arrays(tmp_path, home):
                    row_group_size=8)
     dataset = prepare_dataset(load_config(None, [f"data.source=parquet:{tmp_path/'bytes.parquet'}",
                                                  "data.channels=1", "data.image_size=10"]),
-                              home=home)
+                              workspace=workspace)
     assert dataset.manifest["class_names"] == ["even", "odd"]
     assert dataset.manifest["counts"]["kept"] == 28
     assert dataset.manifest["quarantine_by_reason"] == {"corrupt_image": 1, "missing_label": 1}
@@ -162,7 +164,7 @@ def test_parquet_bytes_and_arrays(tmp_path, home):
     pq.write_table(pa.table({"pixels": arrays[10:], "y": list(range(10))}), folder / "b.parquet")
     dataset = prepare_dataset(load_config(None, [
         f"data.source=parquet:{folder}", "data.image_column=pixels", "data.label_column=y",
-        "data.val_fraction=0", "data.test_fraction=0"]), home=home)
+        "data.val_fraction=0", "data.test_fraction=0"]), workspace=workspace)
     assert dataset.manifest["counts"]["kept"] == 19
     assert dataset.manifest["quarantine_by_reason"] == {"non_finite": 1}
     assert dataset.manifest["schema"]["image"]["shape"] == [32, 32, 3]
@@ -170,10 +172,10 @@ def test_parquet_bytes_and_arrays(tmp_path, home):
     assert "b.parquet#9" in train_ids and "a.parquet#0" not in train_ids
 
 
-def test_synthetic_is_learnable(home):
+def test_synthetic_is_learnable(workspace):
     cfg = load_config(None, ["data.source=synthetic:300", "data.synthetic.num_classes=3",
                              "data.synthetic.image_size=12", "data.synthetic.channels=1"])
-    dataset = prepare_dataset(cfg, home=home)
+    dataset = prepare_dataset(cfg, workspace=workspace)
     assert dataset.manifest["counts"]["kept"] == 300
     train, test = read_split(dataset, "train"), read_split(dataset, "test")
     x_train = images_of(train, (12, 12, 1)).reshape(train.num_rows, -1) / 255.0
@@ -192,7 +194,7 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
-def test_torchvision_mnist_from_local_files(tmp_path, home):
+def test_torchvision_mnist_from_local_files(tmp_path, workspace):
     raw = tmp_path / "tv" / "MNIST" / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -201,7 +203,7 @@ def test_torchvision_mnist_from_local_files(tmp_path, home):
     write_idx(raw / "t10k-images-idx3-ubyte", rng.integers(0, 255, (10, 28, 28)))
     write_idx(raw / "t10k-labels-idx1-ubyte", np.arange(10))
     cfg = load_config(None, [f"data.source=torchvision:MNIST:{tmp_path / 'tv'}"])
-    dataset = prepare_dataset(cfg, home=home)
+    dataset = prepare_dataset(cfg, workspace=workspace)
     assert dataset.manifest["counts"]["input"] == 40
     assert dataset.manifest["class_names"][3] == "3 - three"
     assert dataset.manifest["schema"]["image"]["shape"] == [28, 28, 1]
@@ -209,7 +211,7 @@ def test_torchvision_mnist_from_local_files(tmp_path, home):
 
 def test_inputs_and_outputs_as_uris(tmp_path, image_folder):
     dataset = prepare_dataset(load_config(None, [f"data.source=folder:file://{image_folder}"]),
-                              home=f"file://{tmp_path}/remote-home")
+                              workspace=Workspace.at(f"file://{tmp_path}/remote-home"))
     assert dataset.manifest["counts"]["kept"] == 30
     assert dataset.path.startswith("file://")
     local = Path(dataset.path.removeprefix("file://"))

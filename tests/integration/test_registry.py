@@ -17,21 +17,21 @@ from tests.conftest import SMALL_DIGITS
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
-def test_two_trainings_make_two_versions_and_promote_moves_the_alias(home, digits_model):
+def test_two_trainings_make_two_versions_and_promote_moves_the_alias(workspace, digits_model):
     # version 1: the session's model, registered; version 2: `mlsd train`'s own path (train,
     # then log and register) on the same prepared data
     first = log_and_register(digits_model.result, digits_model.cfg, digits_model.dataset,
-                             "digits-cnn", home)
+                             "digits-cnn", workspace)
     cfg = load_config(None, [*SMALL_DIGITS, "train.epochs=1"])
-    second = train_and_register(cfg, home=home, dataset=digits_model.dataset)
+    second = train_and_register(cfg, workspace=workspace, dataset=digits_model.dataset)
     assert second.registered is not None
     assert (first.version, second.registered.version) == (1, 2)
-    assert (Path(home) / "mlflow.db").is_file()
+    assert (Path(workspace.root) / "mlflow.db").is_file()
     # artifacts live under MLSD_HOME, not in whatever folder the command ran from
-    artifacts = list((Path(home) / "mlflow-artifacts").rglob("checksums.json"))
+    artifacts = list((Path(workspace.root) / "mlflow-artifacts").rglob("checksums.json"))
     assert len(artifacts) == 2 and not Path("mlruns").exists()
 
-    [model] = registry.list_models(home)
+    [model] = registry.list_models(workspace)
     assert model.name == "digits-cnn"
     assert [v.version for v in model.versions] == [2, 1]
     assert model.versions[0].data_fingerprint == model.versions[1].data_fingerprint
@@ -43,35 +43,35 @@ def test_two_trainings_make_two_versions_and_promote_moves_the_alias(home, digit
 
     run = MlflowClient().get_run(second.registered.run_id)
     [epoch] = MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")
-    created = registry.show("digits-cnn/2", home).created
+    created = registry.show("digits-cnn/2", workspace).created
     assert run.info.status == "FINISHED" and epoch.step == 1 and epoch.timestamp <= created
     assert [i.dataset.digest for i in run.inputs.dataset_inputs] == [
         digits_model.dataset.manifest["fingerprint"][:36]]
 
-    assert registry.promote("digits-cnn", 1, "production", home).version == 1
-    assert registry.promote("digits-cnn", 2, "production", home).version == 2
-    shown = registry.show("digits-cnn@production", home)
+    assert registry.promote("digits-cnn", 1, "production", workspace).version == 1
+    assert registry.promote("digits-cnn", 2, "production", workspace).version == 2
+    shown = registry.show("digits-cnn@production", workspace)
     assert shown.version == 2 and shown.aliases == ["production"]
     assert shown.tags["git_commit"] and "schema" in shown.tags
     # --json keeps its shape: the version's fields, its name, tags and URI
     assert shown.to_dict()["uri"] == "models:/digits-cnn/2"
     assert set(model.to_dict()["versions"][0]) == set(shown.to_dict()) - {"name", "tags", "uri"}
 
-    directory = registry.resolve("models:/digits-cnn@production", home)
+    directory = registry.resolve("models:/digits-cnn@production", workspace)
     assert load_model(directory).metadata["run_name"] == second.run_name
     # a changed artifact in the local copy is refused, not loaded
     with open(Path(directory) / "preprocessing.json", "a") as handle:
         handle.write(" ")
     with pytest.raises(InputError, match="does not match its checksum"):
-        load_model(registry.resolve("models:/digits-cnn/2", home))
+        load_model(registry.resolve("models:/digits-cnn/2", workspace))
 
     with pytest.raises(InputError, match="no registered model version 'digits-cnn/7'"):
-        registry.show("digits-cnn/7", home)
+        registry.show("digits-cnn/7", workspace)
     with pytest.raises(InputError, match="no registered model version"):
-        registry.promote("nope", 1, "production", home)
+        registry.promote("nope", 1, "production", workspace)
 
 
-def test_a_version_is_an_mlflow_model_that_plain_mlflow_loads_and_serves(home, digits_model):
+def test_a_version_is_an_mlflow_model_that_plain_mlflow_loads_and_serves(workspace, digits_model):
     """`mlflow.pyfunc.load_model("models:/digits-cnn@production")` with plain MLflow: the
     signature says uint8 images in, probabilities out; it answers what our own loader (and
     so the Serve replica, which runs the same `LoadedModel.probabilities`) answers; and
@@ -88,9 +88,9 @@ def test_a_version_is_an_mlflow_model_that_plain_mlflow_loads_and_serves(home, d
     from mlsd_ray.serve.control import free_port
 
     registered = log_and_register(digits_model.result, digits_model.cfg, digits_model.dataset,
-                                  "digits-cnn", home)
-    registry.promote("digits-cnn", registered.version, "production", home)
-    tracking, uri = registry.tracking_uri(home), "models:/digits-cnn@production"
+                                  "digits-cnn", workspace)
+    registry.promote("digits-cnn", registered.version, "production", workspace)
+    tracking, uri = registry.tracking_uri(workspace), "models:/digits-cnn@production"
     mlflow.set_tracking_uri(tracking)
 
     signature = mlflow.models.get_model_info(uri).signature
@@ -105,7 +105,7 @@ def test_a_version_is_an_mlflow_model_that_plain_mlflow_loads_and_serves(home, d
     for wrong in (images[:2].astype(np.float64), images[:2, :4]):  # dtype, shape
         with pytest.raises(mlflow.exceptions.MlflowException, match="uint8"):
             model.predict(wrong)
-    ours = load_model(registry.resolve(uri, home)).predict(images[:32])
+    ours = load_model(registry.resolve(uri, workspace)).predict(images[:32])
     assert probabilities.shape == (32, 10)
     np.testing.assert_allclose(probabilities, ours, atol=1e-6)
     assert (probabilities.argmax(axis=1) == labels[:32]).mean() > 0.3  # it learned something

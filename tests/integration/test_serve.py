@@ -23,6 +23,7 @@ from PIL import Image
 from mlsd_ray import registry
 from mlsd_ray.core.config import ServeConfig, load_config
 from mlsd_ray.core.errors import InputError
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.serve import control
 from mlsd_ray.serve.app import TOKEN_ENV
 from mlsd_ray.tasks.image.registry import log_and_register
@@ -36,15 +37,15 @@ def served(tmp_path_factory, digits_model):
     """The session's digits model registered as v1 and v2, its test split, a Serve port."""
     from ray import serve
 
-    home = str(tmp_path_factory.mktemp("serve") / "mlsd-home")
+    workspace = Workspace.at(str(tmp_path_factory.mktemp("serve") / "mlsd-home"))
     for _ in range(2):
         log_and_register(digits_model.result, digits_model.cfg, digits_model.dataset,
-                         "digits-cnn", home)
+                         "digits-cnn", workspace)
     images, labels = digits_model.dataset.load_split("test")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    yield {"home": home, "images": images, "labels": labels, "port": port,
+    yield {"workspace": workspace, "images": images, "labels": labels, "port": port,
            "url": f"http://127.0.0.1:{port}"}
     serve.shutdown()
 
@@ -63,7 +64,7 @@ def deploy(served, model="models:/digits-cnn/1", fresh: bool = False,
     scaling = settings.pop("autoscaling", {"min_replicas": 1, "max_replicas": 1})
     config = ServeConfig(model=model, port=served["port"], num_cpus=0.25, ingress_num_cpus=0.1,
                          autoscaling=scaling, **settings)
-    return control.start(config, home=served["home"], log=lambda _: None)
+    return control.start(config, workspace=served["workspace"], log=lambda _: None)
 
 
 def predict(served, payload, **kwargs) -> requests.Response:
@@ -376,7 +377,7 @@ def test_rolling_deploy_to_version_2_fails_no_request(served):
     for worker in workers:
         worker.start()
     try:
-        moved = control.deploy("models:/digits-cnn/2", served["home"], "mlsd", lambda _: None)
+        moved = control.deploy("models:/digits-cnn/2", served["workspace"], "mlsd", lambda _: None)
         after, deadline = len(versions), time.monotonic() + 60
         while len(versions) < after + 20 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -522,9 +523,9 @@ def test_open_inference_protocol_refuses_bad_requests_with_4xx(served):
 
 def test_unresolvable_model_is_an_input_error(served):
     with pytest.raises(InputError, match="no registered model version"):
-        registry.pin("models:/digits-cnn@nope", served["home"])
+        registry.pin("models:/digits-cnn@nope", served["workspace"])
     with pytest.raises(InputError, match="neither"):
-        registry.pin("/no/such/checkpoint", served["home"])
+        registry.pin("/no/such/checkpoint", served["workspace"])
 
 
 def test_batch_predict_over_a_folder_keeps_bad_files(served, tmp_path):
@@ -537,8 +538,8 @@ def test_batch_predict_over_a_folder_keeps_bad_files(served, tmp_path):
     (tmp_path / "digits" / "3" / "broken.png").write_bytes(b"\x89PNG truncated")
     cfg = load_config(None, [f"data.source=folder:{tmp_path / 'digits'}"])
     out = str(tmp_path / "predictions")
-    model = registry.pin("models:/digits-cnn/1", served["home"])
-    summary = predict_dataset(model, cfg, out, served["home"], lambda _: None)
+    model = registry.pin("models:/digits-cnn/1", served["workspace"])
+    summary = predict_dataset(model, cfg, out, served["workspace"], lambda _: None)
     assert summary.rows == 31 and summary.predicted == 30
     assert summary.rejected == {"corrupt_image": 1}
     assert summary.scores["accuracy"] > 0.7

@@ -15,6 +15,7 @@ import requests
 
 from mlsd_ray.core.config import load_config
 from mlsd_ray.core.errors import InputError
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.serve import control
 from mlsd_ray.serve.app import ADMIN_TOKEN_ENV
 from mlsd_ray.tasks.tabular.prepare import prepare_table
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 FAST = ["train.epochs=4", "train.num_workers=0"]  # in this process; diabetes uses 2 workers
 
 
-def test_preparation_imputes_scales_encodes_and_quarantines(tmp_path, home):
+def test_preparation_imputes_scales_encodes_and_quarantines(tmp_path, workspace):
     """A messy CSV: missing labels quarantined, text in a number column counted and imputed
     (iterative), per-column scaling, the fitted state a JSON round trip away from serving."""
     rng = np.random.default_rng(0)
@@ -44,7 +45,7 @@ def test_preparation_imputes_scales_encodes_and_quarantines(tmp_path, home):
     cfg = load_config(None, [f"tabular.source=csv:{path}", "tabular.label=bad",
                              "tabular.columns={income: {impute: iterative, scale: robust}, "
                              "debt: {impute: mean, scale: minmax}}"], example="fraud")
-    table = prepare_table(cfg, home=home)
+    table = prepare_table(cfg, workspace=workspace)
     m = table.manifest
     assert m["task"] == "binary" and m["counts"]["quarantined"] == 3
     quality = json.loads(open(f"{table.path}/quality.json").read())
@@ -60,15 +61,15 @@ def test_preparation_imputes_scales_encodes_and_quarantines(tmp_path, home):
     debt = features[:, 1]
     assert debt.min() == pytest.approx(0.0) and debt.max() == pytest.approx(1.0)  # min-max
     assert (features[:, 2:].sum(axis=1) == 1).all()  # one-hot, missing as its own category
-    assert prepare_table(cfg, home=home).reused
+    assert prepare_table(cfg, workspace=workspace).reused
 
 
 @pytest.fixture(scope="module")
 def fraud_model(tmp_path_factory, ray_session):
-    home = str(tmp_path_factory.mktemp("fraud") / "mlsd-home")
+    workspace = Workspace.at(str(tmp_path_factory.mktemp("fraud") / "mlsd-home"))
     cfg = load_config(None, ["tabular.source=fraud-synth:8000", *FAST,
                              "train.batch_size=128"], example="fraud")
-    return cfg, run_tabular_train(cfg, home=home), home
+    return cfg, run_tabular_train(cfg, workspace=workspace), workspace
 
 
 def test_mlp_beats_chance_beside_the_baseline(fraud_model):
@@ -93,9 +94,9 @@ def test_evaluate_finds_the_task_in_the_checkpoint(fraud_model, tmp_path):
     import subprocess
     import sys
 
-    _, summary, home = fraud_model
+    _, summary, workspace = fraud_model
     result = subprocess.run([sys.executable, "-m", "mlsd_ray.cli", "evaluate", "--model",
-                             summary.registered.uri, "--json", "--home", home],
+                             summary.registered.uri, "--json", "--home", workspace.root],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -109,11 +110,11 @@ def test_evaluate_finds_the_task_in_the_checkpoint(fraud_model, tmp_path):
 
     from mlsd_ray import registry
 
-    registry.client(home)  # the report and its plots joined the version's run
+    registry.client(workspace)  # the report and its plots joined the version's run
     logged = MlflowClient().list_artifacts(summary.registered.run_id, "evaluation/test")
     assert {"report.json", "report.md"} <= {item.path.rsplit("/", 1)[1] for item in logged}
     on_val = subprocess.run([sys.executable, "-m", "mlsd_ray.cli", "evaluate", "--model",
-                             summary.registered.uri, "--split", "val", "--home", home],
+                             summary.registered.uri, "--split", "val", "--home", workspace.root],
                             capture_output=True, text=True, timeout=300)
     assert on_val.returncode == 2 and "evaluated on its test split" in on_val.stderr
 
@@ -126,10 +127,10 @@ def test_explain_ranks_the_planted_fraud_signals_first(fraud_model, tmp_path):
     import subprocess
     import sys
 
-    _, summary, home = fraud_model
+    _, summary, workspace = fraud_model
     result = subprocess.run([sys.executable, "-m", "mlsd_ray.cli", "explain", "--model",
                              summary.registered.uri, "--n", "3", "--label", "1", "--out",
-                             str(tmp_path / "why"), "--json", "--home", home],
+                             str(tmp_path / "why"), "--json", "--home", workspace.root],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     explained = json.loads(result.stdout)
@@ -151,12 +152,13 @@ def test_mlsd_serve_serves_the_fraud_model(fraud_model, ray_session):
     import subprocess
     import sys
 
-    _, summary, home = fraud_model
+    _, summary, workspace = fraud_model
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
 
     def mlsd(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "mlsd_ray.cli", *args, "--home", home],
-                              capture_output=True, text=True, timeout=300, env=env)
+        return subprocess.run([sys.executable, "-m", "mlsd_ray.cli", *args, "--home",
+                               workspace.root], capture_output=True, text=True, timeout=300,
+                              env=env)
 
     started = mlsd("serve", "--model", summary.registered.uri, "--detach", "--json",
                    "--port", str(control.free_port()))
@@ -182,7 +184,7 @@ def test_mlsd_serve_serves_the_fraud_model(fraud_model, ray_session):
 @pytest.fixture(scope="module")
 def fraud_url(fraud_model):
 
-    cfg, summary, home = fraud_model
+    cfg, summary, workspace = fraud_model
     log = cfg.serve.prediction_log.model_copy(update={"flush_seconds": 0.5})
     # Two replicas (routes and model in each): a policy set through one reaches both.
     two = cfg.serve.autoscaling.model_copy(update={"min_replicas": 2, "max_replicas": 2})
@@ -192,13 +194,13 @@ def fraud_url(fraud_model):
                                             "prediction_log": log})
     os.environ[ADMIN_TOKEN_ENV] = ADMIN_TOKEN  # read where the app starts: its replicas get
     try:                                        # only the digest
-        served = control.start(settings, home, log=print)  # its checkpoint says: tabular
+        served = control.start(settings, workspace, log=print)  # its checkpoint says: tabular
     finally:
         del os.environ[ADMIN_TOKEN_ENV]
     assert (served.task, served.route_prefix) == ("tabular", "/")
     yield served.endpoint("score_url").removesuffix("/score")
     control.remove_app(settings.app_name)  # and Serve with it: the next app picks its port
-    control.state_file(home, settings.app_name).unlink(missing_ok=True)
+    control.state_file(workspace, settings.app_name).unlink(missing_ok=True)
 
 
 RECORD = {"amount": 12000.0, "merchant_category": "crypto", "country": "NG", "hour": 3,
@@ -289,10 +291,11 @@ def test_onnx_export_gives_the_apps_scores_with_numpy_alone(fraud_model, fraud_u
     from mlsd_ray.registry import resolve
     from mlsd_ray.tasks import get_task
 
-    _, summary, home = fraud_model
+    _, summary, workspace = fraud_model
     uri = summary.registered.uri
     out = tmp_path / "fraud-onnx"
-    result = get_task("tabular").export(resolve(uri, home), "onnx", None, str(out), uri, home)
+    result = get_task("tabular").export(resolve(uri, workspace), "onnx", None, str(out), uri,
+                                        workspace)
     print(f"\n{result.describe()}")
     assert result.parity.top1_agreement == 1.0 and result.parity.max_abs_diff < 1e-3
     assert result.parity.samples > 1000 and result.registered
@@ -307,8 +310,8 @@ def test_onnx_export_gives_the_apps_scores_with_numpy_alone(fraud_model, fraud_u
     assert reproduced == pytest.approx(served, abs=1e-3)
 
     with pytest.raises(InputError, match="int8 is for image models"):
-        get_task("tabular").export(resolve(uri, home), "onnx", "int8", str(tmp_path / "q"),
-                                   uri, home)
+        get_task("tabular").export(resolve(uri, workspace), "onnx", "int8", str(tmp_path / "q"),
+                                   uri, workspace)
 
 
 def test_the_version_is_an_mlflow_model_scoring_as_the_app_does(fraud_model, fraud_url):
@@ -320,8 +323,8 @@ def test_the_version_is_an_mlflow_model_scoring_as_the_app_does(fraud_model, fra
     from mlsd_ray.tasks.tabular.prepare import PreparedTable
     from mlsd_ray.tasks.tabular.traffic import records
 
-    _, summary, home = fraud_model
-    mlflow.set_tracking_uri(registry.tracking_uri(home))
+    _, summary, workspace = fraud_model
+    mlflow.set_tracking_uri(registry.tracking_uri(workspace))
     uri = summary.registered.uri
     signature = mlflow.models.get_model_info(uri).signature
     table = PreparedTable.open(summary.dataset)
@@ -493,9 +496,9 @@ def test_scored_records_are_logged_and_a_shifted_column_is_named_by_the_monitor(
     from mlsd_ray.tasks.tabular.prepare import PreparedTable
     from mlsd_ray.tasks.tabular.traffic import simulate_table_traffic
 
-    cfg, summary, home = fraud_model
+    cfg, summary, workspace = fraud_model
     root = fraud_url.removesuffix("/v1/fraud")
-    location = log_location(cfg.serve.prediction_log, home)
+    location = log_location(cfg.serve.prediction_log, workspace)
     table = PreparedTable.open(summary.dataset)
 
     since = dt.datetime.now(dt.timezone.utc)
@@ -505,7 +508,7 @@ def test_scored_records_are_logged_and_a_shifted_column_is_named_by_the_monitor(
     rows = read_log(location, since)
     assert rows["model_uri"].eq("models:/fraud-mlp/1").all()
     assert {"input.amount", "input.country", "score", "predicted_class"} <= set(rows)
-    calm = monitor(cfg, home, since=since.isoformat(), log=print)
+    calm = monitor(cfg, workspace, since=since.isoformat(), log=print)
     print(f"\nunshifted: {calm.summary}")
     assert calm.verdict == "no drift"
 
@@ -514,13 +517,13 @@ def test_scored_records_are_logged_and_a_shifted_column_is_named_by_the_monitor(
     shifted = subprocess.run(
         [sys.executable, "-m", "mlsd_ray.cli", "simulate-traffic", "--example", "fraud",
          "--url", root, "--shift", "scale", "--column", "amount", "--amount", "5",
-         "--count", "300", "--home", home, "--set", "tabular.source=fraud-synth:8000",
+         "--count", "300", "--home", workspace.root, "--set", "tabular.source=fraud-synth:8000",
          *[f"--set={o}" for o in FAST], "--set", "train.batch_size=128", "--json"],
         capture_output=True, text=True, timeout=180, env=env)
     assert shifted.returncode == 0, shifted.stderr
     assert json.loads(shifted.stdout)["failed_requests"] == 0
     assert wait_for_rows(location, since, 300, timeout_s=30) == 300
-    alarm = monitor(cfg, home, since=since.isoformat(), log=print)
+    alarm = monitor(cfg, workspace, since=since.isoformat(), log=print)
     print(f"scaled amounts: {alarm.summary}")
     assert alarm.verdict == "drift"
     [model] = alarm.models.values()
@@ -547,12 +550,12 @@ def test_predict_offline_with_ray_data_and_online_from_a_csv(fraud_model, fraud_
     from mlsd_ray.tasks.tabular.predict import predict_files
     from mlsd_ray.tasks.tabular.sources import fraud_synth
 
-    _, summary, home = fraud_model
+    _, summary, workspace = fraud_model
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     out = tmp_path / "predictions"
     offline = subprocess.run(
         [sys.executable, "-m", "mlsd_ray.cli", "predict", "--model", "models:/fraud-mlp/1",
-         "--source", "fraud-synth:3000", "--out", str(out), "--home", home, "--json"],
+         "--source", "fraud-synth:3000", "--out", str(out), "--home", workspace.root, "--json"],
         capture_output=True, text=True, timeout=180, env=env)
     assert offline.returncode == 0, offline.stderr
     result = json.loads(offline.stdout)
@@ -566,9 +569,10 @@ def test_predict_offline_with_ray_data_and_online_from_a_csv(fraud_model, fraud_
     csv = tmp_path / "rows.csv"
     fraud_synth(120, seed=3).to_csv(csv, index=False)  # with an id and the label: not sent
     online = predict_files(fraud_url.removesuffix("/v1/fraud"), [csv])
-    [answer] = online["files"]
-    assert len(answer["results"]) == 120 and answer["model_version"] == "1"
-    assert {r["decision"] for r in answer["results"]} <= {"approve", "review", "decline"}
+    [answer] = online.files
+    assert len(answer.results) == 120 and answer.model_version == "1"
+    assert set(answer.outcomes) <= {"approve", "review", "decline"}
+    assert online.describe().splitlines()[-1] == "model fraud-mlp version 1"
 
 
 def test_retrain_on_new_rows_is_gated_and_rolls_the_app_over(fraud_model, fraud_url):
@@ -579,18 +583,18 @@ def test_retrain_on_new_rows_is_gated_and_rolls_the_app_over(fraud_model, fraud_
     from mlsd_ray.tasks import get_task
     from mlsd_ray.workflows.retrain import retrain
 
-    cfg, _, home = fraud_model
+    cfg, _, workspace = fraud_model
     cfg = cfg.model_copy(deep=True)
     cfg.retrain.epochs = 3
-    registry.promote("fraud-mlp", 1, "production", home)  # the champion
-    source = get_task("tabular").smoke_retrain_source(home, print)
-    decision = retrain(cfg, source, home, log=print)
+    registry.promote("fraud-mlp", 1, "production", workspace)  # the champion
+    source = get_task("tabular").smoke_retrain_source(workspace, print)
+    decision = retrain(cfg, source, workspace, log=print)
     print(f"\nfraud retrain: {decision.reason}; scores {decision.to_dict()['scores']}")
     assert (decision.task, decision.metric) == ("tabular", "pr_auc")
     champion, challenger = decision.champion_scores, decision.challenger_scores
     assert challenger.holdout.samples == champion.holdout.samples > 1200
     assert decision.promote == (decision.gain > cfg.retrain.margin)
-    production = registry.show("models:/fraud-mlp@production", home).version
+    production = registry.show("models:/fraud-mlp@production", workspace).version
     served = requests.get(f"{fraud_url}/model", timeout=10).json()["model_version"]
     expected = decision.challenger.rsplit("/", 1)[1] if decision.promote else "1"
     assert str(production) == served == expected
@@ -606,13 +610,13 @@ def test_the_pipelines_monitoring_loop_runs_on_tables(fraud_model, fraud_url):
     from mlsd_ray.tasks.tabular.prepare import PreparedTable
     from mlsd_ray.workflows.loop import monitoring_loop, render_loop
 
-    cfg, summary, home = fraud_model
+    cfg, summary, workspace = fraud_model
     cfg = cfg.model_copy(deep=True)
     cfg.retrain.epochs = 1
     cfg.serve.prediction_log.flush_seconds = 0.5
     served = requests.get(f"{fraud_url}/model", timeout=10).json()
     steps = monitoring_loop(get_task("tabular"), cfg, fraud_url.removesuffix("/v1/fraud"),
-                            served["uri"], PreparedTable.open(summary.dataset), home, print)
+                            served["uri"], PreparedTable.open(summary.dataset), workspace, print)
     render_loop(steps)
     assert steps.traffic_unshifted.failed_requests == 0
     assert steps.monitor_unshifted.rows == 200
@@ -630,12 +634,12 @@ def test_the_pipelines_monitoring_loop_runs_on_tables(fraud_model, fraud_url):
     assert json.loads(json.dumps(steps.to_dict()))["retrain"]["promote"] == retrained.promote
 
 
-def test_diabetes_regression_beside_the_baseline(home):
+def test_diabetes_regression_beside_the_baseline(workspace):
     cfg = load_config(None, ["tabular.source=diabetes", "train.epochs=12", "train.lr=0.02",
                              "train.batch_size=32", "train.num_workers=2",
                              "train.cpus_per_worker=0.5", "registry.auto_register=false"],
                       example="fraud")
-    summary = run_tabular_train(cfg, home=home)
+    summary = run_tabular_train(cfg, workspace=workspace)
     mlp, baseline = summary.test, summary.baseline
     print(f"\ndiabetes: MLP MSE {mlp['mse']:.1f} R² {mlp['r2']:.3f}; "
           f"HistGradientBoosting MSE {baseline['mse']:.1f} R² {baseline['r2']:.3f}")
@@ -644,13 +648,13 @@ def test_diabetes_regression_beside_the_baseline(home):
 
 
 @pytest.mark.slow
-def test_tune_searches_the_tabular_model(home, capsys):
+def test_tune_searches_the_tabular_model(workspace, capsys):
     from mlsd_ray.tuning.search import run_tune
 
     cfg = load_config(None, ["tabular.source=breast-cancer", "train.epochs=3",
                              "tune.space={train.lr: [0.003, 0.03]}", "tune.scheduler=none"],
                       example="fraud")
-    summary = run_tune(cfg, home=home)
+    summary = run_tune(cfg, workspace=workspace)
     print(f"\ntabular tune: {summary.configurations}")
     assert summary.metric == "val_score" and summary.finished == 2
     assert summary.best.score > 0.8  # PR-AUC on breast cancer: far above chance

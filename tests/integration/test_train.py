@@ -29,7 +29,7 @@ FAST = ["data.image_size=8", "data.augment.random_shift=1", "train.batch_size=64
         "data.augment.rotation_deg=0"]
 
 
-def test_two_workers_learn_survive_a_killed_worker_and_resume(home):
+def test_two_workers_learn_survive_a_killed_worker_and_resume(workspace):
     """Two DDP workers on the prepared digits. SIGKILL one mid-run: the run restarts it from
     the last checkpoint and finishes. The splits stream through Ray Data in that run
     (in_memory_limit_mb=0), the path for data that does not fit in memory. Then the same run
@@ -41,7 +41,7 @@ def test_two_workers_learn_survive_a_killed_worker_and_resume(home):
     workers = ["train.num_workers=2", "train.cpus_per_worker=0.5"]
     cfg = load_config(None, FAST + workers + ["train.epochs=5", "train.max_failures=1",
                                               "train.in_memory_limit_mb=0"])
-    run_dir = Path(home) / "runs" / "digits-killed"
+    run_dir = Path(workspace.root) / "runs" / "digits-killed"
     killed = []
 
     def checkpoints():
@@ -63,7 +63,7 @@ def test_two_workers_learn_survive_a_killed_worker_and_resume(home):
     killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     killer.start()
     said: list[str] = []
-    first = run_train(cfg, home=home, run_name="digits-killed", log=said.append)
+    first = run_train(cfg, workspace=workspace, run_name="digits-killed", log=said.append)
     killer.join(timeout=5)
     assert any("streamed through Ray Data every epoch" in line for line in said), said
     assert killed, "no training worker was found to kill"
@@ -76,7 +76,7 @@ def test_two_workers_learn_survive_a_killed_worker_and_resume(home):
 
     # the same run name with more epochs continues after epoch 5, not from scratch
     longer = load_config(None, FAST + workers + ["train.epochs=6"])
-    resumed = run_train(longer, home=home, run_name="digits-killed")
+    resumed = run_train(longer, workspace=workspace, run_name="digits-killed")
     assert resumed.epochs_run == 6
     history = load_train_state(checkpoints()[-1])["history"]
     assert [h["epoch"] for h in history] == list(range(1, 7))
@@ -95,7 +95,7 @@ def test_two_workers_learn_survive_a_killed_worker_and_resume(home):
     assert len(loaded.reference["features"]["orientation"]) == 1259
     assert all(0 < c <= 1 for c in loaded.reference["confidence"])
 
-    evaluation = evaluate_checkpoint(resumed.checkpoint, "test", home=home)
+    evaluation = evaluate_checkpoint(resumed.checkpoint, "test", workspace=workspace)
     assert evaluation.samples == 269
     assert evaluation.accuracy == pytest.approx(resumed.test_accuracy)
     assert 0 < evaluation.macro_f1 <= 1
@@ -106,7 +106,7 @@ def test_two_workers_learn_survive_a_killed_worker_and_resume(home):
     for png in ("confusion_matrix.png", "learning_curves.png", "class_attribution.png"):
         assert Image.open(Path(evaluation.path) / png).size[0] > 300
     with pytest.raises(InputError, match="unknown split"):
-        evaluate_checkpoint(resumed.checkpoint, "holdout", home=home)
+        evaluate_checkpoint(resumed.checkpoint, "holdout", workspace=workspace)
 
 
 def test_tampered_checkpoint_is_refused(digits_model, tmp_path):
@@ -119,7 +119,7 @@ def test_tampered_checkpoint_is_refused(digits_model, tmp_path):
         load_model(checkpoint)
 
 
-def test_nan_loss_names_the_epoch_and_the_fix(home, digits_model):
+def test_nan_loss_names_the_epoch_and_the_fix(workspace, digits_model):
     """`mlsd train`'s path: the error names the epoch and the fix, and the MLflow run that
     tracked it live ends FAILED, with its params and dataset."""
     from mlflow import MlflowClient
@@ -131,8 +131,9 @@ def test_nan_loss_names_the_epoch_and_the_fix(home, digits_model):
                              "train.max_failures=0", "train.run_name=diverges"])
     with pytest.raises(WorkError, match=r"loss became nan in epoch 1: lower train\.lr"):
         # the session's prepared data
-        train_and_register(cfg, home=home, dataset=digits_model.dataset, log=lambda _: None)
-    experiment = registry.client(home).get_experiment_by_name(registry.EXPERIMENT)
+        train_and_register(cfg, workspace=workspace, dataset=digits_model.dataset,
+                           log=lambda _: None)
+    experiment = registry.client(workspace).get_experiment_by_name(registry.EXPERIMENT)
     [run] = MlflowClient().search_runs([experiment.experiment_id],
                                        "attributes.run_name = 'diverges'")
     assert run.info.status == "FAILED" and run.data.params["train.lr"] == "1000000.0"

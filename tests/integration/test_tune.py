@@ -21,10 +21,10 @@ TINY = ["data.image_size=8", "data.augment.random_shift=1", "train.max_failures=
         "tune.max_epochs=2"]
 
 
-def test_grid_search_keeps_good_trials_when_one_fails(home):
+def test_grid_search_keeps_good_trials_when_one_fails(workspace):
     cfg = load_config(None, TINY + ["tune.search=grid", "tune.space={train.lr: [0.005, 1.0e6]}",
                                     "train.optimizer=sgd"])
-    summary = run_tune(cfg, home=home, name="grid", log=lambda _: None)
+    summary = run_tune(cfg, workspace=workspace, name="grid", log=lambda _: None)
     assert (summary.trials, summary.finished, summary.failed) == (2, 1, 1)
     assert summary.best.params == {"train.lr": 0.005}
     assert summary.metric == "val_accuracy" and summary.best.score > 0.3  # chance: 0.1
@@ -39,14 +39,14 @@ def test_grid_search_keeps_good_trials_when_one_fails(home):
     best = load_config(summary.best_config)
     assert (best.train.lr, best.train.epochs, best.train.num_workers) == (0.005, 2, 1)
     best.train.num_workers = 0
-    again = run_train(best, home=home, run_name="from-best-yaml", log=lambda _: None)
+    again = run_train(best, workspace=workspace, run_name="from-best-yaml", log=lambda _: None)
     assert again.metrics["val_accuracy"] == pytest.approx(summary.best.score)
 
     # MLflow: the search's run with a child per trial, tracked live (the failed one FAILED,
     # each epoch's score logged as reported), and the best trial registered as a child
     assert summary.registered.uri == "models:/digits-cnn/1"
-    assert [v.version for v in list_models(home)[0].versions] == [1]
-    mlflow_client = client(home)
+    assert [v.version for v in list_models(workspace)[0].versions] == [1]
+    mlflow_client = client(workspace)
     runs = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("mlsd").experiment_id])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") ==
                 summary.mlflow_run_id]
@@ -61,13 +61,13 @@ def test_grid_search_keeps_good_trials_when_one_fails(home):
     assert mlflow_client.get_run(summary.mlflow_run_id).info.status == "FINISHED"
 
 
-def test_asha_stops_weak_trials_early(home):
+def test_asha_stops_weak_trials_early(workspace):
     cfg = load_config(None, ["data.image_size=8", "data.augment.random_shift=1",
                              "tune.max_epochs=3", "tune.num_samples=4",
                              "tune.space={train.lr: {loguniform: [1.0e-4, 3.0e-2]}}",
                              "tune.scheduler=asha", "tune.grace_period=1",
                              "tune.reduction_factor=2", "registry.auto_register=false"])
-    summary = run_tune(cfg, home=home, name="asha", log=lambda _: None, register=False)
+    summary = run_tune(cfg, workspace=workspace, name="asha", log=lambda _: None, register=False)
     assert summary.trials == 4 and summary.failed == 0
     assert summary.stopped_early >= 1
     assert summary.trial_epochs < 4 * 3
@@ -87,9 +87,9 @@ def cpus_come_back(within_s: float) -> bool:
     return False
 
 
-def test_cross_validation_reports_mean_and_spread(home):
+def test_cross_validation_reports_mean_and_spread(workspace):
     cfg = load_config(None, TINY + ["tune.cv=2", "tune.space={train.lr: [0.005]}"])
-    summary = run_tune(cfg, home=home, name="cv", log=lambda _: None)
+    summary = run_tune(cfg, workspace=workspace, name="cv", log=lambda _: None)
     assert summary.scheduler == "none"
     line = summary.configurations[0]
     assert len(line["fold_scores"]) == 2 and all(0.3 < s <= 1 for s in line["fold_scores"])

@@ -29,7 +29,7 @@ class ChurnTask(TabularTask):
 
 
 class Incomplete:
-    def prepare(self, cfg, home, log, force=False):
+    def prepare(self, cfg, workspace, log, force=False):
         return None
 '''
 
@@ -112,8 +112,10 @@ def test_a_retrain_rolls_out_to_the_app_that_serves_the_model(tmp_path):
     a retrain finds the app by the model it serves."""
     import json
 
+    from mlsd_ray.core.workspace import Workspace
     from mlsd_ray.serve.control import apps_serving
 
+    workspace = Workspace.at(str(tmp_path))
     serve = tmp_path / "serve"
     serve.mkdir()
     (serve / "mlsd.json").write_text(json.dumps({"app_name": "mlsd", "model": {
@@ -122,32 +124,34 @@ def test_a_retrain_rolls_out_to_the_app_that_serves_the_model(tmp_path):
         "name": "digits-cnn", "uri": "models:/digits-cnn/3"}}))
     (serve / "mlsd-policy.json").write_text(json.dumps({"threshold": 0.5}))
     (serve / "broken.json").write_text("{")
-    assert apps_serving(str(tmp_path), "fraud-mlp") == ["mlsd"]
-    assert apps_serving(str(tmp_path), "digits-cnn") == ["digits"]
-    assert apps_serving(str(tmp_path), "loans-mlp") == []
+    assert apps_serving(workspace, "fraud-mlp") == ["mlsd"]
+    assert apps_serving(workspace, "digits-cnn") == ["digits"]
+    assert apps_serving(workspace, "loans-mlp") == []
 
 
 def test_a_running_app_record_reads_back_as_it_was_written(tmp_path):
     """APP.json is what status, deploy and stop know of an app: written by `start`, read back
     typed; a damaged record is an error that names the file, not a KeyError."""
     from mlsd_ray.core.config import ServeConfig
+    from mlsd_ray.core.workspace import Workspace
     from mlsd_ray.registry import PinnedModel
     from mlsd_ray.serve.control import RayHead, RunningApp, read_state
 
-    home = str(tmp_path)
+    workspace = Workspace.at(str(tmp_path))
     app = RunningApp(app_name="fraud", task="tabular", url="http://127.0.0.1:8123",
                      route_prefix="/", model_path="/v1/fraud/model",
                      model=PinnedModel("models:/fraud-mlp/2", "fraud-mlp", "2", "/x"),
                      served_version="2", settings=ServeConfig(port=8123, app_name="fraud"),
-                     head=RayHead("127.0.0.1:6390", 4242, "http://127.0.0.1:8266"), home=home,
+                     head=RayHead("127.0.0.1:6390", 4242, "http://127.0.0.1:8266"),
+                     workspace=workspace,
                      detached=True, seconds_to_healthy=3.5,
                      endpoints={"score_url": "http://127.0.0.1:8123/v1/fraud/score"})
     app.save()
-    assert read_state(home, "fraud") == app
+    assert read_state(workspace, "fraud") == app
     assert app.to_dict()["score_url"].endswith("/v1/fraud/score")  # `--json` keeps it flat
     assert app.docs == "http://127.0.0.1:8123/docs"
     with pytest.raises(WorkError, match="has no predict_url; it has score_url"):
         app.endpoint("predict_url")
     app.state_file.write_text('{"app_name": "fraud"}')
     with pytest.raises(InputError, match="fraud.json of app 'fraud' is unreadable"):
-        read_state(home, "fraud")
+        read_state(workspace, "fraud")

@@ -55,12 +55,12 @@ def decode_rows(batch: dict[str, np.ndarray], size: int, channels: int,
 class Predictor:
     """An actor holding the model; one call per batch of decoded rows."""
 
-    def __init__(self, model: PinnedModel, home: str | None):
+    def __init__(self, model: PinnedModel, workspace: Workspace):
         from mlsd_ray.core.memory import claim_cpus_for_torch
         from mlsd_ray.tasks.image.checkpoint import load_model
 
         claim_cpus_for_torch(1)  # one actor per CPU: parallelism comes from the pool
-        self.loaded = load_model(model.checkpoint_here(home))
+        self.loaded = load_model(model.checkpoint_here(workspace))
         self.model = model  # {"uri", "name", "version"}: pinned, for `mlsd monitor --inputs`
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -96,7 +96,7 @@ class Predictor:
                 "confidence": confidence, "status": batch["status"], "detail": batch["detail"]}
 
 
-def predict_dataset(model: PinnedModel, cfg: Config, out: str | None, home: str | None,
+def predict_dataset(model: PinnedModel, cfg: Config, out: str | None, workspace: Workspace,
                     log: Callable[[str], None]) -> OfflinePrediction:
     """Predict every row of `cfg.data.source` with `model` (serve/control.py's
     `registry.pin` pins one); write parquet; return counts and accuracy."""
@@ -107,19 +107,19 @@ def predict_dataset(model: PinnedModel, cfg: Config, out: str | None, home: str 
     from mlsd_ray.tasks.image.checkpoint import load_model
     from mlsd_ray.tasks.image.data.sources import parse_source
 
-    pre = load_model(model.checkpoint_here(home)).preprocessor
-    source = parse_source(cfg.data.source, cfg.data)
+    pre = load_model(model.checkpoint_here(workspace)).preprocessor
+    source = parse_source(cfg.data.source, cfg.data, workspace)
     source.class_names()  # lists the inputs: a missing path fails here, before Ray
-    out = out or Workspace.at(home).batch_predictions(
+    out = out or workspace.batch_predictions(
         time.strftime("%Y%m%d-%H%M%S"))
-    ensure_ray(home)
+    ensure_ray(workspace)
     actors = max(1, int(ray.available_resources().get("CPU", 1)))
     log(f"predicting {cfg.data.source} with {model.uri} on {actors} actor(s) -> {out}")
     started = time.perf_counter()
     decode = functools.partial(decode_rows, size=pre.image_size, channels=pre.channels,
                                pixel_range=cfg.data.pixel_range)
     predictions = source.read(then=decode).map_batches(
-        Predictor, fn_constructor_kwargs={"model": model, "home": home},
+        Predictor, fn_constructor_kwargs={"model": model, "workspace": workspace},
         batch_size=256,
         batch_format="numpy", num_cpus=1,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors))

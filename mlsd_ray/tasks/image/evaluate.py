@@ -159,7 +159,7 @@ class ImageEvaluation:
                 f"{self.attribution_png}")
 
 
-def evaluate_checkpoint(checkpoint_dir: str, split: str = "test", home: str | None = None,
+def evaluate_checkpoint(checkpoint_dir: str, split: str, workspace: Workspace,
                         dataset_path: str | None = None) -> ImageEvaluation:
     """Write report.json, report.md, confusion_matrix.png, learning_curves.png and
     class_attribution.png."""
@@ -177,7 +177,7 @@ def evaluate_checkpoint(checkpoint_dir: str, split: str = "test", home: str | No
     result = predict_images(loaded, images, labels)  # the model is loaded (and verified) once
     class_names = dataset.manifest["class_names"]
     run = loaded.metadata["run_name"]
-    out = Workspace.at(home).report(run, split)
+    out = workspace.report(run, split)
     report = {"model": str(checkpoint_dir), "model_name": loaded.model_config["name"],
               "run_name": run, "split": split, "dataset": dataset.path,
               "samples": result.samples,

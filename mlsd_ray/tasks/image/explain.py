@@ -18,6 +18,7 @@ from torch import nn
 
 from mlsd_ray import explain
 from mlsd_ray.core.errors import InputError
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.explain import ExplanationResult, SanityChecks
 from mlsd_ray.tasks.image.checkpoint import LoadedModel
 from mlsd_ray.tasks.image.export import NormalizedClassifier
@@ -287,25 +288,24 @@ def _deletion_figure(curves: dict[str, np.ndarray]) -> bytes:
 
 
 def explain_checkpoint(checkpoint_dir: str, source: str | None, label: str | None, count: int,
-                       out: str | None, home: str | None) -> ExplanationResult:
+                       out: str | None, workspace: Workspace) -> ExplanationResult:
     """Explain `count` inputs for the model in `checkpoint_dir`: from its own test split, or
     from `source` (a --source SPEC, read and decoded as `mlsd predict` does); with `label`,
     only inputs of that class."""
     import time
 
-    from mlsd_ray.core.workspace import Workspace
     from mlsd_ray.tasks.image.checkpoint import load_model
 
     loaded = load_model(checkpoint_dir)
     names = loaded.preprocessor.class_names
     if label is not None and label not in names:
         raise InputError(f"--label {label!r}: the model's classes are {', '.join(names)}")
-    images, labels, sources = (_from_source(loaded, source, label, count, home) if source
+    images, labels, sources = (_from_source(loaded, source, label, count, workspace) if source
                                else _from_test_split(loaded, label, count))
     if not len(images):
         raise InputError(f"no input{' labelled ' + repr(label) if label else ''} to explain in "
                          f"{source or 'the test split'}")
-    out = out or Workspace.at(home).explanations(loaded.metadata.get("run_name", "model"),
+    out = out or workspace.explanations(loaded.metadata.get("run_name", "model"),
                                                  time.strftime("%Y%m%d-%H%M%S"))
     return explain_images(loaded, images, labels, sources, out)
 
@@ -322,7 +322,7 @@ def _from_test_split(loaded: LoadedModel, label: str | None,
 
 
 def _from_source(loaded: LoadedModel, spec: str, label: str | None, count: int,
-                 home: str | None) -> tuple[np.ndarray, list[str], list[str]]:
+                 workspace: Workspace) -> tuple[np.ndarray, list[str], list[str]]:
     import functools
 
     from mlsd_ray.core.config import load_config
@@ -331,9 +331,9 @@ def _from_source(loaded: LoadedModel, spec: str, label: str | None, count: int,
     from mlsd_ray.tasks.image.data.sources import parse_source
 
     cfg = load_config(None, [])
-    source = parse_source(spec, cfg.data)
+    source = parse_source(spec, cfg.data, workspace)
     source.class_names()  # a missing path fails here, before Ray starts
-    ensure_ray(home)
+    ensure_ray(workspace)
     pre = loaded.preprocessor
     decode = functools.partial(decode_rows, size=pre.image_size, channels=pre.channels,
                                pixel_range=cfg.data.pixel_range)

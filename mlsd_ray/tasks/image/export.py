@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from mlsd_ray import export
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.export import ExportResult
 from mlsd_ray.tasks.image.checkpoint import LoadedModel, load_model
 from mlsd_ray.tasks.image.data.prepare import PreparedDataset
@@ -79,7 +80,7 @@ def onnx_runtime_probabilities(loaded: LoadedModel,
 
 
 def export_image_model(checkpoint_dir: str, fmt: str, quantize: str | None, out: str,
-                       model_uri: str, home: str | None) -> ExportResult:
+                       model_uri: str, workspace: Workspace) -> ExportResult:
     """Write the model in `checkpoint_dir` as `fmt` (int8 if asked) with metadata.json into
     `out`, checked on its dataset's test split, and register it beside `model_uri`. Nothing
     is written when a check fails."""
@@ -106,7 +107,7 @@ def export_image_model(checkpoint_dir: str, fmt: str, quantize: str | None, out:
                         metadata_file=str(Path(out) / "metadata.json"),
                         size_bytes=(Path(out) / built.name).stat().st_size, parity=checked,
                         fp32_size_bytes=fp32_size,
-                        registered=export.register_export(model_uri, out, kind, home))
+                        registered=export.register_export(model_uri, out, kind, workspace))
 
 
 def _build(served: ServedClassifier, fmt: str, quantize: str | None,

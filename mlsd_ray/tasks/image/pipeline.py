@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from mlsd_ray.core.config import Config
 from mlsd_ray.core.runtime import log_stderr
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.image.data.prepare import prepare_dataset
 from mlsd_ray.workflows.stages import PipelineResult, StageHeadings, search_first
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 LOOP = "monitor -> retrain -> rolling update"
 
 
-def run_pipeline(cfg: Config, home: str | None = None, force: bool = False,
+def run_pipeline(cfg: Config, workspace: Workspace, force: bool = False,
                  log: Callable[[str], None] = log_stderr, tune: bool = False,
                  serve_check: bool = True, keep_serving: bool = False,
                  monitor_loop: bool = True) -> PipelineResult:
@@ -42,24 +43,24 @@ def run_pipeline(cfg: Config, home: str | None = None, force: bool = False,
                             registers and "promote", serve_check and "serve",
                             serve_check and monitor_loop and registers and LOOP)
     log(heading("data"))
-    prepared = prepare_dataset(cfg, home=home, force=force, log=log)
+    prepared = prepare_dataset(cfg, workspace=workspace, force=force, log=log)
     searched = None
     if tune:
         log(heading("tune"))
-        cfg, searched = search_first(cfg, home, log)
+        cfg, searched = search_first(cfg, workspace, log)
     log(heading("train and register"))
-    trained = train_and_register(cfg, home=home, log=log)
+    trained = train_and_register(cfg, workspace=workspace, log=log)
     result = PipelineResult(task="image", data=prepared.summary(), tune=searched, train=trained)
     log(heading("evaluate"))
-    result.evaluation = evaluation = evaluate_checkpoint(trained.checkpoint, "test", home)
+    result.evaluation = evaluation = evaluate_checkpoint(trained.checkpoint, "test", workspace)
     registered = trained.registered
     if registered:
         from mlsd_ray.registry import log_evaluation
 
         # the report and plots join the registered version's run
-        log_evaluation(registered.run_id, evaluation.report, "test", home)
+        log_evaluation(registered.run_id, evaluation.report, "test", workspace)
         log(heading("promote"))
-        result.promoted = promote_first(registered, home, log)
+        result.promoted = promote_first(registered, workspace, log)
     if serve_check:
         from mlsd_ray.tasks.image.smoke import serve_smoke_check
 
@@ -67,14 +68,14 @@ def run_pipeline(cfg: Config, home: str | None = None, force: bool = False,
         model = trained.model_uri()
         loop = None
         if monitor_loop and registered:  # retraining moves a registry alias: needs a version
-            loop = functools.partial(_loop, cfg, home=home, log=log,
+            loop = functools.partial(_loop, cfg, workspace=workspace, log=log,
                                      dataset_path=trained.dataset, heading=heading(LOOP))
-        result.serve, result.loop = serve_smoke_check(cfg.serve, model, trained.dataset, home,
+        result.serve, result.loop = serve_smoke_check(cfg.serve, model, trained.dataset, workspace,
                                                       keep_serving, log, then=loop)
     return result
 
 
-def _loop(cfg: Config, url: str, served_uri: str, home: str | None,
+def _loop(cfg: Config, url: str, served_uri: str, workspace: Workspace,
           log: Callable[[str], None], dataset_path: str, heading: str) -> LoopSteps:
     from mlsd_ray.tasks import get_task
     from mlsd_ray.tasks.image.data.prepare import PreparedDataset
@@ -82,4 +83,4 @@ def _loop(cfg: Config, url: str, served_uri: str, home: str | None,
 
     log(heading)
     return monitoring_loop(get_task(cfg.task), cfg, url, served_uri,
-                           PreparedDataset.open(dataset_path), home, log)
+                           PreparedDataset.open(dataset_path), workspace, log)

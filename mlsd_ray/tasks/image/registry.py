@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.registry import (
     RegisteredVersion,
     _flat,
@@ -38,7 +39,7 @@ def run_params(cfg, dataset) -> dict:
             "data.source": cfg.data.source, "data.fingerprint": dataset.manifest["fingerprint"]}
 
 
-def log_and_register(result, cfg, dataset, model_name: str, home: str | None = None,
+def log_and_register(result, cfg, dataset, model_name: str, workspace: Workspace,
                      nested: bool = False, live: bool = False) -> RegisteredVersion:
     """Log a finished training run to MLflow and register its best checkpoint as a new version.
 
@@ -50,7 +51,7 @@ def log_and_register(result, cfg, dataset, model_name: str, home: str | None = N
 
     from mlsd_ray.registry.tracking import registration_run
 
-    mlflow_client = client(home)
+    mlflow_client = client(workspace)
     manifest = dataset.manifest
     schema = {"input": {"image": manifest["schema"]["image"], "accepts": "uint8 H×W×C or "
                         "encoded PNG/JPEG; resized and normalised as in preprocessing.json"},

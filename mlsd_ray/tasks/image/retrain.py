@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 SPLITS = ("train", "val", "test")
 
 
-def retrain_data(cfg: Config, champion_dir: str, source: str, home: str | None,
+def retrain_data(cfg: Config, champion_dir: str, source: str, workspace: Workspace,
                  log: Callable[[str], None]) -> RetrainData:
     """The new images at the champion's size and channels, and old plus new combined."""
     from mlsd_ray.tasks.image.checkpoint import load_model
@@ -32,24 +32,24 @@ def retrain_data(cfg: Config, champion_dir: str, source: str, home: str | None,
     # The champion was trained on 1 or 3 channels (pydantic checks the assignment).
     new_cfg.data.image_size = pre.image_size
     new_cfg.data.channels = cast(Literal[1, 3], pre.channels)
-    new = prepare_dataset(new_cfg, home=home, log=log)
+    new = prepare_dataset(new_cfg, workspace=workspace, log=log)
     check_classes(pre.class_names, new.manifest["class_names"], source)
     old = PreparedDataset.open(champion.metadata["dataset"]["path"])
     train_parts = [new, old] if cfg.retrain.keep_old_data else [new]
     combined = combine({"train": train_parts, "val": train_parts, "test": [new, old]},
-                       pre.to_dict(), f"retrain-{new.manifest['name']}", home)
+                       pre.to_dict(), f"retrain-{new.manifest['name']}", workspace)
     log(f"challenger: {cfg.retrain.mode}, {combined.manifest['counts']['splits']['train']} "
         f"training images ({'new + old' if cfg.retrain.keep_old_data else 'new only'})")
     return RetrainData(new, old, combined)
 
 
-def train_challenger(cfg: Config, data: RetrainData, init_from: str | None, home: str | None,
+def train_challenger(cfg: Config, data: RetrainData, init_from: str | None, workspace: Workspace,
                      log: Callable[[str], None]) -> TrainResult:
     """Train and register the challenger on the combined data; its drift reference is the
     new data."""
     from mlsd_ray.tasks.image.train import train_and_register
 
-    return train_and_register(cfg, home, log, dataset=data.combined, init_from=init_from,
+    return train_and_register(cfg, workspace, log, dataset=data.combined, init_from=init_from,
                               reference=data.new)
 
 
@@ -70,7 +70,7 @@ def holdout_scores(checkpoint_dir: str, parts: dict[str, PreparedDataset]
 
 
 def combine(parts: dict[str, list[PreparedDataset]], champion_pre: dict, name: str,
-            home: str | None) -> PreparedDataset:
+            workspace: Workspace) -> PreparedDataset:
     """One prepared dataset whose splits concatenate the given datasets' splits."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -78,7 +78,7 @@ def combine(parts: dict[str, list[PreparedDataset]], champion_pre: dict, name: s
     key = "|".join(f"{s}:{','.join(d.manifest['fingerprint'] for d in ds)}"
                    for s, ds in parts.items())
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:12]
-    out = Workspace.at(home).dataset(name, fingerprint)
+    out = workspace.dataset(name, fingerprint)
     counts = {}
     for split, datasets in parts.items():
         tables = []

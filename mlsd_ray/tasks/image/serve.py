@@ -78,11 +78,11 @@ add_open_inference_routes(api)
 count_requests(api)
 
 
-def load_served_model(model: PinnedModel, home: str | None) -> tuple[Any, dict]:
+def load_served_model(model: PinnedModel, workspace: Workspace) -> tuple[Any, dict]:
     """Load a pinned model's checkpoint; returns it and its public description."""
     from mlsd_ray.tasks.image.checkpoint import load_model
 
-    loaded = load_model(model.checkpoint_here(home))
+    loaded = load_model(model.checkpoint_here(workspace))
     name, metrics = model.name, {key: model.metrics.get(key)
                                  for key in ("val_accuracy", "test_accuracy")}
     if model.version == "local":  # a checkpoint folder: named after the run that wrote it
@@ -108,7 +108,7 @@ class ImageModel(LoggingReplica):
 
     def load(self, model: PinnedModel, replica: ReplicaSettings) -> None:
         replica.claim_process()
-        self.loaded, self.info = load_served_model(model, replica.home)
+        self.loaded, self.info = load_served_model(model, replica.workspace)
         self.probabilities = self.loaded.probabilities
         if replica.runtime == "onnxruntime":
             from mlsd_ray.tasks.image.export import onnx_runtime_probabilities
@@ -120,7 +120,7 @@ class ImageModel(LoggingReplica):
         run_batch.set_batch_wait_timeout_s(replica.batch_wait_timeout_s)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.metrics = model_metrics()
-        self._open_log(replica.log_settings, replica.home)
+        self._open_log(replica.log_settings, replica.workspace)
 
     def describe(self) -> dict:
         return {**self.info, "replica": self.replica, "prediction_log": self.log_stats()}
@@ -372,7 +372,7 @@ CLASSES = AppClasses(routes=ImageApp, model=ImageModel, routes_name="Ingress",
 
 
 def app_from_config(settings: ServeConfig, model: PinnedModel,
-                    home: str | None = None) -> serve.Application:
+                    workspace: Workspace) -> serve.Application:
     """The image app in the configured topology, batching, autoscaling and router."""
     from mlsd_ray.core import storage
 
@@ -380,6 +380,6 @@ def app_from_config(settings: ServeConfig, model: PinnedModel,
                       "explain_per_second": settings.explain_per_second,
                       "max_body_bytes": settings.max_body_bytes, "top_k": settings.top_k,
                       "router": settings.router,
-                      "drift_file": storage.join(Workspace.at(home).monitor, "latest.json"),
+                      "drift_file": storage.join(workspace.monitor, "latest.json"),
                       "token_sha256": token_sha256()}
-    return bind_app(CLASSES, settings, model, home, route_settings)
+    return bind_app(CLASSES, settings, model, workspace, route_settings)

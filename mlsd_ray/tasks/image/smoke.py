@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mlsd_ray.core.config import ServeConfig
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.base import ServeCheck
 from mlsd_ray.tasks.image.data.prepare import PreparedDataset
 
@@ -45,7 +46,7 @@ class ImageServeCheck(ServeCheck):
                 f"version {self.model_version} at {self.url}{stopped}")
 
 
-def serve_smoke_check(settings: ServeConfig, model: str, dataset_path: str, home: str | None,
+def serve_smoke_check(settings: ServeConfig, model: str, dataset_path: str, workspace: Workspace,
                       keep_serving: bool, log: Callable[[str], None],
                       then: Callable[[str, str], LoopSteps] | None = None
                       ) -> tuple[ImageServeCheck, LoopSteps | None]:
@@ -59,7 +60,7 @@ def serve_smoke_check(settings: ServeConfig, model: str, dataset_path: str, home
     updates: dict[str, Any] = {"model": model}
     if not keep_serving and control.port_in_use(settings.host, settings.port):
         updates["port"] = control.free_port(settings.host)  # a check only: any port will do
-    app = control.start(settings.model_copy(update=updates), home, log=log)
+    app = control.start(settings.model_copy(update=updates), workspace, log=log)
     images, labels = PreparedDataset.open(dataset_path).load_split("test")
     images, labels = images[:SMOKE_IMAGES], labels[:SMOKE_IMAGES]
     answer = post_json(app.endpoint("predict_url"),
@@ -78,5 +79,5 @@ def serve_smoke_check(settings: ServeConfig, model: str, dataset_path: str, home
             control.serve_until_interrupted(app, log)
         else:
             control.remove_app(settings.app_name)
-            control.state_file(home, settings.app_name).unlink(missing_ok=True)
+            control.state_file(workspace, settings.app_name).unlink(missing_ok=True)
     return check, loop

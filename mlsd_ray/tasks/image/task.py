@@ -6,7 +6,8 @@ retrain.py, serve/); this class is the face the commands, jobs and searches see.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.workspace import Workspace
@@ -14,6 +15,7 @@ from mlsd_ray.tasks.base import (
     DataSummary,
     Log,
     OfflinePrediction,
+    OnlinePrediction,
     ServedApp,
     SmokePrediction,
     Task,
@@ -49,10 +51,10 @@ class ImageTask(Task):
         if source is not None:
             cfg.data.source = source
 
-    def prepare(self, cfg, home: str | None, log: Log, force: bool = False):
+    def prepare(self, cfg, workspace: Workspace, log: Log, force: bool = False):
         from mlsd_ray.tasks.image.data.prepare import prepare_dataset
 
-        return prepare_dataset(cfg, home=home, force=force, log=log)
+        return prepare_dataset(cfg, workspace=workspace, force=force, log=log)
 
     def trainer(self, cfg, prepared, run_name: str, storage_path: str,
                 datasets: dict | None = None, callbacks: list | None = None,
@@ -72,26 +74,26 @@ class ImageTask(Task):
 
         return cv_folds(prepared, k, seed, rows_per_block)
 
-    def train(self, cfg, home: str | None, log: Log,
+    def train(self, cfg, workspace: Workspace, log: Log,
               run_name: str | None = None) -> TrainResult:
         from mlsd_ray.tasks.image.train import train_and_register
 
-        return train_and_register(cfg, home=home, log=log, run_name=run_name)
+        return train_and_register(cfg, workspace=workspace, log=log, run_name=run_name)
 
-    def pipeline(self, cfg, home: str | None, log: Log, *, force: bool = False,
+    def pipeline(self, cfg, workspace: Workspace, log: Log, *, force: bool = False,
                  tune: bool = False, serve_check: bool = True, keep_serving: bool = False,
                  monitor_loop: bool = True) -> PipelineResult:
         from mlsd_ray.tasks.image.pipeline import run_pipeline
 
-        return run_pipeline(cfg, home=home, force=force, log=log, tune=tune,
+        return run_pipeline(cfg, workspace=workspace, force=force, log=log, tune=tune,
                             serve_check=serve_check, keep_serving=keep_serving,
                             monitor_loop=monitor_loop)
 
-    def serve_application(self, settings, model: PinnedModel, home: str | None) -> ServedApp:
+    def serve_application(self, settings, model: PinnedModel, workspace: Workspace) -> ServedApp:
         from mlsd_ray.tasks.image.serve import app_from_config
 
-        return ServedApp(app_from_config(settings, model, home), "/", "/v1/health", "/v1/model",
-                         {"predict_url": "/v1/predict"})
+        return ServedApp(app_from_config(settings, model, workspace), "/", "/v1/health",
+                         "/v1/model", {"predict_url": "/v1/predict"})
 
     def predictor(self, checkpoint_dir: str):
         """uint8 images (N, H, W, C) -> class probabilities (N, K)."""
@@ -99,48 +101,40 @@ class ImageTask(Task):
 
         return load_model(checkpoint_dir).predict
 
-    def evaluate(self, checkpoint_dir: str, split: str, home: str | None,
+    def evaluate(self, checkpoint_dir: str, split: str, workspace: Workspace,
                  dataset_path: str | None = None) -> ImageEvaluation:
         from mlsd_ray.tasks.image.evaluate import evaluate_checkpoint
 
-        return evaluate_checkpoint(checkpoint_dir, split, home, dataset_path)
+        return evaluate_checkpoint(checkpoint_dir, split, workspace, dataset_path)
 
-    def register_best_trial(self, run, best: dict, best_cfg, home: str | None,
+    def register_best_trial(self, run, best: dict, best_cfg, workspace: Workspace,
                             log: Log) -> TrainResult:
         from mlsd_ray.tasks.image.tune import register_best_trial
 
-        return register_best_trial(run, best, best_cfg, home, log)
+        return register_best_trial(run, best, best_cfg, workspace, log)
 
     def explain(self, checkpoint_dir: str, source: str | None, label: str | None, count: int,
-                out: str | None, home: str | None) -> ExplanationResult:
+                out: str | None, workspace: Workspace) -> ExplanationResult:
         from mlsd_ray.tasks.image.explain import explain_checkpoint
 
-        return explain_checkpoint(checkpoint_dir, source, label, count, out, home)
+        return explain_checkpoint(checkpoint_dir, source, label, count, out, workspace)
 
     def export(self, checkpoint_dir: str, fmt: str, quantize: str | None, out: str,
-               model_uri: str, home: str | None) -> ExportResult:
+               model_uri: str, workspace: Workspace) -> ExportResult:
         from mlsd_ray.tasks.image.export import export_image_model
 
-        return export_image_model(checkpoint_dir, fmt, quantize, out, model_uri, home)
+        return export_image_model(checkpoint_dir, fmt, quantize, out, model_uri, workspace)
 
-    def predict_offline(self, model: PinnedModel, cfg, out: str | None, home: str | None,
+    def predict_offline(self, model: PinnedModel, cfg, out: str | None, workspace: Workspace,
                         log: Log) -> OfflinePrediction:
         from mlsd_ray.tasks.image.batch import predict_dataset
 
-        return predict_dataset(model, cfg, out, home, log)
+        return predict_dataset(model, cfg, out, workspace, log)
 
-    def predict_online(self, url: str, files: list) -> dict:
+    def predict_online(self, url: str, files: list) -> ImagePredictions:
         from mlsd_ray.serve.client import predict_files
 
-        return predict_files(url, files)
-
-    def render_prediction(self, result: dict | OfflinePrediction) -> None:
-        if isinstance(result, OfflinePrediction):
-            return super().render_prediction(result)
-        for path, answer in zip(result["files"], result["predictions"]):
-            print(f"{path}: {answer['class_name']} "
-                  f"({max(answer['probabilities'].values()):.3f})")
-        print(f"model {result['model_name']} version {result['model_version']}")
+        return ImagePredictions.of(url, [str(f) for f in files], predict_files(url, files))
 
     def simulate_traffic(self, prepared, request: TrafficRequest) -> TrafficReport:
         from mlsd_ray.tasks.image.traffic import simulate_traffic
@@ -151,16 +145,16 @@ class ImageTask(Task):
                                 request.count, request.split, request.seed, request.batch,
                                 request.concurrency, request.save)
 
-    def retrain_data(self, cfg, champion_dir: str, source: str, home: str | None, log: Log):
+    def retrain_data(self, cfg, champion_dir: str, source: str, workspace: Workspace, log: Log):
         from mlsd_ray.tasks.image.retrain import retrain_data
 
-        return retrain_data(cfg, champion_dir, source, home, log)
+        return retrain_data(cfg, champion_dir, source, workspace, log)
 
-    def train_challenger(self, cfg, data, init_from: str | None, home: str | None,
+    def train_challenger(self, cfg, data, init_from: str | None, workspace: Workspace,
                          log: Log) -> TrainResult:
         from mlsd_ray.tasks.image.retrain import train_challenger
 
-        return train_challenger(cfg, data, init_from, home, log)
+        return train_challenger(cfg, data, init_from, workspace, log)
 
     def holdout_scores(self, checkpoint_dir: str, parts: dict) -> dict:
         from mlsd_ray.tasks.image.retrain import holdout_scores
@@ -174,8 +168,8 @@ class ImageTask(Task):
         return DriftDrill(TrafficRequest(None, "rotate", count=0, split="train", save=incoming),
                           f"folder:{incoming}")
 
-    def smoke_retrain_source(self, home: str, log: Log) -> str:
-        """300 digits rotated 30 degrees, as a labelled folder under `home`."""
+    def smoke_retrain_source(self, workspace: Workspace, log: Log) -> str:
+        """300 digits rotated 30 degrees, as a labelled folder in the workspace."""
         import numpy as np
         from sklearn.datasets import load_digits
 
@@ -184,7 +178,7 @@ class ImageTask(Task):
 
         digits = load_digits()
         images = digits_uint8(digits.images[:300])[..., None]
-        folder = Workspace.at(home).incoming("smoke-rotated")
+        folder = workspace.incoming("smoke-rotated")
         save_folder(shift_images(images, "rotate", 30.0, np.random.default_rng(0)),
                     digits.target[:300], [str(c) for c in range(10)], folder, "rotated")
         log(f"smoke: 300 rotated digits written to {folder}")
@@ -257,3 +251,38 @@ def render_dataset(summary: DatasetSummary) -> None:
     console.print(f"quality report: {summary.quality_report}", soft_wrap=True)
     console.print(f"examples: {summary.samples}", soft_wrap=True)
     console.print(f"output: {summary.path}", soft_wrap=True)
+
+
+@dataclass(frozen=True)
+class ImageAnswer:
+    """The app's answer for one image file: its class and that class's probability."""
+
+    file: str
+    class_name: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class ImagePredictions(OnlinePrediction):
+    """`mlsd predict --url URL IMAGE...`: one answer per file, and the model that gave them."""
+
+    url: str
+    answers: list[ImageAnswer]
+    model_name: str
+    model_version: str
+    response: dict[str, Any]  # /v1/predict's JSON as it came: what --json prints
+
+    @classmethod
+    def of(cls, url: str, files: list[str], response: dict[str, Any]) -> ImagePredictions:
+        """Read /v1/predict's answer (one prediction per file, in order)."""
+        answers = [ImageAnswer(file, p["class_name"], max(p["probabilities"].values()))
+                   for file, p in zip(files, response["predictions"])]
+        return cls(url, answers, str(response["model_name"]), str(response["model_version"]),
+                   response)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"url": self.url, "files": [a.file for a in self.answers], **self.response}
+
+    def describe(self) -> str:
+        lines = [f"{a.file}: {a.class_name} ({a.probability:.3f})" for a in self.answers]
+        return "\n".join([*lines, f"model {self.model_name} version {self.model_version}"])

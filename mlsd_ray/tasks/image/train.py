@@ -223,7 +223,7 @@ def predict_images(loaded, images: np.ndarray, labels: np.ndarray) -> PassResult
                     keep_predictions=True)
 
 
-def train_and_register(cfg: Config, home: str | None = None,
+def train_and_register(cfg: Config, workspace: Workspace,
                        log: Callable[[str], None] = log_stderr,
                        run_name: str | None = None, dataset: PreparedDataset | None = None,
                        init_from: str | None = None,
@@ -236,16 +236,17 @@ def train_and_register(cfg: Config, home: str | None = None,
     from mlsd_ray.registry.tracking import LiveRun
     from mlsd_ray.tasks.image.registry import log_and_register, run_params
 
-    dataset = dataset or prepare_dataset(cfg, home=home, log=log)
+    dataset = dataset or prepare_dataset(cfg, workspace=workspace, log=log)
     run_name = run_name or default_run_name(cfg, dataset)
     manifest = dataset.manifest
-    with LiveRun(home, run_name, run_params(cfg, dataset), dataset.path, manifest["fingerprint"],
-                 manifest["name"], enabled=cfg.registry.auto_register) as tracked:
-        result = run_train(cfg, home=home, log=log, run_name=run_name, dataset=dataset,
+    with LiveRun(workspace, run_name, run_params(cfg, dataset), dataset.path,
+                 manifest["fingerprint"], manifest["name"],
+                 enabled=cfg.registry.auto_register) as tracked:
+        result = run_train(cfg, workspace=workspace, log=log, run_name=run_name, dataset=dataset,
                            init_from=init_from, reference=reference, observe=tracked.log_epoch)
         if cfg.registry.auto_register:
             name = cfg.registry.model_name or f"{manifest['name']}-cnn"
-            result.registered = log_and_register(result, cfg, dataset, name, home, live=True)
+            result.registered = log_and_register(result, cfg, dataset, name, workspace, live=True)
             log(f"registered {result.registered.uri}")
     return result
 
@@ -256,7 +257,7 @@ def default_run_name(cfg: Config, dataset: PreparedDataset) -> str:
         f"{dataset.manifest['name']}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def run_train(cfg: Config, home: str | None = None, log: Callable[[str], None] = log_stderr,
+def run_train(cfg: Config, workspace: Workspace, log: Callable[[str], None] = log_stderr,
               run_name: str | None = None, dataset: PreparedDataset | None = None,
               init_from: str | None = None, reference: PreparedDataset | None = None,
               observe: Callable[[dict], None] | None = None) -> TrainResult:
@@ -265,11 +266,11 @@ def run_train(cfg: Config, home: str | None = None, log: Callable[[str], None] =
     from ray.train import TrainingFailedError
 
     started = time.perf_counter()
-    dataset = dataset or prepare_dataset(cfg, home=home, log=log)
-    ensure_ray(home)
+    dataset = dataset or prepare_dataset(cfg, workspace=workspace, log=log)
+    ensure_ray(workspace)
     check_resources(cfg.train)
     name = run_name or default_run_name(cfg, dataset)
-    runs = Workspace.at(home).runs
+    runs = workspace.runs
     log(f"training {cfg.model.name} on {dataset.manifest['counts']['splits']['train']} images "
         f"{where_it_trains(cfg.train)}, {cfg.train.epochs} epochs; run {name} "
         f"under {runs}")

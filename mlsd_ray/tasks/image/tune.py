@@ -8,12 +8,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mlsd_ray.core.errors import InputError
+from mlsd_ray.core.workspace import Workspace
 
 if TYPE_CHECKING:
     from mlsd_ray.tasks.image.train import TrainResult
 
 
-def register_best_trial(run, best: dict, best_cfg, home: str | None, log) -> TrainResult:
+def register_best_trial(run, best: dict, best_cfg, workspace: Workspace, log) -> TrainResult:
     """Register the best trial's checkpoint (its accuracy on test scored here); with CV,
     first refit the best configuration on the whole train split."""
     from mlsd_ray.tasks.image.checkpoint import load_model
@@ -24,7 +25,7 @@ def register_best_trial(run, best: dict, best_cfg, home: str | None, log) -> Tra
     name = best_cfg.registry.model_name or f"{run.dataset.manifest['name']}-cnn"
     if run.cfg.tune.cv > 1:
         log("refitting the best configuration on the full train split")
-        result = run_train(best_cfg, home=home, log=log, run_name=f"{run.name}-refit")
+        result = run_train(best_cfg, workspace=workspace, log=log, run_name=f"{run.name}-refit")
     else:
         path = best["checkpoint"]
         loaded = load_model(path)
@@ -35,7 +36,7 @@ def register_best_trial(run, best: dict, best_cfg, home: str | None, log) -> Tra
                              epochs_run=best["epochs_run"], dataset=run.dataset.path,
                              metrics=metrics,
                              test_accuracy=predict_split(loaded, run.dataset, "test").accuracy)
-    result.registered = log_and_register(result, best_cfg, run.dataset, name, home,
+    result.registered = log_and_register(result, best_cfg, run.dataset, name, workspace,
                                          nested=True)
     log(f"registered {result.registered.uri} ({result.test_line()})")
     return result

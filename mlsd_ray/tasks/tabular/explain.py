@@ -18,6 +18,7 @@ import torch
 
 from mlsd_ray import explain
 from mlsd_ray.core.errors import InputError
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.explain import ExplanationResult
 from mlsd_ray.tasks.tabular.train import LoadedTabular, load_tabular
 
@@ -80,14 +81,13 @@ def record_attributions(loaded: LoadedTabular, frame, task: str) -> list[dict[st
 
 
 def explain_table(checkpoint_dir: str, source: str | None, label: str | None, count: int,
-                  out: str | None, home: str | None) -> ExplanationResult:
+                  out: str | None, workspace: Workspace) -> ExplanationResult:
     """Permutation importance on the model's test split, and the attributions of `count`
     records (of the test split, or of `source`; with `label`, of that label only)."""
     import time
 
     import pandas as pd
 
-    from mlsd_ray.core.workspace import Workspace
     from mlsd_ray.tasks.tabular.prepare import PreparedTable
 
     loaded = load_tabular(checkpoint_dir)
@@ -102,7 +102,7 @@ def explain_table(checkpoint_dir: str, source: str | None, label: str | None, co
         raise InputError(f"no record{' labelled ' + repr(label) if label else ''} to explain "
                          f"in {source or 'the test split'}")
     attributions = record_attributions(loaded, records, task)
-    out = out or Workspace.at(home).explanations(loaded.metadata.get("run_name", "model"),
+    out = out or workspace.explanations(loaded.metadata.get("run_name", "model"),
                                                  time.strftime("%Y%m%d-%H%M%S"))
     chart = explain.write_output(out, "importance.png", importance_chart(importance, task))
     charts = [explain.write_output(out, f"records/{i:03d}.png", _record_chart(a, i))

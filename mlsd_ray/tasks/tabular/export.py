@@ -24,6 +24,7 @@ from torch import nn
 
 from mlsd_ray import export
 from mlsd_ray.core.errors import InputError
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.export import ExportResult
 from mlsd_ray.tasks.tabular.prepare import PreparedTable
 from mlsd_ray.tasks.tabular.preprocess import Featurizer
@@ -134,7 +135,7 @@ def recipe_features(records: list[dict], recipe: list[dict]) -> np.ndarray:
 
 
 def export_tabular_model(checkpoint_dir: str, fmt: str, quantize: str | None, out: str,
-                         model_uri: str, home: str | None) -> ExportResult:
+                         model_uri: str, workspace: Workspace) -> ExportResult:
     """Write the tabular model in `checkpoint_dir` as `fmt` with metadata.json (the recipe,
     the classes and threshold) into `out`, checked on its test split through the recipe, and
     register it beside `model_uri`. Nothing is written when a check fails."""
@@ -165,7 +166,7 @@ def export_tabular_model(checkpoint_dir: str, fmt: str, quantize: str | None, ou
                         model_file=str(Path(out) / built.name),
                         metadata_file=str(Path(out) / "metadata.json"),
                         size_bytes=(Path(out) / built.name).stat().st_size, parity=checked,
-                        registered=export.register_export(model_uri, out, fmt, home))
+                        registered=export.register_export(model_uri, out, fmt, workspace))
 
 
 def _build(served: ServedTable, fmt: str, task: str, scratch: Path,

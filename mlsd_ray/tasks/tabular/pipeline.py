@@ -20,6 +20,7 @@ import pandas as pd
 
 from mlsd_ray.core.config import Config
 from mlsd_ray.core.runtime import log_stderr
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.base import ServeCheck
 from mlsd_ray.workflows.stages import PipelineResult, StageHeadings, search_first
 
@@ -88,7 +89,7 @@ class TabularServeCheck(ServeCheck):
         return line
 
 
-def run_tabular_pipeline(cfg: Config, home: str | None = None, force: bool = False,
+def run_tabular_pipeline(cfg: Config, workspace: Workspace, force: bool = False,
                          log: Callable[[str], None] = log_stderr, tune: bool = False,
                          serve_check: bool = True, keep_serving: bool = False,
                          monitor_loop: bool = True) -> PipelineResult:
@@ -102,39 +103,39 @@ def run_tabular_pipeline(cfg: Config, home: str | None = None, force: bool = Fal
                             registers and "promote", serve_check and "serve",
                             serve_check and monitor_loop and registers and LOOP)
     log(heading("data"))
-    table = prepare_table(cfg, home=home, force=force, log=log)
+    table = prepare_table(cfg, workspace=workspace, force=force, log=log)
     searched = None
     if tune:
         log(heading("tune"))
-        cfg, searched = search_first(cfg, home, log)
+        cfg, searched = search_first(cfg, workspace, log)
     log(heading("train, evaluate, register"))
-    trained = run_tabular_train(cfg, home=home, log=log, table=table)
+    trained = run_tabular_train(cfg, workspace=workspace, log=log, table=table)
     result = PipelineResult(task="tabular", data=table.summary(), tune=searched, train=trained)
     registered = trained.registered
     if registered:
         log(heading("promote"))
-        result.promoted = promote_first(registered, home, log)
+        result.promoted = promote_first(registered, workspace, log)
     if serve_check:
         log(heading("serve"))
         model = trained.model_uri()
         loop = None
         if monitor_loop and registered:  # retraining moves a registry alias: needs a version
-            loop = functools.partial(_loop, cfg, table, home, log, heading(LOOP))
-        result.serve, result.loop = serve_check_fraud(cfg, model, table, home, log,
+            loop = functools.partial(_loop, cfg, table, workspace, log, heading(LOOP))
+        result.serve, result.loop = serve_check_fraud(cfg, model, table, workspace, log,
                                                       keep_serving, then=loop)
     return result
 
 
-def _loop(cfg: Config, table, home: str | None, log: Callable[[str], None], heading: str,
+def _loop(cfg: Config, table, workspace: Workspace, log: Callable[[str], None], heading: str,
           url: str, served_uri: str) -> LoopSteps:
     from mlsd_ray.tasks import get_task
     from mlsd_ray.workflows.loop import monitoring_loop
 
     log(heading)
-    return monitoring_loop(get_task(cfg.task), cfg, url, served_uri, table, home, log)
+    return monitoring_loop(get_task(cfg.task), cfg, url, served_uri, table, workspace, log)
 
 
-def serve_check_fraud(cfg: Config, model: str, table, home: str | None,
+def serve_check_fraud(cfg: Config, model: str, table, workspace: Workspace,
                       log: Callable[[str], None], keep_serving: bool = False,
                       then: Callable[[str, str], LoopSteps] | None = None
                       ) -> tuple[TabularServeCheck, LoopSteps | None]:
@@ -150,7 +151,7 @@ def serve_check_fraud(cfg: Config, model: str, table, home: str | None,
     settings = cfg.serve.model_copy(update={"model": model})
     if not keep_serving and control.port_in_use(settings.host, settings.port):
         settings.port = control.free_port(settings.host)
-    app = control.start(settings, home, log=log)  # the checkpoint's task: the fraud app
+    app = control.start(settings, workspace, log=log)  # the checkpoint's task: the fraud app
     try:
         test = table.load_split("test")
         rows = _check_rows(test, table.label, table.manifest["task"])
@@ -160,7 +161,7 @@ def serve_check_fraud(cfg: Config, model: str, table, home: str | None,
         check = TabularServeCheck(url=url, model_version=str(answer["model_version"]),
                                   seconds_to_healthy=app.seconds_to_healthy,
                                   records=len(records), max_abs_difference=0.0)
-        offline = load_tabular(registry.resolve(app.model.uri, home)).predict(rows)
+        offline = load_tabular(registry.resolve(app.model.uri, workspace)).predict(rows)
         if table.manifest["task"] == "binary":
             check.decided, check.max_abs_difference = _binary_check(
                 answer, offline, rows[table.label].to_numpy())
@@ -181,7 +182,7 @@ def serve_check_fraud(cfg: Config, model: str, table, home: str | None,
             control.serve_until_interrupted(app, log)
         else:
             control.remove_app(settings.app_name)
-            control.state_file(home, settings.app_name).unlink(missing_ok=True)
+            control.state_file(workspace, settings.app_name).unlink(missing_ok=True)
 
 
 def _check_rows(test, label: str, task: str):

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -21,7 +22,7 @@ import pandas as pd
 from mlsd_ray.core import storage
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.workspace import Workspace
-from mlsd_ray.tasks.base import OfflinePrediction
+from mlsd_ray.tasks.base import OfflinePrediction, OnlinePrediction
 
 if TYPE_CHECKING:
     from mlsd_ray.registry import PinnedModel
@@ -33,12 +34,12 @@ OK = "ok"
 class TablePredictor:
     """An actor holding the model and its fitted preparation; one call per batch of rows."""
 
-    def __init__(self, model: PinnedModel, home: str | None):
+    def __init__(self, model: PinnedModel, workspace: Workspace):
         from mlsd_ray.core.memory import claim_cpus_for_torch
         from mlsd_ray.tasks.tabular.train import load_tabular
 
         claim_cpus_for_torch(1)  # one actor per CPU: parallelism comes from the pool
-        self.loaded = load_tabular(model.checkpoint_here(home))
+        self.loaded = load_tabular(model.checkpoint_here(workspace))
         self.model = model
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -76,7 +77,7 @@ def model_outputs(loaded: LoadedTabular, frame: pd.DataFrame) -> pd.DataFrame:
     return answers
 
 
-def predict_table(model: PinnedModel, source: str, out: str | None, home: str | None,
+def predict_table(model: PinnedModel, source: str, out: str | None, workspace: Workspace,
                   log: Callable[[str], None], seed: int = 0) -> OfflinePrediction:
     """Predict every row of `source` with `model` (pinned to one version);
     write parquet under `out`; return counts and, for labelled rows, the model's score."""
@@ -87,16 +88,16 @@ def predict_table(model: PinnedModel, source: str, out: str | None, home: str | 
     from mlsd_ray.tasks.tabular.sources import read_rows
 
     frame, name = read_rows(source, seed)
-    out = out or Workspace.at(home).batch_predictions(
+    out = out or workspace.batch_predictions(
         time.strftime("%Y%m%d-%H%M%S"))
-    ensure_ray(home)
+    ensure_ray(workspace)
     actors = max(1, int(ray.available_resources().get("CPU", 1)))
     log(f"predicting {len(frame)} rows of {name} with {model.uri} on {actors} actor(s) "
         f"-> {out}")
     started = time.perf_counter()
     rows = ray.data.from_pandas(frame.assign(__row=np.arange(len(frame))))
     predictions = rows.map_batches(
-        TablePredictor, fn_constructor_kwargs={"model": model, "home": home},
+        TablePredictor, fn_constructor_kwargs={"model": model, "workspace": workspace},
         batch_size=4096, batch_format="pandas", num_cpus=1,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors))
     storage.delete_dir(str(out))
@@ -145,7 +146,44 @@ def _scores(decision: dict, labelled: pd.DataFrame) -> dict:
     return scores
 
 
-def predict_files(url: str, files: list[Path], batch: int = 16) -> dict:
+@dataclass(frozen=True)
+class ScoredFile:
+    """The scoring app's answers for the rows of one CSV file, and the model that gave them."""
+
+    file: str
+    model_name: str
+    model_version: str
+    task: str
+    threshold: float | None
+    results: list[dict[str, Any]]  # one per row, as the app answered
+
+    @property
+    def outcomes(self) -> list[Any]:
+        """Per row: the decision (with a threshold), else the class, else the prediction."""
+        return [r.get("decision", r.get("class", r.get("prediction"))) for r in self.results]
+
+
+@dataclass(frozen=True)
+class TablePredictions(OnlinePrediction):
+    """`mlsd predict --url URL rows.csv...`: the answers file by file."""
+
+    url: str
+    files: list[ScoredFile]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"url": self.url, "files": [asdict(f) for f in self.files]}
+
+    def describe(self) -> str:
+        lines = []
+        for scored in self.files:
+            outcomes = scored.outcomes
+            lines.append(f"{scored.file}: {len(outcomes)} rows: {outcomes[:20]}"
+                         + (" ..." if len(outcomes) > 20 else ""))
+            lines.append(f"model {scored.model_name} version {scored.model_version}")
+        return "\n".join(lines)
+
+
+def predict_files(url: str, files: list[Path], batch: int = 16) -> TablePredictions:
     """Send the rows of CSV files to the scoring app at `url`, `batch` rows per request
     (bodies stay small: the app refuses large ones); only the model's columns are sent (a
     label or an id column stays here)."""
@@ -170,7 +208,8 @@ def predict_files(url: str, files: list[Path], batch: int = 16) -> dict:
                  for start in range(0, len(rows), batch)]
         if not parts:
             raise InputError(f"{path} has no rows")
-        about = {k: parts[-1][k] for k in ("model_name", "model_version", "task", "threshold")}
-        answers.append({"file": str(path), **about,
-                        "results": [r for part in parts for r in part["results"]]})
-    return {"url": url, "files": answers}
+        last = parts[-1]
+        answers.append(ScoredFile(str(path), str(last["model_name"]), str(last["model_version"]),
+                                  last["task"], last.get("threshold"),
+                                  [r for part in parts for r in part["results"]]))
+    return TablePredictions(url, answers)

@@ -157,13 +157,13 @@ def fingerprint(table: Table, cfg: Config) -> str:
     return digest.hexdigest()[:12]
 
 
-def prepare_table(cfg: Config, home: str | None = None, force: bool = False,
+def prepare_table(cfg: Config, workspace: Workspace, force: bool = False,
                   log: Callable[[str], None] = log_stderr) -> PreparedTable:
     """`mlsd data` for tables: load, check, split, fit the preparation; reuse when unchanged."""
     t = cfg.tabular
     table = load_table(t.source, t.label, cfg.data.seed)
     fp = fingerprint(table, cfg)
-    out = Workspace.at(home).dataset(table.name, fp)
+    out = workspace.dataset(table.name, fp)
     if not force and storage.exists(storage.join(out, "manifest.json")):
         log(f"reusing the prepared table {out}")
         return PreparedTable.open(out)
@@ -184,7 +184,7 @@ def prepare_table(cfg: Config, home: str | None = None, force: bool = False,
     assignment = _assign(rows[table.label], task, cfg)
     splits = {s: rows[assignment == s].reset_index(drop=True) for s in SPLITS}
     log("[3/3] fitting the preparation on the train split (Ray Data preprocessors)")
-    ensure_ray(home)
+    ensure_ray(workspace)
     import ray.data
 
     state = fit_state(plan, ray.data.from_pandas(splits["train"]))

@@ -7,6 +7,7 @@ import json
 from typing import TYPE_CHECKING
 
 from mlsd_ray.core.config import Config
+from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.registry import (
     RegisteredVersion,
     _flat,
@@ -59,7 +60,7 @@ def run_params(cfg: Config, table: PreparedTable) -> dict:
 
 
 def register_tabular(summary: TabularTrainResult, cfg: Config, table: PreparedTable,
-                     model_name: str, home: str | None = None, nested: bool = False,
+                     model_name: str, workspace: Workspace, nested: bool = False,
                      live: bool = False) -> RegisteredVersion:
     """Log the run (test and baseline metrics, the model, the evaluation report) and register
     the checkpoint as a new version of `model_name`.
@@ -71,7 +72,7 @@ def register_tabular(summary: TabularTrainResult, cfg: Config, table: PreparedTa
 
     from mlsd_ray.registry.tracking import registration_run
 
-    mlflow_client = client(home)
+    mlflow_client = client(workspace)
     m = table.manifest
     schema = {"input": {e["name"]: e["kind"] for e in m["columns"]},
               "output": {"task": m["task"], "classes": m["classes"]}}

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 Log = Callable[[str], None]
 
 
-def retrain_data(cfg: Config, champion_dir: str, source: str, home: str | None,
+def retrain_data(cfg: Config, champion_dir: str, source: str, workspace: Workspace,
                  log: Log) -> RetrainData:
     """The new rows prepared (checked, split) with the champion's label and column rules, and
     old plus new as one table under the champion's preparation."""
@@ -42,11 +42,11 @@ def retrain_data(cfg: Config, champion_dir: str, source: str, home: str | None,
     trained = Config.model_validate(metadata["config"])
     trained.tabular.source, trained.tabular.label = source, old.label
     trained.data.seed = cfg.data.seed
-    new = prepare_table(trained, home=home, log=log)
+    new = prepare_table(trained, workspace=workspace, log=log)
     _check_compatible(old, new, source)
     train_parts = [new, old] if cfg.retrain.keep_old_data else [new]
     combined = combine({"train": train_parts, "val": train_parts, "test": [new, old]}, old,
-                       f"retrain-{new.manifest['name']}", home)
+                       f"retrain-{new.manifest['name']}", workspace)
     log(f"challenger: {cfg.retrain.mode}, {combined.manifest['counts']['splits']['train']} "
         f"training rows ({'new + old' if cfg.retrain.keep_old_data else 'new only'})")
     return RetrainData(new, old, combined)
@@ -67,14 +67,14 @@ def _check_compatible(old: PreparedTable, new: PreparedTable, source: str) -> No
 
 
 def combine(parts: dict[str, list[PreparedTable]], champion: PreparedTable, name: str,
-            home: str | None) -> PreparedTable:
+            workspace: Workspace) -> PreparedTable:
     """One prepared table whose splits concatenate the parts' rows (the champion's columns),
     with the champion's fitted preparation and label statistics of the combined train rows."""
     columns = [e["name"] for e in champion.manifest["columns"]] + [champion.label]
     key = "|".join(f"{s}:{','.join(t.manifest['fingerprint'] for t in ts)}"
                    for s, ts in parts.items())
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:12]
-    out = Workspace.at(home).dataset(name, fingerprint)
+    out = workspace.dataset(name, fingerprint)
     frames = {split: pd.concat([t.load_split(split)[columns] for t in tables],
                                ignore_index=True) for split, tables in parts.items()}
     for split in SPLITS:
@@ -88,13 +88,13 @@ def combine(parts: dict[str, list[PreparedTable]], champion: PreparedTable, name
     return PreparedTable(out, manifest)
 
 
-def train_challenger(cfg: Config, data: RetrainData, init_from: str | None, home: str | None,
+def train_challenger(cfg: Config, data: RetrainData, init_from: str | None, workspace: Workspace,
                      log: Log) -> TabularTrainResult:
     """Train, evaluate and register the challenger on the combined rows; its drift reference
     is the new table."""
     from mlsd_ray.tasks.tabular.stage import run_tabular_train
 
-    return run_tabular_train(cfg, home=home, log=log, table=data.combined,
+    return run_tabular_train(cfg, workspace=workspace, log=log, table=data.combined,
                              init_from=init_from, reference=data.new)
 
 

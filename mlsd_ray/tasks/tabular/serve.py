@@ -128,7 +128,7 @@ class TabularModel(LoggingReplica):
         from mlsd_ray.tasks.tabular.train import load_tabular
 
         replica.claim_process()
-        self.loaded = load_tabular(model.checkpoint_here(replica.home))
+        self.loaded = load_tabular(model.checkpoint_here(replica.workspace))
         run_batch = cast(BatchedMethod, self.run_batch)  # serve.batch wrapped it
         run_batch.set_max_batch_size(replica.max_batch_size)
         run_batch.set_batch_wait_timeout_s(replica.batch_wait_timeout_s)
@@ -144,7 +144,7 @@ class TabularModel(LoggingReplica):
                          {**{k: e[k] for k in ("name", "kind", "impute", "scale", "encode")},
                           "categories": featurizer.categories(e["name"])}
                          for e in featurizer.plan]}
-        self._open_log(replica.log_settings, replica.home)
+        self._open_log(replica.log_settings, replica.workspace)
 
     def describe(self) -> dict:
         return {**self.info, "replica": self.replica, "prediction_log": self.log_stats()}
@@ -431,10 +431,10 @@ class FraudApp(TabularModel, ModelRoutes, OpenInferenceRoutes):
         return self._public_policy()
 
 
-def policy_file(home: str | None, app_name: str) -> str:
+def policy_file(workspace: Workspace, app_name: str) -> str:
     """Where the ingress keeps the policy last set (local to the machine, like the state file)."""
 
-    return str(Workspace.at(home).serve_state / f"{app_name}-policy.json")
+    return str(workspace.serve_state / f"{app_name}-policy.json")
 
 
 CLASSES = AppClasses(routes=FraudApp, model=TabularModel, routes_name="FraudIngress",
@@ -442,7 +442,7 @@ CLASSES = AppClasses(routes=FraudApp, model=TabularModel, routes_name="FraudIngr
 
 
 def fraud_app(settings: ServeConfig, tabular: TabularConfig, model: PinnedModel,
-              home: str | None = None, rules_text: str | None = None) -> serve.Application:
+              workspace: Workspace, rules_text: str | None = None) -> serve.Application:
     """The fraud app in the configured topology, batching, autoscaling and router."""
     if rules_text is None:
         with open(tabular.rules or DEFAULT_RULES) as handle:
@@ -454,7 +454,7 @@ def fraud_app(settings: ServeConfig, tabular: TabularConfig, model: PinnedModel,
         "model_uri": settings.model, "rules_text": rules_text,
         "decline_above": tabular.decline_above,
         "explain_per_second": settings.explain_per_second,
-        "policy_file": policy_file(home, settings.app_name),
+        "policy_file": policy_file(workspace, settings.app_name),
         **tabular.model_dump(include={"on_missing_column", "on_extra_column",
                                       "on_unseen_category", "on_nan"})}
-    return bind_app(CLASSES, settings, model, home, route_settings)
+    return bind_app(CLASSES, settings, model, workspace, route_settings)

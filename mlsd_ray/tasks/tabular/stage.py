@@ -228,7 +228,7 @@ def render_report(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_tabular_train(cfg: Config, home: str | None = None,
+def run_tabular_train(cfg: Config, workspace: Workspace,
                       log: Callable[[str], None] = log_stderr, run_name: str | None = None,
                       table: PreparedTable | None = None, init_from: str | None = None,
                       reference: PreparedTable | None = None) -> TabularTrainResult:
@@ -240,12 +240,12 @@ def run_tabular_train(cfg: Config, home: str | None = None,
     from ray.train import TrainingFailedError
 
     started = time.perf_counter()
-    table = table or prepare_table(cfg, home=home, log=log)
-    ensure_ray(home)
+    table = table or prepare_table(cfg, workspace=workspace, log=log)
+    ensure_ray(workspace)
     check_resources(cfg.train)
     name = run_name or cfg.train.run_name or (
         f"{table.manifest['name']}-mlp-{time.strftime('%Y%m%d-%H%M%S')}")
-    runs = Workspace.at(home).runs
+    runs = workspace.runs
     log(f"training the MLP on {table.manifest['counts']['splits']['train']} rows × "
         f"{len(table.manifest['feature_names'])} features {where_it_trains(cfg.train)}, "
         f"{cfg.train.epochs} epochs; run {name} under {runs}")
@@ -253,7 +253,7 @@ def run_tabular_train(cfg: Config, home: str | None = None,
     from mlsd_ray.tasks.tabular.registry import run_params
 
     manifest = table.manifest
-    with LiveRun(home, name, run_params(cfg, table), table.path, manifest["fingerprint"],
+    with LiveRun(workspace, name, run_params(cfg, table), table.path, manifest["fingerprint"],
                  manifest["name"], enabled=cfg.registry.auto_register) as tracked:
         relay = EpochRelay(lambda metrics: epoch_line(metrics, cfg.train.epochs), log,
                            tracked.log_epoch)
@@ -269,7 +269,7 @@ def run_tabular_train(cfg: Config, home: str | None = None,
                                     storage.join(runs, name), int(result.metrics["epoch"]), log)
         summary.wall_seconds = time.perf_counter() - started
         if cfg.registry.auto_register:
-            register(summary, cfg, table, home, log, live=True)
+            register(summary, cfg, table, workspace, log, live=True)
     return summary
 
 
@@ -290,18 +290,18 @@ def evaluated_summary(cfg: Config, table: PreparedTable, checkpoint: str, best: 
         decision=evaluation.decision, evaluation=evaluation.files())
 
 
-def register(summary: TabularTrainResult, cfg: Config, table: PreparedTable, home: str | None,
+def register(summary: TabularTrainResult, cfg: Config, table: PreparedTable, workspace: Workspace,
              log: Callable[[str], None], nested: bool = False, live: bool = False) -> None:
     """Log the run to MLflow and register its checkpoint (`summary.registered`); `live`:
     into the active run, which tracked the training (registry/tracking.py)."""
     from mlsd_ray.tasks.tabular.registry import register_tabular
 
     model_name = cfg.registry.model_name or f"{table.manifest['name']}-mlp"
-    summary.registered = register_tabular(summary, cfg, table, model_name, home, nested, live)
+    summary.registered = register_tabular(summary, cfg, table, model_name, workspace, nested, live)
     log(f"registered {summary.registered.uri}")
 
 
-def register_trial(run, best: dict, cfg: Config, home: str | None,
+def register_trial(run, best: dict, cfg: Config, workspace: Workspace,
                    log: Callable[[str], None]) -> TabularTrainResult:
     """A search's best trial, evaluated on test beside the baseline and registered as a child
     of the search's MLflow run."""
@@ -312,5 +312,5 @@ def register_trial(run, best: dict, cfg: Config, home: str | None,
     summary = evaluated_summary(cfg, run.dataset, best["checkpoint"], metrics,
                                 f"{run.name}-trial-{best['trial']}", run.path,
                                 best["epochs_run"], log)
-    register(summary, cfg, run.dataset, home, log, nested=True)
+    register(summary, cfg, run.dataset, workspace, log, nested=True)
     return summary

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from mlsd_ray.monitor.traffic import TrafficReport
     from mlsd_ray.registry import PinnedModel
     from mlsd_ray.serve.control import RunningApp
+    from mlsd_ray.tasks.tabular.predict import TablePredictions
     from mlsd_ray.tasks.tabular.prepare import TableSummary
     from mlsd_ray.tasks.tabular.stage import TabularEvaluation, TabularTrainResult
     from mlsd_ray.workflows.stages import PipelineResult
@@ -49,10 +50,10 @@ class TabularTask(Task):
         if label is not None:
             cfg.tabular.label = label
 
-    def prepare(self, cfg, home: str | None, log: Log, force: bool = False):
+    def prepare(self, cfg, workspace: Workspace, log: Log, force: bool = False):
         from mlsd_ray.tasks.tabular.prepare import prepare_table
 
-        return prepare_table(cfg, home=home, force=force, log=log)
+        return prepare_table(cfg, workspace=workspace, force=force, log=log)
 
     def trainer(self, cfg, prepared, run_name: str, storage_path: str,
                 datasets: dict | None = None, callbacks: list | None = None,
@@ -67,23 +68,23 @@ class TabularTask(Task):
 
         return materialize_features(prepared)
 
-    def train(self, cfg, home: str | None, log: Log,
+    def train(self, cfg, workspace: Workspace, log: Log,
               run_name: str | None = None) -> TabularTrainResult:
         from mlsd_ray.tasks.tabular.stage import run_tabular_train
 
-        return run_tabular_train(cfg, home=home, log=log, run_name=run_name)
+        return run_tabular_train(cfg, workspace=workspace, log=log, run_name=run_name)
 
-    def pipeline(self, cfg, home: str | None, log: Log, *, force: bool = False,
+    def pipeline(self, cfg, workspace: Workspace, log: Log, *, force: bool = False,
                  tune: bool = False, serve_check: bool = True, keep_serving: bool = False,
                  monitor_loop: bool = True) -> PipelineResult:
         """The tabular pipeline, with the monitoring loop on the live app (`monitor_loop`)."""
         from mlsd_ray.tasks.tabular.pipeline import run_tabular_pipeline
 
-        return run_tabular_pipeline(cfg, home=home, force=force, log=log, tune=tune,
+        return run_tabular_pipeline(cfg, workspace=workspace, force=force, log=log, tune=tune,
                                     serve_check=serve_check, keep_serving=keep_serving,
                                     monitor_loop=monitor_loop)
 
-    def serve_application(self, settings, model: PinnedModel, home: str | None) -> ServedApp:
+    def serve_application(self, settings, model: PinnedModel, workspace: Workspace) -> ServedApp:
         """The fraud scoring app (threshold, rules, policy) with the `tabular` section the
         model was trained with, from its checkpoint."""
         from mlsd_ray.core.config import Config
@@ -93,7 +94,7 @@ class TabularTask(Task):
             raise InputError(f"serve.runtime={settings.runtime} runs image models; the tabular "
                              "task's replicas run torch (serve.runtime=torch)")
         trained = Config.model_validate(_metadata(model.path)["config"])
-        return fraud_application(settings, trained.tabular, model, home)
+        return fraud_application(settings, trained.tabular, model, workspace)
 
     def predictor(self, checkpoint_dir: str):
         """A frame of the model's columns -> its score and class at the model's threshold
@@ -104,7 +105,7 @@ class TabularTask(Task):
         loaded = load_tabular(checkpoint_dir)
         return lambda frame: model_outputs(loaded, frame)
 
-    def evaluate(self, checkpoint_dir: str, split: str, home: str | None,
+    def evaluate(self, checkpoint_dir: str, split: str, workspace: Workspace,
                  dataset_path: str | None = None) -> TabularEvaluation:
         """The MLP at its stored threshold beside the baseline, on the test split."""
         from mlsd_ray.core.config import Config
@@ -117,49 +118,39 @@ class TabularTask(Task):
                              "(its threshold was chosen on val)")
         metadata = _metadata(checkpoint_dir)
         table = PreparedTable.open(dataset_path or metadata["dataset"]["path"])
-        out = Workspace.at(home).report(metadata["run_name"], split)
+        out = workspace.report(metadata["run_name"], split)
         evaluation = evaluate_checkpoint(Config.model_validate(metadata["config"]), table,
                                          checkpoint_dir, out)
         return replace(evaluation, model=checkpoint_dir, run_name=metadata["run_name"])
 
     def explain(self, checkpoint_dir: str, source: str | None, label: str | None, count: int,
-                out: str | None, home: str | None) -> ExplanationResult:
+                out: str | None, workspace: Workspace) -> ExplanationResult:
         from mlsd_ray.tasks.tabular.explain import explain_table
 
-        return explain_table(checkpoint_dir, source, label, count, out, home)
+        return explain_table(checkpoint_dir, source, label, count, out, workspace)
 
     def export(self, checkpoint_dir: str, fmt: str, quantize: str | None, out: str,
-               model_uri: str, home: str | None) -> ExportResult:
+               model_uri: str, workspace: Workspace) -> ExportResult:
         from mlsd_ray.tasks.tabular.export import export_tabular_model
 
-        return export_tabular_model(checkpoint_dir, fmt, quantize, out, model_uri, home)
+        return export_tabular_model(checkpoint_dir, fmt, quantize, out, model_uri, workspace)
 
-    def register_best_trial(self, run, best: dict, best_cfg, home: str | None,
+    def register_best_trial(self, run, best: dict, best_cfg, workspace: Workspace,
                             log: Log) -> TabularTrainResult:
         from mlsd_ray.tasks.tabular.stage import register_trial
 
-        return register_trial(run, best, best_cfg, home, log)
+        return register_trial(run, best, best_cfg, workspace, log)
 
-    def predict_offline(self, model: PinnedModel, cfg, out: str | None, home: str | None,
+    def predict_offline(self, model: PinnedModel, cfg, out: str | None, workspace: Workspace,
                         log: Log) -> OfflinePrediction:
         from mlsd_ray.tasks.tabular.predict import predict_table
 
-        return predict_table(model, cfg.tabular.source, out, home, log, cfg.data.seed)
+        return predict_table(model, cfg.tabular.source, out, workspace, log, cfg.data.seed)
 
-    def predict_online(self, url: str, files: list) -> dict:
+    def predict_online(self, url: str, files: list) -> TablePredictions:
         from mlsd_ray.tasks.tabular.predict import predict_files
 
         return predict_files(url, files)
-
-    def render_prediction(self, result: dict | OfflinePrediction) -> None:
-        if isinstance(result, OfflinePrediction):
-            return super().render_prediction(result)
-        for answer in result["files"]:
-            outcomes = [r.get("decision", r.get("class", r.get("prediction")))
-                        for r in answer["results"]]
-            print(f"{answer['file']}: {len(outcomes)} rows: {outcomes[:20]}"
-                  + (" ..." if len(outcomes) > 20 else ""))
-            print(f"model {answer['model_name']} version {answer['model_version']}")
 
     def simulate_traffic(self, prepared, request: TrafficRequest) -> TrafficReport:
         from mlsd_ray.tasks.tabular.traffic import simulate_table_traffic
@@ -169,16 +160,16 @@ class TabularTask(Task):
                                       request.seed, request.batch, request.concurrency,
                                       request.save)
 
-    def retrain_data(self, cfg, champion_dir: str, source: str, home: str | None, log: Log):
+    def retrain_data(self, cfg, champion_dir: str, source: str, workspace: Workspace, log: Log):
         from mlsd_ray.tasks.tabular.retrain import retrain_data
 
-        return retrain_data(cfg, champion_dir, source, home, log)
+        return retrain_data(cfg, champion_dir, source, workspace, log)
 
-    def train_challenger(self, cfg, data, init_from: str | None, home: str | None,
+    def train_challenger(self, cfg, data, init_from: str | None, workspace: Workspace,
                          log: Log) -> TabularTrainResult:
         from mlsd_ray.tasks.tabular.retrain import train_challenger
 
-        return train_challenger(cfg, data, init_from, home, log)
+        return train_challenger(cfg, data, init_from, workspace, log)
 
     def holdout_scores(self, checkpoint_dir: str, parts: dict) -> dict:
         from mlsd_ray.tasks.tabular.retrain import holdout_scores
@@ -199,12 +190,12 @@ class TabularTask(Task):
                                          count=600, split="train", batch=10, save=saved),
                           f"csv:{saved}")
 
-    def smoke_retrain_source(self, home: str, log: Log) -> str:
-        """2,000 new generated transactions (another seed) as a CSV under `home`."""
+    def smoke_retrain_source(self, workspace: Workspace, log: Log) -> str:
+        """2,000 new generated transactions (another seed) as a CSV in the workspace."""
         from mlsd_ray.core import storage
         from mlsd_ray.tasks.tabular.sources import fraud_synth
 
-        path = Workspace.at(home).incoming("smoke-fraud.csv")
+        path = workspace.incoming("smoke-fraud.csv")
         storage.write_text(path, fraud_synth(2000, seed=1).to_csv(index=False))
         log(f"smoke: 2000 new transactions written to {path}")
         return f"csv:{path}"
@@ -228,17 +219,17 @@ class TabularTask(Task):
         render_tabular_pipeline(result)
 
 
-def fraud_application(settings, tabular, model: PinnedModel, home: str | None) -> ServedApp:
+def fraud_application(settings, tabular, model: PinnedModel, workspace: Workspace) -> ServedApp:
     """The fraud app (its routes at /v1/fraud, the V2 protocol's at /v2), starting from its
     config's policy (not the last one set)."""
     import os
 
     from mlsd_ray.tasks.tabular.serve import PREFIX, fraud_app, policy_file
 
-    policy = policy_file(home, settings.app_name)
+    policy = policy_file(workspace, settings.app_name)
     if os.path.exists(policy):
         os.remove(policy)
-    return ServedApp(fraud_app(settings, tabular, model, home), "/", f"{PREFIX}/health",
+    return ServedApp(fraud_app(settings, tabular, model, workspace), "/", f"{PREFIX}/health",
                      f"{PREFIX}/model", {"score_url": f"{PREFIX}/score"})
 
 

@@ -220,13 +220,13 @@ def _check_ids_unique(meta: pd.DataFrame) -> None:
                         f"{meta.loc[meta['id'].duplicated(), 'id'].head(3).tolist()}")
 
 
-def prepare_dataset(cfg: Config, home: str | None = None, force: bool = False,
+def prepare_dataset(cfg: Config, workspace: Workspace, force: bool = False,
                     log: Callable[[str], None] = log_stderr) -> PreparedDataset:
     """Run the data stage (or reuse its earlier output for the same inputs and config)."""
-    source = parse_source(cfg.data.source, cfg.data)
+    source = parse_source(cfg.data.source, cfg.data, workspace)
     name = cfg.data.name or source.name
     fp = fingerprint(source, cfg)
-    out = Workspace.at(home).dataset(name, fp)
+    out = workspace.dataset(name, fp)
     manifest_path = storage.join(out, "manifest.json")
     if not force and storage.exists(manifest_path):
         log(f"reusing the prepared dataset at {out} (same inputs and config; --force rebuilds)")
@@ -235,7 +235,7 @@ def prepare_dataset(cfg: Config, home: str | None = None, force: bool = False,
     _check_writable(out)
 
     class_names = source.class_names()  # may load or download data: fail before Ray starts
-    ensure_ray(home)
+    ensure_ray(workspace)
     spec = ValidationSpec(image_size=source.image_size(), channels=source.channels(),
                           class_names=tuple(class_names), pixel_range=cfg.data.pixel_range,
                           min_side=cfg.data.min_side)

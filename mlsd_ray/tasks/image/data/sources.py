@@ -45,6 +45,7 @@ class Source(ABC):
 
     arg: str | None
     cfg: DataConfig
+    downloads: str | None = None  # the workspace's downloads folder (Workspace.downloads)
 
     default_channels = 3
     default_size = 32
@@ -97,15 +98,16 @@ def _expand(location: str | None) -> str | None:
     return os.path.expanduser(location)
 
 
-def parse_source(spec: str, cfg: DataConfig) -> Source:
-    """`kind[:arg]` -> a Source, checking what can be checked without Ray; InputError otherwise."""
+def parse_source(spec: str, cfg: DataConfig, workspace: Workspace | None = None) -> Source:
+    """`kind[:arg]` -> a Source, checking what can be checked without Ray; InputError otherwise.
+    Sources that download their data keep it in `workspace`'s downloads folder."""
     kind, _, arg = spec.partition(":")
     factory = SOURCES.get(kind.strip().lower())
     if factory is None:
         raise InputError(f"unknown source {spec!r}; choose one of: {', '.join(sorted(SOURCES))} "
                          "(e.g. digits, folder:PATH, parquet:PATH, torchvision:MNIST, "
                          "synthetic:1000)")
-    source = factory(_expand(arg) or None, cfg)
+    source = factory(_expand(arg) or None, cfg, workspace.downloads if workspace else None)
     source.check()
     return source
 
@@ -400,7 +402,8 @@ class TorchvisionSource(Source):
     def __post_init__(self):
         name, _, root = (self.arg or "").partition(":")
         self._key = name.lower().replace("-", "").replace("_", "")
-        self._root = _expand(root) or storage.join(Workspace.at().downloads, "torchvision")
+        downloads = self.downloads or Workspace.at().downloads  # a bare parse_source call
+        self._root = _expand(root) or storage.join(downloads, "torchvision")
 
     def check(self) -> None:
         if self._key not in TORCHVISION_DATASETS:
