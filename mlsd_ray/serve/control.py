@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,6 +290,26 @@ def _fresh_proxy_for_a_new_router(settings: ServeConfig, workspace: Workspace,
     log(f"router {before.get('router')} -> {settings.router}: restarting Serve, whose HTTP "
         "proxy keeps the router it built")
     serve.shutdown()
+
+
+@contextlib.contextmanager
+def app_for_a_check(settings: ServeConfig, workspace: Workspace, keep_serving: bool,
+                    log: Callable[[str], None]) -> Iterator[RunningApp]:
+    """The app of `settings`, started for the pipeline's serve check: on a free port when
+    serve.port is taken (a check only: any port will do) unless it is to keep serving.
+    Afterwards, whether the check passed or not: serve until Ctrl-C (`keep_serving`), else
+    remove the app and its record."""
+    if not keep_serving and port_in_use(settings.host, settings.port):
+        settings = settings.model_copy(update={"port": free_port(settings.host)})
+    app = start(settings, workspace, log=log)
+    try:
+        yield app
+    finally:
+        if keep_serving:
+            serve_until_interrupted(app, log)
+        else:
+            remove_app(settings.app_name)
+            state_file(workspace, settings.app_name).unlink(missing_ok=True)
 
 
 def remove_app(app_name: str) -> None:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from mlsd_ray.monitor.traffic import TrafficReport
     from mlsd_ray.registry import PinnedModel, RegisteredVersion
     from mlsd_ray.serve.control import RunningApp
+    from mlsd_ray.workflows.loop import LoopSteps
     from mlsd_ray.workflows.stages import PipelineResult
 
 Log = Callable[[str], None]
@@ -245,6 +246,10 @@ class Task(ABC):
     metric: ClassVar[str]
     cross_validation: ClassVar[bool] = False
     registers_best_trial: ClassVar[bool] = False
+    # The pipeline's headings (workflows/pipeline.py): its training stage's name, and whether
+    # evaluating on the test split is a stage of its own (False: `train` evaluates already).
+    train_stage: ClassVar[str] = "train and register"
+    evaluate_stage: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ configuration
 
@@ -276,17 +281,37 @@ class Task(ABC):
         raise self.not_offered("cross-validation")
 
     @abstractmethod
-    def train(self, cfg, workspace: Workspace, log: Log,
-              run_name: str | None = None) -> TrainedModel:
-        """The training stage: prepare if needed, train, evaluate, register (as configured).
-        Returns a `TrainedModel`, or the task's own subclass of it with its scores."""
+    def open_prepared(self, path: str) -> Any:
+        """The data stage's output at `path` (a `TrainedModel.dataset`), as `prepare`
+        returns it."""
 
     @abstractmethod
+    def train(self, cfg, workspace: Workspace, log: Log, run_name: str | None = None,
+              prepared: Any = None) -> TrainedModel:
+        """The training stage: train on `prepared` (None: prepare `cfg`'s data first),
+        evaluate, register (as configured). Returns a `TrainedModel`, or the task's own
+        subclass of it with its scores."""
+
     def pipeline(self, cfg, workspace: Workspace, log: Log, *, force: bool = False,
                  tune: bool = False, serve_check: bool = True, keep_serving: bool = False,
                  monitor_loop: bool = True) -> PipelineResult:
-        """Every stage end to end: what each did (`PipelineResult`; its `to_dict` is
-        `{"task": name, "stages": {stage: summary}}`)."""
+        """Every stage end to end (workflows/pipeline.py, the same for every task): what each
+        did (`PipelineResult`; its `to_dict` is `{"task": name, "stages": {...}}`)."""
+        from mlsd_ray.workflows.pipeline import run_pipeline
+
+        return run_pipeline(self, cfg, workspace, log, force=force, tune=tune,
+                            serve_check=serve_check, keep_serving=keep_serving,
+                            monitor_loop=monitor_loop)
+
+    def serve_check(self, cfg, trained: TrainedModel, workspace: Workspace,
+                    keep_serving: bool, log: Log,
+                    then: Callable[[str, str], LoopSteps] | None = None
+                    ) -> tuple[ServeCheck, LoopSteps | None]:
+        """The pipeline's serve stage: start the app on `trained.model_uri()` (on a free port
+        unless `keep_serving`: see serve/control.py `app_for_a_check`), check its answers over
+        HTTP; `then(url, served_uri)` (the monitoring loop) runs while it is up, and its
+        result is returned beside the check."""
+        raise self.not_offered("serve check")
 
     def serve_application(self, settings, model: PinnedModel, workspace: Workspace) -> ServedApp:
         """The Serve application for `model`, pinned to one version (`model.path`: its

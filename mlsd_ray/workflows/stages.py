@@ -1,5 +1,5 @@
-"""What every task's pipeline shares: its stage headings, numbered against the stages a run
-will have, and its typed result."""
+"""The pipeline's parts (pipeline.py): its stage headings, numbered against the stages a run
+will have, the search that may come first, and its typed result."""
 
 from __future__ import annotations
 

@@ -207,7 +207,7 @@ def test_records_are_checked_as_configured():
 
 
 def test_the_serve_checks_summary_keeps_its_json_and_says_what_it_found():
-    from mlsd_ray.tasks.tabular.pipeline import DecisionCheck, RuleExample, TabularServeCheck
+    from mlsd_ray.tasks.tabular.smoke import DecisionCheck, RuleExample, TabularServeCheck
 
     regression = TabularServeCheck(url="http://127.0.0.1:8000/v1/fraud/score",
                                    model_version="3", seconds_to_healthy=4.5, records=64,

@@ -75,9 +75,9 @@ def test_a_users_task_by_entry_point(user_package):
     ("imag", "unknown task 'imag'; the tasks are: image, tabular"),
     ("no_such_module:Task", "cannot import 'no_such_module'"),
     ("churnpkg:Missing", "module 'churnpkg' has no 'Missing'"),
-    ("churnpkg:Incomplete", "not a mlsd_ray.tasks.Task subclass; it lacks pipeline, "
+    ("churnpkg:Incomplete", "not a mlsd_ray.tasks.Task subclass; it lacks open_prepared, "
                             "render_data"),
-    ("mlsd_ray.tasks.base:Task", "does not implement pipeline, prepare, render_data"),
+    ("mlsd_ray.tasks.base:Task", "does not implement open_prepared, prepare, render_data"),
 ])
 def test_a_task_that_cannot_load_is_named_with_what_is_wrong(user_package, name, message):
     with pytest.raises(InputError) as error:

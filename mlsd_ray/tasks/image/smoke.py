@@ -57,27 +57,18 @@ def serve_smoke_check(settings: ServeConfig, model: str, dataset_path: str, work
     from mlsd_ray.serve import control
     from mlsd_ray.serve.client import post_json
 
-    updates: dict[str, Any] = {"model": model}
-    if not keep_serving and control.port_in_use(settings.host, settings.port):
-        updates["port"] = control.free_port(settings.host)  # a check only: any port will do
-    app = control.start(settings.model_copy(update=updates), workspace, log=log)
-    images, labels = PreparedDataset.open(dataset_path).load_split("test")
-    images, labels = images[:SMOKE_IMAGES], labels[:SMOKE_IMAGES]
-    answer = post_json(app.endpoint("predict_url"),
-                       {"instances": [image.tolist() for image in images]})
-    predicted = [p["class_index"] for p in answer["predictions"]]
-    correct = sum(int(p == y) for p, y in zip(predicted, labels))
-    check = ImageServeCheck(url=app.url, model_version=str(answer["model_version"]),
-                            seconds_to_healthy=app.seconds_to_healthy, images=len(predicted),
-                            correct=correct, kept_serving=keep_serving)
-    log(f"served {answer['model_name']} version {answer['model_version']} at {app.url}: "
-        f"{correct}/{len(predicted)} test images right over HTTP")
-    try:
-        loop = then(app.url, app.model.uri) if then is not None else None
-    finally:
-        if keep_serving:
-            control.serve_until_interrupted(app, log)
-        else:
-            control.remove_app(settings.app_name)
-            control.state_file(workspace, settings.app_name).unlink(missing_ok=True)
-    return check, loop
+    settings = settings.model_copy(update={"model": model})
+    with control.app_for_a_check(settings, workspace, keep_serving, log) as app:
+        images, labels = PreparedDataset.open(dataset_path).load_split("test")
+        images, labels = images[:SMOKE_IMAGES], labels[:SMOKE_IMAGES]
+        answer = post_json(app.endpoint("predict_url"),
+                           {"instances": [image.tolist() for image in images]})
+        predicted = [p["class_index"] for p in answer["predictions"]]
+        correct = sum(int(p == y) for p, y in zip(predicted, labels))
+        check = ImageServeCheck(url=app.url, model_version=str(answer["model_version"]),
+                                seconds_to_healthy=app.seconds_to_healthy,
+                                images=len(predicted), correct=correct,
+                                kept_serving=keep_serving)
+        log(f"served {answer['model_name']} version {answer['model_version']} at {app.url}: "
+            f"{correct}/{len(predicted)} test images right over HTTP")
+        return check, then(app.url, app.model.uri) if then is not None else None

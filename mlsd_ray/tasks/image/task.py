@@ -1,11 +1,13 @@
 """The image task: a CNN classifying images (the embedded digits, folders, torchvision sets).
 
-Its stages live where they always have (data/prepare.py, train.py, evaluate.py, pipeline.py,
-retrain.py, serve/); this class is the face the commands, jobs and searches see.
+Its stages live beside it (data/prepare.py, train.py, evaluate.py, smoke.py, retrain.py,
+serve.py); this class is the face the commands, jobs, searches and the shared pipeline
+(workflows/pipeline.py) see.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -20,6 +22,7 @@ from mlsd_ray.tasks.base import (
     SmokePrediction,
     Task,
     TrafficRequest,
+    TrainedModel,
 )
 
 if TYPE_CHECKING:
@@ -30,7 +33,9 @@ if TYPE_CHECKING:
     from mlsd_ray.serve.control import RunningApp
     from mlsd_ray.tasks.image.data.prepare import DatasetSummary
     from mlsd_ray.tasks.image.evaluate import ImageEvaluation
+    from mlsd_ray.tasks.image.smoke import ImageServeCheck
     from mlsd_ray.tasks.image.train import TrainResult
+    from mlsd_ray.workflows.loop import LoopSteps
     from mlsd_ray.workflows.stages import PipelineResult
 
 VAL_METRIC = "val_accuracy"  # train.VAL_METRIC, without importing torch
@@ -74,20 +79,26 @@ class ImageTask(Task):
 
         return cv_folds(prepared, k, seed, rows_per_block)
 
-    def train(self, cfg, workspace: Workspace, log: Log,
-              run_name: str | None = None) -> TrainResult:
+    def open_prepared(self, path: str):
+        from mlsd_ray.tasks.image.data.prepare import PreparedDataset
+
+        return PreparedDataset.open(path)
+
+    def train(self, cfg, workspace: Workspace, log: Log, run_name: str | None = None,
+              prepared=None) -> TrainResult:
         from mlsd_ray.tasks.image.train import train_and_register
 
-        return train_and_register(cfg, workspace=workspace, log=log, run_name=run_name)
+        return train_and_register(cfg, workspace=workspace, log=log, run_name=run_name,
+                                  dataset=prepared)
 
-    def pipeline(self, cfg, workspace: Workspace, log: Log, *, force: bool = False,
-                 tune: bool = False, serve_check: bool = True, keep_serving: bool = False,
-                 monitor_loop: bool = True) -> PipelineResult:
-        from mlsd_ray.tasks.image.pipeline import run_pipeline
+    def serve_check(self, cfg, trained: TrainedModel, workspace: Workspace,
+                    keep_serving: bool, log: Log,
+                    then: Callable[[str, str], LoopSteps] | None = None
+                    ) -> tuple[ImageServeCheck, LoopSteps | None]:
+        from mlsd_ray.tasks.image.smoke import serve_smoke_check
 
-        return run_pipeline(cfg, workspace=workspace, force=force, log=log, tune=tune,
-                            serve_check=serve_check, keep_serving=keep_serving,
-                            monitor_loop=monitor_loop)
+        return serve_smoke_check(cfg.serve, trained.model_uri(), trained.dataset, workspace,
+                                 keep_serving, log, then=then)
 
     def serve_application(self, settings, model: PinnedModel, workspace: Workspace) -> ServedApp:
         from mlsd_ray.tasks.image.serve import app_from_config

@@ -1,11 +1,13 @@
 """The tabular task: an MLP on a table (fraud detection, or any CSV/parquet with a label).
 
-Its stages live in mlsd_ray/tasks/tabular/ (prepare.py, train.py, stage.py, pipeline.py, serve.py);
-this class is the face the commands, jobs and searches see.
+Its stages live in mlsd_ray/tasks/tabular/ (prepare.py, train.py, stage.py, smoke.py, serve.py);
+this class is the face the commands, jobs, searches and the shared pipeline
+(workflows/pipeline.py) see.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, cast
 
@@ -18,6 +20,7 @@ from mlsd_ray.tasks.base import (
     SmokePrediction,
     Task,
     TrafficRequest,
+    TrainedModel,
 )
 
 if TYPE_CHECKING:
@@ -28,7 +31,9 @@ if TYPE_CHECKING:
     from mlsd_ray.serve.control import RunningApp
     from mlsd_ray.tasks.tabular.predict import TablePredictions
     from mlsd_ray.tasks.tabular.prepare import TableSummary
+    from mlsd_ray.tasks.tabular.smoke import TabularServeCheck
     from mlsd_ray.tasks.tabular.stage import TabularEvaluation, TabularTrainResult
+    from mlsd_ray.workflows.loop import LoopSteps
     from mlsd_ray.workflows.stages import PipelineResult
 
 VAL_SCORE = "val_score"  # mlsd_ray.tasks.tabular.train.VAL_SCORE: PR-AUC, macro F1 or R²
@@ -43,6 +48,8 @@ class TabularTask(Task):
     name = "tabular"
     metric = VAL_SCORE
     registers_best_trial = True
+    train_stage = "train, evaluate, register"  # training scores test at the chosen threshold
+    evaluate_stage = False
 
     def set_source(self, cfg, source: str | None, label: str | None = None) -> None:
         if source is not None:
@@ -68,21 +75,27 @@ class TabularTask(Task):
 
         return materialize_features(prepared)
 
-    def train(self, cfg, workspace: Workspace, log: Log,
-              run_name: str | None = None) -> TabularTrainResult:
+    def open_prepared(self, path: str):
+        from mlsd_ray.tasks.tabular.prepare import PreparedTable
+
+        return PreparedTable.open(path)
+
+    def train(self, cfg, workspace: Workspace, log: Log, run_name: str | None = None,
+              prepared=None) -> TabularTrainResult:
         from mlsd_ray.tasks.tabular.stage import run_tabular_train
 
-        return run_tabular_train(cfg, workspace=workspace, log=log, run_name=run_name)
+        return run_tabular_train(cfg, workspace=workspace, log=log, run_name=run_name,
+                                 table=prepared)
 
-    def pipeline(self, cfg, workspace: Workspace, log: Log, *, force: bool = False,
-                 tune: bool = False, serve_check: bool = True, keep_serving: bool = False,
-                 monitor_loop: bool = True) -> PipelineResult:
-        """The tabular pipeline, with the monitoring loop on the live app (`monitor_loop`)."""
-        from mlsd_ray.tasks.tabular.pipeline import run_tabular_pipeline
+    def serve_check(self, cfg, trained: TrainedModel, workspace: Workspace,
+                    keep_serving: bool, log: Log,
+                    then: Callable[[str, str], LoopSteps] | None = None
+                    ) -> tuple[TabularServeCheck, LoopSteps | None]:
+        """Test rows scored over HTTP beside the same model offline, and the decisions."""
+        from mlsd_ray.tasks.tabular.smoke import serve_check_fraud
 
-        return run_tabular_pipeline(cfg, workspace=workspace, force=force, log=log, tune=tune,
-                                    serve_check=serve_check, keep_serving=keep_serving,
-                                    monitor_loop=monitor_loop)
+        return serve_check_fraud(cfg, trained.model_uri(), self.open_prepared(trained.dataset),
+                                 workspace, log, keep_serving, then=then)
 
     def serve_application(self, settings, model: PinnedModel, workspace: Workspace) -> ServedApp:
         """The fraud scoring app (threshold, rules, policy) with the `tabular` section the

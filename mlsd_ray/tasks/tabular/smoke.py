@@ -1,16 +1,10 @@
-"""`mlsd pipeline --example fraud`: the tabular stages end to end.
-
-data (Ray Data preprocessors fitted on train) -> [tune] -> train the MLP (Ray Train) and the
-HistGradientBoosting reference -> evaluate on test at the chosen threshold -> register (MLflow)
--> promote the first version -> serve `/v1/fraud/score` (Ray Serve), score test transactions
-and a rule-breaking one over HTTP -> the monitoring loop on the live app (workflows/loop.py:
-unshifted and shifted traffic, monitor, retrain, gated promotion, rolling update under load)
--> stop the app.
+"""The pipeline's serve check for tables (`TabularTask.serve_check`): the app started on the
+new model scores test rows over HTTP, compared with the same model offline; for a binary task
+also its decisions and a transaction built to trip the example rules.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -19,16 +13,13 @@ import numpy as np
 import pandas as pd
 
 from mlsd_ray.core.config import Config
-from mlsd_ray.core.runtime import log_stderr
 from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.base import ServeCheck
-from mlsd_ray.workflows.stages import PipelineResult, StageHeadings, search_first
 
 if TYPE_CHECKING:
     from mlsd_ray.workflows.loop import LoopSteps
 
 SERVE_CHECK_ROWS = 64
-LOOP = "monitor -> retrain -> rolling update"
 
 
 @dataclass(frozen=True)
@@ -89,52 +80,6 @@ class TabularServeCheck(ServeCheck):
         return line
 
 
-def run_tabular_pipeline(cfg: Config, workspace: Workspace, force: bool = False,
-                         log: Callable[[str], None] = log_stderr, tune: bool = False,
-                         serve_check: bool = True, keep_serving: bool = False,
-                         monitor_loop: bool = True) -> PipelineResult:
-    """Run the tabular stages; returns what each stage did."""
-    from mlsd_ray.registry import promote_first
-    from mlsd_ray.tasks.tabular.prepare import prepare_table
-    from mlsd_ray.tasks.tabular.stage import run_tabular_train
-
-    registers = cfg.registry.auto_register
-    heading = StageHeadings("data", tune and "tune", "train, evaluate, register",
-                            registers and "promote", serve_check and "serve",
-                            serve_check and monitor_loop and registers and LOOP)
-    log(heading("data"))
-    table = prepare_table(cfg, workspace=workspace, force=force, log=log)
-    searched = None
-    if tune:
-        log(heading("tune"))
-        cfg, searched = search_first(cfg, workspace, log)
-    log(heading("train, evaluate, register"))
-    trained = run_tabular_train(cfg, workspace=workspace, log=log, table=table)
-    result = PipelineResult(task="tabular", data=table.summary(), tune=searched, train=trained)
-    registered = trained.registered
-    if registered:
-        log(heading("promote"))
-        result.promoted = promote_first(registered, workspace, log)
-    if serve_check:
-        log(heading("serve"))
-        model = trained.model_uri()
-        loop = None
-        if monitor_loop and registered:  # retraining moves a registry alias: needs a version
-            loop = functools.partial(_loop, cfg, table, workspace, log, heading(LOOP))
-        result.serve, result.loop = serve_check_fraud(cfg, model, table, workspace, log,
-                                                      keep_serving, then=loop)
-    return result
-
-
-def _loop(cfg: Config, table, workspace: Workspace, log: Callable[[str], None], heading: str,
-          url: str, served_uri: str) -> LoopSteps:
-    from mlsd_ray.tasks import get_task
-    from mlsd_ray.workflows.loop import monitoring_loop
-
-    log(heading)
-    return monitoring_loop(get_task(cfg.task), cfg, url, served_uri, table, workspace, log)
-
-
 def serve_check_fraud(cfg: Config, model: str, table, workspace: Workspace,
                       log: Callable[[str], None], keep_serving: bool = False,
                       then: Callable[[str, str], LoopSteps] | None = None
@@ -149,10 +94,8 @@ def serve_check_fraud(cfg: Config, model: str, table, workspace: Workspace,
     from mlsd_ray.tasks.tabular.train import load_tabular
 
     settings = cfg.serve.model_copy(update={"model": model})
-    if not keep_serving and control.port_in_use(settings.host, settings.port):
-        settings.port = control.free_port(settings.host)
-    app = control.start(settings, workspace, log=log)  # the checkpoint's task: the fraud app
-    try:
+    # the checkpoint's task: the fraud app
+    with control.app_for_a_check(settings, workspace, keep_serving, log) as app:
         test = table.load_split("test")
         rows = _check_rows(test, table.label, table.manifest["task"])
         records = [_record(row) for row in rows.drop(columns=[table.label]).to_dict("records")]
@@ -177,12 +120,6 @@ def serve_check_fraud(cfg: Config, model: str, table, workspace: Workspace,
             check.max_abs_difference = float(np.nanmax(np.abs(served - offline.reshape(-1))))
             log(f"served version {answer['model_version']}: {len(records)} rows scored over HTTP")
         return check, then(app.url, app.model.uri) if then is not None else None
-    finally:
-        if keep_serving:
-            control.serve_until_interrupted(app, log)
-        else:
-            control.remove_app(settings.app_name)
-            control.state_file(workspace, settings.app_name).unlink(missing_ok=True)
 
 
 def _check_rows(test, label: str, task: str):
