@@ -18,9 +18,11 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # the cores busy around them: a job on a Ray head of its own (the first `mlsd submit` job took
 # 170-220 s beside two other pytest workers), the GCS down for 20 s. By xdist's own rule (the
 # files with the most tests first) they came last, and the suite's last minutes ran on one
-# worker. Not the chaos file: at the start, beside every worker's set-up, Serve once took
-# 32 s to replace a killed replica (its test allows 30).
-WAIT_FIRST = ("tests/e2e/test_ray_jobs.py", "tests/e2e/test_gcs_fault_tolerance.py")
+# worker. The chaos file (a minute of replica kills) too: at the start, beside every
+# worker's set-up, Serve once took 32 s to replace a killed replica (its test allows 30),
+# when it checked replicas every 10 s; serve.health_check_period_s is 2 s now.
+WAIT_FIRST = ("tests/e2e/test_ray_jobs.py", "tests/e2e/test_gcs_fault_tolerance.py",
+              "tests/integration/test_chaos.py")
 
 
 def pytest_configure(config):
