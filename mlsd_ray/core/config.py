@@ -225,6 +225,10 @@ class ServeConfig(StrictModel):
         30.0, gt=0, description="A request not answered after this long in a replica gets "
         "504 with a JSON error; null: no limit.")
     num_cpus: float = Field(0.5, ge=0, description="CPUs per model replica.")
+    allow_unauthenticated_writes: bool = Field(
+        False, description="Let anyone change the app's decisions over HTTP (PUT /v1/fraud/"
+        "policy and /rules) when no MLSD_ADMIN_TOKEN is set; off, such changes are refused "
+        "with 403. Only on a network where every client is trusted.")
     health_check_period_s: float = Field(
         2.0, gt=0, description="How often the Serve controller checks each replica; a "
         "replica that died is replaced after at most this long plus its start (Serve's own "

@@ -432,15 +432,41 @@ def authorize(request: Request, token_sha256: str | None, env: str = TOKEN_ENV) 
                                                f"with the server's {env}")
 
 
-def authorize_change(request: Request, admin_sha256: str | None) -> None:
+def authorize_change(request: Request, admin_sha256: str | None,
+                     allow_unauthenticated: bool = False) -> None:
     """Routes that change how the app decides (the fraud policy and rules) need the admin
     token, and are off when none was set where the app started: an open API must not let
-    anyone who can score also rewrite the rules."""
-    if not admin_sha256:
+    anyone who can score also rewrite the rules. `allow_unauthenticated`
+    (serve.allow_unauthenticated_writes) opens them to every client instead."""
+    if admin_sha256:
+        authorize(request, admin_sha256, ADMIN_TOKEN_ENV)
+    elif not allow_unauthenticated:
         raise ClientError(403, "changes_off", f"changing this over HTTP is off: start the app "
                                               f"with {ADMIN_TOKEN_ENV} set, then send "
-                                              f"'Authorization: Bearer <that token>'")
-    authorize(request, admin_sha256, ADMIN_TOKEN_ENV)
+                                              f"'Authorization: Bearer <that token>' (or, on "
+                                              f"a trusted network only, set "
+                                              f"serve.allow_unauthenticated_writes)")
+
+
+def declare_bearer_auth(api: FastAPI, every_route: bool, writes: tuple[str, ...] = ()) -> None:
+    """Declare the bearer scheme in `api`'s OpenAPI, and require it where the app does: on
+    every operation when the app has an API token (`every_route`), else on the `writes`
+    (the paths whose PUT changes the app). Clients and generators (schemathesis, openapi
+    codegen) then know to send `Authorization: Bearer <token>`."""
+    build = api.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()  # FastAPI's, built once and cached on `api`
+        schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+        schemes["bearer"] = {"type": "http", "scheme": "bearer", "description": (
+            f"the token in {TOKEN_ENV} (every route, when set) or {ADMIN_TOKEN_ENV} (changes)")}
+        for path, operations in schema.get("paths", {}).items():
+            for method, operation in operations.items():
+                if every_route or (method == "put" and path in writes):
+                    operation["security"] = [{"bearer": []}]
+        return schema
+
+    api.openapi = openapi  # type: ignore[method-assign]
 
 
 def token_sha256(env: str = TOKEN_ENV) -> str | None:

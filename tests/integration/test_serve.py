@@ -316,9 +316,14 @@ def test_a_token_is_required_when_configured(served, monkeypatch):
     assert predict(served, payload, headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert predict(served, payload, headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert requests.get(f"{served['url']}/v1/health", timeout=30).status_code == 200
+    schema = requests.get(f"{served['url']}/openapi.json", timeout=30).json()
+    assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert schema["paths"]["/v1/predict"]["post"]["security"] == [{"bearer": []}]
     monkeypatch.delenv(TOKEN_ENV)
     deploy(served)
     assert predict(served, payload).status_code == 200
+    schema = requests.get(f"{served['url']}/openapi.json", timeout=30).json()
+    assert "security" not in schema["paths"]["/v1/predict"]["post"]  # open: no token needed
 
 
 @pytest.mark.slow  # a real browser: Debian's chromium, which `run.py test --all` installs

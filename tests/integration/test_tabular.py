@@ -374,6 +374,11 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def test_threshold_and_rules_change_live(fraud_url):
+    # the OpenAPI says which routes want the bearer token: the changes (the admin token)
+    paths = requests.get(f"{fraud_url.removesuffix('/v1/fraud')}/openapi.json",
+                         timeout=10).json()["paths"]
+    assert paths["/v1/fraud/policy"]["put"]["security"] == [{"bearer": []}]
+    assert "security" not in paths["/v1/fraud/score"]["post"]
     before = requests.get(f"{fraud_url}/policy", timeout=10).json()
     anyone = requests.put(f"{fraud_url}/policy", json={"threshold": 0.0}, timeout=10)
     assert anyone.status_code == 401 and "MLSD_ADMIN_TOKEN" in anyone.text, anyone.text
@@ -381,11 +386,15 @@ def test_threshold_and_rules_change_live(fraud_url):
                            timeout=10)
     assert changed.status_code == 200 and changed.json()["threshold"] == 0.0
     replicas = set()
-    for _ in range(12):  # the PUT reached one replica; the other reads the policy file
+    # The PUT reached one replica; the other reads the policy file. Until both have answered
+    # (one request at a time, Serve's router once sent 12 in a row to the same replica).
+    for _ in range(60):
         safe = requests.post(f"{fraud_url}/score", json={"records": [SAFE]}, timeout=30).json()
         assert safe["results"][0]["model_decision"] != "approve"  # everything reaches 0.0
         assert safe["threshold"] == 0.0
         replicas.add(safe["replica"])
+        if len(replicas) == 2:
+            break
     assert len(replicas) == 2, replicas
     bad = requests.put(f"{fraud_url}/rules", data="rules:\n  - name: x\n    when: amount >> 1\n"
                        "    action: review\n", headers=ADMIN, timeout=10)

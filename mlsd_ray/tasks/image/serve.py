@@ -49,6 +49,7 @@ from mlsd_ray.serve.app import (
     authorize,
     bind_app,
     count_requests,
+    declare_bearer_auth,
     error_response,
     page,
     read_body,
@@ -223,6 +224,7 @@ class ImageApp(ImageModel, ModelRoutes, OpenInferenceRoutes):
         self.max_body_bytes = settings["max_body_bytes"]
         self.top_k = settings["top_k"]
         self.token_sha256 = settings.get("token_sha256")
+        declare_bearer_auth(api, bool(self.token_sha256))
         self.sticky = settings["router"] == "consistent_hash"
         self.drift_file = settings.get("drift_file")
         self.drift_read_at = -DRIFT_REFRESH_S

@@ -55,6 +55,7 @@ from mlsd_ray.serve.app import (
     authorize_change,
     bind_app,
     count_requests,
+    declare_bearer_auth,
     error_response,
     page,
     read_body,
@@ -219,6 +220,8 @@ class FraudApp(TabularModel, ModelRoutes, OpenInferenceRoutes):
 
     def __init__(self, model, replica: ReplicaSettings, settings: dict):
         self.settings = settings
+        declare_bearer_auth(api, bool(settings["token_sha256"]),
+                            writes=(f"{PREFIX}/policy", f"{PREFIX}/rules"))
         self.served: dict | None = None  # the model's description, once asked
         self.policy_file = settings["policy_file"]
         self.policy_stamp = self._policy_stamp()
@@ -398,7 +401,8 @@ class FraudApp(TabularModel, ModelRoutes, OpenInferenceRoutes):
     @api.put(f"{PREFIX}/policy", responses=_ERRORS, openapi_extra=_POLICY_BODY,
              summary="Change the threshold or decline_above, without a restart")
     async def put_policy(self, request: Request) -> dict:
-        authorize_change(request, self.settings["admin_sha256"])
+        authorize_change(request, self.settings["admin_sha256"],
+                         self.settings["allow_unauthenticated_writes"])
         _require_json(request)
         body = parse_json(await read_body(request, self.settings["max_body_bytes"]))
         await self._model_info()
@@ -418,7 +422,8 @@ class FraudApp(TabularModel, ModelRoutes, OpenInferenceRoutes):
     @api.put(f"{PREFIX}/rules", responses=_ERRORS, openapi_extra=_RULES_BODY,
              summary="Replace the rules (a YAML body); a bad file changes nothing")
     async def put_rules(self, request: Request) -> dict:
-        authorize_change(request, self.settings["admin_sha256"])
+        authorize_change(request, self.settings["admin_sha256"],
+                         self.settings["allow_unauthenticated_writes"])
         text = (await read_body(request, self.settings["max_body_bytes"])).decode(
             "utf-8", errors="replace")
         info = await self._model_info()
@@ -451,6 +456,7 @@ def fraud_app(settings: ServeConfig, tabular: TabularConfig, model: PinnedModel,
     route_settings = {
         "max_instances": settings.max_instances, "max_body_bytes": settings.max_body_bytes,
         "token_sha256": token_sha256(), "admin_sha256": token_sha256(ADMIN_TOKEN_ENV),
+        "allow_unauthenticated_writes": settings.allow_unauthenticated_writes,
         "model_uri": settings.model, "rules_text": rules_text,
         "decline_above": tabular.decline_above,
         "explain_per_second": settings.explain_per_second,
