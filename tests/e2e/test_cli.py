@@ -264,6 +264,42 @@ def test_verbose_hands_the_console_to_ray_and_keeps_the_epoch_lines(tmp_path, cl
     assert "Ray's logs: " not in verbose.stderr  # Ray forwards its processes' output instead
 
 
+@pytest.mark.slow
+def test_a_driver_killed_mid_training_resumes_after_its_last_checkpoint(tmp_path, cluster_env):
+    """SIGKILL `mlsd train` once its third epoch has been reported (a checkpoint every epoch):
+    the same command again resumes at the epoch after the last checkpoint it finished, and
+    runs to the end."""
+    import signal
+    import time
+
+    home, epochs = tmp_path / "home", 12
+    train = ["train", "--source", "digits", "--set", "data.image_size=8", "--num-workers", "0",
+             "--epochs", str(epochs), "--run-name", "killed", "--home", str(home),
+             "--set", "train.checkpoint_every=1", "--set", "registry.auto_register=false"]
+    driver = subprocess.Popen([sys.executable, "-m", "mlsd_ray.cli", *train],
+                              stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                              env={**os.environ, **cluster_env}, start_new_session=True)
+    try:
+        for line in driver.stderr:  # type: ignore[union-attr]
+            if line.startswith(f"epoch 3/{epochs}"):
+                break
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    run_dir = home / "runs" / "killed"
+    finished = sorted(int(p.parent.name.rsplit("_", 1)[1])
+                      for p in run_dir.glob("checkpoint_epoch_*/report.json"))
+    assert finished and 3 <= finished[-1] < epochs, finished  # killed mid-run, after epoch 3
+    started = time.monotonic()
+    again = mlsd(*train, "--json", env=cluster_env)
+    assert again.returncode == 0, again.stderr
+    first = next(line for line in again.stderr.splitlines() if line.startswith("epoch "))
+    assert first.startswith(f"epoch {finished[-1] + 1}/{epochs}:"), (first, finished)
+    assert json.loads(again.stdout)["epochs_run"] == epochs
+    print(f"\nkilled after epoch {finished[-1]}; resumed at {first.split(':')[0]} and "
+          f"finished in {time.monotonic() - started:.1f} s")
+
+
 def test_no_valid_image_exits_2(tmp_path, cluster_env):
     (tmp_path / "bad" / "x").mkdir(parents=True)
     (tmp_path / "bad" / "x" / "a.png").write_bytes(b"junk")
