@@ -385,16 +385,25 @@ def test_threshold_and_rules_change_live(fraud_url):
     changed = requests.put(f"{fraud_url}/policy", json={"threshold": 0.0}, headers=ADMIN,
                            timeout=10)
     assert changed.status_code == 200 and changed.json()["threshold"] == 0.0
-    replicas = set()
-    # The PUT reached one replica; the other reads the policy file. Until both have answered
-    # (one request at a time, Serve's router once sent 12 in a row to the same replica).
-    for _ in range(60):
-        safe = requests.post(f"{fraud_url}/score", json={"records": [SAFE]}, timeout=30).json()
-        assert safe["results"][0]["model_decision"] != "approve"  # everything reaches 0.0
-        assert safe["threshold"] == 0.0
-        replicas.add(safe["replica"])
-        if len(replicas) == 2:
-            break
+    # The PUT reached one replica; the other reads the policy file. Requests go in bursts of
+    # 6 at once until both replicas have answered. Serve's router trusts the queue lengths it
+    # caches for 10 s (RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S), so one request at a time all
+    # go to a replica that its cache calls idler (60 in a row, once in CI); requests in flight
+    # raise that replica's cached length and send the next ones to the other.
+    from concurrent.futures import ThreadPoolExecutor
+
+    def score_safe(_: int) -> dict:
+        return requests.post(f"{fraud_url}/score", json={"records": [SAFE]}, timeout=30).json()
+
+    replicas: set[str] = set()
+    with ThreadPoolExecutor(6) as pool:
+        for _ in range(20):
+            for safe in pool.map(score_safe, range(6)):
+                assert safe["results"][0]["model_decision"] != "approve"  # all reach 0.0
+                assert safe["threshold"] == 0.0
+                replicas.add(safe["replica"])
+            if len(replicas) == 2:
+                break
     assert len(replicas) == 2, replicas
     bad = requests.put(f"{fraud_url}/rules", data="rules:\n  - name: x\n    when: amount >> 1\n"
                        "    action: review\n", headers=ADMIN, timeout=10)
