@@ -114,7 +114,6 @@ def list_files(location: str) -> list[pafs.FileInfo]:
     return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
 
 
-
 def list_dirs(location: str) -> list[str]:
     """The names of the directories right under `location`, sorted."""
     fs, path = filesystem(location)

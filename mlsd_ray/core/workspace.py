@@ -26,10 +26,20 @@ knows them:
 
 from __future__ import annotations
 
+import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlsd_ray.core import storage
+
+
+def fresh_name(stem: str) -> str:
+    """A new run or search name, <stem>-<date>-<time>-<4 hex>. A name whose folder exists
+    resumes that run, which is what `--run-name` asks for, so a generated name must never
+    repeat: the time alone is to the second, and a retrain's two challengers once started
+    within one, and the second went on from the first's checkpoints."""
+    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
 @dataclass(frozen=True)

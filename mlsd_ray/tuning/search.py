@@ -31,7 +31,7 @@ from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config, apply_override, describe_errors, dump_yaml, parse_override
 from mlsd_ray.core.errors import InputError, Interrupted
 from mlsd_ray.core.runtime import ensure_ray, log_stderr
-from mlsd_ray.core.workspace import Workspace
+from mlsd_ray.core.workspace import Workspace, fresh_name
 from mlsd_ray.registry.tracking import LiveSearch
 from mlsd_ray.tasks import get_task
 from mlsd_ray.training.checkpoint import RANK_METRIC
@@ -377,7 +377,7 @@ def run_tune(cfg: Config, workspace: Workspace, log: Callable[[str], None] = log
     dataset = task.prepare(cfg, workspace, log)
     register = register and task.registers_best_trial
     ensure_ray(workspace)
-    name = name or f"{dataset.manifest['name']}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = name or fresh_name(f"{dataset.manifest['name']}-tune")
     run = TuneRun(name, storage.join(root, name), cfg, dataset)
     concurrent, per_worker = trial_resources(cfg, plan["trials"])
     trainable, base = _trainable(run, plan, per_worker)

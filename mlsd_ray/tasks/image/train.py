@@ -22,7 +22,7 @@ from mlsd_ray.core import storage
 from mlsd_ray.core.config import AugmentConfig, Config, TrainConfig
 from mlsd_ray.core.errors import WorkError
 from mlsd_ray.core.runtime import ensure_ray, log_stderr
-from mlsd_ray.core.workspace import Workspace
+from mlsd_ray.core.workspace import Workspace, fresh_name
 from mlsd_ray.tasks.base import TrainedModel
 from mlsd_ray.tasks.image.checkpoint import load_model
 from mlsd_ray.tasks.image.data.prepare import PreparedDataset, prepare_dataset
@@ -252,9 +252,8 @@ def train_and_register(cfg: Config, workspace: Workspace,
 
 
 def default_run_name(cfg: Config, dataset: PreparedDataset) -> str:
-    """`train.run_name`, else <dataset>-<model>-<time>."""
-    return cfg.train.run_name or (
-        f"{dataset.manifest['name']}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    """`train.run_name`, else a new <dataset>-<model>-<time>-<hex>."""
+    return cfg.train.run_name or fresh_name(f"{dataset.manifest['name']}-{cfg.model.name}")
 
 
 def run_train(cfg: Config, workspace: Workspace, log: Callable[[str], None] = log_stderr,

@@ -16,7 +16,7 @@ from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config
 from mlsd_ray.core.errors import WorkError
 from mlsd_ray.core.runtime import ensure_ray, log_stderr
-from mlsd_ray.core.workspace import Workspace
+from mlsd_ray.core.workspace import Workspace, fresh_name
 from mlsd_ray.tasks.base import TrainedModel
 from mlsd_ray.tasks.tabular import metrics as tm
 from mlsd_ray.tasks.tabular.prepare import PreparedTable, prepare_table
@@ -243,8 +243,7 @@ def run_tabular_train(cfg: Config, workspace: Workspace,
     table = table or prepare_table(cfg, workspace=workspace, log=log)
     ensure_ray(workspace)
     check_resources(cfg.train)
-    name = run_name or cfg.train.run_name or (
-        f"{table.manifest['name']}-mlp-{time.strftime('%Y%m%d-%H%M%S')}")
+    name = run_name or cfg.train.run_name or fresh_name(f"{table.manifest['name']}-mlp")
     runs = workspace.runs
     log(f"training the MLP on {table.manifest['counts']['splits']['train']} rows × "
         f"{len(table.manifest['feature_names'])} features {where_it_trains(cfg.train)}, "
