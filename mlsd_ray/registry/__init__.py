@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mlsd_ray.core import storage
+from mlsd_ray.core.crash_points import crash_point
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.workspace import Workspace
 
@@ -165,6 +166,7 @@ def new_version(mlflow_client, model_name: str, run_id: str, tags: dict,
         mlflow_client.get_registered_model(model_name)
     except Exception:  # MlflowException RESOURCE_DOES_NOT_EXIST
         mlflow_client.create_registered_model(model_name, description=description)
+    crash_point("register.artifacts_logged")  # the run is whole; no version points at it yet
     version = mlflow_client.create_model_version(
         model_name, source=f"runs:/{run_id}/{ARTIFACT_DIR}", run_id=run_id, tags=tags)
     return RegisteredVersion(model_name, int(version.version), run_id)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config
+from mlsd_ray.core.crash_points import crash_point
 from mlsd_ray.core.errors import InputError, WorkError
 from mlsd_ray.core.runtime import log_stderr
 from mlsd_ray.core.workspace import Workspace
@@ -108,7 +109,9 @@ class RetrainDecision:
 
     `gain` is the challenger's holdout score minus the champion's (by `metric`); it is
     promoted when `gain > margin`, unless `dry_run`. A promoted challenger is rolled out to
-    the running app that serves the model (`rollout`), or `rollout_skipped` says why not."""
+    the running app that serves the model (`rollout`), or `rollout_skipped` says why not.
+    `state` is how far the retrain got: "decided" (nothing applied yet), "promoted" (the alias
+    moved, the app not yet rolled over) or "done"."""
 
     champion: str
     challenger: str
@@ -126,6 +129,7 @@ class RetrainDecision:
     reason: str
     rollout: RollingUpdate | None = None
     rollout_skipped: str | None = None
+    state: str = "decided"  # then "promoted" (the alias moved), then "done"
     seconds: float = 0.0
     outputs: dict[str, str] = field(default_factory=dict)
 
@@ -200,15 +204,24 @@ def retrain(cfg: Config, source: str, workspace: Workspace, model: str | None = 
         reason=(f"challenger {'beats' if better else 'does not beat'} the champion by more "
                 f"than {cfg.retrain.margin} {metric} on the holdout ({gain:+.4f})"))
     log(decision.reason)
+    # Written before it is applied, and again after each step (`state`): a retrain killed
+    # anywhere leaves a decision.json saying how far it got, and the alias on a version that
+    # was whole before it moved (docs/reliability.md).
+    decision.outputs = _write_decision(decision, workspace)
+    crash_point("retrain.decided")
     if decision.promote:
         version = trained.registered.version
         registry.promote(champion_info.name, version, cfg.retrain.alias, workspace)
         log(f"promoted {challenger_uri} to @{cfg.retrain.alias}")
+        decision.state = "promoted"
+        _write_decision(decision, workspace)
+        crash_point("retrain.promoted")
         if roll_out:
             decision.rollout, decision.rollout_skipped = _roll_out(
                 challenger_uri, champion_info.name, cfg, workspace, log)
+    decision.state = "done"
     decision.seconds = round(time.perf_counter() - started, 1)
-    decision.outputs = _write_decision(decision, workspace)
+    _write_decision(decision, workspace)
     return decision
 
 
@@ -228,15 +241,20 @@ def _roll_out(uri: str, model_name: str, cfg: Config, workspace: Workspace,
 
 
 def _write_decision(decision: RetrainDecision, workspace: Workspace) -> dict[str, str]:
-    out = workspace.retrain(time.strftime("%Y%m%d-%H%M%S"))
-    paths = {"json": storage.join(out, "decision.json"),
-             "markdown": storage.join(out, "decision.md")}
+    """Write decision.json and decision.md (each whole or not at all) into the folder of the
+    decision's first write, $MLSD_HOME/retrain/<time>/."""
+    paths = decision.outputs or _decision_paths(workspace)
     rows = [f"| {who} | " + " | ".join(f"{getattr(decision.scores_of(who), part).score:.4f}"
                                        for part in ("old_test", "new_test", "holdout")) + " |"
             for who in ("champion", "challenger")]
     would = decision.dry_run and decision.gain > decision.margin
-    verdict = "promoted" if decision.promote else (
-        "would promote (dry run)" if would else "rejected")
+    verdict = "rejected"
+    if decision.promote:
+        verdict = {"decided": "to promote (not applied yet)",
+                   "promoted": "promoted (the app not rolled over yet)"}.get(decision.state,
+                                                                            "promoted")
+    elif would:
+        verdict = "would promote (dry run)"
     text = "\n".join([
         f"# Retrain decision: {verdict}", "",
         f"Champion {decision.champion}, challenger {decision.challenger} "
@@ -247,3 +265,9 @@ def _write_decision(decision: RetrainDecision, workspace: Workspace) -> dict[str
     storage.write_text(paths["markdown"], text)
     storage.write_json(paths["json"], {**decision.to_dict(), "outputs": paths})
     return paths
+
+
+def _decision_paths(workspace: Workspace) -> dict[str, str]:
+    out = workspace.retrain(time.strftime("%Y%m%d-%H%M%S"))
+    return {"json": storage.join(out, "decision.json"),
+            "markdown": storage.join(out, "decision.md")}

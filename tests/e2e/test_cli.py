@@ -300,6 +300,56 @@ def test_a_driver_killed_mid_training_resumes_after_its_last_checkpoint(tmp_path
           f"finished in {time.monotonic() - started:.1f} s")
 
 
+@pytest.mark.slow
+def test_a_retrain_killed_at_each_step_leaves_the_alias_on_a_whole_version(
+        tmp_path, cluster_env, digits_model):
+    """`mlsd retrain` SIGKILLed (MLSD_CRASH_AT, mlsd_ray/core/crash_points.py) after the
+    challenger's run is logged but before its version exists, after decision.json is written
+    but before the alias moves, and after the alias moves but before the rest: the alias is
+    always on a version whose checkpoint downloads and verifies, and decision.json, where it
+    exists, says how far the retrain got."""
+    from mlsd_ray import registry
+    from mlsd_ray.core.workspace import Workspace
+    from mlsd_ray.tasks import get_task
+    from mlsd_ray.tasks.image.registry import log_and_register
+    from mlsd_ray.training.checkpoint import verify
+
+    workspace = Workspace.at(str(tmp_path / "home"))
+    log_and_register(digits_model.result, digits_model.cfg, digits_model.dataset, "digits-cnn",
+                     workspace)
+    registry.promote("digits-cnn", 1, "production", workspace)
+    source = get_task("image").smoke_retrain_source(workspace, print)
+    command = ["retrain", "--source", source, "--home", str(workspace.root), "--set",
+               "retrain.epochs=4", "--set", "retrain.margin=0", "--set", "train.num_workers=0"]
+
+    def versions() -> list[int]:
+        return sorted(v.version for m in registry.list_models(workspace) for v in m.versions)
+
+    def decisions() -> list[dict]:
+        return [json.loads(p.read_text())
+                for p in sorted((tmp_path / "home" / "retrain").glob("*/decision.json"))]
+
+    for crash_at, alias_on, state in (("register.artifacts_logged", 1, None),
+                                      ("retrain.decided", 1, "decided"),
+                                      ("retrain.promoted", "new", "promoted")):
+        before = versions()
+        killed = mlsd(*command, env={**cluster_env, "MLSD_CRASH_AT": crash_at})
+        assert killed.returncode == -9, (crash_at, killed.stderr[-3000:])
+        production = registry.show("models:/digits-cnn@production", workspace).version
+        assert production == (alias_on if alias_on != "new" else versions()[-1]), crash_at
+        verify(registry.resolve("models:/digits-cnn@production", workspace))  # whole
+        if state is None:
+            assert versions() == before, crash_at  # no version points at the half-done run
+            print(f"\nkilled at {crash_at}: versions {versions()}, @production on {production}")
+            continue
+        assert versions() == [*before, before[-1] + 1], crash_at
+        last = decisions()[-1]
+        assert (last["state"], last["promote"], last["challenger"]) == (
+            state, True, f"models:/digits-cnn/{before[-1] + 1}"), crash_at
+        print(f"\nkilled at {crash_at}: @production on version {production}, "
+              f"decision.json state {last['state']!r}")
+
+
 def test_no_valid_image_exits_2(tmp_path, cluster_env):
     (tmp_path / "bad" / "x").mkdir(parents=True)
     (tmp_path / "bad" / "x" / "a.png").write_bytes(b"junk")
