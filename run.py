@@ -60,7 +60,8 @@ def parallel(args: list[str]) -> list[str]:
 # Programs the slow tests start, and the Debian package of each.
 SYSTEM_PACKAGES = {"prometheus": "prometheus", "promtool": "prometheus",
                    "chromium": "chromium", "chromedriver": "chromium-driver",
-                   "redis-server": "redis-server"}
+                   "redis-server": "redis-server",
+                   "pg_ctlcluster": "postgresql"}  # the server itself: /usr/lib/postgresql/*
 
 
 def ensure_system_packages() -> None:

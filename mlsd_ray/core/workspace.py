@@ -13,7 +13,8 @@ knows them:
     runs/<run>/                      Ray Train's checkpoints and results (train)
     reports/<run>/<split>/           evaluation reports and plots (evaluate)
     tune/<search>/                   searches: results, curves, best config (tune)
-    mlflow.db, mlflow-artifacts/     the embedded MLflow store (registry)
+    mlflow.db, mlflow-artifacts/     the embedded MLflow store (registry); with
+                                     MLFLOW_TRACKING_URI a database, only the artifacts
     registry-cache/<name>/<version>/ registered checkpoints copied to this machine
     serve/<app>.json                 what `mlsd serve` started, for status/deploy/stop
     predictions/date=<day>/          the served requests' prediction log (monitor input)
@@ -123,8 +124,12 @@ class Workspace:
         return self.local("registry-cache")
 
     @property
-    def mlflow_artifacts(self) -> Path:
-        return self.local("mlflow-artifacts")
+    def mlflow_artifacts(self) -> str:
+        """Where MLflow keeps the artifacts of a store without a server (sqlite, PostgreSQL):
+        a file:// URI, or the root's own scheme (s3://...) when the root is a URI."""
+        if storage.is_uri(self.root):
+            return self._under("mlflow-artifacts")
+        return self.local("mlflow-artifacts").as_uri()
 
     @property
     def mlflow_db(self) -> Path:

@@ -14,6 +14,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +31,7 @@ CHECKPOINT = "checkpoint"  # the MLflow Model's artifact key for our checkpoint 
 # which would otherwise make a later call (another MLSD_HOME) or a child process see our
 # sqlite file as "the user's server".
 _USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+SERVER_SCHEMES = ("http://", "https://", "databricks")  # MLflow servers, not databases
 
 
 @dataclass(frozen=True)
@@ -59,10 +62,10 @@ class PinnedModel:
 
 
 def tracking_uri(workspace: Workspace) -> str:
-    """`MLFLOW_TRACKING_URI`, else a sqlite file under MLSD_HOME (which must be local then)."""
+    """`MLFLOW_TRACKING_URI` (an MLflow server, or a database such as
+    postgresql://USER@HOST/DB), else a sqlite file under MLSD_HOME (which must be local then)."""
     if _USER_TRACKING_URI:
         return _USER_TRACKING_URI
-    workspace = workspace
     if storage.is_uri(workspace.root):
         raise InputError(f"MLSD_HOME is {workspace.root}: an embedded sqlite registry needs a "
                          "local folder; set MLFLOW_TRACKING_URI to an MLflow server")
@@ -75,20 +78,55 @@ def client(workspace: Workspace):
     import logging
 
     import mlflow
-    from mlflow import MlflowClient
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # schema migrations log at INFO
     mlflow.set_tracking_uri(tracking_uri(workspace))
     if _USER_TRACKING_URI is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)  # see _USER_TRACKING_URI
-    mlflow_client = MlflowClient()
-    if mlflow_client.get_experiment_by_name(EXPERIMENT) is None:
-        artifacts = None  # a server decides where its artifacts go
-        if not _USER_TRACKING_URI:
-            artifacts = workspace.mlflow_artifacts.as_uri()
-        mlflow_client.create_experiment(EXPERIMENT, artifact_location=artifacts)
+    mlflow_client, experiment = _once_the_store_is_set_up()
+    if experiment is None:
+        # A server decides where its artifacts go. A database has no place for them, and
+        # MLflow's default would be ./mlruns in the directory of whichever process created
+        # the experiment: they go to the workspace, which every node of a cluster shares.
+        server = tracking_uri(workspace).startswith(SERVER_SCHEMES)
+        artifacts = None if server else workspace.mlflow_artifacts
+        _unless_another_made_it(lambda: mlflow_client.create_experiment(
+            EXPERIMENT, artifact_location=artifacts))
     mlflow.set_experiment(EXPERIMENT)
     return mlflow_client
+
+
+def _once_the_store_is_set_up(attempts: int = 6):
+    """An MlflowClient on the tracking URI set, and the `mlsd` experiment (or None). The first
+    client on an empty database creates MLflow's tables, and processes that start together on
+    a new PostgreSQL database race to do it: all but one fail (duplicate key
+    "alembic_version"). They try again, up to 6 times over about 10 s, and by then find the
+    tables the winner made."""
+    from mlflow import MlflowClient
+    from sqlalchemy.exc import DBAPIError
+
+    def connect():
+        mlflow_client = MlflowClient()
+        return mlflow_client, mlflow_client.get_experiment_by_name(EXPERIMENT)
+
+    for attempt in range(1, attempts):
+        try:
+            return connect()
+        except DBAPIError:
+            time.sleep(0.5 * attempt)
+    return connect()  # the last try raises what it meets
+
+
+def _unless_another_made_it(create: Callable[[], object]) -> None:
+    """Create an experiment or a registered model, unless another process just did: several
+    drivers on one store (PostgreSQL, a server) may create the same name at once."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        create()
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
 
 
 def git_commit() -> str:
@@ -165,7 +203,8 @@ def new_version(mlflow_client, model_name: str, run_id: str, tags: dict,
     try:
         mlflow_client.get_registered_model(model_name)
     except Exception:  # MlflowException RESOURCE_DOES_NOT_EXIST
-        mlflow_client.create_registered_model(model_name, description=description)
+        _unless_another_made_it(lambda: mlflow_client.create_registered_model(
+            model_name, description=description))
     crash_point("register.artifacts_logged")  # the run is whole; no version points at it yet
     version = mlflow_client.create_model_version(
         model_name, source=f"runs:/{run_id}/{ARTIFACT_DIR}", run_id=run_id, tags=tags)
