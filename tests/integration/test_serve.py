@@ -9,13 +9,17 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import re
 import socket
+import subprocess
 import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import psutil
 import pytest
 import requests
 from PIL import Image
@@ -108,6 +112,62 @@ def test_predicts_arrays_pngs_and_uploads_with_the_model_version(served):
     assert info["metrics"]["test_accuracy"] > 0.5
     assert "/v1/predict" in requests.get(f"{served['url']}/openapi.json", timeout=30).json()[
         "paths"]
+
+
+def listening_sockets(pids: set[int]) -> list[tuple[str, int, str, bool]]:
+    """`ss -ltnpH`'s TCP listeners owned by `pids`: (host, port, process name, whether the
+    process is Ray's own: GCS, raylet, workers and actors (ray::...), its Python daemons
+    (dashboard, agents, monitors), or this driver, whose core worker serves gRPC)."""
+    listed = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True,
+                            timeout=30).stdout
+    sockets = []
+    for line in listed.splitlines():
+        host, _, port = line.split()[3].rpartition(":")
+        for pid in {int(p) for p in re.findall(r"pid=(\d+)", line)} & pids:
+            try:
+                name, command = psutil.Process(pid).name(), " ".join(psutil.Process(pid).cmdline())
+            except psutil.NoSuchProcess:  # gone since `ss` listed it: it listens no more
+                continue
+            rays = (name in ("gcs_server", "raylet") or name.startswith("ray::")
+                    or "/site-packages/ray/" in command or pid == os.getpid())
+            sockets.append((host.strip("[]"), int(port), name, rays))
+    return sockets
+
+
+def test_off_loopback_listeners_are_rays_own_and_refuse_a_call_without_its_token(served):
+    """`ss -ltn` during a local run (this session's Ray and a served app): Serve's HTTP port and
+    the dashboard listen on 127.0.0.1. Ray 2.60's gRPC servers (GCS, raylet, every worker)
+    bind all interfaces and have no setting to do otherwise (docs/reliability.md), so the
+    test checks that nothing else does, and that such a port refuses a call that lacks the
+    cluster's token (Ray's token authentication, on by default)."""
+    import grpc
+    import ray
+    from ray._raylet import AuthenticationTokenLoader
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    deploy(served)
+    mine = {os.getpid(), *(p.pid for p in psutil.Process().children(recursive=True))}
+    sockets = listening_sockets(mine)
+    loopback = ("127.0.0.1", "::1")
+    hosts = {port: host for host, port, *_ in sockets}
+    dashboard = int(ray._private.worker._global_node.address_info["webui_url"].rsplit(":", 1)[1])
+    assert hosts[served["port"]] in loopback and hosts[dashboard] in loopback, sockets
+    exposed = [(host, port, name, rays) for host, port, name, rays in sockets
+               if host not in loopback]
+    assert all(rays for *_, rays in exposed), exposed
+    gcs_port = int(ray.get_runtime_context().gcs_address.rsplit(":", 1)[1])
+    assert hosts[gcs_port] not in loopback  # else the check below proves nothing
+    node_ip = ray.util.get_node_ip_address()
+    with grpc.insecure_channel(f"{node_ip}:{gcs_port}") as channel:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        token = tuple(AuthenticationTokenLoader.instance().get_token_for_http_header().items())
+        stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=10, metadata=token)
+    counted = Counter(name for _, _, name, _ in exposed)
+    print(f"\n{len(sockets)} listeners, {len(exposed)} off loopback, all Ray's own: "
+          f"{dict(counted)}; the GCS refused a call without the token")
 
 
 def assert_same_prediction(got: dict, expected: dict) -> None:
