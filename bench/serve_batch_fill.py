@@ -1,11 +1,10 @@
-"""Benchmark: how full Serve's dynamic batches get, with nothing of ours in the way.
+"""Benchmark: how full dynamic batches get in a Serve replica, with nothing else in the way.
 
-A minimal Serve deployment whose `@serve.batch` handler (batch size 32, 5 ms wait) either
-sleeps `--work-ms` in a thread (no CPU) or runs a ResNet-18 forward at 64×64 in a thread,
-called by `--callers` concurrent DeploymentHandle callers from this driver. A batch can only
-hold what arrives while the previous one runs, so the mean batch size is Serve's request
-arrival rate × the batch's duration: this measures the arrival rate Serve's per-request path
-allows on this machine. Prints one JSON line per mode: calls/s and the batch sizes.
+A minimal Serve deployment whose batched handler (batch size 32, 5 ms wait) either sleeps
+`--work-ms` in a thread (no CPU) or runs a ResNet-18 forward at 64×64 in a thread, called by
+`--callers` concurrent DeploymentHandle callers from this driver, batched two ways:
+`serve` (Serve's `@serve.batch`) and `mlsd` (mlsd_ray/serve/batching.py, what our replicas
+use). Prints one JSON line per work and batching: calls/s and the batch sizes.
 
     python bench/serve_batch_fill.py [--callers 32] [--calls 20] [--work-ms 22]
 """
@@ -21,16 +20,21 @@ import time
 import ray
 from ray import serve
 
+from mlsd_ray.serve.batching import Batcher
+
 
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
 class Batched:
-    """One batched method; `work` is "sleep" (a thread that waits) or "resnet18"."""
+    """One batched method; `work` is "sleep" (a thread that waits) or "resnet18";
+    `batching` is "serve" (serve.batch) or "mlsd" (our Batcher)."""
 
-    def __init__(self, work: str, work_ms: float):
+    def __init__(self, work: str, work_ms: float, batching: str):
         import torch
 
         torch.set_num_threads(1)
         self.work, self.seconds, self.torch = work, work_ms / 1000, torch
+        self.batching = batching
+        self.batcher = Batcher(self.run_mlsd, max_batch_size=32, wait_s=0.005)
         self.sizes: collections.Counter = collections.Counter()
         if work == "resnet18":
             from torchvision.models import resnet18
@@ -46,19 +50,25 @@ class Batched:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def run(self, items: list) -> list:
+        return await self.run_mlsd(items)
+
+    async def run_mlsd(self, items: list) -> list:
         self.sizes[len(items)] += 1
         await asyncio.to_thread(self._run, len(items))
         return items
 
     async def __call__(self, item):
+        if self.batching == "mlsd":
+            return await self.batcher.submit(item)
         return await self.run(item)
 
     def batch_sizes(self) -> dict:
         return dict(self.sizes)
 
 
-def measure(work: str, args) -> dict:
-    handle = serve.run(Batched.bind(work, args.work_ms), name=f"fill-{work}", route_prefix=None)
+def measure(work: str, batching: str, args) -> dict:
+    handle = serve.run(Batched.bind(work, args.work_ms, batching), name=f"fill-{work}",
+                       route_prefix=None)
 
     async def caller() -> None:
         for index in range(args.calls):
@@ -73,7 +83,8 @@ def measure(work: str, args) -> dict:
     sizes = handle.batch_sizes.remote().result()
     serve.delete(f"fill-{work}")
     batches, calls = sum(sizes.values()), sum(size * n for size, n in sizes.items())
-    return {"bench": "serve_batch_fill", "work": work, "callers": args.callers,
+    return {"bench": "serve_batch_fill", "work": work, "batching": batching,
+            "callers": args.callers,
             "calls": calls, "seconds": round(seconds, 2),
             "calls_per_s": round(calls / seconds, 1), "batches": batches,
             "mean_batch_size": round(calls / batches, 2), "max_batch_size_allowed": 32,
@@ -90,7 +101,8 @@ def main() -> None:
     ray.init(num_cpus=2, log_to_driver=False, logging_level="ERROR")
     try:
         for work in ("sleep", "resnet18"):
-            print(json.dumps(measure(work, args)), flush=True)
+            for batching in ("serve", "mlsd"):
+                print(json.dumps(measure(work, batching, args)), flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()

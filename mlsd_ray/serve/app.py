@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -43,6 +43,7 @@ from starlette.types import ExceptionHandler
 from mlsd_ray.core.config import PredictionLogConfig, ServeConfig
 from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.registry import PinnedModel
+from mlsd_ray.serve.batching import Batcher
 from mlsd_ray.serve.metrics import ingress_metrics
 from mlsd_ray.serve.routers import ROUTER_CLASSES
 from mlsd_ray.serve.schemas import ClientError
@@ -85,24 +86,33 @@ class ReplicaSettings:
         claim_cpus_for_torch(self.threads)
 
 
-class BatchedMethod(Protocol):
-    """A method wrapped by `serve.batch`, which adds these setters (Ray's types omit them)."""
-
-    def set_max_batch_size(self, new_max_batch_size: int) -> None: ...
-
-    def set_batch_wait_timeout_s(self, new_batch_wait_timeout_s: float) -> None: ...
-
-
 class LoggingReplica:
-    """What both apps' model deployments share: each batch's metrics (`_count_batch`), the
-    prediction log the replica writes for `mlsd monitor` (rows are only queued on the request
-    path, monitor/predlog.py), the dropped-rows metric, and the last rows written when Serve
-    shuts the replica down."""
+    """What both apps' model deployments share: dynamic batching (`run_batch`, answered by the
+    task's `_answer_batch` many requests at a time), each batch's metrics (`_count_batch`),
+    the prediction log the replica writes for `mlsd monitor` (rows are only queued on the
+    request path, monitor/predlog.py), the dropped-rows metric, and the last rows written when
+    Serve shuts the replica down."""
 
     log = None
     replica: str  # set by the task's `load`, with `metrics` (serve/metrics.py's model_metrics)
     metrics: dict
     info: dict  # the served model's description: at least model_name and model_version
+    batcher: Batcher[dict, dict]
+
+    def _start_batching(self, replica: ReplicaSettings) -> None:
+        """Batches of up to serve.max_batch_size requests, each waiting at most
+        serve.batch_wait_timeout_s for companions (serve/batching.py says why not
+        `serve.batch`)."""
+        self.batcher = Batcher(self._answer_batch, replica.max_batch_size,
+                               replica.batch_wait_timeout_s)
+
+    async def run_batch(self, request: dict) -> dict:
+        """One request, answered together with other callers' requests (`_answer_batch`)."""
+        return await self.batcher.submit(request)
+
+    async def _answer_batch(self, requests: list[dict]) -> list[dict]:
+        """The task's forward pass for many requests: one answer per request, in order."""
+        raise NotImplementedError
 
     def _count_batch(self, size: int, predicted: list[str] | None) -> None:
         """One forward pass for Prometheus: its size, the version this replica serves (set

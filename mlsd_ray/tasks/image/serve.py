@@ -25,7 +25,7 @@ import datetime as dt
 import json
 import time
 import uuid
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -41,7 +41,6 @@ from mlsd_ray.serve.app import (
     REQUEST_ID_HEADER,
     SESSION_HEADER,
     AppClasses,
-    BatchedMethod,
     LoggingReplica,
     ModelRoutes,
     ReplicaSettings,
@@ -116,9 +115,7 @@ class ImageModel(LoggingReplica):
 
             self.probabilities = onnx_runtime_probabilities(self.loaded, replica.threads)
         self.info["runtime"] = replica.runtime
-        run_batch = cast(BatchedMethod, self.run_batch)  # serve.batch wrapped it
-        run_batch.set_max_batch_size(replica.max_batch_size)
-        run_batch.set_batch_wait_timeout_s(replica.batch_wait_timeout_s)
+        self._start_batching(replica)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.metrics = model_metrics()
         self._open_log(replica.log_settings, replica.workspace)
@@ -139,8 +136,7 @@ class ImageModel(LoggingReplica):
         return {"explanations": answers, "model_name": self.info["model_name"],
                 "model_version": self.info["model_version"], "replica": self.replica}
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def run_batch(self, requests: list[dict]) -> list[dict]:
+    async def _answer_batch(self, requests: list[dict]) -> list[dict]:
         """Each request: {"images": [uint8 arrays], "request_id", "received" (epoch s)};
         answers are class probabilities per image."""
         sizes = [len(r["images"]) for r in requests]

@@ -15,7 +15,7 @@ Protocol's under `/v2`: serve/oip.py):
                             `decision` BYTES (binary), `probabilities` and `class`
                             (multiclass) or `prediction` FP64 (regression) out
 
-The model batches records from many requests into one forward pass (serve.batch) and
+The model batches records from many requests into one forward pass (serve/batching.py) and
 autoscales like the image model, and it writes a prediction-log row per record (the record's
 columns, score and predicted class: tabular/monitoring.py) for `mlsd monitor`. The routes
 check records (records.py), apply the threshold and the rules (rules.py), and keep the policy
@@ -31,7 +31,7 @@ import json
 import os
 import time
 import uuid
-from typing import Any, cast
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
@@ -46,7 +46,6 @@ from mlsd_ray.serve.app import (
     ADMIN_TOKEN_ENV,
     REQUEST_ID_HEADER,
     AppClasses,
-    BatchedMethod,
     LoggingReplica,
     ModelRoutes,
     ReplicaSettings,
@@ -130,9 +129,7 @@ class TabularModel(LoggingReplica):
 
         replica.claim_process()
         self.loaded = load_tabular(model.checkpoint_here(replica.workspace))
-        run_batch = cast(BatchedMethod, self.run_batch)  # serve.batch wrapped it
-        run_batch.set_max_batch_size(replica.max_batch_size)
-        run_batch.set_batch_wait_timeout_s(replica.batch_wait_timeout_s)
+        self._start_batching(replica)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.metrics = model_metrics()
         featurizer, decision = self.loaded.featurizer, self.loaded.decision
@@ -170,8 +167,7 @@ class TabularModel(LoggingReplica):
         return {"explanations": answers, "model_name": self.info["model_name"],
                 "model_version": self.info["model_version"], "replica": self.replica}
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def run_batch(self, requests: list[dict]) -> list[dict]:
+    async def _answer_batch(self, requests: list[dict]) -> list[dict]:
         """Each request: {"records": checked records, "request_id", "received" (epoch s)};
         answers: the positive-class score per record (binary), probabilities (multiclass) or
         predictions (regression)."""
