@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +71,21 @@ def ray_session():
     runtime.set_progress_bars(False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def cluster_env(ray_session) -> dict:
+    """The environment that makes an `mlsd` subprocess join the session's Ray, as a user's
+    command joins a cluster, instead of starting one of its own."""
+    return {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+
+
+def run_mlsd(*args: str, env: dict | None = None,
+             timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m mlsd_ray.cli ARGS` as a user runs it, output captured; `env` is added to
+    this process's environment."""
+    return subprocess.run([sys.executable, "-m", "mlsd_ray.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 @pytest.fixture

@@ -18,37 +18,27 @@ import pytest
 
 from mlsd_ray.serve import control
 from mlsd_ray.serve.control import free_port
-from tests.conftest import make_image_folder, write_png
+from tests.conftest import make_image_folder, run_mlsd, write_png
 
 RAY_NOISE = ("Execution plan", "Starting execution of Dataset", "(TrainController",
              "(RayTrainWorker", "(SplitCoordinator", "Token authentication is enabled",
              "(raylet)")
 
 
-def mlsd(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlsd_ray.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
-
-
-@pytest.fixture(scope="module")
-def cluster_env(ray_session) -> dict:
-    return {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-
-
 def test_version_and_help():
-    assert mlsd("--version").stdout.startswith("mlsd-ray ")
+    assert run_mlsd("--version").stdout.startswith("mlsd-ray ")
     for command in ("data", "pipeline"):
-        result = mlsd(command, "--help")
+        result = run_mlsd(command, "--help")
         assert result.returncode == 0 and "--source" in result.stdout and "--json" in result.stdout
         # flags read as flags: `--force`, not `--force <bool>` (nor `--help <bool>`)
         assert "<bool>" not in result.stdout and "--force" in result.stdout
 
 
 def test_unknown_config_key_exits_2_and_names_it():
-    result = mlsd("data", "--set", "data.bogus=1")
+    result = run_mlsd("data", "--set", "data.bogus=1")
     assert result.returncode == 2
     assert "data.bogus" in result.stderr and "Traceback" not in result.stderr
-    as_json = mlsd("data", "--set", "data.bogus=1", "--json")
+    as_json = run_mlsd("data", "--set", "data.bogus=1", "--json")
     assert as_json.returncode == 2
     error = json.loads(as_json.stdout)["error"]
     assert error["code"] == "bad_input" and "data.bogus" in error["message"]
@@ -62,7 +52,7 @@ def test_unknown_config_key_exits_2_and_names_it():
     (["--bogus-flag"], "No such option"),
 ])
 def test_bad_usage_exits_2(args, message):
-    result = mlsd("data", *args)
+    result = run_mlsd("data", *args)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
 
@@ -77,7 +67,7 @@ def test_folder_with_bad_files_json(tmp_path, cluster_env):
     (root / "stray2.png").write_bytes((root / "fox" / "fox002.png").read_bytes())
     home = tmp_path / "home"
 
-    result = mlsd("data", "--source", f"folder:{root}", "--json", "--home", str(home),
+    result = run_mlsd("data", "--source", f"folder:{root}", "--json", "--home", str(home),
                   env=cluster_env)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)  # exactly one JSON object on stdout
@@ -88,7 +78,7 @@ def test_folder_with_bad_files_json(tmp_path, cluster_env):
     assert summary["class_names"] == ["cat", "dog", "fox"]
     assert os.path.isfile(os.path.join(summary["path"], "manifest.json"))
 
-    again = mlsd("data", "--source", f"folder:{root}", "--home", str(home), env=cluster_env)
+    again = run_mlsd("data", "--source", f"folder:{root}", "--home", str(home), env=cluster_env)
     assert again.returncode == 0
     assert "reused" in again.stdout and summary["path"] in again.stdout.replace("\n", "")
 
@@ -96,7 +86,7 @@ def test_folder_with_bad_files_json(tmp_path, cluster_env):
 @pytest.mark.slow
 def test_pipeline_on_digits(tmp_path, cluster_env):
     home = str(tmp_path / "home")
-    result = mlsd("pipeline", "--json", "--home", home, "--set", "train.epochs=2",
+    result = run_mlsd("pipeline", "--json", "--home", home, "--set", "train.epochs=2",
                   "--set", "train.cpus_per_worker=0.5", "--set", "retrain.epochs=1",
                   "--set", "serve.prediction_log.flush_seconds=0.5", env=cluster_env)
     assert result.returncode == 0, result.stderr
@@ -112,16 +102,16 @@ def test_pipeline_on_digits(tmp_path, cluster_env):
     assert os.path.isfile(stages["evaluate"]["confusion_matrix_png"])
     assert stages["promote"]["aliases"] == ["production"]
 
-    listed = mlsd("models", "list", "--json", "--home", home)
+    listed = run_mlsd("models", "list", "--json", "--home", home)
     assert listed.returncode == 0, listed.stderr
     model = json.loads(listed.stdout)["models"][0]
     production = 2 if stages["loop"]["retrain"]["promote"] else 1  # the loop's challenger
     assert model["name"] == "digits-cnn" and model["aliases"] == {"production": production}
-    evaluated = mlsd("evaluate", "--model", "models:/digits-cnn/1", "--json", "--home", home)
+    evaluated = run_mlsd("evaluate", "--model", "models:/digits-cnn/1", "--json", "--home", home)
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(evaluated.stdout)["accuracy"] == pytest.approx(
         stages["evaluate"]["accuracy"])
-    missing = mlsd("models", "show", "digits-cnn@staging", "--home", home)
+    missing = run_mlsd("models", "show", "digits-cnn@staging", "--home", home)
     assert missing.returncode == 2 and "no registered model version" in missing.stderr
 
     served = stages["serve"]  # the pipeline's own check: HTTP answers from the new version
@@ -172,11 +162,11 @@ def check_serve_commands(home: str, cluster_env: dict, tmp_path, production: str
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
 
-    nope = mlsd("serve", "--detach", "--model", "models:/digits-cnn@nope", "--home", home,
+    nope = run_mlsd("serve", "--detach", "--model", "models:/digits-cnn@nope", "--home", home,
                 "--port", port, env=cluster_env)
     assert nope.returncode == 2 and "no registered model version" in nope.stderr
 
-    started = mlsd("serve", "--detach", "--json", "--home", home, "--port", port,
+    started = run_mlsd("serve", "--detach", "--json", "--home", home, "--port", port,
                    env=cluster_env)
     assert started.returncode == 0, started.stderr
     url = json.loads(started.stdout)["url"]
@@ -187,20 +177,20 @@ def check_serve_commands(home: str, cluster_env: dict, tmp_path, production: str
         assert answer["model_version"] == production and answer["model_name"] == "digits-cnn"
         assert answer["predictions"][0]["class_index"] in range(10)
 
-        status = mlsd("serve", "status", "--json", "--home", home, env=cluster_env)
+        status = run_mlsd("serve", "status", "--json", "--home", home, env=cluster_env)
         assert status.returncode == 0, status.stderr
         status = json.loads(status.stdout)
         assert status["status"] == "RUNNING" and status["model_version"] == production
         assert status["deployments"]["Model"]["replicas"] == {"RUNNING": 1}
         assert set(status["deployments"]) == {"Model"}  # one hop: routes and model together
 
-        sent = mlsd("predict", "--url", url, str(tmp_path / "digit.png"), "--json")
+        sent = run_mlsd("predict", "--url", url, str(tmp_path / "digit.png"), "--json")
         assert sent.returncode == 0, sent.stderr
         assert json.loads(sent.stdout)["predictions"] == answer["predictions"]
     finally:
-        stopped = mlsd("serve", "stop", "--json", "--home", home, env=cluster_env)
+        stopped = run_mlsd("serve", "stop", "--json", "--home", home, env=cluster_env)
     assert stopped.returncode == 0, stopped.stderr
-    gone = mlsd("serve", "status", "--home", home, env=cluster_env)
+    gone = run_mlsd("serve", "status", "--home", home, env=cluster_env)
     assert gone.returncode == 2 and "mlsd serve --detach" in gone.stderr
 
 
@@ -257,110 +247,24 @@ SMALL_TRAIN = ["train", "--source", "digits", "--set", "data.image_size=8", "--e
 
 @pytest.mark.slow
 def test_verbose_hands_the_console_to_ray_and_keeps_the_epoch_lines(tmp_path, cluster_env):
-    verbose = mlsd(*SMALL_TRAIN, "--home", str(tmp_path / "home"), "--verbose",
+    verbose = run_mlsd(*SMALL_TRAIN, "--home", str(tmp_path / "home"), "--verbose",
                    env=cluster_env)
     assert verbose.returncode == 0, verbose.stderr
     assert "epoch 2/2" in verbose.stderr
     assert "Ray's logs: " not in verbose.stderr  # Ray forwards its processes' output instead
 
 
-@pytest.mark.slow
-def test_a_driver_killed_mid_training_resumes_after_its_last_checkpoint(tmp_path, cluster_env):
-    """SIGKILL `mlsd train` once its third epoch has been reported (a checkpoint every epoch):
-    the same command again resumes at the epoch after the last checkpoint it finished, and
-    runs to the end."""
-    import signal
-    import time
-
-    home, epochs = tmp_path / "home", 12
-    train = ["train", "--source", "digits", "--set", "data.image_size=8", "--num-workers", "0",
-             "--epochs", str(epochs), "--run-name", "killed", "--home", str(home),
-             "--set", "train.checkpoint_every=1", "--set", "registry.auto_register=false"]
-    driver = subprocess.Popen([sys.executable, "-m", "mlsd_ray.cli", *train],
-                              stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                              env={**os.environ, **cluster_env}, start_new_session=True)
-    try:
-        for line in driver.stderr:  # type: ignore[union-attr]
-            if line.startswith(f"epoch 3/{epochs}"):
-                break
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
-    run_dir = home / "runs" / "killed"
-    finished = sorted(int(p.parent.name.rsplit("_", 1)[1])
-                      for p in run_dir.glob("checkpoint_epoch_*/report.json"))
-    assert finished and 3 <= finished[-1] < epochs, finished  # killed mid-run, after epoch 3
-    started = time.monotonic()
-    again = mlsd(*train, "--json", env=cluster_env)
-    assert again.returncode == 0, again.stderr
-    first = next(line for line in again.stderr.splitlines() if line.startswith("epoch "))
-    assert first.startswith(f"epoch {finished[-1] + 1}/{epochs}:"), (first, finished)
-    assert json.loads(again.stdout)["epochs_run"] == epochs
-    print(f"\nkilled after epoch {finished[-1]}; resumed at {first.split(':')[0]} and "
-          f"finished in {time.monotonic() - started:.1f} s")
-
-
-@pytest.mark.slow
-def test_a_retrain_killed_at_each_step_leaves_the_alias_on_a_whole_version(
-        tmp_path, cluster_env, digits_model):
-    """`mlsd retrain` SIGKILLed (MLSD_CRASH_AT, mlsd_ray/core/crash_points.py) after the
-    challenger's run is logged but before its version exists, after decision.json is written
-    but before the alias moves, and after the alias moves but before the rest: the alias is
-    always on a version whose checkpoint downloads and verifies, and decision.json, where it
-    exists, says how far the retrain got."""
-    from mlsd_ray import registry
-    from mlsd_ray.core.workspace import Workspace
-    from mlsd_ray.tasks import get_task
-    from mlsd_ray.tasks.image.registry import log_and_register
-    from mlsd_ray.training.checkpoint import verify
-
-    workspace = Workspace.at(str(tmp_path / "home"))
-    log_and_register(digits_model.result, digits_model.cfg, digits_model.dataset, "digits-cnn",
-                     workspace)
-    registry.promote("digits-cnn", 1, "production", workspace)
-    source = get_task("image").smoke_retrain_source(workspace, print)
-    command = ["retrain", "--source", source, "--home", str(workspace.root), "--set",
-               "retrain.epochs=4", "--set", "retrain.margin=0", "--set", "train.num_workers=0"]
-
-    def versions() -> list[int]:
-        return sorted(v.version for m in registry.list_models(workspace) for v in m.versions)
-
-    def decisions() -> list[dict]:
-        return [json.loads(p.read_text())
-                for p in sorted((tmp_path / "home" / "retrain").glob("*/decision.json"))]
-
-    for crash_at, alias_on, state in (("register.artifacts_logged", 1, None),
-                                      ("retrain.decided", 1, "decided"),
-                                      ("retrain.promoted", "new", "promoted")):
-        before = versions()
-        killed = mlsd(*command, env={**cluster_env, "MLSD_CRASH_AT": crash_at})
-        assert killed.returncode == -9, (crash_at, killed.stderr[-3000:])
-        production = registry.show("models:/digits-cnn@production", workspace).version
-        assert production == (alias_on if alias_on != "new" else versions()[-1]), crash_at
-        verify(registry.resolve("models:/digits-cnn@production", workspace))  # whole
-        if state is None:
-            assert versions() == before, crash_at  # no version points at the half-done run
-            print(f"\nkilled at {crash_at}: versions {versions()}, @production on {production}")
-            continue
-        assert versions() == [*before, before[-1] + 1], crash_at
-        last = decisions()[-1]
-        assert (last["state"], last["promote"], last["challenger"]) == (
-            state, True, f"models:/digits-cnn/{before[-1] + 1}"), crash_at
-        print(f"\nkilled at {crash_at}: @production on version {production}, "
-              f"decision.json state {last['state']!r}")
-
-
 def test_no_valid_image_exits_2(tmp_path, cluster_env):
     (tmp_path / "bad" / "x").mkdir(parents=True)
     (tmp_path / "bad" / "x" / "a.png").write_bytes(b"junk")
-    result = mlsd("data", "--source", f"folder:{tmp_path / 'bad'}", "--home",
+    result = run_mlsd("data", "--source", f"folder:{tmp_path / 'bad'}", "--home",
                   str(tmp_path / "home"), env=cluster_env)
     assert result.returncode == 2
     assert "no valid image" in result.stderr
 
 
 def test_torchvision_offline_names_where_files_go(tmp_path):
-    result = mlsd("data", "--source", f"torchvision:CIFAR10:{tmp_path / 'tv'}",
+    result = run_mlsd("data", "--source", f"torchvision:CIFAR10:{tmp_path / 'tv'}",
                   "--home", str(tmp_path / "home"), env={"MLSD_OFFLINE": "1"})
     assert result.returncode == 2
     assert "cifar-10-batches-py" in result.stderr and str(tmp_path / "tv") in result.stderr
@@ -368,7 +272,7 @@ def test_torchvision_offline_names_where_files_go(tmp_path):
 
 def test_source_paths_are_taken_as_typed(tmp_path, cluster_env):
     root = make_image_folder(tmp_path / "shots #1: final", per_class=3, classes=("a", "b"))
-    result = mlsd("data", "--source", f"folder:{root}", "--json", "--home",
+    result = run_mlsd("data", "--source", f"folder:{root}", "--json", "--home",
                   str(tmp_path / "home"), env=cluster_env)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["counts"]["kept"] == 6
@@ -377,13 +281,13 @@ def test_source_paths_are_taken_as_typed(tmp_path, cluster_env):
 def test_unwritable_home_fails_before_any_work(tmp_path, image_folder):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    result = mlsd("data", "--source", f"folder:{image_folder}", "--home", str(blocker / "home"))
+    result = run_mlsd("data", "--source", f"folder:{image_folder}", "--home", str(blocker / "home"))
     assert result.returncode == 2
     assert "cannot write to" in result.stderr and "[1/4]" not in result.stderr
 
 
 def test_evaluate_without_a_checkpoint_exits_2(tmp_path):
-    result = mlsd("evaluate", "--model", str(tmp_path / "nope"))
+    result = run_mlsd("evaluate", "--model", str(tmp_path / "nope"))
     assert result.returncode == 2 and "no checkpoint at" in result.stderr
 
 
@@ -396,7 +300,7 @@ def test_evaluate_without_a_checkpoint_exits_2(tmp_path):
     (["--resume", "never-ran"], "no tune run to resume"),
 ])
 def test_tune_bad_space_exits_2_before_any_trial(tmp_path, args, message):
-    result = mlsd("tune", "--home", str(tmp_path), *args, "--json", timeout=60)
+    result = run_mlsd("tune", "--home", str(tmp_path), *args, "--json", timeout=60)
     assert result.returncode == 2, result.stderr
     assert message in json.loads(result.stdout)["error"]["message"]
     assert not (tmp_path / "tune").exists() or not any((tmp_path / "tune").iterdir())
@@ -437,14 +341,14 @@ def test_a_users_task_from_its_own_package_trains_serves_predicts_and_is_monitor
     env = {**cluster_env, "PYTHONPATH": str(tmp_path / "site")}
     task = ["--task", "loans_task:LoansTask", "--example", "fraud"]
 
-    data = mlsd("data", *task, "--source", f"csv:{tmp_path / 'loans.csv'}", "--json",
+    data = run_mlsd("data", *task, "--source", f"csv:{tmp_path / 'loans.csv'}", "--json",
                 "--home", home, env=env)
     assert data.returncode == 0, data.stderr
     summary = json.loads(data.stdout)
     assert (summary["task"], summary["label"]) == ("binary", "bad")
     assert sum(summary["counts"]["splits"].values()) == 600
 
-    trained = mlsd("train", *task, "--source", f"csv:{tmp_path / 'loans.csv'}", "--epochs", "4",
+    trained = run_mlsd("train", *task, "--source", f"csv:{tmp_path / 'loans.csv'}", "--epochs", "4",
                    "--num-workers", "0", "--set", "registry.model_name=loans-mlp", "--json",
                    "--home", home, env=env)
     assert trained.returncode == 0, trained.stderr
@@ -452,31 +356,31 @@ def test_a_users_task_from_its_own_package_trains_serves_predicts_and_is_monitor
     assert uri == "models:/loans-mlp/1"
 
     port = free_port()
-    served = mlsd("serve", "--model", uri, "--detach", "--json", "--port", str(port),
+    served = run_mlsd("serve", "--model", uri, "--detach", "--json", "--port", str(port),
                   "--home", home, "--set", "serve.prediction_log.flush_seconds=0.5", env=env)
     assert served.returncode == 0, served.stderr
     app = json.loads(served.stdout)
     try:
         assert app["task"] == "loans" and app["served_version"] == "1"
         since = dt.datetime.now(dt.timezone.utc)
-        online = mlsd("predict", *task, "--url", app["url"], str(tmp_path / "new.csv"),
+        online = run_mlsd("predict", *task, "--url", app["url"], str(tmp_path / "new.csv"),
                       "--json", "--home", home, env=env)
         assert online.returncode == 0, online.stderr
         [answer] = json.loads(online.stdout)["files"]
         assert len(answer["results"]) == 80 and answer["model_name"] == "loans-mlp"
         assert wait_for_rows(str(tmp_path / "home" / "predictions"), since, 80,
                              timeout_s=30) == 80
-        monitored = mlsd("monitor", "--since", "10m", "--json", "--home", home, env=env)
+        monitored = run_mlsd("monitor", "--since", "10m", "--json", "--home", home, env=env)
         assert monitored.returncode == 0, monitored.stderr
         report = json.loads(monitored.stdout)
         assert report["rows"] == 80 and uri in report["models"]
         assert {"income", "city"} <= set(report["models"][uri]["features"]) | set(
             report["models"][uri].get("categories", {}))
     finally:
-        stopped = mlsd("serve", "stop", "--home", home, env=env)
+        stopped = run_mlsd("serve", "stop", "--home", home, env=env)
     assert stopped.returncode == 0, stopped.stderr
 
-    offline = mlsd("predict", "--model", uri, "--source", f"csv:{tmp_path / 'new.csv'}",
+    offline = run_mlsd("predict", "--model", uri, "--source", f"csv:{tmp_path / 'new.csv'}",
                    "--json", "--home", home, env=env)
     assert offline.returncode == 0, offline.stderr
     result = json.loads(offline.stdout)
@@ -484,7 +388,7 @@ def test_a_users_task_from_its_own_package_trains_serves_predicts_and_is_monitor
     # Ray Data's actor pool makes Ray's C++ core warn on fd 2; its log file keeps that
     assert "core_worker.cc" not in offline.stderr, offline.stderr
 
-    missing = mlsd("train", "--task", "loans_task:Nope", "--home", str(tmp_path / "home"),
+    missing = run_mlsd("train", "--task", "loans_task:Nope", "--home", str(tmp_path / "home"),
                    env=env)
     assert missing.returncode == 2, missing.stderr
     assert "module 'loans_task' has no 'Nope'" in missing.stderr

@@ -5,17 +5,10 @@ from a --source."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+
+from tests.conftest import run_mlsd
 
 PNG = b"\x89PNG"
-
-
-def mlsd(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    import os
-
-    return subprocess.run([sys.executable, "-m", "mlsd_ray.cli", *args], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, **(env or {})})
 
 
 def test_each_7_explained_and_the_maps_pass_the_sanity_checks(digits_registered, tmp_path):
@@ -24,7 +17,7 @@ def test_each_7_explained_and_the_maps_pass_the_sanity_checks(digits_registered,
     0.297): its 4×4 map marks regions, most of whose pixels are black already, so deleting
     them (setting them to black) changes nothing. The figure is reported, not asserted."""
     out = tmp_path / "sevens"
-    result = mlsd("explain", "--model", "models:/digits-cnn/1", "--label", "7", "--n", "6",
+    result = run_mlsd("explain", "--model", "models:/digits-cnn/1", "--label", "7", "--n", "6",
                   "--out", str(out), "--json", "--home", digits_registered)
     assert result.returncode == 0, result.stderr
     explained = json.loads(result.stdout)
@@ -43,7 +36,7 @@ def test_each_7_explained_and_the_maps_pass_the_sanity_checks(digits_registered,
 
 def test_inputs_from_a_source_and_bad_requests(digits_registered, tmp_path, ray_session):
     cluster = {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    result = mlsd("explain", "--model", "models:/digits-cnn/1", "--source", "digits", "--n",
+    result = run_mlsd("explain", "--model", "models:/digits-cnn/1", "--source", "digits", "--n",
                   "2", "--out", str(tmp_path / "digits"), "--json", "--home", digits_registered,
                   env=cluster)
     assert result.returncode == 0, result.stderr
@@ -51,6 +44,6 @@ def test_inputs_from_a_source_and_bad_requests(digits_registered, tmp_path, ray_
     assert explained["explained"] == 2
     for args, message in [(["--label", "cat"], "--label 'cat': the model's classes are 0, 1"),
                           (["--n", "0"], "--n must be at least 1")]:
-        refused = mlsd("explain", "--model", "models:/digits-cnn/1", *args, "--home",
+        refused = run_mlsd("explain", "--model", "models:/digits-cnn/1", *args, "--home",
                        digits_registered)
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr

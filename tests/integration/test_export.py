@@ -15,19 +15,15 @@ import numpy as np
 
 from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.image.checkpoint import load_model
+from tests.conftest import run_mlsd
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "export.md"
-
-
-def mlsd(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlsd_ray.cli", *args], capture_output=True,
-                          text=True, timeout=300)
 
 
 def test_onnx_gives_the_served_answers_and_is_registered_beside_the_version(
         digits_registered, digits_model, tmp_path):
     out = tmp_path / "export"
-    result = mlsd("export", "--model", "models:/digits-cnn/1", "--out", str(out), "--json",
+    result = run_mlsd("export", "--model", "models:/digits-cnn/1", "--out", str(out), "--json",
                   "--home", digits_registered)
     assert result.returncode == 0, result.stderr
     exported = json.loads(result.stdout)
@@ -70,7 +66,7 @@ def test_onnx_gives_the_served_answers_and_is_registered_beside_the_version(
 def test_int8_and_torchscript(digits_registered, digits_model, tmp_path):
     """int8: smaller, within 0.5 points of accuracy (or refused, saying by how much);
     TorchScript: the same top class for every test image."""
-    int8 = mlsd("export", "--model", "models:/digits-cnn/1", "--out", str(tmp_path / "int8"),
+    int8 = run_mlsd("export", "--model", "models:/digits-cnn/1", "--out", str(tmp_path / "int8"),
                 "--quantize", "int8", "--json", "--home", digits_registered)
     if int8.returncode == 2:  # the refusal the issue asks for: it names the loss
         assert "points of accuracy" in int8.stderr and not (tmp_path / "int8").exists()
@@ -82,13 +78,13 @@ def test_int8_and_torchscript(digits_registered, digits_model, tmp_path):
         p = quantized["parity"]
         assert p["accuracy_torch"] - p["accuracy_exported"] <= 0.005
         assert quantized["size_bytes"] < quantized["fp32_size_bytes"]
-    script = mlsd("export", "--model", digits_model.result.checkpoint, "--format",
+    script = run_mlsd("export", "--model", digits_model.result.checkpoint, "--format",
                   "torchscript", "--out", str(tmp_path / "ts"), "--json", "--home",
                   digits_registered)
     assert script.returncode == 0, script.stderr
     traced = json.loads(script.stdout)
     assert traced["parity"]["top1_agreement"] == 1.0 and traced["registered"] is None
     assert (tmp_path / "ts" / "model.torchscript.pt").is_file()
-    refused = mlsd("export", "--model", "models:/digits-cnn/1", "--format", "tflite",
+    refused = run_mlsd("export", "--model", "models:/digits-cnn/1", "--format", "tflite",
                    "--out", str(tmp_path / "x"), "--home", digits_registered)
     assert refused.returncode == 2 and "choose onnx or torchscript" in refused.stderr
