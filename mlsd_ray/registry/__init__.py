@@ -80,7 +80,8 @@ def client(workspace: Workspace):
     import mlflow
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # schema migrations log at INFO
-    mlflow.set_tracking_uri(tracking_uri(workspace))
+    store = tracking_uri(workspace)
+    mlflow.set_tracking_uri(store)
     if _USER_TRACKING_URI is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)  # see _USER_TRACKING_URI
     mlflow_client, experiment = _once_the_store_is_set_up()
@@ -88,8 +89,7 @@ def client(workspace: Workspace):
         # A server decides where its artifacts go. A database has no place for them, and
         # MLflow's default would be ./mlruns in the directory of whichever process created
         # the experiment: they go to the workspace, which every node of a cluster shares.
-        server = tracking_uri(workspace).startswith(SERVER_SCHEMES)
-        artifacts = None if server else workspace.mlflow_artifacts
+        artifacts = None if store.startswith(SERVER_SCHEMES) else workspace.mlflow_artifacts
         _unless_another_made_it(lambda: mlflow_client.create_experiment(
             EXPERIMENT, artifact_location=artifacts))
     mlflow.set_experiment(EXPERIMENT)

@@ -76,17 +76,13 @@ class Batcher(Generic[Item, Answer]):
     async def _answer(self, batch: list[_Waiting[Item, Answer]]) -> None:
         try:
             answers = await self._run([waiting.item for waiting in batch])
+            if len(answers) != len(batch):
+                raise RuntimeError(f"the batch function answered {len(answers)} times for "
+                                   f"{len(batch)} items")
         except Exception as exc:  # every caller of the batch gets it, as from serve.batch
             for waiting in batch:
                 if not waiting.future.done():
                     waiting.future.set_exception(exc)
-            return
-        if len(answers) != len(batch):
-            error = RuntimeError(f"the batch function answered {len(answers)} times for "
-                                 f"{len(batch)} items")
-            for waiting in batch:
-                if not waiting.future.done():
-                    waiting.future.set_exception(error)
             return
         for waiting, answer in zip(batch, answers):
             if not waiting.future.done():
