@@ -441,14 +441,33 @@ def start_head(workspace: Workspace, log: Callable[[str], None],
     alone, where `--block` would stop all of them.
 
     This interpreter's bin directory goes first on the head's PATH, so that a Ray job's
-    `python jobs/...` entrypoint runs in this environment (with torch, Ray and MLflow)."""
+    `python jobs/...` entrypoint runs in this environment (with torch, Ray and MLflow).
+
+    A head that exits while starting is started once more: on a machine short of CPU, Ray's
+    client server gives up waiting 30 s for its own node to register, and `ray start` then
+    stops every head process (seen once in a CI run, with three other Ray clusters busy)."""
     from mlsd_ray.core import runtime
 
     runtime.tune_serve_recovery()  # into os.environ, which the head's processes inherit
-    ray_bin = Path(sys.executable).with_name("ray")
-    port, dashboard = free_port(), free_port()
     log_path = workspace.serve_state / "ray-head.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    log(f"starting a local Ray head (log: {log_path})")
+    try:
+        return _start_head_once(log_path, extra_args, environment, block)
+    except HeadExited:
+        log("the Ray head exited while starting; starting it once more")
+        return _start_head_once(log_path, extra_args, environment, block)
+
+
+class HeadExited(WorkError):
+    """`ray start --head` ended before its head came up."""
+
+
+def _start_head_once(log_path: Path, extra_args: tuple[str, ...],
+                     environment: dict[str, str] | None, block: bool) -> RayHead:
+    """Start the head on fresh ports and wait up to 90 s for its dashboard to listen."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    port, dashboard = free_port(), free_port()
     # Ports that default to fixed numbers get free ones: another Ray on this machine (a test
     # session, a user's `ray start`) holds 52365 and 10001, and a head whose dashboard agent
     # cannot bind takes no jobs ("No available agent to submit job").
@@ -460,19 +479,18 @@ def start_head(workspace: Workspace, log: Callable[[str], None],
                "--include-dashboard=true", "--disable-usage-stats", *extra_args]
     env = {**os.environ, **(environment or {}),
            "PATH": os.pathsep.join([str(ray_bin.parent), os.environ.get("PATH", "")])}
-    log(f"starting a local Ray head (log: {log_path})")
     with open(log_path, "ab") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True, env=env)
-    address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if process.poll() not in (None, 0) or (block and process.returncode is not None):
-            raise WorkError(f"`ray start --head` exited with {process.returncode}; see "
-                            f"{log_path}")
+            kill_group(process.pid)  # whatever of the head is still running
+            raise HeadExited(f"`ray start --head` exited with {process.returncode}; see "
+                             f"{log_path}")
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", dashboard)) == 0:
-                return RayHead(address, process.pid, f"http://127.0.0.1:{dashboard}")
+                return RayHead(f"127.0.0.1:{port}", process.pid, f"http://127.0.0.1:{dashboard}")
         time.sleep(0.5)
     kill_group(process.pid)
     raise WorkError(f"the Ray head did not come up within 90 s; see {log_path}")
