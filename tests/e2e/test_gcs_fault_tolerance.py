@@ -82,7 +82,10 @@ def test_the_app_answers_through_a_20_s_gcs_outage(tmp_path, digits_model, redis
                deploy_during_outage_s=round(refused_s, 1), gcs_back_s=round(back_s, 1))
         assert refused.returncode != 0 and "GCS does not answer" in refused.stderr, \
             refused.stderr
-        assert refused_s < 15
+        # Fast, not hung: without the check, Ray would wait 60 s for the GCS. Alone it takes
+        # about 5 s; at the start of a CI run on a slow VM, 15.6 s, most of it the command's
+        # own start-up (imports) beside every other worker's.
+        assert refused_s < 30
         assert tallies[0].success_rate == 1.0, tallies[0].outcomes
         assert moved.returncode == 0, moved.stderr
         assert json.loads(moved.stdout)["served_version"]
