@@ -430,6 +430,10 @@ def _check_port_free(settings: ServeConfig) -> None:
                          "another with --port (or stop what uses it, e.g. `mlsd serve stop`)")
 
 
+class HeadExited(WorkError):
+    """`ray start --head` ended before its head came up."""
+
+
 def start_head(workspace: Workspace, log: Callable[[str], None],
                extra_args: tuple[str, ...] = (),
                environment: dict[str, str] | None = None, block: bool = True) -> RayHead:
@@ -457,10 +461,6 @@ def start_head(workspace: Workspace, log: Callable[[str], None],
     except HeadExited:
         log("the Ray head exited while starting; starting it once more")
         return _start_head_once(log_path, extra_args, environment, block)
-
-
-class HeadExited(WorkError):
-    """`ray start --head` ended before its head came up."""
 
 
 def _start_head_once(log_path: Path, extra_args: tuple[str, ...],

@@ -56,10 +56,19 @@ def head(tmp_path_factory):
     ready = submit_when_ready(client, "python -c pass", {}, "ready", lambda line: None)
     print(f"\nhead at {started.dashboard} took its first job {ready}")
     yield started
-    # The head's raylet takes ~9 s to shut down gracefully on SIGTERM; nothing of this
-    # throwaway head needs it.
+    # The head takes ~3 s to shut down on SIGTERM; nothing of this throwaway head needs it.
     control.stop_head(started.cluster_pid, started.ray_address, timeout=1)
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_a_head_that_exits_while_starting_is_started_once_more_then_named(tmp_path):
+    """`ray start` that fails (here on an option it does not know) is tried twice, and the
+    error names its log, which holds both attempts."""
+    said: list[str] = []
+    with pytest.raises(control.HeadExited, match="exited with 2; see .*ray-head.log"):
+        control.start_head(Workspace.at(str(tmp_path)), said.append, ("--no-such-option",))
+    assert said[1:] == ["the Ray head exited while starting; starting it once more"]
+    assert (tmp_path / "serve" / "ray-head.log").read_text().count("no-such-option") == 2
 
 
 @pytest.fixture(scope="module")
