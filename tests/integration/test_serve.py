@@ -215,9 +215,15 @@ def test_explain_answers_maps_refuses_an_unknown_class_and_is_rate_limited(serve
         time.sleep(1.1)  # the bucket holds one request a second
         asked = requests.post(url, json={"instances": images[:1], "class_index": 3}, timeout=60)
         assert asked.status_code == 200 and asked.json()["explanations"][0]["explained"] == "3"
-        limited = requests.post(url, json={"instances": images[:1]}, timeout=60)
-        assert limited.status_code == 429 and limited.headers["retry-after"] == "1", \
-            limited.text
+        # A burst reaches the bucket within milliseconds, where one request after another
+        # may find it refilled on a loaded machine (an explanation can take over a second).
+        with ThreadPoolExecutor(3) as pool:
+            burst = list(pool.map(lambda _: requests.post(
+                url, json={"instances": images[:1]}, timeout=60), range(3)))
+        limited = [r for r in burst if r.status_code == 429]
+        assert limited and {r.status_code for r in burst} <= {200, 429}, \
+            [r.text for r in burst]
+        assert limited[0].headers["retry-after"] == "1", limited[0].text
         time.sleep(1.1)
         unknown = requests.post(url, json={"instances": images[:1], "class_index": 10},
                                 timeout=60)
