@@ -465,13 +465,18 @@ def start_head(workspace: Workspace, log: Callable[[str], None],
 
 def _start_head_once(log_path: Path, extra_args: tuple[str, ...],
                      environment: dict[str, str] | None, block: bool) -> RayHead:
-    """Start the head on fresh ports and wait up to 90 s for its dashboard to listen."""
+    """Start the head on fresh ports and wait up to 90 s until `ray start` says the node
+    started and its dashboard listens. The dashboard alone is not enough: it listens before
+    the raylet has registered, and `ray start` stops the whole head when that takes over 30 s
+    (seen in a CI run on 2 busy cores)."""
     ray_bin = Path(sys.executable).with_name("ray")
     port, dashboard = free_port(), free_port()
     # Ports that default to fixed numbers get free ones: another Ray on this machine (a test
     # session, a user's `ray start`) holds 52365 and 10001, and a head whose dashboard agent
     # cannot bind takes no jobs ("No available agent to submit job").
-    command = [str(ray_bin), "start", "--head", *(["--block"] if block else []),
+    # unbuffered: the log shows "Ray runtime started." when it is said, not when `--block` ends
+    command = [sys.executable, "-u", str(ray_bin), "start", "--head",
+               *(["--block"] if block else []),
                f"--port={port}",
                "--node-ip-address=127.0.0.1", f"--dashboard-port={dashboard}",
                f"--dashboard-agent-listen-port={free_port()}",
@@ -485,6 +490,7 @@ def _start_head_once(log_path: Path, extra_args: tuple[str, ...],
     # (12.1 s a stop, 4.0 s without the drain). A value the user set wins.
     env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     with open(log_path, "ab") as out:
+        said_before = out.tell()  # the log keeps every attempt: read this one's lines only
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True, env=env)
     deadline = time.monotonic() + 90
@@ -493,12 +499,23 @@ def _start_head_once(log_path: Path, extra_args: tuple[str, ...],
             kill_group(process.pid)  # whatever of the head is still running
             raise HeadExited(f"`ray start --head` exited with {process.returncode}; see "
                              f"{log_path}")
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", dashboard)) == 0:
-                return RayHead(f"127.0.0.1:{port}", process.pid, f"http://127.0.0.1:{dashboard}")
+        if _said_started(log_path, said_before) and _listens(dashboard):
+            return RayHead(f"127.0.0.1:{port}", process.pid, f"http://127.0.0.1:{dashboard}")
         time.sleep(0.5)
     kill_group(process.pid)
     raise WorkError(f"the Ray head did not come up within 90 s; see {log_path}")
+
+
+def _said_started(log_path: Path, offset: int) -> bool:
+    """Whether `ray start` has logged, past `offset`, that its node started."""
+    with open(log_path, "rb") as log:
+        log.seek(offset)
+        return b"Ray runtime started." in log.read()
+
+
+def _listens(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _join(address: str, workspace: Workspace) -> None:
