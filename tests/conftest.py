@@ -158,6 +158,21 @@ def train_digits(folder: Path) -> TrainedDigits:
     return TrainedDigits(cfg, result, PreparedDataset.open(result.dataset), home)
 
 
+@pytest.fixture
+def digits_workspace(workspace, digits_model):
+    """The test's MLSD_HOME holding the session's prepared 8×8 digits, so that a stage run on
+    them (`data.image_size=8`, the default data settings otherwise) reuses that dataset as it
+    reuses its own earlier output, instead of preparing digits again with Ray Data (about
+    12 CPU-seconds each). tests/integration/test_prepare.py and the pipeline test prepare
+    them for real."""
+    import shutil
+
+    prepared = Path(digits_model.dataset.path)
+    relative = prepared.relative_to(digits_model.home)
+    shutil.copytree(prepared, Path(workspace.root) / relative)
+    return workspace
+
+
 @pytest.fixture(scope="session")
 def digits_registered(tmp_path_factory, digits_model) -> str:
     """An MLSD_HOME where the session's digits model is models:/digits-cnn/1 (the export and

@@ -29,7 +29,7 @@ FAST = ["data.image_size=8", "data.augment.random_shift=1", "train.batch_size=64
         "data.augment.rotation_deg=0"]
 
 
-def test_two_workers_learn_survive_a_killed_worker_and_resume(workspace):
+def test_two_workers_learn_survive_a_killed_worker_and_resume(digits_workspace):
     """Two DDP workers on the prepared digits. SIGKILL one mid-run: the run restarts it from
     the last checkpoint and finishes. The splits stream through Ray Data in that run
     (in_memory_limit_mb=0), the path for data that does not fit in memory. Then the same run
@@ -38,6 +38,7 @@ def test_two_workers_learn_survive_a_killed_worker_and_resume(workspace):
     import ray
     from ray.util.state import list_actors
 
+    workspace = digits_workspace  # the session's prepared digits: this test is about training
     workers = ["train.num_workers=2", "train.cpus_per_worker=0.5"]
     cfg = load_config(None, FAST + workers + ["train.epochs=3", "train.max_failures=1",
                                               "train.in_memory_limit_mb=0"])
@@ -66,6 +67,7 @@ def test_two_workers_learn_survive_a_killed_worker_and_resume(workspace):
     first = run_train(cfg, workspace=workspace, run_name="digits-killed", log=said.append)
     killer.join(timeout=5)
     assert any("streamed through Ray Data every epoch" in line for line in said), said
+    assert any(line.startswith("reusing the prepared dataset") for line in said), said
     assert killed, "no training worker was found to kill"
     assert ray.is_initialized()
     assert first.epochs_run == 3

@@ -21,10 +21,13 @@ TINY = ["data.image_size=8", "data.augment.random_shift=1", "train.max_failures=
         "tune.max_epochs=2"]
 
 
-def test_grid_search_keeps_good_trials_when_one_fails(workspace):
+def test_grid_search_keeps_good_trials_when_one_fails(digits_workspace):
+    workspace = digits_workspace
     cfg = load_config(None, TINY + ["tune.search=grid", "tune.space={train.lr: [0.005, 1.0e6]}",
                                     "train.optimizer=sgd"])
-    summary = run_tune(cfg, workspace=workspace, name="grid", log=lambda _: None)
+    said: list[str] = []
+    summary = run_tune(cfg, workspace=workspace, name="grid", log=said.append)
+    assert any(line.startswith("reusing the prepared dataset") for line in said), said
     assert (summary.trials, summary.finished, summary.failed) == (2, 1, 1)
     assert summary.best.params == {"train.lr": 0.005}
     assert summary.metric == "val_accuracy" and summary.best.score > 0.3  # chance: 0.1
@@ -61,7 +64,8 @@ def test_grid_search_keeps_good_trials_when_one_fails(workspace):
     assert mlflow_client.get_run(summary.mlflow_run_id).info.status == "FINISHED"
 
 
-def test_asha_stops_weak_trials_early(workspace):
+def test_asha_stops_weak_trials_early(digits_workspace):
+    workspace = digits_workspace
     cfg = load_config(None, ["data.image_size=8", "data.augment.random_shift=1",
                              "tune.max_epochs=3", "tune.num_samples=4",
                              "tune.space={train.lr: {loguniform: [1.0e-4, 3.0e-2]}}",
@@ -87,7 +91,8 @@ def cpus_come_back(within_s: float) -> bool:
     return False
 
 
-def test_cross_validation_reports_mean_and_spread(workspace):
+def test_cross_validation_reports_mean_and_spread(digits_workspace):
+    workspace = digits_workspace
     cfg = load_config(None, TINY + ["tune.cv=2", "tune.space={train.lr: [0.005]}"])
     summary = run_tune(cfg, workspace=workspace, name="cv", log=lambda _: None)
     assert summary.scheduler == "none"
