@@ -499,7 +499,7 @@ def _start_head_once(log_path: Path, extra_args: tuple[str, ...],
             kill_group(process.pid)  # whatever of the head is still running
             raise HeadExited(f"`ray start --head` exited with {process.returncode}; see "
                              f"{log_path}")
-        if _said_started(log_path, said_before) and _listens(dashboard):
+        if _said_started(log_path, said_before) and reachable(f"127.0.0.1:{dashboard}"):
             return RayHead(f"127.0.0.1:{port}", process.pid, f"http://127.0.0.1:{dashboard}")
         time.sleep(0.5)
     kill_group(process.pid)
@@ -511,11 +511,6 @@ def _said_started(log_path: Path, offset: int) -> bool:
     with open(log_path, "rb") as log:
         log.seek(offset)
         return b"Ray runtime started." in log.read()
-
-
-def _listens(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _join(address: str, workspace: Workspace) -> None:
