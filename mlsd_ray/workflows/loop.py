@@ -111,17 +111,24 @@ def _monitor_window(cfg: Config, workspace: Workspace, since: str, answered: int
 class BackgroundLoad:
     """Steady traffic from another thread (a context manager), through the task's own
     `simulate_traffic`: what a rolling update must not disturb. `totals` counts requests,
-    failures and the versions that answered."""
+    failures and the versions that answered.
 
-    def __init__(self, task: Task, prepared, url: str, batch: int = 4):
+    At most `per_second` requests a second, each of `batch` inputs: steady, not flat out. An
+    unpaced loop kept about a core busy between itself, the proxy and the replicas, which
+    slowed the very replica start it was there to watch."""
+
+    def __init__(self, task: Task, prepared, url: str, batch: int = 4,
+                 per_second: float = 10.0):
         self.task, self.prepared, self.url, self.batch = task, prepared, url, batch
+        self.interval = 1.0 / per_second
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.totals = Delivery()
 
     def _run(self) -> None:
-        seed = 0
-        while not self.stop.is_set():
+        seed, next_at = 0, time.monotonic()
+        while not self.stop.wait(max(0.0, next_at - time.monotonic())):
+            next_at = max(next_at + self.interval, time.monotonic())  # no burst after a stall
             seed += 1
             sent = self.task.simulate_traffic(self.prepared, TrafficRequest(
                 self.url, count=self.batch, batch=self.batch, concurrency=1, seed=seed))
