@@ -113,9 +113,9 @@ class BackgroundLoad:
     `simulate_traffic`: what a rolling update must not disturb. `totals` counts requests,
     failures and the versions that answered.
 
-    At most `per_second` requests a second, each of `batch` inputs: steady, not flat out. An
-    unpaced loop kept about a core busy between itself, the proxy and the replicas, which
-    slowed the very replica start it was there to watch."""
+    At most `per_second` requests a second, each of `batch` inputs: steady, not flat out.
+    Unpaced, it competed for the CPU with the very replica start it was there to watch (the
+    pipeline test took 31 CPU-seconds more; docs/performance.md)."""
 
     def __init__(self, task: Task, prepared, url: str, batch: int = 4,
                  per_second: float = 10.0):
