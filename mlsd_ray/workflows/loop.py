@@ -113,14 +113,14 @@ class BackgroundLoad:
     `simulate_traffic`: what a rolling update must not disturb. `totals` counts requests,
     failures and the versions that answered.
 
-    At most `per_second` requests a second, each of `batch` inputs: steady, not flat out.
+    At most PER_SECOND requests a second, each of `batch` inputs: steady, not flat out.
     Unpaced, it competed for the CPU with the very replica start it was there to watch (the
     pipeline test took 31 CPU-seconds more; docs/performance.md)."""
 
-    def __init__(self, task: Task, prepared, url: str, batch: int = 4,
-                 per_second: float = 10.0):
+    PER_SECOND = 10.0
+
+    def __init__(self, task: Task, prepared, url: str, batch: int = 4):
         self.task, self.prepared, self.url, self.batch = task, prepared, url, batch
-        self.interval = 1.0 / per_second
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.totals = Delivery()
@@ -128,7 +128,8 @@ class BackgroundLoad:
     def _run(self) -> None:
         seed, next_at = 0, time.monotonic()
         while not self.stop.wait(max(0.0, next_at - time.monotonic())):
-            next_at = max(next_at + self.interval, time.monotonic())  # no burst after a stall
+            # the next slot, or now if this one came late: no burst after a stall
+            next_at = max(next_at + 1 / self.PER_SECOND, time.monotonic())
             seed += 1
             sent = self.task.simulate_traffic(self.prepared, TrafficRequest(
                 self.url, count=self.batch, batch=self.batch, concurrency=1, seed=seed))
