@@ -248,10 +248,12 @@ SMALL_TRAIN = ["train", "--source", "digits", "--set", "data.image_size=8", "--e
 
 
 @pytest.mark.slow
-def test_verbose_hands_the_console_to_ray_and_keeps_the_epoch_lines(tmp_path, cluster_env):
-    verbose = run_mlsd(*SMALL_TRAIN, "--home", str(tmp_path / "home"), "--verbose",
-                   env=cluster_env)
+def test_verbose_hands_the_console_to_ray_and_keeps_the_epoch_lines(digits_workspace,
+                                                                    cluster_env):
+    verbose = run_mlsd(*SMALL_TRAIN, "--home", digits_workspace.root, "--verbose",
+                       env=cluster_env)
     assert verbose.returncode == 0, verbose.stderr
+    assert "reusing the prepared dataset" in verbose.stderr  # the session's (conftest.py)
     assert "epoch 2/2" in verbose.stderr
     assert "Ray's logs: " not in verbose.stderr  # Ray forwards its processes' output instead
 

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,27 +16,31 @@ from tests.conftest import run_mlsd
 
 
 @pytest.mark.slow
-def test_a_driver_killed_mid_training_resumes_after_its_last_checkpoint(tmp_path, cluster_env):
+def test_a_driver_killed_mid_training_resumes_after_its_last_checkpoint(digits_workspace,
+                                                                         cluster_env):
     """SIGKILL `mlsd train` once its second epoch has been reported (a checkpoint every epoch):
     the same command again resumes at the epoch after the last checkpoint it finished, and
-    runs to the end."""
+    runs to the end. It trains on the session's prepared digits (tests/conftest.py)."""
     import signal
     import time
 
-    home, epochs = tmp_path / "home", 6
+    home, epochs = Path(digits_workspace.root), 6
     train = ["train", "--source", "digits", "--set", "data.image_size=8", "--num-workers", "0",
              "--epochs", str(epochs), "--run-name", "killed", "--home", str(home),
              "--set", "train.checkpoint_every=1", "--set", "registry.auto_register=false"]
     driver = subprocess.Popen([sys.executable, "-m", "mlsd_ray.cli", *train],
                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                               env={**os.environ, **cluster_env}, start_new_session=True)
+    said = []
     try:
         for line in driver.stderr:  # type: ignore[union-attr]
+            said.append(line)
             if line.startswith(f"epoch 2/{epochs}"):
                 break
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=30)
+    assert any(line.startswith("reusing the prepared dataset") for line in said), said
     run_dir = home / "runs" / "killed"
     finished = sorted(int(p.parent.name.rsplit("_", 1)[1])
                       for p in run_dir.glob("checkpoint_epoch_*/report.json"))

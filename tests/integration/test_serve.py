@@ -60,15 +60,33 @@ def deploy(served, model="models:/digits-cnn/1", fresh: bool = False,
     `fresh` deletes the running apps first, so every replica starts at once instead of one
     after another as a rolling update replaces them (the router tests need no rollout). Each
     router test deploys an app of its own name: Serve's proxy keeps the router it built for
-    a deployment name (control.py restarts Serve when the router of an app changes)."""
+    a deployment name (control.py restarts Serve when the router of an app changes).
+
+    An app that already runs alone, healthy, as asked (its record's settings, the same
+    token) is kept: Serve starts new replicas for every redeploy, about 5 CPU-seconds each,
+    even when nothing changed."""
     from ray import serve
 
-    for name in serve.status().applications if fresh else ():
-        serve.delete(name)
     scaling = settings.pop("autoscaling", {"min_replicas": 1, "max_replicas": 1})
     config = ServeConfig(model=model, port=served["port"], num_cpus=0.25, ingress_num_cpus=0.1,
                          autoscaling=scaling, **settings)
+    token, running = os.environ.get(TOKEN_ENV), serve.status().applications
+    if already_running(served, config, token, running):
+        return control.read_state(served["workspace"], config.app_name)
+    for name in running if fresh else ():
+        serve.delete(name)
+    served["token"] = token  # read where the replicas start
     return control.start(config, workspace=served["workspace"], log=lambda _: None)
+
+
+def already_running(served, config: ServeConfig, token: str | None, running: dict) -> bool:
+    """Whether `config`'s app is the only one, RUNNING, deployed with `config` (its record,
+    which control.start and control.deploy write) and with `token` in the environment."""
+    if set(running) != {config.app_name} or running[config.app_name].status != "RUNNING":
+        return False
+    if served.get("token", "none yet") != token:
+        return False
+    return control.read_state(served["workspace"], config.app_name).settings == config
 
 
 def predict(served, payload, **kwargs) -> requests.Response:
