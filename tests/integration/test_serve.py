@@ -392,24 +392,9 @@ def test_schemathesis_finds_no_server_error(served, tmp_path):
     assert code == 0, output[-6000:]
 
 
-def test_a_token_is_required_when_configured(served, monkeypatch):
-    monkeypatch.setenv(TOKEN_ENV, "s3cret")
-    deploy(served)
-    payload = {"instances": [served["images"][0].tolist()]}
-    assert predict(served, payload).status_code == 401
-    assert predict(served, payload, headers={"Authorization": "Bearer wrong"}).status_code == 401
-    assert predict(served, payload, headers={"Authorization": "Bearer s3cret"}).status_code == 200
-    assert requests.get(f"{served['url']}/v1/health", timeout=30).status_code == 200
-    schema = requests.get(f"{served['url']}/openapi.json", timeout=30).json()
-    assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
-    assert schema["paths"]["/v1/predict"]["post"]["security"] == [{"bearer": []}]
-    monkeypatch.delenv(TOKEN_ENV)
-    deploy(served)
-    assert predict(served, payload).status_code == 200
-    schema = requests.get(f"{served['url']}/openapi.json", timeout=30).json()
-    assert "security" not in schema["paths"]["/v1/predict"]["post"]  # open: no token needed
-
-
+# The page test comes before the token test: both deploy with a token, so the token test's
+# first deploy keeps this app, and its last one (no token) is the app the rolling test asks
+# for (see deploy()).
 @pytest.mark.slow  # a real browser: Debian's chromium, which `run.py test --all` installs
 def test_the_page_to_try_the_model_in_a_real_browser(served, monkeypatch, browser, tmp_path):
     """GET / in chromium: a blank canvas is refused on the page; a drawn stroke without the
@@ -449,6 +434,24 @@ def test_the_page_to_try_the_model_in_a_real_browser(served, monkeypatch, browse
     browser.find_element(By.ID, "file").send_keys(str(not_an_image))
     wait.until(lambda _: error.text)
     assert error.text.startswith("422: instance 0: not a recognised image format"), error.text
+
+
+def test_a_token_is_required_when_configured(served, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, "s3cret")
+    deploy(served)
+    payload = {"instances": [served["images"][0].tolist()]}
+    assert predict(served, payload).status_code == 401
+    assert predict(served, payload, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert predict(served, payload, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert requests.get(f"{served['url']}/v1/health", timeout=30).status_code == 200
+    schema = requests.get(f"{served['url']}/openapi.json", timeout=30).json()
+    assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert schema["paths"]["/v1/predict"]["post"]["security"] == [{"bearer": []}]
+    monkeypatch.delenv(TOKEN_ENV)
+    deploy(served)
+    assert predict(served, payload).status_code == 200
+    schema = requests.get(f"{served['url']}/openapi.json", timeout=30).json()
+    assert "security" not in schema["paths"]["/v1/predict"]["post"]  # open: no token needed
 
 
 def test_rolling_deploy_to_version_2_fails_no_request(served):
