@@ -71,22 +71,25 @@ def deploy(served, model="models:/digits-cnn/1", fresh: bool = False,
     config = ServeConfig(model=model, port=served["port"], num_cpus=0.25, ingress_num_cpus=0.1,
                          autoscaling=scaling, **settings)
     token, running = os.environ.get(TOKEN_ENV), serve.status().applications
-    if already_running(served, config, token, running):
-        return control.read_state(served["workspace"], config.app_name)
+    kept = running_as_asked(served, config, token, running)
+    if kept is not None:
+        return kept
     for name in running if fresh else ():
         serve.delete(name)
     served["token"] = token  # read where the replicas start
     return control.start(config, workspace=served["workspace"], log=lambda _: None)
 
 
-def already_running(served, config: ServeConfig, token: str | None, running: dict) -> bool:
-    """Whether `config`'s app is the only one, RUNNING, deployed with `config` (its record,
+def running_as_asked(served, config: ServeConfig, token: str | None,
+                     running: dict) -> control.RunningApp | None:
+    """`config`'s app when it is the only one, RUNNING, deployed with `config` (its record,
     which control.start and control.deploy write) and with `token` in the environment."""
     if set(running) != {config.app_name} or running[config.app_name].status != "RUNNING":
-        return False
+        return None
     if served.get("token", "none yet") != token:
-        return False
-    return control.read_state(served["workspace"], config.app_name).settings == config
+        return None
+    app = control.read_state(served["workspace"], config.app_name)
+    return app if app.settings == config else None
 
 
 def predict(served, payload, **kwargs) -> requests.Response:
