@@ -17,6 +17,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import threading
 import venv
 from pathlib import Path
 
@@ -36,11 +37,11 @@ TASKS = {
 
 def test_selection(args: list[str]) -> list[str]:
     """`test --all` adds the tests marked slow, which the default run (pyproject's addopts)
-    leaves out; CI runs them all. They start servers from Debian packages: installed first."""
+    leaves out; CI runs them all. They start servers from Debian packages, which main()
+    installs first (system_packages_for)."""
     chosen = [*parallel(args), *(a for a in args if a != "--all")]
     if "--all" not in args:
         return chosen
-    ensure_system_packages()
     return ["-m", "slow or not slow", *chosen]
 
 
@@ -62,6 +63,17 @@ SYSTEM_PACKAGES = {"prometheus": "prometheus", "promtool": "prometheus",
                    "chromium": "chromium", "chromedriver": "chromium-driver",
                    "redis-server": "redis-server",
                    "pg_ctlcluster": "postgresql"}  # the server itself: /usr/lib/postgresql/*
+
+
+def system_packages_for(argv: list[str]) -> threading.Thread | None:
+    """For `test --all`: ensure_system_packages, started beside the virtual environment's
+    install, which keeps one core busy (pip installs one file at a time) while apt-get mostly
+    waits on downloads and the disk. On a fresh machine this takes apt-get's time off CI's."""
+    if argv[:1] != ["test"] or "--all" not in argv[1:]:
+        return None
+    installing = threading.Thread(target=ensure_system_packages, name="apt-get")
+    installing.start()
+    return installing
 
 
 def ensure_system_packages() -> None:
@@ -195,10 +207,14 @@ def main(argv: list[str]) -> None:
         sys.exit(f"mlsd-ray needs Python >= 3.10; this is {sys.version.split()[0]}")
     if not argv or argv[0] not in TASKS:
         sys.exit(__doc__)
+    packages = system_packages_for(argv)
     try:
         ensure_environment()
     except subprocess.CalledProcessError as exc:
         sys.exit(f"set-up failed: {' '.join(exc.cmd)} exited with {exc.returncode}")
+    finally:
+        if packages:
+            packages.join()
     command = TASKS[argv[0]]
     if command is None:
         return
