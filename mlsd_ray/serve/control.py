@@ -222,6 +222,8 @@ def start(settings: ServeConfig, workspace: Workspace, detach: bool = False,
     task = task_of_checkpoint(model.path)
     settings = settings.model_copy(update={"model": model.uri})
     cluster = _connect_for(workspace, settings, detach, log)
+    served = task.serve_application(settings, model, workspace)
+    _check_serve_can_host(settings, served.route_prefix)
     _fresh_proxy_for_a_new_router(settings, workspace, log)
     serve.start(proxy_location=settings.proxy_location,
                 http_options={"host": settings.host, "port": settings.port},
@@ -231,7 +233,6 @@ def start(settings: ServeConfig, workspace: Workspace, detach: bool = False,
         f"{settings.autoscaling.min_replicas}-"
         f"{settings.autoscaling.max_replicas} replicas)")
     started = time.perf_counter()
-    served = task.serve_application(settings, model, workspace)
     serve.run(served.application, name=settings.app_name, route_prefix=served.route_prefix,
               logging_config=serve_logging(settings))
     url = url_of(settings)
@@ -261,6 +262,38 @@ def serve_until_interrupted(app: RunningApp, log: Callable[[str], None] = log_st
         remove_app(app.app_name)
         ray.shutdown()
         app.state_file.unlink(missing_ok=True)
+
+
+def running_serve() -> dict | None:
+    """What Serve runs on the Ray this process is connected to (Serve's own details: its
+    `http_options` and `applications`), or None when it does not run there."""
+    # Ray 2.60 has no public call for the running instance's HTTP options; this is the
+    # client serve.status() uses, which starts nothing when no controller runs.
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    return None if client is None else client.get_serve_details()
+
+
+def _check_serve_can_host(settings: ServeConfig, route_prefix: str) -> None:
+    """Serve runs once per Ray: its apps share one HTTP proxy, on the port Serve started
+    with, and a route prefix belongs to one app. Ray ignores another port with only a
+    warning (the app would answer where nobody looks) and refuses a taken prefix with its
+    controller's traceback: refuse both before deploying, naming what runs."""
+    details = running_serve()
+    if details is None:
+        return
+    port = details["http_options"]["port"]
+    if port != settings.port:
+        raise InputError(f"Serve already runs on this Ray and listens on port {port}, which "
+                         f"all its apps share; serve on it (--port {port}), or stop its "
+                         "apps first (`mlsd serve stop`)")
+    for name, app in details["applications"].items():
+        if name != settings.app_name and app.get("route_prefix") == route_prefix:
+            raise InputError(f"app {name!r} already serves {route_prefix} on this Ray; stop "
+                             f"it first (`mlsd serve stop --app {name}`, with the --home it "
+                             f"was started from), or move it to this model (`mlsd deploy "
+                             f"--app {name}`)")
 
 
 def _fresh_proxy_for_a_new_router(settings: ServeConfig, workspace: Workspace,
@@ -332,10 +365,14 @@ def _connect_for(workspace: Workspace, settings: ServeConfig, detach: bool,
 
     if ray.is_initialized() or os.environ.get("RAY_ADDRESS") or not detach:
         _check_ingress(settings, ray.is_initialized(), log)
-        if not ray.is_initialized():  # an in-process Serve keeps its port across apps
-            _check_port_free(settings)
+        joining = not ray.is_initialized()  # an in-process Serve keeps its port across apps
+        if joining:
             prepare_ingress(settings)
+            if not os.environ.get("RAY_ADDRESS"):  # the local Ray we start has no Serve yet
+                _check_port_free(settings)
         runtime.ensure_ray(workspace)
+        if joining and os.environ.get("RAY_ADDRESS") and running_serve() is None:
+            _check_port_free(settings)  # a cluster's running Serve holds its own port
         return RayHead(ray.get_runtime_context().gcs_address)
     _check_port_free(settings)
     environment, extra_args = _fault_tolerance(settings)

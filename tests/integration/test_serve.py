@@ -135,6 +135,26 @@ def test_predicts_arrays_pngs_and_uploads_with_the_model_version(served):
         "paths"]
 
 
+def test_a_second_app_or_another_port_on_the_running_serve_is_refused_first(served):
+    """Serve runs once per Ray, on one port, with one app per route prefix. Another app at
+    the running app's prefix, or another port, is refused before anything deploys, naming
+    what runs (Ray would ignore the port and refuse the prefix with its controller's
+    traceback); the running app goes on as it was."""
+    from ray import serve
+
+    app = deploy(served)
+    replicas = {p.pid for p in actor_processes("ServeReplica:mlsd:")}
+    second = ServeConfig(model="models:/digits-cnn/1", app_name="second", port=served["port"])
+    with pytest.raises(InputError, match="app 'mlsd' already serves / on this Ray"):
+        control.start(second, workspace=served["workspace"], log=lambda _: None)
+    elsewhere = app.settings.model_copy(update={"port": control.free_port()})
+    with pytest.raises(InputError, match=f"listens on port {served['port']}, which all its"):
+        control.start(elsewhere, workspace=served["workspace"], log=lambda _: None)
+    assert set(serve.status().applications) == {"mlsd"}
+    assert {p.pid for p in actor_processes("ServeReplica:mlsd:")} == replicas
+    assert requests.get(f"{served['url']}/v1/health", timeout=30).json()["status"] == "ok"
+
+
 def listening_sockets(pids: set[int]) -> list[tuple[str, int, str, bool]]:
     """`ss -ltnpH`'s TCP listeners owned by `pids`: (host, port, process name, whether the
     process is Ray's own: GCS, raylet, workers and actors (ray::...), its Python daemons
