@@ -264,7 +264,7 @@ def serve_until_interrupted(app: RunningApp, log: Callable[[str], None] = log_st
         app.state_file.unlink(missing_ok=True)
 
 
-def running_serve() -> dict | None:
+def _running_serve() -> dict | None:
     """What Serve runs on the Ray this process is connected to (Serve's own details: its
     `http_options` and `applications`), or None when it does not run there."""
     # Ray 2.60 has no public call for the running instance's HTTP options; this is the
@@ -280,7 +280,7 @@ def _check_serve_can_host(settings: ServeConfig, route_prefix: str) -> None:
     with, and a route prefix belongs to one app. Ray ignores another port with only a
     warning (the app would answer where nobody looks) and refuses a taken prefix with its
     controller's traceback: refuse both before deploying, naming what runs."""
-    details = running_serve()
+    details = _running_serve()
     if details is None:
         return
     port = details["http_options"]["port"]
@@ -365,13 +365,13 @@ def _connect_for(workspace: Workspace, settings: ServeConfig, detach: bool,
 
     if ray.is_initialized() or os.environ.get("RAY_ADDRESS") or not detach:
         _check_ingress(settings, ray.is_initialized(), log)
-        joining = not ray.is_initialized()  # an in-process Serve keeps its port across apps
+        joining = not ray.is_initialized()  # a Ray this process runs: start() checks its Serve
         if joining:
             prepare_ingress(settings)
             if not os.environ.get("RAY_ADDRESS"):  # the local Ray we start has no Serve yet
                 _check_port_free(settings)
         runtime.ensure_ray(workspace)
-        if joining and os.environ.get("RAY_ADDRESS") and running_serve() is None:
+        if joining and os.environ.get("RAY_ADDRESS") and _running_serve() is None:
             _check_port_free(settings)  # a cluster's running Serve holds its own port
         return RayHead(ray.get_runtime_context().gcs_address)
     _check_port_free(settings)
