@@ -548,18 +548,20 @@ def test_consistent_hash_keeps_a_session_on_one_replica(served):
 
 
 def test_least_connections_prefers_the_idle_replica(served):
-    # Each batch waits 1.5 s to fill, so all 4 requests are in flight together and counted:
-    # with 0.4 s, a CI run on 2 busy cores once finished a batch before the 4th request was
-    # routed, which then saw 1 + 1 and went 3:1.
+    # Each batch waits 3 s to fill, so all 4 requests are in flight together and counted: a CI
+    # run on 2 busy cores once finished a batch before the 4th request was routed, which then
+    # saw 1 + 1 and went 3:1 (with 0.4 s), and a run here did so with 1.5 s, mid-run beside
+    # two other workers' tests.
     deploy(served, fresh=True, router="least_connections", app_name="least_connections",
-           autoscaling=TWO, batch_wait_timeout_s=1.5, max_batch_size=64)
+           autoscaling=TWO, batch_wait_timeout_s=3.0, max_batch_size=64)
     for _ in range(3):
         counts = Counter(replicas_hit(served, 4, concurrency=4))
         assert sorted(counts.values()) == [2, 2], counts
         # The proxy's router counts a request done when the replica's call returns, which can
         # be just after its client has the answer: a burst sent at once could still see the
-        # last one in flight (a CI run went 3:1 so). Nothing shows those counts; let them settle.
-        time.sleep(0.5)
+        # last one in flight (a CI run went 3:1 so). Nothing shows those counts; let them
+        # settle, longer than a busy proxy needs.
+        time.sleep(2)
 
 
 def test_open_inference_protocol_with_tritons_client(served):
