@@ -213,6 +213,7 @@ def start(settings: ServeConfig, workspace: Workspace, detach: bool = False,
           log: Callable[[str], None] = log_stderr) -> RunningApp:
     """Deploy the app of the task that trained the model (its checkpoint says which) and wait
     until it answers its health check; returns where and what is served."""
+    import ray
     from ray import serve
 
     from mlsd_ray.tasks import task_of_checkpoint
@@ -221,9 +222,10 @@ def start(settings: ServeConfig, workspace: Workspace, detach: bool = False,
     model = registry.pin(settings.model, workspace)
     task = task_of_checkpoint(model.path)
     settings = settings.model_copy(update={"model": model.uri})
+    joining_cluster = not ray.is_initialized() and bool(os.environ.get("RAY_ADDRESS"))
     cluster = _connect_for(workspace, settings, detach, log)
     served = task.serve_application(settings, model, workspace)
-    _check_serve_can_host(settings, served.route_prefix)
+    _check_serve_can_host(settings, served.route_prefix, joining_cluster)
     _fresh_proxy_for_a_new_router(settings, workspace, log)
     serve.start(proxy_location=settings.proxy_location,
                 http_options={"host": settings.host, "port": settings.port},
@@ -275,13 +277,18 @@ def _running_serve() -> dict | None:
     return None if client is None else client.get_serve_details()
 
 
-def _check_serve_can_host(settings: ServeConfig, route_prefix: str) -> None:
+def _check_serve_can_host(settings: ServeConfig, route_prefix: str,
+                          joined_cluster: bool) -> None:
     """Serve runs once per Ray: its apps share one HTTP proxy, on the port Serve started
     with, and a route prefix belongs to one app. Ray ignores another port with only a
     warning (the app would answer where nobody looks) and refuses a taken prefix with its
-    controller's traceback: refuse both before deploying, naming what runs."""
+    controller's traceback: refuse both before deploying, naming what runs. On a cluster
+    just joined where Serve does not run yet, the port must be free (a running Serve holds
+    its own port; a Ray of this process keeps its Serve's port across apps)."""
     details = _running_serve()
     if details is None:
+        if joined_cluster:
+            _check_port_free(settings)
         return
     port = details["http_options"]["port"]
     if port != settings.port:
@@ -365,14 +372,11 @@ def _connect_for(workspace: Workspace, settings: ServeConfig, detach: bool,
 
     if ray.is_initialized() or os.environ.get("RAY_ADDRESS") or not detach:
         _check_ingress(settings, ray.is_initialized(), log)
-        joining = not ray.is_initialized()  # a Ray this process runs: start() checks its Serve
-        if joining:
+        if not ray.is_initialized():  # a cluster's port is checked once joined (start())
             prepare_ingress(settings)
             if not os.environ.get("RAY_ADDRESS"):  # the local Ray we start has no Serve yet
                 _check_port_free(settings)
         runtime.ensure_ray(workspace)
-        if joining and os.environ.get("RAY_ADDRESS") and _running_serve() is None:
-            _check_port_free(settings)  # a cluster's running Serve holds its own port
         return RayHead(ray.get_runtime_context().gcs_address)
     _check_port_free(settings)
     environment, extra_args = _fault_tolerance(settings)
