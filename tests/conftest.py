@@ -84,7 +84,7 @@ def ray_session():
     from mlsd_ray.core import runtime
     from mlsd_ray.core.workspace import Workspace
 
-    runtime.tune_serve_recovery()  # read when Ray starts: before ray.init
+    runtime.tune_ray_daemons()  # read when Ray starts: before ray.init
     ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False,
              object_store_memory=512 * 1024**2, logging_level="WARNING")
     # applies our DataContext settings to the running instance

@@ -131,7 +131,7 @@ def ensure_ray(workspace: Workspace) -> None:
     _quiet_ray_data_console()
     _tune_data_context()
     _tune_train_controller()
-    tune_serve_recovery()
+    tune_ray_daemons()
     if not ray.is_initialized():
         to_console = _settings["verbose"] and not _settings["quiet"]
         quiet_token_notice()
@@ -215,15 +215,25 @@ def _tune_train_controller() -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
-def tune_serve_recovery() -> None:
-    """Serve settings that its controller reads from the environment of the Ray this process
-    starts (a cluster sets them where it starts its head); a user's own values win.
+def tune_ray_daemons() -> None:
+    """Settings that Ray's own processes read from the environment of the process that
+    starts them (ray.init of a new instance, `ray start`); a cluster sets them where it starts
+    its head. A user's own values win.
 
-    The controller health-checks each HTTP proxy every 10 s by default and replaces one after
-    3 failed checks: a SIGKILLed proxy left the port dark for 27 s (docs/reliability.md).
-    Every 2 s, a dead proxy is replaced in about 10 s; a check is one small call.
+    Serve's controller health-checks each HTTP proxy every 10 s by default and replaces one
+    after 3 failed checks: a SIGKILLed proxy left the port dark for 27 s
+    (docs/reliability.md). Every 2 s, a dead proxy is replaced in about 10 s; a check is one
+    small call.
+
+    Ray's log monitor lists its logs folder 10 times a second while the folder holds fewer
+    than 1,000 files, which grow by 2 a worker: an idle local Ray spent 2.4 CPU-seconds a
+    minute on it (docs/performance.md). Every 2 s it costs 0.9, and a new worker's first
+    lines reach a --verbose console at most 2 s later; files it already follows are still
+    read 10 times a second.
     """
     os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S", "2")
+    os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
+    os.environ.setdefault("LOG_NAME_UPDATE_INTERVAL_S", "2")
 
 
 def _tune_data_context() -> None:

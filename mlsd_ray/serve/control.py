@@ -493,7 +493,7 @@ def start_head(workspace: Workspace, log: Callable[[str], None],
     stops every head process (seen once in a CI run, with three other Ray clusters busy)."""
     from mlsd_ray.core import runtime
 
-    runtime.tune_serve_recovery()  # into os.environ, which the head's processes inherit
+    runtime.tune_ray_daemons()  # into os.environ, which the head's processes inherit
     log_path = workspace.serve_state / "ray-head.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log(f"starting a local Ray head (log: {log_path})")
