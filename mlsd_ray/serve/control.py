@@ -332,14 +332,46 @@ def _fresh_proxy_for_a_new_router(settings: ServeConfig, workspace: Workspace,
     serve.shutdown()
 
 
+def check_the_serve_check_fits(settings: ServeConfig, workspace: Workspace,
+                               keep_serving: bool) -> None:
+    """Before the pipeline trains, on the Ray it joins (the check serves there): its serve
+    check deploys app
+    `settings.app_name` and, unless `keep_serving`, removes it afterwards. Where that app
+    already serves there (a user's `mlsd serve --detach`, which the next pipeline joins), the
+    check would roll it over to the new model and then stop it, minutes later; and
+    `keep_serving` cannot keep serving on serve.port while Serve listens on another. Both are
+    refused now, with what to do (exit 2)."""
+    from mlsd_ray.core import runtime
+
+    runtime.ensure_ray(workspace)  # joined already when the data stage used Ray
+    running = _running_serve()
+    if running is None:
+        return
+    port, name = running["http_options"]["port"], settings.app_name
+    if name in running["applications"] and not keep_serving:
+        raise InputError(f"app {name!r} already serves on this Ray (port {port}); the "
+                         "pipeline's serve check would move it to the new model and then "
+                         "stop it. Stop it first (`mlsd serve stop`), keep the new model "
+                         "serving in its place (--keep-serving), or skip the check "
+                         "(--no-serve)")
+    if keep_serving and port != settings.port:
+        raise InputError(f"Serve already runs on this Ray and listens on port {port}, which "
+                         f"all its apps share; keep serving there (--set serve.port={port}), "
+                         "or stop its apps first (`mlsd serve stop`)")
+
+
 @contextlib.contextmanager
 def app_for_a_check(settings: ServeConfig, workspace: Workspace, keep_serving: bool,
                     log: Callable[[str], None]) -> Iterator[RunningApp]:
     """The app of `settings`, started for the pipeline's serve check: on a free port when
     serve.port is taken (a check only: any port will do) unless it is to keep serving.
     Afterwards, whether the check passed or not: serve until Ctrl-C (`keep_serving`), else
-    remove the app and its record."""
-    if not keep_serving and port_in_use(settings.host, settings.port):
+    remove the app and its record. Where Serve already runs on this Ray, the check serves on
+    its port, which all its apps share (check_the_serve_check_fits has refused a clash)."""
+    running = _running_serve()
+    if running is not None:
+        settings = settings.model_copy(update={"port": running["http_options"]["port"]})
+    elif not keep_serving and port_in_use(settings.host, settings.port):
         settings = settings.model_copy(update={"port": free_port(settings.host)})
     app = start(settings, workspace, log=log)
     try:

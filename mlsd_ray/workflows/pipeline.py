@@ -45,6 +45,10 @@ def run_pipeline(task: Task, cfg: Config, workspace: Workspace, log: Callable[[s
                             serve_check and monitor_loop and registers and LOOP)
     log(heading("data"))
     prepared = task.prepare(cfg, workspace, log, force=force)
+    if serve_check:  # on the Ray the data stage joined: refuse a clash before training
+        from mlsd_ray.serve.control import check_the_serve_check_fits
+
+        check_the_serve_check_fits(cfg.serve, workspace, keep_serving)
     searched = None
     if tune:
         log(heading("tune"))

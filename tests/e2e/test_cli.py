@@ -152,7 +152,8 @@ def check_monitoring_loop(loop: dict) -> None:
 
 
 def check_serve_commands(home: str, cluster_env: dict, tmp_path, production: str) -> None:
-    """`mlsd serve --detach`, a PNG over HTTP, status, predict --url, stop; bad model -> 2."""
+    """`mlsd serve --detach`, a PNG over HTTP, status, a pipeline refused beside it, predict
+    --url, stop; bad model -> 2."""
     import requests
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -185,6 +186,13 @@ def check_serve_commands(home: str, cluster_env: dict, tmp_path, production: str
         assert status["status"] == "RUNNING" and status["model_version"] == production
         assert status["deployments"]["Model"]["replicas"] == {"RUNNING": 1}
         assert set(status["deployments"]) == {"Model"}  # one hop: routes and model together
+
+        # the next pipeline joins this Ray: its serve check would take the app over, then
+        # stop it, so it is refused before any training, and the app goes on serving
+        clash = run_mlsd("pipeline", "--home", home, "--set", "data.image_size=8",
+                         env=cluster_env)
+        assert clash.returncode == 2 and "app 'mlsd' already serves on this Ray" in clash.stderr
+        assert "epoch " not in clash.stderr, clash.stderr
 
         sent = run_mlsd("predict", "--url", url, str(tmp_path / "digit.png"), "--json")
         assert sent.returncode == 0, sent.stderr
