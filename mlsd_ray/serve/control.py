@@ -334,13 +334,12 @@ def _fresh_proxy_for_a_new_router(settings: ServeConfig, workspace: Workspace,
 
 def check_the_serve_check_fits(settings: ServeConfig, workspace: Workspace,
                                keep_serving: bool) -> None:
-    """Before the pipeline trains, on the Ray it joins (the check serves there): its serve
-    check deploys app
-    `settings.app_name` and, unless `keep_serving`, removes it afterwards. Where that app
-    already serves there (a user's `mlsd serve --detach`, which the next pipeline joins), the
-    check would roll it over to the new model and then stop it, minutes later; and
-    `keep_serving` cannot keep serving on serve.port while Serve listens on another. Both are
-    refused now, with what to do (exit 2)."""
+    """Before the pipeline trains, on the Ray it joins (its serve check serves there): the
+    check deploys app `settings.app_name` and, unless `keep_serving`, removes it afterwards.
+    Where that app already serves (a user's `mlsd serve --detach`, whose Ray the next pipeline
+    joins), the check would roll it over to the new model and then stop it, minutes later;
+    and `keep_serving` cannot keep serving on serve.port while Serve listens on another. Both
+    are refused now, with what to do (exit 2)."""
     from mlsd_ray.core import runtime
 
     runtime.ensure_ray(workspace)  # joined already when the data stage used Ray
