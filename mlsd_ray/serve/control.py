@@ -277,6 +277,12 @@ def _running_serve() -> dict | None:
     return None if client is None else client.get_serve_details()
 
 
+def _serve_holds_port(port: int, instead: str) -> InputError:
+    """Another port asked of a running Serve, which Ray would ignore with only a warning."""
+    return InputError(f"Serve already runs on this Ray and listens on port {port}, which all "
+                      f"its apps share; {instead}, or stop its apps first (`mlsd serve stop`)")
+
+
 def _check_serve_can_host(settings: ServeConfig, route_prefix: str,
                           joined_cluster: bool) -> None:
     """Serve runs once per Ray: its apps share one HTTP proxy, on the port Serve started
@@ -292,9 +298,7 @@ def _check_serve_can_host(settings: ServeConfig, route_prefix: str,
         return
     port = details["http_options"]["port"]
     if port != settings.port:
-        raise InputError(f"Serve already runs on this Ray and listens on port {port}, which "
-                         f"all its apps share; serve on it (--port {port}), or stop its "
-                         "apps first (`mlsd serve stop`)")
+        raise _serve_holds_port(port, f"serve on it (--port {port})")
     for name, app in details["applications"].items():
         if name != settings.app_name and app.get("route_prefix") == route_prefix:
             raise InputError(f"app {name!r} already serves {route_prefix} on this Ray; stop "
@@ -354,9 +358,7 @@ def check_the_serve_check_fits(settings: ServeConfig, workspace: Workspace,
                          "serving in its place (--keep-serving), or skip the check "
                          "(--no-serve)")
     if keep_serving and port != settings.port:
-        raise InputError(f"Serve already runs on this Ray and listens on port {port}, which "
-                         f"all its apps share; keep serving there (--set serve.port={port}), "
-                         "or stop its apps first (`mlsd serve stop`)")
+        raise _serve_holds_port(port, f"keep serving there (--set serve.port={port})")
 
 
 @contextlib.contextmanager
