@@ -5,7 +5,7 @@ Each trial is a small Tune function that builds the task's trainer (`Task.traine
 trial's overrides. A trial of one worker (`tune.workers_per_trial`, the default) runs the
 trainer's loop in the trial's own process and reports each epoch and checkpoint to Tune
 (training/host.py): it needs no Train controller and worker group, about 11 s less per trial
-on 2 cores. A trial of several workers fits the TorchTrainer and forwards every epoch's report
+on 2 cores, and the next trial reuses that process (Tune's `reuse_actors`). A trial of several workers fits the TorchTrainer and forwards every epoch's report
 through `TuneReportCallback` (the Train V2 pattern: `Tuner(trainer)` fails in V2). The
 prepared splits (or the folds) are read once here and shared by every trial.
 
@@ -408,7 +408,13 @@ def run_tune(cfg: Config, workspace: Workspace, log: Callable[[str], None] = log
                                         search_alg=BasicVariantGenerator(
                                             random_state=cfg.train.seed,
                                             max_concurrent=concurrent),
-                                        scheduler=_scheduler(cfg, plan)),
+                                        scheduler=_scheduler(cfg, plan),
+                                        # A one-worker trial trains in its Tune actor: the
+                                        # next trial reuses that process instead of starting
+                                        # one and importing torch again (about 5 CPU-s a
+                                        # trial). Several workers: each trial's actor goes,
+                                        # and its Train controller with it (_trainable).
+                                        reuse_actors=base.train.num_workers <= 1),
             run_config=tune.RunConfig(name=name, storage_path=root, verbose=0,
                                       # one-worker trials report checkpoints to Tune itself
                                       checkpoint_config=tune.CheckpointConfig(

@@ -76,8 +76,16 @@ def test_asha_stops_weak_trials_early(digits_workspace):
     assert summary.stopped_early >= 1
     assert summary.trial_epochs < 4 * 3
     assert summary.registered is None and "registered" not in summary.to_dict()
+    # 4 one-worker trials, 2 at a time: a later trial trained in an earlier one's process
+    assert len(trial_processes(summary.path)) < summary.trials
     # the stopped trials gave their CPUs back: a later search (or test) can use all of them
     assert cpus_come_back(within_s=30)
+
+
+def trial_processes(search: str) -> set[int]:
+    """The pids that Tune recorded with the trials' reports (each trial's result.json)."""
+    return {json.loads(line)["pid"] for path in Path(search).glob("*/result.json")
+            for line in path.read_text().splitlines() if line}
 
 
 def cpus_come_back(within_s: float) -> bool:
