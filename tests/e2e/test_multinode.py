@@ -62,13 +62,9 @@ def cluster(node_args):
     second_temp_dir = tempfile.mkdtemp(prefix="ray-multinode-", dir="/tmp")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
-        # Ports of its own for the dashboard and the head's dashboard agent: the pytest workers'
-        # Rays start at the same time and take Ray's defaults (8265, 52365), and a head whose
-        # agent cannot listen takes no job ("No available agent to submit job")
         nodes = Cluster(initialize_head=True, connect=False,
                         head_node_args={**node_args, "include_dashboard": True,
-                                        "dashboard_port": free_port(),
-                                        "dashboard_agent_listen_port": free_port()})
+                                        "dashboard_port": None})
         # a temp dir of its own, as on another machine: nodes that share one delete each
         # other's copy of a job's working dir (runtime_resources/) when their own use ends
         nodes.add_node(**{**node_args, "temp_dir": second_temp_dir})
