@@ -17,13 +17,13 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 # Files that mostly wait go to the pytest-xdist workers first, so that the other files keep
-# the cores busy around them: Ray jobs on a cluster of two local nodes (the first `mlsd
-# submit` job took 170-220 s beside two other pytest workers), the GCS down for 20 s. By
-# xdist's own rule (the files with the most tests first) they came last, and the suite's last
-# minutes ran on one worker. The chaos file (a minute of replica kills) too: at the start,
-# beside every worker's set-up, Serve took 30-32 s to replace a killed replica (4-7 s later in
-# the run), which its test reports and allows up to 90 s.
-WAIT_FIRST = ("tests/e2e/test_multinode.py", "tests/e2e/test_gcs_fault_tolerance.py",
+# the cores busy around them: a job on a Ray head of its own (the first `mlsd submit` job took
+# 170-220 s beside two other pytest workers), the GCS down for 20 s. By xdist's own rule (the
+# files with the most tests first) they came last, and the suite's last minutes ran on one
+# worker. The chaos file (a minute of replica kills) too: at the start, beside every
+# worker's set-up, Serve took 30-32 s to replace a killed replica (4-7 s later in the run),
+# which its test reports and allows up to 90 s.
+WAIT_FIRST = ("tests/e2e/test_ray_jobs.py", "tests/e2e/test_gcs_fault_tolerance.py",
               "tests/integration/test_chaos.py")
 
 # Then the longest files first. Seconds each took on its pytest-xdist worker in a run of the
@@ -39,7 +39,7 @@ FILE_SECONDS = {
     "tests/integration/test_serve.py": 253, "tests/e2e/test_cli_faults.py": 144,
     "tests/integration/test_tune.py": 125, "tests/integration/test_train.py": 111,
     "tests/integration/test_monitor.py": 99,
-    "tests/integration/test_mlflow_store.py": 52,
+    "tests/e2e/test_multinode.py": 99, "tests/integration/test_mlflow_store.py": 52,
     "tests/integration/test_explain.py": 49, "tests/integration/test_prepare.py": 34,
     "tests/integration/test_registry.py": 24, "tests/integration/test_export.py": 24,
 }
