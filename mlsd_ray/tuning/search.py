@@ -5,9 +5,10 @@ Each trial is a small Tune function that builds the task's trainer (`Task.traine
 trial's overrides. A trial of one worker (`tune.workers_per_trial`, the default) runs the
 trainer's loop in the trial's own process and reports each epoch and checkpoint to Tune
 (training/host.py): it needs no Train controller and worker group, about 11 s less per trial
-on 2 cores, and the next trial reuses that process (Tune's `reuse_actors`). A trial of several workers fits the TorchTrainer and forwards every epoch's report
-through `TuneReportCallback` (the Train V2 pattern: `Tuner(trainer)` fails in V2). The
-prepared splits (or the folds) are read once here and shared by every trial.
+on 2 cores, and the next trial reuses that process (Tune's `reuse_actors`). A trial of
+several workers fits the TorchTrainer and forwards every epoch's report through
+`TuneReportCallback` (the Train V2 pattern: `Tuner(trainer)` fails in V2). The prepared
+splits (or the folds) are read once here and shared by every trial.
 
 Outputs under $MLSD_HOME/tune/NAME/: results.csv (one row per trial), curves.png (val accuracy
 per epoch of every trial), best.yaml (the best configuration, for `mlsd train --config`),
