@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,13 +22,17 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlsd_ray import registry
 from mlsd_ray.core.config import ServeConfig
 from mlsd_ray.core.errors import InputError, WorkError
 from mlsd_ray.core.runtime import log_stderr, quiet_serve_console, reachable
 from mlsd_ray.core.workspace import Workspace
+
+if TYPE_CHECKING:
+    from mlsd_ray.registry import PinnedModel
+    from mlsd_ray.tasks.base import Task
 
 HEALTH_TIMEOUT_S = 120.0
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"  # read by Serve's processes when they start
@@ -214,7 +219,6 @@ def start(settings: ServeConfig, workspace: Workspace, detach: bool = False,
     """Deploy the app of the task that trained the model (its checkpoint says which) and wait
     until it answers its health check; returns where and what is served."""
     import ray
-    from ray import serve
 
     from mlsd_ray.tasks import task_of_checkpoint
 
@@ -224,6 +228,23 @@ def start(settings: ServeConfig, workspace: Workspace, detach: bool = False,
     settings = settings.model_copy(update={"model": model.uri})
     joining_cluster = not ray.is_initialized() and bool(os.environ.get("RAY_ADDRESS"))
     cluster = _connect_for(workspace, settings, detach, log)
+    try:
+        return _deploy(settings, model, task, workspace, cluster, detach, joining_cluster, log)
+    except BaseException:
+        # No record names a head we started yet, so `mlsd serve stop` could not find it: after
+        # a failed `mlsd serve --detach` it kept running, with Serve's port
+        if cluster.cluster_pid is not None:
+            ray.shutdown()
+        _stop_unrecorded(cluster)
+        raise
+
+
+def _deploy(settings: ServeConfig, model: PinnedModel, task: Task, workspace: Workspace,
+            cluster: RayHead, detach: bool, joining_cluster: bool,
+            log: Callable[[str], None]) -> RunningApp:
+    """Serve the app of `task` on the Ray `start` joined; wait for its health check."""
+    from ray import serve
+
     served = task.serve_application(settings, model, workspace)
     _check_serve_can_host(settings, served.route_prefix, joining_cluster)
     _fresh_proxy_for_a_new_router(settings, workspace, log)
@@ -419,10 +440,15 @@ def _connect_for(workspace: Workspace, settings: ServeConfig, detach: bool,
     try:
         _join(head.ray_address, workspace)
     except BaseException:
-        if head.cluster_pid is not None:  # nobody can reach it
-            stop_head(head.cluster_pid, head.ray_address, timeout=10)
+        _stop_unrecorded(head)  # nobody can reach it
         raise
     return head
+
+
+def _stop_unrecorded(head: RayHead) -> None:
+    """Stop a head this command started, before any record of it was written."""
+    if head.cluster_pid is not None:
+        stop_head(head.cluster_pid, head.ray_address, timeout=10)
 
 
 # How long a replica behind HAProxy keeps answering after it is told to stop, so that every
@@ -491,10 +517,33 @@ def port_in_use(host: str, port: int) -> str | None:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now."""
-    with socket.socket() as probe:
+    """A port nothing uses now, below the kernel's ephemeral range. A port from that range
+    (what binding port 0 gives) is handed out again to the next outgoing connection or port-0
+    bind, and every Ray worker makes many: a test's Serve port picked that way was taken
+    before Serve bound it ("Failed to bind to address")."""
+    below = _ephemeral_ports_start()
+    for _ in range(200):
+        port = random.randrange(FIRST_CHOSEN_PORT, below)
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as probe:  # all those tried are taken: any free one
         probe.bind((host, 0))
         return probe.getsockname()[1]
+
+
+FIRST_CHOSEN_PORT = 20000  # above the ports that servers commonly default to
+
+
+def _ephemeral_ports_start() -> int:
+    """The first port of Linux's ephemeral range (32768 by default; macOS's starts at 49152)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _check_port_free(settings: ServeConfig) -> None:

@@ -7,9 +7,9 @@ command joins a cluster) instead of starting one of their own each.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -161,9 +161,7 @@ def check_serve_commands(home: str, cluster_env: dict, tmp_path, production: str
     digits = load_digits()
     image = (digits.images[-1] * 255 / 16).round().astype(np.uint8)
     Image.fromarray(image).save(tmp_path / "digit.png")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
+    port = str(free_port())
 
     nope = run_mlsd("serve", "--detach", "--model", "models:/digits-cnn@nope", "--home", home,
                 "--port", port, env=cluster_env)
@@ -219,13 +217,19 @@ def test_serving_through_haproxy_answers_and_stops_cleanly(tmp_path, digits_mode
                digits_model.result.checkpoint, "--home", home, "--port", port,
                "--set", "serve.ingress=haproxy"]
 
-    def run(*extra: str) -> subprocess.CompletedProcess:
+    def run(*extra: str, **more_env: str) -> subprocess.CompletedProcess:
         return subprocess.run([*command, *extra], capture_output=True, text=True,
-                              timeout=300, env=env)
+                              timeout=300, env={**env, **more_env})
 
     refused = run("--set", "serve.router=round_robin")
     assert refused.returncode == 2 and "serve.router=round_robin needs serve.ingress=proxy" \
         in refused.stderr
+    # Serve fails after the head started (its HAProxy cannot start): the head is stopped too,
+    # not left running with no record that `mlsd serve stop` could find
+    broken = run(RAY_SERVE_HAPROXY_BINARY_PATH="/nonexistent/haproxy")
+    assert broken.returncode == 1 and "Traceback" not in broken.stderr, broken.stderr
+    head_log = tmp_path / "home" / "serve" / "ray-head.log"
+    assert head_log.is_file() and not processes_with_open(head_log)
     started = run()
     assert started.returncode == 0, started.stderr
     url = json.loads(started.stdout)["url"]
@@ -249,6 +253,19 @@ def test_serving_through_haproxy_answers_and_stops_cleanly(tmp_path, digits_mode
     assert control.port_in_use("127.0.0.1", int(port)) is None
     assert not [p for p in psutil.process_iter(["name", "status"])  # a zombie holds nothing
                 if p.info["name"] == "haproxy" and p.info["status"] != psutil.STATUS_ZOMBIE]
+
+
+def processes_with_open(path) -> list:
+    """The processes that have `path` open: a `ray start` head, and what it started, write
+    their console output to its log."""
+    import psutil
+
+    holding = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):  # gone, or not ours to read
+            if any(file.path == str(path) for file in process.open_files()):
+                holding.append(process)
+    return holding
 
 
 SMALL_TRAIN = ["train", "--source", "digits", "--set", "data.image_size=8", "--epochs", "2",

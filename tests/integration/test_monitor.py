@@ -9,7 +9,6 @@ import datetime as dt
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -54,11 +53,8 @@ def live(tmp_path_factory, digits_model):
     workspace = Workspace.at(home)
     log_and_register(digits_model.result, cfg, dataset, "digits-cnn", workspace)
     promote("digits-cnn", 1, "production", workspace)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    cfg.serve = ServeConfig(model="models:/digits-cnn@production", port=port, num_cpus=0.25,
-                            ingress_num_cpus=0.1,
+    cfg.serve = ServeConfig(model="models:/digits-cnn@production", port=control.free_port(),
+                            num_cpus=0.25, ingress_num_cpus=0.1,
                             autoscaling={"min_replicas": 1, "max_replicas": 1},
                             prediction_log={"flush_seconds": 0.5})
     app = control.start(cfg.serve, workspace=workspace, log=lambda _: None)

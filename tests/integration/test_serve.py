@@ -11,7 +11,6 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
 import threading
 import time
@@ -46,9 +45,7 @@ def served(tmp_path_factory, digits_model):
         log_and_register(digits_model.result, digits_model.cfg, digits_model.dataset,
                          "digits-cnn", workspace)
     images, labels = digits_model.dataset.load_split("test")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = control.free_port()
     yield {"workspace": workspace, "images": images, "labels": labels, "port": port,
            "url": f"http://127.0.0.1:{port}"}
     serve.shutdown()
