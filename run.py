@@ -13,8 +13,11 @@ reinstalled whenever pyproject.toml changes; the first install downloads PyTorch
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -130,7 +133,8 @@ def ensure_environment() -> None:
     print("installing mlsd-ray and its dependencies (the first time takes several minutes)",
           file=sys.stderr, flush=True)
     subprocess.run([*pip, "install", "--quiet", "--upgrade", "pip"], check=True, cwd=ROOT)
-    pip_install([*pip, "install", "--no-compile", "-e", ".[dev]"])
+    with CompileWhileInstalling():
+        pip_install([*pip, "install", "--no-compile", "-e", ".[dev]"])
     compile_bytecode()
     STAMP.write_text(requirements_digest())
 
@@ -171,22 +175,90 @@ def pip_install(command: list[str]) -> None:
     print(f"  installed (pip's log: {PIP_LOG})", file=sys.stderr, flush=True)
 
 
-# Compiles every installed module once, on every core, except the packages' own test suites
-# (pandas/tests, sympy/*/tests, ...: 4,000 of 21,000 files, never imported here; 24 s -> 16 s).
-# The pattern starts at site-packages: a checkout under a folder named test/ compiles too.
+# Not compiled: the packages' own test suites (pandas/tests, sympy/*/tests, ...: 4,000 of
+# 21,000 files) and Ray's RLlib and LLM libraries (831 files): none is imported here. A path
+# relative to site-packages, so a checkout under a folder named test/ compiles too.
+NOT_COMPILED = r"ray[\\/](rllib|llm)[\\/]|.+[\\/]tests?[\\/]"
 COMPILE = ("import compileall, re, sysconfig; lib = sysconfig.get_paths()['purelib']; "
            "compileall.compile_dir(lib, quiet=2, workers=0, "
-           r"rx=re.compile(re.escape(lib) + r'[\\/].+[\\/]tests?[\\/]'))")
+           rf"rx=re.compile(re.escape(lib) + r'[\\/](?:{NOT_COMPILED})'))")
+# Compiles each file named on its stdin; compileall skips a file whose .pyc is current.
+COMPILE_NAMED = ("import compileall, sys\n"
+                 "for line in sys.stdin: compileall.compile_file(line.rstrip('\\n'), quiet=2)")
 
 
 def compile_bytecode() -> None:
-    """Write the .pyc files pip would, in parallel. pip compiles one file at a time, half of
-    the install; skipping it is no answer: where PYTHONDONTWRITEBYTECODE is set (CI sets it),
-    every process would compile each module it imports, every time (the test suite took
-    23 min instead of 12.5). Files that do not compile (Python 2 leftovers in some wheels)
-    are skipped, as pip skips them."""
+    """Write the .pyc files pip would, in parallel, for what CompileWhileInstalling has not
+    done yet. pip compiles one file at a time, half of the install; skipping it is no
+    answer: where PYTHONDONTWRITEBYTECODE is set (CI sets it), every process would compile
+    each module it imports, every time (the test suite took 23 min instead of 12.5). Files
+    that do not compile (Python 2 leftovers in some wheels) are skipped, as pip skips them."""
     print("compiling the installed modules to bytecode", file=sys.stderr, flush=True)
     subprocess.run([str(BIN / "python"), "-c", COMPILE], check=False, cwd=ROOT)
+
+
+class CompileWhileInstalling:
+    """Compiles each package pip has finished installing while pip installs the next ones.
+    pip installs on one core, one package after another, and writes a package's RECORD (the
+    list of its files) last; a process at low priority compiles the files each new RECORD
+    names, on the core pip leaves idle. When pip is done, it is stopped, and
+    compile_bytecode compiles the rest on every core (docs/performance.md, set-up)."""
+
+    def __init__(self) -> None:
+        purelib = subprocess.run([str(BIN / "python"), "-c",
+                                  "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                 capture_output=True, text=True, check=True)
+        self.site_packages = Path(purelib.stdout.strip())
+        self.seen = set(self.site_packages.glob("*.dist-info"))  # there before pip: not ours
+        self.skipped = re.compile(NOT_COMPILED)
+        self.done = threading.Event()
+        self.compiler: subprocess.Popen | None = None
+        self.watcher = threading.Thread(target=self._watch, name="compile-while-installing")
+
+    def __enter__(self) -> CompileWhileInstalling:
+        low_priority = (lambda: os.nice(10)) if hasattr(os, "nice") else None
+        self.compiler = subprocess.Popen([str(BIN / "python"), "-c", COMPILE_NAMED],
+                                         stdin=subprocess.PIPE, text=True, cwd=ROOT,
+                                         preexec_fn=low_priority)
+        self.watcher.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.done.set()
+        assert self.compiler is not None
+        # first: the watcher may be blocked writing to the compiler's full pipe. A .pyc is
+        # written whole or not at all (py_compile), so a kill leaves none half-written.
+        self.compiler.kill()
+        self.compiler.wait()
+        self.watcher.join()
+        with contextlib.suppress(OSError):  # what is still buffered has nowhere to go
+            self.compiler.stdin.close()  # type: ignore[union-attr]
+
+    def _watch(self) -> None:
+        while not self.done.wait(0.5):
+            for dist_info in sorted(set(self.site_packages.glob("*.dist-info")) - self.seen):
+                if not (dist_info / "RECORD").exists():
+                    continue  # still being installed
+                self.seen.add(dist_info)
+                if not self._send(self._modules(dist_info / "RECORD")):
+                    return
+
+    def _modules(self, record: Path) -> list[str]:
+        """The .py files a package's RECORD lists, as absolute paths, less NOT_COMPILED."""
+        with open(record, newline="") as rows:
+            paths = [row[0] for row in csv.reader(rows) if row]
+        return [str(self.site_packages / path) for path in paths
+                if path.endswith(".py") and not path.startswith("..")
+                and not self.skipped.match(path)]
+
+    def _send(self, paths: list[str]) -> bool:
+        assert self.compiler is not None and self.compiler.stdin is not None
+        try:
+            self.compiler.stdin.write("".join(f"{path}\n" for path in paths))
+            self.compiler.stdin.flush()
+        except (BrokenPipeError, OSError):  # the compiler died: compile_bytecode does it all
+            return False
+        return True
 
 
 # The project's own code, compiled like the installed modules above. Where
