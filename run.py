@@ -204,11 +204,11 @@ class CompileWhileInstalling:
     names, on the core pip leaves idle. When pip is done, it is stopped, and
     compile_bytecode compiles the rest on every core (docs/performance.md, set-up)."""
 
-    def __init__(self) -> None:
-        purelib = subprocess.run([str(BIN / "python"), "-c",
-                                  "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                 capture_output=True, text=True, check=True)
-        self.site_packages = Path(purelib.stdout.strip())
+    def __init__(self, python: Path = BIN / "python", site_packages: Path | None = None) -> None:
+        self.python = python
+        self.site_packages = site_packages or Path(subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True, text=True, check=True).stdout.strip())
         self.seen = set(self.site_packages.glob("*.dist-info"))  # there before pip: not ours
         self.skipped = re.compile(NOT_COMPILED)
         self.done = threading.Event()
@@ -217,7 +217,7 @@ class CompileWhileInstalling:
 
     def __enter__(self) -> CompileWhileInstalling:
         low_priority = (lambda: os.nice(10)) if hasattr(os, "nice") else None
-        self.compiler = subprocess.Popen([str(BIN / "python"), "-c", COMPILE_NAMED],
+        self.compiler = subprocess.Popen([str(self.python), "-c", COMPILE_NAMED],
                                          stdin=subprocess.PIPE, text=True, cwd=ROOT,
                                          preexec_fn=low_priority)
         self.watcher.start()
