@@ -256,7 +256,7 @@ class CompileWhileInstalling:
         try:
             self.compiler.stdin.write("".join(f"{path}\n" for path in paths))
             self.compiler.stdin.flush()
-        except (BrokenPipeError, OSError):  # the compiler died: compile_bytecode does it all
+        except OSError:  # a broken pipe: the compiler died, and compile_bytecode does it all
             return False
         return True
 
