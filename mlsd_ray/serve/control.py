@@ -233,8 +233,6 @@ def start(settings: ServeConfig, workspace: Workspace, detach: bool = False,
     except BaseException:
         # No record names a head we started yet, so `mlsd serve stop` could not find it: after
         # a failed `mlsd serve --detach` it kept running, with Serve's port
-        if cluster.cluster_pid is not None:
-            ray.shutdown()
         _stop_unrecorded(cluster)
         raise
 
@@ -446,8 +444,12 @@ def _connect_for(workspace: Workspace, settings: ServeConfig, detach: bool,
 
 
 def _stop_unrecorded(head: RayHead) -> None:
-    """Stop a head this command started, before any record of it was written."""
+    """Stop a head this command started, before any record of it was written; this driver
+    leaves it first (ray.shutdown does nothing where it had not joined)."""
     if head.cluster_pid is not None:
+        import ray
+
+        ray.shutdown()
         stop_head(head.cluster_pid, head.ray_address, timeout=10)
 
 
@@ -516,6 +518,9 @@ def port_in_use(host: str, port: int) -> str | None:
     return None
 
 
+FIRST_CHOSEN_PORT = 20000  # above the ports that servers commonly default to
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing uses now, below the kernel's ephemeral range. A port from that range
     (what binding port 0 gives) is handed out again to the next outgoing connection or port-0
@@ -533,9 +538,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as probe:  # all those tried are taken: any free one
         probe.bind((host, 0))
         return probe.getsockname()[1]
-
-
-FIRST_CHOSEN_PORT = 20000  # above the ports that servers commonly default to
 
 
 def _ephemeral_ports_start() -> int:
