@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -101,12 +102,60 @@ def cluster_env(ray_session) -> dict:
     return {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Remember whether a test's own code failed, for the fixtures' teardown."""
+    outcome = yield
+    if call.when == "call":
+        item.call_failed = outcome.get_result().failed
+
+
+@pytest.fixture(autouse=True)
+def serve_removed_after_a_failed_command(request):
+    """After a failed test whose `mlsd` commands joined the session's Ray, shut down whatever
+    Serve they left running there: a passing test stops its apps itself, and one that failed
+    half-way must not fail the tests after it on the CPUs and port its app still holds."""
+    yield
+    if "cluster_env" in request.fixturenames and getattr(request.node, "call_failed", False):
+        from ray import serve
+
+        serve.shutdown()
+
+
 def run_mlsd(*args: str, env: dict | None = None,
              timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m mlsd_ray.cli ARGS` as a user runs it, output captured; `env` is added to
-    this process's environment."""
-    return subprocess.run([sys.executable, "-m", "mlsd_ray.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    this process's environment.
+
+    A command still running after `timeout` seconds is interrupted as a user's Ctrl-C would
+    (SIGINT: its stages stop what they started), and the test fails with its last lines. Killed
+    outright, a pipeline left its Serve app on the session's Ray, holding CPUs and port 8000,
+    and the worker's next three tests failed on that, not on their own code."""
+    command = [sys.executable, "-m", "mlsd_ray.cli", *args]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, **(env or {})}) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stderr = _interrupt(process)
+            last = "\n".join(stderr.splitlines()[-INTERRUPTED_LINES:])
+            pytest.fail(f"`mlsd {' '.join(args)}` ran past {timeout} s and was interrupted; "
+                        f"its last {INTERRUPTED_LINES} lines of stderr:\n{last}",
+                        pytrace=False)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+INTERRUPTED_LINES = 40
+
+
+def _interrupt(process: subprocess.Popen, grace_s: float = 60) -> str:
+    """SIGINT, then SIGKILL after `grace_s`; everything the process wrote to stderr."""
+    process.send_signal(signal.SIGINT)
+    try:
+        return process.communicate(timeout=grace_s)[1]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.communicate()[1]
 
 
 @pytest.fixture

@@ -1,13 +1,15 @@
 """Faults of the `mlsd` command itself, in a subprocess SIGKILLed mid-work: a training driver
 that resumes after its last checkpoint, and a retrain whose registry stays whole wherever it
-dies. They join the session's Ray (RAY_ADDRESS), as tests/e2e/test_cli.py's commands do."""
+dies; and Ctrl-C in the middle of Ray Train's workers. They join the session's Ray (RAY_ADDRESS), as tests/e2e/test_cli.py's commands do."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,9 +23,6 @@ def test_a_driver_killed_mid_training_resumes_after_its_last_checkpoint(digits_w
     """SIGKILL `mlsd train` once its second epoch has been reported (a checkpoint every epoch):
     the same command again resumes at the epoch after the last checkpoint it finished, and
     runs to the end. It trains on the session's prepared digits (tests/conftest.py)."""
-    import signal
-    import time
-
     home, epochs = Path(digits_workspace.root), 6
     train = ["train", "--source", "digits", "--set", "data.image_size=8", "--num-workers", "0",
              "--epochs", str(epochs), "--run-name", "killed", "--home", str(home),
@@ -53,6 +52,37 @@ def test_a_driver_killed_mid_training_resumes_after_its_last_checkpoint(digits_w
     assert json.loads(again.stdout)["epochs_run"] == epochs
     print(f"\nkilled after epoch {finished[-1]}; resumed at {first.split(':')[0]} and "
           f"finished in {time.monotonic() - started:.1f} s")
+
+
+def test_ctrl_c_stops_two_training_workers_and_says_so(digits_workspace, cluster_env):
+    """SIGINT, as Ctrl-C sends, to `mlsd train` with two Ray Train workers once an epoch has
+    been reported: "interrupted" and exit code 130 (Ray Train's own handler made it exit 1
+    with no message), and the workers' CPUs come back to the Ray it joined."""
+    import ray
+
+    train = ["train", "--source", "digits", "--set", "data.image_size=8", "--num-workers", "2",
+             "--set", "train.cpus_per_worker=0.5", "--epochs", "50", "--run-name", "ctrl-c",
+             "--home", digits_workspace.root, "--set", "registry.auto_register=false"]
+    driver = subprocess.Popen([sys.executable, "-m", "mlsd_ray.cli", *train],
+                              stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                              env={**os.environ, **cluster_env})
+    said = []
+    try:
+        for line in driver.stderr:  # type: ignore[union-attr]
+            said.append(line)
+            if line.startswith("epoch 1/50"):
+                driver.send_signal(signal.SIGINT)
+                break
+        said.extend(driver.stderr)  # type: ignore[arg-type]
+        assert driver.wait(timeout=60) == 130, said
+    finally:
+        driver.kill()
+    assert said[-1] == "error: interrupted\n", said
+    assert not any(line.startswith("epoch 50/50") for line in said), said
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, ray.available_resources()
+        time.sleep(0.5)
 
 
 @pytest.mark.slow

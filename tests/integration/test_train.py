@@ -64,8 +64,12 @@ def test_two_workers_learn_survive_a_killed_worker_and_resume(digits_workspace):
     killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     killer.start()
     said: list[str] = []
+    ctrl_c = signal.getsignal(signal.SIGINT)
     first = run_train(cfg, workspace=workspace, run_name="digits-killed", log=said.append)
     killer.join(timeout=5)
+    # Ray Train installs a SIGINT handler from the main thread and leaves it: ours is kept
+    assert threading.current_thread() is threading.main_thread()
+    assert signal.getsignal(signal.SIGINT) is ctrl_c
     assert any("streamed through Ray Data every epoch" in line for line in said), said
     assert any(line.startswith("reusing the prepared dataset") for line in said), said
     assert killed, "no training worker was found to kill"
