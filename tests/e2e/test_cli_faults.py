@@ -1,6 +1,7 @@
 """Faults of the `mlsd` command itself, in a subprocess SIGKILLed mid-work: a training driver
 that resumes after its last checkpoint, and a retrain whose registry stays whole wherever it
-dies; and Ctrl-C in the middle of Ray Train's workers. They join the session's Ray (RAY_ADDRESS), as tests/e2e/test_cli.py's commands do."""
+dies; and Ctrl-C in the middle of Ray Train's workers. They join the session's Ray
+(RAY_ADDRESS), as tests/e2e/test_cli.py's commands do."""
 
 from __future__ import annotations
 
