@@ -44,8 +44,8 @@ from _serving import (
     wait_for,
 )
 
+from mlsd_ray.core.ports import free_port
 from mlsd_ray.core.workspace import Workspace
-from mlsd_ray.serve.control import free_port
 
 SERVERS = ("plain", "microbatch", "single", "split", "single_ort")
 MAX_BATCH, BATCH_WAIT_S = 32, 0.005

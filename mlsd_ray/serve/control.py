@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from mlsd_ray import registry
 from mlsd_ray.core.config import ServeConfig
 from mlsd_ray.core.errors import InputError, WorkError
+from mlsd_ray.core.ports import free_port, port_in_use
 from mlsd_ray.core.runtime import log_stderr, quiet_serve_console, reachable
 from mlsd_ray.core.workspace import Workspace
 
@@ -505,47 +504,6 @@ def _check_ingress(settings: ServeConfig, running_here: bool,
     if os.environ.get("RAY_ADDRESS"):
         log(f"serve.ingress=haproxy: the cluster at RAY_ADDRESS uses HAProxy only if it was "
             f"started with {HAPROXY_ENV}=1")
-
-
-def port_in_use(host: str, port: int) -> str | None:
-    """Why `host:port` cannot be bound, or None when it is free."""
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            return exc.strerror or str(exc)
-    return None
-
-
-FIRST_CHOSEN_PORT = 20000  # above the ports that servers commonly default to
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing uses now, below the kernel's ephemeral range. A port from that range
-    (what binding port 0 gives) is handed out again to the next outgoing connection or port-0
-    bind, and every Ray worker makes many: a test's Serve port picked that way was taken
-    before Serve bound it ("Failed to bind to address")."""
-    below = _ephemeral_ports_start()
-    for _ in range(200):
-        port = random.randrange(FIRST_CHOSEN_PORT, below)
-        with socket.socket() as probe:
-            try:
-                probe.bind((host, port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as probe:  # all those tried are taken: any free one
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
-
-
-def _ephemeral_ports_start() -> int:
-    """The first port of Linux's ephemeral range (32768 by default; macOS's starts at 49152)."""
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
 
 
 def _check_port_free(settings: ServeConfig) -> None:

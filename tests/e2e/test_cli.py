@@ -16,8 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from mlsd_ray.serve import control
-from mlsd_ray.serve.control import free_port
+from mlsd_ray.core.ports import free_port, port_in_use
 from tests.conftest import make_image_folder, run_mlsd, write_png
 
 RAY_NOISE = ("Execution plan", "Starting execution of Dataset", "(TrainController",
@@ -254,7 +253,7 @@ def test_serving_through_haproxy_answers_and_stops_cleanly(tmp_path, digits_mode
                                   "--home", home], capture_output=True, text=True, timeout=120,
                                  env=env)
     assert stopped.returncode == 0, stopped.stderr
-    assert control.port_in_use("127.0.0.1", int(port)) is None
+    assert port_in_use("127.0.0.1", int(port)) is None
     assert not [p for p in psutil.process_iter(["name", "status"])  # a zombie holds nothing
                 if p.info["name"] == "haproxy" and p.info["status"] != psutil.STATUS_ZOMBIE]
 

@@ -17,6 +17,7 @@ import time
 import psutil
 import pytest
 
+from mlsd_ray.core.ports import free_port
 from mlsd_ray.serve import control
 from tests.load import report, under_load, wait_for
 
@@ -36,7 +37,7 @@ def redis(tmp_path):
     """redis-server on a free port, keeping nothing on disk; its address."""
     binary = shutil.which("redis-server")
     assert binary, "install Debian's redis-server (`python3 run.py test --all` does)"
-    port = control.free_port()
+    port = free_port()
     server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                "--appendonly", "no", "--dir", str(tmp_path)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -55,7 +56,7 @@ def test_the_app_answers_through_a_20_s_gcs_outage(tmp_path, digits_model, redis
     """Under load: SIGKILL the head's GCS, keep it down for 20 s, start it again. Every request
     is answered meanwhile; a deploy sent during the outage fails within seconds, naming the
     GCS; after the restart the head still knows the app (from Redis) and a deploy works."""
-    home, port = str(tmp_path / "home"), str(control.free_port())
+    home, port = str(tmp_path / "home"), str(free_port())
     model = digits_model.result.checkpoint
     started = mlsd("serve", "--detach", "--json", "--model", model, "--home", home,
                    "--port", port, "--set", f"serve.gcs_redis={redis}")

@@ -19,8 +19,8 @@ import urllib.request
 import pytest
 from sklearn.datasets import load_digits
 
+from mlsd_ray.core.ports import free_port
 from mlsd_ray.serve.client import b64_instance
-from mlsd_ray.serve.control import free_port
 from mlsd_ray.tasks.image.data.sources import digits_uint8
 from mlsd_ray.tasks.image.traffic import png_bytes
 

@@ -21,6 +21,7 @@ import pytest
 import requests
 
 from mlsd_ray.core.config import ServeConfig
+from mlsd_ray.core.ports import free_port
 from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.monitor.predlog import log_location, wait_for_rows
 from mlsd_ray.serve import control
@@ -54,7 +55,7 @@ def app(tmp_path_factory, digits_model) -> Iterator[ChaosApp]:
     log_and_register(digits_model.result, digits_model.cfg, digits_model.dataset,
                      "digits-cnn", workspace)
     images, _ = digits_model.dataset.load_split("test")
-    settings = ServeConfig(model="models:/digits-cnn/1", app_name=APP, port=control.free_port(),
+    settings = ServeConfig(model="models:/digits-cnn/1", app_name=APP, port=free_port(),
                            num_cpus=0.1, autoscaling={"min_replicas": REPLICAS,
                                                       "max_replicas": REPLICAS})
     running = control.start(settings, workspace=workspace, log=lambda _: None)

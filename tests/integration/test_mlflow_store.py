@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from mlsd_ray.core.ports import free_port
 from mlsd_ray.core.workspace import Workspace
-from mlsd_ray.serve.control import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 

@@ -20,6 +20,7 @@ import yaml
 from mlsd_ray import registry
 from mlsd_ray.core.config import ServeConfig, load_config
 from mlsd_ray.core.errors import InputError
+from mlsd_ray.core.ports import free_port
 from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.monitor.predlog import log_location, wait_for_rows
 from mlsd_ray.monitor.run import MonitorReport, monitor
@@ -53,7 +54,7 @@ def live(tmp_path_factory, digits_model):
     workspace = Workspace.at(home)
     log_and_register(digits_model.result, cfg, dataset, "digits-cnn", workspace)
     promote("digits-cnn", 1, "production", workspace)
-    cfg.serve = ServeConfig(model="models:/digits-cnn@production", port=control.free_port(),
+    cfg.serve = ServeConfig(model="models:/digits-cnn@production", port=free_port(),
                             num_cpus=0.25, ingress_num_cpus=0.1,
                             autoscaling={"min_replicas": 1, "max_replicas": 1},
                             prediction_log={"flush_seconds": 0.5})
@@ -153,7 +154,7 @@ def test_a_real_prometheus_scrapes_the_app_and_has_every_dashboard_metric(live, 
     config["scrape_configs"][0]["file_sd_configs"][0]["files"] = [str(tmp_path / "targets.json")]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     traffic_then_monitor(live, "none", count=60, seed=7)  # a drift score for the app to publish
-    port = control.free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
                                f"--storage.tsdb.path={tmp_path / 'tsdb'}",

@@ -85,7 +85,7 @@ def test_a_version_is_an_mlflow_model_that_plain_mlflow_loads_and_serves(workspa
     import numpy as np
     import requests
 
-    from mlsd_ray.serve.control import free_port
+    from mlsd_ray.core.ports import free_port
 
     registered = log_and_register(digits_model.result, digits_model.cfg, digits_model.dataset,
                                   "digits-cnn", workspace)

@@ -26,6 +26,7 @@ from PIL import Image
 from mlsd_ray import registry
 from mlsd_ray.core.config import ServeConfig, load_config
 from mlsd_ray.core.errors import InputError
+from mlsd_ray.core.ports import free_port
 from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.serve import control
 from mlsd_ray.serve.app import TOKEN_ENV
@@ -45,7 +46,7 @@ def served(tmp_path_factory, digits_model):
         log_and_register(digits_model.result, digits_model.cfg, digits_model.dataset,
                          "digits-cnn", workspace)
     images, labels = digits_model.dataset.load_split("test")
-    port = control.free_port()
+    port = free_port()
     yield {"workspace": workspace, "images": images, "labels": labels, "port": port,
            "url": f"http://127.0.0.1:{port}"}
     serve.shutdown()
@@ -144,7 +145,7 @@ def test_a_second_app_or_another_port_on_the_running_serve_is_refused_first(serv
     second = ServeConfig(model="models:/digits-cnn/1", app_name="second", port=served["port"])
     with pytest.raises(InputError, match="app 'mlsd' already serves / on this Ray"):
         control.start(second, workspace=served["workspace"], log=lambda _: None)
-    elsewhere = app.settings.model_copy(update={"port": control.free_port()})
+    elsewhere = app.settings.model_copy(update={"port": free_port()})
     with pytest.raises(InputError, match=f"listens on port {served['port']}, which all its"):
         control.start(elsewhere, workspace=served["workspace"], log=lambda _: None)
     assert set(serve.status().applications) == {"mlsd"}

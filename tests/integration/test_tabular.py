@@ -15,6 +15,7 @@ import requests
 
 from mlsd_ray.core.config import load_config
 from mlsd_ray.core.errors import InputError
+from mlsd_ray.core.ports import free_port
 from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.serve import control
 from mlsd_ray.serve.app import ADMIN_TOKEN_ENV
@@ -161,7 +162,7 @@ def test_mlsd_serve_serves_the_fraud_model(fraud_model, ray_session):
                               env=env)
 
     started = mlsd("serve", "--model", summary.registered.uri, "--detach", "--json",
-                   "--port", str(control.free_port()))
+                   "--port", str(free_port()))
     assert started.returncode == 0, started.stderr
     app = json.loads(started.stdout)
     try:
@@ -189,7 +190,7 @@ def fraud_url(fraud_model):
     # Two replicas (routes and model in each): a policy set through one reaches both.
     two = cfg.serve.autoscaling.model_copy(update={"min_replicas": 2, "max_replicas": 2})
     settings = cfg.serve.model_copy(update={"model": summary.registered.uri,
-                                            "port": control.free_port(), "num_cpus": 0.25,
+                                            "port": free_port(), "num_cpus": 0.25,
                                             "autoscaling": two, "max_body_bytes": 4096,
                                             "prediction_log": log})
     os.environ[ADMIN_TOKEN_ENV] = ADMIN_TOKEN  # read where the app starts: its replicas get
