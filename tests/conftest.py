@@ -76,9 +76,11 @@ def pytest_collection_modifyitems(config, items):
 def ray_session():
     """One local Ray for the whole session (starting one costs ~5 s): 2 CPUs, dashboard on.
 
-    address="local" starts a fresh instance even when another Ray runs on this machine (a
-    user's `ray start`, a left-over head): without it ray.init joins that cluster and refuses
-    num_cpus, and every test errors at set-up.
+    A fresh instance even when another Ray runs on this machine (a user's `ray start`, a
+    left-over head, another pytest worker's test head): joining that cluster would refuse
+    num_cpus, and every test would error at set-up. Its processes know its address
+    (runtime.start_local_ray): a head that another test starts meanwhile does not become the
+    cluster its Train runs ask about.
     """
     import ray
 
@@ -86,8 +88,8 @@ def ray_session():
     from mlsd_ray.core.workspace import Workspace
 
     runtime.tune_ray_daemons()  # read when Ray starts: before ray.init
-    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False,
-             object_store_memory=512 * 1024**2, logging_level="WARNING")
+    runtime.start_local_ray(num_cpus=2, include_dashboard=True, log_to_driver=False,
+                            object_store_memory=512 * 1024**2, logging_level="WARNING")
     # applies our DataContext settings to the running instance
     runtime.ensure_ray(Workspace.at())
     runtime.set_progress_bars(False)

@@ -11,8 +11,9 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
+from mlsd_ray.core.ports import free_port
 from mlsd_ray.core.workspace import Workspace
 
 _settings = {"quiet": False, "verbose": False}
@@ -135,8 +136,13 @@ def ensure_ray(workspace: Workspace) -> None:
     if not ray.is_initialized():
         to_console = _settings["verbose"] and not _settings["quiet"]
         quiet_token_notice()
-        ray.init(address=_address(), include_dashboard=True, log_to_driver=to_console,
-                 logging_level=logging.WARNING)
+        options = {"include_dashboard": True, "log_to_driver": to_console,
+                   "logging_level": logging.WARNING}
+        address = _address()
+        if address is None:
+            start_local_ray(**options)
+        else:
+            ray.init(address=address, **options)
         if not to_console:
             log_stderr(f"Ray's logs: {ray_logs_dir()} (--verbose prints them here)")
     from mlsd_ray.core.cluster import check_shared_storage
@@ -176,9 +182,9 @@ def recorded_cluster_file() -> str:
 
 
 def _address() -> str | None:
-    """RAY_ADDRESS; else None: join the cluster `ray start` recorded on this machine, or start
-    one. A record whose head is gone (killed, machine rebooted) would make ray.init wait for it
-    forever, so then a new local instance starts ("local") with a note."""
+    """The cluster to join: RAY_ADDRESS, else the one `ray start` recorded on this machine;
+    None: start one here. A record whose head is gone (killed, machine rebooted) would make
+    ray.init wait for it forever, so then a new local instance starts, with a note."""
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"]
     try:
@@ -188,8 +194,46 @@ def _address() -> str | None:
     if not reachable(recorded):
         log_stderr(f"note: {recorded_cluster_file()} names a Ray cluster at {recorded} that is "
                    "gone; starting a new local one")
-        return "local"
-    return None
+        return None
+    return recorded
+
+
+def start_local_ray(**init_options: Any) -> None:
+    """`ray.init(address="local", **init_options)`: a new Ray instance on this machine, whose
+    own processes are told its address.
+
+    Asked from one of Ray's processes with no RAY_ADDRESS set, Ray's state API answers for
+    the cluster that `ray start` last recorded on this machine, not for its own. Ray Train
+    2.60 asks it every second, from a PlacementGroupCleaner beside each run, whether the
+    run's controller lives. Once another head had started on the machine (`ray start`,
+    `mlsd serve --detach`, a test's head), the answer was "no such actor", and the cleaner
+    removed the live run's placement group: "Destroying worker since its placement group was
+    removed" (docs/reliability.md). So the instance's GCS gets a port chosen here, and what it
+    starts (its raylet, and through it every worker) inherits RAY_ADDRESS naming it. This
+    process's own environment is put back: a command it runs still chooses its own Ray.
+    """
+    import ray
+
+    port = os.environ.get("RAY_GCS_SERVER_PORT") or str(free_port("0.0.0.0"))
+    with environment(RAY_GCS_SERVER_PORT=port,
+                     RAY_ADDRESS=f"{ray.util.get_node_ip_address()}:{port}"):
+        ray.init(address="local", **init_options)
+
+
+@contextlib.contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """os.environ with `values` set, and afterwards as it was: for the processes started
+    meanwhile, which inherit it."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def reachable(address: str, timeout: float = 2) -> bool:

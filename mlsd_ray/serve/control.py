@@ -566,7 +566,10 @@ def _start_head_once(log_path: Path, extra_args: tuple[str, ...],
                f"--ray-client-server-port={free_port()}",
                "--include-dashboard=true", "--disable-usage-stats", *extra_args]
     env = {**os.environ, **(environment or {}),
-           "PATH": os.pathsep.join([str(ray_bin.parent), os.environ.get("PATH", "")])}
+           "PATH": os.pathsep.join([str(ray_bin.parent), os.environ.get("PATH", "")]),
+           # the head's processes ask Ray's state API about this head, not about whichever
+           # cluster `ray start` recorded last (core/runtime.py: start_local_ray)
+           "RAY_ADDRESS": f"127.0.0.1:{port}"}
     # Ray 2.60's `ray start --block` answers SIGTERM by draining its node for up to 30 s,
     # for a Kubernetes pod whose replicas can move to other nodes. A head of its own has
     # nowhere to move them, so `mlsd serve stop` waited out stop_head's 10 s for nothing

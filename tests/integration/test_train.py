@@ -29,6 +29,30 @@ FAST = ["data.image_size=8", "data.augment.random_shift=1", "train.batch_size=64
         "data.augment.rotation_deg=0"]
 
 
+def test_the_sessions_ray_processes_ask_the_state_api_about_their_own_cluster():
+    """Ray's processes on a Ray that runtime.start_local_ray started name it in RAY_ADDRESS.
+    Ray's state API, asked from them with no address (as Ray Train's PlacementGroupCleaner
+    asks each second whether a run's controller lives), then answers for this cluster, not
+    for the head that `ray start` recorded last on the machine: with one recorded there, a
+    live run's placement group was removed (docs/reliability.md)."""
+    import ray
+    from ray.util.state import get_actor
+
+    @ray.remote(num_cpus=0)
+    class Asker:
+        def ask_about_itself(self) -> tuple:
+            state = get_actor(ray.get_runtime_context().get_actor_id())
+            return os.environ.get("RAY_ADDRESS"), state.state if state else None
+
+    asker = Asker.remote()
+    try:
+        address, state = ray.get(asker.ask_about_itself.remote(), timeout=60)
+    finally:
+        ray.kill(asker)
+    assert address == ray.get_runtime_context().gcs_address
+    assert state == "ALIVE"
+
+
 def test_two_workers_learn_survive_a_killed_worker_and_resume(digits_workspace):
     """Two DDP workers on the prepared digits. SIGKILL one mid-run: the run restarts it from
     the last checkpoint and finishes. The splits stream through Ray Data in that run

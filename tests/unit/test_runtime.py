@@ -1,4 +1,5 @@
-"""The console contract of core/runtime.py: what reaches a command's stdout while it works."""
+"""core/runtime.py: what reaches a command's stdout while it works, and the environment that
+the processes it starts inherit."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import io
 import os
 import sys
 
-from mlsd_ray.core.runtime import RayEchoFilter, native_lines_off_console
+from mlsd_ray.core.runtime import RayEchoFilter, environment, native_lines_off_console
 
 
 def test_ray_echoes_are_dropped_and_our_lines_kept_whole():
@@ -37,3 +38,22 @@ def test_native_ray_lines_stay_off_stderr_and_the_rest_passes(capfd):
     assert "core_worker.cc" not in err
     assert err.splitlines() == ["predicting folder:x with models:/m/1",
                                 "a partial line, then the rest", "after"]
+
+
+def test_an_environment_for_the_processes_started_meanwhile_is_put_back(monkeypatch):
+    import subprocess
+
+    monkeypatch.setenv("MLSD_TEST_KEPT", "before")
+    monkeypatch.delenv("MLSD_TEST_NEW", raising=False)
+    with environment(MLSD_TEST_KEPT="during", MLSD_TEST_NEW="added"):
+        show = "import os; print(os.environ['MLSD_TEST_KEPT'], os.environ['MLSD_TEST_NEW'])"
+        seen = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True,
+                              check=True).stdout.split()
+    assert seen == ["during", "added"]
+    assert os.environ["MLSD_TEST_KEPT"] == "before" and "MLSD_TEST_NEW" not in os.environ
+    try:
+        with environment(MLSD_TEST_NEW="added"):
+            raise RuntimeError("a failed ray.init")
+    except RuntimeError:
+        pass
+    assert "MLSD_TEST_NEW" not in os.environ
