@@ -139,7 +139,7 @@ def ensure_ray(workspace: Workspace) -> None:
         options = {"include_dashboard": True, "log_to_driver": to_console,
                    "logging_level": logging.WARNING}
         address = _address()
-        if address is None:
+        if address == "local":
             start_local_ray(**options)
         else:
             ray.init(address=address, **options)
@@ -182,20 +182,21 @@ def recorded_cluster_file() -> str:
 
 
 def _address() -> str | None:
-    """The cluster to join: RAY_ADDRESS, else the one `ray start` recorded on this machine;
-    None: start one here. A record whose head is gone (killed, machine rebooted) would make
-    ray.init wait for it forever, so then a new local instance starts, with a note."""
+    """RAY_ADDRESS; else None: ray.init joins the cluster `ray start` recorded on this
+    machine; else "local": start one here. A record whose head is gone (killed, machine
+    rebooted) would make ray.init wait for it forever, so then a new local instance starts,
+    with a note."""
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"]
     try:
         recorded = Path(recorded_cluster_file()).read_text().strip()
     except OSError:
-        return None
+        return "local"
     if not reachable(recorded):
         log_stderr(f"note: {recorded_cluster_file()} names a Ray cluster at {recorded} that is "
                    "gone; starting a new local one")
-        return None
-    return recorded
+        return "local"
+    return None
 
 
 def start_local_ray(**init_options: Any) -> None:
