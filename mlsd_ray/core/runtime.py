@@ -136,8 +136,8 @@ def ensure_ray(workspace: Workspace) -> None:
     if not ray.is_initialized():
         to_console = _settings["verbose"] and not _settings["quiet"]
         quiet_token_notice()
-        options = {"include_dashboard": True, "log_to_driver": to_console,
-                   "logging_level": logging.WARNING}
+        options: dict[str, Any] = {"include_dashboard": True, "log_to_driver": to_console,
+                                   "logging_level": logging.WARNING}
         address = _address()
         if address == "local":
             start_local_ray(**options)
