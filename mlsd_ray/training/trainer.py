@@ -87,6 +87,8 @@ def torch_trainer(loop: Callable[[dict], None], config: dict, cfg: Config, run_n
     )
     from ray.train.torch import TorchTrainer
 
+    from mlsd_ray.training import ray_train_fixes
+
     # Blocks in a fixed order, dealt to the workers in a fixed way (Ray Data's splitter drops
     # its locality-first dispatch when order is preserved): the same config and seed train the
     # same model, so a tune trial's best.yaml reproduces the trial's accuracy.
@@ -120,20 +122,8 @@ def torch_trainer(loop: Callable[[dict], None], config: dict, cfg: Config, run_n
             callbacks=callbacks),
         datasets=datasets if plan.mode == STREAMING else {},
         dataset_config=DataConfig(execution_options=ordered))
-    keep_ctrl_c_ours(trainer)
+    ray_train_fixes.adjust(trainer)
     return trainer
-
-
-def keep_ctrl_c_ours(trainer) -> None:
-    """Leave Ctrl-C to Python's KeyboardInterrupt, which the CLI turns into "interrupted" and
-    exit code 130 (the driver's Ray, its train controller and workers end with it).
-
-    Ray Train 2.60's fit() installs a SIGINT handler of its own and never puts the old one
-    back. During fit, it made `mlsd train` exit 1 with no message. After fit, it held the
-    finished controller and swallowed the next two Ctrl-C: the pipeline's serve stage and
-    `--keep-serving` ("Ctrl-C stops") did not stop, and a test that interrupted a pipeline had
-    to kill it, which left its Serve app on the test session's Ray."""
-    trainer._register_sigint_handler = lambda controller: None
 
 
 def where_it_trains(cfg: TrainConfig) -> str:
