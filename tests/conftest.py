@@ -124,6 +124,9 @@ def serve_removed_after_a_failed_command(request):
         serve.shutdown()
 
 
+INTERRUPTED_LINES = 40  # of a command's stderr, when run_mlsd interrupts it
+
+
 def run_mlsd(*args: str, env: dict | None = None,
              timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m mlsd_ray.cli ARGS` as a user runs it, output captured; `env` is added to
@@ -145,9 +148,6 @@ def run_mlsd(*args: str, env: dict | None = None,
                         f"its last {INTERRUPTED_LINES} lines of stderr:\n{last}",
                         pytrace=False)
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-
-
-INTERRUPTED_LINES = 40
 
 
 def _interrupt(process: subprocess.Popen, grace_s: float = 60) -> str:

@@ -55,6 +55,7 @@ def test_a_driver_killed_mid_training_resumes_after_its_last_checkpoint(digits_w
           f"finished in {time.monotonic() - started:.1f} s")
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_two_training_workers_and_says_so(digits_workspace, cluster_env):
     """SIGINT, as Ctrl-C sends, to `mlsd train` with two Ray Train workers once an epoch has
     been reported: "interrupted" and exit code 130 (Ray Train's own handler made it exit 1
