@@ -215,10 +215,21 @@ def start_local_ray(**init_options: Any) -> None:
     """
     import ray
 
+    with told_its_address():
+        ray.init(address="local", **init_options)
+
+
+@contextlib.contextmanager
+def told_its_address() -> Iterator[int]:
+    """For a Ray head started meanwhile in this process: the GCS port it is to take (yielded;
+    RAY_GCS_SERVER_PORT, a user's own value kept), and RAY_ADDRESS naming it, which the
+    processes it starts inherit (start_local_ray says why)."""
+    import ray
+
     port = os.environ.get("RAY_GCS_SERVER_PORT") or str(free_port("0.0.0.0"))
     with environment(RAY_GCS_SERVER_PORT=port,
                      RAY_ADDRESS=f"{ray.util.get_node_ip_address()}:{port}"):
-        ray.init(address="local", **init_options)
+        yield int(port)
 
 
 @contextlib.contextmanager

@@ -32,12 +32,14 @@ def no_idle_dataset_manager(trainer: Any) -> None:
     starts no DatasetManager actor. Ray Train 2.60 starts one for every worker group even
     with nothing to hand out: a Python process of about 2.5 CPU-seconds each time, which only
     idles. Ray Data's context still reaches the workers."""
+    if trainer.datasets:
+        return
     defaults = trainer._create_default_callbacks
 
     def callbacks() -> list:
         return [WithoutDatasets(trainer.train_run_context)
-                if isinstance(callback, DatasetsCallback) and not trainer.datasets
-                else callback for callback in defaults()]
+                if isinstance(callback, DatasetsCallback) else callback
+                for callback in defaults()]
 
     trainer._create_default_callbacks = callbacks
 

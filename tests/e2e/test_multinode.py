@@ -44,15 +44,13 @@ def node_args():
 @pytest.fixture(scope="module")
 def cluster(node_args):
     """A head and a second node of 1 CPU each, on this machine (the same IP address)."""
-    import ray
     from ray.cluster_utils import Cluster
 
     from mlsd_ray.core import runtime
 
     # Its processes are told its address, as runtime.start_local_ray tells a local Ray's:
     # Ray's state API would otherwise answer them for the head that `ray start` recorded last
-    port = free_port("0.0.0.0")
-    with runtime.environment(RAY_ADDRESS=f"{ray.util.get_node_ip_address()}:{port}"):
+    with runtime.told_its_address() as port:
         nodes = Cluster(initialize_head=True, connect=False,
                         head_node_args={**node_args, "include_dashboard": True,
                                         "dashboard_port": None, "gcs_server_port": port})

@@ -104,13 +104,13 @@ def test_two_workers_learn_survive_a_killed_worker_and_resume(digits_workspace):
     assert [h["epoch"] for h in history] == list(range(1, 4))  # resumed, not restarted at 1
     assert first.metrics["val_accuracy"] > 0.5 and first.test_accuracy > 0.5  # chance: 0.1
 
-    # the same run name with more epochs continues after epoch 3, not from scratch
     def dataset_managers() -> int:
         return len(list_actors(address=ray.get_runtime_context().gcs_address,
                                filters=[("class_name", "=", "DatasetManager")]))
 
     streamed = dataset_managers()
     assert streamed >= 1  # the streamed run hands out its splits through one
+    # the same run name with more epochs continues after epoch 3, not from scratch
     longer = load_config(None, FAST + workers + ["train.epochs=4"])
     resumed = run_train(longer, workspace=workspace, run_name="digits-killed")
     assert dataset_managers() == streamed  # from memory: none started (ray_train_fixes.py)
