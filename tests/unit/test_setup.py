@@ -1,4 +1,5 @@
-"""run.py's set-up: the bytecode of each package pip has finished is written while pip goes on."""
+"""run.py's set-up: uv installs from where pip would; with pip, the bytecode of each package pip
+has finished is written while pip goes on."""
 
 from __future__ import annotations
 
@@ -69,3 +70,30 @@ def test_leaving_does_not_wait_for_a_stuck_compiler(tmp_path, monkeypatch):
         leaving = time.monotonic()
     assert info in compiling.seen
     assert time.monotonic() - leaving < 10
+
+
+def test_uv_installs_from_where_pip_would_and_leaves_what_it_cannot_honour_to_pip():
+    """`pip config list` -> uv's options: the indexes, links and constraints pip installs
+    from, a PIP_* variable winning over the config files as in pip; a setting that changes
+    what pip installs and has no uv option (no-binary here) leaves the install to pip."""
+    run = load_run_py()
+    config = "\n".join([
+        ":env:.find-links='/opt/wheels'",
+        ":env:.default-timeout='180'",
+        "global.cert='/etc/ssl/certs/ca-certificates.crt'",
+        "global.constraint='/etc/pip/constraints.txt'",
+        "global.extra-index-url='file:///opt/a/simple file:///opt/b/simple'",
+        "global.find-links='/srv/old-wheels'",
+        "global.index-url='https://mirror.example/simple'",
+        "freeze.exclude='pip'",  # not read by `pip install`
+    ])
+    settings = run.uv_settings(config)
+    assert settings.options == [
+        "--find-links", "/opt/wheels",
+        "--constraint", "/etc/pip/constraints.txt",
+        "--extra-index-url", "file:///opt/a/simple", "--extra-index-url", "file:///opt/b/simple",
+        "--index-url", "https://mirror.example/simple"]
+    assert settings.env == {"SSL_CERT_FILE": "/etc/ssl/certs/ca-certificates.crt"}
+    assert run.uv_settings("") == run.UvSettings([], {})
+    assert run.uv_settings(config + "\nglobal.no-binary=':all:'") is None
+    assert run.uv_settings("install.require-hashes='true'") is None
