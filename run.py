@@ -178,8 +178,12 @@ def uv_settings(pip_config: str) -> UvSettings | None:
             continue
         if key != "cert" and key not in UV_OPTION_OF_PIP:
             return None
+        try:
+            value = str(ast.literal_eval(quoted))  # pip prints each value as a Python repr
+        except (ValueError, SyntaxError):
+            return None
         if key not in chosen or rank > chosen[key][0]:
-            chosen[key] = rank, str(ast.literal_eval(quoted))
+            chosen[key] = rank, value
     settings = UvSettings([], {})
     for key, (_, value) in chosen.items():
         if key == "cert":
@@ -192,8 +196,9 @@ def uv_settings(pip_config: str) -> UvSettings | None:
 
 def uv_install() -> bool:
     """Install with uv, which downloads and unpacks packages in parallel: a new `.venv` took
-    43 s instead of 75 s with pip (docs/performance.md, the set-up). False when uv cannot be
-    had, or fails; pip then installs, as before."""
+    47 s instead of 75 s with pip (docs/performance.md, the set-up). False when uv cannot be
+    had, pip's configuration has a setting uv cannot follow, or uv fails; pip then installs,
+    as before."""
     python = str(BIN / "python")
     uv = BIN / ("uv.exe" if os.name == "nt" else "uv")
     got = subprocess.run([python, "-m", "pip", "install", "--quiet", "uv"], cwd=ROOT,
@@ -201,8 +206,12 @@ def uv_install() -> bool:
     pip_config = subprocess.run([python, "-m", "pip", "config", "list"], cwd=ROOT,
                                 capture_output=True, text=True)
     settings = uv_settings(pip_config.stdout) if pip_config.returncode == 0 else None
-    if got.returncode != 0 or settings is None or not uv.exists():
-        print("  uv is not available here: pip installs", file=sys.stderr, flush=True)
+    if got.returncode != 0 or not uv.exists():
+        print("  pip could not install uv: pip installs", file=sys.stderr, flush=True)
+        return False
+    if settings is None:
+        print("  pip's configuration has a setting uv has no option for: pip installs",
+              file=sys.stderr, flush=True)
         return False
     # unsafe-best-match: the highest version on any index, as pip chooses (uv's default takes
     # the first index that has the package at all)

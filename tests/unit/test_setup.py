@@ -97,3 +97,4 @@ def test_uv_installs_from_where_pip_would_and_leaves_what_it_cannot_honour_to_pi
     assert run.uv_settings("") == run.UvSettings([], {})
     assert run.uv_settings(config + "\nglobal.no-binary=':all:'") is None
     assert run.uv_settings("install.require-hashes='true'") is None
+    assert run.uv_settings("global.index-url=not a repr") is None  # not as pip prints it
