@@ -199,34 +199,56 @@ def uv_install() -> bool:
     47 s instead of 75 s with pip (docs/performance.md, the set-up). False when uv cannot be
     had, pip's configuration has a setting uv cannot follow, or uv fails; pip then installs,
     as before."""
+    found = uv_and_its_settings()
+    if found is None:
+        return False
+    uv, settings = found
+    # unsafe-best-match: the highest version on any index, as pip chooses (uv's default takes
+    # the first index that has the package at all)
+    return run_uv([str(uv), "pip", "install", "--python", str(BIN / "python"), "--no-progress",
+                   "--index-strategy", "unsafe-best-match", *settings.options, "-e", ".[dev]"],
+                  settings.env)
+
+
+def uv_and_its_settings() -> tuple[Path, UvSettings] | None:
+    """uv, which pip installs into `.venv`, and the settings that make it install from where
+    pip would; None, said on the console, when either cannot be had."""
     python = str(BIN / "python")
     uv = BIN / ("uv.exe" if os.name == "nt" else "uv")
     got = subprocess.run([python, "-m", "pip", "install", "--quiet", "uv"], cwd=ROOT,
                          capture_output=True)
+    if got.returncode != 0 or not uv.exists():
+        print("  pip could not install uv: pip installs", file=sys.stderr, flush=True)
+        return None
     pip_config = subprocess.run([python, "-m", "pip", "config", "list"], cwd=ROOT,
                                 capture_output=True, text=True)
     settings = uv_settings(pip_config.stdout) if pip_config.returncode == 0 else None
-    if got.returncode != 0 or not uv.exists():
-        print("  pip could not install uv: pip installs", file=sys.stderr, flush=True)
-        return False
     if settings is None:
         print("  pip's configuration has a setting uv has no option for: pip installs",
               file=sys.stderr, flush=True)
-        return False
-    # unsafe-best-match: the highest version on any index, as pip chooses (uv's default takes
-    # the first index that has the package at all)
-    command = [str(uv), "pip", "install", "--python", python, "--no-progress",
-               "--index-strategy", "unsafe-best-match", *settings.options, "-e", ".[dev]"]
-    with open(UV_LOG, "w") as log:
-        installed = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **settings.env})
-    lines = UV_LOG.read_text().splitlines()
-    if installed.returncode != 0:
-        print("\n".join(["  uv failed, so pip installs. uv's last lines:", *lines[-20:]]),
+        return None
+    return uv, settings
+
+
+def run_uv(command: list[str], env: dict[str, str]) -> bool:
+    """Run uv with its output in UV_LOG and each phase's line on the console as the phase
+    ends; on failure, uv's last 20 lines."""
+    with open(UV_LOG, "w") as log, subprocess.Popen(
+            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, **env}) as uv:
+        for line in uv.stdout or ():
+            log.write(line)
+            if line.startswith("Resolved "):
+                print(f"  {line.strip()}; downloading what uv's cache does not hold",
+                      file=sys.stderr, flush=True)
+            elif line.startswith(("Prepared ", "Installed ")):
+                print(f"  {line.strip()}", file=sys.stderr, flush=True)
+    if uv.returncode != 0:
+        tail = UV_LOG.read_text().splitlines()[-20:]
+        print("\n".join(["  uv failed, so pip installs. uv's last lines:", *tail]),
               file=sys.stderr, flush=True)
         return False
-    done = [line for line in lines if line.startswith(("Resolved ", "Prepared ", "Installed "))]
-    print(f"  {'; '.join(done)} (uv's log: {UV_LOG})", file=sys.stderr, flush=True)
+    print(f"  installed (uv's log: {UV_LOG})", file=sys.stderr, flush=True)
     return True
 
 
