@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import venv
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -232,18 +233,15 @@ def uv_and_its_settings() -> tuple[Path, UvSettings] | None:
 
 def run_uv(command: list[str], env: dict[str, str]) -> bool:
     """Run uv with its output in UV_LOG and each phase's line on the console as the phase
-    ends; on failure, uv's last 20 lines."""
-    with open(UV_LOG, "w") as log, subprocess.Popen(
-            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, **env}) as uv:
-        for line in uv.stdout or ():
-            log.write(line)
-            if line.startswith("Resolved "):
-                print(f"  {line.strip()}; downloading what uv's cache does not hold",
-                      file=sys.stderr, flush=True)
-            elif line.startswith(("Prepared ", "Installed ")):
-                print(f"  {line.strip()}", file=sys.stderr, flush=True)
-    if uv.returncode != 0:
+    ends (run_logged); on failure, uv's last 20 lines."""
+    def phase_ended(line: str) -> None:
+        if line.startswith("Resolved "):
+            print(f"  {line.strip()}; downloading what uv's cache does not hold",
+                  file=sys.stderr, flush=True)
+        elif line.startswith(("Prepared ", "Installed ")):
+            print(f"  {line.strip()}", file=sys.stderr, flush=True)
+
+    if run_logged(command, UV_LOG, phase_ended, env) != 0:
         tail = UV_LOG.read_text().splitlines()[-20:]
         print("\n".join(["  uv failed, so pip installs. uv's last lines:", *tail]),
               file=sys.stderr, flush=True)
@@ -270,22 +268,35 @@ def pip_install(command: list[str]) -> None:
             print(text, file=sys.stderr, flush=True)
 
     collected = 0
-    with open(PIP_LOG, "w") as log, subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            cwd=ROOT) as pip:
-        for line in pip.stdout or ():
-            log.write(line)
-            if line.startswith("Collecting "):
-                collected += 1
-                status(f"  resolving: {collected} packages ({line.split()[1]})",
-                       keep=not interactive and collected % 50 == 0)
-            elif line.startswith("Installing collected packages"):
-                status(f"  installing {collected} packages (torch is the largest)", keep=True)
-    if pip.returncode != 0:
+
+    def progress(line: str) -> None:
+        nonlocal collected
+        if line.startswith("Collecting "):
+            collected += 1
+            status(f"  resolving: {collected} packages ({line.split()[1]})",
+                   keep=not interactive and collected % 50 == 0)
+        elif line.startswith("Installing collected packages"):
+            status(f"  installing {collected} packages (torch is the largest)", keep=True)
+
+    returncode = run_logged(command, PIP_LOG, progress)
+    if returncode != 0:
         tail = PIP_LOG.read_text().splitlines()[-40:]
         print("\n".join(["", *tail, f"(the whole log: {PIP_LOG})"]), file=sys.stderr, flush=True)
-        raise subprocess.CalledProcessError(pip.returncode, command)
+        raise subprocess.CalledProcessError(returncode, command)
     print(f"  installed (pip's log: {PIP_LOG})", file=sys.stderr, flush=True)
+
+
+def run_logged(command: list[str], log_path: Path, on_line: Callable[[str], None],
+               env: dict[str, str] | None = None) -> int:
+    """Run an installer with all its output in `log_path`, each line also handed to
+    `on_line` (which shows progress); its exit code. `env` is added to this environment."""
+    with open(log_path, "w") as log, subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+            env={**os.environ, **(env or {})}) as process:
+        for line in process.stdout or ():
+            log.write(line)
+            on_line(line)
+    return process.returncode
 
 
 # Not compiled: the packages' own test suites (pandas/tests, sympy/*/tests, ...: 4,000 of
