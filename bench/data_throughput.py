@@ -29,7 +29,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlsd_ray.core.config import DataConfig  # noqa: E402
+from mlsd_ray.tasks.image.config import DataConfig  # noqa: E402
 from mlsd_ray.tasks.image.data.sources import FolderSource, read_files  # noqa: E402
 from mlsd_ray.tasks.image.data.transforms import Preprocessor  # noqa: E402
 from mlsd_ray.tasks.image.data.validate import ValidationSpec, validate_batch  # noqa: E402

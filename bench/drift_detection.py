@@ -15,9 +15,9 @@ import json
 import time
 from collections import Counter
 
-from mlsd_ray.core.config import load_config
 from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.monitor.run import monitor
+from mlsd_ray.tasks import load_config
 from mlsd_ray.tasks.image.data.prepare import prepare_dataset
 from mlsd_ray.tasks.image.traffic import simulate_traffic
 

@@ -66,9 +66,9 @@ def main() -> None:
     import pandas as pd
     import torch
 
-    from mlsd_ray.core.config import load_config
     from mlsd_ray.core.runtime import configure, ensure_ray
     from mlsd_ray.core.workspace import Workspace
+    from mlsd_ray.tasks import load_config
     from mlsd_ray.tasks.image.data.prepare import prepare_dataset
     from mlsd_ray.tasks.image.models import build_model
     from mlsd_ray.tasks.image.train import (

@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlsd_ray.core.config import load_config  # noqa: E402
 from mlsd_ray.core.workspace import Workspace  # noqa: E402
+from mlsd_ray.tasks import load_config  # noqa: E402
 from mlsd_ray.tuning.search import run_tune  # noqa: E402
 
 SPACE = "{train.lr: {loguniform: [1.0e-4, 3.0e-2]}, train.batch_size: [32, 64, 128]}"

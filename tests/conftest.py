@@ -219,8 +219,8 @@ def digits_model(tmp_path_factory, ray_session) -> TrainedDigits:
 
 
 def train_digits(folder: Path) -> TrainedDigits:
-    from mlsd_ray.core.config import load_config
     from mlsd_ray.core.workspace import Workspace
+    from mlsd_ray.tasks import load_config
     from mlsd_ray.tasks.image.data.prepare import PreparedDataset
     from mlsd_ray.tasks.image.train import run_train
 

@@ -272,7 +272,8 @@ def tune(source: SourceOption = None, config: ConfigOption = None, set_: SetOpti
     MLflow run with a child per trial, and registers the best trial's model.
     """
     workspace = Workspace.at(home)
-    from mlsd_ray.tuning.search import parse_param, run_tune
+    from mlsd_ray.tuning.search import run_tune
+    from mlsd_ray.tuning.space import parse_param
 
     flags = {"tune.search": search, "tune.num_samples": num_samples, "tune.scheduler": scheduler,
              "tune.cv": cv, "tune.max_concurrent": max_concurrent,
@@ -350,12 +351,13 @@ def pipeline(source: SourceOption = None, config: ConfigOption = None, set_: Set
 
     def work() -> PipelineResult:
         from mlsd_ray.serve.control import prepare_ingress
+        from mlsd_ray.workflows.pipeline import run_pipeline
 
         cfg = config_from(config, set_, source, example, label, task)
         prepare_ingress(cfg.serve)  # its Ray starts at the data stage, long before serving
-        return chosen.of(cfg).pipeline(cfg, workspace, log_stderr, force=force, tune=tune,
-                                       serve_check=serve or keep_serving,
-                                       keep_serving=keep_serving, monitor_loop=loop)
+        return run_pipeline(chosen.of(cfg), cfg, workspace, log_stderr, force=force, tune=tune,
+                            serve_check=serve or keep_serving, keep_serving=keep_serving,
+                            monitor_loop=loop)
 
     run(as_json, work, lambda result: chosen.task.render_pipeline(result), verbose=verbose)
 

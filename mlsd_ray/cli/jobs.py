@@ -179,10 +179,15 @@ def pipeline_job(config: JobConfigOption = None, set_: SetOption = None,
                  label: LabelOption = None, task: TaskOption = None) -> None:
     """data -> train -> register -> evaluate -> promote -> serve check (-> the monitoring
     loop, unless --smoke or --no-loop)."""
+    def work(cfg, where, log):
+        from mlsd_ray.workflows.pipeline import run_pipeline
+
+        return run_pipeline(_task(cfg), cfg, where, log, tune=tune,
+                            monitor_loop=loop and not smoke)
+
     run_job("pipeline", smoke, home,
             lambda: job_config("pipeline", smoke, config, set_, source, example, label, task),
-            lambda cfg, where, log: _task(cfg).pipeline(cfg, where, log, tune=tune,
-                                                        monitor_loop=loop and not smoke))
+            work)
 
 
 @jobs.command("retrain")
@@ -213,9 +218,14 @@ def deploy_job(config: JobConfigOption = None, set_: SetOption = None,
                model: ModelOption = None, example: ExampleOption = None,
                task: TaskOption = None) -> None:
     """Serve a model on the cluster (a rolling update when the app already runs)."""
+    def work(cfg, where, log):
+        from mlsd_ray.workflows.deploy import deploy
+
+        return deploy(_task(cfg), cfg, model, smoke, where, log)
+
     run_job("deploy", smoke, home,
             lambda: job_config("deploy", smoke, config, set_, None, example, None, task),
-            lambda cfg, where, log: _task(cfg).deploy(cfg, model, smoke, where, log))
+            work)
 
 
 def main(stage: str, argv: list[str] | None = None) -> None:

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from mlsd_ray.core.config import load_config
 from mlsd_ray.core.errors import MlsdError
 from mlsd_ray.core.runtime import log_stderr
 from mlsd_ray.core.workspace import Workspace
+from mlsd_ray.tasks import load_config
 
 if TYPE_CHECKING:
     from mlsd_ray.core.config import Config

@@ -20,6 +20,10 @@ from mlsd_ray.core import storage
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.workspace import Workspace
 
+__all__ = ["check_shared_storage", "cluster_machines", "local_only", "mount_type",
+           "NETWORK_FILESYSTEMS", "REMOTE_TRACKING_SCHEMES", "SHARED_ENV", "storage_problems",
+           "tracking_path"]
+
 SHARED_ENV = "MLSD_SHARED_STORAGE"
 # Mount types whose files every machine that mounts them sees.
 NETWORK_FILESYSTEMS = frozenset({
@@ -100,9 +104,7 @@ def check_shared_storage(workspace: Workspace) -> None:
     machines = cluster_machines()
     if len(machines) < 2:
         return
-    from mlsd_ray.registry import tracking_uri
-
-    problems = storage_problems(workspace.root, tracking_uri(workspace), machines)
+    problems = storage_problems(workspace.root, workspace.tracking_uri, machines)
     if problems:
         raise InputError(
             f"this Ray cluster spans {len(machines)} machines ({', '.join(machines)}), but "

@@ -7,86 +7,23 @@ a default. The resolved config is written beside every output by the stage that 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mlsd_ray.core.errors import InputError
+
+__all__ = ["apply_override", "AutoscalingConfig", "Config", "config_tree", "describe_errors",
+           "dump_yaml", "EXAMPLES", "EXAMPLES_DIR", "MonitorConfig", "parse_override",
+           "PredictionLogConfig", "RegistryConfig", "RetrainConfig", "ServeConfig", "StrictModel",
+           "TrainConfig", "TuneConfig", "validate_config"]
 
 
 class StrictModel(BaseModel):
     """Base for config sections: unknown keys are rejected, assignments re-validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class AugmentConfig(StrictModel):
-    """Training-time augmentation, drawn per sample by `transforms.Augmenter` (not at data prep)."""
-
-    random_shift: int = Field(2, ge=0, description="Pad by N pixels, then random-crop back "
-                              "(2 on the 16×16 digits = 1 pixel of the 8×8 originals).")
-    hflip: bool = Field(False, description="Random horizontal flip; keep off for digits and text.")
-    rotation_deg: float = Field(0.0, ge=0, le=180, description="Random rotation in [-deg, deg].")
-    brightness: float = Field(0.0, ge=0, description="Colour jitter: brightness factor spread.")
-    contrast: float = Field(0.0, ge=0, description="Colour jitter: contrast factor spread.")
-
-
-class SyntheticConfig(StrictModel):
-    """Shape of the `synthetic[:N]` source: class-specific patterns plus noise (learnable)."""
-
-    num_classes: int = Field(10, ge=2)
-    image_size: int = Field(32, ge=4)
-    channels: Literal[1, 3] = 3
-    noise: float = Field(0.25, ge=0, le=1)
-
-
-class DataConfig(StrictModel):
-    """The data stage: where images come from and how they are validated, resized and split."""
-
-    source: str = Field("digits", description="digits | folder:PATH | parquet:PATH | "
-                        "torchvision:NAME[:ROOT] | synthetic[:N]")
-    name: str | None = Field(None, description="Dataset name under $MLSD_HOME/datasets/ "
-                             "(default: derived from the source).")
-    image_size: int | None = Field(None, ge=2, le=4096, description="Output side in pixels "
-                                   "(default: the source's natural size; 32 for folder/parquet).")
-    channels: Literal[1, 3] | None = Field(None, description="1 (grayscale) or 3 (RGB); "
-                                           "default: the source's.")
-    val_fraction: float = Field(0.15, ge=0, lt=1)
-    test_fraction: float = Field(0.15, ge=0, lt=1)
-    seed: int = 0
-    class_names: list[str] | None = Field(None, description="Known classes; labels outside "
-                                          "them are quarantined as unknown_label.")
-    image_column: str = Field("image", description="parquet: column with encoded bytes or arrays.")
-    label_column: str = Field("label", description="parquet: column with the label.")
-    pixel_range: Literal["auto", "unit", "byte"] = Field(
-        "auto", description="Float arrays: unit=[0,1], byte=[0,255], auto=decide per image.")
-    min_side: int = Field(2, ge=1, description="Images with a side below this are quarantined.")
-    rows_per_task: int = Field(1024, ge=1, description="Files or rows per Ray Data task.")
-    torchvision_split: Literal["train", "test"] = "train"
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
-
-    @model_validator(mode="after")
-    def _fractions_leave_training_data(self) -> DataConfig:
-        if self.val_fraction + self.test_fraction >= 0.9:
-            raise ValueError("val_fraction + test_fraction must be below 0.9")
-        return self
-
-
-class ModelConfig(StrictModel):
-    """Which network to train (see mlsd_ray.tasks.image.models)."""
-
-    name: str = Field("seed_cnn", description="seed_cnn | resnet18 (small-image stem) | "
-                      "resnet18_imagenet (the standard stem, for images of 64 px and up)")
-    dropout: float = Field(0.0, ge=0, lt=1)
 
 
 class TrainConfig(StrictModel):
@@ -193,7 +130,7 @@ class AutoscalingConfig(StrictModel):
 
 
 class PredictionLogConfig(StrictModel):
-    """What each model replica records per request, for `mlsd monitor` (see monitor/predlog.py)."""
+    """What each model replica records per request, for `mlsd monitor` (see serve/predlog.py)."""
 
     enabled: bool = True
     uri: str | None = Field(None, description="Folder or URI for the parquet files (default "
@@ -335,98 +272,21 @@ class RetrainConfig(StrictModel):
     alias: str = Field("production", description="Alias the challenger takes when promoted.")
 
 
-class ColumnRule(StrictModel):
-    """How one table column is prepared; unset keys take the defaults for its kind."""
-
-    kind: Literal["numeric", "categorical"] | None = Field(None, description="Default: by "
-                                                           "dtype (numbers are numeric).")
-    impute: Literal["mean", "median", "most_frequent", "constant", "iterative", "none"] | None \
-        = None
-    fill_value: float | str | None = Field(None, description="impute: constant.")
-    scale: Literal["standard", "minmax", "robust", "log", "none"] | None = None
-    encode: Literal["onehot", "ordinal"] | None = None
-
-
-class ThresholdConfig(StrictModel):
-    """How the decision threshold on a binary model's score is chosen (on the val split)."""
-
-    objective: Literal["target_precision", "target_recall", "min_cost", "fixed"] = Field(
-        "target_precision", description="target_precision: the highest recall whose precision "
-        "reaches `target`; target_recall: the highest precision whose recall reaches it; "
-        "min_cost: the lowest expected cost; fixed: `value`.")
-    target: float = Field(0.8, gt=0, le=1, description="The precision or recall to reach.")
-    cost_false_negative: float = Field(50.0, ge=0, description="min_cost: a missed fraud.")
-    cost_false_positive: float = Field(1.0, ge=0, description="min_cost: a false alarm.")
-    value: float = Field(0.5, ge=0, le=1, description="fixed: the threshold itself.")
-
-
-class TabularConfig(StrictModel):
-    """Tables (the fraud example): source, per-column preparation, the MLP, the decision."""
-
-    source: str = Field("fraud-synth", description="fraud-synth[:N] | breast-cancer | "
-                        "diabetes | csv:PATH | parquet:PATH")
-    label: str | None = Field(None, description="Label column (default: the source's own; "
-                              "required for csv/parquet).")
-    task: Literal["auto", "binary", "multiclass", "regression"] = Field(
-        "auto", description="auto: regression for a float label with many values, else "
-        "binary or multiclass by the number of classes.")
-    drop_columns: list[str] = Field(default_factory=list, description="Columns never used "
-                                    "as features (ids, timestamps).")
-    numeric_impute: Literal["mean", "median", "most_frequent", "constant", "iterative",
-                            "none"] = "median"
-    numeric_scale: Literal["standard", "minmax", "robust", "log", "none"] = "standard"
-    categorical_impute: Literal["most_frequent", "constant", "none"] = "constant"
-    categorical_encode: Literal["onehot", "ordinal"] = "onehot"
-    columns: dict[str, ColumnRule] = Field(default_factory=dict, description="Per-column "
-                                           "rules over the defaults above.")
-    hidden: list[int] = Field(default_factory=lambda: [64, 32], description="MLP layer widths.")
-    dropout: float = Field(0.1, ge=0, lt=1)
-    class_weight: Literal["balanced", "none"] = Field("balanced", description="balanced: "
-                                                      "each class weighs n / (k × its count).")
-    baseline: bool = Field(True, description="Also fit scikit-learn's HistGradientBoosting on "
-                           "the same split, as a reference row.")
-    threshold: ThresholdConfig = Field(default_factory=ThresholdConfig)
-    rules: str | None = Field(None, description="Rules YAML for the fraud endpoint (default: "
-                              "the example's mlsd_ray/examples/fraud-rules.yaml).")
-    on_missing_column: Literal["impute", "reject"] = Field(
-        "impute", description="A served record without a feature column.")
-    on_extra_column: Literal["ignore", "reject"] = "ignore"
-    on_unseen_category: Literal["ignore", "reject"] = Field(
-        "ignore", description="ignore: a category never seen in training encodes as none.")
-    on_nan: Literal["impute", "reject"] = Field("impute", description="A null or NaN value.")
-    decline_above: float | None = Field(None, gt=0, le=1, description="Scores at or above "
-                                        "this are declined, from the threshold up to it "
-                                        "reviewed (default: halfway from the threshold to 1).")
-
-
 class Config(StrictModel):
-    """The whole configuration; later stages add their sections here."""
+    """The sections every task shares. A task's own sections (the image task's `data` and
+    `model`, the tabular task's `tabular`) are fields of the task's subclass of this one
+    (`Task.config_class`), so a key of another task's section is an unknown key here."""
 
-    task: str = Field("image", description="The kind of model: image (the CNN on the data "
-                      "section), tabular (the MLP on the tabular one), a task an installed "
-                      "package registers (entry point group mlsd.tasks), or "
-                      "package.module:Class (docs/tasks.md).")
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: str = Field(description="The kind of model: image (the CNN on the data section), "
+                      "tabular (the MLP on the tabular one), a task an installed package "
+                      "registers (entry point group mlsd.tasks), or package.module:Class "
+                      "(docs/tasks.md).")
     train: TrainConfig = Field(default_factory=TrainConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
-    tabular: TabularConfig = Field(default_factory=TabularConfig)
-
-    @field_validator("task")
-    @classmethod
-    def _task_loads(cls, name: str) -> str:
-        """A task that cannot be found or does not implement the interface fails here, with
-        the registry's sentence (exit 2), rather than in the middle of a stage."""
-        from mlsd_ray.tasks.registry import check_task_name
-
-        try:
-            return check_task_name(name)
-        except InputError as exc:
-            raise ValueError(str(exc)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -493,12 +353,11 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                example: str | None = None) -> Config:
-    """Read YAML (if given), apply `--set` overrides in order, validate; InputError if bad.
-
-    `example` (fraud) starts from that worked example's config (mlsd_ray/examples/), under
-    the file and the overrides."""
+def config_tree(path: str | Path | None = None, overrides: list[str] | None = None,
+                example: str | None = None) -> dict[str, Any]:
+    """The config as a tree, not validated yet: `example`'s file (mlsd_ray/examples/; the
+    digits example is the defaults), then the YAML at `path`, then the `--set` overrides in
+    order. `mlsd_ray.tasks.load_config` validates it with the class of the task it names."""
     tree: dict[str, Any] = {}
     if example not in (None, "digits"):
         if example not in EXAMPLES:
@@ -509,8 +368,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         tree = _merge(tree, _read_tree(path))
     for text in overrides or []:
         apply_override(tree, *parse_override(text))
+    return tree
+
+
+_C = TypeVar("_C", bound=Config)
+
+
+def validate_config(tree: dict[str, Any], config_class: type[_C], stored: bool = False) -> _C:
+    """`tree` as `config_class`; InputError naming each bad or unknown key. `stored`: a config
+    that mlsd wrote itself (beside a checkpoint or a dataset), whose sections of other tasks,
+    written by earlier versions, are left out rather than refused."""
+    if stored:
+        tree = {key: value for key, value in tree.items() if key in config_class.model_fields}
     try:
-        return Config.model_validate(tree)
+        return config_class.model_validate(tree)
     except ValidationError as exc:
         raise InputError(describe_errors(exc)) from exc
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import signal
 
+__all__ = ["CRASH_AT_ENV", "crash_point"]
+
 CRASH_AT_ENV = "MLSD_CRASH_AT"
 
 

@@ -1,5 +1,7 @@
 """Errors that map to the CLI's exit codes: 2 for bad usage or input, 1 for failed work."""
 
+__all__ = ["InputError", "Interrupted", "MlsdError", "WorkError"]
+
 
 class MlsdError(Exception):
     """Base class: the message is meant for the user, without a traceback."""

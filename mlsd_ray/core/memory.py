@@ -16,6 +16,8 @@ import ctypes
 import ctypes.util
 import functools
 
+__all__ = ["claim_cpus_for_torch", "MMAP_THRESHOLD", "reuse_freed_memory", "TRIM_THRESHOLD"]
+
 # mallopt(3) parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3

@@ -6,6 +6,8 @@ import random
 import socket
 from pathlib import Path
 
+__all__ = ["FIRST_CHOSEN_PORT", "free_port", "port_in_use"]
+
 
 def port_in_use(host: str, port: int) -> str | None:
     """Why `host:port` cannot be bound, or None when it is free."""

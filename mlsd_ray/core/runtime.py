@@ -16,6 +16,11 @@ from typing import Any, TextIO
 from mlsd_ray.core.ports import free_port
 from mlsd_ray.core.workspace import Workspace
 
+__all__ = ["configure", "ensure_ray", "environment", "log_stderr", "native_lines_off_console",
+           "quiet_serve_console", "quiet_token_notice", "ray_logs_dir", "RayEchoFilter",
+           "reachable", "recorded_cluster_file", "set_progress_bars", "start_local_ray",
+           "told_its_address", "tune_ray_daemons"]
+
 _settings = {"quiet": False, "verbose": False}
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+__all__ = ["resolve", "SPLITS", "stratified_splits"]
+
 SPLITS = ("train", "val", "test")
 
 

@@ -14,6 +14,10 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+__all__ = ["DEFAULT_HOME", "delete_dir", "exists", "filesystem", "home", "is_dir", "is_uri",
+           "join", "list_dirs", "list_files", "makedirs", "read_bytes", "read_json", "read_text",
+           "write_bytes", "write_json", "write_text"]
+
 DEFAULT_HOME = "./mlsd-home"
 
 

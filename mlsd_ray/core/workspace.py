@@ -27,12 +27,21 @@ knows them:
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlsd_ray.core import storage
+from mlsd_ray.core.errors import InputError
+
+__all__ = ["fresh_name", "USER_TRACKING_URI", "Workspace"]
+
+# Read once, at import: mlflow.set_tracking_uri() writes the variable back into os.environ,
+# which would otherwise make a later call (another MLSD_HOME) or a child process see our
+# sqlite file as "the user's server".
+USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def fresh_name(stem: str) -> str:
@@ -110,7 +119,7 @@ class Workspace:
 
     def local(self, *parts: str) -> Path:
         """A local path under the root (sqlite, the registry cache and Serve's records need
-        one: see registry.tracking_uri for the error when the root is a URI)."""
+        one: see `tracking_uri` for the error when the root is a URI)."""
         return Path(self.root, *parts)
 
     @property
@@ -134,3 +143,16 @@ class Workspace:
     @property
     def mlflow_db(self) -> Path:
         return self.local("mlflow.db")
+
+    @property
+    def tracking_uri(self) -> str:
+        """The MLflow store: `MLFLOW_TRACKING_URI` (an MLflow server, or a database such as
+        postgresql://USER@HOST/DB), else a sqlite file under the root (which must be local
+        then: InputError otherwise)."""
+        if USER_TRACKING_URI:
+            return USER_TRACKING_URI
+        if storage.is_uri(self.root):
+            raise InputError(f"MLSD_HOME is {self.root}: an embedded sqlite registry needs a "
+                             "local folder; set MLFLOW_TRACKING_URI to an MLflow server")
+        os.makedirs(self.root, exist_ok=True)
+        return f"sqlite:///{self.mlflow_db}"

@@ -24,6 +24,9 @@ import numpy as np
 
 from mlsd_ray.core import storage
 
+__all__ = ["deletion_curve", "deletion_order", "DELETION_STEPS", "ExplanationResult", "figure_png",
+           "MAX_RANDOMISED_CORRELATION", "rank_correlation", "SanityChecks", "write_output"]
+
 MAX_RANDOMISED_CORRELATION = 0.5  # above: the maps barely depend on the weights
 DELETION_STEPS = 11  # fractions 0, 0.1, ..., 1 of the pixels deleted
 

@@ -23,6 +23,11 @@ import numpy as np
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.workspace import Workspace
 
+__all__ = ["check_int8", "check_request", "check_top1", "export_onnx", "ExportResult",
+           "failing_layer", "FORMATS", "MAX_INT8_ACCURACY_DROP", "onnx_session", "OPSET", "Parity",
+           "parity", "QUANTIZATIONS", "quantize_int8", "register_export", "run_model_file",
+           "run_onnx", "save_torchscript", "write_folder"]
+
 FORMATS = ("onnx", "torchscript")
 QUANTIZATIONS = ("int8",)
 MAX_INT8_ACCURACY_DROP = 0.005  # 0.5 points of accuracy

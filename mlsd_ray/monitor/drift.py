@@ -33,6 +33,10 @@ from scipy import stats
 
 from mlsd_ray.core.config import MonitorConfig
 
+__all__ = ["category_shift", "CategoryShift", "check_model", "class_skew", "ClassSkew",
+           "confidence_shift", "ConfidenceShift", "feature_drift", "FeatureDrift", "missing_shift",
+           "MissingShift", "ModelDrift", "psi"]
+
 NO_DATA, TOO_FEW, DRIFT, NO_DRIFT = "no data", "too few", "drift", "no drift"
 
 

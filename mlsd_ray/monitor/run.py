@@ -24,7 +24,9 @@ from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.runtime import log_stderr
 from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.monitor import drift
-from mlsd_ray.monitor.predlog import log_location, read_log
+from mlsd_ray.serve.predlog import log_location, read_log
+
+__all__ = ["histograms_png", "load_reference", "markdown", "monitor", "MonitorReport", "window"]
 
 
 @dataclass
@@ -63,7 +65,7 @@ def load_reference(model_uri: str, workspace: Workspace) -> dict:
 
 def window(since: str | None, until: str | None) -> tuple[dt.datetime | None, dt.datetime | None]:
     """`--since 1h` (relative) or ISO times -> UTC datetimes; InputError when unparsable."""
-    from mlsd_ray.monitor.predlog import parse_since
+    from mlsd_ray.serve.predlog import parse_since
 
     now = dt.datetime.now(dt.timezone.utc)
 

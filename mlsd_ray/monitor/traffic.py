@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+__all__ = ["deliver", "Delivery", "MAX_ERRORS_KEPT", "TrafficReport"]
+
 MAX_ERRORS_KEPT = 5
 
 

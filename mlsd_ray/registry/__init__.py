@@ -19,18 +19,19 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mlsd_ray.core import storage
 from mlsd_ray.core.crash_points import crash_point
 from mlsd_ray.core.errors import InputError
-from mlsd_ray.core.workspace import Workspace
+from mlsd_ray.core.workspace import USER_TRACKING_URI, Workspace
+
+__all__ = ["ARTIFACT_DIR", "CHECKPOINT", "checkpoint_in", "client", "EXPERIMENT", "flat_params",
+           "git_commit", "list_models", "log_checkpoint_model", "log_evaluation", "ModelVersion",
+           "new_version", "parse_model_ref", "pin", "PinnedModel", "promote", "promote_first",
+           "Promotion", "RegisteredModel", "RegisteredVersion", "resolve", "SERVER_SCHEMES",
+           "show", "tracking_uri"]
 
 EXPERIMENT = "mlsd"
 ARTIFACT_DIR = "checkpoint"  # the run's artifact folder that a version is registered from
 CHECKPOINT = "checkpoint"  # the MLflow Model's artifact key for our checkpoint folder
-# Read once, at import: mlflow.set_tracking_uri() writes the variable back into os.environ,
-# which would otherwise make a later call (another MLSD_HOME) or a child process see our
-# sqlite file as "the user's server".
-_USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 SERVER_SCHEMES = ("http://", "https://", "databricks")  # MLflow servers, not databases
 
 
@@ -62,15 +63,8 @@ class PinnedModel:
 
 
 def tracking_uri(workspace: Workspace) -> str:
-    """`MLFLOW_TRACKING_URI` (an MLflow server, or a database such as
-    postgresql://USER@HOST/DB), else a sqlite file under MLSD_HOME (which must be local then)."""
-    if _USER_TRACKING_URI:
-        return _USER_TRACKING_URI
-    if storage.is_uri(workspace.root):
-        raise InputError(f"MLSD_HOME is {workspace.root}: an embedded sqlite registry needs a "
-                         "local folder; set MLFLOW_TRACKING_URI to an MLflow server")
-    os.makedirs(workspace.root, exist_ok=True)
-    return f"sqlite:///{workspace.mlflow_db}"
+    """The MLflow store of `workspace` (core/workspace.py `Workspace.tracking_uri`)."""
+    return workspace.tracking_uri
 
 
 def client(workspace: Workspace):
@@ -82,8 +76,8 @@ def client(workspace: Workspace):
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # schema migrations log at INFO
     store = tracking_uri(workspace)
     mlflow.set_tracking_uri(store)
-    if _USER_TRACKING_URI is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)  # see _USER_TRACKING_URI
+    if USER_TRACKING_URI is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)  # see USER_TRACKING_URI
     mlflow_client, experiment = _once_the_store_is_set_up()
     if experiment is None:
         # A server decides where its artifacts go. A database has no place for them, and
@@ -138,7 +132,8 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _flat(prefix: str, values: dict) -> dict:
+def flat_params(prefix: str, values: dict) -> dict:
+    """A config section as run params: `{"train.lr": 0.003, ...}`, nested sections left out."""
     return {f"{prefix}.{k}": v for k, v in values.items() if not isinstance(v, dict)}
 
 

@@ -18,6 +18,8 @@ from typing import Any
 from mlsd_ray.core.runtime import log_stderr
 from mlsd_ray.core.workspace import Workspace
 
+__all__ = ["LiveRun", "LiveSearch", "registration_run"]
+
 
 class LiveRun:
     """`with LiveRun(workspace, run_name, params, dataset_path, fingerprint, dataset_name) as run:`

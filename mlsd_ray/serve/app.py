@@ -48,6 +48,13 @@ from mlsd_ray.serve.metrics import ingress_metrics
 from mlsd_ray.serve.routers import ROUTER_CLASSES
 from mlsd_ray.serve.schemas import ClientError
 
+__all__ = ["add_error_handlers", "ADMIN_TOKEN_ENV", "AppClasses", "authorize", "authorize_change",
+           "bind_app", "build_app", "count_requests", "declare_bearer_auth", "error_for_path",
+           "error_response", "LocalModel", "LoggingReplica", "model_options", "ModelRoutes",
+           "OVERLOAD_RETRY_AFTER_S", "page", "read_body", "RemoteModel", "ReplicaSettings",
+           "REQUEST_ID_HEADER", "RequestMetrics", "RequestTimeLimit", "SESSION_HEADER",
+           "TOKEN_ENV", "token_sha256"]
+
 TOKEN_ENV = "MLSD_API_TOKEN"
 ADMIN_TOKEN_ENV = "MLSD_ADMIN_TOKEN"
 OVERLOAD_RETRY_AFTER_S = 1  # seconds, in the Retry-After of a 503 past serve.max_queued_requests
@@ -90,7 +97,7 @@ class LoggingReplica:
     """What both apps' model deployments share: dynamic batching (`run_batch`, answered by the
     task's `_answer_batch` many requests at a time), each batch's metrics (`_count_batch`),
     the prediction log the replica writes for `mlsd monitor` (rows are only queued on the
-    request path, monitor/predlog.py), the dropped-rows metric, and the last rows written when
+    request path, serve/predlog.py), the dropped-rows metric, and the last rows written when
     Serve shuts the replica down."""
 
     log = None
@@ -127,7 +134,7 @@ class LoggingReplica:
                                                          "predicted_class": name})
 
     def _open_log(self, log_settings: dict | None, workspace: Workspace) -> None:
-        from mlsd_ray.monitor.predlog import PredictionLog, log_location
+        from mlsd_ray.serve.predlog import PredictionLog, log_location
 
         settings = PredictionLogConfig(**(log_settings or {}))
         self.log = (PredictionLog(log_location(settings, workspace), settings, self.replica)

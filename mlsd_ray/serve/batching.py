@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+__all__ = ["Answer", "Batcher", "Item"]
+
 Item = TypeVar("Item")
 Answer = TypeVar("Answer")
 

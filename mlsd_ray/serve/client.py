@@ -11,6 +11,8 @@ from pathlib import Path
 
 from mlsd_ray.core.errors import InputError, WorkError
 
+__all__ = ["b64_instance", "post_json", "predict_files"]
+
 
 def post_json(url: str, payload: dict, timeout: float = 60) -> dict:
     """POST JSON to the app; the API's error message becomes the exception's text."""

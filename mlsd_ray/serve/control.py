@@ -33,6 +33,14 @@ if TYPE_CHECKING:
     from mlsd_ray.registry import PinnedModel
     from mlsd_ray.tasks.base import Task
 
+__all__ = ["app_for_a_check", "apps_serving", "AppStatus", "check_the_serve_check_fits", "deploy",
+           "forget_recorded_cluster", "get_json", "HAPROXY_DRAIN_S", "HAPROXY_ENV",
+           "head_processes", "HeadExited", "HEALTH_TIMEOUT_S", "kill_group", "metrics_endpoints",
+           "prepare_ingress", "RayHead", "read_state", "REDIS_PASSWORD_ENV", "remove_app",
+           "RollingUpdate", "RunningApp", "SERVE_KV_TIMEOUT_S", "serve_logging",
+           "serve_until_interrupted", "start", "start_head", "state_file", "status", "stop",
+           "stop_head", "StoppedApp", "url_of", "wait_healthy"]
+
 HEALTH_TIMEOUT_S = 120.0
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"  # read by Serve's processes when they start
 

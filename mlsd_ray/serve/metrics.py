@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import functools
 
+__all__ = ["BATCH_BOUNDS", "ingress_metrics", "LATENCY_MS_BOUNDS", "model_metrics"]
+
 LATENCY_MS_BOUNDS: list[float] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
 BATCH_BOUNDS: list[float] = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 

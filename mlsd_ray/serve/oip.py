@@ -34,6 +34,10 @@ from mlsd_ray.serve.schemas import ClientError, ProtocolErrorResponse, documente
 if TYPE_CHECKING:
     from mlsd_ray.serve.app import LocalModel, RemoteModel
 
+__all__ = ["add_open_inference_routes", "DATATYPES", "encode_infer_response", "HEADER_LENGTH",
+           "OpenInferenceRoutes", "parse_infer_request", "protocol_error", "ProtocolError",
+           "Signature", "Tensor", "TensorSpec"]
+
 HEADER_LENGTH = "inference-header-content-length"
 DATATYPES: dict[str, Any] = {
     "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,

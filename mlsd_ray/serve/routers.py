@@ -22,6 +22,8 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
+__all__ = ["LeastConnectionsRouter", "ROUTER_CLASSES"]
+
 ROUTER_CLASSES = {
     "pow2": None,  # Serve's default router
     "round_robin": "ray.serve.experimental.round_robin_router:RoundRobinRouter",

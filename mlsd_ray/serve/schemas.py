@@ -12,6 +12,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
+__all__ = ["ClientError", "documented_errors", "ERROR_STATUSES", "ErrorBody", "ErrorResponse",
+           "parse_json", "ProtocolErrorResponse", "RateLimit"]
+
 
 class ClientError(Exception):
     """Something the client sent is wrong: becomes `{"error": {"code", "message"}}` + 4xx."""

@@ -7,7 +7,14 @@ for a class of one's own. docs/tasks.md says how to write one.
 """
 
 from mlsd_ray.tasks.base import ServedApp, Task, TrafficRequest
-from mlsd_ray.tasks.registry import get_task, task_names, task_of_checkpoint
+from mlsd_ray.tasks.registry import (
+    DEFAULT_TASK,
+    get_task,
+    load_config,
+    stored_config,
+    task_names,
+    task_of_checkpoint,
+)
 
-__all__ = ["ServedApp", "Task", "TrafficRequest", "get_task", "task_names",
-           "task_of_checkpoint"]
+__all__ = ["DEFAULT_TASK", "ServedApp", "Task", "TrafficRequest", "get_task", "load_config",
+           "stored_config", "task_names", "task_of_checkpoint"]

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from mlsd_ray.core.config import Config
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.workspace import Workspace
 
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
     from mlsd_ray.serve.control import RunningApp
     from mlsd_ray.workflows.loop import LoopSteps
     from mlsd_ray.workflows.stages import PipelineResult
+
+__all__ = ["DataSummary", "Evaluation", "Log", "OfflinePrediction", "OnlinePrediction",
+           "ServeCheck", "ServedApp", "SmokePrediction", "Task", "TrafficRequest", "TrainedModel"]
 
 Log = Callable[[str], None]
 
@@ -96,22 +100,6 @@ class SmokePrediction:
     sent: Any
     answer: Any
     model_version: str
-
-
-@dataclass(frozen=True)
-class Deployment:
-    """What `deploy` did: the app it started (or rolled over), and the smoke prediction if
-    one was asked for (the app was removed after it)."""
-
-    app: RunningApp
-    smoke: SmokePrediction | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The app's record, plus `smoke_prediction`."""
-        record = self.app.to_dict()
-        if self.smoke is not None:
-            record["smoke_prediction"] = asdict(self.smoke)
-        return record
 
 
 @dataclass(kw_only=True)
@@ -244,6 +232,11 @@ class Task(ABC):
 
     name: ClassVar[str]
     metric: ClassVar[str]
+    # The whole config of a run of this task: the shared sections (core/config.py) plus the
+    # task's own, as fields of a subclass of Config. `load_config` validates with it.
+    config_class: ClassVar[type[Config]]
+    # The task's own config keys a search may vary beside train.* (prefixes, e.g. "model.").
+    searchable: ClassVar[tuple[str, ...]] = ()
     cross_validation: ClassVar[bool] = False
     registers_best_trial: ClassVar[bool] = False
     # The pipeline's headings (workflows/pipeline.py): its training stage's name, and whether
@@ -275,7 +268,7 @@ class Task(ABC):
     def search_datasets(self, prepared) -> dict:
         """The splits a search materialises once and hands to every trial's `trainer`."""
 
-    def cv_folds(self, prepared, k: int, seed: int, rows_per_block: int) -> list[dict]:
+    def cv_folds(self, cfg, prepared, k: int) -> list[dict]:
         """`mlsd tune --cv K` (when `cross_validation`): K folds of train+val, each
         {"train": ..., "val": ...} as materialised Ray Datasets for the task's trainer."""
         raise self.not_offered("cross-validation")
@@ -291,17 +284,6 @@ class Task(ABC):
         """The training stage: train on `prepared` (None: prepare `cfg`'s data first),
         evaluate, register (as configured). Returns a `TrainedModel`, or the task's own
         subclass of it with its scores."""
-
-    def pipeline(self, cfg, workspace: Workspace, log: Log, *, force: bool = False,
-                 tune: bool = False, serve_check: bool = True, keep_serving: bool = False,
-                 monitor_loop: bool = True) -> PipelineResult:
-        """Every stage end to end (workflows/pipeline.py, the same for every task): what each
-        did (`PipelineResult`; its `to_dict` is `{"task": name, "stages": {...}}`)."""
-        from mlsd_ray.workflows.pipeline import run_pipeline
-
-        return run_pipeline(self, cfg, workspace, log, force=force, tune=tune,
-                            serve_check=serve_check, keep_serving=keep_serving,
-                            monitor_loop=monitor_loop)
 
     def serve_check(self, cfg, trained: TrainedModel, workspace: Workspace,
                     keep_serving: bool, log: Log,
@@ -398,23 +380,6 @@ class Task(ABC):
     def smoke_retrain_source(self, workspace: Workspace, log: Log) -> str:
         """`retrain --smoke`'s new labelled data: written in the workspace, returned as a source."""
         raise self.not_offered("retrain")
-
-    def deploy(self, cfg, model: str | None, smoke: bool, workspace: Workspace,
-               log: Log) -> Deployment:
-        """Start the app on the cluster with `model`, or roll the running one over to it;
-        `smoke` checks one prediction over HTTP (`smoke_prediction`), then removes the app
-        it started."""
-        from mlsd_ray.serve import control
-
-        settings = cfg.serve.model_copy(update={"model": model or cfg.serve.model})
-        app = control.start(settings, workspace, detach=True, log=log)
-        if not smoke:
-            return Deployment(app)
-        checked = self.smoke_prediction(app)
-        control.remove_app(settings.app_name)
-        app.state_file.unlink(missing_ok=True)
-        log(f"smoke: predicted over HTTP, then removed app {settings.app_name!r}")
-        return Deployment(app, checked)
 
     def smoke_prediction(self, served: RunningApp) -> SmokePrediction:
         """One prediction from the app `control.start` just started (`served`: where it

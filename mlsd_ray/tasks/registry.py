@@ -17,11 +17,14 @@ import inspect
 import json
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
+from mlsd_ray.core.config import Config, config_tree, validate_config
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.tasks.base import Task
 
 ENTRY_POINT_GROUP = "mlsd.tasks"
+DEFAULT_TASK = "image"  # what a config that names no task runs
 BUILT_IN = {"image": "mlsd_ray.tasks.image.task:ImageTask",
             "tabular": "mlsd_ray.tasks.tabular.task:TabularTask"}
 
@@ -40,10 +43,31 @@ def get_task(name: str) -> Task:
     return _instance(_find(name), name)
 
 
-def check_task_name(name: str) -> str:
-    """`name` if it names a task that loads (for validating configs), else InputError."""
-    get_task(name)
-    return name
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                example: str | None = None) -> Config:
+    """The config of a run: YAML at `path` (over `example`'s), then the `--set` overrides
+    (core/config.py `config_tree`), validated with the config class of the task it names
+    (`Task.config_class`; `task:` defaults to the image task). InputError (exit 2) names
+    each unknown or bad key, or the task that does not load."""
+    tree = config_tree(path, overrides, example)
+    return validate_config(tree, config_class_of(tree))
+
+
+def stored_config(tree: dict[str, Any]) -> Config:
+    """A config mlsd wrote beside its outputs (a checkpoint's, a dataset's), as its task's
+    config class; sections of other tasks, which earlier versions wrote too, are left out."""
+    return validate_config(tree, config_class_of(tree), stored=True)
+
+
+def config_class_of(tree: dict[str, Any]) -> type[Config]:
+    """The config class of the task `tree` names."""
+    name = tree.get("task", DEFAULT_TASK)
+    if not isinstance(name, str):
+        raise InputError(f"config key 'task': a task name, got {name!r}")
+    try:
+        return get_task(name).config_class
+    except InputError as exc:
+        raise InputError(f"config key 'task': {exc}") from None
 
 
 def task_of_checkpoint(directory: str) -> Task:
@@ -52,7 +76,7 @@ def task_of_checkpoint(directory: str) -> Task:
     metadata = Path(directory, "metadata.json")
     if not metadata.is_file():
         raise InputError(f"no checkpoint at {directory} (metadata.json missing)")
-    name = json.loads(metadata.read_text()).get("config", {}).get("task", "image")
+    name = json.loads(metadata.read_text()).get("config", {}).get("task", DEFAULT_TASK)
     try:
         return get_task(name)
     except InputError as exc:
@@ -102,4 +126,9 @@ def _instance(found: object, name: str) -> Task:
     for attribute in ("name", "metric"):
         if not isinstance(getattr(found, attribute, None), str):
             raise InputError(f"task {name!r} sets no {attribute!r} (a class attribute string)")
+    config_class = getattr(found, "config_class", None)
+    if not (inspect.isclass(config_class) and issubclass(config_class, Config)):
+        raise InputError(f"task {name!r} sets no 'config_class': the class of its runs' "
+                         "config, a subclass of mlsd_ray.core.config.Config with the task's "
+                         "own sections as fields (docs/tasks.md)")
     return found()

@@ -24,6 +24,8 @@ from mlsd_ray.core.errors import InputError
 if TYPE_CHECKING:
     from torch import nn
 
+__all__ = ["load_train_state", "MODEL_FILES", "RANK_METRIC", "save_checkpoint", "unwrap", "verify"]
+
 # torch is imported where a checkpoint is written or its train state read: the registry and
 # `mlsd` commands import this module, and a bad-usage error should not wait ~2 s for torch.
 

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+__all__ = ["current", "DriverProcess", "hosting", "InProcess", "TrainWorker", "TrialProcess"]
+
 _hosted: InProcess | None = None
 
 

@@ -18,6 +18,9 @@ from typing import Any
 
 import numpy as np
 
+__all__ = ["epoch_rows", "fits_in_memory", "IngestPlan", "MEMORY", "memory_plan", "parquet_bytes",
+           "plan_ingest", "STREAMING", "WorkerData"]
+
 MEMORY = "memory"
 STREAMING = "streaming"
 

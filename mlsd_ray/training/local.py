@@ -26,6 +26,8 @@ from mlsd_ray.training.host import DriverProcess, hosting
 if TYPE_CHECKING:
     from ray.train import Checkpoint
 
+__all__ = ["CheckpointStore", "InProcessResult", "InProcessTrainer", "REPORT"]
+
 REPORT = "report.json"  # the epoch's metrics, beside the checkpoint's files
 
 

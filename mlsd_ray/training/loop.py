@@ -35,6 +35,11 @@ from mlsd_ray.training.checkpoint import (
 from mlsd_ray.training.host import current
 from mlsd_ray.training.ingest import WorkerData
 
+__all__ = ["all_reduce_sums", "checkpoint_due", "distributed", "EpochClock", "EpochScores",
+           "EpochTask", "fast_forward", "NonFiniteLossError", "optimizer_for",
+           "quiet_train_reports", "replicas_in_sync", "restore", "run_epochs", "scheduler_for",
+           "should_stop", "worker_nodes"]
+
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf: training cannot continue from here."""

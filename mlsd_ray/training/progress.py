@@ -16,6 +16,8 @@ import tempfile
 import threading
 from collections.abc import Callable
 
+__all__ = ["EpochRelay"]
+
 
 class EpochRelay:
     """Use `callback()` in the trainer's RunConfig and run `fit()` inside `with relay:`."""

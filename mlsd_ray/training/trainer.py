@@ -15,6 +15,9 @@ from mlsd_ray.core.runtime import log_stderr
 from mlsd_ray.training.checkpoint import RANK_METRIC
 from mlsd_ray.training.ingest import STREAMING, IngestPlan
 
+__all__ = ["check_resources", "failure_message", "fit_to_free_cpus", "materialize_splits",
+           "torch_trainer", "where_it_trains"]
+
 
 def check_resources(cfg: TrainConfig) -> None:
     """Fail in seconds, not hang on pending resources, when the cluster cannot fit the workers."""

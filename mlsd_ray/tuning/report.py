@@ -16,9 +16,13 @@ from mlsd_ray.core.config import Config, dump_yaml
 from mlsd_ray.core.errors import WorkError
 from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.training.checkpoint import RANK_METRIC
+from mlsd_ray.tuning.space import describe, trial_config
 
 if TYPE_CHECKING:
     from mlsd_ray.registry import RegisteredVersion
+
+__all__ = ["best_config", "BestTrial", "curves_png", "failure_summary", "trial_rows",
+           "TuneSummary", "write_outputs"]
 
 
 @dataclass
@@ -189,15 +193,11 @@ def _params(row: dict) -> dict:
 
 
 def _label(row: dict) -> str:
-    from mlsd_ray.tuning.search import describe
-
     return describe(_params(row), digits=3)
 
 
 def best_config(base: Config, row: dict, user: Config) -> Config:
     """The winning trial's configuration, ready for `mlsd train --config`."""
-    from mlsd_ray.tuning.search import trial_config
-
     cfg = trial_config(base, _params(row))
     cfg.train.cpus_per_worker = user.train.cpus_per_worker  # the trial's share of a busy node
     cfg.train.max_failures = user.train.max_failures  # in a trial, Tune restarted workers

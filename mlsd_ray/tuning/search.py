@@ -29,135 +29,23 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mlsd_ray.core import storage
-from mlsd_ray.core.config import Config, apply_override, describe_errors, dump_yaml, parse_override
+from mlsd_ray.core.config import Config, dump_yaml
 from mlsd_ray.core.errors import InputError, Interrupted
 from mlsd_ray.core.runtime import ensure_ray, log_stderr
 from mlsd_ray.core.workspace import Workspace, fresh_name
 from mlsd_ray.registry.tracking import LiveSearch
-from mlsd_ray.tasks import get_task
+from mlsd_ray.tasks import get_task, stored_config
 from mlsd_ray.training.checkpoint import RANK_METRIC
+from mlsd_ray.tuning.space import describe, ray_space, trial_config, validate_space
 
 if TYPE_CHECKING:
     from mlsd_ray.tuning.report import TuneSummary
 
-DISTRIBUTIONS = ("loguniform", "uniform", "randint")
+__all__ = ["run_trial", "run_tune", "search_plan", "TRIAL_DRIVER_CPU", "trial_resources",
+           "TuneRun"]
+
 # The Tune function itself only waits on its trainer; the CPUs go to the Train workers.
 TRIAL_DRIVER_CPU = 0.05
-
-
-# ---------------------------------------------------------------- the search space
-
-
-def parse_param(text: str) -> tuple[str, Any]:
-    """`--param KEY=V1,V2,...` (values) or `--param KEY=loguniform:LOW:HIGH` (a distribution)."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip() or not raw.strip():
-        raise InputError(f"--param expects KEY=V1,V2 or KEY=loguniform:LOW:HIGH, got {text!r}")
-    kind, _, bounds = raw.partition(":")
-    if kind in DISTRIBUTIONS:
-        parts = bounds.split(":")
-        if len(parts) != 2:
-            raise InputError(f"--param {text!r}: {kind} needs LOW:HIGH")
-        return key.strip(), {kind: [_scalar(p) for p in parts]}
-    return key.strip(), [_scalar(v) for v in raw.split(",")]
-
-
-def _scalar(text: Any) -> Any:
-    """A number when it reads as one (YAML takes `1e-3` for a string), else YAML's value."""
-    if not isinstance(text, str):
-        return text
-    for number in (int, float):
-        try:
-            return number(text.strip())
-        except ValueError:
-            pass
-    return parse_override(f"x={text.strip()}")[1]
-
-
-def _with_value(base: dict, key: str, value: Any) -> dict:
-    tree = _copy_tree(base)
-    apply_override(tree, key.split("."), value)
-    return tree
-
-
-def _copy_tree(tree: dict) -> dict:
-    return {k: _copy_tree(v) if isinstance(v, dict) else v for k, v in tree.items()}
-
-
-def _check_value(base: dict, key: str, value: Any) -> None:
-    from pydantic import ValidationError
-
-    try:
-        Config.model_validate(_with_value(base, key, value))
-    except ValidationError as exc:
-        raise InputError(f"search space: {key}={value!r}: {describe_errors(exc)}") from None
-
-
-def validate_space(space: dict[str, Any], search: str, base: Config) -> dict[str, Any]:
-    """The space with numbers read as numbers; InputError naming the first bad entry
-    (a key that cannot be searched, an empty list, a bad bound or value)."""
-    if not space:
-        raise InputError("the search space is empty: give --param KEY=V1,V2 or tune.space")
-    tree, clean = base.to_dict(), {}
-    for key, spec in space.items():
-        section = key.split(".")[0]
-        if section not in ("train", "model") and not key.startswith("data.augment."):
-            raise InputError(f"search space: {key!r} cannot be searched (only train.*, model.* "
-                             "and data.augment.*; other data keys change the prepared dataset)")
-        if isinstance(spec, list):
-            if not spec:
-                raise InputError(f"search space: {key} has an empty list of values")
-            spec = [_scalar(v) for v in spec]
-            for value in spec:
-                _check_value(tree, key, value)
-        elif isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS:
-            kind, bounds = next(iter(spec.items()))
-            spec = {kind: [_scalar(b) for b in bounds] if isinstance(bounds, list) else bounds}
-            _check_distribution(tree, key, spec, search)
-        else:
-            raise InputError(f"search space: {key} must be a list of values or one of "
-                             f"{{{'|'.join(DISTRIBUTIONS)}: [low, high]}}, got {spec!r}")
-        clean[key] = spec
-    return clean
-
-
-def _check_distribution(tree: dict, key: str, spec: dict, search: str) -> None:
-    kind, bounds = next(iter(spec.items()))
-    if search == "grid":
-        raise InputError(f"search space: {key} is {kind}; grid search needs a list of values")
-    if not (isinstance(bounds, list) and len(bounds) == 2
-            and all(isinstance(b, int | float) for b in bounds) and bounds[0] < bounds[1]):
-        raise InputError(f"search space: {key}: {kind} needs [low, high] with low < high, "
-                         f"got {bounds!r}")
-    if kind == "loguniform" and bounds[0] <= 0:
-        raise InputError(f"search space: {key}: loguniform needs low > 0, got {bounds[0]}")
-    for value in bounds:
-        _check_value(tree, key, int(value) if kind == "randint" else value)
-
-
-def ray_space(space: dict[str, Any], search: str) -> dict:
-    """Our declarative space as Ray Tune's: grid_search, choice, loguniform, uniform, randint."""
-    from ray import tune
-
-    out = {}
-    for key, spec in space.items():
-        if isinstance(spec, list):
-            out[key] = tune.grid_search(spec) if search == "grid" else tune.choice(spec)
-        else:
-            kind, (low, high) = next(iter(spec.items()))
-            if kind == "randint":  # inclusive of high, like the values a user lists
-                out[key] = tune.randint(int(low), int(high) + 1)
-            else:
-                out[key] = getattr(tune, kind)(low, high)
-    return out
-
-
-def trial_config(base: Config, params: dict[str, Any]) -> Config:
-    """The base config with one trial's dotted overrides applied."""
-    tree = base.to_dict()
-    for key, value in params.items():
-        apply_override(tree, key.split("."), value)
-    return Config.model_validate(tree)
 
 
 def search_plan(cfg: Config) -> dict:
@@ -228,7 +116,7 @@ def run_trial(params: dict, *, base: dict, dataset, datasets: dict | None, folds
     """
     import ray.tune
 
-    cfg = trial_config(Config.model_validate(base), params)
+    cfg = trial_config(stored_config(base), params)
     task = get_task(cfg.task)
     name = f"trial-{ray.tune.get_context().get_trial_id()}"
     if not folds:
@@ -291,12 +179,6 @@ def _progress(total: int, log: Callable[[str], None], metric: str):
     return TrialProgress()
 
 
-def describe(params: dict, digits: int = 4) -> str:
-    """`lr=0.003, batch_size=64`: a trial's parameters by their last key part."""
-    return ", ".join(f"{k.split('.')[-1]}={v:.{digits}g}" if isinstance(v, float)
-                     else f"{k.split('.')[-1]}={v}" for k, v in params.items())
-
-
 # ---------------------------------------------------------------- the search
 
 
@@ -345,8 +227,7 @@ def _trainable(run: TuneRun, plan: dict, per_worker_cpu: float):
     folds = None
     datasets = None
     if run.cfg.tune.cv > 1:
-        folds = get_task(run.cfg.task).cv_folds(run.dataset, run.cfg.tune.cv,
-                                                run.cfg.data.seed, run.cfg.data.rows_per_task)
+        folds = get_task(run.cfg.task).cv_folds(run.cfg, run.dataset, run.cfg.tune.cv)
     else:
         datasets = get_task(run.cfg.task).search_datasets(run.dataset)
     function = tune.with_parameters(run_trial, base=base.to_dict(), dataset=run.dataset,
@@ -372,9 +253,9 @@ def run_tune(cfg: Config, workspace: Workspace, log: Callable[[str], None] = log
     if resume:
         name, cfg = resume, _saved_config(storage.join(root, resume))
     cfg = cfg.model_copy(deep=True)
-    cfg.tune.space = validate_space(cfg.tune.space, cfg.tune.search, cfg)
-    plan = search_plan(cfg)
     task = get_task(cfg.task)
+    cfg.tune.space = validate_space(cfg.tune.space, cfg.tune.search, cfg, task.searchable)
+    plan = search_plan(cfg)
     dataset = task.prepare(cfg, workspace, log)
     register = register and task.registers_best_trial
     ensure_ray(workspace)
@@ -460,4 +341,4 @@ def _saved_config(path: str) -> Config:
     saved = storage.join(path, "tune-config.yaml")
     if not storage.exists(saved):
         raise InputError(f"no tune run to resume at {path} (tune-config.yaml missing)")
-    return Config.model_validate(yaml.safe_load(storage.read_text(saved)))
+    return stored_config(yaml.safe_load(storage.read_text(saved)))

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from mlsd_ray.serve.control import RollingUpdate
     from mlsd_ray.workflows.retrain import RetrainDecision
 
+__all__ = ["BackgroundLoad", "DriftDrill", "LoopSteps", "monitoring_loop", "MonitorWindow",
+           "render_loop", "Rollout", "UNSHIFTED_COUNT"]
+
 UNSHIFTED_COUNT = 200
 
 
@@ -96,8 +99,8 @@ def _monitor_window(cfg: Config, workspace: Workspace, since: str, answered: int
                     log: Callable[[str], None]) -> MonitorWindow:
     """Wait until the replicas have flushed `answered` rows to the prediction log, then test
     the window [since, now)."""
-    from mlsd_ray.monitor.predlog import log_location, wait_for_rows
     from mlsd_ray.monitor.run import monitor
+    from mlsd_ray.serve.predlog import log_location, wait_for_rows
 
     wait_for_rows(log_location(cfg.serve.prediction_log, workspace),
                   dt.datetime.fromisoformat(since), answered,

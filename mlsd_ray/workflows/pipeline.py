@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from mlsd_ray.tasks.base import Task, TrainedModel
     from mlsd_ray.workflows.loop import LoopSteps
 
+__all__ = ["LOOP", "run_pipeline"]
+
 LOOP = "monitor -> retrain -> rolling update"
 
 

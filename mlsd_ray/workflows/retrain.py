@@ -37,6 +37,9 @@ from mlsd_ray.core.workspace import Workspace
 if TYPE_CHECKING:
     from mlsd_ray.serve.control import RollingUpdate
 
+__all__ = ["challenger_config", "check_classes", "holdout_scores", "HoldoutScore", "ModelScores",
+           "retrain", "RetrainData", "RetrainDecision", "Score"]
+
 
 @dataclass(frozen=True)
 class RetrainData:

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from mlsd_ray.tuning.report import TuneSummary
     from mlsd_ray.workflows.loop import LoopSteps
 
+__all__ = ["PipelineResult", "search_first", "StageHeadings"]
+
 
 def search_first(cfg: Config, workspace: Workspace,
                  log: Callable[[str], None]) -> tuple[Config, TuneSummary]:

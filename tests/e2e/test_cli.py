@@ -357,7 +357,7 @@ def test_a_users_task_from_its_own_package_trains_serves_predicts_and_is_monitor
     load exits 2."""
     import datetime as dt
 
-    from mlsd_ray.monitor.predlog import wait_for_rows
+    from mlsd_ray.serve.predlog import wait_for_rows
 
     package = tmp_path / "site" / "loans_task"
     package.mkdir(parents=True)

@@ -18,15 +18,15 @@ import requests
 import yaml
 
 from mlsd_ray import registry
-from mlsd_ray.core.config import ServeConfig, load_config
+from mlsd_ray.core.config import ServeConfig
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.ports import free_port
 from mlsd_ray.core.workspace import Workspace
-from mlsd_ray.monitor.predlog import log_location, wait_for_rows
 from mlsd_ray.monitor.run import MonitorReport, monitor
 from mlsd_ray.registry import promote
 from mlsd_ray.serve import control
-from mlsd_ray.tasks import get_task
+from mlsd_ray.serve.predlog import log_location, wait_for_rows
+from mlsd_ray.tasks import get_task, load_config
 from mlsd_ray.tasks.image.registry import log_and_register
 from mlsd_ray.tasks.image.traffic import simulate_traffic
 from mlsd_ray.workflows.loop import BackgroundLoad

@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mlsd_ray.core.config import load_config
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.workspace import Workspace
+from mlsd_ray.tasks import load_config
 from mlsd_ray.tasks.image.data.prepare import prepare_dataset
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from mlsd_ray import registry
-from mlsd_ray.core.config import load_config
 from mlsd_ray.core.errors import InputError
+from mlsd_ray.tasks import load_config
 from mlsd_ray.tasks.image.checkpoint import load_model
 from mlsd_ray.tasks.image.registry import log_and_register
 from mlsd_ray.tasks.image.train import train_and_register

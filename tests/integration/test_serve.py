@@ -24,12 +24,13 @@ import requests
 from PIL import Image
 
 from mlsd_ray import registry
-from mlsd_ray.core.config import ServeConfig, load_config
+from mlsd_ray.core.config import ServeConfig
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.ports import free_port
 from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.serve import control
 from mlsd_ray.serve.app import TOKEN_ENV
+from mlsd_ray.tasks import load_config
 from mlsd_ray.tasks.image.registry import log_and_register
 from tests.conftest import actor_processes, fuzz_openapi, png_declaring, screenshot, texts
 

@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 import requests
 
-from mlsd_ray.core.config import load_config
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.ports import free_port
 from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.serve import control
 from mlsd_ray.serve.app import ADMIN_TOKEN_ENV
+from mlsd_ray.tasks import load_config
 from mlsd_ray.tasks.tabular.prepare import prepare_table
 from mlsd_ray.tasks.tabular.preprocess import Featurizer
 from mlsd_ray.tasks.tabular.stage import run_tabular_train
@@ -510,8 +510,8 @@ def test_scored_records_are_logged_and_a_shifted_column_is_named_by_the_monitor(
     import subprocess
     import sys
 
-    from mlsd_ray.monitor.predlog import log_location, read_log, wait_for_rows
     from mlsd_ray.monitor.run import monitor
+    from mlsd_ray.serve.predlog import log_location, read_log, wait_for_rows
     from mlsd_ray.tasks.tabular.prepare import PreparedTable
     from mlsd_ray.tasks.tabular.traffic import simulate_table_traffic
 

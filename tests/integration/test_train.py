@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mlsd_ray.core.config import load_config
 from mlsd_ray.core.errors import InputError, WorkError
+from mlsd_ray.tasks import load_config
 from mlsd_ray.tasks.image.checkpoint import load_model
 from mlsd_ray.tasks.image.evaluate import evaluate_checkpoint
 from mlsd_ray.tasks.image.train import run_train, train_and_register

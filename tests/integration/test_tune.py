@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mlsd_ray.core.config import load_config
 from mlsd_ray.registry import client, list_models
+from mlsd_ray.tasks import load_config
 from mlsd_ray.tasks.image.train import run_train
 from mlsd_ray.tuning.search import run_tune
 

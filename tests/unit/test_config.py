@@ -1,8 +1,11 @@
 import pytest
 import yaml
 
-from mlsd_ray.core.config import Config, dump_yaml, load_config
+from mlsd_ray.core.config import dump_yaml
 from mlsd_ray.core.errors import InputError
+from mlsd_ray.tasks import load_config
+from mlsd_ray.tasks.image.config import ImageConfig
+from mlsd_ray.tasks.tabular.config import TabularTaskConfig
 
 
 def test_defaults_work_without_a_file():
@@ -70,13 +73,22 @@ def test_resolved_yaml_round_trips(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(dump_yaml(cfg))
     assert load_config(path) == cfg
-    assert isinstance(cfg, Config)
+    assert isinstance(cfg, ImageConfig)
 
 
-def test_shipped_default_config_matches_the_code():
+@pytest.mark.parametrize("name, config_class", [("default", ImageConfig),
+                                                ("tabular", TabularTaskConfig)])
+def test_shipped_configs_match_the_code(name, config_class):
     from pathlib import Path
 
-    shipped = Path(__file__).parents[2] / "configs" / "default.yaml"
-    assert load_config(shipped) == Config()
+    shipped = Path(__file__).parents[2] / "configs" / f"{name}.yaml"
+    assert load_config(shipped) == config_class()
     # and it lists every key, not only the ones that differ from an empty file
-    assert yaml.safe_load(shipped.read_text()) == Config().to_dict()
+    assert yaml.safe_load(shipped.read_text()) == config_class().to_dict()
+
+
+def test_a_key_of_another_tasks_section_is_unknown():
+    with pytest.raises(InputError, match="unknown config key 'tabular'"):
+        load_config(None, ["tabular.source=diabetes"])
+    with pytest.raises(InputError, match="unknown config key 'data'"):
+        load_config(None, ["task=tabular", "data.seed=1"])

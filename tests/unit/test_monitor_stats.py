@@ -13,7 +13,7 @@ from sklearn.datasets import load_digits
 
 from mlsd_ray.core.config import MonitorConfig, PredictionLogConfig
 from mlsd_ray.monitor import drift
-from mlsd_ray.monitor.predlog import PredictionLog, parse_since, read_log
+from mlsd_ray.serve.predlog import PredictionLog, parse_since, read_log
 from mlsd_ray.tasks.image.features import FEATURES, image_features, reference_profile
 from mlsd_ray.tasks.image.traffic import choose, shift_images
 
@@ -152,7 +152,7 @@ def test_parse_since_rejects_other_forms(text):
 
 @pytest.fixture(scope="module")
 def transactions():
-    from mlsd_ray.core.config import TabularConfig
+    from mlsd_ray.tasks.tabular.config import TabularConfig
     from mlsd_ray.tasks.tabular.preprocess import plan_columns
     from mlsd_ray.tasks.tabular.sources import fraud_synth
 

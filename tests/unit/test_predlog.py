@@ -7,14 +7,14 @@ import subprocess
 import sys
 import textwrap
 
-from mlsd_ray.monitor.predlog import read_log
+from mlsd_ray.serve.predlog import read_log
 
 # A process that logs rows the way a model replica does, with flushes 10 minutes apart, and
 # handles SIGTERM as a Ray worker does (worker.py's main_loop: SystemExit, then atexit).
 LOGGER = textwrap.dedent("""
     import signal, sys, time
     from mlsd_ray.core.config import PredictionLogConfig
-    from mlsd_ray.monitor.predlog import PredictionLog
+    from mlsd_ray.serve.predlog import PredictionLog
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     log = PredictionLog(sys.argv[1], PredictionLogConfig(flush_seconds=600), "replica-1")

@@ -4,8 +4,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mlsd_ray.core.config import DataConfig
 from mlsd_ray.core.errors import InputError
+from mlsd_ray.tasks.image.config import DataConfig
 from mlsd_ray.tasks.image.data.sources import parse_source
 
 

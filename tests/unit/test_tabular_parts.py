@@ -9,10 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlsd_ray.core.config import TabularConfig, ThresholdConfig, load_config
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.serve.schemas import ClientError
+from mlsd_ray.tasks import load_config
 from mlsd_ray.tasks.tabular import metrics as tm
+from mlsd_ray.tasks.tabular.config import TabularConfig, ThresholdConfig
 from mlsd_ray.tasks.tabular.preprocess import coerce, plan_columns, unused_rules
 from mlsd_ray.tasks.tabular.records import check_record, records_from_json
 from mlsd_ray.tasks.tabular.rules import RulesError, decide, parse_rules

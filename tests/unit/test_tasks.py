@@ -9,9 +9,8 @@ import textwrap
 
 import pytest
 
-from mlsd_ray.core.config import load_config
 from mlsd_ray.core.errors import InputError, WorkError
-from mlsd_ray.tasks import Task, get_task, task_names
+from mlsd_ray.tasks import Task, get_task, load_config, task_names
 from mlsd_ray.tasks.image.task import ImageTask
 from mlsd_ray.tasks.tabular.task import TabularTask
 

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from mlsd_ray.core.config import AugmentConfig
+from mlsd_ray.tasks.image.config import AugmentConfig
 from mlsd_ray.tasks.image.data.transforms import (
     Augmenter,
     Preprocessor,

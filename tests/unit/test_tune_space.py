@@ -2,10 +2,13 @@
 
 import pytest
 
-from mlsd_ray.core.config import load_config
 from mlsd_ray.core.errors import InputError
+from mlsd_ray.tasks import get_task, load_config
 from mlsd_ray.tuning.report import failure_summary
-from mlsd_ray.tuning.search import parse_param, search_plan, trial_config, validate_space
+from mlsd_ray.tuning.search import search_plan
+from mlsd_ray.tuning.space import parse_param, trial_config, validate_space
+
+IMAGE_SEARCHABLE = get_task("image").searchable
 
 
 def test_parse_param_values_and_distributions():
@@ -32,7 +35,7 @@ def test_parse_param_values_and_distributions():
 ])
 def test_invalid_space_is_named(space, message):
     with pytest.raises(InputError, match=message):
-        validate_space(space, "random", load_config())
+        validate_space(space, "random", load_config(), IMAGE_SEARCHABLE)
 
 
 def test_grid_search_needs_values():
@@ -42,7 +45,8 @@ def test_grid_search_needs_values():
 
 def test_space_reads_numbers_written_as_yaml_strings():
     clean = validate_space({"train.lr": {"loguniform": ["1e-4", "1e-2"]},
-                            "data.augment.random_shift": ["0", "2"]}, "random", load_config())
+                            "data.augment.random_shift": ["0", "2"]}, "random", load_config(),
+                           IMAGE_SEARCHABLE)
     assert clean == {"train.lr": {"loguniform": [1e-4, 1e-2]},
                      "data.augment.random_shift": [0, 2]}
 

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mlsd_ray.core import storage
-from mlsd_ray.core.config import Config
 from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.base import OfflinePrediction
+from mlsd_ray.tasks.image.config import ImageConfig
 from mlsd_ray.tasks.image.data.transforms import standardize
 from mlsd_ray.tasks.image.data.validate import Rejected, coerce_array, decode_bytes, is_missing
 
@@ -96,7 +96,7 @@ class Predictor:
                 "confidence": confidence, "status": batch["status"], "detail": batch["detail"]}
 
 
-def predict_dataset(model: PinnedModel, cfg: Config, out: str | None, workspace: Workspace,
+def predict_dataset(model: PinnedModel, cfg: ImageConfig, out: str | None, workspace: Workspace,
                     log: Callable[[str], None]) -> OfflinePrediction:
     """Predict every row of `cfg.data.source` with `model` (serve/control.py's
     `registry.pin` pins one); write parquet; return counts and accuracy."""

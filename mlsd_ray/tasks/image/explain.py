@@ -325,12 +325,12 @@ def _from_source(loaded: LoadedModel, spec: str, label: str | None, count: int,
                  workspace: Workspace) -> tuple[np.ndarray, list[str], list[str]]:
     import functools
 
-    from mlsd_ray.core.config import load_config
     from mlsd_ray.core.runtime import ensure_ray
     from mlsd_ray.tasks.image.batch import OK, decode_rows
+    from mlsd_ray.tasks.image.config import ImageConfig
     from mlsd_ray.tasks.image.data.sources import parse_source
 
-    cfg = load_config(None, [])
+    cfg = ImageConfig()
     source = parse_source(spec, cfg.data, workspace)
     source.class_names()  # a missing path fails here, before Ray starts
     ensure_ray(workspace)

@@ -11,8 +11,8 @@ import numpy as np
 from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.registry import (
     RegisteredVersion,
-    _flat,
     client,
+    flat_params,
     git_commit,
     log_checkpoint_model,
     new_version,
@@ -35,7 +35,8 @@ def image_signature(dataset):
 
 def run_params(cfg, dataset) -> dict:
     """The params of an image training run: the model, the training settings, the data."""
-    return {**_flat("model", cfg.model.model_dump()), **_flat("train", cfg.train.model_dump()),
+    return {**flat_params("model", cfg.model.model_dump()),
+            **flat_params("train", cfg.train.model_dump()),
             "data.source": cfg.data.source, "data.fingerprint": dataset.manifest["fingerprint"]}
 
 

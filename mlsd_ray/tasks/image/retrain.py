@@ -9,8 +9,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal, cast
 
 from mlsd_ray.core import storage
-from mlsd_ray.core.config import Config
 from mlsd_ray.core.workspace import Workspace
+from mlsd_ray.tasks.image.config import ImageConfig
 from mlsd_ray.tasks.image.data.prepare import PreparedDataset, prepare_dataset
 from mlsd_ray.workflows.retrain import HoldoutScore, RetrainData, check_classes
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 SPLITS = ("train", "val", "test")
 
 
-def retrain_data(cfg: Config, champion_dir: str, source: str, workspace: Workspace,
+def retrain_data(cfg: ImageConfig, champion_dir: str, source: str, workspace: Workspace,
                  log: Callable[[str], None]) -> RetrainData:
     """The new images at the champion's size and channels, and old plus new combined."""
     from mlsd_ray.tasks.image.checkpoint import load_model
@@ -43,8 +43,8 @@ def retrain_data(cfg: Config, champion_dir: str, source: str, workspace: Workspa
     return RetrainData(new, old, combined)
 
 
-def train_challenger(cfg: Config, data: RetrainData, init_from: str | None, workspace: Workspace,
-                     log: Callable[[str], None]) -> TrainResult:
+def train_challenger(cfg: ImageConfig, data: RetrainData, init_from: str | None,
+                     workspace: Workspace, log: Callable[[str], None]) -> TrainResult:
     """Train and register the challenger on the combined data; its drift reference is the
     new data."""
     from mlsd_ray.tasks.image.train import train_and_register

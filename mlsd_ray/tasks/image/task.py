@@ -24,6 +24,7 @@ from mlsd_ray.tasks.base import (
     TrafficRequest,
     TrainedModel,
 )
+from mlsd_ray.tasks.image.config import ImageConfig
 
 if TYPE_CHECKING:
     from mlsd_ray.explain import ExplanationResult
@@ -46,6 +47,8 @@ class ImageTask(Task):
 
     name = "image"
     metric = VAL_METRIC
+    config_class = ImageConfig
+    searchable = ("model.", "data.augment.")  # other data keys change the prepared dataset
     cross_validation = True
     registers_best_trial = True
 
@@ -74,10 +77,10 @@ class ImageTask(Task):
 
         return materialize_splits(prepared)
 
-    def cv_folds(self, prepared, k: int, seed: int, rows_per_block: int) -> list[dict]:
+    def cv_folds(self, cfg, prepared, k: int) -> list[dict]:
         from mlsd_ray.tasks.image.tune import cv_folds
 
-        return cv_folds(prepared, k, seed, rows_per_block)
+        return cv_folds(prepared, k, cfg.data.seed, cfg.data.rows_per_task)
 
     def open_prepared(self, path: str):
         from mlsd_ray.tasks.image.data.prepare import PreparedDataset

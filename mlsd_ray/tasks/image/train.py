@@ -19,12 +19,13 @@ import numpy as np
 import torch
 
 from mlsd_ray.core import storage
-from mlsd_ray.core.config import AugmentConfig, Config, TrainConfig
+from mlsd_ray.core.config import TrainConfig
 from mlsd_ray.core.errors import WorkError
 from mlsd_ray.core.runtime import ensure_ray, log_stderr
 from mlsd_ray.core.workspace import Workspace, fresh_name
 from mlsd_ray.tasks.base import TrainedModel
 from mlsd_ray.tasks.image.checkpoint import load_model
+from mlsd_ray.tasks.image.config import AugmentConfig, ImageConfig
 from mlsd_ray.tasks.image.data.prepare import PreparedDataset, prepare_dataset
 from mlsd_ray.tasks.image.data.transforms import Augmenter, Preprocessor
 from mlsd_ray.tasks.image.engine import PassResult, Step, evaluate, train_one_epoch
@@ -161,7 +162,7 @@ def _reference(dataset: PreparedDataset, seed: int = 0) -> dict:
             "image_shape": dataset.manifest["schema"]["image"]["shape"]}
 
 
-def loop_config(cfg: Config, dataset: PreparedDataset, run_name: str,
+def loop_config(cfg: ImageConfig, dataset: PreparedDataset, run_name: str,
                 init_from: str | None = None,
                 reference: PreparedDataset | None = None) -> dict:
     """Everything a worker needs, as plain data (it travels to every worker).
@@ -181,7 +182,7 @@ def loop_config(cfg: Config, dataset: PreparedDataset, run_name: str,
                       "dropout": cfg.model.dropout}}
 
 
-def build_trainer(cfg: Config, dataset: PreparedDataset, run_name: str, storage_path: str,
+def build_trainer(cfg: ImageConfig, dataset: PreparedDataset, run_name: str, storage_path: str,
                   datasets: dict | None = None, callbacks: list | None = None,
                   init_from: str | None = None, reference: PreparedDataset | None = None,
                   log: Callable[[str], None] | None = None):
@@ -223,7 +224,7 @@ def predict_images(loaded, images: np.ndarray, labels: np.ndarray) -> PassResult
                     keep_predictions=True)
 
 
-def train_and_register(cfg: Config, workspace: Workspace,
+def train_and_register(cfg: ImageConfig, workspace: Workspace,
                        log: Callable[[str], None] = log_stderr,
                        run_name: str | None = None, dataset: PreparedDataset | None = None,
                        init_from: str | None = None,
@@ -251,12 +252,12 @@ def train_and_register(cfg: Config, workspace: Workspace,
     return result
 
 
-def default_run_name(cfg: Config, dataset: PreparedDataset) -> str:
+def default_run_name(cfg: ImageConfig, dataset: PreparedDataset) -> str:
     """`train.run_name`, else a new <dataset>-<model>-<time>-<hex>."""
     return cfg.train.run_name or fresh_name(f"{dataset.manifest['name']}-{cfg.model.name}")
 
 
-def run_train(cfg: Config, workspace: Workspace, log: Callable[[str], None] = log_stderr,
+def run_train(cfg: ImageConfig, workspace: Workspace, log: Callable[[str], None] = log_stderr,
               run_name: str | None = None, dataset: PreparedDataset | None = None,
               init_from: str | None = None, reference: PreparedDataset | None = None,
               observe: Callable[[dict], None] | None = None) -> TrainResult:

@@ -30,12 +30,11 @@ def permutation_importance(loaded: LoadedTabular, frame, labels: np.ndarray,
                            task: str) -> dict[str, float]:
     """Score drop per input column when it is shuffled, largest first."""
     from mlsd_ray.tasks.tabular import metrics as tm
-    from mlsd_ray.tasks.tabular.stage import evaluate_outputs
 
     score_name, threshold = tm.SCORE_NAMES[task], loaded.decision.get("threshold")
 
     def score(data) -> float:
-        return float(evaluate_outputs(task, loaded.predict(data), labels, threshold)[score_name])
+        return float(tm.evaluate_outputs(task, loaded.predict(data), labels, threshold)[score_name])
 
     reference = score(frame)
     order = np.random.default_rng(SEED).permutation(len(frame))

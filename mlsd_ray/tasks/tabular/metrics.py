@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
-from mlsd_ray.core.config import ThresholdConfig
+from mlsd_ray.tasks.tabular.config import ThresholdConfig
 
 
 def choose_threshold(scores: np.ndarray, labels: np.ndarray, cfg: ThresholdConfig) -> dict:
@@ -130,3 +130,20 @@ def pr_curve_png(curves: dict[str, tuple[np.ndarray, np.ndarray]], chosen: dict 
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
+
+
+# The scores a result shows, by the score that ranks runs.
+SCORE_KEYS = {"pr_auc": ["pr_auc", "roc_auc", "precision", "recall", "f1"],
+              "macro_f1": ["accuracy", "macro_f1"], "r2": ["mse", "mae", "r2"]}
+
+
+def evaluate_outputs(task: str, outputs: np.ndarray, labels: np.ndarray,
+                     threshold: float | None) -> dict:
+    """The task's metrics on one split (outputs: probabilities, or predictions)."""
+    if task == "binary":
+        if threshold is None:
+            raise ValueError("binary metrics need the decision threshold")
+        return binary_metrics(outputs[:, 1], labels, threshold)
+    if task == "multiclass":
+        return multiclass_metrics(outputs, labels)
+    return regression_metrics(outputs, labels)

@@ -25,11 +25,12 @@ import numpy as np
 import pandas as pd
 
 from mlsd_ray.core import storage
-from mlsd_ray.core.config import Config, dump_yaml
+from mlsd_ray.core.config import dump_yaml
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.runtime import ensure_ray, log_stderr
 from mlsd_ray.core.split import stratified_splits
 from mlsd_ray.core.workspace import Workspace
+from mlsd_ray.tasks.tabular.config import TabularTaskConfig
 from mlsd_ray.tasks.tabular.preprocess import (
     Featurizer,
     coerce,
@@ -148,20 +149,22 @@ def _natural(text: str):
         return (1, 0.0, text)
 
 
-def fingerprint(table: Table, cfg: Config) -> str:
+def fingerprint(table: Table, cfg: TabularTaskConfig) -> str:
     digest = hashlib.sha256(pd.util.hash_pandas_object(table.frame, index=False).values)
-    settings = cfg.tabular.model_dump(exclude={"hidden", "dropout", "class_weight", "threshold",
-                                               "rules", "baseline", "decline_above"})
-    settings.update(val=cfg.data.val_fraction, test=cfg.data.test_fraction, seed=cfg.data.seed)
+    t = cfg.tabular
+    settings = t.model_dump(exclude={"hidden", "dropout", "class_weight", "threshold", "rules",
+                                     "baseline", "decline_above", "val_fraction",
+                                     "test_fraction", "seed"})
+    settings.update(val=t.val_fraction, test=t.test_fraction, seed=t.seed)
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:12]
 
 
-def prepare_table(cfg: Config, workspace: Workspace, force: bool = False,
+def prepare_table(cfg: TabularTaskConfig, workspace: Workspace, force: bool = False,
                   log: Callable[[str], None] = log_stderr) -> PreparedTable:
     """`mlsd data` for tables: load, check, split, fit the preparation; reuse when unchanged."""
     t = cfg.tabular
-    table = load_table(t.source, t.label, cfg.data.seed)
+    table = load_table(t.source, t.label, t.seed)
     fp = fingerprint(table, cfg)
     out = workspace.dataset(table.name, fp)
     if not force and storage.exists(storage.join(out, "manifest.json")):
@@ -213,8 +216,8 @@ def prepare_table(cfg: Config, workspace: Workspace, force: bool = False,
     return PreparedTable(out, manifest)
 
 
-def _assign(labels: pd.Series, task: str, cfg: Config) -> np.ndarray:
-    d = cfg.data
+def _assign(labels: pd.Series, task: str, cfg: TabularTaskConfig) -> np.ndarray:
+    d = cfg.tabular
     if task != "regression":
         return stratified_splits(labels.to_numpy(), d.val_fraction, d.test_fraction, d.seed)
     order = np.random.default_rng(d.seed).permutation(len(labels))

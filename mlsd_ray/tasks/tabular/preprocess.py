@@ -28,8 +28,8 @@ from ray.data.preprocessors import (
     StandardScaler,
 )
 
-from mlsd_ray.core.config import TabularConfig
 from mlsd_ray.core.errors import InputError
+from mlsd_ray.tasks.tabular.config import TabularConfig
 
 MISSING_CATEGORY = "missing"
 # The only types a saved IterativeImputer may contain: skops refuses anything else on load.

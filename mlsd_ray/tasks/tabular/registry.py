@@ -6,16 +6,16 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-from mlsd_ray.core.config import Config
 from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.registry import (
     RegisteredVersion,
-    _flat,
     client,
+    flat_params,
     git_commit,
     log_checkpoint_model,
     new_version,
 )
+from mlsd_ray.tasks.tabular.config import TabularTaskConfig
 from mlsd_ray.tasks.tabular.prepare import PreparedTable
 
 if TYPE_CHECKING:
@@ -51,15 +51,15 @@ def _scalars(prefix: str, values: dict | None) -> dict:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def run_params(cfg: Config, table: PreparedTable) -> dict:
+def run_params(cfg: TabularTaskConfig, table: PreparedTable) -> dict:
     """The params of a tabular training run: the training and table settings, the data."""
-    return {**_flat("train", cfg.train.model_dump()),
-            **_flat("tabular", cfg.tabular.model_dump(exclude={"columns"})),
+    return {**flat_params("train", cfg.train.model_dump()),
+            **flat_params("tabular", cfg.tabular.model_dump(exclude={"columns"})),
             "tabular.hidden": str(cfg.tabular.hidden),
             "data.fingerprint": table.manifest["fingerprint"]}
 
 
-def register_tabular(summary: TabularTrainResult, cfg: Config, table: PreparedTable,
+def register_tabular(summary: TabularTrainResult, cfg: TabularTaskConfig, table: PreparedTable,
                      model_name: str, workspace: Workspace, nested: bool = False,
                      live: bool = False) -> RegisteredVersion:
     """Log the run (test and baseline metrics, the model, the evaluation report) and register

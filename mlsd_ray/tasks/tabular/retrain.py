@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 
 from mlsd_ray.core import storage
-from mlsd_ray.core.config import Config
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.workspace import Workspace
+from mlsd_ray.tasks.tabular.config import TabularTaskConfig, stored_config
 from mlsd_ray.tasks.tabular.prepare import (
     SPLITS,
     PreparedTable,
@@ -33,15 +33,15 @@ if TYPE_CHECKING:
 Log = Callable[[str], None]
 
 
-def retrain_data(cfg: Config, champion_dir: str, source: str, workspace: Workspace,
+def retrain_data(cfg: TabularTaskConfig, champion_dir: str, source: str, workspace: Workspace,
                  log: Log) -> RetrainData:
     """The new rows prepared (checked, split) with the champion's label and column rules, and
     old plus new as one table under the champion's preparation."""
     metadata = storage.read_json(storage.join(champion_dir, "metadata.json"))
     old = PreparedTable.open(metadata["dataset"]["path"])
-    trained = Config.model_validate(metadata["config"])
+    trained = stored_config(metadata["config"])
     trained.tabular.source, trained.tabular.label = source, old.label
-    trained.data.seed = cfg.data.seed
+    trained.tabular.seed = cfg.tabular.seed
     new = prepare_table(trained, workspace=workspace, log=log)
     _check_compatible(old, new, source)
     train_parts = [new, old] if cfg.retrain.keep_old_data else [new]
@@ -88,8 +88,8 @@ def combine(parts: dict[str, list[PreparedTable]], champion: PreparedTable, name
     return PreparedTable(out, manifest)
 
 
-def train_challenger(cfg: Config, data: RetrainData, init_from: str | None, workspace: Workspace,
-                     log: Log) -> TabularTrainResult:
+def train_challenger(cfg: TabularTaskConfig, data: RetrainData, init_from: str | None,
+                     workspace: Workspace, log: Log) -> TabularTrainResult:
     """Train, evaluate and register the challenger on the combined rows; its drift reference
     is the new table."""
     from mlsd_ray.tasks.tabular.stage import run_tabular_train

@@ -39,7 +39,7 @@ from ray import serve
 
 from mlsd_ray import __version__
 from mlsd_ray.core import storage
-from mlsd_ray.core.config import ServeConfig, TabularConfig
+from mlsd_ray.core.config import ServeConfig
 from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.registry import PinnedModel
 from mlsd_ray.serve.app import (
@@ -69,6 +69,7 @@ from mlsd_ray.serve.oip import (
     add_open_inference_routes,
 )
 from mlsd_ray.serve.schemas import ClientError, RateLimit, documented_errors, parse_json
+from mlsd_ray.tasks.tabular.config import TabularConfig
 from mlsd_ray.tasks.tabular.monitoring import predicted_classes
 from mlsd_ray.tasks.tabular.records import check_record, records_from_json, records_from_tensors
 from mlsd_ray.tasks.tabular.rules import RulesError, decide, parse_rules

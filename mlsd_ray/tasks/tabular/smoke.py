@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from mlsd_ray.core.config import Config
 from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.base import ServeCheck
+from mlsd_ray.tasks.tabular.config import TabularTaskConfig
 
 if TYPE_CHECKING:
     from mlsd_ray.workflows.loop import LoopSteps
@@ -80,7 +80,7 @@ class TabularServeCheck(ServeCheck):
         return line
 
 
-def serve_check_fraud(cfg: Config, model: str, table, workspace: Workspace,
+def serve_check_fraud(cfg: TabularTaskConfig, model: str, table, workspace: Workspace,
                       log: Callable[[str], None], keep_serving: bool = False,
                       then: Callable[[str, str], LoopSteps] | None = None
                       ) -> tuple[TabularServeCheck, LoopSteps | None]:

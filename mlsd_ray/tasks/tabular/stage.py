@@ -10,17 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from mlsd_ray.core import storage
-from mlsd_ray.core.config import Config
 from mlsd_ray.core.errors import WorkError
 from mlsd_ray.core.runtime import ensure_ray, log_stderr
 from mlsd_ray.core.workspace import Workspace, fresh_name
 from mlsd_ray.tasks.base import TrainedModel
 from mlsd_ray.tasks.tabular import metrics as tm
+from mlsd_ray.tasks.tabular.config import TabularTaskConfig
 from mlsd_ray.tasks.tabular.prepare import PreparedTable, prepare_table
-from mlsd_ray.tasks.tabular.task import SCORE_KEYS
 from mlsd_ray.tasks.tabular.train import (
     VAL_SCORE,
     build_tabular_trainer,
@@ -57,7 +54,7 @@ class TabularTrainResult(TrainedModel):
 
     def describe(self) -> str:
         """The MLP beside the baseline, the decision, where the evaluation went."""
-        keys = SCORE_KEYS[self.score_name]
+        keys = tm.SCORE_KEYS[self.score_name]
         lines = [f"run {self.run_name}: best epoch {self.best_epoch} of {self.epochs_run}, "
                  f"val {self.score_name} {self.val_score:.4f}, {self.wall_seconds:.1f} s",
                  "test:      " + "  ".join(f"{k} {self.test[k]:.4f}" for k in keys)]
@@ -74,19 +71,7 @@ class TabularTrainResult(TrainedModel):
         return "\n".join(lines)
 
 
-def evaluate_outputs(task: str, outputs: np.ndarray, labels: np.ndarray,
-                     threshold: float | None) -> dict:
-    """The task's metrics on one split (outputs: probabilities, or predictions)."""
-    if task == "binary":
-        if threshold is None:
-            raise ValueError("binary metrics need the decision threshold")
-        return tm.binary_metrics(outputs[:, 1], labels, threshold)
-    if task == "multiclass":
-        return tm.multiclass_metrics(outputs, labels)
-    return tm.regression_metrics(outputs, labels)
-
-
-def baseline(cfg: Config, table: PreparedTable) -> dict:
+def baseline(cfg: TabularTaskConfig, table: PreparedTable) -> dict:
     """HistGradientBoosting (classifier or regressor) on the same prepared features; for a
     binary task its threshold is chosen on val by the same objective as the MLP's."""
     from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
@@ -110,7 +95,7 @@ def baseline(cfg: Config, table: PreparedTable) -> dict:
         outputs = model.predict_proba(x["test"])
         chosen = (tm.choose_threshold(model.predict_proba(x["val"])[:, 1], y["val"],
                                       cfg.tabular.threshold) if task == "binary" else None)
-    result = evaluate_outputs(task, outputs, y["test"], chosen["threshold"] if chosen else None)
+    result = tm.evaluate_outputs(task, outputs, y["test"], chosen["threshold"] if chosen else None)
     result["fit_seconds"] = round(time.perf_counter() - started, 2)
     result["model"] = type(model).__name__
     if task == "binary":
@@ -152,7 +137,7 @@ class TabularEvaluation:
                 "run_name": self.run_name, "path": self.path, **self.files()}
 
     def describe(self) -> str:
-        keys = SCORE_KEYS[self.score_name]
+        keys = tm.SCORE_KEYS[self.score_name]
         lines = [f"{self.split} ({self.task}):",
                  "MLP:       " + "  ".join(f"{k} {self.mlp[k]:.4f}" for k in keys)]
         if self.baseline:
@@ -160,7 +145,7 @@ class TabularEvaluation:
         return "\n".join([*lines, f"report: {self.report}"])
 
 
-def evaluate_checkpoint(cfg: Config, table: PreparedTable, directory: str,
+def evaluate_checkpoint(cfg: TabularTaskConfig, table: PreparedTable, directory: str,
                         out: str) -> TabularEvaluation:
     """The MLP's test metrics at its stored threshold, the baseline's, the PR curve PNG, and
     each column's permutation importance with its chart."""
@@ -170,7 +155,7 @@ def evaluate_checkpoint(cfg: Config, table: PreparedTable, directory: str,
     test = table.load_split("test")
     task, labels = table.manifest["task"], test[table.label].to_numpy()
     outputs = loaded.predict(test)
-    mlp = evaluate_outputs(task, outputs, labels, loaded.decision.get("threshold"))
+    mlp = tm.evaluate_outputs(task, outputs, labels, loaded.decision.get("threshold"))
     report = {"task": task, "split": "test", "score_name": tm.SCORE_NAMES[task], "mlp": mlp}
     if task == "binary":
         mlp["recall_at_target_precision"] = tm.recall_at_precision(
@@ -228,7 +213,7 @@ def render_report(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_tabular_train(cfg: Config, workspace: Workspace,
+def run_tabular_train(cfg: TabularTaskConfig, workspace: Workspace,
                       log: Callable[[str], None] = log_stderr, run_name: str | None = None,
                       table: PreparedTable | None = None, init_from: str | None = None,
                       reference: PreparedTable | None = None) -> TabularTrainResult:
@@ -272,7 +257,7 @@ def run_tabular_train(cfg: Config, workspace: Workspace,
     return summary
 
 
-def evaluated_summary(cfg: Config, table: PreparedTable, checkpoint: str, best: dict,
+def evaluated_summary(cfg: TabularTaskConfig, table: PreparedTable, checkpoint: str, best: dict,
                       run_name: str, run_path: str, epochs_run: int,
                       log: Callable[[str], None]) -> TabularTrainResult:
     """A trained checkpoint's summary: its best epoch, its test metrics beside the
@@ -289,8 +274,9 @@ def evaluated_summary(cfg: Config, table: PreparedTable, checkpoint: str, best: 
         decision=evaluation.decision, evaluation=evaluation.files())
 
 
-def register(summary: TabularTrainResult, cfg: Config, table: PreparedTable, workspace: Workspace,
-             log: Callable[[str], None], nested: bool = False, live: bool = False) -> None:
+def register(summary: TabularTrainResult, cfg: TabularTaskConfig, table: PreparedTable,
+             workspace: Workspace, log: Callable[[str], None], nested: bool = False,
+             live: bool = False) -> None:
     """Log the run to MLflow and register its checkpoint (`summary.registered`); `live`:
     into the active run, which tracked the training (registry/tracking.py)."""
     from mlsd_ray.tasks.tabular.registry import register_tabular
@@ -300,7 +286,7 @@ def register(summary: TabularTrainResult, cfg: Config, table: PreparedTable, wor
     log(f"registered {summary.registered.uri}")
 
 
-def register_trial(run, best: dict, cfg: Config, workspace: Workspace,
+def register_trial(run, best: dict, cfg: TabularTaskConfig, workspace: Workspace,
                    log: Callable[[str], None]) -> TabularTrainResult:
     """A search's best trial, evaluated on test beside the baseline and registered as a child
     of the search's MLflow run."""

@@ -22,6 +22,7 @@ from mlsd_ray.tasks.base import (
     TrafficRequest,
     TrainedModel,
 )
+from mlsd_ray.tasks.tabular.config import TabularTaskConfig, stored_config
 
 if TYPE_CHECKING:
     from mlsd_ray.explain import ExplanationResult
@@ -38,8 +39,6 @@ if TYPE_CHECKING:
 
 VAL_SCORE = "val_score"  # mlsd_ray.tasks.tabular.train.VAL_SCORE: PR-AUC, macro F1 or R²
 # The metrics a summary shows, by the name of the score the task ranks by.
-SCORE_KEYS = {"pr_auc": ["pr_auc", "roc_auc", "precision", "recall", "f1"],
-              "macro_f1": ["accuracy", "macro_f1"], "r2": ["mse", "mae", "r2"]}
 
 
 class TabularTask(Task):
@@ -47,6 +46,8 @@ class TabularTask(Task):
 
     name = "tabular"
     metric = VAL_SCORE
+    config_class = TabularTaskConfig
+    searchable = ("tabular.hidden", "tabular.dropout", "tabular.class_weight")  # the MLP's
     registers_best_trial = True
     train_stage = "train, evaluate, register"  # training scores test at the chosen threshold
     evaluate_stage = False
@@ -100,13 +101,12 @@ class TabularTask(Task):
     def serve_application(self, settings, model: PinnedModel, workspace: Workspace) -> ServedApp:
         """The fraud scoring app (threshold, rules, policy) with the `tabular` section the
         model was trained with, from its checkpoint."""
-        from mlsd_ray.core.config import Config
         from mlsd_ray.core.errors import InputError
 
         if settings.runtime != "torch":
             raise InputError(f"serve.runtime={settings.runtime} runs image models; the tabular "
                              "task's replicas run torch (serve.runtime=torch)")
-        trained = Config.model_validate(_metadata(model.path)["config"])
+        trained = stored_config(_metadata(model.path)["config"])
         return fraud_application(settings, trained.tabular, model, workspace)
 
     def predictor(self, checkpoint_dir: str):
@@ -121,7 +121,6 @@ class TabularTask(Task):
     def evaluate(self, checkpoint_dir: str, split: str, workspace: Workspace,
                  dataset_path: str | None = None) -> TabularEvaluation:
         """The MLP at its stored threshold beside the baseline, on the test split."""
-        from mlsd_ray.core.config import Config
         from mlsd_ray.core.errors import InputError
         from mlsd_ray.tasks.tabular.prepare import PreparedTable
         from mlsd_ray.tasks.tabular.stage import evaluate_checkpoint
@@ -132,7 +131,7 @@ class TabularTask(Task):
         metadata = _metadata(checkpoint_dir)
         table = PreparedTable.open(dataset_path or metadata["dataset"]["path"])
         out = workspace.report(metadata["run_name"], split)
-        evaluation = evaluate_checkpoint(Config.model_validate(metadata["config"]), table,
+        evaluation = evaluate_checkpoint(stored_config(metadata["config"]), table,
                                          checkpoint_dir, out)
         return replace(evaluation, model=checkpoint_dir, run_name=metadata["run_name"])
 

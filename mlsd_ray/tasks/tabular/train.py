@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlsd_ray.core.config import Config, ThresholdConfig, TrainConfig
+from mlsd_ray.core.config import TrainConfig
 from mlsd_ray.core.errors import InputError
+from mlsd_ray.tasks.tabular.config import TabularTaskConfig, ThresholdConfig
 from mlsd_ray.tasks.tabular.metrics import choose_threshold, primary_score
 from mlsd_ray.tasks.tabular.monitoring import column_reference, output_reference
 from mlsd_ray.tasks.tabular.prepare import PreparedTable
@@ -244,7 +245,8 @@ def feature_reference(table: PreparedTable, seed: int = 0) -> dict:
             "rows": int(len(features))}
 
 
-def loop_config(cfg: Config, table: PreparedTable, run_name: str, init_from: str | None = None,
+def loop_config(cfg: TabularTaskConfig, table: PreparedTable, run_name: str,
+                init_from: str | None = None,
                 reference: PreparedTable | None = None) -> dict:
     """Everything a worker needs, as plain data. `init_from`, a checkpoint folder, starts from
     its weights (fine-tuning); the drift reference profiles `reference` (default: `table`)."""
@@ -270,7 +272,8 @@ def loop_config(cfg: Config, table: PreparedTable, run_name: str, init_from: str
     return config
 
 
-def build_tabular_trainer(cfg: Config, table: PreparedTable, run_name: str, storage_path: str,
+def build_tabular_trainer(cfg: TabularTaskConfig, table: PreparedTable, run_name: str,
+                          storage_path: str,
                           datasets: dict | None = None, callbacks: list | None = None,
                           log: Callable[[str], None] | None = None,
                           init_from: str | None = None,

@@ -27,11 +27,12 @@ import numpy as np
 import pandas as pd
 
 from mlsd_ray.core import storage
-from mlsd_ray.core.config import Config, dump_yaml
+from mlsd_ray.core.config import dump_yaml
 from mlsd_ray.core.errors import InputError, WorkError
 from mlsd_ray.core.runtime import ensure_ray, log_stderr
 from mlsd_ray.core.split import SPLITS, resolve
 from mlsd_ray.core.workspace import Workspace
+from mlsd_ray.tasks.image.config import ImageConfig
 from mlsd_ray.tasks.image.data.report import (
     build_quality,
     pixel_statistics,
@@ -137,7 +138,7 @@ class PreparedDataset:
             samples=storage.join(self.path, "samples.png"))
 
 
-def fingerprint(source: Source, cfg: Config) -> str:
+def fingerprint(source: Source, cfg: ImageConfig) -> str:
     """12 hex digits over the source's identity and the data config that shapes the output."""
     data = {k: v for k, v in cfg.data.model_dump(mode="json").items()
             if k not in _NOT_IN_FINGERPRINT}
@@ -179,7 +180,8 @@ def _reasons(meta: pd.DataFrame) -> str:
     return ", ".join(f"{n} {r}" for r, n in counts.items())
 
 
-def _decide(meta: pd.DataFrame, cfg: Config, class_names: list[str]) -> tuple[pd.DataFrame, dict]:
+def _decide(meta: pd.DataFrame, cfg: ImageConfig,
+            class_names: list[str]) -> tuple[pd.DataFrame, dict]:
     """Splits for valid rows, quarantine for duplicates; returns every row with its decision."""
     valid = meta[meta["status"] == OK]
     if valid.empty:
@@ -220,7 +222,7 @@ def _check_ids_unique(meta: pd.DataFrame) -> None:
                         f"{meta.loc[meta['id'].duplicated(), 'id'].head(3).tolist()}")
 
 
-def prepare_dataset(cfg: Config, workspace: Workspace, force: bool = False,
+def prepare_dataset(cfg: ImageConfig, workspace: Workspace, force: bool = False,
                     log: Callable[[str], None] = log_stderr) -> PreparedDataset:
     """Run the data stage (or reuse its earlier output for the same inputs and config)."""
     source = parse_source(cfg.data.source, cfg.data, workspace)

@@ -20,9 +20,9 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from mlsd_ray.core import storage
-from mlsd_ray.core.config import DataConfig
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.workspace import Workspace
+from mlsd_ray.tasks.image.config import DataConfig
 from mlsd_ray.tasks.image.data.validate import is_missing
 
 SOURCES: dict[str, Callable[..., Source]] = {}

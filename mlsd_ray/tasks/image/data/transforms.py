@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from mlsd_ray.core.config import AugmentConfig
+from mlsd_ray.tasks.image.config import AugmentConfig
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: data-stage workers never need it
     import torch

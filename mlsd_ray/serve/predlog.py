@@ -8,7 +8,7 @@ never blocks a request: `record` only appends to a bounded in-memory buffer (row
 are dropped and counted); a daemon thread writes the buffer once it holds `flush_rows` rows or
 its oldest row waited `flush_seconds`; `close` writes what is left: Serve calls the replica's
 `__del__` on shutdown, and a replica killed with SIGTERM runs it at exit. Only SIGKILL loses
-rows: those of the last flush interval at most (README.md, "Prediction log").
+rows: those of the last flush interval at most (docs/monitoring.md, "Prediction log").
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ import pandas as pd
 from mlsd_ray.core import storage
 from mlsd_ray.core.config import PredictionLogConfig
 from mlsd_ray.core.workspace import Workspace
+
+__all__ = ["BASE_COLUMNS", "log_location", "parse_since", "PredictionLog", "read_log",
+           "wait_for_rows"]
 
 BASE_COLUMNS = ("time", "request_id", "model_name", "model_version", "predicted_class",
                 "confidence", "latency_ms")
