@@ -20,6 +20,7 @@ import pandas as pd
 
 from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config, MonitorConfig
+from mlsd_ray.core.contracts import DRIFT_REFERENCE
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.runtime import log_stderr
 from mlsd_ray.core.workspace import Workspace
@@ -60,7 +61,7 @@ def load_reference(model_uri: str, workspace: Workspace) -> dict:
 
     directory = registry.resolve(model_uri, workspace)
     verify(directory)
-    return storage.read_json(storage.join(directory, "reference.json"))
+    return DRIFT_REFERENCE.read(storage.join(directory, "reference.json"))
 
 
 def window(since: str | None, until: str | None) -> tuple[dt.datetime | None, dt.datetime | None]:

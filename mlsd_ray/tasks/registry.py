@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
 from mlsd_ray.core.config import Config, config_tree, validate_config
+from mlsd_ray.core.contracts import CheckpointMetadata
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.tasks.base import Task
 
@@ -73,10 +73,7 @@ def config_class_of(tree: dict[str, Any]) -> type[Config]:
 def task_of_checkpoint(directory: str) -> Task:
     """The task that trained the checkpoint in `directory`, read from the config its
     metadata.json records; InputError naming the task when it does not load here."""
-    metadata = Path(directory, "metadata.json")
-    if not metadata.is_file():
-        raise InputError(f"no checkpoint at {directory} (metadata.json missing)")
-    name = json.loads(metadata.read_text()).get("config", {}).get("task", DEFAULT_TASK)
+    name = CheckpointMetadata.read(directory).task or DEFAULT_TASK
     try:
         return get_task(name)
     except InputError as exc:

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mlsd_ray.core.contracts import DRIFT_REFERENCE
 from mlsd_ray.core.errors import InputError
 
 if TYPE_CHECKING:
@@ -61,7 +62,8 @@ def save_checkpoint(directory: str | Path, model: nn.Module, model_config: dict,
     torch.save(unwrap(model).state_dict(), directory / "model.pt")
     (directory / "model.json").write_text(json.dumps(model_config, indent=2))
     (directory / "preprocessing.json").write_text(json.dumps(preprocessing, indent=2))
-    (directory / "reference.json").write_text(json.dumps(reference, indent=2))
+    (directory / "reference.json").write_text(json.dumps(DRIFT_REFERENCE.stamp(reference),
+                                                         indent=2))
     (directory / "metadata.json").write_text(json.dumps(metadata, indent=2))
     torch.save(train_state, directory / "train_state.pt")
     for name, content in (extra or {}).items():

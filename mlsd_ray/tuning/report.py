@@ -13,6 +13,7 @@ import pandas as pd
 
 from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config, dump_yaml
+from mlsd_ray.core.contracts import TUNE_SUMMARY
 from mlsd_ray.core.errors import WorkError
 from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.training.checkpoint import RANK_METRIC
@@ -20,6 +21,7 @@ from mlsd_ray.tuning.space import describe, trial_config
 
 if TYPE_CHECKING:
     from mlsd_ray.registry import RegisteredVersion
+    from mlsd_ray.tuning.search import SearchPlan
 
 __all__ = ["best_config", "BestTrial", "curves_png", "failure_summary", "trial_rows",
            "TuneSummary", "write_outputs"]
@@ -90,9 +92,9 @@ class TuneSummary:
         return plain
 
 
-def trial_rows(grid, plan: dict) -> list[dict]:
+def trial_rows(grid, plan: SearchPlan) -> list[dict]:
     """One row per trial: its parameters, epochs run, early stop, best val metric, checkpoint."""
-    rows, metric = [], plan["metric"]
+    rows, metric = [], plan.metric
     for index, result in enumerate(grid):
         history = _history(result)
         row = {"trial": (result.metrics or {}).get("trial_id") or f"#{index}",
@@ -106,7 +108,7 @@ def trial_rows(grid, plan: dict) -> list[dict]:
                        **{metric: float(best[metric]),
                           RANK_METRIC: float(best[RANK_METRIC]),
                           "checkpoint": best.get("checkpoint_path")})
-            row["stopped_early"] = not result.error and row["epochs_run"] < plan["epochs"]
+            row["stopped_early"] = not result.error and row["epochs_run"] < plan.epochs
             if "cv_std" in history:
                 row.update(cv_mean=float(best[metric]), cv_std=float(best["cv_std"]),
                            fold_scores=list(best["fold_scores"]))
@@ -209,13 +211,13 @@ def _table(rows: list[dict]) -> pd.DataFrame:
     return frame.sort_values(RANK_METRIC, ascending=False, na_position="last")
 
 
-def write_outputs(run, grid, base: Config, plan: dict, workspace: Workspace,
+def write_outputs(run, grid, base: Config, plan: SearchPlan, workspace: Workspace,
                   log: Callable[[str], None], register: bool, wall_seconds: float,
                   mlflow_run_id: str | None) -> TuneSummary:
     """Write results.csv, curves.png, best.yaml, summary.json; add the best score to the
     search's MLflow run (`mlflow_run_id`, the active run: its trials were tracked live) and
     register the best trial's model in it."""
-    rows, metric = trial_rows(grid, plan), plan["metric"]
+    rows, metric = trial_rows(grid, plan), plan.metric
     ok = [r for r in rows if r["status"] == "ok" and r[metric] is not None]
     if not ok:
         raise WorkError(failure_summary(rows))
@@ -230,17 +232,18 @@ def write_outputs(run, grid, base: Config, plan: dict, workspace: Workspace,
                                   f"{metric} {best[metric]:.4f}\n# train it: mlsd train "
                                   f"--config {best_yaml}\n" + dump_yaml(best_cfg))
     summary = TuneSummary(
-        name=run.name, path=run.path, search=plan["search"], scheduler=plan["scheduler"],
+        name=run.name, path=run.path, search=plan.search, scheduler=plan.scheduler,
         cv=run.cfg.tune.cv, trials=len(rows), finished=len(ok),
         stopped_early=sum(bool(r["stopped_early"]) for r in rows),
         failed=sum(r["status"] == "error" for r in rows),
-        trial_epochs=int(sum(r["epochs_run"] for r in rows)), max_epochs=plan["epochs"],
+        trial_epochs=int(sum(r["epochs_run"] for r in rows)), max_epochs=plan.epochs,
         metric=metric, best=_best_trial(best, metric),
         configurations=[_config_line(r, cv, metric) for r in _table(rows).to_dict("records")],
         wall_seconds=round(wall_seconds, 1), results=results, curves=curves,
         best_config=best_yaml, mlflow_run_id=mlflow_run_id)
     _track(summary, run, best, best_cfg, workspace, log, register)
-    storage.write_json(storage.join(run.path, "summary.json"), summary.to_dict())
+    storage.write_json(storage.join(run.path, "summary.json"),
+                       TUNE_SUMMARY.stamp(summary.to_dict()))
     return summary
 
 

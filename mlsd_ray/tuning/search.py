@@ -41,14 +41,29 @@ from mlsd_ray.tuning.space import describe, ray_space, trial_config, validate_sp
 if TYPE_CHECKING:
     from mlsd_ray.tuning.report import TuneSummary
 
-__all__ = ["run_trial", "run_tune", "search_plan", "TRIAL_DRIVER_CPU", "trial_resources",
-           "TuneRun"]
+__all__ = ["run_trial", "run_tune", "search_plan", "SearchPlan", "TRIAL_DRIVER_CPU",
+           "trial_resources", "TuneRun"]
 
 # The Tune function itself only waits on its trainer; the CPUs go to the Train workers.
 TRIAL_DRIVER_CPU = 0.05
 
 
-def search_plan(cfg: Config) -> dict:
+@dataclass(frozen=True)
+class SearchPlan:
+    """What a search will run: `search` (grid or random; random over few discrete values
+    becomes grid), the `scheduler` that stops trials early (asha, median or none), Tune's
+    `num_samples`, the number of `trials`, the `epochs` of each, and the `metric` that ranks
+    them (the task's)."""
+
+    search: str
+    scheduler: str
+    num_samples: int
+    trials: int
+    epochs: int
+    metric: str
+
+
+def search_plan(cfg: Config) -> SearchPlan:
     """Trials, epochs per trial and the scheduler this configuration asks for."""
     t = cfg.tune
     scheduler = t.scheduler
@@ -68,9 +83,9 @@ def search_plan(cfg: Config) -> dict:
     if t.cv > 1 and not task.cross_validation:
         raise InputError(f"--cv is not offered by the {task.name} task: its search ranks "
                          f"trials by {task.metric} (leave tune.cv at 1)")
-    return {"search": search, "scheduler": scheduler, "num_samples": samples,
-            "trials": int(trials), "epochs": t.max_epochs or cfg.train.epochs,
-            "metric": task.metric}
+    return SearchPlan(search=search, scheduler=scheduler, num_samples=samples,
+                      trials=int(trials), epochs=t.max_epochs or cfg.train.epochs,
+                      metric=task.metric)
 
 
 # ---------------------------------------------------------------- resources
@@ -196,26 +211,26 @@ class TuneRun:
         return storage.join(self.path, "train-runs")
 
 
-def _scheduler(cfg: Config, plan: dict):
+def _scheduler(cfg: Config, plan: SearchPlan):
     from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
 
     t = cfg.tune
-    if plan["scheduler"] == "asha":
-        return ASHAScheduler(time_attr="epoch", max_t=plan["epochs"],
-                             grace_period=min(t.grace_period, plan["epochs"]),
+    if plan.scheduler == "asha":
+        return ASHAScheduler(time_attr="epoch", max_t=plan.epochs,
+                             grace_period=min(t.grace_period, plan.epochs),
                              reduction_factor=t.reduction_factor)
-    if plan["scheduler"] == "median":
+    if plan.scheduler == "median":
         return MedianStoppingRule(time_attr="epoch", grace_period=t.grace_period,
                                   min_samples_required=3)
     return None
 
 
-def _trainable(run: TuneRun, plan: dict, per_worker_cpu: float):
+def _trainable(run: TuneRun, plan: SearchPlan, per_worker_cpu: float):
     """The Tune function with its fixed inputs bound, and its resource request."""
     from ray import tune
 
     base = run.cfg.model_copy(deep=True)
-    base.train.epochs = plan["epochs"]
+    base.train.epochs = plan.epochs
     base.train.num_workers = run.cfg.tune.workers_per_trial
     base.train.cpus_per_worker = per_worker_cpu
     base.train.run_name = None
@@ -261,17 +276,17 @@ def run_tune(cfg: Config, workspace: Workspace, log: Callable[[str], None] = log
     ensure_ray(workspace)
     name = name or fresh_name(f"{dataset.manifest['name']}-tune")
     run = TuneRun(name, storage.join(root, name), cfg, dataset)
-    concurrent, per_worker = trial_resources(cfg, plan["trials"])
+    concurrent, per_worker = trial_resources(cfg, plan.trials)
     trainable, base = _trainable(run, plan, per_worker)
-    if plan["search"] != cfg.tune.search:
-        log(f"the space has only {plan['trials']} distinct configurations: trying each once")
-    log(f"tuning {plan['trials']} trial(s) ({plan['search']} search, scheduler "
-        f"{plan['scheduler']}, {plan['epochs']} epochs max, {concurrent} at a time, "
+    if plan.search != cfg.tune.search:
+        log(f"the space has only {plan.trials} distinct configurations: trying each once")
+    log(f"tuning {plan.trials} trial(s) ({plan.search} search, scheduler "
+        f"{plan.scheduler}, {plan.epochs} epochs max, {concurrent} at a time, "
         f"{cfg.tune.workers_per_trial} worker(s) × {per_worker:g} CPU each"
         + (f", {cfg.tune.cv}-fold CV" if cfg.tune.cv > 1 else "") + f"); outputs in {run.path}")
-    search = LiveSearch(workspace, name, {"search": plan["search"], "scheduler": plan["scheduler"],
+    search = LiveSearch(workspace, name, {"search": plan.search, "scheduler": plan.scheduler,
                                      "cv": cfg.tune.cv, "space": str(cfg.tune.space)[:500],
-                                     "trials": plan["trials"]})
+                                     "trials": plan.trials})
     if resume:
         if not tune.Tuner.can_restore(run.path):
             raise InputError(f"no tune run to resume at {run.path}")
@@ -279,9 +294,9 @@ def run_tune(cfg: Config, workspace: Workspace, log: Callable[[str], None] = log
     else:
         storage.write_text(storage.join(run.path, "tune-config.yaml"), dump_yaml(cfg))
         tuner = tune.Tuner(
-            trainable, param_space=ray_space(cfg.tune.space, plan["search"]),
+            trainable, param_space=ray_space(cfg.tune.space, plan.search),
             tune_config=tune.TuneConfig(metric=RANK_METRIC, mode="max",
-                                        num_samples=plan["num_samples"],
+                                        num_samples=plan.num_samples,
                                         # seeded: the same space draws the same trials.
                                         # The limit must sit here: Tune ignores
                                         # max_concurrent_trials with a SearchGenerator, and
@@ -305,14 +320,14 @@ def run_tune(cfg: Config, workspace: Workspace, log: Callable[[str], None] = log
                                           checkpoint_score_order="max"),
                                       failure_config=tune.FailureConfig(
                                           max_failures=cfg.train.max_failures),
-                                      callbacks=[_progress(plan["trials"], log,
-                                                           plan["metric"]),
+                                      callbacks=[_progress(plan.trials, log,
+                                                           plan.metric),
                                                  search.trial_callback(describe)]))
     with search:  # the search's MLflow run, and a child per trial, live
         return _search(tuner, run, base, plan, workspace, log, register, started, search)
 
 
-def _search(tuner, run: TuneRun, base: Config, plan: dict, workspace: Workspace,
+def _search(tuner, run: TuneRun, base: Config, plan: SearchPlan, workspace: Workspace,
             log: Callable[[str], None], register: bool, started: float,
             search: LiveSearch) -> TuneSummary:
     """Fit the tuner, refuse an interrupted search (its state saved), write the outputs."""

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config
+from mlsd_ray.core.contracts import CheckpointMetadata
 from mlsd_ray.core.crash_points import crash_point
 from mlsd_ray.core.errors import InputError, WorkError
 from mlsd_ray.core.runtime import log_stderr
@@ -179,7 +180,7 @@ def retrain(cfg: Config, source: str, workspace: Workspace, model: str | None = 
                          "checkpoint folder: gated promotion moves a registry alias")
     champion_dir = champion_info.checkpoint_here(workspace)
     task = task_of_checkpoint(champion_dir)
-    trained_with = storage.read_json(storage.join(champion_dir, "metadata.json"))["config"]
+    trained_with = CheckpointMetadata.read(champion_dir).config
     log(f"champion {champion_info.uri} ({task.name} task); new data {source}")
 
     data = task.retrain_data(cfg, champion_dir, source, workspace, log)

@@ -94,7 +94,8 @@ def test_a_checkpoint_names_the_task_that_trained_it(tmp_path):
     def checkpoint(task: str):
         folder = tmp_path / task.replace(":", "-")
         folder.mkdir()
-        (folder / "metadata.json").write_text(json.dumps({"config": {"task": task}}))
+        (folder / "metadata.json").write_text(json.dumps(
+            {"run_name": "r", "dataset": {"path": "/d"}, "config": {"task": task}}))
         return str(folder)
 
     assert task_of_checkpoint(checkpoint("tabular")).name == "tabular"

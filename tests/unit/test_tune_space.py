@@ -5,7 +5,7 @@ import pytest
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.tasks import get_task, load_config
 from mlsd_ray.tuning.report import failure_summary
-from mlsd_ray.tuning.search import search_plan
+from mlsd_ray.tuning.search import SearchPlan, search_plan
 from mlsd_ray.tuning.space import parse_param, trial_config, validate_space
 
 IMAGE_SEARCHABLE = get_task("image").searchable
@@ -55,15 +55,15 @@ def test_plan_counts_grid_trials_and_picks_the_scheduler():
     cfg = load_config(None, ["tune.search=grid", "tune.space={train.lr: [0.001, 0.01], "
                                                  "train.batch_size: [32, 64, 128]}"])
     plan = search_plan(cfg)
-    assert plan == {"search": "grid", "scheduler": "asha", "num_samples": 1, "trials": 6,
-                    "epochs": cfg.train.epochs, "metric": "val_accuracy"}
+    assert plan == SearchPlan(search="grid", scheduler="asha", num_samples=1, trials=6,
+                              epochs=cfg.train.epochs, metric="val_accuracy")
     tabular = load_config(None, ["tune.space={train.lr: [0.001, 0.01]}"], example="fraud")
-    assert search_plan(tabular)["metric"] == "val_score"  # PR-AUC / macro F1 / R² on val
+    assert search_plan(tabular).metric == "val_score"  # PR-AUC / macro F1 / R² on val
     tabular.tune.cv = 3
     with pytest.raises(InputError, match="--cv is not offered by the tabular task"):
         search_plan(tabular)
     cfg.tune.cv = 3
-    assert search_plan(cfg)["scheduler"] == "none"  # auto: one report per configuration
+    assert search_plan(cfg).scheduler == "none"  # auto: one report per configuration
     cfg.tune.scheduler = "asha"
     with pytest.raises(InputError, match="--scheduler none"):
         search_plan(cfg)
@@ -72,10 +72,10 @@ def test_plan_counts_grid_trials_and_picks_the_scheduler():
 def test_random_search_over_few_discrete_values_runs_each_once():
     cfg = load_config(None, ["tune.space={train.lr: [0.001, 0.01]}", "tune.num_samples=8"])
     plan = search_plan(cfg)
-    assert (plan["search"], plan["trials"]) == ("grid", 2)
+    assert (plan.search, plan.trials) == ("grid", 2)
     cfg.tune.space = {"train.lr": {"loguniform": [1e-4, 1e-2]}}
     plan = search_plan(cfg)
-    assert (plan["search"], plan["trials"]) == ("random", 8)
+    assert (plan.search, plan.trials) == ("random", 8)
 
 
 def test_trial_config_applies_dotted_overrides():

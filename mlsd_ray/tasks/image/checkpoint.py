@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mlsd_ray.core.contracts import DRIFT_REFERENCE, CheckpointMetadata
 from mlsd_ray.tasks.image.data.transforms import Preprocessor
 from mlsd_ray.tasks.image.models import build_model
 from mlsd_ray.training.checkpoint import verify
@@ -24,7 +25,7 @@ class LoadedModel:
     preprocessor: Preprocessor
     model_config: dict
     reference: dict
-    metadata: dict
+    metadata: CheckpointMetadata
 
     def probabilities(self, pixels: torch.Tensor) -> np.ndarray:
         """Class probabilities (N, K) for images already at the trained size in [0, 1]
@@ -52,6 +53,6 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Loa
     state = torch.load(directory / "model.pt", map_location=device, weights_only=True)
     model.load_state_dict(state)
     model.to(device).eval()
-    reference = json.loads((directory / "reference.json").read_text())
-    metadata = json.loads((directory / "metadata.json").read_text())
-    return LoadedModel(model, preprocessor, model_config, reference, metadata)
+    reference = DRIFT_REFERENCE.read(str(directory / "reference.json"))
+    return LoadedModel(model, preprocessor, model_config, reference,
+                       CheckpointMetadata.read(directory))

@@ -170,13 +170,13 @@ def evaluate_checkpoint(checkpoint_dir: str, split: str, workspace: Workspace,
     if not Path(checkpoint_dir).is_dir():
         raise InputError(f"no checkpoint at {checkpoint_dir}")
     loaded = load_model(checkpoint_dir)
-    dataset = PreparedDataset.open(dataset_path or loaded.metadata["dataset"]["path"])
+    dataset = PreparedDataset.open(dataset_path or loaded.metadata.dataset.path)
     if split not in dataset.manifest["counts"]["splits"]:
         raise InputError(f"unknown split {split!r}; choose train, val or test")
     images, labels = dataset.load_split(split)  # once, for the scores and the attributions
     result = predict_images(loaded, images, labels)  # the model is loaded (and verified) once
     class_names = dataset.manifest["class_names"]
-    run = loaded.metadata["run_name"]
+    run = loaded.metadata.run_name
     out = workspace.report(run, split)
     report = {"model": str(checkpoint_dir), "model_name": loaded.model_config["name"],
               "run_name": run, "split": split, "dataset": dataset.path,

@@ -305,7 +305,7 @@ def explain_checkpoint(checkpoint_dir: str, source: str | None, label: str | Non
     if not len(images):
         raise InputError(f"no input{' labelled ' + repr(label) if label else ''} to explain in "
                          f"{source or 'the test split'}")
-    out = out or workspace.explanations(loaded.metadata.get("run_name", "model"),
+    out = out or workspace.explanations(loaded.metadata.run_name,
                                                  time.strftime("%Y%m%d-%H%M%S"))
     return explain_images(loaded, images, labels, sources, out)
 
@@ -314,7 +314,7 @@ def _from_test_split(loaded: LoadedModel, label: str | None,
                      count: int) -> tuple[np.ndarray, list[str], list[str]]:
     from mlsd_ray.tasks.image.data.prepare import PreparedDataset
 
-    images, labels = PreparedDataset.open(loaded.metadata["dataset"]["path"]).load_split("test")
+    images, labels = PreparedDataset.open(loaded.metadata.dataset.path).load_split("test")
     names = loaded.preprocessor.class_names
     rows = [i for i, y in enumerate(labels) if label is None or names[int(y)] == label][:count]
     return (images[rows], [names[int(labels[i])] for i in rows],

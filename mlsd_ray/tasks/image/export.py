@@ -86,7 +86,7 @@ def export_image_model(checkpoint_dir: str, fmt: str, quantize: str | None, out:
     is written when a check fails."""
     export.check_request(fmt, quantize)
     loaded = load_model(checkpoint_dir)
-    dataset = PreparedDataset.open(loaded.metadata["dataset"]["path"])
+    dataset = PreparedDataset.open(loaded.metadata.dataset.path)
     images, labels = dataset.load_split("test")
     reference = loaded.predict(images)
     with tempfile.TemporaryDirectory(prefix="mlsd-export-") as scratch:

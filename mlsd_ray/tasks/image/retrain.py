@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal, cast
 
 from mlsd_ray.core import storage
+from mlsd_ray.core.contracts import MANIFEST
 from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.image.config import ImageConfig
 from mlsd_ray.tasks.image.data.prepare import PreparedDataset, prepare_dataset
@@ -34,7 +35,7 @@ def retrain_data(cfg: ImageConfig, champion_dir: str, source: str, workspace: Wo
     new_cfg.data.channels = cast(Literal[1, 3], pre.channels)
     new = prepare_dataset(new_cfg, workspace=workspace, log=log)
     check_classes(pre.class_names, new.manifest["class_names"], source)
-    old = PreparedDataset.open(champion.metadata["dataset"]["path"])
+    old = PreparedDataset.open(champion.metadata.dataset.path)
     train_parts = [new, old] if cfg.retrain.keep_old_data else [new]
     combined = combine({"train": train_parts, "val": train_parts, "test": [new, old]},
                        pre.to_dict(), f"retrain-{new.manifest['name']}", workspace)
@@ -96,5 +97,5 @@ def combine(parts: dict[str, list[PreparedDataset]], champion_pre: dict, name: s
                 "counts": {**newest["counts"], "splits": counts},
                 "splits": {s: storage.join(out, s) for s in SPLITS},
                 "preprocessing": champion_pre}
-    storage.write_json(storage.join(out, "manifest.json"), manifest)
+    storage.write_json(storage.join(out, "manifest.json"), MANIFEST.stamp(manifest))
     return PreparedDataset(out, manifest)

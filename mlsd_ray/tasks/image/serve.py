@@ -86,7 +86,7 @@ def load_served_model(model: PinnedModel, workspace: Workspace) -> tuple[Any, di
     name, metrics = model.name, {key: model.metrics.get(key)
                                  for key in ("val_accuracy", "test_accuracy")}
     if model.version == "local":  # a checkpoint folder: named after the run that wrote it
-        name, metrics = loaded.metadata.get("run_name") or model.name, {}
+        name, metrics = loaded.metadata.run_name or model.name, {}
     pre = loaded.preprocessor
     info = {"model_name": name, "model_version": model.version, "uri": model.uri,
             "architecture": loaded.model_config["name"], "classes": pre.class_names,
@@ -95,7 +95,7 @@ def load_served_model(model: PinnedModel, workspace: Workspace) -> tuple[Any, di
                       "accepts": "numeric H×W or H×W×C arrays (integers 0-255 or floats in "
                                  "[0, 1]), base64 PNG/JPEG, or multipart image files; any "
                                  "size is resized to the trained size"},
-            "trained_run": loaded.metadata.get("run_name")}
+            "trained_run": loaded.metadata.run_name}
     return loaded, info
 
 

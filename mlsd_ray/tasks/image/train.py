@@ -20,6 +20,7 @@ import torch
 
 from mlsd_ray.core import storage
 from mlsd_ray.core.config import TrainConfig
+from mlsd_ray.core.contracts import CheckpointMetadata, DatasetRef
 from mlsd_ray.core.errors import WorkError
 from mlsd_ray.core.runtime import ensure_ray, log_stderr
 from mlsd_ray.core.workspace import Workspace, fresh_name
@@ -170,9 +171,9 @@ def loop_config(cfg: ImageConfig, dataset: PreparedDataset, run_name: str,
     The drift reference profiles `reference` (default: the training data itself)."""
     pre = dataset.manifest["preprocessing"]
     manifest = dataset.manifest
-    metadata = {"run_name": run_name, "config": cfg.to_dict(),
-                "dataset": {"path": dataset.path, "name": manifest["name"],
-                            "fingerprint": manifest["fingerprint"]}}
+    metadata = CheckpointMetadata(run_name, DatasetRef(dataset.path, manifest["name"],
+                                                       manifest["fingerprint"]),
+                                  cfg.to_dict()).to_dict()
     return {"metadata": metadata, "train": cfg.train.model_dump(),
             "augment": cfg.data.augment.model_dump(),
             "preprocessing": pre, "reference": _reference(reference or dataset, cfg.train.seed),

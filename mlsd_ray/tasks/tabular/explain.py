@@ -90,7 +90,7 @@ def explain_table(checkpoint_dir: str, source: str | None, label: str | None, co
     from mlsd_ray.tasks.tabular.prepare import PreparedTable
 
     loaded = load_tabular(checkpoint_dir)
-    table = PreparedTable.open(loaded.metadata["dataset"]["path"])
+    table = PreparedTable.open(loaded.metadata.dataset.path)
     task, test = table.manifest["task"], table.load_split("test")
     importance = permutation_importance(loaded, test, test[table.label].to_numpy(), task)
     records = _records(source, table.label) if source else test
@@ -101,7 +101,7 @@ def explain_table(checkpoint_dir: str, source: str | None, label: str | None, co
         raise InputError(f"no record{' labelled ' + repr(label) if label else ''} to explain "
                          f"in {source or 'the test split'}")
     attributions = record_attributions(loaded, records, task)
-    out = out or workspace.explanations(loaded.metadata.get("run_name", "model"),
+    out = out or workspace.explanations(loaded.metadata.run_name,
                                                  time.strftime("%Y%m%d-%H%M%S"))
     chart = explain.write_output(out, "importance.png", importance_chart(importance, task))
     charts = [explain.write_output(out, f"records/{i:03d}.png", _record_chart(a, i))

@@ -144,7 +144,7 @@ def export_tabular_model(checkpoint_dir: str, fmt: str, quantize: str | None, ou
         raise InputError("--quantize int8 is for image models; a tabular MLP is exported in "
                          "fp32")
     loaded = load_tabular(checkpoint_dir)
-    table = PreparedTable.open(loaded.metadata["dataset"]["path"])
+    table = PreparedTable.open(loaded.metadata.dataset.path)
     recipe = feature_recipe(loaded.featurizer)
     test = table.load_split("test")
     labels = test[table.label].to_numpy()

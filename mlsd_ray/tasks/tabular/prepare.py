@@ -26,6 +26,7 @@ import pandas as pd
 
 from mlsd_ray.core import storage
 from mlsd_ray.core.config import dump_yaml
+from mlsd_ray.core.contracts import MANIFEST
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.runtime import ensure_ray, log_stderr
 from mlsd_ray.core.split import stratified_splits
@@ -89,7 +90,7 @@ class PreparedTable:
         manifest = storage.join(path, "manifest.json")
         if not storage.exists(manifest):
             raise InputError(f"no prepared table at {path} (manifest.json missing)")
-        return cls(path, storage.read_json(manifest), reused=True)
+        return cls(path, MANIFEST.read(manifest), reused=True)
 
     def split_path(self, split: str) -> str:
         return storage.join(self.path, f"{split}.parquet")
@@ -210,7 +211,7 @@ def prepare_table(cfg: TabularTaskConfig, workspace: Workspace, force: bool = Fa
     storage.write_json(storage.join(out, "quality.json"), quality)
     storage.write_text(storage.join(out, "quality.md"), render_quality(manifest, quality))
     storage.write_text(storage.join(out, "config.yaml"), dump_yaml(cfg))
-    storage.write_json(storage.join(out, "manifest.json"), manifest)
+    storage.write_json(storage.join(out, "manifest.json"), MANIFEST.stamp(manifest))
     log(f"prepared {table.name}: {manifest['counts']['splits']} rows, "
         f"{len(featurizer.feature_names)} features, {int((~kept).sum())} quarantined -> {out}")
     return PreparedTable(out, manifest)

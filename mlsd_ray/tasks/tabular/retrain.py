@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from mlsd_ray.core import storage
+from mlsd_ray.core.contracts import MANIFEST, CheckpointMetadata
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.tabular.config import TabularTaskConfig, stored_config
@@ -37,9 +38,9 @@ def retrain_data(cfg: TabularTaskConfig, champion_dir: str, source: str, workspa
                  log: Log) -> RetrainData:
     """The new rows prepared (checked, split) with the champion's label and column rules, and
     old plus new as one table under the champion's preparation."""
-    metadata = storage.read_json(storage.join(champion_dir, "metadata.json"))
-    old = PreparedTable.open(metadata["dataset"]["path"])
-    trained = stored_config(metadata["config"])
+    metadata = CheckpointMetadata.read(champion_dir)
+    old = PreparedTable.open(metadata.dataset.path)
+    trained = stored_config(metadata.config)
     trained.tabular.source, trained.tabular.label = source, old.label
     trained.tabular.seed = cfg.tabular.seed
     new = prepare_table(trained, workspace=workspace, log=log)
@@ -84,7 +85,7 @@ def combine(parts: dict[str, list[PreparedTable]], champion: PreparedTable, name
                 "source": " + ".join(t.manifest["source"] for t in parts["train"]),
                 "counts": {**m["counts"], "splits": {s: len(f) for s, f in frames.items()}},
                 "label_stats": _label_stats(frames["train"][champion.label], m["task"])}
-    storage.write_json(storage.join(out, "manifest.json"), manifest)
+    storage.write_json(storage.join(out, "manifest.json"), MANIFEST.stamp(manifest))
     return PreparedTable(out, manifest)
 
 

@@ -135,7 +135,7 @@ class TabularModel(LoggingReplica):
         self.metrics = model_metrics()
         featurizer, decision = self.loaded.featurizer, self.loaded.decision
         local = model.version == "local"  # a checkpoint folder: named after its run
-        self.info = {"model_name": self.loaded.metadata.get("run_name") if local else model.name,
+        self.info = {"model_name": self.loaded.metadata.run_name if local else model.name,
                      "model_version": model.version, "uri": model.uri,
                      "task": decision["task"], "classes": decision["classes"],
                      "label": decision["label"], "threshold": decision.get("threshold"),

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, cast
 
+from mlsd_ray.core.contracts import CheckpointMetadata
 from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks.base import (
     DataSummary,
@@ -106,7 +107,7 @@ class TabularTask(Task):
         if settings.runtime != "torch":
             raise InputError(f"serve.runtime={settings.runtime} runs image models; the tabular "
                              "task's replicas run torch (serve.runtime=torch)")
-        trained = stored_config(_metadata(model.path)["config"])
+        trained = stored_config(_metadata(model.path).config)
         return fraud_application(settings, trained.tabular, model, workspace)
 
     def predictor(self, checkpoint_dir: str):
@@ -129,11 +130,11 @@ class TabularTask(Task):
             raise InputError(f"a tabular model is evaluated on its test split, not {split!r} "
                              "(its threshold was chosen on val)")
         metadata = _metadata(checkpoint_dir)
-        table = PreparedTable.open(dataset_path or metadata["dataset"]["path"])
-        out = workspace.report(metadata["run_name"], split)
-        evaluation = evaluate_checkpoint(stored_config(metadata["config"]), table,
+        table = PreparedTable.open(dataset_path or metadata.dataset.path)
+        out = workspace.report(metadata.run_name, split)
+        evaluation = evaluate_checkpoint(stored_config(metadata.config), table,
                                          checkpoint_dir, out)
-        return replace(evaluation, model=checkpoint_dir, run_name=metadata["run_name"])
+        return replace(evaluation, model=checkpoint_dir, run_name=metadata.run_name)
 
     def explain(self, checkpoint_dir: str, source: str | None, label: str | None, count: int,
                 out: str | None, workspace: Workspace) -> ExplanationResult:
@@ -245,11 +246,9 @@ def fraud_application(settings, tabular, model: PinnedModel, workspace: Workspac
                      f"{PREFIX}/model", {"score_url": f"{PREFIX}/score"})
 
 
-def _metadata(checkpoint_dir: str) -> dict:
+def _metadata(checkpoint_dir: str) -> CheckpointMetadata:
     """A checkpoint's metadata.json: its run, its dataset and the config it was trained with."""
-    from mlsd_ray.core import storage
-
-    return storage.read_json(storage.join(checkpoint_dir, "metadata.json"))
+    return CheckpointMetadata.read(checkpoint_dir)
 
 
 def render_table(summary: TableSummary) -> None:

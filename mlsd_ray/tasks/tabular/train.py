@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlsd_ray.core.config import TrainConfig
+from mlsd_ray.core.contracts import DRIFT_REFERENCE, CheckpointMetadata, DatasetRef
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.tasks.tabular.config import TabularTaskConfig, ThresholdConfig
 from mlsd_ray.tasks.tabular.metrics import choose_threshold, primary_score
@@ -261,9 +262,9 @@ def loop_config(cfg: TabularTaskConfig, table: PreparedTable, run_name: str,
               "model": {"name": "tabular_mlp", "in_features": len(m["feature_names"]),
                         "hidden": list(cfg.tabular.hidden), "outputs": outputs,
                         "dropout": cfg.tabular.dropout},
-              "metadata": {"run_name": run_name, "config": cfg.to_dict(),
-                           "dataset": {"path": table.path, "name": m["name"],
-                                       "fingerprint": m["fingerprint"]}}}
+              "metadata": CheckpointMetadata(run_name, DatasetRef(table.path, m["name"],
+                                                                  m["fingerprint"]),
+                                             cfg.to_dict()).to_dict()}
     if task == "regression":
         config.update(target_mean=m["label_stats"]["mean"], target_std=m["label_stats"]["std"])
     else:
@@ -296,7 +297,7 @@ class LoadedTabular:
     model_config: dict
     decision: dict
     reference: dict
-    metadata: dict
+    metadata: CheckpointMetadata
 
     def predict(self, frame) -> np.ndarray:
         """Probabilities per class, or regression predictions, for a pandas frame."""
@@ -320,5 +321,6 @@ def load_tabular(directory: str | Path) -> LoadedTabular:
     model.load_state_dict(torch.load(directory / "model.pt", map_location="cpu",
                                      weights_only=True))
     model.eval()
+    reference = DRIFT_REFERENCE.read(str(directory / "reference.json"))
     return LoadedTabular(model, Featurizer(read("preprocessing.json")), model_config,
-                         read("decision.json"), read("reference.json"), read("metadata.json"))
+                         read("decision.json"), reference, CheckpointMetadata.read(directory))

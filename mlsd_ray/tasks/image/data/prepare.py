@@ -28,6 +28,7 @@ import pandas as pd
 
 from mlsd_ray.core import storage
 from mlsd_ray.core.config import dump_yaml
+from mlsd_ray.core.contracts import MANIFEST
 from mlsd_ray.core.errors import InputError, WorkError
 from mlsd_ray.core.runtime import ensure_ray, log_stderr
 from mlsd_ray.core.split import SPLITS, resolve
@@ -111,7 +112,7 @@ class PreparedDataset:
         if not storage.exists(manifest):
             raise InputError(f"no prepared dataset at {path} (manifest.json missing): "
                              "run `mlsd data` first")
-        return cls(path, storage.read_json(manifest), reused=True)
+        return cls(path, MANIFEST.read(manifest), reused=True)
 
     def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """One split in memory on the driver: uint8 N×H×W×C images and int labels."""
@@ -232,7 +233,7 @@ def prepare_dataset(cfg: ImageConfig, workspace: Workspace, force: bool = False,
     manifest_path = storage.join(out, "manifest.json")
     if not force and storage.exists(manifest_path):
         log(f"reusing the prepared dataset at {out} (same inputs and config; --force rebuilds)")
-        return PreparedDataset(out, storage.read_json(manifest_path), reused=True)
+        return PreparedDataset(out, MANIFEST.read(manifest_path), reused=True)
     storage.delete_dir(out)  # a half-written earlier attempt, or --force
     _check_writable(out)
 
@@ -313,7 +314,7 @@ def _finish(cfg, source, name, fp, out, rows, class_names, spec, moments, duplic
     storage.write_json(storage.join(out, "quality.json"), quality)
     storage.write_text(storage.join(out, "quality.md"), render_markdown(manifest, quality))
     storage.write_text(storage.join(out, "config.yaml"), dump_yaml(cfg))
-    storage.write_json(storage.join(out, "manifest.json"), manifest)
+    storage.write_json(storage.join(out, "manifest.json"), MANIFEST.stamp(manifest))
     return manifest
 
 
