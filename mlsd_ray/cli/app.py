@@ -380,8 +380,8 @@ def models_list(home: HomeOption = None, as_json: JsonOption = False) -> None:
             print(model.name)
             for v in model.versions:
                 aliases = f"  @{', @'.join(v.aliases)}" if v.aliases else ""
-                print(f"  v{v.version}: val {v.val_accuracy}, test {v.test_accuracy}, "
-                      f"data {v.data_fingerprint}{aliases}")
+                print(f"  v{v.version}: {v.describe_scores()}, data {v.data_fingerprint}"
+                      f"{aliases}")
 
     run(as_json, lambda: {"models": list_models(workspace)}, render)
 

@@ -4,8 +4,8 @@ A task builds the module to export: the served computation from the request's te
 answer (tasks/*/export.py). This package writes it as ONNX or TorchScript, optionally
 quantised to int8, checks it against the PyTorch model on the test split (`Parity`), and
 registers the folder beside the model version in MLflow. Bad cases stop before anything is
-written: a layer that does not export is named, and an int8 model that loses more than
-MAX_INT8_ACCURACY_DROP says by how much.
+written: a layer that does not export is named, and an int8 model whose score (the task's:
+accuracy, R²) drops by more than MAX_INT8_SCORE_DROP says by how much.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ import numpy as np
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.workspace import Workspace
 
-__all__ = ["check_int8", "check_request", "check_top1", "export_onnx", "ExportResult",
-           "failing_layer", "FORMATS", "MAX_INT8_ACCURACY_DROP", "onnx_session", "OPSET", "Parity",
+__all__ = ["check_int8", "check_request", "check_agreement", "export_onnx", "ExportResult",
+           "failing_layer", "FORMATS", "MAX_INT8_SCORE_DROP", "onnx_session", "OPSET", "Parity",
            "parity", "QUANTIZATIONS", "quantize_int8", "register_export", "run_model_file",
            "run_onnx", "save_torchscript", "write_folder"]
 
 FORMATS = ("onnx", "torchscript")
 QUANTIZATIONS = ("int8",)
-MAX_INT8_ACCURACY_DROP = 0.005  # 0.5 points of accuracy
+MAX_INT8_SCORE_DROP = 0.005  # 0.5 points of accuracy (or of R²)
 # The TorchScript-based ONNX exporter: it needs no onnxscript, and takes the uint8 input and
 # the dynamic batch dimension as given. torch's newer exporter (dynamo=True) needs onnxscript.
 OPSET = 17
@@ -41,10 +41,11 @@ class Parity:
     """An exported model against the PyTorch model it came from, on the same inputs."""
 
     samples: int
-    max_abs_diff: float  # of any probability
-    top1_agreement: float  # share of inputs with the same top class
-    accuracy_torch: float
-    accuracy_exported: float
+    max_abs_diff: float  # of any output (a probability, a prediction)
+    agreement: float  # share of inputs answered alike: the same top class, or the same value
+    metric: str  # the score of both on the inputs' labels: accuracy, or r2 for numbers
+    score_torch: float
+    score_exported: float
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,9 @@ class ExportResult:
         lines = [f"{self.format}{' ' + self.quantize if self.quantize else ''}: "
                  f"{self.model_file} ({size})",
                  f"metadata: {self.metadata_file}",
-                 f"parity on {p.samples} test inputs: top-1 agreement {p.top1_agreement:.4f}, "
-                 f"max |probability difference| {p.max_abs_diff:.2e}, accuracy "
-                 f"{p.accuracy_exported:.4f} (PyTorch {p.accuracy_torch:.4f})"]
+                 f"parity on {p.samples} test inputs: agreement {p.agreement:.4f}, "
+                 f"max |difference| {p.max_abs_diff:.2e}, {p.metric} "
+                 f"{p.score_exported:.4f} (PyTorch {p.score_torch:.4f})"]
         if self.registered:
             lines.append(f"registered beside the version: {self.registered}")
         return "\n".join(lines)
@@ -93,12 +94,29 @@ def check_request(fmt: str, quantize: str | None) -> None:
 
 
 def parity(reference: np.ndarray, exported: np.ndarray, labels: np.ndarray) -> Parity:
-    """Compare probabilities (N×K) of the PyTorch model and the export on labelled inputs."""
+    """Compare probabilities (N×K) of the PyTorch model and the export on labelled inputs:
+    the same top class, and the accuracy of both."""
     return Parity(samples=len(labels),
                   max_abs_diff=float(np.abs(reference - exported).max()),
-                  top1_agreement=float((reference.argmax(1) == exported.argmax(1)).mean()),
-                  accuracy_torch=float((reference.argmax(1) == labels).mean()),
-                  accuracy_exported=float((exported.argmax(1) == labels).mean()))
+                  agreement=float((reference.argmax(1) == exported.argmax(1)).mean()),
+                  metric="accuracy",
+                  score_torch=float((reference.argmax(1) == labels).mean()),
+                  score_exported=float((exported.argmax(1) == labels).mean()))
+
+
+def value_parity(reference: np.ndarray, exported: np.ndarray, labels: np.ndarray,
+                 tolerance: float = 1e-3) -> Parity:
+    """Compare predicted values (N, or N×1) on labelled inputs: the share within `tolerance`
+    (relative to the values' scale), and the R² of both."""
+    reference, exported = reference.reshape(len(labels)), exported.reshape(len(labels))
+    scale = max(1.0, float(np.abs(reference).max()))
+
+    def r2(predicted: np.ndarray) -> float:
+        return float(1 - ((labels - predicted) ** 2).sum() / ((labels - labels.mean()) ** 2).sum())
+
+    return Parity(samples=len(labels), max_abs_diff=float(np.abs(reference - exported).max()),
+                  agreement=float((np.abs(reference - exported) <= tolerance * scale).mean()),
+                  metric="r2", score_torch=r2(reference), score_exported=r2(exported))
 
 
 def export_onnx(module, example, path: str | Path, input_name: str, output_name: str) -> None:
@@ -196,12 +214,13 @@ def run_model_file(path: str | Path, inputs: np.ndarray, batch: int = 256) -> np
             inputs[i:i + batch]))).numpy() for i in range(0, len(inputs), batch)])
 
 
-def check_top1(checked: Parity, fmt: str, inputs: str) -> None:
-    """InputError when the fp32 export's top class differs from PyTorch's on any input."""
-    if checked.top1_agreement < 1.0:
-        raise InputError(f"the {fmt} model's top class differs from PyTorch's on "
-                         f"{round((1 - checked.top1_agreement) * checked.samples)} of "
-                         f"{checked.samples} test {inputs}: nothing written")
+def check_agreement(checked: Parity, fmt: str, inputs: str) -> None:
+    """InputError when the fp32 export answers any input otherwise than PyTorch (another top
+    class, or a value beyond the tolerance)."""
+    if checked.agreement < 1.0:
+        raise InputError(f"the {fmt} model answers otherwise than PyTorch (another class, or "
+                         f"another value) on {round((1 - checked.agreement) * checked.samples)} "
+                         f"of {checked.samples} test {inputs}: nothing written")
 
 
 def quantize_int8(fp32: str | Path, int8: str | Path,
@@ -229,13 +248,13 @@ def quantize_int8(fp32: str | Path, int8: str | Path,
 
 
 def check_int8(quantized: Parity) -> None:
-    """InputError when the int8 model loses more accuracy than MAX_INT8_ACCURACY_DROP."""
-    drop = quantized.accuracy_torch - quantized.accuracy_exported
-    if drop > MAX_INT8_ACCURACY_DROP:
-        raise InputError(f"int8 quantisation loses {100 * drop:.2f} points of accuracy on "
-                         f"the test split ({quantized.accuracy_torch:.4f} -> "
-                         f"{quantized.accuracy_exported:.4f}; at most "
-                         f"{100 * MAX_INT8_ACCURACY_DROP:.1f} allowed): nothing written")
+    """InputError when the int8 model's score drops by more than MAX_INT8_SCORE_DROP."""
+    drop = quantized.score_torch - quantized.score_exported
+    if drop > MAX_INT8_SCORE_DROP:
+        raise InputError(f"int8 quantisation loses {100 * drop:.2f} points of "
+                         f"{quantized.metric} on the test split ({quantized.score_torch:.4f} "
+                         f"-> {quantized.score_exported:.4f}; at most "
+                         f"{100 * MAX_INT8_SCORE_DROP:.1f} allowed): nothing written")
 
 
 def write_folder(out: str | Path, files: dict[str, Callable[[Path], object]]) -> Path:

@@ -85,8 +85,9 @@ class TrafficReport:
     `inputs` counts what was drawn from the split, in the task's `unit` ("images",
     "records"); `column` is the shifted column where the shift has one; `delivery` is set
     when it was sent, `saved` (where the inputs and their labels went) when it was saved.
-    `outcomes` counts the answers (a class, a decision); `accuracy` is the share answered
-    correctly where the task knows the labels of what it sent.
+    `outcomes` counts the answers (a class, a decision); `scores` are the task's own metrics
+    of the answers against the labels of what it sent, where it knows them (images:
+    {"accuracy": ...}).
     """
 
     unit: str
@@ -99,7 +100,7 @@ class TrafficReport:
     url: str | None = None
     delivery: Delivery | None = None
     outcomes: dict[str, int] = field(default_factory=dict)
-    accuracy: float | None = None
+    scores: dict[str, float] = field(default_factory=dict)
     saved: str | None = None
 
     @property
@@ -111,9 +112,10 @@ class TrafficReport:
         return self.delivery.answered if self.delivery else 0
 
     def quality(self) -> str:
-        """How the traffic was answered: accuracy where the task measures it, else outcomes."""
-        if self.accuracy is not None:
-            return f"accuracy {self.accuracy}"
+        """How the traffic was answered: the task's scores where it measures them, else the
+        outcomes."""
+        if self.scores:
+            return ", ".join(f"{name} {value}" for name, value in self.scores.items())
         return f"outcomes {self.outcomes}"
 
     def describe(self) -> str:
@@ -130,5 +132,5 @@ class TrafficReport:
         return {"unit": self.unit, "inputs": self.inputs, "shift": self.shift,
                 "amount": self.amount, "column": self.column, "split": self.split,
                 "seed": self.seed, "url": self.url, "saved": self.saved,
-                "outcomes": self.outcomes, "accuracy": self.accuracy,
+                "outcomes": self.outcomes, **self.scores,
                 **(self.delivery.to_dict() if self.delivery else {})}

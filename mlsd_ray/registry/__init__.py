@@ -10,6 +10,7 @@ unless `MLFLOW_TRACKING_URI` names a server (what a multi-node cluster needs).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -27,7 +28,7 @@ __all__ = ["ARTIFACT_DIR", "CHECKPOINT", "checkpoint_in", "client", "EXPERIMENT"
            "git_commit", "list_models", "log_checkpoint_model", "log_evaluation", "ModelVersion",
            "new_version", "parse_model_ref", "pin", "PinnedModel", "promote", "promote_first",
            "Promotion", "RegisteredModel", "RegisteredVersion", "resolve", "SERVER_SCHEMES",
-           "show", "tracking_uri"]
+           "show", "task_package", "tracking_uri", "version_tags"]
 
 EXPERIMENT = "mlsd"
 ARTIFACT_DIR = "checkpoint"  # the run's artifact folder that a version is registered from
@@ -146,13 +147,37 @@ def log_checkpoint_model(checkpoint_dir: str, signature, input_example) -> None:
 
     from mlsd_ray import __version__
 
+    requirements, code_paths = task_package(checkpoint_dir)
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = os.path.join(scratch, ARTIFACT_DIR)
         # Requirements are given: inferring them runs the model in a subprocess (seconds).
         mlflow.pyfunc.save_model(model_dir, python_model=str(Path(__file__).with_name(
             "pyfunc.py")), artifacts={CHECKPOINT: checkpoint_dir}, signature=signature,
-            input_example=input_example, pip_requirements=[f"mlsd-ray=={__version__}"])
+            input_example=input_example, code_paths=code_paths or None,
+            pip_requirements=[f"mlsd-ray=={__version__}", *requirements])
         mlflow.log_artifacts(model_dir, artifact_path=ARTIFACT_DIR)
+
+
+def task_package(checkpoint_dir: str) -> tuple[list[str], list[str]]:
+    """What a fresh environment needs, beside mlsd-ray, to load the task that trained the
+    checkpoint: the installed distribution that holds the task's module, pinned to its
+    version (`churn-tasks==1.2.0`), or, for a module that no installed distribution holds (a
+    folder on PYTHONPATH), its code, which MLflow ships with the model (`code_paths`). A
+    built-in task needs neither."""
+    import sys
+    from importlib.metadata import packages_distributions, version
+
+    from mlsd_ray.tasks import task_of_checkpoint
+
+    module = type(task_of_checkpoint(checkpoint_dir)).__module__
+    top = module.partition(".")[0]
+    if top == "mlsd_ray":
+        return [], []
+    distributions = packages_distributions().get(top, [])
+    if distributions:
+        return [f"{distributions[0]}=={version(distributions[0])}"], []
+    root = Path(sys.modules[top].__file__ or "")  # the package's __init__.py, or a module
+    return [], [str(root.parent if root.name == "__init__.py" else root)]
 
 
 def log_evaluation(run_id: str, report_file: str, split: str, workspace: Workspace) -> None:
@@ -192,6 +217,20 @@ class RegisteredVersion:
                 "uri": self.uri}
 
 
+def version_tags(*, task: str, run_name: str, score_name: str, val_score: float,
+                 test_score: float, best_epoch: int, model: str, dataset: str, fingerprint: str,
+                 schema: dict) -> dict[str, str]:
+    """The tags every registered version carries, whatever its task: the task's name, the
+    score that ranks its runs (`score_name`, e.g. accuracy, pr_auc, r2) on val and test, the
+    run, the data it trained on, the code's commit and the input/output schema. A task adds
+    its own beside them; `ModelVersion` reads these back."""
+    return {"task": task, "run_name": run_name, "score_name": score_name,
+            "val_score": f"{val_score:.6f}", "test_score": f"{test_score:.6f}",
+            "best_epoch": str(best_epoch), "model": model, "dataset": dataset,
+            "data_fingerprint": fingerprint, "git_commit": git_commit(),
+            "schema": json.dumps(schema)[:5000]}
+
+
 def new_version(mlflow_client, model_name: str, run_id: str, tags: dict,
                 description: str) -> RegisteredVersion:
     """Register the run's checkpoint artifact as the next version (creating the model)."""
@@ -216,8 +255,7 @@ class ModelVersion:
     version: int
     aliases: list[str]
     task: str
-    val_accuracy: float | None
-    test_accuracy: float | None
+    score_name: str | None  # the score the task ranks its runs by: accuracy, pr_auc, r2, ...
     val_score: float | None
     test_score: float | None
     data_fingerprint: str | None
@@ -232,10 +270,15 @@ class ModelVersion:
         return f"models:/{self.name}/{self.version}"
 
     @property
-    def metrics(self) -> dict[str, float | None]:
-        """The scores tagged at registration (accuracy for images, the task's score)."""
-        return {"val_accuracy": self.val_accuracy, "test_accuracy": self.test_accuracy,
-                "val_score": self.val_score, "test_score": self.test_score}
+    def metrics(self) -> dict[str, str | float | None]:
+        """The task's score tagged at registration, on val and test, and its name."""
+        return {"score_name": self.score_name, "val_score": self.val_score,
+                "test_score": self.test_score}
+
+    def describe_scores(self) -> str:
+        """`val accuracy 0.9926, test accuracy 0.9888`, in the task's own metric."""
+        name = self.score_name or "score"
+        return f"val {name} {self.val_score}, test {name} {self.test_score}"
 
     def listed(self) -> dict:
         """A version in `mlsd models list --json`: without the name, tags and URI."""
@@ -298,9 +341,10 @@ def _version(name: str, version, aliases: dict) -> ModelVersion:
         name=name, version=int(version.version),
         aliases=sorted(a for a, v in aliases.items() if int(v) == int(version.version)),
         task=tags.get("task", "image"),
-        val_accuracy=_number(tags.get("val_accuracy")),
-        test_accuracy=_number(tags.get("test_accuracy")),
-        val_score=_number(tags.get("val_score")), test_score=_number(tags.get("test_score")),
+        # versions registered before score_name: images tagged val_accuracy and test_accuracy
+        score_name=tags.get("score_name") or ("accuracy" if "val_accuracy" in tags else None),
+        val_score=_number(tags.get("val_score", tags.get("val_accuracy"))),
+        test_score=_number(tags.get("test_score", tags.get("test_accuracy"))),
         data_fingerprint=tags.get("data_fingerprint"), git_commit=tags.get("git_commit"),
         run_id=version.run_id, created=version.creation_timestamp, source=version.source,
         tags=tags)

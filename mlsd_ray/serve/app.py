@@ -95,7 +95,7 @@ class ReplicaSettings:
 
 class LoggingReplica:
     """What both apps' model deployments share: dynamic batching (`run_batch`, answered by the
-    task's `_answer_batch` many requests at a time), each batch's metrics (`_count_batch`),
+    task's `answer_batch` many requests at a time), each batch's metrics (`count_batch`),
     the prediction log the replica writes for `mlsd monitor` (rows are only queued on the
     request path, serve/predlog.py), the dropped-rows metric, and the last rows written when
     Serve shuts the replica down."""
@@ -106,41 +106,46 @@ class LoggingReplica:
     info: dict  # the served model's description: at least model_name and model_version
     batcher: Batcher[dict, dict]
 
-    def _start_batching(self, replica: ReplicaSettings) -> None:
+    def start_batching(self, replica: ReplicaSettings) -> None:
         """Batches of up to serve.max_batch_size requests, each waiting at most
         serve.batch_wait_timeout_s for companions (serve/batching.py says why not
         `serve.batch`)."""
-        self.batcher = Batcher(self._answer_batch, replica.max_batch_size,
+        self.batcher = Batcher(self.answer_batch, replica.max_batch_size,
                                replica.batch_wait_timeout_s)
 
     async def run_batch(self, request: dict) -> dict:
-        """One request, answered together with other callers' requests (`_answer_batch`)."""
+        """One request, answered together with other callers' requests (`answer_batch`)."""
         return await self.batcher.submit(request)
 
-    async def _answer_batch(self, requests: list[dict]) -> list[dict]:
+    async def answer_batch(self, requests: list[dict]) -> list[dict]:
         """The task's forward pass for many requests: one answer per request, in order."""
         raise NotImplementedError
 
-    def _count_batch(self, size: int, predicted: list[str] | None) -> None:
+    def count_batch(self, size: int, outcomes: list[str] | None) -> None:
         """One forward pass for Prometheus: its size, the version this replica serves (set
         with every batch: a value set once at start never reached Ray's metrics agent), and
-        the predictions by class (`predicted`: None for a model without classes)."""
+        the predictions by outcome: the class or decision of each answer (`outcomes`), or
+        "value" for each of a model that answers with numbers (None)."""
         version = str(self.info["model_version"])
         self.metrics["batch"].observe(size)
         self.metrics["version"].set(1, tags={"model_name": str(self.info["model_name"]),
                                              "model_version": version})
-        for name, count in Counter(predicted or []).items():
+        counts = Counter(outcomes) if outcomes is not None else {"value": size}
+        for outcome, count in counts.items():
             self.metrics["predictions"].inc(count, tags={"model_version": version,
-                                                         "predicted_class": name})
+                                                         "outcome": outcome})
 
-    def _open_log(self, log_settings: dict | None, workspace: Workspace) -> None:
+    def open_log(self, log_settings: dict | None, workspace: Workspace) -> None:
+        """Open the prediction log the task's `load` was configured with (serve.prediction_log;
+        off: rows are not kept)."""
         from mlsd_ray.serve.predlog import PredictionLog, log_location
 
         settings = PredictionLogConfig(**(log_settings or {}))
         self.log = (PredictionLog(log_location(settings, workspace), settings, self.replica)
                     if settings.enabled else None)
 
-    def _record(self, rows: list[dict]) -> None:
+    def record_predictions(self, rows: list[dict]) -> None:
+        """Queue one prediction-log row per answered input (never blocks the request)."""
         if self.log is None:
             return
         self.log.record(rows)

@@ -4,8 +4,8 @@ replica and application tags and exports them from every node's metrics agent; n
 
     ray_mlsd_requests_total{route, status}       requests answered, by HTTP status
     ray_mlsd_request_latency_ms                  end-to-end latency in the ingress (histogram)
-    ray_mlsd_batch_size                          images per forward pass (histogram)
-    ray_mlsd_predictions_total{model_version, predicted_class}
+    ray_mlsd_batch_size                          inputs per forward pass (histogram)
+    ray_mlsd_predictions_total{model_version, outcome}  by class, decision, or "value"
     ray_mlsd_model_loaded{model_name, model_version}  1 on each replica serving that version
     ray_mlsd_drift_score{model_version}          latest `mlsd monitor` score (max feature PSI)
     ray_mlsd_prediction_log_dropped_rows         rows the bounded log buffer had to drop so
@@ -43,10 +43,11 @@ def ingress_metrics() -> dict:
 def model_metrics() -> dict:
     from ray.serve.metrics import Counter, Gauge, Histogram
 
-    return {"batch": Histogram("mlsd_batch_size", "Images per forward pass.",
+    return {"batch": Histogram("mlsd_batch_size", "Inputs per forward pass.",
                                boundaries=BATCH_BOUNDS),
-            "predictions": Counter("mlsd_predictions", "Predicted images, by class.",
-                                   tag_keys=("model_version", "predicted_class")),
+            "predictions": Counter("mlsd_predictions", "Predictions, by outcome: the class "
+                                   "or decision answered, or \"value\" for a number.",
+                                   tag_keys=("model_version", "outcome")),
             "version": Gauge("mlsd_model_loaded", "1 for the model version this replica "
                              "serves.", tag_keys=("model_name", "model_version")),
             "dropped": Gauge("mlsd_prediction_log_dropped_rows", "Prediction-log rows this "

@@ -155,8 +155,9 @@ def failure_summary(rows: list[dict]) -> str:
         f"{n} × {message}" for message, n in counts.items())
 
 
-def curves_png(rows: list[dict], cv: bool) -> bytes:
-    """Val accuracy per epoch for every trial (early-stopped dashed); mean ± spread with CV."""
+def curves_png(rows: list[dict], cv: bool, metric: str) -> bytes:
+    """The task's `metric` (val_accuracy, val_score, ...) per epoch for every trial
+    (early-stopped dashed); mean ± spread per configuration with CV."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,21 +166,21 @@ def curves_png(rows: list[dict], cv: bool) -> bytes:
 
     fig, ax = plt.subplots(figsize=(9, 5))
     ok = [r for r in rows if r["status"] == "ok"]
+    name = metric.replace("_", " ")
     if cv:
         labels = [_label(r) for r in ok]
         ax.errorbar(range(len(ok)), [r["cv_mean"] for r in ok], yerr=[r["cv_std"] for r in ok],
                     fmt="o", capsize=4)
         ax.set_xticks(range(len(ok)), labels, rotation=30, ha="right", fontsize=8)
-        ax.set(title="cross-validation: mean ± std of val accuracy per configuration",
-               ylabel="val accuracy")
+        ax.set(title=f"cross-validation: mean ± std of {name} per configuration",
+               ylabel=name)
     else:
         for row in ok:
             epochs, values = zip(*row["curve"], strict=True) if row["curve"] else ([], [])
             style = "--" if row["stopped_early"] else "-"
             ax.plot(epochs, values, style, marker="o", markersize=3,
                     label=_label(row) + (" (stopped early)" if row["stopped_early"] else ""))
-        ax.set(title="val accuracy per epoch of every trial", xlabel="epoch",
-               ylabel="val accuracy")
+        ax.set(title=f"{name} per epoch of every trial", xlabel="epoch", ylabel=name)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
@@ -227,7 +228,7 @@ def write_outputs(run, grid, base: Config, plan: SearchPlan, workspace: Workspac
     results, curves = storage.join(run.path, "results.csv"), storage.join(run.path, "curves.png")
     best_yaml = storage.join(run.path, "best.yaml")
     storage.write_text(results, _table(rows).to_csv(index=False))
-    storage.write_bytes(curves, curves_png(rows, cv))
+    storage.write_bytes(curves, curves_png(rows, cv, metric))
     storage.write_text(best_yaml, f"# best of tune run {run.name}: trial {best['trial']}, "
                                   f"{metric} {best[metric]:.4f}\n# train it: mlsd train "
                                   f"--config {best_yaml}\n" + dump_yaml(best_cfg))

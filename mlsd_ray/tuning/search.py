@@ -10,9 +10,9 @@ several workers fits the TorchTrainer and forwards every epoch's report through
 `TuneReportCallback` (the Train V2 pattern: `Tuner(trainer)` fails in V2). The prepared
 splits (or the folds) are read once here and shared by every trial.
 
-Outputs under $MLSD_HOME/tune/NAME/: results.csv (one row per trial), curves.png (val accuracy
-per epoch of every trial), best.yaml (the best configuration, for `mlsd train --config`),
-summary.json; Ray Tune's own experiment state (what `--resume` reads) sits beside them.
+Outputs under $MLSD_HOME/tune/NAME/: results.csv (one row per trial), curves.png (the task's
+val metric per epoch of every trial), best.yaml (the best configuration, for `mlsd train
+--config`), summary.json; Ray Tune's own experiment state (what `--resume` reads) sits beside them.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ def test_onnx_gives_the_served_answers_and_is_registered_beside_the_version(
     exported = json.loads(result.stdout)
     parity = exported["parity"]
     print("\nonnx:", parity, exported["size_bytes"])
-    assert parity["top1_agreement"] == 1.0 and parity["max_abs_diff"] < 1e-4
+    assert parity["agreement"] == 1.0 and parity["max_abs_diff"] < 1e-4
     assert parity["samples"] == len(digits_model.dataset.load_split("test")[1])
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["input"] == {"name": "images", "datatype": "UINT8", "shape": [-1, 8, 8, 1]}
@@ -76,14 +76,14 @@ def test_int8_and_torchscript(digits_registered, digits_model, tmp_path):
         print("\nint8:", quantized["parity"], quantized["size_bytes"],
               quantized["fp32_size_bytes"])
         p = quantized["parity"]
-        assert p["accuracy_torch"] - p["accuracy_exported"] <= 0.005
+        assert p["metric"] == "accuracy" and p["score_torch"] - p["score_exported"] <= 0.005
         assert quantized["size_bytes"] < quantized["fp32_size_bytes"]
     script = run_mlsd("export", "--model", digits_model.result.checkpoint, "--format",
                   "torchscript", "--out", str(tmp_path / "ts"), "--json", "--home",
                   digits_registered)
     assert script.returncode == 0, script.stderr
     traced = json.loads(script.stdout)
-    assert traced["parity"]["top1_agreement"] == 1.0 and traced["registered"] is None
+    assert traced["parity"]["agreement"] == 1.0 and traced["registered"] is None
     assert (tmp_path / "ts" / "model.torchscript.pt").is_file()
     refused = run_mlsd("export", "--model", "models:/digits-cnn/1", "--format", "tflite",
                    "--out", str(tmp_path / "x"), "--home", digits_registered)

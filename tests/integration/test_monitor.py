@@ -118,7 +118,7 @@ def test_serving_metrics_reach_prometheus(live):
                         'route="/v1/predict"')
     assert 'ray_mlsd_requests_total{' in text and 'status="200"' in text
     assert 'route="/v1/predict"' in text  # the template FastAPI matched (serve/app.py)
-    assert 'ray_mlsd_predictions_total{' in text and 'predicted_class="' in text
+    assert 'ray_mlsd_predictions_total{' in text and 'outcome="' in text
     assert "ray_mlsd_request_latency_ms_bucket" in text and "ray_mlsd_batch_size_bucket" in text
 
 

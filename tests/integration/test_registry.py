@@ -35,7 +35,8 @@ def test_two_trainings_make_two_versions_and_promote_moves_the_alias(workspace, 
     assert model.name == "digits-cnn"
     assert [v.version for v in model.versions] == [2, 1]
     assert model.versions[0].data_fingerprint == model.versions[1].data_fingerprint
-    assert model.versions[0].test_accuracy == pytest.approx(second.test_accuracy, abs=1e-6)
+    assert model.versions[0].test_score == pytest.approx(second.test_accuracy, abs=1e-6)
+    assert model.versions[0].score_name == "accuracy" and model.versions[0].task == "image"
 
     # `mlsd train`'s run was tracked live: each epoch logged while it trained, before the
     # version was registered; the dataset is its input, by fingerprint

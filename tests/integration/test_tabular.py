@@ -298,7 +298,7 @@ def test_onnx_export_gives_the_apps_scores_with_numpy_alone(fraud_model, fraud_u
     result = get_task("tabular").export(resolve(uri, workspace), "onnx", None, str(out), uri,
                                         workspace)
     print(f"\n{result.describe()}")
-    assert result.parity.top1_agreement == 1.0 and result.parity.max_abs_diff < 1e-3
+    assert result.parity.agreement == 1.0 and result.parity.max_abs_diff < 1e-3
     assert result.parity.samples > 1000 and result.registered
     records = [RECORD, SAFE, {k: v for k, v in SAFE.items() if k != "amount"}]
     scored = requests.post(f"{fraud_url}/score", json={"records": records}, timeout=30).json()
@@ -556,7 +556,7 @@ def test_scored_records_are_logged_and_a_shifted_column_is_named_by_the_monitor(
     loaded = [line for line in text.splitlines() if line.startswith("ray_mlsd_model_loaded{")]
     assert any('model_name="fraud-mlp"' in line and 'model_version="1"' in line
                for line in loaded)
-    assert re.search(r'ray_mlsd_predictions_total\{[^}]*predicted_class="[^"]+"', text)
+    assert re.search(r'ray_mlsd_predictions_total\{[^}]*outcome="[^"]+"', text)
 
 
 def test_predict_offline_with_ray_data_and_online_from_a_csv(fraud_model, fraud_url,

@@ -44,12 +44,24 @@ def test_an_exportable_model_writes_and_runs(tmp_path):
 
 
 def test_int8_that_loses_too_much_says_by_how_much():
-    lossy = export.Parity(samples=100, max_abs_diff=0.3, top1_agreement=0.97,
-                          accuracy_torch=0.99, accuracy_exported=0.98)
-    with pytest.raises(InputError, match=r"loses 1\.00 points .* at most 0\.5 allowed\): "
-                                         "nothing written"):
+    lossy = export.Parity(samples=100, max_abs_diff=0.3, agreement=0.97, metric="accuracy",
+                          score_torch=0.99, score_exported=0.98)
+    with pytest.raises(InputError, match=r"loses 1\.00 points of accuracy .* at most 0\.5 "
+                                         r"allowed\): nothing written"):
         export.check_int8(lossy)
-    export.check_int8(export.Parity(100, 0.01, 1.0, 0.99, 0.986))  # 0.4 points: kept
+    export.check_int8(export.Parity(100, 0.01, 1.0, "accuracy", 0.99, 0.986))  # 0.4: kept
+
+
+def test_values_agree_within_their_scale_and_are_scored_by_r2():
+    import numpy as np
+
+    labels = np.array([1.0, 2.0, 3.0, 4.0])
+    same = export.value_parity(labels + 0.1, labels + 0.1 + 1e-5, labels)
+    assert same.agreement == 1.0 and same.metric == "r2" and same.score_torch < 1.0
+    apart = export.value_parity(labels, labels + np.array([0, 0, 0, 0.5]), labels)
+    assert apart.agreement == 0.75 and apart.score_torch == 1.0
+    with pytest.raises(InputError, match="otherwise than PyTorch .* on 1 of 4 test rows"):
+        export.check_agreement(apart, "onnx", "rows")
 
 
 @pytest.mark.parametrize("fmt, quantize, message", [

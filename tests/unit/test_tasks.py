@@ -5,6 +5,7 @@ that cannot load gets."""
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 
 import pytest
@@ -40,6 +41,8 @@ def user_package(tmp_path, monkeypatch):
     package.mkdir(parents=True)
     (package / "__init__.py").write_text(textwrap.dedent(USER_TASK))
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    for name in [m for m in sys.modules if m.partition(".")[0] == "churnpkg"]:
+        monkeypatch.delitem(sys.modules, name)  # another test's copy, from its own folder
     return tmp_path / "site"
 
 
@@ -155,3 +158,26 @@ def test_a_running_app_record_reads_back_as_it_was_written(tmp_path):
     app.state_file.write_text('{"app_name": "fraud"}')
     with pytest.raises(InputError, match="fraud.json of app 'fraud' is unreadable"):
         read_state(workspace, "fraud")
+
+
+def test_a_registered_model_needs_the_package_of_its_task(user_package, tmp_path):
+    """The MLflow Model of a version pins the distribution that holds its task, or ships the
+    task's code when no installed distribution holds it, so `mlflow models serve` in a fresh
+    environment can import the task."""
+    from mlsd_ray.registry import task_package
+
+    def checkpoint(task: str):
+        folder = tmp_path / "ckpt" / task.replace(":", "-")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metadata.json").write_text(json.dumps(
+            {"run_name": "r", "dataset": {"path": "/d"}, "config": {"task": task}}))
+        return str(folder)
+
+    assert task_package(checkpoint("image")) == ([], [])
+    assert task_package(checkpoint("churnpkg:ChurnTask")) == (
+        [], [str(user_package / "churnpkg")])
+    info = user_package / "churn_tasks-1.0.dist-info"  # what pip install leaves
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: churn-tasks\nVersion: 1.0\n")
+    (info / "top_level.txt").write_text("churnpkg\n")
+    assert task_package(checkpoint("churnpkg:ChurnTask")) == (["churn-tasks==1.0"], [])

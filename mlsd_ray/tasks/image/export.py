@@ -96,7 +96,7 @@ def export_image_model(checkpoint_dir: str, fmt: str, quantize: str | None, out:
         if quantize:
             export.check_int8(checked)
         else:
-            export.check_top1(checked, fmt, "images")
+            export.check_agreement(checked, fmt, "images")
         metadata = _metadata(loaded, fmt, quantize, built.name, model_uri, checked)
         export.write_folder(out, {
             built.name: lambda path: shutil.copyfile(built, path),

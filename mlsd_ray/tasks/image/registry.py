@@ -4,8 +4,6 @@ probabilities out, registered as a new version with its metrics and schema as ta
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 from mlsd_ray.core.workspace import Workspace
@@ -13,9 +11,9 @@ from mlsd_ray.registry import (
     RegisteredVersion,
     client,
     flat_params,
-    git_commit,
     log_checkpoint_model,
     new_version,
+    version_tags,
 )
 
 EXAMPLE_IMAGES = 2  # test-split images stored with the model as its input example
@@ -58,11 +56,11 @@ def log_and_register(result, cfg, dataset, model_name: str, workspace: Workspace
                         "encoded PNG/JPEG; resized and normalised as in preprocessing.json"},
               "output": {"class_index": "int", "class_name": manifest["class_names"],
                          "probabilities": f"float[{len(manifest['class_names'])}]"}}
-    tags = {"data_fingerprint": manifest["fingerprint"], "dataset": dataset.path,
-            "git_commit": git_commit(), "run_name": result.run_name,
-            "val_accuracy": f"{result.metrics['val_accuracy']:.6f}",
-            "test_accuracy": f"{result.test_accuracy:.6f}", "best_epoch": str(result.best_epoch),
-            "model": cfg.model.name, "schema": json.dumps(schema)}
+    tags = version_tags(task="image", run_name=result.run_name, score_name="accuracy",
+                        val_score=result.metrics["val_accuracy"],
+                        test_score=result.test_accuracy, best_epoch=result.best_epoch,
+                        model=cfg.model.name, dataset=dataset.path,
+                        fingerprint=manifest["fingerprint"], schema=schema)
     with registration_run(result.run_name, run_params(cfg, dataset), result.checkpoint,
                           live, nested) as run:
         mlflow.log_metrics({"test_accuracy": result.test_accuracy,

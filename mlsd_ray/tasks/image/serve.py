@@ -115,10 +115,10 @@ class ImageModel(LoggingReplica):
 
             self.probabilities = onnx_runtime_probabilities(self.loaded, replica.threads)
         self.info["runtime"] = replica.runtime
-        self._start_batching(replica)
+        self.start_batching(replica)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.metrics = model_metrics()
-        self._open_log(replica.log_settings, replica.workspace)
+        self.open_log(replica.log_settings, replica.workspace)
 
     def describe(self) -> dict:
         return {**self.info, "replica": self.replica, "prediction_log": self.log_stats()}
@@ -136,7 +136,7 @@ class ImageModel(LoggingReplica):
         return {"explanations": answers, "model_name": self.info["model_name"],
                 "model_version": self.info["model_version"], "replica": self.replica}
 
-    async def _answer_batch(self, requests: list[dict]) -> list[dict]:
+    async def answer_batch(self, requests: list[dict]) -> list[dict]:
         """Each request: {"images": [uint8 arrays], "request_id", "received" (epoch s)};
         answers are class probabilities per image."""
         sizes = [len(r["images"]) for r in requests]
@@ -169,7 +169,7 @@ class ImageModel(LoggingReplica):
         """Metrics and prediction-log rows for one batch (no I/O: the log writes elsewhere)."""
         classes, version = self.info["classes"], self.info["model_version"]
         predicted = probabilities.argmax(axis=1)
-        self._count_batch(len(predicted), [classes[index] for index in predicted.tolist()])
+        self.count_batch(len(predicted), [classes[index] for index in predicted.tolist()])
         if self.log is None:
             return
         now = dt.datetime.now(dt.timezone.utc)
@@ -185,7 +185,7 @@ class ImageModel(LoggingReplica):
                              "latency_ms": latency,
                              **{k: float(v[position]) for k, v in features.items()}})
                 position += 1
-        self._record(rows)
+        self.record_predictions(rows)
 
 
 def _read_text(location: str) -> str:

@@ -120,6 +120,7 @@ def simulate_traffic(url: str | None, dataset, shift: str = "none", amount: floa
         answered = [(name, class_names[label]) for name, label in zip(predicted, labels)
                     if name is not None]
         report.outcomes = dict(Counter(name for name, _ in answered))
-        report.accuracy = (round(sum(name == truth for name, truth in answered) / len(answered), 4)
-                           if answered else None)
+        if answered:
+            right = sum(name == truth for name, truth in answered)
+            report.scores["accuracy"] = round(right / len(answered), 4)
     return report

@@ -3,7 +3,6 @@ the tabular task's metrics, the decision threshold and the input schema as versi
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING
 
 from mlsd_ray.core.workspace import Workspace
@@ -11,9 +10,9 @@ from mlsd_ray.registry import (
     RegisteredVersion,
     client,
     flat_params,
-    git_commit,
     log_checkpoint_model,
     new_version,
+    version_tags,
 )
 from mlsd_ray.tasks.tabular.config import TabularTaskConfig
 from mlsd_ray.tasks.tabular.prepare import PreparedTable
@@ -77,12 +76,11 @@ def register_tabular(summary: TabularTrainResult, cfg: TabularTaskConfig, table:
     schema = {"input": {e["name"]: e["kind"] for e in m["columns"]},
               "output": {"task": m["task"], "classes": m["classes"]}}
     score = summary.score_name
-    tags = {"task": m["task"], "data_fingerprint": m["fingerprint"], "dataset": table.path,
-            "git_commit": git_commit(), "run_name": summary.run_name,
-            "val_score": f"{summary.val_score:.6f}",
-            "test_score": f"{summary.test[score]:.6f}", "score_name": score,
-            "best_epoch": str(summary.best_epoch), "model": "tabular_mlp",
-            "schema": json.dumps(schema)[:5000]}
+    tags = version_tags(task="tabular", run_name=summary.run_name, score_name=score,
+                        val_score=summary.val_score, test_score=summary.test[score],
+                        best_epoch=summary.best_epoch, model="tabular_mlp",
+                        dataset=table.path, fingerprint=m["fingerprint"], schema=schema)
+    tags["table_task"] = m["task"]  # binary, multiclass or regression
     if summary.decision:
         tags["threshold"] = f"{summary.decision['threshold']:.6f}"
     with registration_run(summary.run_name, run_params(cfg, table), summary.checkpoint,

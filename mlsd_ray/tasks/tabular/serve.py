@@ -130,7 +130,7 @@ class TabularModel(LoggingReplica):
 
         replica.claim_process()
         self.loaded = load_tabular(model.checkpoint_here(replica.workspace))
-        self._start_batching(replica)
+        self.start_batching(replica)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.metrics = model_metrics()
         featurizer, decision = self.loaded.featurizer, self.loaded.decision
@@ -143,7 +143,7 @@ class TabularModel(LoggingReplica):
                          {**{k: e[k] for k in ("name", "kind", "impute", "scale", "encode")},
                           "categories": featurizer.categories(e["name"])}
                          for e in featurizer.plan]}
-        self._open_log(replica.log_settings, replica.workspace)
+        self.open_log(replica.log_settings, replica.workspace)
 
     def describe(self) -> dict:
         return {**self.info, "replica": self.replica, "prediction_log": self.log_stats()}
@@ -168,7 +168,7 @@ class TabularModel(LoggingReplica):
         return {"explanations": answers, "model_name": self.info["model_name"],
                 "model_version": self.info["model_version"], "replica": self.replica}
 
-    async def _answer_batch(self, requests: list[dict]) -> list[dict]:
+    async def answer_batch(self, requests: list[dict]) -> list[dict]:
         """Each request: {"records": checked records, "request_id", "received" (epoch s)};
         answers: the positive-class score per record (binary), probabilities (multiclass) or
         predictions (regression)."""
@@ -178,7 +178,7 @@ class TabularModel(LoggingReplica):
         records = [record for r in requests for record in r["records"]]
         frame = pd.DataFrame(records)
         outputs = await asyncio.to_thread(self.loaded.predict, frame)
-        self._count_batch(len(frame), predicted_classes(
+        self.count_batch(len(frame), predicted_classes(
             outputs, self.info["task"], self.info["classes"], self.info["threshold"]))
         self._log(requests, records, outputs)
         answers, start = [], 0
@@ -208,7 +208,7 @@ class TabularModel(LoggingReplica):
                       "model_uri": info["uri"],
                       "latency_ms": round(1000 * (now.timestamp() - request["received"]), 3)}
             rows += [{**common, **next(columns)} for _ in request["records"]]
-        self._record(rows)
+        self.record_predictions(rows)
 
 
 @serve.ingress(api)
