@@ -97,10 +97,10 @@ def _predict_inputs(cfg, inputs: str, model: str | None, workspace: Workspace):
     import pandas as pd
 
     from mlsd_ray import registry
-    from mlsd_ray.tasks import task_of_checkpoint
+    from mlsd_ray.tasks import model_task
 
     resolved = registry.pin(model or cfg.serve.model, workspace)
-    task = task_of_checkpoint(resolved.path)
+    task, cfg = model_task(resolved.path, cfg)
     task.set_source(cfg, inputs)
     summary = predict_offline(task, resolved, cfg, None, workspace)
     frame = pd.read_parquet(summary.out)

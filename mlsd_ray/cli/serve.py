@@ -180,10 +180,10 @@ def predict(files: Annotated[list[Path] | None, typer.Argument(
         if not model:
             raise InputError("give --model (offline over --source) or --url with FILEs")
         from mlsd_ray import registry
-        from mlsd_ray.tasks import task_of_checkpoint
+        from mlsd_ray.tasks import model_task
 
         resolved = registry.pin(model, workspace)
-        chosen.task = task_of_checkpoint(resolved.path)
+        chosen.task, cfg = model_task(resolved.path, cfg)
         chosen.task.set_source(cfg, source)
         return predict_offline(chosen.task, resolved, cfg, str(out) if out else None, workspace)
 

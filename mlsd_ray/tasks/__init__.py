@@ -11,10 +11,11 @@ from mlsd_ray.tasks.registry import (
     DEFAULT_TASK,
     get_task,
     load_config,
+    model_task,
     stored_config,
     task_names,
     task_of_checkpoint,
 )
 
 __all__ = ["DEFAULT_TASK", "ServedApp", "Task", "TrafficRequest", "get_task", "load_config",
-           "stored_config", "task_names", "task_of_checkpoint"]
+           "model_task", "stored_config", "task_names", "task_of_checkpoint"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,19 @@ def task_of_checkpoint(directory: str) -> Task:
                          f"does not load here: {exc}") from None
 
 
+def model_task(directory: str, cfg: Config) -> tuple[Task, Config]:
+    """The task that trained the checkpoint in `directory`, and `cfg` as a config of that
+    task: a command that takes a model (predict, monitor, retrain) runs the model's task,
+    whichever task its own config names. The shared sections stay as given; the task's own
+    sections come from `cfg` where it has them (the same task), else from their defaults."""
+    task = task_of_checkpoint(directory)
+    if isinstance(cfg, task.config_class):
+        return task, cfg
+    spec = CheckpointMetadata.read(directory).task or DEFAULT_TASK
+    return task, validate_config({**cfg.to_dict(), "task": spec}, task.config_class,
+                                 stored=True)
+
+
 def _find(name: str) -> object:
     if name in BUILT_IN:
         return _import(BUILT_IN[name], name)
@@ -110,6 +124,12 @@ def _import(reference: str, name: str) -> object:
         raise InputError(f"task {name!r}: module {module_name!r} has no {attribute!r}") from None
 
 
+def _purpose(part: str) -> str:
+    """What a part of the task interface is for: the first sentence of its docstring."""
+    doc = " ".join((inspect.getdoc(getattr(Task, part)) or "").split())
+    return re.split(r"\.(?:\s|$)", doc)[0] or "a part of the interface"
+
+
 def _instance(found: object, name: str) -> Task:
     if not (inspect.isclass(found) and issubclass(found, Task)):
         missing = sorted(m for m in Task.__abstractmethods__ if not callable(getattr(found, m,
@@ -118,8 +138,10 @@ def _instance(found: object, name: str) -> Task:
                          + (f"; it lacks {', '.join(missing)}" if missing else "")
                          + " (docs/tasks.md)")
     if found.__abstractmethods__:
-        raise InputError(f"task {name!r} does not implement "
-                         f"{', '.join(sorted(found.__abstractmethods__))} (docs/tasks.md)")
+        missing = sorted(found.__abstractmethods__)
+        raise InputError(f"task {name!r} does not implement {', '.join(missing)} "
+                         f"(docs/tasks.md): " + "; ".join(f"{part}: {_purpose(part)}"
+                                                          for part in missing))
     for attribute in ("name", "metric"):
         if not isinstance(getattr(found, attribute, None), str):
             raise InputError(f"task {name!r} sets no {attribute!r} (a class attribute string)")

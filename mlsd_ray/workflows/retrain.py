@@ -34,6 +34,7 @@ from mlsd_ray.core.crash_points import crash_point
 from mlsd_ray.core.errors import InputError, WorkError
 from mlsd_ray.core.runtime import log_stderr
 from mlsd_ray.core.workspace import Workspace
+from mlsd_ray.tasks import model_task, stored_config
 
 if TYPE_CHECKING:
     from mlsd_ray.serve.control import RollingUpdate
@@ -86,7 +87,7 @@ def challenger_config(cfg: Config, trained: dict, champion_name: str) -> Config:
                      "run_name": None}
     tree["registry"] = {**tree["registry"], "auto_register": True, "model_name": champion_name}
     tree["retrain"], tree["serve"] = cfg.retrain.model_dump(), cfg.serve.model_dump()
-    return Config.model_validate(tree)
+    return stored_config(tree)
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,6 @@ def retrain(cfg: Config, source: str, workspace: Workspace, model: str | None = 
     under load)."""
     from mlsd_ray import registry
     from mlsd_ray.core.runtime import ensure_ray
-    from mlsd_ray.tasks import task_of_checkpoint
     from mlsd_ray.training.trainer import fit_to_free_cpus
 
     started = time.perf_counter()
@@ -179,7 +179,7 @@ def retrain(cfg: Config, source: str, workspace: Workspace, model: str | None = 
         raise InputError("retrain needs a registered champion (models:/NAME@ALIAS), not a "
                          "checkpoint folder: gated promotion moves a registry alias")
     champion_dir = champion_info.checkpoint_here(workspace)
-    task = task_of_checkpoint(champion_dir)
+    task, cfg = model_task(champion_dir, cfg)
     trained_with = CheckpointMetadata.read(champion_dir).config
     log(f"champion {champion_info.uri} ({task.name} task); new data {source}")
 

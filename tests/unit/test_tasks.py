@@ -80,6 +80,7 @@ def test_a_users_task_by_entry_point(user_package):
     ("churnpkg:Incomplete", "not a mlsd_ray.tasks.Task subclass; it lacks open_prepared, "
                             "render_data"),
     ("mlsd_ray.tasks.base:Task", "does not implement open_prepared, prepare, render_data"),
+    ("mlsd_ray.tasks.base:Task", "prepare: The data stage: validate, quarantine, split"),
 ])
 def test_a_task_that_cannot_load_is_named_with_what_is_wrong(user_package, name, message):
     with pytest.raises(InputError) as error:

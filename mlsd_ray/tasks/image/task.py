@@ -52,19 +52,19 @@ class ImageTask(Task):
     cross_validation = True
     registers_best_trial = True
 
-    def set_source(self, cfg, source: str | None, label: str | None = None) -> None:
+    def set_source(self, cfg: ImageConfig, source: str | None, label: str | None = None) -> None:
         if label is not None:
             raise InputError("--label names a table's label column; images take their labels "
                              "from their folders (or the dataset)")
         if source is not None:
             cfg.data.source = source
 
-    def prepare(self, cfg, workspace: Workspace, log: Log, force: bool = False):
+    def prepare(self, cfg: ImageConfig, workspace: Workspace, log: Log, force: bool = False):
         from mlsd_ray.tasks.image.data.prepare import prepare_dataset
 
         return prepare_dataset(cfg, workspace=workspace, force=force, log=log)
 
-    def trainer(self, cfg, prepared, run_name: str, storage_path: str,
+    def trainer(self, cfg: ImageConfig, prepared, run_name: str, storage_path: str,
                 datasets: dict | None = None, callbacks: list | None = None,
                 log: Log | None = None):
         from mlsd_ray.tasks.image.train import build_trainer
@@ -77,7 +77,7 @@ class ImageTask(Task):
 
         return materialize_splits(prepared)
 
-    def cv_folds(self, cfg, prepared, k: int) -> list[dict]:
+    def cv_folds(self, cfg: ImageConfig, prepared, k: int) -> list[dict]:
         from mlsd_ray.tasks.image.tune import cv_folds
 
         return cv_folds(prepared, k, cfg.data.seed, cfg.data.rows_per_task)
@@ -87,14 +87,14 @@ class ImageTask(Task):
 
         return PreparedDataset.open(path)
 
-    def train(self, cfg, workspace: Workspace, log: Log, run_name: str | None = None,
+    def train(self, cfg: ImageConfig, workspace: Workspace, log: Log, run_name: str | None = None,
               prepared=None) -> TrainResult:
         from mlsd_ray.tasks.image.train import train_and_register
 
         return train_and_register(cfg, workspace=workspace, log=log, run_name=run_name,
                                   dataset=prepared)
 
-    def serve_check(self, cfg, trained: TrainedModel, workspace: Workspace,
+    def serve_check(self, cfg: ImageConfig, trained: TrainedModel, workspace: Workspace,
                     keep_serving: bool, log: Log,
                     then: Callable[[str, str], LoopSteps] | None = None
                     ) -> tuple[ImageServeCheck, LoopSteps | None]:
@@ -139,7 +139,8 @@ class ImageTask(Task):
 
         return export_image_model(checkpoint_dir, fmt, quantize, out, model_uri, workspace)
 
-    def predict_offline(self, model: PinnedModel, cfg, out: str | None, workspace: Workspace,
+    def predict_offline(self, model: PinnedModel, cfg: ImageConfig,
+                        out: str | None, workspace: Workspace,
                         log: Log) -> OfflinePrediction:
         from mlsd_ray.tasks.image.batch import predict_dataset
 
@@ -159,12 +160,13 @@ class ImageTask(Task):
                                 request.count, request.split, request.seed, request.batch,
                                 request.concurrency, request.save)
 
-    def retrain_data(self, cfg, champion_dir: str, source: str, workspace: Workspace, log: Log):
+    def retrain_data(self, cfg: ImageConfig, champion_dir: str, source: str,
+                     workspace: Workspace, log: Log):
         from mlsd_ray.tasks.image.retrain import retrain_data
 
         return retrain_data(cfg, champion_dir, source, workspace, log)
 
-    def train_challenger(self, cfg, data, init_from: str | None, workspace: Workspace,
+    def train_challenger(self, cfg: ImageConfig, data, init_from: str | None, workspace: Workspace,
                          log: Log) -> TrainResult:
         from mlsd_ray.tasks.image.retrain import train_challenger
 

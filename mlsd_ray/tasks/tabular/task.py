@@ -53,18 +53,19 @@ class TabularTask(Task):
     train_stage = "train, evaluate, register"  # training scores test at the chosen threshold
     evaluate_stage = False
 
-    def set_source(self, cfg, source: str | None, label: str | None = None) -> None:
+    def set_source(self, cfg: TabularTaskConfig, source: str | None,
+                   label: str | None = None) -> None:
         if source is not None:
             cfg.tabular.source = source
         if label is not None:
             cfg.tabular.label = label
 
-    def prepare(self, cfg, workspace: Workspace, log: Log, force: bool = False):
+    def prepare(self, cfg: TabularTaskConfig, workspace: Workspace, log: Log, force: bool = False):
         from mlsd_ray.tasks.tabular.prepare import prepare_table
 
         return prepare_table(cfg, workspace=workspace, force=force, log=log)
 
-    def trainer(self, cfg, prepared, run_name: str, storage_path: str,
+    def trainer(self, cfg: TabularTaskConfig, prepared, run_name: str, storage_path: str,
                 datasets: dict | None = None, callbacks: list | None = None,
                 log: Log | None = None):
         from mlsd_ray.tasks.tabular.train import build_tabular_trainer
@@ -82,14 +83,15 @@ class TabularTask(Task):
 
         return PreparedTable.open(path)
 
-    def train(self, cfg, workspace: Workspace, log: Log, run_name: str | None = None,
+    def train(self, cfg: TabularTaskConfig, workspace: Workspace, log: Log,
+              run_name: str | None = None,
               prepared=None) -> TabularTrainResult:
         from mlsd_ray.tasks.tabular.stage import run_tabular_train
 
         return run_tabular_train(cfg, workspace=workspace, log=log, run_name=run_name,
                                  table=prepared)
 
-    def serve_check(self, cfg, trained: TrainedModel, workspace: Workspace,
+    def serve_check(self, cfg: TabularTaskConfig, trained: TrainedModel, workspace: Workspace,
                     keep_serving: bool, log: Log,
                     then: Callable[[str, str], LoopSteps] | None = None
                     ) -> tuple[TabularServeCheck, LoopSteps | None]:
@@ -154,11 +156,12 @@ class TabularTask(Task):
 
         return register_trial(run, best, best_cfg, workspace, log)
 
-    def predict_offline(self, model: PinnedModel, cfg, out: str | None, workspace: Workspace,
+    def predict_offline(self, model: PinnedModel, cfg: TabularTaskConfig,
+                        out: str | None, workspace: Workspace,
                         log: Log) -> OfflinePrediction:
         from mlsd_ray.tasks.tabular.predict import predict_table
 
-        return predict_table(model, cfg.tabular.source, out, workspace, log, cfg.data.seed)
+        return predict_table(model, cfg.tabular.source, out, workspace, log, cfg.tabular.seed)
 
     def predict_online(self, url: str, files: list) -> TablePredictions:
         from mlsd_ray.tasks.tabular.predict import predict_files
@@ -173,12 +176,14 @@ class TabularTask(Task):
                                       request.seed, request.batch, request.concurrency,
                                       request.save)
 
-    def retrain_data(self, cfg, champion_dir: str, source: str, workspace: Workspace, log: Log):
+    def retrain_data(self, cfg: TabularTaskConfig, champion_dir: str, source: str,
+                     workspace: Workspace, log: Log):
         from mlsd_ray.tasks.tabular.retrain import retrain_data
 
         return retrain_data(cfg, champion_dir, source, workspace, log)
 
-    def train_challenger(self, cfg, data, init_from: str | None, workspace: Workspace,
+    def train_challenger(self, cfg: TabularTaskConfig, data, init_from: str | None,
+                         workspace: Workspace,
                          log: Log) -> TabularTrainResult:
         from mlsd_ray.tasks.tabular.retrain import train_challenger
 
