@@ -4,7 +4,7 @@
     python3 run.py pipeline [ARGS]   `mlsd pipeline` on the embedded digits data
     python3 run.py test [--all] [ARGS]   the test suite (pytest ARGS); --all adds the slow tests
     python3 run.py setup             only create/refresh .venv
-    python3 run.py lint              ruff and mypy (tests/unit/test_lint.py)
+    python3 run.py lint              ruff, mypy and the layers (tests/unit/test_lint.py)
     python3 run.py bench [NAME] [ARGS]   bench/NAME.py (default data_throughput), e.g. serve_load
 
 Needs nothing but Python >= 3.10 (with its venv module). `.venv/` is created on first use and

@@ -171,14 +171,9 @@ def with_flags(overrides: list[str] | None, flags: dict) -> list[str]:
 
 def predict_offline(task: Task, model: PinnedModel, cfg: Config, out: str | None,
                     workspace: Workspace) -> OfflinePrediction:
-    """A task's offline prediction (`Task.predict_offline`) as the commands run it: Ray up
-    first, then Ray's own C++ lines about Ray Data's actor pool kept off the console
-    (`runtime.native_lines_off_console`; Ray's children must not inherit its pipe)."""
-    from mlsd_ray.core import runtime
-
-    runtime.ensure_ray(workspace)
-    with runtime.native_lines_off_console():
-        return task.predict_offline(model, cfg, out, workspace, log_stderr)
+    """A task's offline prediction (`Task.predict_offline`) as the commands run it, logging to
+    the console; the task starts Ray only for work that needs it (`runtime.needs_ray`)."""
+    return task.predict_offline(model, cfg, out, workspace, log_stderr)
 
 
 def config_from(config: Path | None, overrides: list[str] | None, source: str | None,

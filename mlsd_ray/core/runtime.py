@@ -16,7 +16,9 @@ from typing import Any, TextIO
 from mlsd_ray.core.ports import free_port
 from mlsd_ray.core.workspace import Workspace
 
-__all__ = ["configure", "ensure_ray", "environment", "log_stderr", "native_lines_off_console",
+__all__ = ["configure", "ensure_ray", "environment", "in_process_rows", "IN_PROCESS_ROWS",
+           "IN_PROCESS_ROWS_ENV", "log_stderr",
+           "native_lines_off_console", "needs_ray", "ray_is_up", "ray_work",
            "quiet_serve_console", "quiet_token_notice", "ray_logs_dir", "RayEchoFilter",
            "reachable", "recorded_cluster_file", "set_progress_bars", "start_local_ray",
            "told_its_address", "tune_ray_daemons"]
@@ -75,6 +77,39 @@ class RayEchoFilter:
 # A line Ray's C++ core writes itself:
 # "[2026-11-30 03:41:43,346 E 32216 32216] core_worker.cc:2465: ..."
 _NATIVE_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [DIWEF] \d+ \d+\] \S+:\d+: ")
+
+
+# Offline work on at most this many inputs runs in the calling process: starting Ray costs
+# more (about 20 s on 2 cores with the first import of Ray Data) than predicting them here.
+# MLSD_IN_PROCESS_ROWS changes it (0: always Ray).
+IN_PROCESS_ROWS_ENV = "MLSD_IN_PROCESS_ROWS"
+IN_PROCESS_ROWS = 5000
+
+
+def in_process_rows() -> int:
+    """The most inputs that offline work handles in this process (`IN_PROCESS_ROWS`)."""
+    return int(os.environ.get(IN_PROCESS_ROWS_ENV, IN_PROCESS_ROWS))
+
+
+def needs_ray(rows: int) -> bool:
+    """Whether offline work on `rows` inputs is worth Ray: more than `in_process_rows`, or a
+    Ray this process has joined already (`ray_is_up`)."""
+    return rows > in_process_rows() or ray_is_up()
+
+
+def ray_is_up() -> bool:
+    """Whether this process has joined Ray already (its actors then cost little to start)."""
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
+@contextlib.contextmanager
+def ray_work(workspace: Workspace) -> Iterator[None]:
+    """Ray up (`ensure_ray`), then the work inside with Ray's own C++ lines about Ray Data's
+    actor pools kept off the console (`native_lines_off_console`)."""
+    ensure_ray(workspace)
+    with native_lines_off_console():
+        yield
 
 
 @contextlib.contextmanager

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from mlsd_ray.workflows.stages import PipelineResult
 
 __all__ = ["DataSummary", "Evaluation", "Log", "OfflinePrediction", "OnlinePrediction",
-           "ServeCheck", "ServedApp", "SmokePrediction", "Task", "TrafficRequest", "TrainedModel"]
+           "PreparedData", "ServeCheck", "ServedApp", "SmokePrediction", "Task",
+           "TrafficRequest", "TrainedModel"]
 
 Log = Callable[[str], None]
 
@@ -183,6 +184,26 @@ class DataSummary(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
 
 
+class PreparedData(Protocol):
+    """What a task's data stage prepared (`Task.prepare`, `Task.open_prepared`), as the shared
+    stages use it: where it is (`path`), its `name` and `fingerprint`, each split as parquet
+    that Ray Data reads (`split_path`: "train", "val", "test"), and its `summary()` for
+    `mlsd data`. A task's own prepared data adds what its trainer reads."""
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    def split_path(self, split: str) -> str: ...
+
+    def summary(self) -> DataSummary: ...
+
+
 class Evaluation(Protocol):
     """What a task's `evaluate` returns: a split's scores and where its report went.
     `mlsd evaluate` prints `describe()`, or `to_dict()` with --json."""
@@ -254,9 +275,10 @@ class Task(ABC):
     # ------------------------------------------------------------------ stages
 
     @abstractmethod
-    def prepare(self, cfg, workspace: Workspace, log: Log, force: bool = False) -> Any:
-        """The data stage: validate, quarantine, split; returns the prepared data, which has
-        `.summary() -> DataSummary` and the attributes the task's trainer reads."""
+    def prepare(self, cfg, workspace: Workspace, log: Log,
+                force: bool = False) -> PreparedData:
+        """The data stage: validate, quarantine, split; returns the prepared data
+        (`PreparedData`, plus the attributes the task's trainer reads)."""
 
     @abstractmethod
     def trainer(self, cfg, prepared, run_name: str, storage_path: str,
@@ -274,7 +296,7 @@ class Task(ABC):
         raise self.not_offered("cross-validation")
 
     @abstractmethod
-    def open_prepared(self, path: str) -> Any:
+    def open_prepared(self, path: str) -> PreparedData:
         """The data stage's output at `path` (a `TrainedModel.dataset`), as `prepare`
         returns it."""
 

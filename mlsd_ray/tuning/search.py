@@ -274,7 +274,7 @@ def run_tune(cfg: Config, workspace: Workspace, log: Callable[[str], None] = log
     dataset = task.prepare(cfg, workspace, log)
     register = register and task.registers_best_trial
     ensure_ray(workspace)
-    name = name or fresh_name(f"{dataset.manifest['name']}-tune")
+    name = name or fresh_name(f"{dataset.name}-tune")
     run = TuneRun(name, storage.join(root, name), cfg, dataset)
     concurrent, per_worker = trial_resources(cfg, plan.trials)
     trainable, base = _trainable(run, plan, per_worker)

@@ -59,7 +59,7 @@ def test_two_trainings_make_two_versions_and_promote_moves_the_alias(workspace, 
     assert set(model.to_dict()["versions"][0]) == set(shown.to_dict()) - {"name", "tags", "uri"}
 
     directory = registry.resolve("models:/digits-cnn@production", workspace)
-    assert load_model(directory).metadata["run_name"] == second.run_name
+    assert load_model(directory).metadata.run_name == second.run_name
     # a changed artifact in the local copy is refused, not loaded
     with open(Path(directory) / "preprocessing.json", "a") as handle:
         handle.write(" ")

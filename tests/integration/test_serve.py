@@ -129,7 +129,7 @@ def test_predicts_arrays_pngs_and_uploads_with_the_model_version(served):
     assert requests.get(f"{served['url']}/v1/health", timeout=30).json()["status"] == "ok"
     info = requests.get(f"{served['url']}/v1/model", timeout=30).json()
     assert info["classes"] == [str(d) for d in range(10)] and info["input"]["image_size"] == 8
-    assert info["metrics"]["test_accuracy"] > 0.5
+    assert info["metrics"]["score_name"] == "accuracy" and info["metrics"]["test_score"] > 0.5
     assert "/v1/predict" in requests.get(f"{served['url']}/openapi.json", timeout=30).json()[
         "paths"]
 

@@ -570,13 +570,15 @@ def test_predict_offline_with_ray_data_and_online_from_a_csv(fraud_model, fraud_
     from mlsd_ray.tasks.tabular.sources import fraud_synth
 
     _, summary, workspace = fraud_model
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+           "MLSD_IN_PROCESS_ROWS": "0"}  # 3,000 rows would be predicted in the CLI's process
     out = tmp_path / "predictions"
     offline = subprocess.run(
         [sys.executable, "-m", "mlsd_ray.cli", "predict", "--model", "models:/fraud-mlp/1",
          "--source", "fraud-synth:3000", "--out", str(out), "--home", workspace.root, "--json"],
         capture_output=True, text=True, timeout=180, env=env)
     assert offline.returncode == 0, offline.stderr
+    assert "actor(s)" in offline.stderr  # Ray Data's actor pool, not this process
     result = json.loads(offline.stdout)
     print(f"\noffline: {result}")
     assert result["rows"] == result["predicted"] == result["labelled"] == 3000

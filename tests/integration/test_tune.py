@@ -111,5 +111,6 @@ def test_cross_validation_reports_mean_and_spread(digits_workspace):
     # the best configuration is refitted on the whole train split and registered
     assert summary.registered.version == 1
     written = json.loads(Path(summary.path, "summary.json").read_text())
+    assert written.pop("format_version") == 1 and written.pop("written_by")  # a versioned record
     assert written == json.loads(json.dumps(summary.to_dict(), default=str))  # the same
     assert written["best"]["cv_mean"] == summary.best.cv_mean and "val_accuracy" in written["best"]

@@ -1,5 +1,6 @@
 """Source parsing and input checks that need no Ray."""
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -81,3 +82,29 @@ def test_torchvision_and_synthetic_specs():
     with pytest.raises(InputError, match="positive integer"):
         parse_source("synthetic:abc", DataConfig())
     assert parse_source("synthetic:50", DataConfig()).name == "synthetic-50"
+
+
+def test_few_rows_are_read_in_this_process_with_the_readers_of_ray_data(image_folder, tmp_path,
+                                                                        monkeypatch):
+    """`Source.rows_here`: what offline prediction reads without starting Ray; the same batch
+    functions as the Ray Data path, so the rows are the same; None past the limit."""
+    from PIL import Image
+
+    folder = parse_source(f"folder:{image_folder}", DataConfig())
+    rows = folder.rows_here()
+    assert sorted(rows["id"]) == sorted(rel for rel, _ in folder._files)
+    assert all(len(payload) > 0 for payload in rows["bytes"]) and set(rows["read_error"]) == {""}
+    assert {str(label) for label in rows["label"]} == {"cat", "dog", "fox"}
+
+    pixels = [np.asarray(Image.open(image_folder / "cat" / name)) for name in
+              sorted(p.name for p in (image_folder / "cat").iterdir())][:2]
+    table = pa.table({"image": [p.tobytes() for p in pixels], "label": ["cat", "dog"]})
+    pq.write_table(table, tmp_path / "two.parquet")
+    parquet = parse_source(f"parquet:{tmp_path / 'two.parquet'}", DataConfig())
+    assert list(parse_source("synthetic:12", DataConfig()).rows_here()["label"]) != []
+    assert list(parquet.rows_here()["label"]) == ["cat", "dog"]
+    assert len(parse_source("digits", DataConfig()).rows_here()["id"]) == 1797
+
+    monkeypatch.setenv("MLSD_IN_PROCESS_ROWS", "1")  # more than that: through Ray Data
+    assert folder.rows_here() is None and parquet.rows_here() is None
+    assert parse_source("synthetic:12", DataConfig()).rows_here() is None

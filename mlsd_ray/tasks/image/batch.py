@@ -55,11 +55,12 @@ def decode_rows(batch: dict[str, np.ndarray], size: int, channels: int,
 class Predictor:
     """An actor holding the model; one call per batch of decoded rows."""
 
-    def __init__(self, model: PinnedModel, workspace: Workspace):
+    def __init__(self, model: PinnedModel, workspace: Workspace, actor: bool = True):
         from mlsd_ray.core.memory import claim_cpus_for_torch
         from mlsd_ray.tasks.image.checkpoint import load_model
 
-        claim_cpus_for_torch(1)  # one actor per CPU: parallelism comes from the pool
+        if actor:
+            claim_cpus_for_torch(1)  # one actor per CPU: parallelism comes from the pool
         self.loaded = load_model(model.checkpoint_here(workspace))
         self.model = model  # {"uri", "name", "version"}: pinned, for `mlsd monitor --inputs`
 
@@ -99,34 +100,52 @@ class Predictor:
 def predict_dataset(model: PinnedModel, cfg: ImageConfig, out: str | None, workspace: Workspace,
                     log: Callable[[str], None]) -> OfflinePrediction:
     """Predict every row of `cfg.data.source` with `model` (serve/control.py's
-    `registry.pin` pins one); write parquet; return counts and accuracy."""
-    import ray
-    import ray.data
+    `registry.pin` pins one); write parquet; return counts and accuracy. A source of few
+    images is read and predicted in this process (`Source.rows_here`); more go through Ray
+    Data to an actor pool."""
+    import pandas as pd
 
-    from mlsd_ray.core.runtime import ensure_ray
+    from mlsd_ray.core.runtime import ray_is_up
     from mlsd_ray.tasks.image.checkpoint import load_model
     from mlsd_ray.tasks.image.data.sources import parse_source
 
     pre = load_model(model.checkpoint_here(workspace)).preprocessor
     source = parse_source(cfg.data.source, cfg.data, workspace)
     source.class_names()  # lists the inputs: a missing path fails here, before Ray
-    out = out or workspace.batch_predictions(
-        time.strftime("%Y%m%d-%H%M%S"))
-    ensure_ray(workspace)
-    actors = max(1, int(ray.available_resources().get("CPU", 1)))
-    log(f"predicting {cfg.data.source} with {model.uri} on {actors} actor(s) -> {out}")
+    out = str(out or workspace.batch_predictions(time.strftime("%Y%m%d-%H%M%S")))
     started = time.perf_counter()
     decode = functools.partial(decode_rows, size=pre.image_size, channels=pre.channels,
                                pixel_range=cfg.data.pixel_range)
-    predictions = source.read(then=decode).map_batches(
-        Predictor, fn_constructor_kwargs={"model": model, "workspace": workspace},
-        batch_size=256,
-        batch_format="numpy", num_cpus=1,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors))
-    storage.delete_dir(str(out))
-    predictions.write_parquet(str(out))
-    return summarize(ray.data.read_parquet(str(out)).to_pandas(), str(out),
-                     time.perf_counter() - started)
+    rows = None if ray_is_up() else source.rows_here(then=decode)
+    if rows is None:
+        frame = _predict_with_ray(source, decode, model, out, workspace, log)
+    else:
+        log(f"predicting {cfg.data.source} with {model.uri} in this process -> {out}")
+        frame = pd.DataFrame(Predictor(model, workspace, actor=False)(rows))
+        storage.delete_dir(out)
+        storage.write_bytes(storage.join(out, "part-0.parquet"), frame.to_parquet(index=False))
+    return summarize(frame, out, time.perf_counter() - started)
+
+
+def _predict_with_ray(source, decode, model: PinnedModel, out: str, workspace: Workspace,
+                      log: Callable[[str], None]):
+    """The source through Ray Data, decoded and predicted on an actor pool of one model per
+    CPU; the predictions table as written."""
+    import ray
+    import ray.data
+
+    from mlsd_ray.core.runtime import ray_work
+
+    with ray_work(workspace):
+        actors = max(1, int(ray.available_resources().get("CPU", 1)))
+        log(f"predicting {source.name} with {model.uri} on {actors} actor(s) -> {out}")
+        predictions = source.read(then=decode).map_batches(
+            Predictor, fn_constructor_kwargs={"model": model, "workspace": workspace},
+            batch_size=256, batch_format="numpy", num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors))
+        storage.delete_dir(out)
+        predictions.write_parquet(out)
+        return ray.data.read_parquet(out).to_pandas()
 
 
 def summarize(frame, out: str, seconds: float) -> OfflinePrediction:

@@ -83,8 +83,7 @@ def load_served_model(model: PinnedModel, workspace: Workspace) -> tuple[Any, di
     from mlsd_ray.tasks.image.checkpoint import load_model
 
     loaded = load_model(model.checkpoint_here(workspace))
-    name, metrics = model.name, {key: model.metrics.get(key)
-                                 for key in ("val_accuracy", "test_accuracy")}
+    name, metrics = model.name, dict(model.metrics)  # the task's score, on val and test
     if model.version == "local":  # a checkpoint folder: named after the run that wrote it
         name, metrics = loaded.metadata.run_name or model.name, {}
     pre = loaded.preprocessor

@@ -34,11 +34,12 @@ OK = "ok"
 class TablePredictor:
     """An actor holding the model and its fitted preparation; one call per batch of rows."""
 
-    def __init__(self, model: PinnedModel, workspace: Workspace):
+    def __init__(self, model: PinnedModel, workspace: Workspace, actor: bool = True):
         from mlsd_ray.core.memory import claim_cpus_for_torch
         from mlsd_ray.tasks.tabular.train import load_tabular
 
-        claim_cpus_for_torch(1)  # one actor per CPU: parallelism comes from the pool
+        if actor:
+            claim_cpus_for_torch(1)  # one actor per CPU: parallelism comes from the pool
         self.loaded = load_tabular(model.checkpoint_here(workspace))
         self.model = model
 
@@ -81,29 +82,45 @@ def predict_table(model: PinnedModel, source: str, out: str | None, workspace: W
                   log: Callable[[str], None], seed: int = 0) -> OfflinePrediction:
     """Predict every row of `source` with `model` (pinned to one version);
     write parquet under `out`; return counts and, for labelled rows, the model's score."""
-    import ray
-    import ray.data
-
-    from mlsd_ray.core.runtime import ensure_ray
+    from mlsd_ray.core.runtime import needs_ray
     from mlsd_ray.tasks.tabular.sources import read_rows
 
     frame, name = read_rows(source, seed)
-    out = out or workspace.batch_predictions(
-        time.strftime("%Y%m%d-%H%M%S"))
-    ensure_ray(workspace)
-    actors = max(1, int(ray.available_resources().get("CPU", 1)))
-    log(f"predicting {len(frame)} rows of {name} with {model.uri} on {actors} actor(s) "
-        f"-> {out}")
+    frame = frame.assign(__row=np.arange(len(frame)))
+    out = out or workspace.batch_predictions(time.strftime("%Y%m%d-%H%M%S"))
     started = time.perf_counter()
-    rows = ray.data.from_pandas(frame.assign(__row=np.arange(len(frame))))
-    predictions = rows.map_batches(
-        TablePredictor, fn_constructor_kwargs={"model": model, "workspace": workspace},
-        batch_size=4096, batch_format="pandas", num_cpus=1,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors))
-    storage.delete_dir(str(out))
-    predictions.write_parquet(str(out))
-    written = ray.data.read_parquet(str(out)).to_pandas().sort_values("row")
+    if needs_ray(len(frame)):
+        written = _predict_with_ray(frame, name, model, str(out), workspace, log)
+    else:
+        log(f"predicting {len(frame)} rows of {name} with {model.uri} in this process "
+            f"-> {out}")
+        written = TablePredictor(model, workspace, actor=False)(frame)
+        storage.delete_dir(str(out))
+        storage.write_bytes(storage.join(str(out), "part-0.parquet"),
+                            written.to_parquet(index=False))
     return summarize(written, model, str(out), time.perf_counter() - started)
+
+
+def _predict_with_ray(frame: pd.DataFrame, name: str, model: PinnedModel, out: str,
+                      workspace: Workspace, log: Callable[[str], None]) -> pd.DataFrame:
+    """The rows through Ray Data, on an actor pool of one model per CPU."""
+    import ray
+    import ray.data
+
+    from mlsd_ray.core.runtime import ray_work
+
+    with ray_work(workspace):
+        actors = max(1, int(ray.available_resources().get("CPU", 1)))
+        log(f"predicting {len(frame)} rows of {name} with {model.uri} on {actors} actor(s) "
+            f"-> {out}")
+        predictions = ray.data.from_pandas(frame).map_batches(
+            TablePredictor, fn_constructor_kwargs={"model": model, "workspace": workspace},
+            batch_size=4096, batch_format="pandas", num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors))
+        storage.delete_dir(out)
+        predictions.write_parquet(out)
+        return ray.data.read_parquet(out).to_pandas().sort_values("row")
+
 
 
 def summarize(frame: pd.DataFrame, model: PinnedModel, out: str,

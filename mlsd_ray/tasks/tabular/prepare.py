@@ -92,6 +92,14 @@ class PreparedTable:
             raise InputError(f"no prepared table at {path} (manifest.json missing)")
         return cls(path, MANIFEST.read(manifest), reused=True)
 
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
     def split_path(self, split: str) -> str:
         return storage.join(self.path, f"{split}.parquet")
 

@@ -98,6 +98,14 @@ class PreparedDataset:
     manifest: dict
     reused: bool = False
 
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
     def split_path(self, split: str) -> str:
         return storage.join(self.path, split)
 
