@@ -16,14 +16,30 @@ from mlsd_ray.core.errors import InputError
 
 __all__ = ["apply_override", "AutoscalingConfig", "Config", "config_tree", "describe_errors",
            "dump_yaml", "EXAMPLES", "EXAMPLES_DIR", "MonitorConfig", "parse_override",
-           "PredictionLogConfig", "RegistryConfig", "RetrainConfig", "ServeConfig", "StrictModel",
-           "TrainConfig", "TuneConfig", "validate_config"]
+           "PredictionLogConfig", "RegistryConfig", "RetrainConfig", "ServeConfig", "SplitConfig",
+           "StrictModel", "TrainConfig", "TuneConfig", "validate_config"]
 
 
 class StrictModel(BaseModel):
     """Base for config sections: unknown keys are rejected, assignments re-validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitConfig(StrictModel):
+    """How a task's data stage splits its examples: the shares held out for validation and
+    test, and the seed; a task's data section extends it."""
+
+    val_fraction: float = Field(0.15, ge=0, lt=1, description="Held out for validation "
+                                "(early stopping, checkpoint ranking, a decision threshold).")
+    test_fraction: float = Field(0.15, ge=0, lt=1)
+    seed: int = Field(0, description="Seeds the split (and generated sources).")
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> SplitConfig:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must be below 0.9")
+        return self
 
 
 class TrainConfig(StrictModel):
@@ -290,6 +306,12 @@ class Config(StrictModel):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    @classmethod
+    def from_record(cls: type[_C], tree: dict[str, Any]) -> _C:
+        """A config that mlsd wrote itself (beside a checkpoint, a dataset or a search), as
+        this class (`validate_config` with `stored`)."""
+        return validate_config(tree, cls, stored=True)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

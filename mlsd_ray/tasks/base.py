@@ -15,7 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config
+from mlsd_ray.core.contracts import MANIFEST
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.workspace import Workspace
 
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
     from mlsd_ray.workflows.stages import PipelineResult
 
 __all__ = ["DataSummary", "Evaluation", "Log", "OfflinePrediction", "OnlinePrediction",
-           "PreparedData", "ServeCheck", "ServedApp", "SmokePrediction", "Task",
+           "PreparedData", "PreparedFolder", "ServeCheck", "ServedApp", "SmokePrediction", "Task",
            "TrafficRequest", "TrainedModel"]
 
 Log = Callable[[str], None]
@@ -202,6 +204,34 @@ class PreparedData(Protocol):
     def split_path(self, split: str) -> str: ...
 
     def summary(self) -> DataSummary: ...
+
+
+@dataclass
+class PreparedFolder:
+    """Prepared data in a folder (or at a URI) that its manifest.json describes: a base for a
+    task's own prepared data, with `PreparedData`'s name and fingerprint read from the
+    manifest (a versioned record: core/contracts.py `MANIFEST`)."""
+
+    path: str
+    manifest: dict
+    reused: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @classmethod
+    def read(cls, path: str, missing: str):
+        """The prepared data written earlier at `path` (`reused`); InputError `missing` when
+        it holds no manifest.json, or one of a newer format."""
+        manifest = storage.join(path, "manifest.json")
+        if not storage.exists(manifest):
+            raise InputError(missing)
+        return cls(path, MANIFEST.read(manifest), reused=True)
 
 
 class Evaluation(Protocol):

@@ -4,14 +4,13 @@ the shared sections of `mlsd_ray.core.config.Config` plus these two."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from mlsd_ray.core.config import Config, StrictModel, validate_config
+from mlsd_ray.core.config import Config, SplitConfig, StrictModel
 
-__all__ = ["AugmentConfig", "DataConfig", "ImageConfig", "ModelConfig", "SyntheticConfig",
-           "stored_config"]
+__all__ = ["AugmentConfig", "DataConfig", "ImageConfig", "ModelConfig", "SyntheticConfig"]
 
 
 class AugmentConfig(StrictModel):
@@ -34,7 +33,7 @@ class SyntheticConfig(StrictModel):
     noise: float = Field(0.25, ge=0, le=1)
 
 
-class DataConfig(StrictModel):
+class DataConfig(SplitConfig):
     """The data stage: where images come from and how they are validated, resized and split."""
 
     source: str = Field("digits", description="digits | folder:PATH | parquet:PATH | "
@@ -45,9 +44,6 @@ class DataConfig(StrictModel):
                                    "(default: the source's natural size; 32 for folder/parquet).")
     channels: Literal[1, 3] | None = Field(None, description="1 (grayscale) or 3 (RGB); "
                                            "default: the source's.")
-    val_fraction: float = Field(0.15, ge=0, lt=1)
-    test_fraction: float = Field(0.15, ge=0, lt=1)
-    seed: int = 0
     class_names: list[str] | None = Field(None, description="Known classes; labels outside "
                                           "them are quarantined as unknown_label.")
     image_column: str = Field("image", description="parquet: column with encoded bytes or arrays.")
@@ -59,12 +55,6 @@ class DataConfig(StrictModel):
     torchvision_split: Literal["train", "test"] = "train"
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
-
-    @model_validator(mode="after")
-    def _fractions_leave_training_data(self) -> DataConfig:
-        if self.val_fraction + self.test_fraction >= 0.9:
-            raise ValueError("val_fraction + test_fraction must be below 0.9")
-        return self
 
 
 class ModelConfig(StrictModel):
@@ -81,8 +71,3 @@ class ImageConfig(Config):
     task: str = "image"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-
-
-def stored_config(tree: dict[str, Any]) -> ImageConfig:
-    """The config an image checkpoint or dataset records."""
-    return validate_config(tree, ImageConfig, stored=True)

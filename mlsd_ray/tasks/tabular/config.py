@@ -3,13 +3,13 @@ MLP and the decision threshold. `TabularTaskConfig` is the whole config of a tab
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from mlsd_ray.core.config import Config, StrictModel, validate_config
+from mlsd_ray.core.config import Config, SplitConfig, StrictModel
 
-__all__ = ["ColumnRule", "TabularConfig", "TabularTaskConfig", "ThresholdConfig", "stored_config"]
+__all__ = ["ColumnRule", "TabularConfig", "TabularTaskConfig", "ThresholdConfig"]
 
 
 class ColumnRule(StrictModel):
@@ -37,7 +37,7 @@ class ThresholdConfig(StrictModel):
     value: float = Field(0.5, ge=0, le=1, description="fixed: the threshold itself.")
 
 
-class TabularConfig(StrictModel):
+class TabularConfig(SplitConfig):
     """Tables (the fraud example): source, per-column preparation, the MLP, the decision."""
 
     source: str = Field("fraud-synth", description="fraud-synth[:N] | breast-cancer | "
@@ -47,10 +47,6 @@ class TabularConfig(StrictModel):
     task: Literal["auto", "binary", "multiclass", "regression"] = Field(
         "auto", description="auto: regression for a float label with many values, else "
         "binary or multiclass by the number of classes.")
-    val_fraction: float = Field(0.15, ge=0, lt=1, description="Rows held out for validation "
-                                "(stratified by class; the threshold is chosen on them).")
-    test_fraction: float = Field(0.15, ge=0, lt=1)
-    seed: int = Field(0, description="Seeds the split and the generated sources.")
     drop_columns: list[str] = Field(default_factory=list, description="Columns never used "
                                     "as features (ids, timestamps).")
     numeric_impute: Literal["mean", "median", "most_frequent", "constant", "iterative",
@@ -79,20 +75,8 @@ class TabularConfig(StrictModel):
                                         "this are declined, from the threshold up to it "
                                         "reviewed (default: halfway from the threshold to 1).")
 
-    @model_validator(mode="after")
-    def _fractions_leave_training_data(self) -> TabularConfig:
-        if self.val_fraction + self.test_fraction >= 0.9:
-            raise ValueError("val_fraction + test_fraction must be below 0.9")
-        return self
-
-
 class TabularTaskConfig(Config):
     """A tabular run's config: the shared sections and `tabular`."""
 
     task: str = "tabular"
     tabular: TabularConfig = Field(default_factory=TabularConfig)
-
-
-def stored_config(tree: dict[str, Any]) -> TabularTaskConfig:
-    """The config a tabular checkpoint records (its metadata.json `config`)."""
-    return validate_config(tree, TabularTaskConfig, stored=True)

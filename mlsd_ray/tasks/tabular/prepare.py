@@ -31,6 +31,7 @@ from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.runtime import ensure_ray, log_stderr
 from mlsd_ray.core.split import stratified_splits
 from mlsd_ray.core.workspace import Workspace
+from mlsd_ray.tasks.base import PreparedFolder
 from mlsd_ray.tasks.tabular.config import TabularTaskConfig
 from mlsd_ray.tasks.tabular.preprocess import (
     Featurizer,
@@ -78,27 +79,13 @@ class TableSummary:
 
 
 @dataclass
-class PreparedTable:
+class PreparedTable(PreparedFolder):
     """A prepared table on disk and its manifest."""
-
-    path: str
-    manifest: dict
-    reused: bool = False
 
     @classmethod
     def open(cls, path: str) -> PreparedTable:
-        manifest = storage.join(path, "manifest.json")
-        if not storage.exists(manifest):
-            raise InputError(f"no prepared table at {path} (manifest.json missing)")
-        return cls(path, MANIFEST.read(manifest), reused=True)
-
-    @property
-    def name(self) -> str:
-        return self.manifest["name"]
-
-    @property
-    def fingerprint(self) -> str:
-        return self.manifest["fingerprint"]
+        """A table prepared earlier; InputError when `path` holds none."""
+        return cls.read(path, f"no prepared table at {path} (manifest.json missing)")
 
     def split_path(self, split: str) -> str:
         return storage.join(self.path, f"{split}.parquet")

@@ -18,7 +18,7 @@ from mlsd_ray.core import storage
 from mlsd_ray.core.contracts import MANIFEST, CheckpointMetadata
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.workspace import Workspace
-from mlsd_ray.tasks.tabular.config import TabularTaskConfig, stored_config
+from mlsd_ray.tasks.tabular.config import TabularTaskConfig
 from mlsd_ray.tasks.tabular.prepare import (
     SPLITS,
     PreparedTable,
@@ -40,7 +40,7 @@ def retrain_data(cfg: TabularTaskConfig, champion_dir: str, source: str, workspa
     old plus new as one table under the champion's preparation."""
     metadata = CheckpointMetadata.read(champion_dir)
     old = PreparedTable.open(metadata.dataset.path)
-    trained = stored_config(metadata.config)
+    trained = TabularTaskConfig.from_record(metadata.config)
     trained.tabular.source, trained.tabular.label = source, old.label
     trained.tabular.seed = cfg.tabular.seed
     new = prepare_table(trained, workspace=workspace, log=log)

@@ -23,7 +23,7 @@ from mlsd_ray.tasks.base import (
     TrafficRequest,
     TrainedModel,
 )
-from mlsd_ray.tasks.tabular.config import TabularTaskConfig, stored_config
+from mlsd_ray.tasks.tabular.config import TabularTaskConfig
 
 if TYPE_CHECKING:
     from mlsd_ray.explain import ExplanationResult
@@ -109,7 +109,7 @@ class TabularTask(Task):
         if settings.runtime != "torch":
             raise InputError(f"serve.runtime={settings.runtime} runs image models; the tabular "
                              "task's replicas run torch (serve.runtime=torch)")
-        trained = stored_config(_metadata(model.path).config)
+        trained = TabularTaskConfig.from_record(_metadata(model.path).config)
         return fraud_application(settings, trained.tabular, model, workspace)
 
     def predictor(self, checkpoint_dir: str):
@@ -134,7 +134,7 @@ class TabularTask(Task):
         metadata = _metadata(checkpoint_dir)
         table = PreparedTable.open(dataset_path or metadata.dataset.path)
         out = workspace.report(metadata.run_name, split)
-        evaluation = evaluate_checkpoint(stored_config(metadata.config), table,
+        evaluation = evaluate_checkpoint(TabularTaskConfig.from_record(metadata.config), table,
                                          checkpoint_dir, out)
         return replace(evaluation, model=checkpoint_dir, run_name=metadata.run_name)
 

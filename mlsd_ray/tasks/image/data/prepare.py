@@ -33,6 +33,7 @@ from mlsd_ray.core.errors import InputError, WorkError
 from mlsd_ray.core.runtime import ensure_ray, log_stderr
 from mlsd_ray.core.split import SPLITS, resolve
 from mlsd_ray.core.workspace import Workspace
+from mlsd_ray.tasks.base import PreparedFolder
 from mlsd_ray.tasks.image.config import ImageConfig
 from mlsd_ray.tasks.image.data.report import (
     build_quality,
@@ -91,20 +92,8 @@ class DatasetSummary:
 
 
 @dataclass
-class PreparedDataset:
+class PreparedDataset(PreparedFolder):
     """A prepared dataset on disk (or at a URI) and its manifest."""
-
-    path: str
-    manifest: dict
-    reused: bool = False
-
-    @property
-    def name(self) -> str:
-        return self.manifest["name"]
-
-    @property
-    def fingerprint(self) -> str:
-        return self.manifest["fingerprint"]
 
     def split_path(self, split: str) -> str:
         return storage.join(self.path, split)
@@ -116,11 +105,8 @@ class PreparedDataset:
     @classmethod
     def open(cls, path: str) -> PreparedDataset:
         """A dataset written earlier; InputError when `path` holds no complete dataset."""
-        manifest = storage.join(path, "manifest.json")
-        if not storage.exists(manifest):
-            raise InputError(f"no prepared dataset at {path} (manifest.json missing): "
-                             "run `mlsd data` first")
-        return cls(path, MANIFEST.read(manifest), reused=True)
+        return cls.read(path, f"no prepared dataset at {path} (manifest.json missing): run "
+                              "`mlsd data` first")
 
     def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """One split in memory on the driver: uint8 N×H×W×C images and int labels."""
