@@ -17,11 +17,10 @@ from mlsd_ray.core.contracts import TUNE_SUMMARY
 from mlsd_ray.core.errors import WorkError
 from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.training.checkpoint import RANK_METRIC
-from mlsd_ray.tuning.space import describe, trial_config
+from mlsd_ray.tuning.space import SearchPlan, describe, trial_config
 
 if TYPE_CHECKING:
     from mlsd_ray.registry import RegisteredVersion
-    from mlsd_ray.tuning.search import SearchPlan
 
 __all__ = ["best_config", "BestTrial", "curves_png", "failure_summary", "trial_rows",
            "TuneSummary", "write_outputs"]

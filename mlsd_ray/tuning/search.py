@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -36,31 +36,20 @@ from mlsd_ray.core.workspace import Workspace, fresh_name
 from mlsd_ray.registry.tracking import LiveSearch
 from mlsd_ray.tasks import get_task, stored_config
 from mlsd_ray.training.checkpoint import RANK_METRIC
-from mlsd_ray.tuning.space import describe, ray_space, trial_config, validate_space
+from mlsd_ray.tuning.report import TuneSummary, write_outputs
+from mlsd_ray.tuning.space import (
+    SearchPlan,
+    describe,
+    ray_space,
+    trial_config,
+    validate_space,
+)
 
-if TYPE_CHECKING:
-    from mlsd_ray.tuning.report import TuneSummary
-
-__all__ = ["run_trial", "run_tune", "search_plan", "SearchPlan", "TRIAL_DRIVER_CPU",
-           "trial_resources", "TuneRun"]
+__all__ = ["run_trial", "run_tune", "search_plan", "TRIAL_DRIVER_CPU", "trial_resources",
+           "TuneRun"]
 
 # The Tune function itself only waits on its trainer; the CPUs go to the Train workers.
 TRIAL_DRIVER_CPU = 0.05
-
-
-@dataclass(frozen=True)
-class SearchPlan:
-    """What a search will run: `search` (grid or random; random over few discrete values
-    becomes grid), the `scheduler` that stops trials early (asha, median or none), Tune's
-    `num_samples`, the number of `trials`, the `epochs` of each, and the `metric` that ranks
-    them (the task's)."""
-
-    search: str
-    scheduler: str
-    num_samples: int
-    trials: int
-    epochs: int
-    metric: str
 
 
 def search_plan(cfg: Config) -> SearchPlan:
@@ -343,8 +332,6 @@ def _search(tuner, run: TuneRun, base: Config, plan: SearchPlan, workspace: Work
                      and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0"):
         raise Interrupted(f"tune run {run.name} was interrupted; its state is saved: continue "
                           f"with `mlsd tune --resume {run.name}`")
-    from mlsd_ray.tuning.report import write_outputs
-
     return write_outputs(run, grid, base, plan, workspace, log, register,
                          time.perf_counter() - started, search.run_id)
 

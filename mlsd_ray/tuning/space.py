@@ -3,13 +3,14 @@ Tune's space, and one trial's configuration from its parameters."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from mlsd_ray.core.config import Config, apply_override, describe_errors, parse_override
 from mlsd_ray.core.errors import InputError
 
-__all__ = ["DISTRIBUTIONS", "describe", "parse_param", "ray_space", "trial_config",
-           "validate_space"]
+__all__ = ["DISTRIBUTIONS", "describe", "parse_param", "ray_space", "SearchPlan",
+           "trial_config", "validate_space"]
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint")
 
@@ -135,3 +136,18 @@ def describe(params: dict, digits: int = 4) -> str:
     """`lr=0.003, batch_size=64`: a trial's parameters by their last key part."""
     return ", ".join(f"{k.split('.')[-1]}={v:.{digits}g}" if isinstance(v, float)
                      else f"{k.split('.')[-1]}={v}" for k, v in params.items())
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """What a search will run: `search` (grid or random; random over few discrete values
+    becomes grid), the `scheduler` that stops trials early (asha, median or none), Tune's
+    `num_samples`, the number of `trials`, the `epochs` of each, and the `metric` that ranks
+    them (the task's)."""
+
+    search: str
+    scheduler: str
+    num_samples: int
+    trials: int
+    epochs: int
+    metric: str

@@ -182,3 +182,24 @@ def test_a_registered_model_needs_the_package_of_its_task(user_package, tmp_path
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: churn-tasks\nVersion: 1.0\n")
     (info / "top_level.txt").write_text("churnpkg\n")
     assert task_package(checkpoint("churnpkg:ChurnTask")) == (["churn-tasks==1.0"], [])
+
+
+def test_a_command_on_a_model_runs_the_models_task_with_the_shared_sections(tmp_path):
+    """`mlsd predict --model`, `monitor --inputs` and `retrain` run the task that trained the
+    model, whatever task their own config names: the config becomes that task's, its shared
+    sections as given."""
+    from mlsd_ray.tasks import model_task
+    from mlsd_ray.tasks.tabular.config import TabularTaskConfig
+    from mlsd_ray.tasks.tabular.task import TabularTask
+
+    folder = tmp_path / "fraud-checkpoint"
+    folder.mkdir()
+    (folder / "metadata.json").write_text(json.dumps(
+        {"run_name": "r", "dataset": {"path": "/d"}, "config": {"task": "tabular"}}))
+    image_cfg = load_config(None, ["serve.port=8123", "train.epochs=3", "data.seed=4"])
+    task, cfg = model_task(str(folder), image_cfg)
+    assert isinstance(task, TabularTask) and isinstance(cfg, TabularTaskConfig)
+    assert (cfg.task, cfg.serve.port, cfg.train.epochs) == ("tabular", 8123, 3)
+    assert cfg.tabular.source == "fraud-synth" and not hasattr(cfg, "data")
+    same = load_config(None, ["task=tabular", "tabular.seed=2"])
+    assert model_task(str(folder), same)[1] is same  # already the model's task's config

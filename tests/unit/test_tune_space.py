@@ -5,8 +5,8 @@ import pytest
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.tasks import get_task, load_config
 from mlsd_ray.tuning.report import failure_summary
-from mlsd_ray.tuning.search import SearchPlan, search_plan
-from mlsd_ray.tuning.space import parse_param, trial_config, validate_space
+from mlsd_ray.tuning.search import search_plan
+from mlsd_ray.tuning.space import SearchPlan, parse_param, trial_config, validate_space
 
 IMAGE_SEARCHABLE = get_task("image").searchable
 

@@ -33,6 +33,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 from starlette.datastructures import UploadFile
 
+import mlsd_ray.tasks.image.schemas as schemas
 from mlsd_ray import __version__
 from mlsd_ray.core.config import ServeConfig
 from mlsd_ray.core.workspace import Workspace
@@ -63,7 +64,6 @@ from mlsd_ray.serve.oip import (
     add_open_inference_routes,
 )
 from mlsd_ray.serve.schemas import ClientError, RateLimit, documented_errors, parse_json
-from mlsd_ray.tasks.image import schemas
 
 DRIFT_REFRESH_S = 10.0
 

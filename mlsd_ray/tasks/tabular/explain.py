@@ -29,7 +29,7 @@ IG_STEPS = 32
 def permutation_importance(loaded: LoadedTabular, frame, labels: np.ndarray,
                            task: str) -> dict[str, float]:
     """Score drop per input column when it is shuffled, largest first."""
-    from mlsd_ray.tasks.tabular import metrics as tm
+    import mlsd_ray.tasks.tabular.metrics as tm
 
     score_name, threshold = tm.SCORE_NAMES[task], loaded.decision.get("threshold")
 
@@ -130,7 +130,7 @@ def importance_chart(importance: dict[str, float], task: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mlsd_ray.tasks.tabular import metrics as tm
+    import mlsd_ray.tasks.tabular.metrics as tm
 
     names = list(importance)[::-1]
     figure, axis = plt.subplots(figsize=(5.5, 0.35 * len(names) + 1.2))

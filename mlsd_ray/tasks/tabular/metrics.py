@@ -132,10 +132,6 @@ def pr_curve_png(curves: dict[str, tuple[np.ndarray, np.ndarray]], chosen: dict 
     return buffer.getvalue()
 
 
-# The scores a result shows, by the score that ranks runs.
-SCORE_KEYS = {"pr_auc": ["pr_auc", "roc_auc", "precision", "recall", "f1"],
-              "macro_f1": ["accuracy", "macro_f1"], "r2": ["mse", "mae", "r2"]}
-
 
 def evaluate_outputs(task: str, outputs: np.ndarray, labels: np.ndarray,
                      threshold: float | None) -> dict:

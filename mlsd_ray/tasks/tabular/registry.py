@@ -18,7 +18,7 @@ from mlsd_ray.tasks.tabular.config import TabularTaskConfig
 from mlsd_ray.tasks.tabular.prepare import PreparedTable
 
 if TYPE_CHECKING:
-    from mlsd_ray.tasks.tabular.stage import TabularTrainResult
+    from mlsd_ray.tasks.tabular.result import TabularTrainResult
 
 EXAMPLE_ROWS = 3  # test-split rows stored with the model as its input example
 

@@ -29,7 +29,7 @@ from mlsd_ray.tasks.tabular.prepare import (
 from mlsd_ray.workflows.retrain import HoldoutScore, RetrainData, check_classes
 
 if TYPE_CHECKING:
-    from mlsd_ray.tasks.tabular.stage import TabularTrainResult
+    from mlsd_ray.tasks.tabular.result import TabularTrainResult
 
 Log = Callable[[str], None]
 

@@ -7,19 +7,18 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+import mlsd_ray.tasks.tabular.metrics as tm
 from mlsd_ray.core import storage
 from mlsd_ray.core.errors import WorkError
 from mlsd_ray.core.runtime import ensure_ray, log_stderr
 from mlsd_ray.core.workspace import Workspace, fresh_name
-from mlsd_ray.tasks.base import TrainedModel
-from mlsd_ray.tasks.tabular import metrics as tm
 from mlsd_ray.tasks.tabular.config import TabularTaskConfig
 from mlsd_ray.tasks.tabular.prepare import PreparedTable, prepare_table
+from mlsd_ray.tasks.tabular.result import SCORE_KEYS, VAL_SCORE, TabularTrainResult
 from mlsd_ray.tasks.tabular.train import (
-    VAL_SCORE,
     build_tabular_trainer,
     epoch_line,
     load_tabular,
@@ -27,48 +26,6 @@ from mlsd_ray.tasks.tabular.train import (
 from mlsd_ray.training.checkpoint import RANK_METRIC
 from mlsd_ray.training.progress import EpochRelay
 from mlsd_ray.training.trainer import check_resources, failure_message, where_it_trains
-
-
-@dataclass(kw_only=True)
-class TabularTrainResult(TrainedModel):
-    """What the tabular task's training produced: besides the run and its best checkpoint, the
-    kind of table (binary, multiclass, regression), the score runs are ranked by and its
-    validation value, the test metrics beside the baseline's, the decision threshold (binary)
-    and the evaluation's files (report, report_md, pr_curve)."""
-
-    task: str
-    score_name: str
-    val_score: float
-    test: dict[str, Any]
-    baseline: dict[str, Any] | None = None
-    decision: dict[str, Any] | None = None
-    evaluation: dict[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {**super().to_dict(), "task": self.task, "score_name": self.score_name,
-                VAL_SCORE: self.val_score, "test": self.test, "baseline": self.baseline,
-                "decision": self.decision, "evaluation": self.evaluation}
-
-    def test_line(self) -> str:
-        return f"test {self.score_name} {self.test[self.score_name]:.4f}"
-
-    def describe(self) -> str:
-        """The MLP beside the baseline, the decision, where the evaluation went."""
-        keys = tm.SCORE_KEYS[self.score_name]
-        lines = [f"run {self.run_name}: best epoch {self.best_epoch} of {self.epochs_run}, "
-                 f"val {self.score_name} {self.val_score:.4f}, {self.wall_seconds:.1f} s",
-                 "test:      " + "  ".join(f"{k} {self.test[k]:.4f}" for k in keys)]
-        if self.baseline:
-            lines.append("baseline:  " + "  ".join(f"{k} {self.baseline[k]:.4f}" for k in keys)
-                         + f"  ({self.baseline['model']})")
-        if self.decision:
-            d = self.decision
-            lines.append(f"threshold {d['threshold']:.4f} ({d['objective']} {d.get('target')}, "
-                         f"{'met' if d['met'] else 'not met'} on val)")
-        lines += [f"{name}: {path}" for name, path in self.evaluation.items()]
-        if self.registered:
-            lines.append(f"registered: {self.registered.uri}")
-        return "\n".join(lines)
 
 
 def baseline(cfg: TabularTaskConfig, table: PreparedTable) -> dict:
@@ -137,7 +94,7 @@ class TabularEvaluation:
                 "run_name": self.run_name, "path": self.path, **self.files()}
 
     def describe(self) -> str:
-        keys = tm.SCORE_KEYS[self.score_name]
+        keys = SCORE_KEYS[self.score_name]
         lines = [f"{self.split} ({self.task}):",
                  "MLP:       " + "  ".join(f"{k} {self.mlp[k]:.4f}" for k in keys)]
         if self.baseline:

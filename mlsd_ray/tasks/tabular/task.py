@@ -24,6 +24,7 @@ from mlsd_ray.tasks.base import (
     TrainedModel,
 )
 from mlsd_ray.tasks.tabular.config import TabularTaskConfig
+from mlsd_ray.tasks.tabular.result import VAL_SCORE
 
 if TYPE_CHECKING:
     from mlsd_ray.explain import ExplanationResult
@@ -33,12 +34,12 @@ if TYPE_CHECKING:
     from mlsd_ray.serve.control import RunningApp
     from mlsd_ray.tasks.tabular.predict import TablePredictions
     from mlsd_ray.tasks.tabular.prepare import TableSummary
+    from mlsd_ray.tasks.tabular.result import TabularTrainResult
     from mlsd_ray.tasks.tabular.smoke import TabularServeCheck
-    from mlsd_ray.tasks.tabular.stage import TabularEvaluation, TabularTrainResult
+    from mlsd_ray.tasks.tabular.stage import TabularEvaluation
     from mlsd_ray.workflows.loop import LoopSteps
     from mlsd_ray.workflows.stages import PipelineResult
 
-VAL_SCORE = "val_score"  # mlsd_ray.tasks.tabular.train.VAL_SCORE: PR-AUC, macro F1 or R²
 # The metrics a summary shows, by the name of the score the task ranks by.
 
 

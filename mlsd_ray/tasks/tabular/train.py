@@ -30,6 +30,7 @@ from mlsd_ray.tasks.tabular.metrics import choose_threshold, primary_score
 from mlsd_ray.tasks.tabular.monitoring import column_reference, output_reference
 from mlsd_ray.tasks.tabular.prepare import PreparedTable
 from mlsd_ray.tasks.tabular.preprocess import Featurizer
+from mlsd_ray.tasks.tabular.result import VAL_SCORE
 from mlsd_ray.training.ingest import plan_ingest
 from mlsd_ray.training.loop import (
     EpochScores,
@@ -40,8 +41,6 @@ from mlsd_ray.training.loop import (
     run_epochs,
 )
 from mlsd_ray.training.trainer import materialize_splits, torch_trainer
-
-VAL_SCORE = "val_score"
 
 
 class TabularMLP(nn.Module):
