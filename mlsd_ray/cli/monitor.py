@@ -22,7 +22,6 @@ from mlsd_ray.cli.support import (
     TaskOption,
     VerboseOption,
     config_from,
-    predict_offline,
     run,
     with_flags,
 )
@@ -102,7 +101,7 @@ def _predict_inputs(cfg, inputs: str, model: str | None, workspace: Workspace):
     resolved = registry.pin(model or cfg.serve.model, workspace)
     task, cfg = model_task(resolved.path, cfg)
     task.set_source(cfg, inputs)
-    summary = predict_offline(task, resolved, cfg, None, workspace)
+    summary = task.predict_offline(resolved, cfg, None, workspace, log_stderr)
     frame = pd.read_parquet(summary.out)
     return frame[frame["status"] == "ok"].reset_index(drop=True)
 

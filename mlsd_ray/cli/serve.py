@@ -21,7 +21,6 @@ from mlsd_ray.cli.support import (
     TaskOption,
     VerboseOption,
     config_from,
-    predict_offline,
     run,
     with_flags,
 )
@@ -185,6 +184,7 @@ def predict(files: Annotated[list[Path] | None, typer.Argument(
         resolved = registry.pin(model, workspace)
         chosen.task, cfg = model_task(resolved.path, cfg)
         chosen.task.set_source(cfg, source)
-        return predict_offline(chosen.task, resolved, cfg, str(out) if out else None, workspace)
+        return chosen.task.predict_offline(resolved, cfg, str(out) if out else None, workspace,
+                                           log_stderr)
 
     run(as_json, work, lambda result: print(result.describe()))

@@ -20,13 +20,10 @@ import typer
 
 from mlsd_ray.core.errors import MlsdError
 from mlsd_ray.core.runtime import log_stderr
-from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.tasks import load_config
 
 if TYPE_CHECKING:
-    from mlsd_ray.core.config import Config
-    from mlsd_ray.registry import PinnedModel
-    from mlsd_ray.tasks.base import OfflinePrediction, Task
+    from mlsd_ray.tasks.base import Task
 
 Result = TypeVar("Result")
 
@@ -168,12 +165,6 @@ def with_flags(overrides: list[str] | None, flags: dict) -> list[str]:
     """`--set` overrides followed by the command's own flags that were given, as KEY=VALUE."""
     return list(overrides or []) + [f"{k}={v}" for k, v in flags.items() if v is not None]
 
-
-def predict_offline(task: Task, model: PinnedModel, cfg: Config, out: str | None,
-                    workspace: Workspace) -> OfflinePrediction:
-    """A task's offline prediction (`Task.predict_offline`) as the commands run it, logging to
-    the console; the task starts Ray only for work that needs it (`runtime.needs_ray`)."""
-    return task.predict_offline(model, cfg, out, workspace, log_stderr)
 
 
 def config_from(config: Path | None, overrides: list[str] | None, source: str | None,

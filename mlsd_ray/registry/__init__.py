@@ -28,7 +28,7 @@ __all__ = ["ARTIFACT_DIR", "CHECKPOINT", "checkpoint_in", "client", "EXPERIMENT"
            "git_commit", "list_models", "log_checkpoint_model", "log_evaluation", "ModelVersion",
            "new_version", "parse_model_ref", "pin", "PinnedModel", "promote", "promote_first",
            "Promotion", "RegisteredModel", "RegisteredVersion", "resolve", "SERVER_SCHEMES",
-           "show", "task_package", "tracking_uri", "version_tags"]
+           "show", "task_package", "version_tags"]
 
 EXPERIMENT = "mlsd"
 ARTIFACT_DIR = "checkpoint"  # the run's artifact folder that a version is registered from
@@ -63,11 +63,6 @@ class PinnedModel:
         return resolve(self.uri, workspace)
 
 
-def tracking_uri(workspace: Workspace) -> str:
-    """The MLflow store of `workspace` (core/workspace.py `Workspace.tracking_uri`)."""
-    return workspace.tracking_uri
-
-
 def client(workspace: Workspace):
     """An MlflowClient on our store, with the `mlsd` experiment (artifacts in the workspace)."""
     import logging
@@ -75,7 +70,7 @@ def client(workspace: Workspace):
     import mlflow
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # schema migrations log at INFO
-    store = tracking_uri(workspace)
+    store = workspace.tracking_uri
     mlflow.set_tracking_uri(store)
     if USER_TRACKING_URI is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)  # see USER_TRACKING_URI
@@ -391,7 +386,7 @@ def show(ref: str, workspace: Workspace) -> ModelVersion:
                         key=lambda v: int(v.version))
     except Exception as exc:  # MlflowException: no such model, version or alias
         raise InputError(f"no registered model version {ref!r} in "
-                         f"{tracking_uri(workspace)}") from exc
+                         f"{workspace.tracking_uri}") from exc
     return _version(name, found, dict(model.aliases or {}))
 
 

@@ -74,7 +74,11 @@ def config_class_of(tree: dict[str, Any]) -> type[Config]:
 def task_of_checkpoint(directory: str) -> Task:
     """The task that trained the checkpoint in `directory`, read from the config its
     metadata.json records; InputError naming the task when it does not load here."""
-    name = CheckpointMetadata.read(directory).task or DEFAULT_TASK
+    return _task_named(CheckpointMetadata.read(directory).task or DEFAULT_TASK, directory)
+
+
+def _task_named(name: str, directory: str) -> Task:
+    """The task `name` that trained the model in `directory`, or why it does not load."""
     try:
         return get_task(name)
     except InputError as exc:
@@ -87,10 +91,10 @@ def model_task(directory: str, cfg: Config) -> tuple[Task, Config]:
     task: a command that takes a model (predict, monitor, retrain) runs the model's task,
     whichever task its own config names. The shared sections stay as given; the task's own
     sections come from `cfg` where it has them (the same task), else from their defaults."""
-    task = task_of_checkpoint(directory)
+    spec = CheckpointMetadata.read(directory).task or DEFAULT_TASK
+    task = _task_named(spec, directory)
     if isinstance(cfg, task.config_class):
         return task, cfg
-    spec = CheckpointMetadata.read(directory).task or DEFAULT_TASK
     return task, validate_config({**cfg.to_dict(), "task": spec}, task.config_class,
                                  stored=True)
 

@@ -92,7 +92,7 @@ def test_concurrent_writers_lose_nothing_on_postgresql(postgres_url, tmp_path):
                                "val_loss": 1.5 / epoch, "val_accuracy": 1 - 1 / epoch})
         version = registry.new_version(registry.client(workspace), "concurrent",
                                        str(run.run_id), {"writer": str(index)}, "a test")
-        return str(run.run_id), version.version, registry.tracking_uri(workspace)
+        return str(run.run_id), version.version, workspace.tracking_uri
 
     started = time.monotonic()
     results = ray.get([writer.remote(i) for i in range(writers)], timeout=300)

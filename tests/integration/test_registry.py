@@ -91,7 +91,7 @@ def test_a_version_is_an_mlflow_model_that_plain_mlflow_loads_and_serves(workspa
     registered = log_and_register(digits_model.result, digits_model.cfg, digits_model.dataset,
                                   "digits-cnn", workspace)
     registry.promote("digits-cnn", registered.version, "production", workspace)
-    tracking, uri = registry.tracking_uri(workspace), "models:/digits-cnn@production"
+    tracking, uri = workspace.tracking_uri, "models:/digits-cnn@production"
     mlflow.set_tracking_uri(tracking)
 
     signature = mlflow.models.get_model_info(uri).signature
