@@ -320,12 +320,11 @@ def test_the_version_is_an_mlflow_model_scoring_as_the_app_does(fraud_model, fra
     test rows it gives the scores the app gives, and the class at the model's threshold."""
     import mlflow
 
-    from mlsd_ray import registry
     from mlsd_ray.tasks.tabular.prepare import PreparedTable
     from mlsd_ray.tasks.tabular.traffic import records
 
     _, summary, workspace = fraud_model
-    mlflow.set_tracking_uri(registry.tracking_uri(workspace))
+    mlflow.set_tracking_uri(workspace.tracking_uri)
     uri = summary.registered.uri
     signature = mlflow.models.get_model_info(uri).signature
     table = PreparedTable.open(summary.dataset)
