@@ -20,7 +20,8 @@ __all__ = ["configure", "ensure_ray", "environment", "in_process_rows", "IN_PROC
            "IN_PROCESS_ROWS_ENV", "log_stderr",
            "native_lines_off_console", "needs_ray", "ray_is_up", "ray_work",
            "quiet_serve_console", "quiet_token_notice", "ray_logs_dir", "RayEchoFilter",
-           "reachable", "recorded_cluster_file", "set_progress_bars", "start_local_ray",
+           "reachable", "recorded_cluster_file", "set_progress_bars", "ship_to_cluster",
+           "start_local_ray", "unpackaged_code",
            "told_its_address", "tune_ray_daemons"]
 
 _settings = {"quiet": False, "verbose": False}
@@ -182,12 +183,39 @@ def ensure_ray(workspace: Workspace) -> None:
         if address == "local":
             start_local_ray(**options)
         else:
+            if _shipped:  # a cluster's workers do not see this machine's PYTHONPATH
+                options["runtime_env"] = {"py_modules": sorted(_shipped)}
             ray.init(address=address, **options)
         if not to_console:
             log_stderr(f"Ray's logs: {ray_logs_dir()} (--verbose prints them here)")
     from mlsd_ray.core.cluster import check_shared_storage
 
     check_shared_storage(workspace)
+
+
+_shipped: set[str] = set()
+
+
+def unpackaged_code(module_name: str) -> str | None:
+    """Where the code of `module_name`'s top package is, when no installed distribution holds
+    it (a folder or a .py file on PYTHONPATH); None for an installed one, or mlsd_ray."""
+    from importlib.metadata import packages_distributions
+
+    top = module_name.partition(".")[0]
+    if top == "mlsd_ray" or packages_distributions().get(top):
+        return None
+    module = sys.modules.get(top)
+    root = Path(getattr(module, "__file__", None) or "")
+    if not root.name:
+        return None
+    return str(root.parent if root.name == "__init__.py" else root)
+
+
+def ship_to_cluster(path: str) -> None:
+    """Send the code at `path` (a package folder or a .py file) with this process's Ray job
+    when it joins a cluster (runtime_env py_modules), so that its workers, trials and replicas
+    import it too. A Ray this process starts itself inherits PYTHONPATH instead."""
+    _shipped.add(path)
 
 
 def quiet_token_notice() -> None:

@@ -157,22 +157,23 @@ def task_package(checkpoint_dir: str) -> tuple[list[str], list[str]]:
     """What a fresh environment needs, beside mlsd-ray, to load the task that trained the
     checkpoint: the installed distribution that holds the task's module, pinned to its
     version (`churn-tasks==1.2.0`), or, for a module that no installed distribution holds (a
-    folder on PYTHONPATH), its code, which MLflow ships with the model (`code_paths`). A
-    built-in task needs neither."""
-    import sys
+    folder or a file on PYTHONPATH), its code, which MLflow ships with the model
+    (`code_paths`). A built-in task needs neither."""
     from importlib.metadata import packages_distributions, version
 
+    from mlsd_ray.core.runtime import unpackaged_code
     from mlsd_ray.tasks import task_of_checkpoint
 
     module = type(task_of_checkpoint(checkpoint_dir)).__module__
-    top = module.partition(".")[0]
-    if top == "mlsd_ray":
+    if module.startswith("mlsd_ray."):
         return [], []
-    distributions = packages_distributions().get(top, [])
+    code = unpackaged_code(module)
+    if code:
+        return [], [code]
+    distributions = packages_distributions().get(module.partition(".")[0], [])
     if distributions:
         return [f"{distributions[0]}=={version(distributions[0])}"], []
-    root = Path(sys.modules[top].__file__ or "")  # the package's __init__.py, or a module
-    return [], [str(root.parent if root.name == "__init__.py" else root)]
+    return [], []
 
 
 def log_evaluation(run_id: str, report_file: str, split: str, workspace: Workspace) -> None:

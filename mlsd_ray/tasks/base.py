@@ -450,6 +450,12 @@ class Task(ABC):
 
     # ------------------------------------------------------------------ helpers
 
+    @classmethod
+    def missing_parts(cls) -> list[str]:
+        """What the class still lacks beyond the abstract methods, each as "part: what it is
+        for" (a task built from parts names its missing parts); [] when it is complete."""
+        return []
+
     def not_offered(self, operation: str) -> InputError:
         """The error for an operation this task does not have (exit 2 on the CLI)."""
         return InputError(f"the {self.name} task has no {operation} stage yet")

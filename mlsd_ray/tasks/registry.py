@@ -122,6 +122,11 @@ def _import(reference: str, name: str) -> object:
     except ImportError as exc:
         raise InputError(f"task {name!r}: cannot import {module_name!r} ({exc}); is its "
                          "package installed, or its folder on PYTHONPATH?") from None
+    from mlsd_ray.core.runtime import ship_to_cluster, unpackaged_code
+
+    code = unpackaged_code(module_name)
+    if code:
+        ship_to_cluster(code)
     try:
         return getattr(module, attribute)
     except AttributeError:
@@ -146,6 +151,9 @@ def _instance(found: object, name: str) -> Task:
         raise InputError(f"task {name!r} does not implement {', '.join(missing)} "
                          f"(docs/tasks.md): " + "; ".join(f"{part}: {_purpose(part)}"
                                                           for part in missing))
+    lacking = found.missing_parts()
+    if lacking:
+        raise InputError(f"task {name!r} lacks " + "; ".join(lacking) + " (docs/tasks.md)")
     for attribute in ("name", "metric"):
         if not isinstance(getattr(found, attribute, None), str):
             raise InputError(f"task {name!r} sets no {attribute!r} (a class attribute string)")

@@ -10,8 +10,10 @@ import base64
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -338,90 +340,149 @@ def test_tune_bad_space_exits_2_before_any_trial(tmp_path, args, message):
     assert not (tmp_path / "tune").exists() or not any((tmp_path / "tune").iterdir())
 
 
-def loans_csv(path, rows: int, seed: int) -> None:
-    """A loans table: income and city, and `bad` more likely for low incomes in city c."""
-    rng = np.random.default_rng(seed)
-    income = rng.normal(50, 12, rows)
-    city = rng.choice(["a", "b", "c"], rows)
-    risk = 1 / (1 + np.exp((income - 45) / 4 - 1.5 * (city == "c")))
-    bad = (rng.random(rows) < risk).astype(int)
-    lines = ["income,city,bad"] + [f"{i:.1f},{c},{b}" for i, c, b in zip(income, city, bad)]
-    path.write_text("\n".join(lines) + "\n")
+def forecast_task_code() -> str:
+    """docs/tasks.md's forecasting task: the Python blocks of its section, in order, joined as
+    one module (the page says so)."""
+    text = (Path(__file__).parents[2] / "docs" / "tasks.md").read_text()
+    section = text.split("## A task of a new kind")[1].split("\n## ")[0]
+    return "\n\n".join(re.findall(r"```python\n(.*?)```", section, re.S))
 
 
-def test_a_users_task_from_its_own_package_trains_serves_predicts_and_is_monitored(
-        tmp_path, cluster_env):
-    """A task defined outside mlsd_ray through the documented interface (docs/tasks.md), named
-    by --task package.module:Class, with no edit to the package: data -> train -> register ->
-    serve -> predict (online and offline) -> monitor, all through the CLI; a task that does not
-    load exits 2."""
-    import datetime as dt
+def forecast_package(tmp_path) -> dict:
+    """The doc's task written as a module outside mlsd_ray; the environment that finds it."""
+    site = tmp_path / "site"
+    site.mkdir()
+    code = forecast_task_code()
+    assert len(code.rstrip("\n").splitlines()) <= 250  # the page's promise: a task is a page
+    (site / "forecast_task.py").write_text(code)
+    return {"PYTHONPATH": str(site)}
 
-    from mlsd_ray.serve.predlog import wait_for_rows
 
-    package = tmp_path / "site" / "loans_task"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text(
-        "from mlsd_ray.tasks.tabular.task import TabularTask\n\n\n"
-        "class LoansTask(TabularTask):\n"
-        "    name = 'loans'\n\n"
-        "    def set_source(self, cfg, source, label=None):\n"
-        "        super().set_source(cfg, source, label or 'bad')\n")
-    loans_csv(tmp_path / "loans.csv", 600, seed=0)
-    loans_csv(tmp_path / "new.csv", 80, seed=1)
+def series_csv(path, points: int, bad_at: int) -> None:
+    """A seasonal series as a `value` column, with one value that is not a number."""
+    values = [f"{10 + 3 * np.sin(2 * np.pi * t / 24):.4f}" for t in range(points)]
+    values[bad_at] = "oops"
+    path.write_text("value\n" + "\n".join(values) + "\n")
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    import requests
+
+    response = requests.post(url, json=body, timeout=60)
+    return response.status_code, response.json()
+
+
+def test_the_documented_forecasting_task_runs_every_command(tmp_path, cluster_env):
+    """docs/tasks.md's task, built from parts in a module outside mlsd_ray and named by
+    --task: data (with quarantine), train, evaluate, tune, export, the MLflow pyfunc, serve
+    (/v1, its 422s, /v2), predict online and offline, simulate-traffic, monitor and a gated
+    retrain rolled out to the running app; a task that does not load exits 2."""
+    env = {**cluster_env, **forecast_package(tmp_path)}
     home = str(tmp_path / "home")
-    env = {**cluster_env, "PYTHONPATH": str(tmp_path / "site")}
-    task = ["--task", "loans_task:LoansTask", "--example", "fraud"]
+    task = ["--task", "forecast_task:ForecastTask", "--home", home]
+    series_csv(tmp_path / "series.csv", 400, bad_at=200)
 
-    data = run_mlsd("data", *task, "--source", f"csv:{tmp_path / 'loans.csv'}", "--json",
-                "--home", home, env=env)
+    data = run_mlsd("data", *task, "--source", f"csv:{tmp_path / 'series.csv'}", "--json",
+                    env=env)
     assert data.returncode == 0, data.stderr
     summary = json.loads(data.stdout)
-    assert (summary["task"], summary["label"]) == ("binary", "bad")
-    assert sum(summary["counts"]["splits"].values()) == 600
+    # windows holding the bad value cannot be used; the one that has it as its target neither
+    assert summary["quarantined"] == {"window has a missing value": 24, "missing target": 1}
+    assert sum(summary["splits"].values()) == 400 - 24 - 25
 
-    trained = run_mlsd("train", *task, "--source", f"csv:{tmp_path / 'loans.csv'}", "--epochs", "4",
-                   "--num-workers", "0", "--set", "registry.model_name=loans-mlp", "--json",
-                   "--home", home, env=env)
+    source = ["--source", "seasonal:1500"]
+    trained = run_mlsd("train", *task, *source, "--epochs", "3", "--num-workers", "0",
+                       "--set", "registry.model_name=fc", "--json", env=env)
     assert trained.returncode == 0, trained.stderr
-    uri = json.loads(trained.stdout)["registered"]["uri"]
-    assert uri == "models:/loans-mlp/1"
+    result = json.loads(trained.stdout)
+    assert result["registered"]["uri"] == "models:/fc/1" and result["metric"] == "r2"
+    assert result["test"]["r2"] > 0.5, result["test"]
 
+    evaluated = run_mlsd("evaluate", "--model", "models:/fc/1", "--json", *task[2:], env=env)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["scores"]["r2"] == pytest.approx(result["test"]["r2"])
+
+    exported = run_mlsd("export", "--model", "models:/fc/1", "--format", "onnx", "--out",
+                        str(tmp_path / "onnx"), "--json", *task[2:], env=env)
+    assert exported.returncode == 0, exported.stderr
+    parity = json.loads(exported.stdout)["parity"]
+    assert parity["agreement"] == 1.0 and parity["metric"] == "r2"
+
+    pyfunc = subprocess.run([sys.executable, "-c", (
+        "import mlflow, numpy as np, pandas as pd\n"
+        "from mlsd_ray.core.workspace import Workspace\n"
+        f"mlflow.set_tracking_uri(Workspace.at({home!r}).tracking_uri)\n"
+        "model = mlflow.pyfunc.load_model('models:/fc/1')\n"
+        "window = list(10 + 3 * np.sin(2 * np.pi * np.arange(24) / 24))\n"
+        "print(float(model.predict(pd.DataFrame({'window': [window]}))['prediction'][0]))")],
+        capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+    assert pyfunc.returncode == 0, pyfunc.stderr
+    assert 5 < float(pyfunc.stdout.strip().splitlines()[-1]) < 15  # the next value, about 10
+
+    searched = run_mlsd("tune", *task, *source, "--set", "tune.space={forecast.hidden: [8, 16]}",
+                        "--set", "tune.search=grid", "--set", "train.epochs=1", "--set",
+                        "tune.max_epochs=1", "--set", "registry.model_name=fc-tuned", "--json",
+                        env=env)
+    assert searched.returncode == 0, searched.stderr
+    tuned = json.loads(searched.stdout)
+    assert tuned["trials"] == 2 and tuned["registered"]["uri"] == "models:/fc-tuned/1", tuned
+
+    promoted = run_mlsd("models", "promote", "fc", "1", "--home", home, env=env)
+    assert promoted.returncode == 0, promoted.stderr
     port = free_port()
-    served = run_mlsd("serve", "--model", uri, "--detach", "--json", "--port", str(port),
-                  "--home", home, "--set", "serve.prediction_log.flush_seconds=0.5", env=env)
+    served = run_mlsd("serve", "--model", "models:/fc@production", "--detach", "--json",
+                      "--port", str(port), "--set", "serve.prediction_log.flush_seconds=0.5",
+                      "--home", home, env=env)
     assert served.returncode == 0, served.stderr
-    app = json.loads(served.stdout)
+    url = json.loads(served.stdout)["url"]
     try:
-        assert app["task"] == "loans" and app["served_version"] == "1"
-        since = dt.datetime.now(dt.timezone.utc)
-        online = run_mlsd("predict", *task, "--url", app["url"], str(tmp_path / "new.csv"),
-                      "--json", "--home", home, env=env)
+        window = [10.0] * 24
+        status, answer = post(f"{url}/v1/predict", {"instances": [{"window": window}]})
+        assert status == 200 and answer["model_version"] == "1", answer
+        status, answer = post(f"{url}/v1/predict", {"instances": [{"window": [1, 2]}]})
+        assert status == 422 and "window has 2 values, not 24" in answer["error"]["message"]
+        status, answer = post(f"{url}/v2/models/fc/infer", {"inputs": [
+            {"name": "window", "shape": [2, 24], "datatype": "FP32", "data": window * 2}]})
+        assert status == 200 and answer["outputs"][0]["shape"] == [2], answer
+
+        (tmp_path / "one.json").write_text(json.dumps({"instances": [{"window": window}]}))
+        online = run_mlsd("predict", *task, "--url", url, str(tmp_path / "one.json"), "--json",
+                          env=env)
         assert online.returncode == 0, online.stderr
-        [answer] = json.loads(online.stdout)["files"]
-        assert len(answer["results"]) == 80 and answer["model_name"] == "loans-mlp"
-        assert wait_for_rows(str(tmp_path / "home" / "predictions"), since, 80,
-                             timeout_s=30) == 80
-        monitored = run_mlsd("monitor", "--since", "10m", "--json", "--home", home, env=env)
+        assert len(json.loads(online.stdout)["predictions"]) == 1
+
+        shifted = str(tmp_path / "shifted.parquet")
+        sent = run_mlsd("simulate-traffic", *task, *source, "--url", url, "--shift", "scale",
+                        "--amount", "3", "--count", "200", "--save", shifted, "--json", env=env)
+        assert sent.returncode == 0, sent.stderr
+        traffic = json.loads(sent.stdout)
+        assert traffic["answered"] == 200 and traffic["failed_requests"] == 0, traffic
+        monitored = run_mlsd("monitor", "--since", "10m", "--json", *task, env=env)
         assert monitored.returncode == 0, monitored.stderr
         report = json.loads(monitored.stdout)
-        assert report["rows"] == 80 and uri in report["models"]
-        assert {"income", "city"} <= set(report["models"][uri]["features"]) | set(
-            report["models"][uri].get("categories", {}))
+        assert report["verdict"] == "drift", report["summary"]
+        assert "window_mean" in report["models"]["models:/fc/1"]["features"]
+
+        retrained = run_mlsd("retrain", *task, "--model", "models:/fc@production", "--source",
+                             f"rows:{shifted}", "--epochs", "3", "--set",
+                             "train.num_workers=0", "--json", env=env)
+        assert retrained.returncode == 0, retrained.stderr
+        decision = json.loads(retrained.stdout)
+        assert decision["metric"] == "r2" and decision["promote"], decision["reason"]
+        assert decision["rollout"]["served_version"] == "2", decision["rollout"]
     finally:
         stopped = run_mlsd("serve", "stop", "--home", home, env=env)
     assert stopped.returncode == 0, stopped.stderr
 
-    offline = run_mlsd("predict", "--model", uri, "--source", f"csv:{tmp_path / 'new.csv'}",
-                   "--json", "--home", home, env=env)
+    offline = run_mlsd("predict", "--model", "models:/fc@production", *task, "--source",
+                       f"csv:{tmp_path / 'series.csv'}", "--json", env=env)
     assert offline.returncode == 0, offline.stderr
-    result = json.loads(offline.stdout)
-    assert result["rows"] == result["labelled"] == 80 and result["accuracy"] > 0.5
-    assert "in this process" in offline.stderr  # 80 rows: no Ray started for them
-    assert "core_worker.cc" not in offline.stderr, offline.stderr
+    predicted = json.loads(offline.stdout)
+    assert predicted["rows"] == 376 and predicted["predicted"] == 376 - 24, predicted
+    assert predicted["rejected"] == {"window has a missing value": 24}
+    assert "in this process" in offline.stderr  # 376 rows: no Ray started for them
 
-    missing = run_mlsd("train", "--task", "loans_task:Nope", "--home", str(tmp_path / "home"),
-                   env=env)
+    missing = run_mlsd("train", "--task", "forecast_task:Nope", "--home", home, env=env)
     assert missing.returncode == 2, missing.stderr
-    assert "module 'loans_task' has no 'Nope'" in missing.stderr
+    assert "module 'forecast_task' has no 'Nope'" in missing.stderr
     assert "Traceback" not in missing.stderr
