@@ -262,15 +262,6 @@ class PartsTask(Task):
         print(summary.describe() if isinstance(summary, RowsSummary) else summary.to_dict())
 
     def render_pipeline(self, result: PipelineResult) -> None:
-        from mlsd_ray.workflows.loop import render_loop
+        from mlsd_ray.workflows.stages import render_stages
 
-        self.render_data(result.data)
-        if result.tune is not None:
-            print(f"\ntuned {result.tune.trials} trials: best {result.tune.best.params}")
-        print(f"\n{result.train.describe()}")
-        if result.promoted is not None and result.promoted.promoted is not None:
-            print(result.promoted.describe())
-        if result.serve is not None:
-            print(f"\n{result.serve.describe()}")
-        if result.loop is not None:
-            render_loop(result.loop)
+        render_stages(result, self.render_data)

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from mlsd_ray.tuning.report import TuneSummary
     from mlsd_ray.workflows.loop import LoopSteps
 
-__all__ = ["PipelineResult", "search_first", "StageHeadings"]
+__all__ = ["PipelineResult", "render_stages", "search_first", "StageHeadings"]
 
 
 def search_first(cfg: Config, workspace: Workspace,
@@ -72,3 +72,21 @@ class StageHeadings:
 
     def __call__(self, name: str) -> str:
         return f"== stage {self.names.index(name) + 1}/{len(self.names)}: {name} =="
+
+
+def render_stages(result: PipelineResult, render_data: Callable[[Any], None]) -> None:
+    """Every stage of a pipeline, one block each, for a person: the data (as the task's
+    `render_data` prints it), the search, the training result, the first promotion, the serve
+    check and the monitoring loop."""
+    from mlsd_ray.workflows.loop import render_loop
+
+    render_data(result.data)
+    if result.tune is not None:
+        print(f"\ntuned {result.tune.trials} trials: best {result.tune.best.params}")
+    print(f"\n{result.train.describe()}")
+    if result.promoted is not None and result.promoted.promoted is not None:
+        print(result.promoted.describe())
+    if result.serve is not None:
+        print(f"\n{result.serve.describe()}")
+    if result.loop is not None:
+        render_loop(result.loop)

@@ -374,9 +374,10 @@ def post(url: str, body: dict) -> tuple[int, dict]:
 
 def test_the_documented_forecasting_task_runs_every_command(tmp_path, cluster_env):
     """docs/tasks.md's task, built from parts in a module outside mlsd_ray and named by
-    --task: data (with quarantine), train, evaluate, tune, export, the MLflow pyfunc, serve
-    (/v1, its 422s, /v2), predict online and offline, simulate-traffic, monitor and a gated
-    retrain rolled out to the running app; a task that does not load exits 2."""
+    --task: data (with quarantine); the pipeline (train, register, serve check, traffic,
+    monitor, a gated retrain rolled out under load); evaluate, tune, export and the MLflow
+    pyfunc; serve (/v1, its 422s, /v2) with predict online; predict offline. A task that does
+    not load exits 2."""
     env = {**cluster_env, **forecast_package(tmp_path)}
     home = str(tmp_path / "home")
     task = ["--task", "forecast_task:ForecastTask", "--home", home]
@@ -391,18 +392,26 @@ def test_the_documented_forecasting_task_runs_every_command(tmp_path, cluster_en
     assert sum(summary["splits"].values()) == 400 - 24 - 25
 
     source = ["--source", "seasonal:1500"]
-    trained = run_mlsd("train", *task, *source, "--epochs", "3", "--num-workers", "0",
-                       "--set", "registry.model_name=fc", "--json", env=env)
-    assert trained.returncode == 0, trained.stderr
-    result = json.loads(trained.stdout)
-    assert result["registered"]["uri"] == "models:/fc/1" and result["metric"] == "r2"
-    assert result["test"]["r2"] > 0.5, result["test"]
+    ran = run_mlsd("pipeline", *task, *source, "--set", "train.epochs=3", "--set",
+                   "train.num_workers=0", "--set", f"serve.port={free_port()}", "--set",
+                   "registry.model_name=fc", "--json", env=env, timeout=600)
+    assert ran.returncode == 0, ran.stderr
+    pipeline = json.loads(ran.stdout)["stages"]
+    assert pipeline["train"]["registered"]["uri"] == "models:/fc/1"
+    assert pipeline["train"]["test"]["r2"] > 0.5, pipeline["train"]["test"]
+    assert pipeline["serve"]["agreement"] == 1.0 and pipeline["serve"]["rows"] == 64
+    loop = pipeline["loop"]
+    assert loop["monitor_shifted"]["verdict"] == "drift", loop["monitor_shifted"]
+    assert loop["retrain"]["metric"] == "r2" and loop["retrain"]["promote"], loop["retrain"]
+    assert loop["rollout"]["load"]["failed_requests"] == 0, loop["rollout"]
+    champion = "models:/fc@production"  # version 2, the retrained one
 
     evaluated = run_mlsd("evaluate", "--model", "models:/fc/1", "--json", *task[2:], env=env)
     assert evaluated.returncode == 0, evaluated.stderr
-    assert json.loads(evaluated.stdout)["scores"]["r2"] == pytest.approx(result["test"]["r2"])
+    assert json.loads(evaluated.stdout)["scores"]["r2"] == pytest.approx(
+        pipeline["train"]["test"]["r2"])
 
-    exported = run_mlsd("export", "--model", "models:/fc/1", "--format", "onnx", "--out",
+    exported = run_mlsd("export", "--model", champion, "--format", "onnx", "--out",
                         str(tmp_path / "onnx"), "--json", *task[2:], env=env)
     assert exported.returncode == 0, exported.stderr
     parity = json.loads(exported.stdout)["parity"]
@@ -412,7 +421,7 @@ def test_the_documented_forecasting_task_runs_every_command(tmp_path, cluster_en
         "import mlflow, numpy as np, pandas as pd\n"
         "from mlsd_ray.core.workspace import Workspace\n"
         f"mlflow.set_tracking_uri(Workspace.at({home!r}).tracking_uri)\n"
-        "model = mlflow.pyfunc.load_model('models:/fc/1')\n"
+        f"model = mlflow.pyfunc.load_model({champion!r})\n"
         "window = list(10 + 3 * np.sin(2 * np.pi * np.arange(24) / 24))\n"
         "print(float(model.predict(pd.DataFrame({'window': [window]}))['prediction'][0]))")],
         capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
@@ -427,54 +436,29 @@ def test_the_documented_forecasting_task_runs_every_command(tmp_path, cluster_en
     tuned = json.loads(searched.stdout)
     assert tuned["trials"] == 2 and tuned["registered"]["uri"] == "models:/fc-tuned/1", tuned
 
-    promoted = run_mlsd("models", "promote", "fc", "1", "--home", home, env=env)
-    assert promoted.returncode == 0, promoted.stderr
-    port = free_port()
-    served = run_mlsd("serve", "--model", "models:/fc@production", "--detach", "--json",
-                      "--port", str(port), "--set", "serve.prediction_log.flush_seconds=0.5",
-                      "--home", home, env=env)
+    served = run_mlsd("serve", "--model", champion, "--detach", "--json", "--port",
+                      str(free_port()), "--home", home, env=env)
     assert served.returncode == 0, served.stderr
     url = json.loads(served.stdout)["url"]
     try:
         window = [10.0] * 24
         status, answer = post(f"{url}/v1/predict", {"instances": [{"window": window}]})
-        assert status == 200 and answer["model_version"] == "1", answer
+        assert status == 200 and answer["model_version"] == "2", answer
         status, answer = post(f"{url}/v1/predict", {"instances": [{"window": [1, 2]}]})
         assert status == 422 and "window has 2 values, not 24" in answer["error"]["message"]
         status, answer = post(f"{url}/v2/models/fc/infer", {"inputs": [
             {"name": "window", "shape": [2, 24], "datatype": "FP32", "data": window * 2}]})
         assert status == 200 and answer["outputs"][0]["shape"] == [2], answer
-
         (tmp_path / "one.json").write_text(json.dumps({"instances": [{"window": window}]}))
         online = run_mlsd("predict", *task, "--url", url, str(tmp_path / "one.json"), "--json",
                           env=env)
         assert online.returncode == 0, online.stderr
         assert len(json.loads(online.stdout)["predictions"]) == 1
-
-        shifted = str(tmp_path / "shifted.parquet")
-        sent = run_mlsd("simulate-traffic", *task, *source, "--url", url, "--shift", "scale",
-                        "--amount", "3", "--count", "200", "--save", shifted, "--json", env=env)
-        assert sent.returncode == 0, sent.stderr
-        traffic = json.loads(sent.stdout)
-        assert traffic["answered"] == 200 and traffic["failed_requests"] == 0, traffic
-        monitored = run_mlsd("monitor", "--since", "10m", "--json", *task, env=env)
-        assert monitored.returncode == 0, monitored.stderr
-        report = json.loads(monitored.stdout)
-        assert report["verdict"] == "drift", report["summary"]
-        assert "window_mean" in report["models"]["models:/fc/1"]["features"]
-
-        retrained = run_mlsd("retrain", *task, "--model", "models:/fc@production", "--source",
-                             f"rows:{shifted}", "--epochs", "3", "--set",
-                             "train.num_workers=0", "--json", env=env)
-        assert retrained.returncode == 0, retrained.stderr
-        decision = json.loads(retrained.stdout)
-        assert decision["metric"] == "r2" and decision["promote"], decision["reason"]
-        assert decision["rollout"]["served_version"] == "2", decision["rollout"]
     finally:
         stopped = run_mlsd("serve", "stop", "--home", home, env=env)
     assert stopped.returncode == 0, stopped.stderr
 
-    offline = run_mlsd("predict", "--model", "models:/fc@production", *task, "--source",
+    offline = run_mlsd("predict", "--model", champion, *task, "--source",
                        f"csv:{tmp_path / 'series.csv'}", "--json", env=env)
     assert offline.returncode == 0, offline.stderr
     predicted = json.loads(offline.stdout)

@@ -235,7 +235,9 @@ class TabularTask(Task):
         render_table(cast("TableSummary", summary))
 
     def render_pipeline(self, result: PipelineResult) -> None:
-        render_tabular_pipeline(result)
+        from mlsd_ray.workflows.stages import render_stages
+
+        render_stages(result, self.render_data)
 
 
 def fraud_application(settings, tabular, model: PinnedModel, workspace: Workspace) -> ServedApp:
@@ -264,20 +266,3 @@ def render_table(summary: TableSummary) -> None:
           f"{summary.counts.quarantined} quarantined")
     print(f"prepared: {summary.path}" + (" (reused)" if summary.reused else ""))
     print(f"quality report: {summary.quality_report}")
-
-
-def render_tabular_pipeline(result: PipelineResult) -> None:
-    """Every stage of the tabular pipeline, one block each."""
-    render_table(cast("TableSummary", result.data))
-    if result.tune is not None:
-        print(f"\ntuned {result.tune.trials} trials: best {result.tune.best.params}")
-    print()
-    print(result.train.describe())
-    if result.promoted is not None and result.promoted.promoted is not None:
-        print(result.promoted.describe())
-    if result.serve is not None:
-        print(f"\n{result.serve.describe()}")
-    if result.loop is not None:
-        from mlsd_ray.workflows.loop import render_loop
-
-        render_loop(result.loop)
