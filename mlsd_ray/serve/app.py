@@ -50,10 +50,10 @@ from mlsd_ray.serve.schemas import ClientError
 
 __all__ = ["add_error_handlers", "ADMIN_TOKEN_ENV", "AppClasses", "authorize", "authorize_change",
            "bind_app", "build_app", "count_requests", "declare_bearer_auth", "error_for_path",
-           "error_response", "LocalModel", "LoggingReplica", "model_options", "ModelRoutes",
-           "OVERLOAD_RETRY_AFTER_S", "page", "read_body", "RemoteModel", "ReplicaSettings",
-           "REQUEST_ID_HEADER", "RequestMetrics", "RequestTimeLimit", "SESSION_HEADER",
-           "TOKEN_ENV", "token_sha256"]
+           "error_response", "health_answer", "LocalModel", "LoggingReplica", "model_options",
+           "ModelRoutes", "OVERLOAD_RETRY_AFTER_S", "page", "read_body", "RemoteModel",
+           "ReplicaSettings", "REQUEST_ID_HEADER", "RequestMetrics", "RequestTimeLimit",
+           "SESSION_HEADER", "TOKEN_ENV", "token_sha256"]
 
 TOKEN_ENV = "MLSD_API_TOKEN"
 ADMIN_TOKEN_ENV = "MLSD_ADMIN_TOKEN"
@@ -291,6 +291,17 @@ def page(name: str) -> HTMLResponse:
     """A page of serve/pages/ for a person to try the model in a browser: HTML and inline
     JavaScript, no build step, calling the app's own API (so it shows the API's errors)."""
     return HTMLResponse(_page_text(name))
+
+
+async def health_answer(model) -> dict | JSONResponse:
+    """`GET /v1/health` of every app: 200 with the served model's name and version once a
+    replica holds it (`model`: LocalModel or RemoteModel), else 503 `not_ready`."""
+    try:
+        info = await asyncio.wait_for(model.describe(), timeout=30)
+    except Exception as exc:  # no replica yet, or it died: not ready
+        return error_response(503, "not_ready", f"model not ready: {type(exc).__name__}")
+    return {"status": "ok", "model_name": info["model_name"],
+            "model_version": info["model_version"]}
 
 
 def error_response(status: int, code: str, message: str,

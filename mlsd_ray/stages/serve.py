@@ -45,7 +45,7 @@ from mlsd_ray.serve.app import (
     bind_app,
     count_requests,
     declare_bearer_auth,
-    error_response,
+    health_answer,
     page,
     read_body,
     token_sha256,
@@ -286,12 +286,7 @@ class PartsApp(PartsModel, ModelRoutes, OpenInferenceRoutes):
 
     @api.get(f"{PREFIX}/health", responses=_ERRORS, summary="200 once the model is loaded")
     async def health(self):
-        try:
-            info = await asyncio.wait_for(self.model.describe(), timeout=30)
-        except Exception as exc:  # no replica yet, or it died: not ready
-            return error_response(503, "not_ready", f"model not ready: {type(exc).__name__}")
-        return {"status": "ok", "model_name": info["model_name"],
-                "model_version": info["model_version"]}
+        return await health_answer(self.model)
 
     @api.get(f"{PREFIX}/model", responses=_ERRORS,
              summary="The served version, its input columns, target and metric")

@@ -29,10 +29,10 @@ from mlsd_ray.tasks.base import TrainedModel
 from mlsd_ray.training.loop import (
     EpochScores,
     EpochTask,
-    NonFiniteLossError,
     all_reduce_sums,
     distributed,
     run_epochs,
+    train_pass,
 )
 
 if TYPE_CHECKING:
@@ -112,21 +112,12 @@ class PartsEpochs(EpochTask):
     def train_epoch(self, model, batches, optimizer, scheduler) -> tuple[float, int]:
         import torch
 
-        model.train()
-        total, seen = 0.0, 0
-        for batch in batches:
-            x = torch.as_tensor(batch["x"], device=self.device)
+        def loss_of(model, batch):
             y = torch.as_tensor(batch["y"], device=self.device)
-            loss = self.parts.model.loss(model(x), y)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"the training loss became {loss.item()}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            total, seen = total + loss.item() * len(y), seen + len(y)
-        return total, seen
+            return self.parts.model.loss(model(torch.as_tensor(batch["x"], device=self.device)),
+                                         y), len(y)
+
+        return train_pass(model, batches, optimizer, scheduler, loss_of)
 
     def validate(self, model, batches, rank: int) -> tuple[float, int, list, list]:
         import torch

@@ -38,7 +38,7 @@ from mlsd_ray.training.ingest import WorkerData
 __all__ = ["all_reduce_sums", "checkpoint_due", "distributed", "EpochClock", "EpochScores",
            "EpochTask", "fast_forward", "NonFiniteLossError", "optimizer_for",
            "quiet_train_reports", "replicas_in_sync", "restore", "run_epochs", "scheduler_for",
-           "should_stop", "worker_nodes"]
+           "should_stop", "train_pass", "worker_nodes"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -105,6 +105,27 @@ class EpochTask(ABC):
     def checkpoint_contents(self, scores: EpochScores) -> tuple[dict, dict[str, dict]]:
         """On rank 0, for a checkpoint of this epoch: what to add to the drift reference,
         and extra JSON files ({file name: content})."""
+
+
+def train_pass(model: torch.nn.Module, batches: Iterable[dict], optimizer: torch.optim.Optimizer,
+               scheduler, loss_of) -> tuple[float, int]:
+    """One plain pass of training (no mixed precision): for each batch `loss_of(model, batch)`
+    gives the mean loss and the batch's size; a backward step, the optimizer and the per-step
+    schedule follow. The loss total and the samples seen; NonFiniteLossError when the loss is
+    NaN or inf."""
+    model.train()
+    total, seen = 0.0, 0
+    for batch in batches:
+        loss, size = loss_of(model, batch)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"the training loss became {loss.item()}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total, seen = total + loss.item() * size, seen + size
+    return total, seen
 
 
 def optimizer_for(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

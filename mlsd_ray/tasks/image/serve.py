@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse
 from ray import serve
 from starlette.datastructures import UploadFile
 
@@ -50,7 +50,7 @@ from mlsd_ray.serve.app import (
     bind_app,
     count_requests,
     declare_bearer_auth,
-    error_response,
+    health_answer,
     page,
     read_body,
     token_sha256,
@@ -301,13 +301,8 @@ class ImageApp(ImageModel, ModelRoutes, OpenInferenceRoutes):
         return page("image.html")
 
     @api.get("/v1/health", responses=_ERRORS, summary="200 once the model is loaded")
-    async def health(self) -> JSONResponse:
-        try:
-            info = await asyncio.wait_for(self.model.describe(), timeout=30)
-        except Exception as exc:  # no replica yet, or it died: not ready
-            return error_response(503, "not_ready", f"model not ready: {type(exc).__name__}")
-        return JSONResponse({"status": "ok", "model_name": info["model_name"],
-                             "model_version": info["model_version"]})
+    async def health(self):
+        return await health_answer(self.model)
 
     @api.get("/v1/model", responses=_ERRORS, summary="The served model version and its schema")
     async def model_info(self, request: Request) -> dict:

@@ -35,10 +35,10 @@ from mlsd_ray.training.ingest import plan_ingest
 from mlsd_ray.training.loop import (
     EpochScores,
     EpochTask,
-    NonFiniteLossError,
     all_reduce_sums,
     distributed,
     run_epochs,
+    train_pass,
 )
 from mlsd_ray.training.trainer import materialize_splits, torch_trainer
 
@@ -96,22 +96,12 @@ def _gather(values: np.ndarray) -> np.ndarray:
 
 
 def _epoch(model, batches, optimizer, scheduler, config, device) -> tuple[float, int]:
-    model.train()
-    total, seen = 0.0, 0
-    for batch in batches:
+    def loss_of(model, batch) -> tuple[torch.Tensor, int]:
         x = torch.as_tensor(batch["features"], dtype=torch.float32, device=device)
         y = torch.as_tensor(batch["label"], device=device)
-        loss = _loss(_outputs(model, x, config["task"]), y, config)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"the training loss became {loss.item()}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        total += loss.item() * len(y)
-        seen += len(y)
-    return total, seen
+        return _loss(_outputs(model, x, config["task"]), y, config), len(y)
+
+    return train_pass(model, batches, optimizer, scheduler, loss_of)
 
 
 @torch.no_grad()
