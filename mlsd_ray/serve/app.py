@@ -22,12 +22,14 @@ tasks/image/serve.py, tasks/tabular/serve.py; `Task.serve_application` binds it.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import functools
 import hashlib
 import hmac
 import os
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any, cast
@@ -152,6 +154,24 @@ class LoggingReplica:
         # Set with every batch, zero included: a value set once in the replica's constructor
         # never reached Ray's metrics agent (the gauge was missing from a fresh app's scrape).
         self.metrics["dropped"].set(self.log.dropped)
+
+    def record_answered(self, requests: list[dict], inputs: str,
+                        task_rows: Iterable[dict]) -> None:
+        """Queue one prediction-log row per answered input: the app's columns (time, request
+        id, model name, version and URI, latency since the request was received) and the
+        task's (`task_rows`, one per input in request order). Each request holds its inputs
+        under `inputs`, its `request_id` and when it was `received` (epoch seconds)."""
+        if self.log is None:
+            return
+        now = dt.datetime.now(dt.timezone.utc)
+        task_rows, rows = iter(task_rows), []
+        for request in requests:
+            common = {"time": now, "request_id": request["request_id"],
+                      "model_name": self.info["model_name"],
+                      "model_version": self.info["model_version"], "model_uri": self.info["uri"],
+                      "latency_ms": round(1000 * (now.timestamp() - request["received"]), 3)}
+            rows += [{**common, **next(task_rows)} for _ in request[inputs]]
+        self.record_predictions(rows)
 
     def log_stats(self) -> dict | None:
         return self.log.stats() if self.log else None

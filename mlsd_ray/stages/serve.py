@@ -20,7 +20,6 @@ Auth, body limits, errors, the time limit and the topology are serve/app.py's.
 # sees `request: Request` as the string "Request" and asks for a query parameter named request.
 
 import asyncio
-import datetime as dt
 import time
 import uuid
 from typing import Any
@@ -165,19 +164,10 @@ class PartsModel(LoggingReplica):
         """One prediction-log row per instance (queued only: the log writes elsewhere)."""
         from mlsd_ray.stages.model import log_columns
 
-        if self.log is None:
-            return
-        now = dt.datetime.now(dt.timezone.utc)
-        columns = log_columns(self.loaded.parts, frame, predictions)
-        plain = iter(columns.astype(object).where(columns.notna(), None).to_dict("records"))
-        info, rows = self.info, []
-        for request in requests:
-            common = {"time": now, "request_id": request["request_id"],
-                      "model_name": info["model_name"], "model_version": info["model_version"],
-                      "model_uri": info["uri"],
-                      "latency_ms": round(1000 * (now.timestamp() - request["received"]), 3)}
-            rows += [{**common, **next(plain)} for _ in request["rows"]]
-        self.record_predictions(rows)
+        if self.log is not None:
+            columns = log_columns(self.loaded.parts, frame, predictions)
+            self.record_answered(requests, "rows", columns.astype(object).where(
+                columns.notna(), None).to_dict("records"))
 
 
 @serve.ingress(api)

@@ -21,7 +21,6 @@ registry.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import time
 import uuid
@@ -166,25 +165,14 @@ class ImageModel(LoggingReplica):
 
     def _observe(self, requests: list[dict], probabilities: np.ndarray, features: dict) -> None:
         """Metrics and prediction-log rows for one batch (no I/O: the log writes elsewhere)."""
-        classes, version = self.info["classes"], self.info["model_version"]
+        classes = self.info["classes"]
         predicted = probabilities.argmax(axis=1)
         self.count_batch(len(predicted), [classes[index] for index in predicted.tolist()])
-        if self.log is None:
-            return
-        now = dt.datetime.now(dt.timezone.utc)
-        rows, position = [], 0
-        for request in requests:
-            latency = round(1000 * (now.timestamp() - request["received"]), 3)
-            for _ in request["images"]:
-                rows.append({"time": now, "request_id": request["request_id"],
-                             "model_name": self.info["model_name"], "model_version": version,
-                             "model_uri": self.info["uri"],
-                             "predicted_class": classes[predicted[position]],
-                             "confidence": float(probabilities[position].max()),
-                             "latency_ms": latency,
-                             **{k: float(v[position]) for k, v in features.items()}})
-                position += 1
-        self.record_predictions(rows)
+        if self.log is not None:
+            self.record_answered(requests, "images", (
+                {"predicted_class": classes[index], "confidence": float(probabilities[i].max()),
+                 **{k: float(v[i]) for k, v in features.items()}}
+                for i, index in enumerate(predicted.tolist())))
 
 
 def _read_text(location: str) -> str:

@@ -26,7 +26,6 @@ a replica or not as `serve.topology` says (serve/app.py's `bind_app`).
 
 
 import asyncio
-import datetime as dt
 import json
 import os
 import time
@@ -195,20 +194,10 @@ class TabularModel(LoggingReplica):
         """One prediction-log row per record (queued only: the log writes elsewhere)."""
         from mlsd_ray.tasks.tabular.monitoring import log_rows
 
-        if self.log is None:
-            return
-        now = dt.datetime.now(dt.timezone.utc)
-        info = self.info
-        columns = iter(log_rows(records, outputs, info["task"], info["classes"],
-                                info["threshold"]))
-        rows = []
-        for request in requests:
-            common = {"time": now, "request_id": request["request_id"],
-                      "model_name": info["model_name"], "model_version": info["model_version"],
-                      "model_uri": info["uri"],
-                      "latency_ms": round(1000 * (now.timestamp() - request["received"]), 3)}
-            rows += [{**common, **next(columns)} for _ in request["records"]]
-        self.record_predictions(rows)
+        if self.log is not None:
+            info = self.info
+            self.record_answered(requests, "records", log_rows(
+                records, outputs, info["task"], info["classes"], info["threshold"]))
 
 
 @serve.ingress(api)
