@@ -181,7 +181,9 @@ def explain(model: Annotated[str, typer.Option(
     model's (rank correlation < 0.5), and deleting the most-attributed pixels first must
     lower the predicted class's probability faster than deleting pixels in a random order.
     Tables: permutation importance on the test split (importance.png) and, per record,
-    Integrated Gradients summed per column (records/*.png). explanations.json has every
+    Integrated Gradients summed per column (records/*.png). A task built from parts
+    (docs/tasks.md): Integrated Gradients per input position (rows/*.png), permutation
+    importance per input column, and the randomised-model check. explanations.json has every
     figure's numbers.
     """
     workspace = Workspace.at(home)

@@ -146,7 +146,8 @@ def deploy(model: Annotated[str, typer.Option(
 
 
 def predict(files: Annotated[list[Path] | None, typer.Argument(
-                help="Files to send to --url: images, or CSV rows for a table model.")] = None,
+                help="Files to send to --url: images, CSV rows for a table model, or "
+                     "JSON/CSV/parquet instances for a task built from parts.")] = None,
             url: Annotated[str | None, typer.Option(
                 "--url", help="A running app, e.g. http://127.0.0.1:8000.")] = None,
             model: Annotated[str | None, typer.Option(

@@ -67,6 +67,9 @@ class ExplanationResult:
     json_file: str
     sanity: SanityChecks | None = None  # attribution maps (images)
     importance: dict[str, float] | None = None  # permutation importance per column (tables)
+    # A task built from parts: its attributions' rank correlation with those of the same
+    # network with random weights (below MAX_RANDOMISED_CORRELATION: they depend on the model)
+    randomised_correlation: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "sanity": self.sanity.to_dict() if self.sanity else None}
@@ -80,6 +83,11 @@ class ExplanationResult:
         if self.importance:
             lines.append("permutation importance: " + ", ".join(
                 f"{column} {drop:.4f}" for column, drop in self.importance.items()))
+        if self.randomised_correlation is not None:
+            rho = self.randomised_correlation
+            lines.append(f"integrated gradients: rank correlation with a randomised model "
+                         f"{rho:.3f} (must be < {MAX_RANDOMISED_CORRELATION}): "
+                         f"{'passed' if rho < MAX_RANDOMISED_CORRELATION else 'FAILED'}")
         return "\n".join(lines + (self.sanity.describe() if self.sanity else []))
 
 

@@ -33,6 +33,7 @@ from mlsd_ray.tasks.base import (
 )
 
 if TYPE_CHECKING:
+    from mlsd_ray.explain import ExplanationResult
     from mlsd_ray.export import ExportResult
     from mlsd_ray.monitor.traffic import TrafficReport
     from mlsd_ray.registry import PinnedModel
@@ -205,6 +206,12 @@ class PartsTask(Task):
         from mlsd_ray.stages.predict import predict_files
 
         return predict_files(self.parts, url, files)
+
+    def explain(self, checkpoint_dir: str, source: str | None, label: str | None, count: int,
+                out: str | None, workspace: Workspace) -> ExplanationResult:
+        from mlsd_ray.stages.explain import explain_rows
+
+        return explain_rows(self.load(checkpoint_dir), source, label, count, out, workspace)
 
     def export(self, checkpoint_dir: str, fmt: str, quantize: str | None, out: str,
                model_uri: str, workspace: Workspace) -> ExportResult:

@@ -375,8 +375,8 @@ def post(url: str, body: dict) -> tuple[int, dict]:
 def test_the_documented_forecasting_task_runs_every_command(tmp_path, cluster_env):
     """docs/tasks.md's task, built from parts in a module outside mlsd_ray and named by
     --task: data (with quarantine); the pipeline (train, register, serve check, traffic,
-    monitor, a gated retrain rolled out under load); evaluate, tune, export and the MLflow
-    pyfunc; serve (/v1, its 422s, /v2) with predict online; predict offline. A task that does
+    monitor, a gated retrain rolled out under load); evaluate, tune, export, explain and the
+    MLflow pyfunc; serve (/v1, its 422s, /v2) with predict online; predict offline. A task that does
     not load exits 2."""
     env = {**cluster_env, **forecast_package(tmp_path)}
     home = str(tmp_path / "home")
@@ -416,6 +416,14 @@ def test_the_documented_forecasting_task_runs_every_command(tmp_path, cluster_en
     assert exported.returncode == 0, exported.stderr
     parity = json.loads(exported.stdout)["parity"]
     assert parity["agreement"] == 1.0 and parity["metric"] == "r2"
+
+    explained = run_mlsd("explain", "--model", champion, "--n", "3", "--json", *task[2:],
+                         env=env)
+    assert explained.returncode == 0, explained.stderr
+    explanation = json.loads(explained.stdout)
+    assert explanation["explained"] == 3 and len(explanation["overlays"]) == 3
+    assert explanation["importance"]["window"] > 0.5  # shuffled windows: r2 falls by > 0.5
+    assert explanation["randomised_correlation"] < 0.5  # the attributions are the model's
 
     pyfunc = subprocess.run([sys.executable, "-c", (
         "import mlflow, numpy as np, pandas as pd\n"
