@@ -35,8 +35,8 @@ from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.stages.parts import Parts, RowsSection
 from mlsd_ray.tasks.base import PreparedFolder
 
-__all__ = ["PreparedRows", "RowsSummary", "prepare_rows", "read_rows", "read_table",
-           "write_rows"]
+__all__ = ["in_blocks", "PreparedRows", "RowsSummary", "prepare_rows", "read_rows",
+           "read_table", "write_rows"]
 
 ROWS_PREFIX = "rows:"  # a source already in the task's columns (simulate-traffic --save)
 
@@ -144,7 +144,7 @@ def problems(parts: Parts, section: RowsSection, frame: pd.DataFrame,
         from mlsd_ray.core.runtime import ray_work
 
         with ray_work(workspace):
-            checked = ray.data.from_pandas(frame.assign(_row=np.arange(len(frame)))) \
+            checked = ray.data.from_pandas(in_blocks(frame.assign(_row=np.arange(len(frame))))) \
                 .map_batches(functools.partial(_check_batch, parts=parts, section=section),
                              batch_format="pandas").to_pandas()
         reasons = checked.set_index("_row")["reason"].sort_index()
@@ -154,6 +154,13 @@ def problems(parts: Parts, section: RowsSection, frame: pd.DataFrame,
     if not need_target:
         return reasons
     return reasons.where(frame[parts.data.target].notna(), "missing target")
+
+
+def in_blocks(frame: pd.DataFrame, count: int = 8) -> list[pd.DataFrame]:
+    """`frame` cut into `count` blocks, so that Ray Data spreads it over its workers (one
+    frame is one block: one task or actor would do all the work)."""
+    step = max(1, -(-len(frame) // count))
+    return [frame.iloc[start:start + step] for start in range(0, len(frame), step)] or [frame]
 
 
 def _worth_ray(rows: int) -> bool:

@@ -23,7 +23,7 @@ import pandas as pd
 from mlsd_ray.core import storage
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.workspace import Workspace, fresh_name
-from mlsd_ray.stages.data import problems, read_rows, read_table, write_rows
+from mlsd_ray.stages.data import in_blocks, problems, read_rows, read_table, write_rows
 from mlsd_ray.stages.model import log_columns
 from mlsd_ray.stages.parts import Parts, RowsSection
 from mlsd_ray.stages.traffic import instances
@@ -73,13 +73,19 @@ def _predict(task, checkpoint: str, rows: pd.DataFrame, workspace: Workspace,
     if not needs_ray(len(rows)):
         log(f"predicting {len(rows)} rows in this process")
         return task.load(checkpoint).predict(rows)
+    import ray
     import ray.data
 
-    log(f"predicting {len(rows)} rows with Ray Data (2 actors, each loading the model once)")
     with ray_work(workspace):
-        predicted = ray.data.from_pandas(rows.assign(_row=np.arange(len(rows)))).map_batches(
+        actors = max(1, int(ray.available_resources().get("CPU", 1)))
+        log(f"predicting {len(rows)} rows with Ray Data on up to {actors} actor(s), each "
+            "loading the model once")
+        blocks = ray.data.from_pandas(in_blocks(rows.assign(_row=np.arange(len(rows)))))
+        predicted = blocks.map_batches(
             _Predictor, fn_constructor_kwargs={"task": task, "checkpoint": checkpoint},
-            batch_format="pandas", concurrency=2).to_pandas().sort_values("_row")
+            batch_format="pandas", num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors)
+        ).to_pandas().sort_values("_row")
     return np.asarray(list(predicted["prediction"]))
 
 
