@@ -8,7 +8,7 @@ traffic.py, check.py, retrain.py and export.py are the other commands' stages. d
 writes a task of a new kind from these parts.
 """
 
-from mlsd_ray.stages.data import PreparedRows, RowsSummary, read_table
+from mlsd_ray.stages.data import ParquetSplits, PreparedRows, RowsSummary, read_table
 from mlsd_ray.stages.model import LoadedModel
 from mlsd_ray.stages.parts import (
     Codec,
@@ -22,6 +22,6 @@ from mlsd_ray.stages.parts import (
 )
 from mlsd_ray.stages.task import PartsTask
 
-__all__ = ["Codec", "DataPart", "LoadedModel", "ModelPart", "MonitoringPart", "Parts",
-           "PartsTask", "PreparedRows", "RowsSection", "RowsSummary", "read_table",
+__all__ = ["Codec", "DataPart", "LoadedModel", "ModelPart", "MonitoringPart", "ParquetSplits",
+           "Parts", "PartsTask", "PreparedRows", "RowsSection", "RowsSummary", "read_table",
            "regression_scores", "vector"]

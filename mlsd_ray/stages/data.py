@@ -35,7 +35,7 @@ from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.stages.parts import Parts, RowsSection
 from mlsd_ray.tasks.base import PreparedFolder
 
-__all__ = ["in_blocks", "PreparedRows", "RowsSummary", "prepare_rows", "read_rows",
+__all__ = ["in_blocks", "ParquetSplits", "PreparedRows", "RowsSummary", "prepare_rows", "read_rows",
            "read_table", "write_rows"]
 
 ROWS_PREFIX = "rows:"  # a source already in the task's columns (simulate-traffic --save)
@@ -69,18 +69,23 @@ class RowsSummary:
 
 
 @dataclass
-class PreparedRows(PreparedFolder):
-    """Rows prepared earlier, and their manifest (the codec's fitted state under "codec")."""
-
-    @classmethod
-    def open(cls, path: str) -> PreparedRows:
-        return cls.read(path, f"no prepared rows at {path} (manifest.json missing)")
+class ParquetSplits(PreparedFolder):
+    """Prepared data whose splits are rows in one parquet file each (<split>.parquet)."""
 
     def split_path(self, split: str) -> str:
         return storage.join(self.path, f"{split}.parquet")
 
     def load_split(self, split: str) -> pd.DataFrame:
         return pd.read_parquet(self.split_path(split))
+
+
+@dataclass
+class PreparedRows(ParquetSplits):
+    """Rows prepared earlier, and their manifest (the codec's fitted state under "codec")."""
+
+    @classmethod
+    def open(cls, path: str) -> PreparedRows:
+        return cls.read(path, f"no prepared rows at {path} (manifest.json missing)")
 
     @property
     def codec_state(self) -> dict[str, Any]:

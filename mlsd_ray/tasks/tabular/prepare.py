@@ -31,7 +31,7 @@ from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.runtime import ensure_ray, log_stderr
 from mlsd_ray.core.split import stratified_splits
 from mlsd_ray.core.workspace import Workspace
-from mlsd_ray.tasks.base import PreparedFolder
+from mlsd_ray.stages import ParquetSplits
 from mlsd_ray.tasks.tabular.config import TabularTaskConfig
 from mlsd_ray.tasks.tabular.preprocess import (
     Featurizer,
@@ -79,19 +79,13 @@ class TableSummary:
 
 
 @dataclass
-class PreparedTable(PreparedFolder):
-    """A prepared table on disk and its manifest."""
+class PreparedTable(ParquetSplits):
+    """A prepared table on disk (a parquet file per split) and its manifest."""
 
     @classmethod
     def open(cls, path: str) -> PreparedTable:
         """A table prepared earlier; InputError when `path` holds none."""
         return cls.read(path, f"no prepared table at {path} (manifest.json missing)")
-
-    def split_path(self, split: str) -> str:
-        return storage.join(self.path, f"{split}.parquet")
-
-    def load_split(self, split: str) -> pd.DataFrame:
-        return pd.read_parquet(self.split_path(split))
 
     @property
     def featurizer(self) -> Featurizer:
