@@ -23,6 +23,7 @@ from mlsd_ray.cli.support import (
     VerboseOption,
     config_from,
     run,
+    task_of_app,
     with_flags,
 )
 from mlsd_ray.core.runtime import log_stderr
@@ -146,7 +147,8 @@ def simulate_traffic(
     def work() -> TrafficReport:
         from mlsd_ray.core.errors import InputError
 
-        cfg = config_from(config, set_, source, example, task=task)
+        cfg = config_from(config, set_, source, example,
+                          task=task_of_app(url, task, example, config))
         if split not in ("train", "val", "test"):
             raise InputError(f"--split {split!r}: choose train, val or test")
         kind = ChosenTask().of(cfg)

@@ -22,6 +22,7 @@ from mlsd_ray.cli.support import (
     VerboseOption,
     config_from,
     run,
+    task_of_app,
     with_flags,
 )
 from mlsd_ray.core.runtime import log_stderr
@@ -172,7 +173,8 @@ def predict(files: Annotated[list[Path] | None, typer.Argument(
     chosen = ChosenTask()
 
     def work() -> OfflinePrediction | OnlinePrediction:
-        cfg = config_from(config, with_flags(set_, {}), None, example, task=task)
+        cfg = config_from(config, with_flags(set_, {}), None, example,
+                          task=task_of_app(url, task, example, config))
         if url:
             if not files:
                 raise InputError("--url needs FILEs to send")

@@ -180,6 +180,21 @@ def config_from(config: Path | None, overrides: list[str] | None, source: str | 
     return cfg
 
 
+def task_of_app(url: str | None, task: str | None, example: str | None,
+                config: Path | None) -> str | None:
+    """The task to talk to the app at `url` with: `--task` when given; else, when neither
+    --example nor --config picks one, the task the app says it serves (GET /v1/model's
+    `task_spec`: an app of a task built from parts); else None (the config's task)."""
+    if task is not None or url is None or example is not None or config is not None:
+        return task
+    from mlsd_ray.serve.control import get_json
+
+    try:
+        return get_json(f"{url.rstrip('/')}/v1/model", timeout=10).get("task_spec")
+    except Exception:  # not such an app, or not reachable: the command says so itself
+        return None
+
+
 class ChosenTask:
     """The task a command's `work` resolved from its config, for its `render` to use."""
 

@@ -132,6 +132,7 @@ class PartsModel(LoggingReplica):
         data = self.loaded.parts.data
         self.info = {"model_name": self.loaded.metadata.run_name if local else model.name,
                      "model_version": model.version, "uri": model.uri, "task": task.name,
+                     "task_spec": self.loaded.metadata.task,  # what --task names
                      "inputs": self.loaded.columns, "target": data.target,
                      "metric": self.loaded.parts.model.metric}
         self.open_log(replica.log_settings, replica.workspace)

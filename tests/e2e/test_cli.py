@@ -460,8 +460,9 @@ def test_the_documented_forecasting_task_runs_every_command(tmp_path, cluster_en
             {"name": "window", "shape": [2, 24], "datatype": "FP32", "data": window * 2}]})
         assert status == 200 and answer["outputs"][0]["shape"] == [2], answer
         (tmp_path / "one.json").write_text(json.dumps({"instances": [{"window": window}]}))
-        online = run_mlsd("predict", *task, "--url", url, str(tmp_path / "one.json"), "--json",
-                          env=env)
+        # no --task: the app says which task it serves
+        online = run_mlsd("predict", "--url", url, str(tmp_path / "one.json"), "--json",
+                          "--home", home, env=env)
         assert online.returncode == 0, online.stderr
         assert len(json.loads(online.stdout)["predictions"]) == 1
     finally:
