@@ -143,10 +143,10 @@ def problems(parts: Parts, section: RowsSection, frame: pd.DataFrame,
              workspace: Workspace, need_target: bool = True) -> pd.Series:
     """Why each row is unusable ("" if it is): the task's check, and (`need_target`: for
     training) a missing target."""
-    if _worth_ray(len(frame)):
-        import ray.data
+    from mlsd_ray.core.runtime import needs_ray, ray_work
 
-        from mlsd_ray.core.runtime import ray_work
+    if needs_ray(len(frame)):
+        import ray.data
 
         with ray_work(workspace):
             checked = ray.data.from_pandas(in_blocks(frame.assign(_row=np.arange(len(frame))))) \
@@ -166,12 +166,6 @@ def in_blocks(frame: pd.DataFrame, count: int = 8) -> list[pd.DataFrame]:
     frame is one block: one task or actor would do all the work)."""
     step = max(1, -(-len(frame) // count))
     return [frame.iloc[start:start + step] for start in range(0, len(frame), step)] or [frame]
-
-
-def _worth_ray(rows: int) -> bool:
-    from mlsd_ray.core.runtime import needs_ray
-
-    return needs_ray(rows)
 
 
 def _reasons(parts: Parts, section: RowsSection, frame: pd.DataFrame) -> pd.Series:

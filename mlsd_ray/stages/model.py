@@ -39,6 +39,7 @@ class LoadedModel:
     metadata: CheckpointMetadata
     reference: dict[str, Any]
     columns: list[dict[str, Any]]  # the input columns' kinds (stages/data.py column_specs)
+    directory: Path  # the checkpoint it was loaded from
 
     def outputs(self, inputs: np.ndarray) -> np.ndarray:
         """The network's raw outputs for encoded inputs, in batches, without gradients."""
@@ -80,7 +81,7 @@ def load_model(directory: str | Path, parts: Parts, section: RowsSection) -> Loa
     state = json.loads((directory / "preprocessing.json").read_text())
     return LoadedModel(parts, section, state, module, CheckpointMetadata.read(directory),
                        DRIFT_REFERENCE.read(str(directory / "reference.json")),
-                       described["columns"])
+                       described["columns"], directory)
 
 
 def load_trained(task: object, directory: str | Path,

@@ -141,9 +141,10 @@ class PartsTask(Task):
                             log: Log) -> PartsTrainResult:
         from mlsd_ray.stages.train import register_model, trial_result
 
-        result = trial_result(self, run, best, best_cfg)
-        result.registered = register_model(self, best_cfg, run.dataset, result, workspace,
-                                           nested=True)
+        loaded = self.load(best["checkpoint"], best_cfg)
+        result = trial_result(self, run, best, loaded)
+        result.registered = register_model(self, best_cfg, run.dataset, result, loaded,
+                                           workspace, nested=True)
         log(f"registered {result.registered.uri}")
         return result
 

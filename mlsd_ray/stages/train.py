@@ -287,33 +287,35 @@ def train_stage(task, cfg: Config, prepared: PreparedRows, workspace: Workspace,
         except TrainingFailedError as exc:
             raise WorkError(f"training failed: {failure_message(exc)}") from exc
         checkpoint, best = max(result.best_checkpoints, key=lambda cm: cm[1][RANK_METRIC])
-        summary = scored_result(task, cfg, prepared, checkpoint.path, best, name,
-                                int(result.metrics["epoch"]), storage.join(workspace.runs, name))
+        loaded = task.load(checkpoint.path, cfg)  # scored and registered from one load
+        summary = scored_result(task, loaded, prepared, best, name, int(result.metrics["epoch"]),
+                                storage.join(workspace.runs, name))
         summary.wall_seconds = time.perf_counter() - started
         if cfg.registry.auto_register:
-            summary.registered = register_model(task, cfg, prepared, summary, workspace,
+            summary.registered = register_model(task, cfg, prepared, summary, loaded, workspace,
                                                 live=True)
             log(f"registered {summary.registered.uri}")
     return summary
 
 
-def scored_result(task, cfg: Config, prepared: PreparedRows, checkpoint: str, best: dict,
+def scored_result(task, loaded: LoadedModel, prepared: PreparedRows, best: dict,
                   run_name: str, epochs_run: int, run_path: str) -> PartsTrainResult:
-    """A trained checkpoint's result: its best epoch's val score, its test scores."""
-    loaded = task.load(checkpoint, cfg)
+    """A trained checkpoint's result (`loaded` from it): its best epoch's val score, its test
+    scores."""
     evaluation = evaluate_model(loaded, prepared, "test", storage.join(run_path, "evaluation"))
     return PartsTrainResult(run_name=run_name, run_path=run_path,
-                            checkpoint=checkpoint, best_epoch=int(best["epoch"]),
+                            checkpoint=str(loaded.directory), best_epoch=int(best["epoch"]),
                             epochs_run=epochs_run, dataset=prepared.path,
                             metric=task.parts.model.metric, val_score=float(best[task.metric]),
                             test=evaluation.scores, report=evaluation.report)
 
 
 def register_model(task, cfg: Config, prepared: PreparedRows, summary: PartsTrainResult,
-                   workspace: Workspace, live: bool = False,
+                   loaded: LoadedModel, workspace: Workspace, live: bool = False,
                    nested: bool = False) -> RegisteredVersion:
-    """Log the run (test scores, the MLflow Model, the report) and register its checkpoint as
-    the next version of registry.model_name (default: <dataset>-<task>)."""
+    """Log the run (test scores, the MLflow Model, the report) and register its checkpoint
+    (`loaded` from it: the signature's example answers) as the next version of
+    registry.model_name (default: <dataset>-<task>)."""
     import mlflow
 
     from mlsd_ray.registry import client, log_checkpoint_model, new_version, version_tags
@@ -328,7 +330,6 @@ def register_model(task, cfg: Config, prepared: PreparedRows, summary: PartsTrai
                         best_epoch=summary.best_epoch, model=task.name,
                         dataset=prepared.path, fingerprint=prepared.fingerprint, schema=schema)
     example = prepared.load_split("test").head(EXAMPLE_ROWS)[list(task.parts.data.inputs)]
-    loaded = task.load(summary.checkpoint, cfg)
     signature = mlflow.models.infer_signature(example, answers_frame(loaded, example))
     with registration_run(summary.run_name, run_params(cfg, task.section, prepared),
                           summary.checkpoint, live, nested) as run:
@@ -354,10 +355,11 @@ def read_history(checkpoint: str) -> list[dict]:
     return load_train_state(checkpoint)["history"]
 
 
-def trial_result(task, run, best: dict, cfg: Config) -> PartsTrainResult:
-    """A search's best trial as a training result, scored on test."""
+def trial_result(task, run, best: dict, loaded: LoadedModel) -> PartsTrainResult:
+    """A search's best trial (`loaded` from its checkpoint) as a training result, scored on
+    test."""
     history = read_history(best["checkpoint"])
     metrics = next(h for h in history if h["epoch"] == best["best_epoch"])
-    return scored_result(task, cfg, run.dataset, best["checkpoint"], metrics,
+    return scored_result(task, loaded, run.dataset, metrics,
                          f"{run.name}-trial-{best['trial']}", best["epochs_run"], run.path)
 
