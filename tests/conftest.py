@@ -250,7 +250,7 @@ def digits_registered(tmp_path_factory, digits_model) -> str:
     """An MLSD_HOME where the session's digits model is models:/digits-cnn/1 (the export and
     explain tests read it; neither changes it)."""
     from mlsd_ray.core.workspace import Workspace
-    from mlsd_ray.tasks.image.registry import log_and_register
+    from mlsd_ray.tasks.image.train import log_and_register
 
     home = str(tmp_path_factory.mktemp("digits-registered") / "mlsd-home")
     log_and_register(digits_model.result, digits_model.cfg, digits_model.dataset, "digits-cnn",

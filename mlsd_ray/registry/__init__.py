@@ -2,7 +2,8 @@
 artifacts; registered versions with their metrics, data fingerprint, git commit and schema;
 aliases (`production`, `staging`) that move in one call. Every version is an MLflow Model
 (pyfunc.py) that carries our checkpoint, so plain MLflow loads it and our loaders read the
-same artifact. Each task logs its own runs (tasks/*/registry.py) through the helpers here.
+same artifact. Every task registers through `tracking.register_trained`, given its typed
+`Registration`.
 
 The store is `sqlite:///$MLSD_HOME/mlflow.db` with artifacts in `$MLSD_HOME/mlflow-artifacts`
 unless `MLFLOW_TRACKING_URI` names a server (what a multi-node cluster needs).

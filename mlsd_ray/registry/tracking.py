@@ -3,8 +3,8 @@
 It starts before the fit with the run's params and its dataset (an MLflow input whose digest
 is the dataset's fingerprint), takes each epoch's metrics from the driver as the epoch lines
 arrive (training/progress.py), and ends FAILED (an error) or KILLED (Ctrl-C) with what it had
-when training does not finish. On success the task logs its model into it and registers it
-(tasks/*/registry.py).
+when training does not finish. On success the training stage registers the model from it
+(`register_trained`, with the task's `Registration`).
 """
 
 from __future__ import annotations
@@ -13,12 +13,16 @@ import contextlib
 import time
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from mlsd_ray.core.runtime import log_stderr
 from mlsd_ray.core.workspace import Workspace
 
-__all__ = ["LiveRun", "LiveSearch", "registration_run"]
+if TYPE_CHECKING:
+    from mlsd_ray.registry import RegisteredVersion
+
+__all__ = ["LiveRun", "LiveSearch", "register_trained", "Registration", "registration_run"]
 
 
 class LiveRun:
@@ -204,3 +208,57 @@ def registration_run(run_name: str, params: dict[str, Any], checkpoint_dir: str,
             mlflow.log_metrics({k: v for k, v in entry.items() if k != "epoch"},
                                step=int(entry["epoch"]))
         yield run
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What registering a trained model records, whatever its task: the run (`params`, the
+    test `metrics`, report files under evaluation/), the MLflow Model (`signature`, an
+    `input_example`), and the version's tags: the common ones of registry.version_tags
+    (`score_name` on val and test, the data, the `schema`) and the task's own (`tags`)."""
+
+    task: str
+    model_name: str
+    run_name: str
+    checkpoint: str
+    params: dict[str, Any]
+    score_name: str
+    val_score: float
+    test_score: float
+    best_epoch: int
+    architecture: str
+    dataset: str
+    fingerprint: str
+    schema: dict[str, Any]
+    signature: Any
+    input_example: Any
+    metrics: dict[str, float]
+    description: str
+    tags: dict[str, str] = field(default_factory=dict)
+    reports: tuple[str, ...] = ()
+
+
+def register_trained(registration: Registration, workspace: Workspace, live: bool = False,
+                     nested: bool = False) -> RegisteredVersion:
+    """Log the trained model into its run and register its checkpoint as the next version of
+    `registration.model_name`. `live`: the run is the active one (`LiveRun`, fed each epoch
+    while it trained); else one is opened here (a child of the active run when `nested`: a
+    search's best trial) with the params and the history replayed."""
+    import mlflow
+
+    from mlsd_ray.registry import client, log_checkpoint_model, new_version, version_tags
+
+    r = registration
+    mlflow_client = client(workspace)  # first: it points MLflow at the workspace's store
+    tags = {**version_tags(task=r.task, run_name=r.run_name, score_name=r.score_name,
+                           val_score=r.val_score, test_score=r.test_score,
+                           best_epoch=r.best_epoch, model=r.architecture, dataset=r.dataset,
+                           fingerprint=r.fingerprint, schema=r.schema), **r.tags}
+    with registration_run(r.run_name, r.params, r.checkpoint, live, nested) as run:
+        mlflow.log_metrics(r.metrics)
+        mlflow.set_tags(tags)
+        log_checkpoint_model(r.checkpoint, r.signature, r.input_example)
+        for report in r.reports:
+            mlflow.log_artifact(report, artifact_path="evaluation")
+        run_id = run.info.run_id
+    return new_version(mlflow_client, r.model_name, run_id, tags, r.description)

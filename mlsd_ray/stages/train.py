@@ -20,7 +20,6 @@ import pandas as pd
 from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config, TrainConfig
 from mlsd_ray.core.contracts import CheckpointMetadata, DatasetRef
-from mlsd_ray.core.errors import WorkError
 from mlsd_ray.core.workspace import Workspace, fresh_name
 from mlsd_ray.stages.data import PreparedRows
 from mlsd_ray.stages.model import LoadedModel, feature_reference, output_reference
@@ -259,13 +258,10 @@ def train_stage(task, cfg: Config, prepared: PreparedRows, workspace: Workspace,
                 reference: PreparedRows | None = None) -> PartsTrainResult:
     """Train `task` (a PartsTask) on `prepared`, score the best checkpoint on test, and
     register it when registry.auto_register."""
-    from ray.train import TrainingFailedError
-
     from mlsd_ray.core.runtime import ensure_ray
     from mlsd_ray.registry.tracking import LiveRun
-    from mlsd_ray.training.checkpoint import RANK_METRIC
     from mlsd_ray.training.progress import EpochRelay
-    from mlsd_ray.training.trainer import check_resources, failure_message, where_it_trains
+    from mlsd_ray.training.trainer import check_resources, fit_best, where_it_trains
 
     started = time.perf_counter()
     ensure_ray(workspace)
@@ -278,17 +274,12 @@ def train_stage(task, cfg: Config, prepared: PreparedRows, workspace: Workspace,
                  prepared.fingerprint, prepared.name,
                  enabled=cfg.registry.auto_register) as tracked:
         relay = EpochRelay(epoch_line(task.metric, cfg.train.epochs), log, tracked.log_epoch)
-        try:
-            with relay:
-                result = parts_trainer(task.name, task.parts, task.section_of(cfg), cfg,
-                                       prepared, name, workspace.runs,
-                                       callbacks=[relay.callback()], log=log,
-                                       init_from=init_from, reference=reference).fit()
-        except TrainingFailedError as exc:
-            raise WorkError(f"training failed: {failure_message(exc)}") from exc
-        checkpoint, best = max(result.best_checkpoints, key=lambda cm: cm[1][RANK_METRIC])
-        loaded = task.load(checkpoint.path, cfg)  # scored and registered from one load
-        summary = scored_result(task, loaded, prepared, best, name, int(result.metrics["epoch"]),
+        best = fit_best(parts_trainer(task.name, task.parts, task.section_of(cfg), cfg,
+                                      prepared, name, workspace.runs,
+                                      callbacks=[relay.callback()], log=log,
+                                      init_from=init_from, reference=reference), relay)
+        loaded = task.load(best.path, cfg)  # scored and registered from one load
+        summary = scored_result(task, loaded, prepared, best.metrics, name, best.epochs_run,
                                 storage.join(workspace.runs, name))
         summary.wall_seconds = time.perf_counter() - started
         if cfg.registry.auto_register:
@@ -318,28 +309,24 @@ def register_model(task, cfg: Config, prepared: PreparedRows, summary: PartsTrai
     registry.model_name (default: <dataset>-<task>)."""
     import mlflow
 
-    from mlsd_ray.registry import client, log_checkpoint_model, new_version, version_tags
-    from mlsd_ray.registry.tracking import registration_run
+    from mlsd_ray.registry.tracking import Registration, register_trained
 
     metric = summary.metric
-    model_name = cfg.registry.model_name or f"{prepared.name}-{task.name}"
-    schema = {"input": {c["name"]: c["kind"] for c in prepared.manifest["columns"]},
-              "output": prepared.manifest["target"]}
-    tags = version_tags(task=task.name, run_name=summary.run_name, score_name=metric,
-                        val_score=summary.val_score, test_score=summary.test[metric],
-                        best_epoch=summary.best_epoch, model=task.name,
-                        dataset=prepared.path, fingerprint=prepared.fingerprint, schema=schema)
     example = prepared.load_split("test").head(EXAMPLE_ROWS)[list(task.parts.data.inputs)]
-    signature = mlflow.models.infer_signature(example, answers_frame(loaded, example))
-    with registration_run(summary.run_name, run_params(cfg, task.section, prepared),
-                          summary.checkpoint, live, nested) as run:
-        mlflow.log_metrics({f"test_{k}": float(v) for k, v in summary.test.items()})
-        mlflow.set_tags(tags)
-        log_checkpoint_model(summary.checkpoint, signature, example.reset_index(drop=True))
-        mlflow.log_artifact(summary.report, artifact_path="evaluation")
-        run_id = run.info.run_id
-    return new_version(client(workspace), model_name, run_id, tags,
-                       f"{task.name} model on {prepared.name} (mlsd-ray)")
+    return register_trained(Registration(
+        task=task.name, model_name=cfg.registry.model_name or f"{prepared.name}-{task.name}",
+        run_name=summary.run_name, checkpoint=summary.checkpoint,
+        params=run_params(cfg, task.section, prepared), score_name=metric,
+        val_score=summary.val_score, test_score=summary.test[metric],
+        best_epoch=summary.best_epoch, architecture=task.name, dataset=prepared.path,
+        fingerprint=prepared.fingerprint,
+        schema={"input": {c["name"]: c["kind"] for c in prepared.manifest["columns"]},
+                "output": prepared.manifest["target"]},
+        signature=mlflow.models.infer_signature(example, answers_frame(loaded, example)),
+        input_example=example.reset_index(drop=True),
+        metrics={f"test_{k}": float(v) for k, v in summary.test.items()},
+        description=f"{task.name} model on {prepared.name} (mlsd-ray)",
+        reports=(summary.report,)), workspace, live, nested)
 
 
 def answers_frame(loaded: LoadedModel, rows: pd.DataFrame) -> pd.DataFrame:

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config, TrainConfig
-from mlsd_ray.core.errors import InputError
+from mlsd_ray.core.errors import InputError, WorkError
 from mlsd_ray.core.runtime import log_stderr
 from mlsd_ray.training.checkpoint import RANK_METRIC
 from mlsd_ray.training.ingest import STREAMING, IngestPlan
 
-__all__ = ["check_resources", "failure_message", "fit_to_free_cpus", "materialize_splits",
-           "torch_trainer", "where_it_trains"]
+__all__ = ["BestCheckpoint", "check_resources", "failure_message", "fit_best", "fit_to_free_cpus",
+           "materialize_splits", "torch_trainer", "where_it_trains"]
 
 
 def check_resources(cfg: TrainConfig) -> None:
@@ -143,3 +145,37 @@ def failure_message(error: BaseException) -> str:
         if "NonFiniteLossError:" in line:
             return line.split("NonFiniteLossError:", 1)[-1].strip()
     return text.splitlines()[-1] if text else type(error).__name__
+
+
+@dataclass(frozen=True)
+class BestCheckpoint:
+    """A finished fit's best checkpoint (by RANK_METRIC: the task's validation score; a
+    ray.train.Checkpoint, whose `as_directory` also reads one in remote storage), the metrics
+    of the epoch that wrote it, and how many epochs ran."""
+
+    checkpoint: Any
+    metrics: dict[str, Any]
+    epochs_run: int
+
+    @property
+    def path(self) -> str:
+        return self.checkpoint.path
+
+    @property
+    def epoch(self) -> int:
+        return int(self.metrics["epoch"])
+
+
+def fit_best(trainer, relay) -> BestCheckpoint:
+    """Fit `trainer` while `relay` (training/progress.py's EpochRelay, whose callback the
+    trainer has) prints and records each epoch; its best checkpoint. A failed training is a
+    WorkError that names the failure, not Ray's traceback."""
+    from ray.train import TrainingFailedError
+
+    try:
+        with relay:
+            result = trainer.fit()
+    except TrainingFailedError as exc:
+        raise WorkError(f"training failed: {failure_message(exc)}") from exc
+    checkpoint, metrics = max(result.best_checkpoints, key=lambda cm: cm[1][RANK_METRIC])
+    return BestCheckpoint(checkpoint, dict(metrics), int(result.metrics["epoch"]))

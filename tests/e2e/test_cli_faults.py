@@ -98,7 +98,7 @@ def test_a_retrain_killed_at_each_step_leaves_the_alias_on_a_whole_version(
     from mlsd_ray import registry
     from mlsd_ray.core.workspace import Workspace
     from mlsd_ray.tasks import get_task
-    from mlsd_ray.tasks.image.registry import log_and_register
+    from mlsd_ray.tasks.image.train import log_and_register
     from mlsd_ray.training.checkpoint import verify
 
     workspace = Workspace.at(str(tmp_path / "home"))

@@ -25,7 +25,7 @@ from mlsd_ray.core.ports import free_port
 from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.serve import control
 from mlsd_ray.serve.predlog import log_location, wait_for_rows
-from mlsd_ray.tasks.image.registry import log_and_register
+from mlsd_ray.tasks.image.train import log_and_register
 from tests.conftest import actor_processes
 from tests.load import report, under_load, wait_for
 

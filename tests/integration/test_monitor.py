@@ -27,8 +27,8 @@ from mlsd_ray.registry import promote
 from mlsd_ray.serve import control
 from mlsd_ray.serve.predlog import log_location, wait_for_rows
 from mlsd_ray.tasks import get_task, load_config
-from mlsd_ray.tasks.image.registry import log_and_register
 from mlsd_ray.tasks.image.traffic import simulate_traffic
+from mlsd_ray.tasks.image.train import log_and_register
 from mlsd_ray.workflows.loop import BackgroundLoad
 from mlsd_ray.workflows.retrain import retrain
 from tests.conftest import SMALL_DIGITS, scrape_until

@@ -10,8 +10,7 @@ from mlsd_ray import registry
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.tasks import load_config
 from mlsd_ray.tasks.image.checkpoint import load_model
-from mlsd_ray.tasks.image.registry import log_and_register
-from mlsd_ray.tasks.image.train import train_and_register
+from mlsd_ray.tasks.image.train import log_and_register, train_and_register
 from tests.conftest import SMALL_DIGITS
 
 pytestmark = pytest.mark.usefixtures("ray_session")

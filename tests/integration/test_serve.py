@@ -31,7 +31,7 @@ from mlsd_ray.core.workspace import Workspace
 from mlsd_ray.serve import control
 from mlsd_ray.serve.app import TOKEN_ENV
 from mlsd_ray.tasks import load_config
-from mlsd_ray.tasks.image.registry import log_and_register
+from mlsd_ray.tasks.image.train import log_and_register
 from tests.conftest import actor_processes, fuzz_openapi, png_declaring, screenshot, texts
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,7 +22,6 @@ import torch
 from mlsd_ray.core import storage
 from mlsd_ray.core.config import TrainConfig
 from mlsd_ray.core.contracts import CheckpointMetadata, DatasetRef
-from mlsd_ray.core.errors import WorkError
 from mlsd_ray.core.runtime import ensure_ray, log_stderr
 from mlsd_ray.core.workspace import Workspace, fresh_name
 from mlsd_ray.tasks.base import TrainedModel
@@ -31,17 +31,20 @@ from mlsd_ray.tasks.image.data.prepare import PreparedDataset, prepare_dataset
 from mlsd_ray.tasks.image.data.transforms import Augmenter, Preprocessor
 from mlsd_ray.tasks.image.engine import PassResult, Step, evaluate, train_one_epoch
 from mlsd_ray.tasks.image.models import build_model
-from mlsd_ray.training.checkpoint import RANK_METRIC, load_train_state
+from mlsd_ray.training.checkpoint import load_train_state
 from mlsd_ray.training.ingest import fits_in_memory, memory_plan, plan_ingest
 from mlsd_ray.training.loop import EpochScores, EpochTask, all_reduce_sums, run_epochs
 from mlsd_ray.training.progress import EpochRelay
 from mlsd_ray.training.trainer import (
     check_resources,
-    failure_message,
+    fit_best,
     materialize_splits,
     torch_trainer,
     where_it_trains,
 )
+
+if TYPE_CHECKING:
+    from mlsd_ray.registry import RegisteredVersion
 
 VAL_METRIC = "val_accuracy"
 
@@ -236,7 +239,6 @@ def train_and_register(cfg: ImageConfig, workspace: Workspace,
     `init_from`, a checkpoint folder, starts from its weights (fine-tuning); `reference` is
     the data the drift reference describes (default: the training data)."""
     from mlsd_ray.registry.tracking import LiveRun
-    from mlsd_ray.tasks.image.registry import log_and_register, run_params
 
     dataset = dataset or prepare_dataset(cfg, workspace=workspace, log=log)
     run_name = run_name or default_run_name(cfg, dataset)
@@ -253,6 +255,56 @@ def train_and_register(cfg: ImageConfig, workspace: Workspace,
     return result
 
 
+EXAMPLE_IMAGES = 2  # test-split images stored with the model as its input example
+
+
+def image_signature(dataset: PreparedDataset):
+    """uint8 (-1, H, W, C) in, float32 class probabilities (-1, K) out: the trained size,
+    which is also what the model's input example has (other sizes are resized)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    shape = dataset.manifest["schema"]["image"]["shape"]
+    classes = len(dataset.manifest["class_names"])
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *shape))]),
+                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes))]))
+
+
+def run_params(cfg: ImageConfig, dataset: PreparedDataset) -> dict:
+    """The params of an image training run: the model, the training settings, the data."""
+    from mlsd_ray.registry import flat_params
+
+    return {**flat_params("model", cfg.model.model_dump()),
+            **flat_params("train", cfg.train.model_dump()),
+            "data.source": cfg.data.source, "data.fingerprint": dataset.manifest["fingerprint"]}
+
+
+def log_and_register(result: TrainResult, cfg: ImageConfig, dataset: PreparedDataset,
+                     model_name: str, workspace: Workspace, nested: bool = False,
+                     live: bool = False) -> RegisteredVersion:
+    """Register the run's best checkpoint as the next version of `model_name`: uint8 images
+    in, class probabilities out (registry/tracking.py's `register_trained` says `live` and
+    `nested`)."""
+    from mlsd_ray.registry.tracking import Registration, register_trained
+
+    manifest = dataset.manifest
+    schema = {"input": {"image": manifest["schema"]["image"], "accepts": "uint8 H×W×C or "
+                        "encoded PNG/JPEG; resized and normalised as in preprocessing.json"},
+              "output": {"class_index": "int", "class_name": manifest["class_names"],
+                         "probabilities": f"float[{len(manifest['class_names'])}]"}}
+    return register_trained(Registration(
+        task="image", model_name=model_name, run_name=result.run_name,
+        checkpoint=result.checkpoint, params=run_params(cfg, dataset), score_name="accuracy",
+        val_score=result.metrics["val_accuracy"], test_score=result.test_accuracy,
+        best_epoch=result.best_epoch, architecture=cfg.model.name, dataset=dataset.path,
+        fingerprint=manifest["fingerprint"], schema=schema, signature=image_signature(dataset),
+        input_example=dataset.load_split("test")[0][:EXAMPLE_IMAGES],
+        metrics={"test_accuracy": result.test_accuracy,
+                 "best_val_accuracy": result.metrics["val_accuracy"]},
+        description=f"{cfg.model.name} on {manifest['name']} (mlsd-ray)"),
+        workspace, live, nested)
+
+
 def default_run_name(cfg: ImageConfig, dataset: PreparedDataset) -> str:
     """`train.run_name`, else a new <dataset>-<model>-<time>-<hex>."""
     return cfg.train.run_name or fresh_name(f"{dataset.manifest['name']}-{cfg.model.name}")
@@ -264,8 +316,6 @@ def run_train(cfg: ImageConfig, workspace: Workspace, log: Callable[[str], None]
               observe: Callable[[dict], None] | None = None) -> TrainResult:
     """Prepare the data if needed, train, pick the best checkpoint, score it on test.
     `observe` gets each epoch's metrics on the driver as they arrive (live tracking)."""
-    from ray.train import TrainingFailedError
-
     started = time.perf_counter()
     dataset = dataset or prepare_dataset(cfg, workspace=workspace, log=log)
     ensure_ray(workspace)
@@ -276,19 +326,13 @@ def run_train(cfg: ImageConfig, workspace: Workspace, log: Callable[[str], None]
         f"{where_it_trains(cfg.train)}, {cfg.train.epochs} epochs; run {name} "
         f"under {runs}")
     relay = EpochRelay(lambda metrics: epoch_line(metrics, cfg.train.epochs), log, observe)
-    trainer = build_trainer(cfg, dataset, name, runs, callbacks=[relay.callback()],
-                            init_from=init_from, reference=reference, log=log)
-    try:
-        with relay:
-            result = trainer.fit()
-    except TrainingFailedError as exc:
-        raise WorkError(f"training failed: {failure_message(exc)}") from exc
-    checkpoint, metrics = max(result.best_checkpoints, key=lambda cm: cm[1][RANK_METRIC])
-    with checkpoint.as_directory() as directory:
+    best = fit_best(build_trainer(cfg, dataset, name, runs, callbacks=[relay.callback()],
+                                  init_from=init_from, reference=reference, log=log), relay)
+    with best.checkpoint.as_directory() as directory:
         test_accuracy = predict_split(load_model(directory), dataset, "test").accuracy
         nodes = load_train_state(directory).get("worker_nodes", [])
     return TrainResult(run_name=name, run_path=storage.join(runs, name),
-                       checkpoint=checkpoint.path, best_epoch=int(metrics["epoch"]),
-                       epochs_run=int(result.metrics["epoch"]), dataset=dataset.path,
-                       wall_seconds=time.perf_counter() - started, metrics=metrics,
+                       checkpoint=best.path, best_epoch=best.epoch,
+                       epochs_run=best.epochs_run, dataset=dataset.path,
+                       wall_seconds=time.perf_counter() - started, metrics=best.metrics,
                        test_accuracy=test_accuracy, worker_nodes=nodes)

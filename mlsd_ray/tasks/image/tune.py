@@ -18,8 +18,12 @@ def register_best_trial(run, best: dict, best_cfg, workspace: Workspace, log) ->
     """Register the best trial's checkpoint (its accuracy on test scored here); with CV,
     first refit the best configuration on the whole train split."""
     from mlsd_ray.tasks.image.checkpoint import load_model
-    from mlsd_ray.tasks.image.registry import log_and_register
-    from mlsd_ray.tasks.image.train import TrainResult, predict_split, run_train
+    from mlsd_ray.tasks.image.train import (
+        TrainResult,
+        log_and_register,
+        predict_split,
+        run_train,
+    )
     from mlsd_ray.training.checkpoint import load_train_state
 
     name = best_cfg.registry.model_name or f"{run.dataset.manifest['name']}-cnn"

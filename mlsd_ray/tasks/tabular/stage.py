@@ -12,7 +12,6 @@ from typing import Any
 
 import mlsd_ray.tasks.tabular.metrics as tm
 from mlsd_ray.core import storage
-from mlsd_ray.core.errors import WorkError
 from mlsd_ray.core.runtime import ensure_ray, log_stderr
 from mlsd_ray.core.workspace import Workspace, fresh_name
 from mlsd_ray.tasks.tabular.config import TabularTaskConfig
@@ -23,9 +22,8 @@ from mlsd_ray.tasks.tabular.train import (
     epoch_line,
     load_tabular,
 )
-from mlsd_ray.training.checkpoint import RANK_METRIC
 from mlsd_ray.training.progress import EpochRelay
-from mlsd_ray.training.trainer import check_resources, failure_message, where_it_trains
+from mlsd_ray.training.trainer import check_resources, fit_best, where_it_trains
 
 
 def baseline(cfg: TabularTaskConfig, table: PreparedTable) -> dict:
@@ -179,8 +177,6 @@ def run_tabular_train(cfg: TabularTaskConfig, workspace: Workspace,
     `table` replaces preparing `cfg.tabular.source` (retraining passes old and new rows
     combined); `init_from`, a checkpoint folder, starts from its weights; `reference` is the
     table the drift reference describes (default: the training table)."""
-    from ray.train import TrainingFailedError
-
     started = time.perf_counter()
     table = table or prepare_table(cfg, workspace=workspace, log=log)
     ensure_ray(workspace)
@@ -191,23 +187,17 @@ def run_tabular_train(cfg: TabularTaskConfig, workspace: Workspace,
         f"{len(table.manifest['feature_names'])} features {where_it_trains(cfg.train)}, "
         f"{cfg.train.epochs} epochs; run {name} under {runs}")
     from mlsd_ray.registry.tracking import LiveRun
-    from mlsd_ray.tasks.tabular.registry import run_params
 
     manifest = table.manifest
     with LiveRun(workspace, name, run_params(cfg, table), table.path, manifest["fingerprint"],
                  manifest["name"], enabled=cfg.registry.auto_register) as tracked:
         relay = EpochRelay(lambda metrics: epoch_line(metrics, cfg.train.epochs), log,
                            tracked.log_epoch)
-        try:
-            with relay:
-                result = build_tabular_trainer(cfg, table, name, runs,
-                                               callbacks=[relay.callback()], log=log,
-                                               init_from=init_from, reference=reference).fit()
-        except TrainingFailedError as exc:
-            raise WorkError(f"training failed: {failure_message(exc)}") from exc
-        checkpoint, best = max(result.best_checkpoints, key=lambda cm: cm[1][RANK_METRIC])
-        summary = evaluated_summary(cfg, table, checkpoint.path, best, name,
-                                    storage.join(runs, name), int(result.metrics["epoch"]), log)
+        best = fit_best(build_tabular_trainer(cfg, table, name, runs,
+                                              callbacks=[relay.callback()], log=log,
+                                              init_from=init_from, reference=reference), relay)
+        summary = evaluated_summary(cfg, table, best.path, best.metrics, name,
+                                    storage.join(runs, name), best.epochs_run, log)
         summary.wall_seconds = time.perf_counter() - started
         if cfg.registry.auto_register:
             register(summary, cfg, table, workspace, log, live=True)
@@ -231,15 +221,71 @@ def evaluated_summary(cfg: TabularTaskConfig, table: PreparedTable, checkpoint: 
         decision=evaluation.decision, evaluation=evaluation.files())
 
 
+EXAMPLE_ROWS = 3  # test-split rows stored with the model as its input example
+
+
+def table_signature(table: PreparedTable):
+    """The model's columns in (numbers as double, categories as string; each may be
+    missing, as the app imputes it), and `model_outputs`' columns out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    m = table.manifest
+    inputs = [ColSpec("string" if entry["kind"] == "categorical" else "double", entry["name"],
+                      required=False) for entry in m["preprocessing"]["plan"]]
+    outputs = [ColSpec("double", "score")]
+    if m["task"] != "regression":
+        outputs += [ColSpec("string", "predicted_class"),
+                    *(ColSpec("double", f"probability_{name}") for name in m["classes"])]
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
+
+
+def input_example(table: PreparedTable):
+    """The first test rows, model columns only (ids and the label are not inputs)."""
+    columns = [entry["name"] for entry in table.manifest["preprocessing"]["plan"]]
+    return table.load_split("test")[columns].head(EXAMPLE_ROWS).reset_index(drop=True)
+
+
+def _scalars(prefix: str, values: dict | None) -> dict:
+    return {f"{prefix}{k}": float(v) for k, v in (values or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def run_params(cfg: TabularTaskConfig, table: PreparedTable) -> dict:
+    """The params of a tabular training run: the training and table settings, the data."""
+    from mlsd_ray.registry import flat_params
+
+    return {**flat_params("train", cfg.train.model_dump()),
+            **flat_params("tabular", cfg.tabular.model_dump(exclude={"columns"})),
+            "tabular.hidden": str(cfg.tabular.hidden),
+            "data.fingerprint": table.manifest["fingerprint"]}
+
+
 def register(summary: TabularTrainResult, cfg: TabularTaskConfig, table: PreparedTable,
              workspace: Workspace, log: Callable[[str], None], nested: bool = False,
              live: bool = False) -> None:
-    """Log the run to MLflow and register its checkpoint (`summary.registered`); `live`:
-    into the active run, which tracked the training (registry/tracking.py)."""
-    from mlsd_ray.tasks.tabular.registry import register_tabular
+    """Register the checkpoint as the next version (`summary.registered`), with the test and
+    baseline metrics, the evaluation files and the decision threshold (registry/tracking.py's
+    `register_trained` says `live` and `nested`)."""
+    from mlsd_ray.registry.tracking import Registration, register_trained
 
-    model_name = cfg.registry.model_name or f"{table.manifest['name']}-mlp"
-    summary.registered = register_tabular(summary, cfg, table, model_name, workspace, nested, live)
+    m, score = table.manifest, summary.score_name
+    tags = {"table_task": m["task"]}  # binary, multiclass or regression
+    if summary.decision:
+        tags["threshold"] = f"{summary.decision['threshold']:.6f}"
+    summary.registered = register_trained(Registration(
+        task="tabular", model_name=cfg.registry.model_name or f"{m['name']}-mlp",
+        run_name=summary.run_name, checkpoint=summary.checkpoint,
+        params=run_params(cfg, table), score_name=score, val_score=summary.val_score,
+        test_score=summary.test[score], best_epoch=summary.best_epoch,
+        architecture="tabular_mlp", dataset=table.path, fingerprint=m["fingerprint"],
+        schema={"input": {e["name"]: e["kind"] for e in m["columns"]},
+                "output": {"task": m["task"], "classes": m["classes"]}},
+        signature=table_signature(table), input_example=input_example(table),
+        metrics={**_scalars("test_", summary.test),
+                 **_scalars("baseline_test_", summary.baseline)},
+        description=f"MLP on the {m['name']} table ({m['task']}, mlsd-ray)", tags=tags,
+        reports=tuple(summary.evaluation.values())), workspace, live, nested)
     log(f"registered {summary.registered.uri}")
 
 
