@@ -2,8 +2,9 @@
 about the model and not about the input alone.
 
 A task computes attributions (tasks/image/explain.py: Captum's Integrated Gradients and
-Grad-CAM). This package holds what is shared: the typed result, the two sanity checks of
-Adebayo et al. (2018) and of the deletion metric, and their thresholds.
+Grad-CAM). This package holds what is shared: the typed result, permutation importance, the
+bar chart of a score per name, the two sanity checks of Adebayo et al. (2018) and of the
+deletion metric, and their thresholds.
 
 - Model randomisation: the maps of the trained model and of the same architecture with
   random weights are compared by Spearman rank correlation (`rank_correlation`). An
@@ -16,6 +17,7 @@ Adebayo et al. (2018) and of the deletion metric, and their thresholds.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,9 @@ import numpy as np
 
 from mlsd_ray.core import storage
 
-__all__ = ["deletion_curve", "deletion_order", "DELETION_STEPS", "ExplanationResult", "figure_png",
-           "MAX_RANDOMISED_CORRELATION", "rank_correlation", "SanityChecks", "write_output"]
+__all__ = ["bars_png", "deletion_curve", "deletion_order", "DELETION_STEPS", "ExplanationResult",
+           "figure_png", "MAX_RANDOMISED_CORRELATION", "permutation_importance",
+           "rank_correlation", "SanityChecks", "write_output"]
 
 MAX_RANDOMISED_CORRELATION = 0.5  # above: the maps barely depend on the weights
 DELETION_STEPS = 11  # fractions 0, 0.1, ..., 1 of the pixels deleted
@@ -130,14 +133,47 @@ def deletion_curve(probability, inputs: np.ndarray, orders: np.ndarray, targets:
     return curves
 
 
-def figure_png(figure) -> bytes:
-    """A matplotlib figure as PNG bytes; the figure is closed."""
+def figure_png(figure, dpi: int = 110, tight: bool = False) -> bytes:
+    """A matplotlib figure as PNG bytes (`tight`: cropped to what is drawn); the figure is
+    closed. Every chart of the package is written through this."""
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
     plt.close(figure)
     return buffer.getvalue()
+
+
+def permutation_importance(score: Callable[[Any], float], rows, columns, seed: int = 0,
+                           digits: int = 5) -> dict[str, float]:
+    """Per column of `rows` (a pandas frame), how much `score(rows)` drops when that column is
+    shuffled across rows (one seeded permutation for all), largest drop first."""
+    reference = score(rows)
+    order = np.random.default_rng(seed).permutation(len(rows))
+    drops = {}
+    for column in columns:
+        shuffled = rows.copy()
+        shuffled[column] = list(rows[column].to_numpy()[order])
+        drops[column] = round(reference - score(shuffled), digits)
+    return dict(sorted(drops.items(), key=lambda item: -item[1]))
+
+
+def bars_png(values: dict[str, float], xlabel: str, title: str, signed: bool = False) -> bytes:
+    """A horizontal bar per name, the first at the top (`signed`: positive bars red,
+    negative blue)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(values)[::-1]
+    shown = [values[n] for n in names]
+    figure, axis = plt.subplots(figsize=(5.5, 0.35 * len(names) + 1.2))
+    axis.barh(names, shown, color=["#c0504d" if signed and v > 0 else "#4878a8" for v in shown])
+    axis.set_xlabel(xlabel)
+    axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    return figure_png(figure)
 
 
 def write_output(out: str, name: str, data: bytes) -> str:

@@ -9,7 +9,6 @@ $MLSD_HOME/monitor/latest.json, which the Serve app publishes as the drift-score
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from mlsd_ray.core.contracts import DRIFT_REFERENCE
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.runtime import log_stderr
 from mlsd_ray.core.workspace import Workspace
+from mlsd_ray.explain import figure_png
 from mlsd_ray.monitor import drift
 from mlsd_ray.serve.predlog import log_location, read_log
 
@@ -230,7 +230,4 @@ def histograms_png(rows: pd.DataFrame, reference: dict, title: str) -> bytes:
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80)
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig, dpi=80)

@@ -33,15 +33,9 @@ IG_STEPS = 32
 def permutation_importance(loaded: LoadedModel, rows: pd.DataFrame,
                            seed: int = 0) -> dict[str, float]:
     """Per input column, the drop of the metric when the column is shuffled, largest first."""
-    metric, inputs = loaded.parts.model.metric, loaded.parts.data.inputs
-    base = loaded.scores(rows)[metric]
-    rng = np.random.default_rng(seed)
-    drops = {}
-    for column in inputs:
-        shuffled = rows.copy()
-        shuffled[column] = list(rows[column].to_numpy()[rng.permutation(len(rows))])
-        drops[column] = round(base - loaded.scores(shuffled)[metric], 4)
-    return dict(sorted(drops.items(), key=lambda item: -item[1]))
+    metric = loaded.parts.model.metric
+    return explain.permutation_importance(lambda shuffled: loaded.scores(shuffled)[metric],
+                                          rows, loaded.parts.data.inputs, seed, digits=4)
 
 
 def attributions(module, inputs: np.ndarray) -> np.ndarray:

@@ -4,7 +4,6 @@ configuration as YAML, MLflow runs (a parent and a child per trial) and the regi
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -16,6 +15,7 @@ from mlsd_ray.core.config import Config, dump_yaml
 from mlsd_ray.core.contracts import TUNE_SUMMARY
 from mlsd_ray.core.errors import WorkError
 from mlsd_ray.core.workspace import Workspace
+from mlsd_ray.explain import figure_png
 from mlsd_ray.training.checkpoint import RANK_METRIC
 from mlsd_ray.tuning.space import SearchPlan, describe, trial_config
 
@@ -183,10 +183,7 @@ def curves_png(rows: list[dict], cv: bool, metric: str) -> bytes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig, dpi=100, tight=True)
 
 
 def _params(row: dict) -> dict:

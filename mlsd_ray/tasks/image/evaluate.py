@@ -7,7 +7,6 @@ fitted on the same train split and scored on the same split in the same run.
 from __future__ import annotations
 
 import datetime as dt
-import io
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 from mlsd_ray.core import storage
 from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.workspace import Workspace
+from mlsd_ray.explain import figure_png
 from mlsd_ray.tasks.image.data.prepare import PreparedDataset
 from mlsd_ray.training.checkpoint import load_train_state
 
@@ -60,12 +60,6 @@ def svc_baseline(dataset: PreparedDataset, split: str) -> dict:
             "seconds": round(time.perf_counter() - started, 2)}
 
 
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    return buffer.getvalue()
-
-
 def confusion_png(matrix: list[list[int]], class_names: list[str]) -> bytes:
     import matplotlib
 
@@ -78,9 +72,7 @@ def confusion_png(matrix: list[list[int]], class_names: list[str]) -> bytes:
     ConfusionMatrixDisplay(np.asarray(matrix), display_labels=class_names).plot(
         ax=ax, colorbar=False, cmap="Blues")
     ax.set_title("confusion matrix")
-    data = _png(fig)
-    plt.close(fig)
-    return data
+    return figure_png(fig, dpi=100, tight=True)
 
 
 def curves_png(history: list[dict]) -> bytes:
@@ -103,9 +95,7 @@ def curves_png(history: list[dict]) -> bytes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     loss_ax.legend()
     acc_ax.legend()
-    data = _png(fig)
-    plt.close(fig)
-    return data
+    return figure_png(fig, dpi=100, tight=True)
 
 
 def _markdown(report: dict) -> str:

@@ -36,14 +36,7 @@ def permutation_importance(loaded: LoadedTabular, frame, labels: np.ndarray,
     def score(data) -> float:
         return float(tm.evaluate_outputs(task, loaded.predict(data), labels, threshold)[score_name])
 
-    reference = score(frame)
-    order = np.random.default_rng(SEED).permutation(len(frame))
-    drops = {}
-    for column in loaded.featurizer.columns:
-        shuffled = frame.copy()
-        shuffled[column] = frame[column].to_numpy()[order]
-        drops[column] = round(reference - score(shuffled), 5)
-    return dict(sorted(drops.items(), key=lambda item: -item[1]))
+    return explain.permutation_importance(score, frame, loaded.featurizer.columns, SEED)
 
 
 def record_attributions(loaded: LoadedTabular, frame, task: str) -> list[dict[str, float]]:
@@ -125,33 +118,12 @@ def _records(source: str, label_column: str):
 
 def importance_chart(importance: dict[str, float], task: str) -> bytes:
     """A bar per column: its permutation importance, largest at the top."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     import mlsd_ray.tasks.tabular.metrics as tm
 
-    names = list(importance)[::-1]
-    figure, axis = plt.subplots(figsize=(5.5, 0.35 * len(names) + 1.2))
-    axis.barh(names, [importance[n] for n in names], color="#4878a8")
-    axis.set_xlabel(f"drop of test {tm.SCORE_NAMES[task]} when the column is shuffled")
-    axis.set_title("permutation importance", fontsize=9)
-    figure.tight_layout()
-    return explain.figure_png(figure)
+    return explain.bars_png(importance, f"drop of test {tm.SCORE_NAMES[task]} when the "
+                            "column is shuffled", "permutation importance")
 
 
 def _record_chart(attributions: dict[str, float], index: int) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(attributions)[::-1]
-    values = [attributions[n] for n in names]
-    figure, axis = plt.subplots(figsize=(5.5, 0.35 * len(names) + 1.2))
-    axis.barh(names, values, color=["#c0504d" if v > 0 else "#4878a8" for v in values])
-    axis.set_xlabel("integrated gradients (red: towards the class explained)")
-    axis.set_title(f"record {index}", fontsize=9)
-    figure.tight_layout()
-    return explain.figure_png(figure)
+    return explain.bars_png(attributions, "integrated gradients (red: towards the class "
+                            "explained)", f"record {index}", signed=True)

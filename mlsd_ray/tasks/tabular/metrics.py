@@ -3,12 +3,12 @@ and the precision-recall curve as a PNG."""
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
 from sklearn import metrics as skm
 
+from mlsd_ray.explain import figure_png
 from mlsd_ray.tasks.tabular.config import ThresholdConfig
 
 
@@ -125,11 +125,8 @@ def pr_curve_png(curves: dict[str, tuple[np.ndarray, np.ndarray]], chosen: dict 
     ax.set_ylim(0, 1.02)
     ax.set_title("Precision-recall on the test split")
     ax.legend(loc="upper right", fontsize=8)
-    buffer = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig, dpi=100)
 
 
 

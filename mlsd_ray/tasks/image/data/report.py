@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pandas as pd
 
 from mlsd_ray.core.split import SPLITS
+from mlsd_ray.explain import figure_png
 from mlsd_ray.tasks.image.data.transforms import moments_to_mean_std
 
 
@@ -161,7 +160,4 @@ def sample_grid_png(images: np.ndarray, labels: np.ndarray, class_names: list[st
         axes[row][0].set_title(name, fontsize=7, loc="left")
     fig.suptitle("training examples per class", fontsize=9)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80)
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig, dpi=80)
