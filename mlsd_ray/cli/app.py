@@ -303,7 +303,8 @@ def _render_tune(summary: TuneSummary) -> None:
                         f"{summary.scheduler}")
     metric = summary.metric
     for column in ("trial", "parameters", "epochs", "stopped early",
-                   "val acc (mean ± std)" if cv else f"best {metric.replace('_', ' ')}"):
+                   f"{metric.replace('_', ' ')} (mean ± std)" if cv
+                   else f"best {metric.replace('_', ' ')}"):
         table.add_column(column)
     for line in summary.configurations:
         score = "failed" if line["status"] != "ok" else (

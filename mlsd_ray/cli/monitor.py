@@ -99,7 +99,7 @@ def _predict_inputs(cfg, inputs: str, model: str | None, workspace: Workspace):
     from mlsd_ray import registry
     from mlsd_ray.tasks import model_task
 
-    resolved = registry.pin(model or cfg.serve.model, workspace)
+    resolved = registry.pin(model or cfg.serve.model_ref(), workspace)
     task, cfg = model_task(resolved.path, cfg)
     task.set_source(cfg, inputs)
     summary = task.predict_offline(resolved, cfg, None, workspace, log_stderr)

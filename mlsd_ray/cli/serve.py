@@ -40,9 +40,12 @@ serve_app = typer.Typer(help="Serve a registered model over HTTP with Ray Serve.
 @serve_app.callback()
 def serve(ctx: typer.Context, config: ConfigOption = None, set_: SetOption = None,
           home: HomeOption = None, as_json: JsonOption = False, verbose: VerboseOption = False,
+          example: ExampleOption = None, task: TaskOption = None,
           model: Annotated[str | None, typer.Option(
               "--model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint "
-                              "directory (default models:/digits-cnn@production).")] = None,
+                              "directory (default serve.model: the production alias of the "
+                              "model that training the config registers, e.g. "
+                              "models:/digits-cnn@production).")] = None,
           port: Annotated[int | None, typer.Option("--port", help="HTTP port (serve.port).")
                           ] = None,
           host: Annotated[str | None, typer.Option("--host", help="HTTP host (serve.host).")
@@ -80,8 +83,8 @@ def serve(ctx: typer.Context, config: ConfigOption = None, set_: SetOption = Non
     overrides = with_flags(set_, flags)
 
     def work() -> control.RunningApp:
-        app = control.start(config_from(config, overrides, None).serve, workspace, detach,
-                            log_stderr)
+        app = control.start(config_from(config, overrides, None, example, task=task).serve,
+                            workspace, detach, log_stderr)
         if not detach:
             control.serve_until_interrupted(app, log_stderr)
         return app
@@ -152,7 +155,9 @@ def predict(files: Annotated[list[Path] | None, typer.Argument(
             url: Annotated[str | None, typer.Option(
                 "--url", help="A running app, e.g. http://127.0.0.1:8000.")] = None,
             model: Annotated[str | None, typer.Option(
-                "--model", help="Offline: models:/NAME/VERSION|@ALIAS or a checkpoint.")] = None,
+                "--model", help="Offline: models:/NAME/VERSION|@ALIAS or a checkpoint (default "
+                                "with --source: serve.model, the task's production model).")
+            ] = None,
             source: SourceOption = None, config: ConfigOption = None, set_: SetOption = None,
             out: Annotated[Path | None, typer.Option(
                 "--out", help="Offline: parquet folder for the predictions (default "
@@ -179,12 +184,12 @@ def predict(files: Annotated[list[Path] | None, typer.Argument(
             if not files:
                 raise InputError("--url needs FILEs to send")
             return chosen.of(cfg).predict_online(url, files)
-        if not model:
-            raise InputError("give --model (offline over --source) or --url with FILEs")
+        if not model and source is None:
+            raise InputError("give --model or --source (offline), or --url with FILEs")
         from mlsd_ray import registry
         from mlsd_ray.tasks import model_task
 
-        resolved = registry.pin(model, workspace)
+        resolved = registry.pin(model or cfg.serve.model_ref(), workspace)
         chosen.task, cfg = model_task(resolved.path, cfg)
         chosen.task.set_source(cfg, source)
         return chosen.task.predict_offline(resolved, cfg, str(out) if out else None, workspace,

@@ -64,8 +64,9 @@ class TrainConfig(StrictModel):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     seed: int = 0
     patience: int = Field(0, ge=0, description="Stop after this many epochs without a better "
-                          "val accuracy; 0 = never.")
-    keep_checkpoints: int = Field(2, ge=1, description="Best checkpoints kept, by val accuracy.")
+                          "validation score (the task's metric); 0 = never.")
+    keep_checkpoints: int = Field(2, ge=1, description="Best checkpoints kept, by the "
+                                  "validation score.")
     checkpoint_every: int = Field(5, ge=0, description="Checkpoint every N epochs, plus at "
                                   "each new best and at the last epoch; 0 = only those. A "
                                   "failed worker restarts from the latest checkpoint.")
@@ -86,8 +87,8 @@ class RegistryConfig(StrictModel):
     """Where trained models are registered (MLflow)."""
 
     auto_register: bool = Field(True, description="Register every `mlsd train` result.")
-    model_name: str | None = Field(None, description="Registered name (default: "
-                                   "<dataset>-cnn, e.g. digits-cnn).")
+    model_name: str | None = Field(None, description="Registered name (default: one the task "
+                                   "makes from its data, e.g. digits-cnn).")
 
 
 def _default_space() -> dict[str, Any]:
@@ -111,8 +112,9 @@ class TuneConfig(StrictModel):
     max_concurrent: int | None = Field(None, ge=1, description="Trials at once (default: as "
                                        "many as the cluster's CPUs/GPUs fit).")
     workers_per_trial: int = Field(1, ge=1, description="Ray Train workers in each trial.")
-    cv: int = Field(1, ge=1, le=20, description="K>1: K stratified folds of train+val per "
-                    "configuration, ranked by the mean val accuracy.")
+    cv: int = Field(1, ge=1, le=20, description="K>1: K folds of train+val per "
+                    "configuration (stratified by class, or chained forward in time where the "
+                    "task's rows are ordered), ranked by the mean validation score.")
     space: dict[str, Any] = Field(default_factory=_default_space, description="Dotted config "
                                   "key -> list of values, or {loguniform|uniform|randint: "
                                   "[low, high]}.")
@@ -160,8 +162,10 @@ class PredictionLogConfig(StrictModel):
 class ServeConfig(StrictModel):
     """Serving with Ray Serve: the HTTP app, batching, autoscaling and request routing."""
 
-    model: str = Field("models:/digits-cnn@production", description="models:/NAME@ALIAS, "
-                       "models:/NAME/VERSION or a checkpoint directory.")
+    model: str | None = Field(None, description="models:/NAME@ALIAS, models:/NAME/VERSION or "
+                              "a checkpoint directory (default: the production alias of the "
+                              "model that training this config registers, e.g. "
+                              "models:/digits-cnn@production).")
     app_name: str = "mlsd"
     host: str = Field("127.0.0.1", description="HTTP host (fixed when Serve first starts).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port (fixed when Serve first "
@@ -245,6 +249,14 @@ class ServeConfig(StrictModel):
                              "serve.ingress=haproxy, HAProxy picks the replica itself (least "
                              "connections)")
         return self
+
+    def model_ref(self) -> str:
+        """`model`; load_config sets it from the task when a config leaves it out, so only a
+        bare `serve` section (a `serve run` config) can lack it."""
+        if self.model is None:
+            raise InputError("serve.model is not set: name the model to serve, "
+                             "e.g. model: models:/NAME@production")
+        return self.model
 
 
 class MonitorConfig(StrictModel):

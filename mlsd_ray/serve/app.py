@@ -561,7 +561,7 @@ def build_app(args: dict) -> serve.Application:
     args = dict(args)
     workspace = Workspace.at(args.pop("home", None))
     settings = ServeConfig.model_validate(args)
-    model = registry.pin(settings.model, workspace)
+    model = registry.pin(settings.model_ref(), workspace)
     task = task_of_checkpoint(model.path)
     return task.serve_application(settings, model, workspace).application
 

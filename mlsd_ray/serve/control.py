@@ -230,7 +230,7 @@ def start(settings: ServeConfig, workspace: Workspace, detach: bool = False,
     from mlsd_ray.tasks import task_of_checkpoint
 
     quiet_serve_console()
-    model = registry.pin(settings.model, workspace)
+    model = registry.pin(settings.model_ref(), workspace)
     task = task_of_checkpoint(model.path)
     settings = settings.model_copy(update={"model": model.uri})
     joining_cluster = not ray.is_initialized() and bool(os.environ.get("RAY_ADDRESS"))

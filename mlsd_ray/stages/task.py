@@ -55,6 +55,7 @@ class PartsTask(Task):
     section: ClassVar[str]
     parts: ClassVar[Parts]
     registers_best_trial = True
+    cross_validation = True
     train_stage = "train, evaluate, register"
     evaluate_stage = False  # training scores the test split already
 
@@ -98,6 +99,11 @@ class PartsTask(Task):
         if source is not None:
             self.section_of(cfg).source = source
 
+    def model_name(self, cfg: Config) -> str:
+        """`registry.model_name`, else <dataset>-<task>, as training names it."""
+        return cfg.registry.model_name or \
+            f"{dataset_name(self.section_of(cfg).source)}-{self.name}"
+
     def load(self, checkpoint_dir: str, cfg: Config | None = None) -> LoadedModel:
         """The model in `checkpoint_dir`, with the section it was trained with (or `cfg`'s)."""
         from mlsd_ray.stages.model import load_model, load_trained
@@ -130,6 +136,11 @@ class PartsTask(Task):
 
         return encoded_splits(self.parts, prepared)
 
+    def cv_folds(self, cfg: Config, prepared, k: int) -> list[dict]:
+        from mlsd_ray.stages.train import cv_folds
+
+        return cv_folds(self.parts, prepared, k, self.section_of(cfg).seed)
+
     def train(self, cfg: Config, workspace: Workspace, log: Log, run_name: str | None = None,
               prepared: Any = None) -> PartsTrainResult:
         from mlsd_ray.stages.train import train_stage
@@ -139,10 +150,19 @@ class PartsTask(Task):
 
     def register_best_trial(self, run, best: dict, best_cfg, workspace: Workspace,
                             log: Log) -> PartsTrainResult:
-        from mlsd_ray.stages.train import register_model, trial_result
+        """The best trial's model registered as a child of the search's run; with --cv, the
+        best configuration refitted on the whole train split first (a fold saw less)."""
+        from mlsd_ray.stages.train import register_model, train_stage, trial_result
 
-        loaded = self.load(best["checkpoint"], best_cfg)
-        result = trial_result(self, run, best, loaded)
+        if run.cfg.tune.cv > 1:
+            log("refitting the best configuration on the full train split")
+            refit = best_cfg.model_copy(deep=True)
+            refit.registry.auto_register = False  # registered below, as the search's child
+            result = train_stage(self, refit, run.dataset, workspace, log, f"{run.name}-refit")
+            loaded = self.load(result.checkpoint, best_cfg)
+        else:
+            loaded = self.load(best["checkpoint"], best_cfg)
+            result = trial_result(self, run, best, loaded)
         result.registered = register_model(self, best_cfg, run.dataset, result, loaded,
                                            workspace, nested=True)
         log(f"registered {result.registered.uri}")

@@ -20,8 +20,9 @@ import pandas as pd
 from mlsd_ray.core import storage
 from mlsd_ray.core.config import Config, TrainConfig
 from mlsd_ray.core.contracts import CheckpointMetadata, DatasetRef
+from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.workspace import Workspace, fresh_name
-from mlsd_ray.stages.data import PreparedRows
+from mlsd_ray.stages.data import PreparedRows, in_blocks
 from mlsd_ray.stages.model import LoadedModel, feature_reference, output_reference
 from mlsd_ray.stages.parts import Parts, RowsSection
 from mlsd_ray.tasks.base import TrainedModel
@@ -37,8 +38,8 @@ from mlsd_ray.training.loop import (
 if TYPE_CHECKING:
     from mlsd_ray.registry import RegisteredVersion
 
-__all__ = ["PartsEvaluation", "PartsTrainResult", "encoded_splits", "evaluate_model",
-           "parts_trainer", "register_model", "train_stage"]
+__all__ = ["cv_folds", "fold_indices", "PartsEvaluation", "PartsTrainResult", "encoded_splits",
+           "evaluate_model", "parts_trainer", "register_model", "train_stage"]
 
 EXAMPLE_ROWS = 3  # test rows stored with a registered model as its input example
 
@@ -184,6 +185,40 @@ def encoded_splits(parts: Parts, prepared: PreparedRows, splits=("train", "val")
     return materialize_splits(prepared, splits, then=encode)
 
 
+def fold_indices(rows: pd.DataFrame, order: str | None, k: int,
+                 seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K (train, val) positions of `rows` for cross-validation. With an `order` column the
+    folds chain forward in time (sklearn's TimeSeriesSplit: each fold validates on rows later
+    than every row it trains on, so no fold learns from its future); else K shuffled folds.
+    InputError when there are too few rows for K folds."""
+    from sklearn.model_selection import KFold, TimeSeriesSplit
+
+    if len(rows) < 2 * k:
+        raise InputError(f"--cv {k}: train+val hold {len(rows)} rows; use at most "
+                         f"--cv {max(len(rows) // 2, 2)}")
+    if order is None:
+        return list(KFold(k, shuffle=True, random_state=seed).split(rows))
+    ranked = np.argsort(rows[order].to_numpy(), kind="stable")
+    return [(ranked[train], ranked[val]) for train, val in TimeSeriesSplit(k).split(ranked)]
+
+
+def cv_folds(parts: Parts, prepared: PreparedRows, k: int, seed: int) -> list[dict]:
+    """`mlsd tune --cv K`: K folds of the train and val rows (fold_indices), encoded as
+    `encoded_splits` encodes (the codec as fitted on the train split), materialised once."""
+    import ray.data
+
+    rows = pd.concat([prepared.load_split("train"), prepared.load_split("val")],
+                     ignore_index=True)
+
+    def encoded(index):
+        return ray.data.from_pandas(in_blocks(rows.iloc[index])).map_batches(
+            _encode_batch, batch_format="pandas", batch_size=4096,
+            fn_kwargs={"parts": parts, "state": prepared.codec_state}).materialize()
+
+    return [{"train": encoded(train), "val": encoded(val)}
+            for train, val in fold_indices(rows, parts.data.order, k, seed)]
+
+
 def loop_config(task_name: str, parts: Parts, section: RowsSection, cfg: Config,
                 prepared: PreparedRows, run_name: str, init_from: str | None = None,
                 reference: PreparedRows | None = None) -> dict:
@@ -314,7 +349,7 @@ def register_model(task, cfg: Config, prepared: PreparedRows, summary: PartsTrai
     metric = summary.metric
     example = prepared.load_split("test").head(EXAMPLE_ROWS)[list(task.parts.data.inputs)]
     return register_trained(Registration(
-        task=task.name, model_name=cfg.registry.model_name or f"{prepared.name}-{task.name}",
+        task=task.name, model_name=task.model_name(cfg),
         run_name=summary.run_name, checkpoint=summary.checkpoint,
         params=run_params(cfg, task.section, prepared), score_name=metric,
         val_score=summary.val_score, test_score=summary.test[metric],

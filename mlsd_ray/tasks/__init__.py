@@ -15,7 +15,9 @@ from mlsd_ray.tasks.registry import (
     stored_config,
     task_names,
     task_of_checkpoint,
+    with_served_model,
 )
 
 __all__ = ["DEFAULT_TASK", "ServedApp", "Task", "TrafficRequest", "get_task", "load_config",
-           "model_task", "stored_config", "task_names", "task_of_checkpoint"]
+           "model_task", "stored_config", "task_names", "task_of_checkpoint",
+           "with_served_model"]

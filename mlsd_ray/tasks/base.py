@@ -302,6 +302,12 @@ class Task(ABC):
         """Put `--source SPEC` and `--label COLUMN` where this task keeps them in `cfg`
         (None leaves that one as it is)."""
 
+    def model_name(self, cfg) -> str:
+        """The name a training of `cfg` registers its model under: `registry.model_name`, else
+        one the task makes from its data (override it to say which; the default is the task's
+        name). `serve.model` defaults to this name's production alias."""
+        return cfg.registry.model_name or self.name
+
     # ------------------------------------------------------------------ stages
 
     @abstractmethod

@@ -51,13 +51,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     (`Task.config_class`; `task:` defaults to the image task). InputError (exit 2) names
     each unknown or bad key, or the task that does not load."""
     tree = config_tree(path, overrides, example)
-    return validate_config(tree, config_class_of(tree))
+    return with_served_model(validate_config(tree, config_class_of(tree)))
 
 
 def stored_config(tree: dict[str, Any]) -> Config:
     """A config mlsd wrote beside its outputs (a checkpoint's, a dataset's), as its task's
     config class; sections of other tasks, which earlier versions wrote too, are left out."""
-    return validate_config(tree, config_class_of(tree), stored=True)
+    return with_served_model(validate_config(tree, config_class_of(tree), stored=True))
+
+
+def with_served_model(cfg: Config) -> Config:
+    """`cfg` with `serve.model` set: when the config leaves it out, the production alias of the
+    model that training this config registers (`Task.model_name`, e.g. digits-cnn)."""
+    if cfg.serve.model is None:
+        cfg.serve.model = f"models:/{get_task(cfg.task).model_name(cfg)}@production"
+    return cfg
 
 
 def config_class_of(tree: dict[str, Any]) -> type[Config]:

@@ -30,10 +30,11 @@ __all__ = ["load_train_state", "MODEL_FILES", "RANK_METRIC", "save_checkpoint", 
 # torch is imported where a checkpoint is written or its train state read: the registry and
 # `mlsd` commands import this module, and a bad-usage error should not wait ~2 s for torch.
 
-# Checkpoints are kept, and runs and trials ranked, by val accuracy with ties broken by val
-# loss: on small val splits many epochs reach the same accuracy (often 1.0), and the lowest
-# loss among them generalises best. The loss term (1e-4 × loss) is far below one val sample's
-# share of accuracy. (Here, not in loop.py, so that Tune's driver need not import torch.)
+# Checkpoints are kept, and runs and trials ranked, by the task's validation score (e.g. val
+# accuracy) with ties broken by val loss: on small val splits many epochs reach the same
+# accuracy (often 1.0), and the lowest loss among them generalises best. The loss term
+# (1e-4 × loss) is far below one val sample's share of accuracy. (Here, not in loop.py, so
+# that Tune's driver need not import torch.)
 RANK_METRIC = "val_rank_score"
 
 MODEL_FILES = ("model.pt", "model.json", "preprocessing.json", "reference.json",

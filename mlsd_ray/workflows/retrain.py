@@ -174,7 +174,7 @@ def retrain(cfg: Config, source: str, workspace: Workspace, model: str | None = 
     from mlsd_ray.training.trainer import fit_to_free_cpus
 
     started = time.perf_counter()
-    champion_info = registry.pin(model or cfg.serve.model, workspace)
+    champion_info = registry.pin(model or cfg.serve.model_ref(), workspace)
     if champion_info.version == "local":
         raise InputError("retrain needs a registered champion (models:/NAME@ALIAS), not a "
                          "checkpoint folder: gated promotion moves a registry alias")

@@ -445,9 +445,19 @@ def test_the_documented_forecasting_task_runs_every_command(tmp_path, cluster_en
     assert searched.returncode == 0, searched.stderr
     tuned = json.loads(searched.stdout)
     assert tuned["trials"] == 2 and tuned["registered"]["uri"] == "models:/fc-tuned/1", tuned
+    # --cv: folds that chain forward in time, then the best configuration refitted
+    searched = run_mlsd("tune", *task, *source, "--set", "tune.space={forecast.hidden: [8]}",
+                        "--set", "tune.search=grid", "--set", "train.epochs=1", "--set",
+                        "tune.cv=2", "--set", "registry.model_name=fc-cv", "--json", env=env)
+    assert searched.returncode == 0, searched.stderr
+    tuned = json.loads(searched.stdout)
+    assert tuned["cv"] == 2 and tuned["best"]["cv_std"] is not None, tuned["best"]
+    assert len(tuned["configurations"][0]["fold_scores"]) == 2, tuned["configurations"]
+    assert tuned["registered"]["uri"] == "models:/fc-cv/1" and "refit" in searched.stderr
 
-    served = run_mlsd("serve", "--model", champion, "--detach", "--json", "--port",
-                      str(free_port()), "--home", home, env=env)
+    # no --model: serve.model defaults to the production alias of the task's own model
+    served = run_mlsd("serve", *task, "--set", "registry.model_name=fc", "--detach", "--json",
+                      "--port", str(free_port()), env=env)
     assert served.returncode == 0, served.stderr
     url = json.loads(served.stdout)["url"]
     try:
@@ -469,7 +479,7 @@ def test_the_documented_forecasting_task_runs_every_command(tmp_path, cluster_en
         stopped = run_mlsd("serve", "stop", "--home", home, env=env)
     assert stopped.returncode == 0, stopped.stderr
 
-    offline = run_mlsd("predict", "--model", champion, *task, "--source",
+    offline = run_mlsd("predict", *task, "--set", "registry.model_name=fc", "--source",
                        f"csv:{tmp_path / 'series.csv'}", "--json", env=env)
     assert offline.returncode == 0, offline.stderr
     predicted = json.loads(offline.stdout)

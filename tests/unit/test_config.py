@@ -1,9 +1,9 @@
 import pytest
 import yaml
 
-from mlsd_ray.core.config import dump_yaml
+from mlsd_ray.core.config import ServeConfig, dump_yaml
 from mlsd_ray.core.errors import InputError
-from mlsd_ray.tasks import load_config
+from mlsd_ray.tasks import load_config, with_served_model
 from mlsd_ray.tasks.image.config import ImageConfig
 from mlsd_ray.tasks.tabular.config import TabularTaskConfig
 
@@ -82,7 +82,7 @@ def test_shipped_configs_match_the_code(name, config_class):
     from pathlib import Path
 
     shipped = Path(__file__).parents[2] / "configs" / f"{name}.yaml"
-    assert load_config(shipped) == config_class()
+    assert load_config(shipped) == with_served_model(config_class())
     # and it lists every key, not only the ones that differ from an empty file
     assert yaml.safe_load(shipped.read_text()) == config_class().to_dict()
 
@@ -92,3 +92,16 @@ def test_a_key_of_another_tasks_section_is_unknown():
         load_config(None, ["tabular.source=diabetes"])
     with pytest.raises(InputError, match="unknown config key 'data'"):
         load_config(None, ["task=tabular", "data.seed=1"])
+
+
+def test_serve_model_defaults_to_the_production_model_of_the_configs_own_training():
+    assert load_config(None).serve.model == "models:/digits-cnn@production"
+    assert load_config(None, ["task=tabular"]).serve.model == \
+        "models:/fraud-synth-mlp@production"
+    assert load_config(None, ["task=tabular", "tabular.source=csv:~/data/churn.csv"]
+                       ).serve.model == "models:/churn-mlp@production"
+    assert load_config(None, ["registry.model_name=mine"]).serve.model == \
+        "models:/mine@production"
+    assert load_config(None, ["serve.model=models:/other/3"]).serve.model == "models:/other/3"
+    with pytest.raises(InputError, match="serve.model is not set"):
+        ServeConfig().model_ref()  # a bare `serve run` section names its model itself

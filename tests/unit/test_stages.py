@@ -142,3 +142,17 @@ def test_a_task_that_lacks_a_part_is_named_with_what_the_part_is_for(forecast, m
     with pytest.raises(InputError, match="lacks parts.codec: a Codec, rows to the model's "
                                          "arrays .*; section: the name of the task's own"):
         get_task("forecast_task:WrongCodec")
+
+
+def test_cross_validation_folds_chain_forward_in_time_and_shuffle_otherwise():
+    from mlsd_ray.stages.train import fold_indices
+
+    rows = pd.DataFrame({"t": np.random.default_rng(0).permutation(60)})
+    folds = fold_indices(rows, "t", 3, seed=0)
+    assert len(folds) == 3
+    for train, val in folds:  # no fold learns from its future
+        assert rows["t"].to_numpy()[train].max() < rows["t"].to_numpy()[val].min()
+    shuffled = fold_indices(rows, None, 3, seed=0)
+    assert sorted(np.concatenate([val for _, val in shuffled]).tolist()) == list(range(60))
+    with pytest.raises(InputError, match="--cv 4: train\\+val hold 5 rows; use at most --cv 2"):
+        fold_indices(rows.head(5), None, 4, seed=0)

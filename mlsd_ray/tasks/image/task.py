@@ -59,6 +59,13 @@ class ImageTask(Task):
         if source is not None:
             cfg.data.source = source
 
+    def model_name(self, cfg: ImageConfig) -> str:
+        """`registry.model_name`, else <dataset>-cnn (digits-cnn), as training names it."""
+        from mlsd_ray.tasks.image.data.sources import source_name
+
+        return cfg.registry.model_name or \
+            f"{cfg.data.name or source_name(cfg.data.source, cfg.data)}-cnn"
+
     def prepare(self, cfg: ImageConfig, workspace: Workspace, log: Log, force: bool = False):
         from mlsd_ray.tasks.image.data.prepare import prepare_dataset
 

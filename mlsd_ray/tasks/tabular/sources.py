@@ -103,6 +103,15 @@ def read_rows(spec: str, seed: int = 0) -> tuple[pd.DataFrame, str]:
     return table.frame, table.name
 
 
+def source_name(spec: str) -> str:
+    """A table's name from its source: a file's (or folder's) stem, else the source's kind."""
+    kind, _, location = spec.partition(":")
+    if kind not in ("csv", "parquet"):
+        return kind
+    path = os.path.normpath(os.path.expanduser(location or kind))
+    return os.path.splitext(os.path.basename(path))[0] or kind
+
+
 def read_file(kind: str, location: str) -> tuple[pd.DataFrame, str]:
     """A CSV file (or a folder of them) or a parquet file, and its name."""
     path = os.path.expanduser(location)
@@ -117,7 +126,7 @@ def read_file(kind: str, location: str) -> tuple[pd.DataFrame, str]:
             frame = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
     except (ValueError, OSError, pd.errors.ParserError) as exc:
         raise InputError(f"cannot read {kind}:{location}: {exc}") from exc
-    return frame, os.path.splitext(os.path.basename(os.path.normpath(path)))[0] or kind
+    return frame, source_name(f"{kind}:{location}")
 
 
 def fraud_synth(rows: int = FRAUD_ROWS, seed: int = 0) -> pd.DataFrame:

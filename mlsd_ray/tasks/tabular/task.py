@@ -61,6 +61,12 @@ class TabularTask(Task):
         if label is not None:
             cfg.tabular.label = label
 
+    def model_name(self, cfg: TabularTaskConfig) -> str:
+        """`registry.model_name`, else <table>-mlp (fraud-synth-mlp), as training names it."""
+        from mlsd_ray.tasks.tabular.sources import source_name
+
+        return cfg.registry.model_name or f"{source_name(cfg.tabular.source)}-mlp"
+
     def prepare(self, cfg: TabularTaskConfig, workspace: Workspace, log: Log, force: bool = False):
         from mlsd_ray.tasks.tabular.prepare import prepare_table
 

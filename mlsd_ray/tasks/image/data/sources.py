@@ -118,6 +118,17 @@ def parse_source(spec: str, cfg: DataConfig, workspace: Workspace | None = None)
     return source
 
 
+def source_name(spec: str, cfg: DataConfig) -> str:
+    """The dataset name a source gives (`Source.name`), without touching the data; the
+    source's kind when the spec does not parse."""
+    kind, _, arg = spec.partition(":")
+    factory = SOURCES.get(kind.strip().lower())
+    try:
+        return factory(_expand(arg) or None, cfg, None).name if factory else kind
+    except InputError:
+        return kind
+
+
 def blocks_from_columns(columns: dict[str, np.ndarray], rows_per_block: int):
     """A Ray Dataset from equal-length column arrays, split into blocks of `rows_per_block`."""
     import ray.data
