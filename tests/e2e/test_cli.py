@@ -7,18 +7,13 @@ command joins a cluster) instead of starting one of their own each.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mlsd_ray.core.ports import free_port, port_in_use
+from mlsd_ray.core.ports import free_port
 from tests.conftest import make_image_folder, run_mlsd, write_png
 
 RAY_NOISE = ("Execution plan", "Starting execution of Dataset", "(TrainController",
@@ -207,72 +202,6 @@ def check_serve_commands(home: str, cluster_env: dict, tmp_path, production: str
     assert gone.returncode == 2 and "mlsd serve --detach" in gone.stderr
 
 
-@pytest.mark.slow  # a Ray head of its own, with Serve's HAProxy in front of the replica
-def test_serving_through_haproxy_answers_and_stops_cleanly(tmp_path, digits_model):
-    """`mlsd serve --detach --set serve.ingress=haproxy` with no RAY_ADDRESS starts a head of
-    its own with RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy (not Serve's Python proxy) holds the
-    port and forwards to the replica, which answers /v1 and /v2; `serve stop` frees the port
-    and leaves no HAProxy behind. A router HAProxy cannot apply is refused first."""
-    import psutil
-    import requests
-
-    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
-    home, port = str(tmp_path / "home"), str(free_port())
-    command = [sys.executable, "-m", "mlsd_ray.cli", "serve", "--detach", "--json", "--model",
-               digits_model.result.checkpoint, "--home", home, "--port", port,
-               "--set", "serve.ingress=haproxy"]
-
-    def run(*extra: str, **more_env: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*command, *extra], capture_output=True, text=True,
-                              timeout=300, env={**env, **more_env})
-
-    refused = run("--set", "serve.router=round_robin")
-    assert refused.returncode == 2 and "serve.router=round_robin needs serve.ingress=proxy" \
-        in refused.stderr
-    # Serve fails after the head started (its HAProxy cannot start): the head is stopped too,
-    # not left running with no record that `mlsd serve stop` could find
-    broken = run(RAY_SERVE_HAPROXY_BINARY_PATH="/nonexistent/haproxy")
-    assert broken.returncode == 1 and "Traceback" not in broken.stderr, broken.stderr
-    head_log = tmp_path / "home" / "serve" / "ray-head.log"
-    assert head_log.is_file() and not processes_with_open(head_log)
-    started = run()
-    assert started.returncode == 0, started.stderr
-    url = json.loads(started.stdout)["url"]
-    try:
-        listening = {c.pid for c in psutil.net_connections("tcp")
-                     if c.laddr and c.laddr.port == int(port) and c.status == psutil.CONN_LISTEN}
-        assert {psutil.Process(pid).name() for pid in listening} == {"haproxy"}
-        image = np.zeros((8, 8, 1), dtype=np.uint8).tolist()
-        answer = requests.post(f"{url}/v1/predict", json={"instances": [image]}, timeout=60)
-        assert answer.status_code == 200 and answer.json()["predictions"][0]["class_index"] \
-            in range(10)
-        bad = requests.post(f"{url}/v1/predict", data=b"{", timeout=60,
-                            headers={"Content-Type": "application/json"})
-        assert bad.status_code == 400 and "error" in bad.json()  # our JSON error, through it
-        assert requests.get(f"{url}/v2/health/ready", timeout=30).status_code == 200
-    finally:
-        stopped = subprocess.run([sys.executable, "-m", "mlsd_ray.cli", "serve", "stop",
-                                  "--home", home], capture_output=True, text=True, timeout=120,
-                                 env=env)
-    assert stopped.returncode == 0, stopped.stderr
-    assert port_in_use("127.0.0.1", int(port)) is None
-    assert not [p for p in psutil.process_iter(["name", "status"])  # a zombie holds nothing
-                if p.info["name"] == "haproxy" and p.info["status"] != psutil.STATUS_ZOMBIE]
-
-
-def processes_with_open(path) -> list:
-    """The processes that have `path` open: a `ray start` head, and what it started, write
-    their console output to its log."""
-    import psutil
-
-    holding = []
-    for process in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):  # gone, or not ours to read
-            if any(file.path == str(path) for file in process.open_files()):
-                holding.append(process)
-    return holding
-
-
 SMALL_TRAIN = ["train", "--source", "digits", "--set", "data.image_size=8", "--epochs", "2",
                "--num-workers", "0", "--set", "registry.auto_register=false"]
 
@@ -338,156 +267,3 @@ def test_tune_bad_space_exits_2_before_any_trial(tmp_path, args, message):
     assert result.returncode == 2, result.stderr
     assert message in json.loads(result.stdout)["error"]["message"]
     assert not (tmp_path / "tune").exists() or not any((tmp_path / "tune").iterdir())
-
-
-def forecast_task_code() -> str:
-    """docs/tasks.md's forecasting task: the Python blocks of its section, in order, joined as
-    one module (the page says so)."""
-    text = (Path(__file__).parents[2] / "docs" / "tasks.md").read_text()
-    section = text.split("## A task of a new kind")[1].split("\n## ")[0]
-    return "\n\n".join(re.findall(r"```python\n(.*?)```", section, re.S))
-
-
-def forecast_package(tmp_path) -> dict:
-    """The doc's task written as a module outside mlsd_ray; the environment that finds it."""
-    site = tmp_path / "site"
-    site.mkdir()
-    code = forecast_task_code()
-    assert len(code.rstrip("\n").splitlines()) <= 250  # the page's promise: a task is a page
-    (site / "forecast_task.py").write_text(code)
-    return {"PYTHONPATH": str(site)}
-
-
-def series_csv(path, points: int, bad_at: int) -> None:
-    """A seasonal series as a `value` column, with one value that is not a number."""
-    values = [f"{10 + 3 * np.sin(2 * np.pi * t / 24):.4f}" for t in range(points)]
-    values[bad_at] = "oops"
-    path.write_text("value\n" + "\n".join(values) + "\n")
-
-
-def post(url: str, body: dict) -> tuple[int, dict]:
-    import requests
-
-    response = requests.post(url, json=body, timeout=60)
-    return response.status_code, response.json()
-
-
-def test_the_documented_forecasting_task_runs_every_command(tmp_path, cluster_env):
-    """docs/tasks.md's task, built from parts in a module outside mlsd_ray and named by
-    --task: data (with quarantine); the pipeline (train, register, serve check, traffic,
-    monitor, a gated retrain rolled out under load); evaluate, tune, export, explain and the
-    MLflow pyfunc; serve (/v1, its 422s, /v2) with predict online; predict offline. A task that does
-    not load exits 2."""
-    env = {**cluster_env, **forecast_package(tmp_path)}
-    home = str(tmp_path / "home")
-    task = ["--task", "forecast_task:ForecastTask", "--home", home]
-    series_csv(tmp_path / "series.csv", 400, bad_at=200)
-
-    # 376 rows over MLSD_IN_PROCESS_ROWS: the rows are checked in Ray Data, on the session's
-    # cluster, whose workers import the task from the module shipped with the job
-    data = run_mlsd("data", *task, "--source", f"csv:{tmp_path / 'series.csv'}", "--json",
-                    env={**env, "MLSD_IN_PROCESS_ROWS": "100"})
-    assert data.returncode == 0, data.stderr
-    summary = json.loads(data.stdout)
-    # windows holding the bad value cannot be used; the one that has it as its target neither
-    assert summary["quarantined"] == {"window has a missing value": 24, "missing target": 1}
-    assert sum(summary["splits"].values()) == 400 - 24 - 25
-
-    source = ["--source", "seasonal:1500"]
-    ran = run_mlsd("pipeline", *task, *source, "--set", "train.epochs=3", "--set",
-                   "train.num_workers=0", "--set", f"serve.port={free_port()}", "--set",
-                   "registry.model_name=fc", "--json", env=env, timeout=600)
-    assert ran.returncode == 0, ran.stderr
-    pipeline = json.loads(ran.stdout)["stages"]
-    assert pipeline["train"]["registered"]["uri"] == "models:/fc/1"
-    assert pipeline["train"]["test"]["r2"] > 0.5, pipeline["train"]["test"]
-    assert pipeline["serve"]["agreement"] == 1.0 and pipeline["serve"]["rows"] == 64
-    loop = pipeline["loop"]
-    assert loop["monitor_shifted"]["verdict"] == "drift", loop["monitor_shifted"]
-    assert loop["retrain"]["metric"] == "r2" and loop["retrain"]["promote"], loop["retrain"]
-    assert loop["rollout"]["load"]["failed_requests"] == 0, loop["rollout"]
-    champion = "models:/fc@production"  # version 2, the retrained one
-
-    evaluated = run_mlsd("evaluate", "--model", "models:/fc/1", "--json", *task[2:], env=env)
-    assert evaluated.returncode == 0, evaluated.stderr
-    assert json.loads(evaluated.stdout)["scores"]["r2"] == pytest.approx(
-        pipeline["train"]["test"]["r2"])
-
-    exported = run_mlsd("export", "--model", champion, "--format", "onnx", "--out",
-                        str(tmp_path / "onnx"), "--json", *task[2:], env=env)
-    assert exported.returncode == 0, exported.stderr
-    parity = json.loads(exported.stdout)["parity"]
-    assert parity["agreement"] == 1.0 and parity["metric"] == "r2"
-
-    explained = run_mlsd("explain", "--model", champion, "--n", "3", "--json", *task[2:],
-                         env=env)
-    assert explained.returncode == 0, explained.stderr
-    explanation = json.loads(explained.stdout)
-    assert explanation["explained"] == 3 and len(explanation["overlays"]) == 3
-    assert explanation["importance"]["window"] > 0.5  # shuffled windows: r2 falls by > 0.5
-    assert explanation["randomised_correlation"] < 0.5  # the attributions are the model's
-
-    pyfunc = subprocess.run([sys.executable, "-c", (
-        "import mlflow, numpy as np, pandas as pd\n"
-        "from mlsd_ray.core.workspace import Workspace\n"
-        f"mlflow.set_tracking_uri(Workspace.at({home!r}).tracking_uri)\n"
-        f"model = mlflow.pyfunc.load_model({champion!r})\n"
-        "window = list(10 + 3 * np.sin(2 * np.pi * np.arange(24) / 24))\n"
-        "print(float(model.predict(pd.DataFrame({'window': [window]}))['prediction'][0]))")],
-        capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
-    assert pyfunc.returncode == 0, pyfunc.stderr
-    assert 5 < float(pyfunc.stdout.strip().splitlines()[-1]) < 15  # the next value, about 10
-
-    searched = run_mlsd("tune", *task, *source, "--set", "tune.space={forecast.hidden: [8, 16]}",
-                        "--set", "tune.search=grid", "--set", "train.epochs=1", "--set",
-                        "tune.max_epochs=1", "--set", "registry.model_name=fc-tuned", "--json",
-                        env=env)
-    assert searched.returncode == 0, searched.stderr
-    tuned = json.loads(searched.stdout)
-    assert tuned["trials"] == 2 and tuned["registered"]["uri"] == "models:/fc-tuned/1", tuned
-    # --cv: folds that chain forward in time, then the best configuration refitted
-    searched = run_mlsd("tune", *task, *source, "--set", "tune.space={forecast.hidden: [8]}",
-                        "--set", "tune.search=grid", "--set", "train.epochs=1", "--set",
-                        "tune.cv=2", "--set", "registry.model_name=fc-cv", "--json", env=env)
-    assert searched.returncode == 0, searched.stderr
-    tuned = json.loads(searched.stdout)
-    assert tuned["cv"] == 2 and tuned["best"]["cv_std"] is not None, tuned["best"]
-    assert len(tuned["configurations"][0]["fold_scores"]) == 2, tuned["configurations"]
-    assert tuned["registered"]["uri"] == "models:/fc-cv/1" and "refit" in searched.stderr
-
-    # no --model: serve.model defaults to the production alias of the task's own model
-    served = run_mlsd("serve", *task, "--set", "registry.model_name=fc", "--detach", "--json",
-                      "--port", str(free_port()), env=env)
-    assert served.returncode == 0, served.stderr
-    url = json.loads(served.stdout)["url"]
-    try:
-        window = [10.0] * 24
-        status, answer = post(f"{url}/v1/predict", {"instances": [{"window": window}]})
-        assert status == 200 and answer["model_version"] == "2", answer
-        status, answer = post(f"{url}/v1/predict", {"instances": [{"window": [1, 2]}]})
-        assert status == 422 and "window has 2 values, not 24" in answer["error"]["message"]
-        status, answer = post(f"{url}/v2/models/fc/infer", {"inputs": [
-            {"name": "window", "shape": [2, 24], "datatype": "FP32", "data": window * 2}]})
-        assert status == 200 and answer["outputs"][0]["shape"] == [2], answer
-        (tmp_path / "one.json").write_text(json.dumps({"instances": [{"window": window}]}))
-        # no --task: the app says which task it serves
-        online = run_mlsd("predict", "--url", url, str(tmp_path / "one.json"), "--json",
-                          "--home", home, env=env)
-        assert online.returncode == 0, online.stderr
-        assert len(json.loads(online.stdout)["predictions"]) == 1
-    finally:
-        stopped = run_mlsd("serve", "stop", "--home", home, env=env)
-    assert stopped.returncode == 0, stopped.stderr
-
-    offline = run_mlsd("predict", *task, "--set", "registry.model_name=fc", "--source",
-                       f"csv:{tmp_path / 'series.csv'}", "--json", env=env)
-    assert offline.returncode == 0, offline.stderr
-    predicted = json.loads(offline.stdout)
-    assert predicted["rows"] == 376 and predicted["predicted"] == 376 - 24, predicted
-    assert predicted["rejected"] == {"window has a missing value": 24}
-    assert "in this process" in offline.stderr  # 376 rows: no Ray started for them
-
-    missing = run_mlsd("train", "--task", "forecast_task:Nope", "--home", home, env=env)
-    assert missing.returncode == 2, missing.stderr
-    assert "module 'forecast_task' has no 'Nope'" in missing.stderr
-    assert "Traceback" not in missing.stderr
