@@ -201,15 +201,18 @@ class ServeConfig(StrictModel):
     ingress_num_cpus: float = Field(0.25, ge=0, description="CPUs of the HTTP ingress replica "
                                     "(split topology).")
     router: Literal["pow2", "round_robin", "least_connections", "consistent_hash"] = Field(
-        "pow2", description="How a request finds a model replica (Serve's proxy picks it in "
-        "the single topology, the ingress in the split one).")
+        "pow2", description="How a request finds a model replica: Serve's proxy picks it in "
+        "the single topology, the ingress in the split one, and with serve.ingress=haproxy "
+        "HAProxy's `balance` (pow2: random(2), round_robin: roundrobin, least_connections: "
+        "leastconn, consistent_hash: hdr(x-session-id)).")
     ingress: Literal["proxy", "haproxy"] = Field(
         "proxy", description="What takes HTTP requests. proxy: Serve's Python proxy, which "
         "routes each request with `router`. haproxy: HAProxy (the binary ray[serve] installs) "
         "forwards straight to each replica's own HTTP server, about 6x the requests/s of the "
-        "proxy on 2 cores (docs/benchmarks.md); it balances by least connections itself, so "
-        "`router` stays pow2, and the replicas' ports listen on all interfaces. Applies to a "
-        "Ray that mlsd starts; a cluster needs RAY_SERVE_ENABLE_HA_PROXY=1 where it starts.")
+        "proxy on 2 cores (docs/benchmarks.md); it balances as `router` says, and the "
+        "replicas' ports listen on all interfaces. Applies to a Ray that mlsd starts; a "
+        "cluster needs RAY_SERVE_ENABLE_HA_PROXY=1 (and RAY_SERVE_HAPROXY_BALANCE_ALGORITHM) "
+        "where it starts.")
     explain_per_second: float = Field(
         2.0, ge=0, description="POST /v1/explain (images: Integrated Gradients and Grad-CAM, "
         "about 35 forward passes per image) and /v1/fraud/explain (tables: Integrated "
@@ -240,14 +243,6 @@ class ServeConfig(StrictModel):
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError("max_ongoing_requests must be >= max_batch_size, or batches "
                              "never fill")
-        return self
-
-    @model_validator(mode="after")
-    def _haproxy_balances_itself(self) -> ServeConfig:
-        if self.ingress == "haproxy" and self.router != "pow2":
-            raise ValueError(f"serve.router={self.router} needs serve.ingress=proxy: with "
-                             "serve.ingress=haproxy, HAProxy picks the replica itself (least "
-                             "connections)")
         return self
 
     def model_ref(self) -> str:

@@ -467,11 +467,22 @@ def _stop_unrecorded(head: RayHead) -> None:
 HAPROXY_DRAIN_S = "3"
 
 
+# serve.router as HAProxy's `balance` algorithm, which Serve's HAProxy reads from
+# HAPROXY_BALANCE_ENV when it starts: power of two random choices, round robin, least
+# connections, and a hash of the session header (HAProxy balances requests without it round
+# robin; Serve's proxy would hash the client's address).
+HAPROXY_BALANCE_ENV = "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM"
+HAPROXY_BALANCE = {"pow2": "random(2)", "round_robin": "roundrobin",
+                   "least_connections": "leastconn", "consistent_hash": "hdr(x-session-id)"}
+
+
 def _ingress_environment(settings: ServeConfig) -> dict[str, str]:
-    """What Serve's processes must see when Ray starts for `settings.ingress`."""
+    """What Serve's processes must see when Ray starts for `settings.ingress` (and, behind
+    HAProxy, `settings.router`)."""
     if settings.ingress != "haproxy":
         return {}
-    return {HAPROXY_ENV: "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": HAPROXY_DRAIN_S}
+    return {HAPROXY_ENV: "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": HAPROXY_DRAIN_S,
+            HAPROXY_BALANCE_ENV: HAPROXY_BALANCE[settings.router]}
 
 
 # How long Serve's controller waits on the GCS's key-value store before a control call (a
@@ -503,15 +514,24 @@ def prepare_ingress(settings: ServeConfig) -> None:
 def _check_ingress(settings: ServeConfig, running_here: bool,
                    log: Callable[[str], None]) -> None:
     """HAProxy is chosen when Serve's processes start: a Ray this process already runs without
-    it cannot switch (InputError); of a cluster's we only know what it was told."""
-    if settings.ingress != "haproxy" or os.environ.get(HAPROXY_ENV) == "1":
+    it cannot switch (InputError); of a cluster's we only know what it was told. So with the
+    balancing of `settings.router`."""
+    if settings.ingress != "haproxy":
+        return
+    balance, started_with = HAPROXY_BALANCE[settings.router], os.environ.get(HAPROXY_BALANCE_ENV)
+    if os.environ.get(HAPROXY_ENV) == "1":
+        if running_here and started_with not in (None, balance):
+            raise InputError(f"serve.router={settings.router} needs HAProxy to balance by "
+                             f"{balance}; the Ray this process runs started it with "
+                             f"{started_with}")
         return
     if running_here:
         raise InputError(f"serve.ingress=haproxy needs a Ray started with {HAPROXY_ENV}=1; "
                          "this process already runs one without it")
     if os.environ.get("RAY_ADDRESS"):
         log(f"serve.ingress=haproxy: the cluster at RAY_ADDRESS uses HAProxy only if it was "
-            f"started with {HAPROXY_ENV}=1")
+            f"started with {HAPROXY_ENV}=1, and balances as serve.router={settings.router} "
+            f"only with {HAPROXY_BALANCE_ENV}={balance}")
 
 
 def _check_port_free(settings: ServeConfig) -> None:
