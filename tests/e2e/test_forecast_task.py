@@ -69,7 +69,9 @@ def test_the_documented_forecasting_task_runs_every_command(tmp_path, cluster_en
     explanation = json.loads(explained.stdout)
     assert explanation["explained"] == 3 and len(explanation["overlays"]) == 3
     assert explanation["importance"]["window"] > 0.5  # shuffled windows: r2 falls by > 0.5
-    assert explanation["randomised_correlation"] < 0.5  # the attributions are the model's
+    sanity = explanation["sanity"]  # the attributions are the model's, and they rank the steps
+    assert sanity["randomised_correlation"]["integrated_gradients"] < 0.5, sanity
+    assert sanity["deletion_auc"]["integrated_gradients"] < sanity["random_deletion_auc"], sanity
 
     pyfunc = subprocess.run([sys.executable, "-c", (
         "import mlflow, numpy as np, pandas as pd\n"

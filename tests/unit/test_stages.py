@@ -156,3 +156,20 @@ def test_cross_validation_folds_chain_forward_in_time_and_shuffle_otherwise():
     assert sorted(np.concatenate([val for _, val in shuffled]).tolist()) == list(range(60))
     with pytest.raises(InputError, match="--cv 4: train\\+val hold 5 rows; use at most --cv 2"):
         fold_indices(rows.head(5), None, 4, seed=0)
+
+
+def test_deleting_the_most_attributed_positions_first_leaves_less_of_the_answer():
+    import torch
+
+    from mlsd_ray.stages.explain import attributions, sanity_checks
+
+    torch.manual_seed(0)
+    weights = torch.tensor([[4.0, 2.0, 1.0, 0.5, 0.25, 0.1]])  # a linear "forecast"
+    module = torch.nn.Linear(6, 1, bias=False)
+    module.weight.data = weights
+    randomised = torch.nn.Linear(6, 1, bias=False)
+    encoded = np.ones((5, 6), dtype=np.float32)
+    checks = sanity_checks(module.eval(), randomised.eval(), encoded,
+                           attributions(module, encoded))
+    # the largest weights go first: after 1 of 6 positions, 4.0 of 7.85 is gone
+    assert checks.deletion_auc["integrated_gradients"] < checks.random_deletion_auc
