@@ -185,17 +185,24 @@ def encoded_splits(parts: Parts, prepared: PreparedRows, splits=("train", "val")
     return materialize_splits(prepared, splits, then=encode)
 
 
-def fold_indices(rows: pd.DataFrame, order: str | None, k: int,
-                 seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """K (train, val) positions of `rows` for cross-validation. With an `order` column the
-    folds chain forward in time (sklearn's TimeSeriesSplit: each fold validates on rows later
-    than every row it trains on, so no fold learns from its future); else K shuffled folds.
-    InputError when there are too few rows for K folds."""
-    from sklearn.model_selection import KFold, TimeSeriesSplit
+def fold_indices(rows: pd.DataFrame, order: str | None, k: int, seed: int,
+                 labels: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K (train, val) positions of `rows` for cross-validation, the one fold maker of every
+    task. With an `order` column the folds chain forward in time (sklearn's TimeSeriesSplit:
+    each fold validates on rows later than every row it trains on, so no fold learns from its
+    future); with class `labels`, K shuffled folds that keep each class's share; else K
+    shuffled folds. InputError when there are too few rows, or members of a class, for K."""
+    from sklearn.model_selection import KFold, StratifiedKFold, TimeSeriesSplit
 
     if len(rows) < 2 * k:
         raise InputError(f"--cv {k}: train+val hold {len(rows)} rows; use at most "
                          f"--cv {max(len(rows) // 2, 2)}")
+    if labels is not None:
+        smallest = int(pd.Series(labels).value_counts().min())
+        if smallest < k:
+            raise InputError(f"--cv {k}: the smallest class has {smallest} train+val rows; "
+                             f"use at most --cv {max(smallest, 2)}")
+        return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(rows, labels))
     if order is None:
         return list(KFold(k, shuffle=True, random_state=seed).split(rows))
     ranked = np.argsort(rows[order].to_numpy(), kind="stable")

@@ -277,7 +277,7 @@ class Task(ABC):
 
     `metric` is the validation score (higher is better) that a search ranks trials by and
     that early stopping watches. `cross_validation` says whether `mlsd tune --cv K` applies
-    (its folds are built from `prepared.load_split`, as image and label columns);
+    (the task's `cv_folds` builds the folds);
     `registers_best_trial` whether a search registers its best trial's model.
     """
 

@@ -114,3 +114,16 @@ def test_cross_validation_reports_mean_and_spread(digits_workspace):
     assert written.pop("format_version") == 1 and written.pop("written_by")  # a versioned record
     assert written == json.loads(json.dumps(summary.to_dict(), default=str))  # the same
     assert written["best"]["cv_mean"] == summary.best.cv_mean and "val_accuracy" in written["best"]
+
+
+def test_a_table_is_cross_validated_in_stratified_folds_and_the_best_refitted(workspace):
+    cfg = load_config(None, ["tabular.source=breast-cancer", "train.epochs=2", "tune.cv=2",
+                             "tune.space={train.lr: [0.01]}"], example="fraud")
+    said: list[str] = []
+    summary = run_tune(cfg, workspace=workspace, name="table-cv", log=said.append)
+    line = summary.configurations[0]
+    # two folds of breast cancer's train+val, each scored by PR-AUC on its held-out half
+    assert len(line["fold_scores"]) == 2 and all(0.8 < s <= 1 for s in line["fold_scores"])
+    assert "refitting the best configuration on the full train split" in said
+    assert summary.registered.uri == "models:/fraud-mlp/1"
+    assert summary.best_model["test"]["pr_auc"] > 0.8

@@ -60,8 +60,7 @@ def test_plan_counts_grid_trials_and_picks_the_scheduler():
     tabular = load_config(None, ["tune.space={train.lr: [0.001, 0.01]}"], example="fraud")
     assert search_plan(tabular).metric == "val_score"  # PR-AUC / macro F1 / R² on val
     tabular.tune.cv = 3
-    with pytest.raises(InputError, match="--cv is not offered by the tabular task"):
-        search_plan(tabular)
+    assert search_plan(tabular).scheduler == "none"  # every task cross-validates
     cfg.tune.cv = 3
     assert search_plan(cfg).scheduler == "none"  # auto: one report per configuration
     cfg.tune.scheduler = "asha"

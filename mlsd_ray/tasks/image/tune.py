@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mlsd_ray.core.errors import InputError
 from mlsd_ray.core.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -48,22 +47,16 @@ def register_best_trial(run, best: dict, best_cfg, workspace: Workspace, log) ->
 
 def cv_folds(dataset, k: int, seed: int, rows_per_block: int) -> list[dict]:
     """K stratified folds of train+val as materialised Ray Datasets (test stays untouched)."""
-    from sklearn.model_selection import StratifiedKFold
+    import pandas as pd
 
+    from mlsd_ray.stages.train import fold_indices
     from mlsd_ray.tasks.image.data.sources import blocks_from_columns
 
     image_parts, label_parts = zip(*(dataset.load_split(s) for s in ("train", "val")),
                                    strict=True)
     images, labels = np.concatenate(image_parts), np.concatenate(label_parts)
-    smallest = int(np.bincount(labels).min()) if len(labels) else 0
-    if smallest < k:
-        raise InputError(f"--cv {k}: the smallest class has {smallest} train+val images; "
-                         f"use at most --cv {max(smallest, 2)}")
-    folds = []
-    for train_index, val_index in StratifiedKFold(k, shuffle=True, random_state=seed).split(
-            images, labels):
-        folds.append({name: blocks_from_columns({"image": images[index],
-                                                 "label": labels[index]},
-                                                rows_per_block).materialize()
-                      for name, index in (("train", train_index), ("val", val_index))})
-    return folds
+    folds = fold_indices(pd.DataFrame(index=range(len(labels))), None, k, seed, labels)
+    return [{name: blocks_from_columns({"image": images[index], "label": labels[index]},
+                                       rows_per_block).materialize()
+             for name, index in (("train", train_index), ("val", val_index))}
+            for train_index, val_index in folds]

@@ -292,9 +292,17 @@ def register(summary: TabularTrainResult, cfg: TabularTaskConfig, table: Prepare
 def register_trial(run, best: dict, cfg: TabularTaskConfig, workspace: Workspace,
                    log: Callable[[str], None]) -> TabularTrainResult:
     """A search's best trial, evaluated on test beside the baseline and registered as a child
-    of the search's MLflow run."""
+    of the search's MLflow run; with --cv, the best configuration refitted on the whole train
+    split first (a fold saw less)."""
     from mlsd_ray.training.checkpoint import load_train_state
 
+    if run.cfg.tune.cv > 1:
+        log("refitting the best configuration on the full train split")
+        refit = cfg.model_copy(deep=True)
+        refit.registry.auto_register = False  # registered below, as the search's child
+        summary = run_tabular_train(refit, workspace, log, f"{run.name}-refit", run.dataset)
+        register(summary, cfg, run.dataset, workspace, log, nested=True)
+        return summary
     history = load_train_state(best["checkpoint"])["history"]
     metrics = next(h for h in history if h["epoch"] == best["best_epoch"])
     summary = evaluated_summary(cfg, run.dataset, best["checkpoint"], metrics,

@@ -51,6 +51,7 @@ class TabularTask(Task):
     config_class = TabularTaskConfig
     searchable = ("tabular.hidden", "tabular.dropout", "tabular.class_weight")  # the MLP's
     registers_best_trial = True
+    cross_validation = True
     train_stage = "train, evaluate, register"  # training scores test at the chosen threshold
     evaluate_stage = False
 
@@ -156,6 +157,11 @@ class TabularTask(Task):
         from mlsd_ray.tasks.tabular.export import export_tabular_model
 
         return export_tabular_model(checkpoint_dir, fmt, quantize, out, model_uri, workspace)
+
+    def cv_folds(self, cfg: TabularTaskConfig, prepared, k: int) -> list[dict]:
+        from mlsd_ray.tasks.tabular.train import cv_folds
+
+        return cv_folds(prepared, k, cfg.tabular.seed)
 
     def register_best_trial(self, run, best: dict, best_cfg, workspace: Workspace,
                             log: Log) -> TabularTrainResult:

@@ -223,6 +223,29 @@ def materialize_features(table: PreparedTable, splits=("train", "val")) -> dict:
     return materialize_splits(table, splits, then=featurize)
 
 
+def cv_folds(table: PreparedTable, k: int, seed: int) -> list[dict]:
+    """`mlsd tune --cv K`: K folds of the train and val rows (stratified by class unless the
+    table is a regression), featurised as `materialize_features` does (the preparation as
+    fitted on the train split), materialised once."""
+    import pandas as pd
+    import ray.data
+
+    from mlsd_ray.stages.data import in_blocks
+    from mlsd_ray.stages.train import fold_indices
+
+    rows = pd.concat([table.load_split("train"), table.load_split("val")], ignore_index=True)
+    labels = None if table.manifest["task"] == "regression" else rows[table.label].to_numpy()
+
+    def featurized(index):
+        return ray.data.from_pandas(in_blocks(rows.iloc[index])).map_batches(
+            _featurize, batch_format="pandas", batch_size=4096,
+            fn_kwargs={"state": table.manifest["preprocessing"], "label": table.label}
+        ).materialize()
+
+    return [{"train": featurized(train), "val": featurized(val)}
+            for train, val in fold_indices(rows, None, k, seed, labels)]
+
+
 def feature_reference(table: PreparedTable, seed: int = 0) -> dict:
     """The drift reference of the train split: each raw column's profile
     (tabular/monitoring.py), and the mean and spread of every prepared feature."""
