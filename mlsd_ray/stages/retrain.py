@@ -4,7 +4,8 @@ score on each holdout.
 
 The new rows are checked and split like any source, but encoded with the champion's fitted
 codec state, so that fine-tuning from its weights sees inputs on the same scale. The combined
-dataset's splits are the old and new ones together.
+dataset's test split is the old and new ones together; its train and val splits too, or the
+new ones only with `retrain.keep_old_data: false`.
 """
 
 from __future__ import annotations
@@ -24,26 +25,33 @@ from mlsd_ray.workflows.retrain import HoldoutScore, RetrainData
 __all__ = ["combine", "holdout_scores", "retrain_data"]
 
 
-def retrain_data(task, champion_dir: str, source: str, workspace: Workspace,
-                 log: Callable[[str], None]) -> RetrainData:
+def retrain_data(task, keep_old_data: bool, champion_dir: str, source: str,
+                 workspace: Workspace, log: Callable[[str], None]) -> RetrainData:
     """`source` prepared with the champion's section and codec state, and combined with the
-    champion's own prepared rows."""
+    champion's own prepared rows (see the module docstring)."""
     champion = task.load(champion_dir)
     section = champion.section.model_copy(update={"source": source})
     old = PreparedRows.open(champion.metadata.dataset.path)
     new = prepare_rows(f"{old.name}-new", task.parts, section, workspace, log,
                        codec_state=champion.state)
-    return RetrainData(new=new, old=old, combined=combine(old, new, workspace))
+    combined = combine(old, new, workspace, keep_old_data)
+    log(f"challenger data: {combined.manifest['splits']['train']} training rows "
+        f"({'new + old' if keep_old_data else 'new only'})")
+    return RetrainData(new=new, old=old, combined=combined)
 
 
-def combine(old: PreparedRows, new: PreparedRows, workspace: Workspace) -> PreparedRows:
-    """One dataset of both: each split the old rows then the new, the old codec state."""
-    fingerprint = hashlib.sha256(f"{old.fingerprint}+{new.fingerprint}".encode()).hexdigest()[:12]
+def combine(old: PreparedRows, new: PreparedRows, workspace: Workspace,
+            keep_old_data: bool = True) -> PreparedRows:
+    """One dataset of both, with the old codec state: the test split the old rows then the
+    new; train and val so too, or only the new rows unless `keep_old_data`."""
+    key = f"{old.fingerprint}+{new.fingerprint}" + ("" if keep_old_data else ":new-only")
+    fingerprint = hashlib.sha256(key.encode()).hexdigest()[:12]
     name = f"{old.name}-retrain"
     out = workspace.dataset(name, fingerprint)
     if storage.exists(storage.join(out, "manifest.json")):
         return PreparedRows.open(out)
-    splits = {s: pd.concat([old.load_split(s), new.load_split(s)], ignore_index=True)
+    splits = {s: pd.concat([*([old.load_split(s)] if keep_old_data or s == "test" else []),
+                            new.load_split(s)], ignore_index=True)
               for s in SPLITS}
     for split, rows in splits.items():
         write_rows(storage.join(out, f"{split}.parquet"), rows)

@@ -270,7 +270,8 @@ class PartsTask(Task):
                      log: Log) -> RetrainData:
         from mlsd_ray.stages.retrain import retrain_data
 
-        return retrain_data(self, champion_dir, source, workspace, log)
+        return retrain_data(self, cfg.retrain.keep_old_data, champion_dir, source, workspace,
+                            log)
 
     def train_challenger(self, cfg, data, init_from: str | None, workspace: Workspace,
                          log: Log) -> PartsTrainResult:

@@ -173,3 +173,23 @@ def test_deleting_the_most_attributed_positions_first_leaves_less_of_the_answer(
                            attributions(module, encoded))
     # the largest weights go first: after 1 of 6 positions, 4.0 of 7.85 is gone
     assert checks.deletion_auc["integrated_gradients"] < checks.random_deletion_auc
+
+
+@pytest.mark.parametrize("keep_old_data", [True, False])
+def test_a_retrain_combines_old_and_new_rows_as_retrain_keep_old_data_says(forecast, tmp_path,
+                                                                          keep_old_data):
+    from mlsd_ray.core.workspace import Workspace
+    from mlsd_ray.stages.data import prepare_rows
+    from mlsd_ray.stages.retrain import combine
+
+    workspace, parts = Workspace.at(str(tmp_path)), forecast.ForecastTask.parts
+    old, new = (prepare_rows(name, parts, section(forecast, source="seasonal:300", seed=seed),
+                             workspace, lambda _: None) for name, seed in (("old", 0), ("new", 1)))
+    combined = combine(old, new, workspace, keep_old_data)
+    size = {s: len(combined.load_split(s)) for s in ("train", "val", "test")}
+    olds, news = ({s: len(p.load_split(s)) for s in ("train", "val", "test")} for p in (old, new))
+    # the test split always holds both: the champion is judged on its own holdout too
+    assert size["test"] == olds["test"] + news["test"]
+    for split in ("train", "val"):
+        assert size[split] == news[split] + (olds[split] if keep_old_data else 0)
+    assert combined.codec_state == old.codec_state
